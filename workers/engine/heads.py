@@ -1,0 +1,208 @@
+"""The two classifiers whose predictions are attributed: a linear probe and zero-shot prompts.
+
+Both map the raw image embedding ``f`` [batch, embed_dim] (the output of the
+vision tower's projection, before any normalization) to one score per class.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import EngineError
+
+NORMALIZATIONS = ("l2", "none")
+
+
+class Head(nn.Module):
+    """y = head(f): scores [batch, classes] from raw image embeddings."""
+
+    class_names: list[str]
+
+    def directions(self) -> Tensor:
+        """[classes, embed_dim]: the direction each class reads in the embedding (for Logit Lens)."""
+        raise NotImplementedError
+
+
+class LinearProbe(Head):
+    """``y_c = w_c . g(f) + b_c`` with ``g`` the normalization the probe was trained with.
+
+    ``g`` is ``f / ||f||`` ("l2") or the identity ("none"), optionally followed
+    by standardization ``(. - mean) / scale`` as scikit-learn's StandardScaler
+    does. A binary probe (one weight row, two class names) is expanded to two
+    scores ``-s`` and ``+s`` so the argmax gives scikit-learn's prediction and
+    each class has its own evidence to attribute.
+    """
+
+    def __init__(self, weight, bias, class_names: Sequence[str], normalization: str = "l2",
+                 mean=None, scale=None):
+        super().__init__()
+        weight = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
+        bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32).reshape(-1)
+        class_names = [str(c) for c in class_names]
+        if weight.ndim != 2:
+            raise EngineError(f"probe weight must be a matrix [classes, embed_dim], got shape {list(weight.shape)}")
+        if len(class_names) != len(set(class_names)):
+            raise EngineError("probe class names must be distinct")
+        if len(class_names) < 2:
+            raise EngineError("a probe needs at least two classes")
+        if weight.shape[0] == 1 and len(class_names) == 2:
+            weight = torch.cat([-weight, weight])
+            bias = torch.cat([-bias, bias]) if bias.numel() == 1 else bias
+        if weight.shape[0] != len(class_names):
+            raise EngineError(f"probe has {weight.shape[0]} weight rows but {len(class_names)} class names")
+        if bias.numel() != weight.shape[0]:
+            raise EngineError(f"probe bias has {bias.numel()} entries, expected {weight.shape[0]}")
+        if normalization not in NORMALIZATIONS:
+            raise EngineError(f"probe normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        dim = weight.shape[1]
+        mean_t = None if mean is None else torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
+        scale_t = None if scale is None else torch.as_tensor(np.asarray(scale), dtype=torch.float32).reshape(-1)
+        for name, t in (("mean", mean_t), ("scale", scale_t)):
+            if t is not None and t.numel() != dim:
+                raise EngineError(f"probe {name} has {t.numel()} entries, expected {dim} (the weight width)")
+        for name, t in (("weight", weight), ("bias", bias), ("mean", mean_t), ("scale", scale_t)):
+            if t is not None and not torch.isfinite(t).all():
+                raise EngineError(f"probe {name} contains NaN or infinite values")
+        if scale_t is not None and (scale_t <= 0).any():
+            raise EngineError("probe scale must be positive")
+        self.class_names = class_names
+        self.normalization = normalization
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.register_buffer("mean", mean_t if mean_t is not None else torch.zeros(dim))
+        self.register_buffer("scale", scale_t if scale_t is not None else torch.ones(dim))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def features(self, f: Tensor) -> Tensor:
+        if self.normalization == "l2":
+            f = F.normalize(f, dim=-1)
+        return (f - self.mean.to(f.dtype)) / self.scale.to(f.dtype)
+
+    def forward(self, f: Tensor) -> Tensor:  # [batch, embed_dim] -> [batch, classes]
+        return self.features(f) @ self.weight.to(f.dtype).T + self.bias.to(f.dtype)
+
+    def directions(self) -> Tensor:
+        return self.weight / self.scale
+
+    def check_fits(self, embed_dim: int) -> None:
+        if self.embed_dim != embed_dim:
+            raise EngineError(f"the probe reads {self.embed_dim}-dimensional embeddings but the model produces "
+                              f"{embed_dim}-dimensional ones; train the probe on this model's image embeddings")
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        arrays = {"weight": self.weight.numpy(), "bias": self.bias.numpy(), "mean": self.mean.numpy(),
+                  "scale": self.scale.numpy()}
+        if path.suffix == ".npz":
+            np.savez(path, classes=np.array(self.class_names), normalization=np.array(self.normalization), **arrays)
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
+                      metadata={"classes": json.dumps(self.class_names), "normalization": self.normalization})
+        else:
+            raise EngineError("probes are saved as .npz or .safetensors")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, class_names: Sequence[str] | None = None,
+             normalization: str | None = None) -> "LinearProbe":
+        """Read a probe from ``.npz`` (never unpickled) or ``.safetensors``.
+
+        Arrays: ``weight`` (or scikit-learn's ``coef``) [classes or 1, embed_dim],
+        ``bias`` (or ``intercept``), optional ``mean``/``scale``; class names and
+        normalization come from the file (``classes``, ``normalization``) or the arguments.
+        """
+        path = Path(path)
+        meta: dict = {}
+        if path.suffix == ".npz":
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+            except ValueError as exc:
+                raise EngineError(f"probe {path.name} holds Python objects (pickled arrays), which are refused; "
+                                  "save plain numeric arrays and a string array of class names") from exc
+            except (OSError, EOFError) as exc:
+                raise EngineError(f"probe {path.name} is not a readable .npz file: {exc}") from exc
+            if "classes" in arrays:
+                meta["classes"] = [str(c) for c in arrays.pop("classes").tolist()]
+            if "normalization" in arrays:
+                meta["normalization"] = str(arrays.pop("normalization"))
+        elif path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="numpy") as fh:
+                    arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+                    file_meta = fh.metadata() or {}
+            except (SafetensorError, OSError) as exc:
+                raise EngineError(f"probe {path.name} is not a readable safetensors file: {exc}") from exc
+            if "classes" in file_meta:
+                meta["classes"] = json.loads(file_meta["classes"])
+            if "normalization" in file_meta:
+                meta["normalization"] = file_meta["normalization"]
+        else:
+            raise EngineError(f"probe {path.name}: only .npz and .safetensors probes are accepted")
+        weight = arrays.get("weight", arrays.get("coef"))
+        bias = arrays.get("bias", arrays.get("intercept"))
+        if weight is None or bias is None:
+            raise EngineError(f"probe {path.name} needs arrays 'weight' (or 'coef') and 'bias' (or 'intercept'); "
+                              f"found {', '.join(sorted(arrays)) or 'none'}")
+        for name, arr in (("weight", weight), ("bias", bias)):
+            if not np.issubdtype(arr.dtype, np.number):
+                raise EngineError(f"probe {name} must be numeric, got dtype {arr.dtype}")
+        names = list(class_names) if class_names is not None else meta.get("classes")
+        if not names:
+            raise EngineError(f"probe {path.name} names no classes; store a 'classes' array or give class names")
+        return cls(weight, bias, names, normalization or meta.get("normalization", "l2"),
+                   arrays.get("mean"), arrays.get("scale"))
+
+
+class ZeroShotHead(Head):
+    """``y_c = cos(f, t_c)`` with ``t_c`` the normalized mean embedding of class c's prompts."""
+
+    def __init__(self, text_embeddings: Tensor, class_names: Sequence[str]):
+        super().__init__()
+        if text_embeddings.shape[0] != len(class_names):
+            raise EngineError("one text embedding per class is needed")
+        self.class_names = list(class_names)
+        self.register_buffer("text", F.normalize(text_embeddings.float(), dim=-1))
+
+    def forward(self, f: Tensor) -> Tensor:
+        return F.normalize(f, dim=-1) @ self.text.to(f.dtype).T
+
+    def directions(self) -> Tensor:
+        return self.text
+
+    @classmethod
+    def build(cls, bundle, class_names: Sequence[str], templates: Sequence[str],
+              class_prompts: dict | None = None) -> "ZeroShotHead":
+        class_prompts = class_prompts or {}
+        embeddings = torch.stack([
+            encode_concepts(bundle, class_prompts.get(name) or [name], templates).mean(0)
+            for name in class_names])
+        return cls(embeddings, class_names)
+
+
+@torch.inference_mode()
+def encode_concepts(bundle, concepts: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:
+    """[len(concepts), embed_dim] normalized text embeddings, each averaged over the templates."""
+    model, tokenizer = bundle.model, bundle.tokenizer
+    device = next(model.parameters()).device
+    texts = [t.format(c) if c else t.replace("{}", "").strip() for c in concepts for t in templates]
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start:start + batch_size]).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    emb = torch.cat(chunks).reshape(len(concepts), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1).cpu()

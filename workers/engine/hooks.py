@@ -1,0 +1,145 @@
+"""Reading and rewriting the residual stream of an OpenCLIP vision transformer.
+
+Everything here is a context manager: hooks are registered on entry and
+removed on exit, also when the body raised.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import EngineError
+
+
+def resolve_layer(visual: nn.Module, layer: int) -> int:
+    """Block index in [0, n_blocks); negative layers count from the end (-1: the last block)."""
+    n = len(visual.transformer.resblocks)
+    index = layer + n if layer < 0 else layer
+    if not 0 <= index < n:
+        raise EngineError(f"layer {layer} does not exist: the vision transformer has {n} blocks "
+                          f"(use 0..{n - 1} or -1..-{n})")
+    return index
+
+
+def _batch_first(visual: nn.Module, x: Tensor) -> Tensor:
+    return x if getattr(visual.transformer, "batch_first", True) else x.transpose(0, 1)
+
+
+def select_tokens(h: Tensor, token: str) -> Tensor:
+    """The part of the residual stream [batch, tokens, d] the SAE reads: CLS [batch, d] or patches [batch, P, d]."""
+    if h.ndim == 2:  # already the CLS token
+        return h
+    return h[:, 0] if token == "cls" else h[:, 1:]
+
+
+def replace_tokens(h: Tensor, selected: Tensor, token: str) -> Tensor:
+    """Inverse of :func:`select_tokens`: ``h`` with the selected part replaced."""
+    if h.ndim == 2:
+        return selected
+    if token == "cls":
+        return torch.cat([selected.unsqueeze(1), h[:, 1:]], dim=1)
+    return torch.cat([h[:, :1], selected], dim=1)
+
+
+def splice(selected: Tensor, sae: nn.Module, latents: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``h_hat + stopgrad(h - h_hat)`` with the value of ``h`` exactly, bit for bit.
+
+    Written as ``stopgrad(h) + (h_hat - stopgrad(h_hat))``: the value is
+    ``h + 0`` and the gradient reaches the latents through ``h_hat`` only.
+    Returns (spliced, latents); pass ``latents`` to splice given latents.
+    """
+    z = sae.encode(selected) if latents is None else latents
+    h_hat = sae.decode(z)
+    return selected.detach() + (h_hat - h_hat.detach()), z
+
+
+@contextmanager
+def capture_residual(visual: nn.Module, layer: int) -> Iterator[dict]:
+    """Within the block, ``store['h']`` holds the residual stream [batch, tokens, d] after ``layer``."""
+    block = visual.transformer.resblocks[resolve_layer(visual, layer)]
+    store: dict = {}
+
+    def hook(_module, _inputs, output):
+        store["h"] = _batch_first(visual, output)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def spliced_sae(visual: nn.Module, layer: int, sae: nn.Module, token: str = "cls",
+                latents_require_grad: bool = False) -> Iterator[dict]:
+    """Run the model with the SAE spliced in after ``layer``; outputs stay identical.
+
+    ``store['latents']`` holds the latents of the last forward pass; with
+    ``latents_require_grad`` they are a leaf that gradients reach.
+    """
+    block = visual.transformer.resblocks[resolve_layer(visual, layer)]
+    store: dict = {}
+
+    def hook(_module, _inputs, output):
+        h = _batch_first(visual, output)
+        selected = select_tokens(h, token)
+        z = sae.encode(selected)
+        if latents_require_grad:
+            z = z.detach().requires_grad_(True)
+        spliced, z = splice(selected, sae, z)
+        store["latents"] = z
+        out = replace_tokens(h, spliced, token)
+        return out if getattr(visual.transformer, "batch_first", True) else out.transpose(0, 1)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class VisionTail(nn.Module):
+    """The vision tower after block ``layer``: remaining blocks, final LayerNorm, pooling, projection.
+
+    ``tail(h_L)`` equals the model's image embedding for the residual stream
+    ``h_L`` [batch, tokens, d]. When nothing after the layer mixes tokens (last
+    block, CLS pooling, CLS SAE) the tail needs only the CLS token [batch, d],
+    and :attr:`cls_only` is True: the cache then stores just that.
+    """
+
+    def __init__(self, visual: nn.Module, layer: int, token: str = "cls"):
+        super().__init__()
+        index = resolve_layer(visual, layer)
+        self.visual = visual
+        self.blocks = visual.transformer.resblocks[index + 1:]
+        self.cls_only = (index == len(visual.transformer.resblocks) - 1 and token == "cls"
+                         and getattr(visual, "pool_type", "tok") == "tok" and visual.attn_pool is None)
+
+    def forward(self, h: Tensor) -> Tensor:
+        v = self.visual
+        if self.cls_only:
+            x = h if h.ndim == 2 else h[:, 0]
+            pooled = v.ln_post(x)
+        else:
+            if h.ndim != 3:
+                raise EngineError("this layer's tail needs every token of the residual stream")
+            x = h if getattr(v.transformer, "batch_first", True) else h.transpose(0, 1)
+            for block in self.blocks:
+                x = block(x)
+            x = _batch_first(v, x)
+            pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+    def logit_lens(self, directions: Tensor) -> Tensor:
+        """[n, d] residual directions -> [n, embed_dim]: ``proj(ln_post(d))``, skipping the blocks."""
+        v = self.visual
+        out = v.ln_post(directions)
+        return out @ v.proj if v.proj is not None else out
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True when any submodule still carries a forward (pre-)hook."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())

@@ -1,0 +1,244 @@
+"""TopK sparse autoencoder: ``z = TopK_k(W_enc (h - b_pre) / s + b_enc)``, ``h_hat = b_pre + s W_dec z``.
+
+``s`` is a fixed scalar (``input_scale``) measured from the data before
+training, so that one learning rate serves residual streams of any size; the
+decoder columns of ``W_dec`` have unit norm and the effective dictionary
+direction of latent ``i`` is ``s * W_dec[:, i]`` (:attr:`TopKSAE.dictionary`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SAEConfig
+from .errors import EngineError
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, d_model: int, n_latents: int, k: int, input_scale: float = 1.0):
+        super().__init__()
+        if not 1 <= k <= n_latents:
+            raise EngineError(f"TopK SAE needs 1 <= k <= n_latents, got k={k}, n_latents={n_latents}")
+        self.d_model, self.n_latents, self.k = d_model, n_latents, k
+        self.W_enc = nn.Parameter(torch.zeros(n_latents, d_model))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.zeros(d_model, n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.register_buffer("input_scale", torch.tensor(float(input_scale)))
+
+    # ------------------------------------------------------------------ maths
+    def pre_activations(self, h: Tensor) -> Tensor:  # [..., d_model] -> [..., n_latents]
+        return F.linear((h - self.b_pre) / self.input_scale, self.W_enc, self.b_enc)
+
+    def encode_sparse(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The k active latents: values [..., k] (ReLU'd) and indices [..., k]."""
+        values, indices = self.pre_activations(h).topk(self.k, dim=-1)
+        return values.relu(), indices
+
+    def encode(self, h: Tensor) -> Tensor:  # [..., d_model] -> z [..., n_latents], exactly k entries may be > 0
+        values, indices = self.encode_sparse(h)
+        return torch.zeros(*h.shape[:-1], self.n_latents, dtype=values.dtype, device=values.device) \
+            .scatter(-1, indices, values)
+
+    def decode(self, z: Tensor) -> Tensor:  # [..., n_latents] -> [..., d_model]
+        return self.b_pre + self.input_scale * F.linear(z, self.W_dec)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.encode(h)
+        return self.decode(z), z
+
+    @property
+    def dictionary(self) -> Tensor:
+        """[n_latents, d_model]: latent i adds ``z_i * dictionary[i]`` to the reconstruction."""
+        return (self.W_dec * self.input_scale).T
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-8))
+
+    # ------------------------------------------------------------------ files
+    def config(self) -> dict:
+        return {"d_model": self.d_model, "n_latents": self.n_latents, "k": self.k,
+                "input_scale": float(self.input_scale)}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``sae.safetensors`` and ``sae.json`` into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(folder / "sae.safetensors"))
+        (folder / "sae.json").write_text(json.dumps(self.config(), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            cfg = json.loads((folder / "sae.json").read_text())
+            state = load_file(str(folder / "sae.safetensors"), device=str(device))
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"SAE in {folder} cannot be read: {exc}") from exc
+        sae = cls(cfg["d_model"], cfg["n_latents"], cfg["k"], cfg["input_scale"])
+        sae.load_state_dict(state)
+        return sae.to(device)
+
+
+def size_sae(d_model: int, n_samples: int, config: SAEConfig) -> tuple[int, int, int]:
+    """(n_latents, k, steps) from the config, filling what it leaves open from the data size.
+
+    About 4 x d_model latents, but no more than half the number of training
+    vectors (at least d_model), so a small dataset does not leave most latents
+    dead; k = n_latents / 32 within [4, 64]; steps: 3000 or 5 epochs, whichever is more.
+    """
+    n_latents = config.n_latents or max(d_model, min(4 * d_model, n_samples // 2))
+    k = config.k or int(min(64, max(4, n_latents // 32)))
+    k = min(k, n_latents)
+    steps = config.steps or max(3000, math.ceil(5 * n_samples / config.batch_size))
+    return int(n_latents), int(k), int(steps)
+
+
+@dataclass
+class SAEMetrics:
+    mse: float  # mean squared error per activation vector, in the model's units
+    fvu: float  # fraction of variance unexplained
+    explained_variance: float
+    mean_l0: float  # active latents per vector
+    dead_fraction: float  # latents never active on the evaluated data
+    n_latents: int
+    k: int
+    steps: int = 0
+    n_train_vectors: int = 0
+    loss_curve: list | None = None  # (step, normalized MSE) pairs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def init_from_sample(sae: TopKSAE, sample: Tensor, seed: int) -> None:
+    """Data-dependent start: b_pre = mean, s = RMS distance to it, W_enc = W_dec^T with random unit columns."""
+    sample = sample.float()
+    mean = sample.mean(0)
+    scale = ((sample - mean).pow(2).sum(-1).mean() / sample.shape[-1]).sqrt().clamp_min(1e-6)
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(sae.d_model, sae.n_latents, generator=gen)
+    W = W / W.norm(dim=0, keepdim=True)
+    sae.W_dec.copy_(W)
+    sae.W_enc.copy_(W.T)
+    sae.b_enc.zero_()
+    sae.b_pre.copy_(mean)
+    sae.input_scale.fill_(float(scale))
+
+
+def train_sae(
+    batches: Iterable[Tensor],
+    *,
+    d_model: int,
+    n_latents: int,
+    k: int,
+    steps: int,
+    init_sample: Tensor,
+    config: SAEConfig,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[TopKSAE, list[tuple[int, float]]]:
+    """Train a TopK SAE on activation batches [batch, d_model] (the iterator may cycle).
+
+    Loss: normalized MSE plus ``aux_coef`` times the AuxK loss (Gao et al.
+    2024): the ``aux_k`` largest dead latents learn to model the residual error,
+    which brings dead latents back. Decoder columns stay unit norm (gradient
+    parallel to them removed, then renormalized). Deterministic for a seed on CPU.
+    """
+    torch.manual_seed(config.seed)
+    sae = TopKSAE(d_model, n_latents, k)
+    init_from_sample(sae, init_sample, config.seed)
+    sae.to(device).train()
+    aux_k = min(config.aux_k or 2 * k, n_latents)
+    opt = torch.optim.Adam(sae.parameters(), lr=config.lr)
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+    curve: list[tuple[int, float]] = []
+    report_every = max(1, steps // 50)
+    it: Iterator[Tensor] = iter(batches)
+    for step in range(steps):
+        try:
+            h = next(it)
+        except StopIteration:
+            raise EngineError("the activation iterator ran dry before SAE training finished") from None
+        h = h.to(device, torch.float32, non_blocking=True)
+        pre = sae.pre_activations(h)
+        values, indices = pre.topk(k, dim=-1)
+        values = values.relu()
+        z = torch.zeros_like(pre).scatter(-1, indices, values)
+        h_hat = sae.decode(z)
+        err = h - h_hat
+        scale2 = sae.input_scale ** 2 * d_model
+        mse = err.pow(2).sum(-1).mean() / scale2
+        loss = mse
+        dead = since_fired >= config.dead_after_steps
+        n_dead = int(dead.sum())
+        if n_dead and config.aux_coef > 0:
+            pre_dead = pre.masked_fill(~dead, float("-inf"))
+            a_vals, a_idx = pre_dead.topk(min(aux_k, n_dead), dim=-1)
+            z_aux = torch.zeros_like(pre).scatter(-1, a_idx, a_vals.relu())
+            e_hat = sae.input_scale * F.linear(z_aux, sae.W_dec)
+            target = err.detach()
+            denom = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            aux = (target - e_hat).pow(2).sum(-1).mean() / denom
+            loss = loss + config.aux_coef * torch.nan_to_num(aux, nan=0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            g = sae.W_dec.grad
+            g -= (g * sae.W_dec).sum(0, keepdim=True) * sae.W_dec
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+            fired[indices[values > 0]] = True
+            since_fired += 1
+            since_fired[fired] = 0
+        if step % report_every == 0 or step == steps - 1:
+            curve.append((step, float(mse)))
+            if progress:
+                progress(step + 1, steps)
+    sae.eval().requires_grad_(False)
+    return sae, curve
+
+
+@torch.no_grad()
+def evaluate_sae(sae: TopKSAE, batches: Iterable[Tensor], device: torch.device | str = "cpu") -> dict:
+    """MSE, FVU, mean L0 and dead fraction over one pass of ``batches``."""
+    n = 0
+    sq_err = 0.0
+    l0 = 0.0
+    sum_h = None
+    sum_h2 = 0.0
+    ever = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
+    for h in batches:
+        h = h.to(device, torch.float32)
+        values, indices = sae.encode_sparse(h)
+        z = torch.zeros(*h.shape[:-1], sae.n_latents, device=device).scatter(-1, indices, values)
+        h_hat = sae.decode(z)
+        sq_err += float((h - h_hat).pow(2).sum())
+        l0 += float((values > 0).sum())
+        ever[indices[values > 0]] = True
+        sum_h = h.sum(0) if sum_h is None else sum_h + h.sum(0)
+        sum_h2 += float(h.pow(2).sum())
+        n += h.shape[0]
+    if n == 0:
+        raise EngineError("no activations to evaluate the SAE on")
+    total_var = sum_h2 - float(sum_h.pow(2).sum()) / n
+    fvu = sq_err / max(total_var, 1e-12)
+    return {"mse": sq_err / n, "fvu": fvu, "explained_variance": 1.0 - fvu, "mean_l0": l0 / n,
+            "dead_fraction": float((~ever).float().mean())}
