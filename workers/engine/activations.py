@@ -67,8 +67,8 @@ class ActivationStore:
             acts, emb = self._arrays(shard)
             for lo in range(0, shard.count, batch_size):
                 hi = min(lo + batch_size, shard.count)
-                yield (shard.start + lo, torch.from_numpy(np.asarray(acts[lo:hi], dtype=np.float32)),
-                       torch.from_numpy(np.asarray(emb[lo:hi], dtype=np.float32)))
+                yield (shard.start + lo, torch.from_numpy(np.array(acts[lo:hi], dtype=np.float32)),
+                       torch.from_numpy(np.array(emb[lo:hi], dtype=np.float32)))
 
     def gather(self, indices: np.ndarray | list[int]) -> tuple[Tensor, Tensor]:
         """Activations and embeddings of the given images (any order)."""
@@ -86,7 +86,7 @@ class ActivationStore:
 
     def embeddings(self) -> Tensor:
         """[n, embed_dim] image embeddings (small: one vector per image)."""
-        return torch.cat([torch.from_numpy(np.asarray(self._arrays(s)[1], dtype=np.float32)) for s in self.shards])
+        return torch.cat([torch.from_numpy(np.array(self._arrays(s)[1], dtype=np.float32)) for s in self.shards])
 
     def sae_vectors(self, acts: Tensor, generator: torch.Generator, tokens_per_image: int) -> Tensor:
         """The SAE's training vectors of a batch: CLS tokens, or a random sample of patch tokens per image."""
@@ -115,7 +115,7 @@ class ActivationStore:
                 order = torch.randperm(shard.count, generator=gen).numpy()
                 for lo in range(0, shard.count, 1024):
                     rows = np.sort(order[lo:lo + 1024])
-                    chunk = torch.from_numpy(np.asarray(acts[rows], dtype=np.float32))
+                    chunk = torch.from_numpy(np.array(acts[rows], dtype=np.float32))
                     vecs = self.sae_vectors(chunk, gen, tokens_per_image)
                     vecs = vecs[torch.randperm(len(vecs), generator=gen)]
                     buffer.append(vecs)
@@ -178,7 +178,7 @@ def extract_activations(
                         pin_memory=device.type == "cuda")
     shards: list[Shard] = []
     acts_mm = emb_mm = None
-    shard_start = shard_fill = 0
+    shard_fill = 0
     done = 0
     labels_all = np.empty(n, dtype=np.int64)
     with capture_residual(visual, layer) as store, torch.inference_mode():

@@ -209,7 +209,7 @@ def train_sae(
             since_fired += 1
             since_fired[fired] = 0
         if step % report_every == 0 or step == steps - 1:
-            curve.append((step, float(mse)))
+            curve.append((step, mse.item()))
             if progress:
                 progress(step + 1, steps)
     sae.eval().requires_grad_(False)

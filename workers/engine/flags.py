@@ -1,0 +1,75 @@
+"""Unexpected reliance: latents a class leans on that do not mean that class."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from .config import AuditConfig
+from .semantics import Vocabulary
+
+
+def relevance_tables(relevance_sum: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per class: mean relevance [C, L] over the class's images and each latent's share of the positive total."""
+    mean = relevance_sum / counts.clamp_min(1).unsqueeze(1).to(relevance_sum.dtype)
+    positive = mean.clamp_min(0)
+    share = positive / positive.sum(1, keepdim=True).clamp_min(1e-12)
+    return mean, share
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - {"a", "an", "the", "of", "and", "with", "on", "in"}
+
+
+def categorize(label: str | None, label_index: int | None, vocab: Vocabulary, class_name: str,
+               explicit_expected: bool, name_alignment: float, config: AuditConfig) -> str:
+    """A guess at the kind of shortcut from the latent's label (see DESIGN.md section 2)."""
+    if label_index is None:
+        return "other"
+    category = vocab.categories[label_index]
+    if category in ("dataset_artifact", "visual_text"):
+        return category
+    # The latent matches the class's name but not what the class means: another sense of the word.
+    if explicit_expected and name_alignment >= config.flag_max_alignment:
+        return "polysemy"
+    class_words = _words(class_name)
+    if len(_words(label)) > 1 and class_words & _words(label) and vocab.sources[label_index] != "class":
+        return "compound_noun"
+    return "other"
+
+
+def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *, labels: list,
+               label_indices: list, label_alignment: Tensor, expected_alignment: Tensor,
+               name_alignment: Tensor, clarity: Tensor, vocab: Vocabulary, config: AuditConfig) -> list[dict]:
+    """Flag, per class, latents with a high relevance share whose alignment with the expected concepts is low.
+
+    A latent is flagged for class c when it is among the class's
+    ``flag_top_n`` latents by share, holds at least ``flag_min_share`` of the
+    class's positive relevance, its label is not one of c's expected concepts,
+    and its alignment with them is below ``flag_max_alignment``.
+    """
+    flags = []
+    for c, name in enumerate(class_names):
+        expected = {i for i in vocab.expected_indices(name, config.expected_concepts)}
+        explicit = bool(config.expected_concepts.get(name))
+        ranked = torch.argsort(share[c], descending=True)[: config.flag_top_n].tolist()
+        for rank, latent in enumerate(ranked, start=1):
+            s = float(share[c, latent])
+            if s < config.flag_min_share or s <= 0:
+                break
+            if labels[latent] is None or label_indices[latent] in expected:
+                continue
+            a = float(expected_alignment[c, latent])
+            if a >= config.flag_max_alignment:
+                continue
+            flags.append({
+                "head": head, "class_name": name, "latent": int(latent), "rank": rank,
+                "share": s, "mean_relevance": float(mean[c, latent]),
+                "label": labels[latent], "label_source": vocab.sources[label_indices[latent]],
+                "label_alignment": float(label_alignment[latent]), "expected_alignment": a,
+                "clarity": float(clarity[latent]),
+                "category": categorize(labels[latent], label_indices[latent], vocab, name, explicit,
+                                       float(name_alignment[c, latent]), config),
+            })
+    return flags

@@ -1,0 +1,436 @@
+"""One audit, end to end: ``run_audit(config, model, probe, dataset, progress) -> AuditResult``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .activations import ActivationStore, extract_activations
+from .attribution import REGISTRY, get_method
+from .config import AuditConfig
+from .data import ImageSet
+from .errors import EngineError
+from .flags import find_flags, relevance_tables
+from .heads import LinearProbe, ZeroShotHead
+from .hooks import VisionTail, select_tokens
+from .interventions import area_under_curve, deletion_curves, shifted_outputs
+from .loading import ClipBundle, resolve_device
+from .sae import SAEMetrics, TopKSAE, evaluate_sae, size_sae, train_sae
+from .semantics import ReferenceTracker, Vocabulary, alignment, semantic_embeddings
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STAGES = ("extract", "train_sae", "attribute", "label", "flag", "confirm")
+HEADS = ("probe", "zero_shot")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class AuditResult:
+    """Everything an audit found, as plain data (``to_dict`` is JSON-ready)."""
+
+    schema_version: int
+    config: dict
+    model: dict
+    classes: list
+    dataset: dict
+    sae: dict
+    accuracy: dict
+    latents: list  # one entry per latent: label, alignment, clarity, frequency, references
+    relevance: dict  # head -> class -> top latents by share
+    flags: list
+    comparison: dict  # class -> probe vs zero-shot share on flagged latents
+    faithfulness: dict  # head -> class -> method -> {curve, auc}
+    timings: dict
+    environment: dict
+    artifacts: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AuditResult":
+        return cls(**data)
+
+    def flags_for(self, head: str, class_name: str) -> list[dict]:
+        return [f for f in self.flags if f["head"] == head and f["class_name"] == class_name]
+
+
+class _Stages:
+    """Times each stage and reports progress as (stage, done, total)."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        self.report(name, 0, 1)
+        yield lambda done, total: self.report(name, done, total)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.report(name, 1, 1)
+
+    def report(self, name, done, total):
+        if self.progress:
+            self.progress(name, done, total)
+
+
+def _faithfulness_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).squeeze(1)
+        mask[idx[torch.randperm(len(idx), generator=gen)[:per_class]]] = True
+    return mask
+
+
+def _train_or_load_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, report) -> tuple:
+    if (folder / "sae.json").is_file() and (folder / "metrics.json").is_file():
+        return TopKSAE.load(folder, device), json.loads((folder / "metrics.json").read_text())
+    cfg = config.sae
+    n_vectors = store.n_sae_vectors(cfg.tokens_per_image)
+    n_latents, k, steps = size_sae(store.d_model, n_vectors, cfg)
+    sae, curve = train_sae(
+        store.training_batches(cfg.batch_size, cfg.seed, cfg.tokens_per_image),
+        d_model=store.d_model, n_latents=n_latents, k=k, steps=steps,
+        init_sample=store.sample(min(n_vectors, 16384), cfg.seed, cfg.tokens_per_image),
+        config=cfg, device=device, progress=report)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    quality = evaluate_sae(sae, (store.sae_vectors(a, gen, cfg.tokens_per_image)
+                                 for _, a, _ in store.iter_batches(1024)), device)
+    metrics = SAEMetrics(**quality, n_latents=n_latents, k=k, steps=steps, n_train_vectors=n_vectors,
+                         loss_curve=[list(p) for p in curve]).to_dict()
+    # metrics.json last: its presence marks a finished SAE, so a resumed audit skips training
+    sae.save(folder)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return sae, metrics
+
+
+def run_audit(
+    config: AuditConfig,
+    model: ClipBundle,
+    probe: LinearProbe,
+    dataset: ImageSet,
+    progress: Progress | None = None,
+    *,
+    workdir: str | os.PathLike | None = None,
+    semantic_model: ClipBundle | None = None,
+    sae: TopKSAE | None = None,
+) -> AuditResult:
+    """Audit ``probe`` (and the zero-shot classifier of its class names) on ``model`` over ``dataset``.
+
+    ``workdir`` keeps the activation cache and the SAE; a finished stage found
+    there is reused, so a re-run after a crash resumes. ``semantic_model``
+    labels latents with another CLIP (default: the audited one). ``sae`` skips
+    training and uses a given SAE.
+    """
+    if isinstance(config, dict):
+        config = AuditConfig.from_dict(config)
+    stages = _Stages(progress)
+    device = resolve_device(config.device)
+    own_tmp = None
+    if workdir is None:
+        own_tmp = tempfile.TemporaryDirectory(prefix="clip-audit-")
+        workdir = own_tmp.name
+    workdir = Path(workdir)
+    try:
+        return _run(config, model, probe, dataset, stages, device, workdir, semantic_model, sae)
+    finally:
+        if own_tmp is not None:
+            own_tmp.cleanup()
+
+
+def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae):
+    model = bundle.model.to(device)
+    visual = model.visual
+    probe.check_fits(bundle.embed_dim)
+    class_names = probe.class_names
+    images = dataset.remap(class_names).with_preprocess(bundle.preprocess)
+    n_classes = len(class_names)
+    if len(images) == 0:
+        raise EngineError("the dataset has no images")
+    torch.manual_seed(config.seed)
+
+    # ------------------------------------------------------------------ 1. activations
+    with stages.stage("extract") as report:
+        store = extract_activations(bundle, images, workdir / "activations", layer=config.layer, token=config.token,
+                                    batch_size=config.batch_size, device=device, dtype=config.dtype,
+                                    cache_dtype=config.cache_dtype, progress=report)
+    labels = store.labels
+
+    # ------------------------------------------------------------------ 2. SAE
+    with stages.stage("train_sae") as report:
+        if sae is None:
+            sae, sae_metrics = _train_or_load_sae(store, config, workdir / "sae", device, report)
+        else:
+            gen = torch.Generator().manual_seed(config.sae.seed + 1)
+            sae_metrics = evaluate_sae(sae.to(device), (store.sae_vectors(a, gen, config.sae.tokens_per_image)
+                                                        for _, a, _ in store.iter_batches(1024)), device)
+            sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
+        if sae.d_model != store.d_model:
+            raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")
+    sae = sae.to(device).eval().requires_grad_(False)
+    n_latents = sae.n_latents
+
+    # ------------------------------------------------------------------ 3. attribution, references, faithfulness
+    tail = VisionTail(visual, config.layer, config.token)
+    zero_shot = ZeroShotHead.build(bundle, class_names, config.prompt_templates, config.class_prompts)
+    heads = {"probe": probe.to(device), "zero_shot": zero_shot.to(device)}
+    methods = {h: {name: get_method(name, tail=tail, sae=sae, head=head, token=config.token, seed=config.seed)
+                   for name in REGISTRY} for h, head in heads.items()}
+    tracker = ReferenceTracker(n_latents, config.n_references, device)
+    frequency = torch.zeros(n_latents, device=device)
+    max_activation = torch.zeros(n_latents, device=device)
+    class_activation = torch.zeros(n_classes, n_latents, device=device)
+    counts = torch.bincount(labels, minlength=n_classes).to(device)
+    rel_sum = {h: torch.zeros(n_classes, n_latents, device=device) for h in heads}
+    keep = min(n_latents, max(2 * sae.k, 32))
+    top_rel = {h: (np.zeros((store.n, keep), np.float32), np.zeros((store.n, keep), np.int64)) for h in heads}
+    faith_mask = _faithfulness_subset(labels, config.faithfulness_max_images, config.seed)
+    steps = config.faithfulness_steps
+    curve_sum = {h: {m: torch.zeros(n_classes, steps + 1, device=device) for m in REGISTRY} for h in heads}
+    faith_counts = torch.zeros(n_classes, device=device)
+    predictions = {h: torch.zeros(store.n, dtype=torch.long) for h in heads}
+    with stages.stage("attribute") as report, torch.no_grad():
+        for start, acts, emb in store.iter_batches(config.batch_size):
+            acts, emb = acts.to(device), emb.to(device)
+            b = acts.shape[0]
+            y = labels[start:start + b].to(device)
+            onehot = torch.nn.functional.one_hot(y, n_classes).float()
+            selected = select_tokens(acts, config.token)
+            values, indices = sae.encode_sparse(selected)
+            z = torch.zeros(*selected.shape[:-1], n_latents, device=device).scatter(-1, indices, values)
+            if z.ndim == 3:
+                per_image = z.amax(1) if config.spatial_pool == "max" else z.mean(1)
+                mean_act = z.mean(1)
+            else:
+                per_image = mean_act = z
+            tracker.update(per_image, torch.arange(start, start + b, device=device))
+            frequency += (per_image > 0).float().sum(0)
+            max_activation = torch.maximum(max_activation, per_image.amax(0))
+            class_activation += onehot.T @ mean_act
+            sub = faith_mask[start:start + b].to(device)
+            for h, head in heads.items():
+                predictions[h][start:start + b] = head(emb).argmax(1).cpu()
+                rel = methods[h]["act_grad"].attribute(acts, target=y)[:, 0]  # [b, L]
+                rel_sum[h] += onehot.T @ rel
+                top = rel.topk(keep, dim=1)
+                top_rel[h][0][start:start + b] = top.values.cpu().numpy()
+                top_rel[h][1][start:start + b] = top.indices.cpu().numpy()
+                if sub.any():
+                    for name, method in methods[h].items():
+                        scores = rel[sub] if name == "act_grad" else method.attribute(acts[sub], target=y[sub])[:, 0]
+                        curves = deletion_curves(tail, sae, head, acts[sub], y[sub], scores, steps, config.token)
+                        curve_sum[h][name] += onehot[sub].T @ curves
+            faith_counts += onehot[sub].sum(0)
+            report(start + b, store.n)
+
+    # ------------------------------------------------------------------ 4. labels
+    with stages.stage("label"):
+        if semantic_model is None:
+            semantic_model, image_embeddings = bundle, store.embeddings()
+        else:
+            image_embeddings = _embed_references(semantic_model, images, tracker, device, config.batch_size)
+        sem, clarity, n_refs = semantic_embeddings(tracker.indices.cpu(), tracker.values.cpu(), image_embeddings)
+        vocab = Vocabulary.build(class_names, config.expected_concepts, config.artifact_vocabulary,
+                                 config.general_vocabulary)
+        vocab.encode(semantic_model, config.prompt_templates)
+        align = alignment(sem, vocab)  # [L, V]
+        has_refs = n_refs > 0
+        label_alignment, label_index = align.max(1)
+        labels_text = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
+        label_indices = [j if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
+        expected_alignment = torch.stack([
+            align[:, vocab.expected_indices(name, config.expected_concepts)].max(1).values
+            for name in class_names])  # [C, L]
+        name_alignment = torch.stack([align[:, vocab.index[name.lower()]] for name in class_names])
+
+    # ------------------------------------------------------------------ 5. flags
+    with stages.stage("flag"):
+        tables = {h: relevance_tables(rel_sum[h].cpu(), counts.cpu()) for h in heads}
+        flags = []
+        for h in heads:
+            mean, share = tables[h]
+            flags += find_flags(h, mean, share, class_names, labels=labels_text, label_indices=label_indices,
+                                label_alignment=label_alignment, expected_alignment=expected_alignment,
+                                name_alignment=name_alignment, clarity=clarity, vocab=vocab, config=config)
+        for flag in flags:
+            c = class_names.index(flag["class_name"])
+            flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
+            flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
+            flag["references"] = [images.ids[i] for i in tracker.references(flag["latent"])]
+            flag["top_images"] = _top_images(top_rel[flag["head"]], flag["latent"], labels, c, images.ids,
+                                             config.top_images_per_flag)
+
+    # ------------------------------------------------------------------ 6. causal confirmation
+    with stages.stage("confirm") as report:
+        if config.causal and flags:
+            _confirm(flags, store, tail, sae, heads, labels, class_names, class_activation / counts.clamp_min(1)
+                     .unsqueeze(1), config, device, report)
+
+    comparison = {}
+    for c, name in enumerate(class_names):
+        flagged = sorted({f["latent"] for f in flags if f["class_name"] == name})
+        probe_share = float(tables["probe"][1][c, flagged].sum()) if flagged else 0.0
+        zs_share = float(tables["zero_shot"][1][c, flagged].sum()) if flagged else 0.0
+        comparison[name] = {
+            "flagged_latents": flagged, "probe_share": probe_share, "zero_shot_share": zs_share,
+            "amplified_by_probe": bool(flagged) and probe_share >= config.flag_min_share
+            and probe_share >= config.amplification_ratio * zs_share,
+        }
+
+    relevance = {}
+    for h in heads:
+        mean, share = tables[h]
+        relevance[h] = {}
+        for c, name in enumerate(class_names):
+            top = torch.argsort(share[c], descending=True)[: config.report_top_n].tolist()
+            relevance[h][name] = {
+                "total_positive_relevance": float(mean[c].clamp_min(0).sum()),
+                "top": [{"latent": i, "mean_relevance": float(mean[c, i]), "share": float(share[c, i]),
+                         "label": labels_text[i]} for i in top if float(mean[c, i]) != 0.0],
+            }
+
+    faithfulness = {}
+    for h in heads:
+        faithfulness[h] = {}
+        for c, name in enumerate(class_names):
+            if faith_counts[c] == 0:
+                continue
+            faithfulness[h][name] = {}
+            for m in REGISTRY:
+                curve = (curve_sum[h][m][c] / faith_counts[c]).cpu()
+                faithfulness[h][name][m] = {"curve": curve.tolist(), "auc": float(area_under_curve(curve)),
+                                            "n_images": int(faith_counts[c])}
+
+    freq = (frequency / store.n).cpu()
+    latents = [{
+        "latent": i, "label": labels_text[i],
+        "label_source": vocab.sources[label_indices[i]] if label_indices[i] is not None else None,
+        "label_category": vocab.categories[label_indices[i]] if label_indices[i] is not None else None,
+        "alignment": float(label_alignment[i]) if labels_text[i] is not None else None,
+        "clarity": float(clarity[i]), "frequency": float(freq[i]), "max_activation": float(max_activation[i]),
+        "references": [images.ids[j] for j in tracker.references(i)],
+        "expected_alignment": {name: float(expected_alignment[c, i]) for c, name in enumerate(class_names)},
+    } for i in range(n_latents)]
+
+    accuracy = {}
+    for h in heads:
+        correct = predictions[h] == labels
+        accuracy[h] = {"overall": float(correct.float().mean()),
+                       "per_class": {name: float(correct[labels == c].float().mean()) if counts[c] else None
+                                     for c, name in enumerate(class_names)}}
+
+    np.savez(workdir / "relevance.npz", classes=np.array(class_names),
+             **{f"{h}_mean": tables[h][0].numpy() for h in heads},
+             **{f"{h}_share": tables[h][1].numpy() for h in heads},
+             alignment_expected=expected_alignment.numpy(), clarity=clarity.numpy(), frequency=freq.numpy())
+
+    return AuditResult(
+        schema_version=SCHEMA_VERSION,
+        config=config.to_dict(),
+        model={"name": bundle.name, "layer": config.layer, "token": config.token, "n_blocks": bundle.n_blocks,
+               "width": bundle.width, "embed_dim": bundle.embed_dim},
+        classes=list(class_names),
+        dataset={"n_images": store.n, "per_class": {n: int(counts[c]) for c, n in enumerate(class_names)}},
+        sae=sae_metrics,
+        accuracy=accuracy,
+        latents=latents,
+        relevance=relevance,
+        flags=flags,
+        comparison=comparison,
+        faithfulness=faithfulness,
+        timings=dict(stages.timings),
+        environment={"device": str(device), "torch": torch.__version__, "host": platform.node(),
+                     "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        artifacts={"relevance": "relevance.npz", "sae": "sae/", "activations": "activations/"},
+    )
+
+
+def _top_images(top_rel, latent: int, labels: torch.Tensor, c: int, ids: list, n: int) -> list[dict]:
+    values, indices = top_rel
+    hit = (indices == latent) & (labels.numpy() == c)[:, None]
+    rows, cols = np.nonzero(hit)
+    rel = values[rows, cols]
+    order = np.argsort(-rel)[:n]
+    return [{"image": ids[int(rows[o])], "relevance": float(rel[o])} for o in order if rel[o] > 0]
+
+
+def _embed_references(semantic_model: ClipBundle, images: ImageSet, tracker: ReferenceTracker, device,
+                      batch_size: int) -> torch.Tensor:
+    """Semantic model embeddings of the reference images (others stay zero: they are never read)."""
+    needed = sorted({i for i in tracker.indices[tracker.values > 0].tolist()})
+    sem_images = images.with_preprocess(semantic_model.preprocess)
+    out = None
+    model = semantic_model.model.to(device)
+    with torch.inference_mode():
+        for lo in range(0, len(needed), batch_size):
+            idx = needed[lo:lo + batch_size]
+            pixels = torch.stack([sem_images[i][0] for i in idx]).to(device)
+            emb = model.encode_image(pixels).float().cpu()
+            if out is None:
+                out = torch.zeros(len(images), emb.shape[1])
+            out[idx] = emb
+    if out is None:
+        out = torch.zeros(len(images), semantic_model.embed_dim)
+    return out
+
+
+def _confirm(flags, store, tail, sae, heads, labels, class_names, class_mean, config, device, report):
+    """Ablate each flagged latent on its class's images; insert it into other classes' images."""
+    stats = [{"ablation_images": 0, "ablation_flips": 0, "correct_before": 0, "correct_after": 0,
+              "insertion_images": 0, "insertion_flips_to_class": 0} for _ in flags]
+    done = 0
+    with torch.no_grad():
+        for start, acts, _ in store.iter_batches(config.batch_size):
+            acts = acts.to(device)
+            b = acts.shape[0]
+            y = labels[start:start + b].to(device)
+            base = {h: head(tail(acts)).argmax(1) for h, head in heads.items()}
+            for flag, st in zip(flags, stats):
+                head = heads[flag["head"]]
+                c = class_names.index(flag["class_name"])
+                own = y == c
+                if own.any():
+                    after = shifted_outputs(tail, sae, head, acts[own], flag["latent"], token=config.token).argmax(1)
+                    before = base[flag["head"]][own]
+                    st["ablation_images"] += int(own.sum())
+                    st["ablation_flips"] += int((after != before).sum())
+                    st["correct_before"] += int((before == c).sum())
+                    st["correct_after"] += int((after == c).sum())
+                other = ~own
+                if other.any():
+                    amount = float(class_mean[c, flag["latent"]])
+                    after = shifted_outputs(tail, sae, head, acts[other], flag["latent"], insert=amount,
+                                            token=config.token).argmax(1)
+                    before = base[flag["head"]][other]
+                    st["insertion_images"] += int(other.sum())
+                    st["insertion_flips_to_class"] += int(((before != c) & (after == c)).sum())
+            done += b
+            report(done, store.n)
+    for flag, st in zip(flags, stats):
+        n_own = max(st["ablation_images"], 1)
+        causal = {
+            "ablation_images": st["ablation_images"], "ablation_flips": st["ablation_flips"],
+            "accuracy_before": st["correct_before"] / n_own, "accuracy_after": st["correct_after"] / n_own,
+            "accuracy_change": (st["correct_after"] - st["correct_before"]) / n_own,
+            "insertion_images": st["insertion_images"], "insertion_flips_to_class": st["insertion_flips_to_class"],
+            "insertion_amount": float(class_mean[class_names.index(flag["class_name"]), flag["latent"]]),
+        }
+        causal["confirmed"] = causal["ablation_flips"] > 0 or causal["insertion_flips_to_class"] > 0
+        flag["causal"] = causal

@@ -1,0 +1,162 @@
+"""What a latent encodes: reference images, semantic embedding, clarity, alignment and label."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Concepts that are not what a medical or natural-image class should mean, with the
+# category a flag gets when its latent is labelled with one of them.
+ARTIFACT_VOCABULARY: dict[str, str] = {
+    "a ruler": "dataset_artifact",
+    "ruler markings with millimetre ticks": "dataset_artifact",
+    "a measuring scale": "dataset_artifact",
+    "a band-aid": "dataset_artifact",
+    "an adhesive bandage": "dataset_artifact",
+    "a skin marker ink marking": "dataset_artifact",
+    "purple ink drawn on skin": "dataset_artifact",
+    "hair": "dataset_artifact",
+    "dark hairs over the skin": "dataset_artifact",
+    "dark corners": "dataset_artifact",
+    "a dark vignette around the image": "dataset_artifact",
+    "a colour calibration chart": "dataset_artifact",
+    "gel bubbles": "dataset_artifact",
+    "air bubbles": "dataset_artifact",
+    "a microscope frame": "dataset_artifact",
+    "a blurry image": "dataset_artifact",
+    "a watermark": "visual_text",
+    "text": "visual_text",
+    "typography": "visual_text",
+    "printed text": "visual_text",
+    "letters and numbers": "visual_text",
+    "a logo": "visual_text",
+}
+
+CATEGORIES = ("dataset_artifact", "visual_text", "polysemy", "compound_noun", "other")
+
+
+def general_vocabulary() -> list[str]:
+    """The ImageNet class names that ship inside open_clip."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+class ReferenceTracker:
+    """Streaming top-m images per latent by activation; merging two trackers is exact.
+
+    ``values``/``indices`` are [n_latents, m], sorted descending; empty slots
+    hold -inf / -1.
+    """
+
+    def __init__(self, n_latents: int, m: int, device: torch.device | str = "cpu"):
+        self.m = m
+        self.values = torch.full((n_latents, m), float("-inf"), device=device)
+        self.indices = torch.full((n_latents, m), -1, dtype=torch.long, device=device)
+
+    def update(self, activity: Tensor, image_indices: Tensor) -> None:
+        """``activity`` [batch, n_latents] (one number per image), ``image_indices`` [batch]."""
+        values = torch.cat([self.values, activity.T.to(self.values)], dim=1)
+        indices = torch.cat([self.indices, image_indices.to(self.indices.device).unsqueeze(0)
+                             .expand(activity.shape[1], -1)], dim=1)
+        top, pos = values.topk(self.m, dim=1)
+        self.values, self.indices = top, indices.gather(1, pos)
+
+    def merge(self, other: "ReferenceTracker") -> None:
+        values = torch.cat([self.values, other.values], dim=1)
+        indices = torch.cat([self.indices, other.indices], dim=1)
+        top, pos = values.topk(self.m, dim=1)
+        self.values, self.indices = top, indices.gather(1, pos)
+
+    def references(self, latent: int) -> list[int]:
+        """Image indices where the latent is active, strongest first."""
+        keep = self.values[latent] > 0
+        return self.indices[latent][keep].tolist()
+
+
+@dataclass
+class Vocabulary:
+    """Concept labels with where each came from; one text embedding per concept."""
+
+    concepts: list[str]
+    sources: list[str]  # "expected:<class>", "class", "artifact", "general"
+    categories: list[str]  # category a flag gets when labelled with this concept
+    embeddings: Tensor | None = None  # [n_concepts, embed_dim], normalized
+    empty: Tensor | None = None  # [embed_dim], the empty prompt
+    index: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, class_names: Sequence[str], expected: dict, artifacts: dict | Sequence[str] | None,
+              general: bool) -> "Vocabulary":
+        concepts, sources, categories = [], [], []
+
+        def add(concept: str, source: str, category: str):
+            key = concept.strip().lower()
+            if key and key not in {c.lower() for c in concepts}:
+                concepts.append(concept.strip())
+                sources.append(source)
+                categories.append(category)
+
+        for name in class_names:
+            for concept in expected.get(name, []):
+                add(concept, f"expected:{name}", "other")
+        for name in class_names:
+            add(name, "class", "other")
+        if artifacts is None:
+            artifacts = ARTIFACT_VOCABULARY
+        if not isinstance(artifacts, dict):
+            artifacts = {a: ARTIFACT_VOCABULARY.get(a, "dataset_artifact") for a in artifacts}
+        for concept, category in artifacts.items():
+            add(concept, "artifact", category)
+        if general:
+            for concept in general_vocabulary():
+                add(concept, "general", "other")
+        vocab = cls(concepts, sources, categories)
+        vocab.index = {c.lower(): i for i, c in enumerate(concepts)}
+        return vocab
+
+    def expected_indices(self, class_name: str, expected: dict) -> list[int]:
+        names = list(expected.get(class_name) or []) or [class_name]
+        return [self.index[n.strip().lower()] for n in names if n.strip().lower() in self.index]
+
+    def encode(self, bundle, templates: Sequence[str]) -> None:
+        from .heads import encode_concepts
+
+        self.embeddings = encode_concepts(bundle, self.concepts, templates)
+        self.empty = encode_concepts(bundle, [""], templates)[0]
+
+
+def semantic_embeddings(ref_indices: Tensor, ref_values: Tensor, image_embeddings: Tensor,
+                        chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+    """Per latent: mean normalized embedding of its references [n_latents, e], clarity [n_latents], count.
+
+    ``ref_indices``/``ref_values`` are a :class:`ReferenceTracker`'s [n_latents, m];
+    only references where the latent is active (value > 0) count. Clarity is
+    the mean pairwise cosine similarity of the reference embeddings (1: all
+    references look alike to the semantic model); a single reference has clarity 1.
+    """
+    normed = F.normalize(image_embeddings.float(), dim=-1)
+    n, m = ref_indices.shape
+    emb = torch.zeros(n, normed.shape[1])
+    clarity = torch.zeros(n)
+    counts = (ref_values > 0).sum(1)
+    for lo in range(0, n, chunk):  # chunks bound the [chunk, m, e] gather
+        valid = (ref_values[lo:lo + chunk] > 0).float()  # [c, m]
+        r = normed[ref_indices[lo:lo + chunk].clamp_min(0)] * valid.unsqueeze(-1)  # [c, m, e]
+        cnt = valid.sum(1)
+        emb[lo:lo + chunk] = r.sum(1) / cnt.clamp_min(1).unsqueeze(1)
+        sim = torch.bmm(r, r.transpose(1, 2))  # zero rows/cols for empty slots
+        off_diag = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)
+        pairs = cnt * (cnt - 1)
+        clarity[lo:lo + chunk] = torch.where(pairs > 0, off_diag / pairs.clamp_min(1),
+                                             (cnt == 1).float())
+    return emb, clarity, counts
+
+
+def alignment(semantic: Tensor, vocab: Vocabulary) -> Tensor:
+    """``A_i(c) = cos(e_i, t_c) - cos(e_i, t_empty)``: [n_latents, n_concepts]."""
+    e = F.normalize(semantic, dim=-1)
+    return e @ vocab.embeddings.T - (e @ vocab.empty).unsqueeze(1)
