@@ -10,10 +10,19 @@ from .config import AuditConfig
 from .semantics import Vocabulary
 
 
+NOISE_FLOOR = 1e-4  # relevance below this fraction of a class's largest |mean relevance| is rounding noise
+
+
 def relevance_tables(relevance_sum: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Per class: mean relevance [C, L] over the class's images and each latent's share of the positive total."""
+    """Per class: mean relevance [C, L] over the class's images and each latent's share of the positive total.
+
+    Means within ``NOISE_FLOOR`` of zero, relative to the class's largest, get
+    no share: otherwise a class whose evidence is all negative would hand its
+    whole "share" to float rounding errors.
+    """
     mean = relevance_sum / counts.clamp_min(1).unsqueeze(1).to(relevance_sum.dtype)
-    positive = mean.clamp_min(0)
+    floor = NOISE_FLOOR * mean.abs().amax(1, keepdim=True)
+    positive = torch.where(mean > floor, mean, torch.zeros_like(mean))
     share = positive / positive.sum(1, keepdim=True).clamp_min(1e-12)
     return mean, share
 

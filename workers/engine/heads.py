@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -127,28 +128,46 @@ class LinearProbe(Head):
         meta: dict = {}
         if path.suffix == ".npz":
             try:
+                with path.open("rb") as fh:
+                    is_zip = fh.read(4) == b"PK\x03\x04"
+            except OSError as exc:
+                raise EngineError(f"probe {path.name} cannot be read: {exc}") from exc
+            if not is_zip:
+                raise EngineError(f"probe {path.name} is not a readable .npz file (not a zip archive of arrays)")
+            try:
                 with np.load(path, allow_pickle=False) as data:
                     arrays = {k: data[k] for k in data.files}
             except ValueError as exc:
                 raise EngineError(f"probe {path.name} holds Python objects (pickled arrays), which are refused; "
                                   "save plain numeric arrays and a string array of class names") from exc
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise EngineError(f"probe {path.name} is not a readable .npz file: {exc}") from exc
             if "classes" in arrays:
-                meta["classes"] = [str(c) for c in arrays.pop("classes").tolist()]
+                classes = arrays.pop("classes")
+                if classes.ndim != 1 or classes.dtype.kind not in "US":
+                    raise EngineError(f"probe {path.name}: 'classes' must be a 1-d array of class-name strings")
+                meta["classes"] = [str(c) for c in classes.tolist()]
             if "normalization" in arrays:
                 meta["normalization"] = str(arrays.pop("normalization"))
         elif path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
-                with safe_open(str(path), framework="numpy") as fh:
-                    arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+                with safe_open(str(path), framework="pt") as fh:
+                    arrays = {k: fh.get_tensor(k).float().numpy() if fh.get_tensor(k).is_floating_point()
+                              else fh.get_tensor(k).numpy() for k in fh.keys()}
                     file_meta = fh.metadata() or {}
             except (SafetensorError, OSError) as exc:
                 raise EngineError(f"probe {path.name} is not a readable safetensors file: {exc}") from exc
             if "classes" in file_meta:
-                meta["classes"] = json.loads(file_meta["classes"])
+                try:
+                    classes = json.loads(file_meta["classes"])
+                except json.JSONDecodeError:
+                    classes = None
+                if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+                    raise EngineError(f"probe {path.name}: the 'classes' metadata must be a JSON list of "
+                                      "class-name strings")
+                meta["classes"] = classes
             if "normalization" in file_meta:
                 meta["normalization"] = file_meta["normalization"]
         else:
@@ -158,9 +177,10 @@ class LinearProbe(Head):
         if weight is None or bias is None:
             raise EngineError(f"probe {path.name} needs arrays 'weight' (or 'coef') and 'bias' (or 'intercept'); "
                               f"found {', '.join(sorted(arrays)) or 'none'}")
-        for name, arr in (("weight", weight), ("bias", bias)):
-            if not np.issubdtype(arr.dtype, np.number):
-                raise EngineError(f"probe {name} must be numeric, got dtype {arr.dtype}")
+        for name in ("weight", "bias", "mean", "scale"):
+            arr = arrays.get(name, weight if name == "weight" else bias if name == "bias" else None)
+            if arr is not None and arr.dtype.kind not in "fiu":
+                raise EngineError(f"probe {name} must hold real numbers, got dtype {arr.dtype}")
         names = list(class_names) if class_names is not None else meta.get("classes")
         if not names:
             raise EngineError(f"probe {path.name} names no classes; store a 'classes' array or give class names")

@@ -90,12 +90,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            lines = str(exc).splitlines()
+            culprit = next((ln.strip() for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), "")
+            if not culprit and not any("weights_only" in ln.lower() or "WeightsUnpickler" in ln for ln in lines):
+                raise EngineError(f"checkpoint {path.name} is not a PyTorch checkpoint (it cannot be unpickled)") \
+                    from exc
             raise EngineError(
-                f"checkpoint {path.name} is a pickle that needs code to load, so it was refused and not run "
-                f"(torch.load with weights_only=True: {str(exc).splitlines()[0]}). "
+                f"checkpoint {path.name} is a pickle that needs code to load, so it was refused and not run"
+                + (f" ({culprit})" if culprit else "") + ". "
                 "Save only the tensors, e.g. safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), "
                 "and register that file.") from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        except EOFError as exc:
+            raise EngineError(f"checkpoint {path.name} is empty or truncated") from exc
+        except (RuntimeError, OSError, ValueError) as exc:
             raise EngineError(f"checkpoint {path.name} could not be read as a PyTorch file: {exc}") from exc
     return _unwrap_state_dict(state, path.name)
 
@@ -161,10 +168,14 @@ def register_model_config(config: dict | str | os.PathLike) -> str:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise EngineError(f"model config {path.name} is not readable JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise EngineError("a model config must be a JSON object with embed_dim, vision_cfg and text_cfg")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in config]
     if missing:
         raise EngineError(f"model config lacks {', '.join(missing)}; an open_clip config has "
                           "embed_dim, vision_cfg and text_cfg")
+    if not isinstance(config["vision_cfg"], dict) or not isinstance(config["text_cfg"], dict):
+        raise EngineError("vision_cfg and text_cfg of a model config must be JSON objects")
     if "timm_model_name" in config["vision_cfg"] or "layers" not in config["vision_cfg"] \
             or not isinstance(config["vision_cfg"].get("layers"), int):
         raise EngineError("model config must describe an open_clip VisionTransformer "

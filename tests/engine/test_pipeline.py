@@ -1,0 +1,103 @@
+"""run_audit end to end on a tiny model: the result is plain data, progress is reported, stages resume."""
+import json
+
+import pytest
+import torch
+
+from workers.engine import STAGES, AuditCancelled, AuditResult, EngineError, LinearProbe, run_audit
+from workers.engine.data import TensorImages
+
+from .conftest import build_audit_config
+
+CLASSES = ["nevus", "melanoma"]
+
+
+@pytest.fixture
+def dataset():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 3, 32, 32, generator=gen)
+    y = torch.tensor([0, 1] * 24)
+    x[y == 1, :, :8, :8] += 2.0
+    return TensorImages(x, y, CLASSES)
+
+
+@pytest.fixture
+def probe():
+    return LinearProbe(torch.randn(1, 32, generator=torch.Generator().manual_seed(4)), torch.zeros(1), CLASSES)
+
+
+def test_an_audit_returns_a_json_ready_result_with_every_section(tiny, probe, dataset, tmp_path):
+    result = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path)
+    data = json.loads(result.to_json())
+    assert AuditResult.from_dict(data).to_dict() == data
+    assert data["classes"] == CLASSES
+    assert data["dataset"] == {"n_images": 48, "per_class": {"nevus": 24, "melanoma": 24}}
+    assert set(data["accuracy"]) == {"probe", "zero_shot"}
+    assert len(data["latents"]) == data["sae"]["n_latents"]
+    assert 0 < data["sae"]["fvu"] < 1 and data["sae"]["mean_l0"] <= data["sae"]["k"]
+    assert set(data["faithfulness"]["probe"]["melanoma"]) == {"act_grad", "logit_lens", "act_logit_lens",
+                                                              "energy", "random"}
+    assert len(data["faithfulness"]["probe"]["melanoma"]["act_grad"]["curve"]) == 6
+    for flag in data["flags"]:
+        assert flag["causal"]["ablation_images"] == 24
+        assert flag["label"] is not None and flag["category"]
+    shares = [t["share"] for t in data["relevance"]["probe"]["melanoma"]["top"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-5
+    assert (tmp_path / "relevance.npz").is_file() and (tmp_path / "sae" / "sae.safetensors").is_file()
+
+
+def test_progress_walks_the_stages_in_order(tiny, probe, dataset, tmp_path):
+    seen = []
+    run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path,
+              progress=lambda stage, done, total: seen.append((stage, done, total)))
+    order = list(dict.fromkeys(s for s, _, _ in seen))
+    assert order == list(STAGES)
+    for stage in STAGES:
+        fractions = [d / t for s, d, t in seen if s == stage]
+        assert fractions[-1] == 1.0
+        assert all(0 <= f <= 1 for f in fractions)
+
+
+def test_a_cancelled_audit_stops_and_a_rerun_resumes_from_the_finished_stages(tiny, probe, dataset, tmp_path):
+    def cancel_in_attribution(stage, done, total):
+        if stage == "attribute" and done > 0 and done < total:
+            raise AuditCancelled()
+
+    with pytest.raises(AuditCancelled):
+        run_audit(build_audit_config(batch_size=16), tiny, probe, dataset, workdir=tmp_path,
+                  progress=cancel_in_attribution)
+    seen = []
+    result = run_audit(build_audit_config(batch_size=16), tiny, probe, dataset, workdir=tmp_path,
+                       progress=lambda s, d, t: seen.append((s, d, t)))
+    # extraction and SAE training were finished before the cancel: the re-run reports no work in them
+    assert [(d, t) for s, d, t in seen if s == "extract"] == [(0, 1), (1, 1)]
+    assert [(d, t) for s, d, t in seen if s == "train_sae"] == [(0, 1), (1, 1)]
+    fresh = run_audit(build_audit_config(batch_size=16), tiny, probe, dataset, workdir=tmp_path / "fresh")
+    assert result.flags == fresh.flags
+    assert result.relevance == fresh.relevance
+
+
+def test_a_probe_of_another_width_is_refused_before_any_work(tiny, dataset, tmp_path):
+    wide = LinearProbe(torch.randn(2, 64), torch.zeros(2), CLASSES)
+    with pytest.raises(EngineError, match="reads 64-dimensional embeddings but the model produces 32"):
+        run_audit(build_audit_config(), tiny, wide, dataset, workdir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_dataset_with_classes_the_probe_lacks_is_refused(tiny, probe, tmp_path):
+    odd = TensorImages(torch.randn(4, 3, 32, 32), [0, 1, 2, 2], ["nevus", "melanoma", "wart"])
+    with pytest.raises(EngineError, match="classes the probe does not know: wart"):
+        run_audit(build_audit_config(), tiny, probe, odd, workdir=tmp_path)
+
+
+def test_audits_are_deterministic_for_a_seed(tiny, probe, dataset, tmp_path):
+    a = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path / "a")
+    b = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path / "b")
+    assert a.flags == b.flags and a.sae == b.sae and a.faithfulness == b.faithfulness
+
+
+def test_a_spatial_audit_at_an_inner_layer_runs(tiny, probe, dataset, tmp_path):
+    result = run_audit(build_audit_config(layer=-2, token="spatial", sae={"tokens_per_image": 4}), tiny, probe,
+                       dataset, workdir=tmp_path)
+    assert result.model["token"] == "spatial" and result.model["layer"] == -2
+    assert result.relevance["probe"]["melanoma"]["top"]
