@@ -1,0 +1,32 @@
+# Two commands a new machine needs (see README.md):
+#   make demo   install everything and run the main job
+#   make test   install everything and run the test suite
+#
+# The virtual environment lives outside the clone, keyed by a hash of
+# requirements.txt, so torch is installed once per machine, not once per clone.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+VENV ?= $(HOME)/.cache/clip-audit/venv-$(REQ_HASH)
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-engine clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	rm -rf "$(VENV)"
+	$(PYTHON) -m venv "$(VENV)"
+	"$(PY)" -m pip install --quiet --upgrade pip
+	"$(PY)" -m pip install --quiet -r requirements.txt
+	touch "$@"
+
+test: venv
+	"$(PY)" -m pytest $(PYTEST_ARGS)
+
+test-engine: venv
+	"$(PY)" -m pytest tests/engine $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf "$(VENV)"

@@ -1,0 +1,156 @@
+"""Unexpected reliance: relevance tables, the flag rule and the category guess."""
+import pytest
+import torch
+
+from workers.engine.config import AuditConfig
+from workers.engine.flags import categorize, find_flags, relevance_tables
+from workers.engine.semantics import Vocabulary
+
+CLASSES = ["melanoma", "nevus"]
+EXPECTED = {"melanoma": ["melanoma"], "nevus": ["nevus"]}
+
+
+def build_vocab() -> Vocabulary:
+    concepts = ["melanoma", "nevus", "a ruler", "text", "bell pepper"]
+    vocab = Vocabulary(concepts, ["expected:melanoma", "expected:nevus", "artifact", "artifact", "general"],
+                       ["other", "other", "dataset_artifact", "visual_text", "other"])
+    vocab.index = {c.lower(): i for i, c in enumerate(concepts)}
+    return vocab
+
+
+def build_config(**overrides) -> AuditConfig:
+    base = dict(general_vocabulary=False, expected_concepts=EXPECTED, flag_top_n=10, flag_min_share=0.05,
+                flag_max_alignment=0.05)
+    base.update(overrides)
+    return AuditConfig(**base)
+
+
+# Six latents; their labels (index into build_vocab), and what each one tests for class 'melanoma':
+LABELS = ["a ruler", "melanoma", "text", "bell pepper", None, "a ruler"]
+LABEL_INDICES = [2, 0, 3, 4, None, 2]
+MELANOMA_SHARE = [0.40, 0.25, 0.12, 0.10, 0.08, 0.05 - 1e-3]
+MELANOMA_EXPECTED_ALIGNMENT = [-0.02, 0.30, 0.01, 0.20, -0.10, -0.05]
+
+
+def run_flags(expected_alignment=MELANOMA_EXPECTED_ALIGNMENT, **config_overrides):
+    share = torch.tensor([MELANOMA_SHARE, [0.0] * 6])  # nevus: only negative relevance, so no shares
+    mean = torch.tensor([[s * 2 for s in MELANOMA_SHARE], [-1.0, -0.5, -0.2, -0.1, -0.3, -0.4]])
+    expected_alignment = torch.tensor([expected_alignment, [-0.2] * 6])
+    name_alignment = torch.tensor([[0.0] * 6, [0.0] * 6])
+    return find_flags("probe", mean, share, CLASSES, labels=LABELS, label_indices=LABEL_INDICES,
+                      label_alignment=torch.tensor([0.11, 0.12, 0.13, 0.14, 0.0, 0.16]),
+                      expected_alignment=expected_alignment, name_alignment=name_alignment,
+                      clarity=torch.tensor([0.9, 0.8, 0.7, 0.6, 0.0, 0.5]), vocab=build_vocab(),
+                      config=build_config(**config_overrides))
+
+
+def test_relevance_tables_mean_is_sum_over_count_and_share_is_the_normalized_positive_part():
+    relevance_sum = torch.tensor([[6.0, -3.0, 3.0, 0.0], [-4.0, -2.0, -8.0, -1.0], [1.0, 2.0, 3.0, 4.0]])
+    counts = torch.tensor([3, 2, 0])
+    mean, share = relevance_tables(relevance_sum, counts)
+    assert torch.allclose(mean, torch.tensor([[2.0, -1.0, 1.0, 0.0], [-2.0, -1.0, -4.0, -0.5],
+                                              [1.0, 2.0, 3.0, 4.0]]))  # a class with no images: count 1
+    assert torch.allclose(share[0], torch.tensor([2 / 3, 0.0, 1 / 3, 0.0]))
+    assert torch.equal(share[1], torch.zeros(4))
+    assert torch.allclose(share[2], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert share[0].sum().item() == pytest.approx(1.0)
+
+
+def test_it_flags_a_high_share_ruler_latent_as_a_dataset_artifact():
+    flags = run_flags()
+    ruler = [f for f in flags if f["latent"] == 0]
+    assert ruler == [{
+        "head": "probe", "class_name": "melanoma", "latent": 0, "rank": 1, "share": pytest.approx(0.40),
+        "mean_relevance": pytest.approx(0.80), "label": "a ruler", "label_source": "artifact",
+        "label_alignment": pytest.approx(0.11), "expected_alignment": pytest.approx(-0.02),
+        "clarity": pytest.approx(0.9), "category": "dataset_artifact",
+    }]
+
+
+def test_it_flags_exactly_the_unexpected_latents_above_the_share_threshold():
+    flags = run_flags()
+    # 1: labelled 'melanoma' (expected); 3: aligned with the expected concept; 4: dead; 5: share below 0.05.
+    assert [(f["class_name"], f["latent"], f["rank"]) for f in flags] == [("melanoma", 0, 1), ("melanoma", 2, 3)]
+
+
+def test_a_text_label_gives_the_visual_text_category():
+    text = [f for f in run_flags() if f["latent"] == 2]
+    assert len(text) == 1
+    assert text[0]["label"] == "text"
+    assert text[0]["category"] == "visual_text"
+    assert text[0]["share"] == pytest.approx(0.12)
+
+
+def test_a_latent_labelled_with_the_expected_concept_is_not_flagged_even_when_its_alignment_is_low():
+    flags = run_flags(expected_alignment=[-0.02, -0.30, 0.01, 0.20, -0.10, -0.05])
+    assert 1 not in {f["latent"] for f in flags}
+    assert [f["latent"] for f in flags] == [0, 2]
+
+
+def test_the_alignment_threshold_decides_whether_an_unexpected_latent_is_flagged():
+    # Latent 3 ('bell pepper') has expected alignment 0.20: flagged once the threshold is above it.
+    assert 3 not in {f["latent"] for f in run_flags(flag_max_alignment=0.20)}  # >= threshold: not flagged
+    flags = run_flags(flag_max_alignment=0.21)
+    assert [f["latent"] for f in flags] == [0, 2, 3]
+    # Latent 2 aligns at 0.01: a threshold of 0.01 stops it.
+    assert [f["latent"] for f in run_flags(flag_max_alignment=0.01)] == [0]
+
+
+def test_a_latent_below_the_minimum_share_is_not_flagged():
+    assert [f["latent"] for f in run_flags(flag_min_share=0.2)] == [0]
+    assert [f["latent"] for f in run_flags(flag_min_share=0.5)] == []
+    # With no minimum, latent 5 (share 0.049) is flagged at rank 6.
+    flags = run_flags(flag_min_share=0.0)
+    assert [(f["latent"], f["rank"]) for f in flags] == [(0, 1), (2, 3), (5, 6)]
+
+
+def test_only_the_top_n_latents_by_share_are_considered():
+    assert [f["latent"] for f in run_flags(flag_top_n=1)] == [0]
+    assert [f["latent"] for f in run_flags(flag_top_n=2)] == [0]  # latent 2 is rank 3
+    assert [f["latent"] for f in run_flags(flag_top_n=3)] == [0, 2]
+
+
+def test_a_dead_latent_is_never_flagged():
+    flags = run_flags(flag_min_share=0.0, flag_max_alignment=1.0)
+    assert 4 not in {f["latent"] for f in flags}
+    assert [f["latent"] for f in flags] == [0, 2, 3, 5]
+
+
+def test_a_class_with_no_positive_relevance_gets_no_flags():
+    flags = run_flags(flag_min_share=0.0, flag_max_alignment=1.0)
+    assert {f["class_name"] for f in flags} == {"melanoma"}
+
+
+def test_categorize_calls_an_expected_class_matched_by_name_polysemy():
+    vocab = Vocabulary(["bell", "bell pepper"], ["class", "general"], ["other", "other"])
+    config = build_config(expected_concepts={"bell": ["church bell"]})
+    assert categorize("bell pepper", 1, vocab, "bell", True, 0.3, config) == "polysemy"
+    assert categorize("bell pepper", 1, vocab, "bell", True, 0.05, config) == "polysemy"  # at the threshold
+
+
+def test_categorize_calls_a_multiword_label_sharing_the_class_word_a_compound_noun():
+    vocab = Vocabulary(["bell", "bell pepper"], ["class", "general"], ["other", "other"])
+    config = build_config(expected_concepts={})
+    assert categorize("bell pepper", 1, vocab, "bell", False, 0.3, config) == "compound_noun"
+    # Explicit expected concepts but low name alignment: not polysemy, still a compound noun.
+    assert categorize("bell pepper", 1, vocab, "bell", True, 0.0, config) == "compound_noun"
+
+
+def test_categorize_falls_back_to_other():
+    vocab = build_vocab()
+    config = build_config()
+    assert categorize("nevus", 1, vocab, "melanoma", False, 0.0, config) == "other"
+    assert categorize(None, None, vocab, "melanoma", True, 0.9, config) == "other"
+    # A label that is itself a class name is no compound noun.
+    class_vocab = Vocabulary(["bell pepper"], ["class"], ["other"])
+    assert categorize("bell pepper", 0, class_vocab, "bell", False, 0.0, config) == "other"
+    # A single-word label is no compound noun either.
+    one_word = Vocabulary(["bell"], ["general"], ["other"])
+    assert categorize("bell", 0, one_word, "bell", False, 0.0, config) == "other"
+
+
+def test_artifact_categories_win_over_polysemy():
+    vocab = build_vocab()
+    config = build_config()
+    assert categorize("a ruler", 2, vocab, "melanoma", True, 0.9, config) == "dataset_artifact"
+    assert categorize("text", 3, vocab, "melanoma", True, 0.9, config) == "visual_text"
