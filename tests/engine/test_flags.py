@@ -29,7 +29,7 @@ def build_config(**overrides) -> AuditConfig:
 LABELS = ["a ruler", "melanoma", "text", "bell pepper", None, "a ruler"]
 LABEL_INDICES = [2, 0, 3, 4, None, 2]
 MELANOMA_SHARE = [0.40, 0.25, 0.12, 0.10, 0.08, 0.05 - 1e-3]
-MELANOMA_EXPECTED_ALIGNMENT = [-0.02, 0.30, 0.01, 0.20, -0.10, -0.05]
+MELANOMA_EXPECTED_ALIGNMENT = [-0.02, 0.30, 0.0, 0.25, -0.10, -0.05]
 
 
 def run_flags(expected_alignment=MELANOMA_EXPECTED_ALIGNMENT, **config_overrides):
@@ -54,6 +54,15 @@ def test_relevance_tables_mean_is_sum_over_count_and_share_is_the_normalized_pos
     assert torch.equal(share[1], torch.zeros(4))
     assert torch.allclose(share[2], torch.tensor([0.1, 0.2, 0.3, 0.4]))
     assert share[0].sum().item() == pytest.approx(1.0)
+
+
+def test_relevance_tables_give_no_share_to_rounding_noise_next_to_large_relevance():
+    # Class 0: all evidence negative except a float-rounding crumb; class 1: a small but real positive.
+    relevance_sum = torch.tensor([[-2.0, 1e-7, -1.0], [-2.0, 1e-2, 1.0]])
+    mean, share = relevance_tables(relevance_sum, torch.tensor([1, 1]))
+    assert mean[0, 1].item() == pytest.approx(1e-7)
+    assert torch.equal(share[0], torch.zeros(3))
+    assert torch.allclose(share[1], torch.tensor([0.0, 1e-2 / 1.01, 1.0 / 1.01]))
 
 
 def test_it_flags_a_high_share_ruler_latent_as_a_dataset_artifact():
@@ -82,18 +91,17 @@ def test_a_text_label_gives_the_visual_text_category():
 
 
 def test_a_latent_labelled_with_the_expected_concept_is_not_flagged_even_when_its_alignment_is_low():
-    flags = run_flags(expected_alignment=[-0.02, -0.30, 0.01, 0.20, -0.10, -0.05])
+    flags = run_flags(expected_alignment=[-0.02, -0.30, 0.0, 0.25, -0.10, -0.05])
     assert 1 not in {f["latent"] for f in flags}
     assert [f["latent"] for f in flags] == [0, 2]
 
 
 def test_the_alignment_threshold_decides_whether_an_unexpected_latent_is_flagged():
-    # Latent 3 ('bell pepper') has expected alignment 0.20: flagged once the threshold is above it.
-    assert 3 not in {f["latent"] for f in run_flags(flag_max_alignment=0.20)}  # >= threshold: not flagged
-    flags = run_flags(flag_max_alignment=0.21)
-    assert [f["latent"] for f in flags] == [0, 2, 3]
-    # Latent 2 aligns at 0.01: a threshold of 0.01 stops it.
-    assert [f["latent"] for f in run_flags(flag_max_alignment=0.01)] == [0]
+    # Latent 3 ('bell pepper') has expected alignment 0.25: flagged once the threshold is above it.
+    assert [f["latent"] for f in run_flags(flag_max_alignment=0.25)] == [0, 2]  # at the threshold: not flagged
+    assert [f["latent"] for f in run_flags(flag_max_alignment=0.26)] == [0, 2, 3]
+    # Latent 2 aligns at exactly 0: a threshold of 0 stops it, latent 0 (-0.02) stays.
+    assert [f["latent"] for f in run_flags(flag_max_alignment=0.0)] == [0]
 
 
 def test_a_latent_below_the_minimum_share_is_not_flagged():

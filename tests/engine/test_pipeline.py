@@ -101,3 +101,26 @@ def test_a_spatial_audit_at_an_inner_layer_runs(tiny, probe, dataset, tmp_path):
                        dataset, workdir=tmp_path)
     assert result.model["token"] == "spatial" and result.model["layer"] == -2
     assert result.relevance["probe"]["melanoma"]["top"]
+
+
+def test_latents_can_be_labelled_by_a_second_semantic_model(tiny, probe, dataset, tmp_path):
+    from workers.engine.tiny import tiny_clip
+
+    other = tiny_clip(7)
+    own = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path / "own")
+    second = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path / "second",
+                       semantic_model=other)
+    # same SAE, same references, same relevance; only what the latents are said to mean changes
+    assert [l["references"] for l in own.latents] == [l["references"] for l in second.latents]
+    strip = lambda rel: {h: {c: [(t["latent"], t["share"]) for t in v["top"]] for c, v in r.items()}
+                         for h, r in rel.items()}
+    assert strip(own.relevance) == strip(second.relevance)
+    assert [l["clarity"] for l in own.latents] != [l["clarity"] for l in second.latents]
+    assert [l["label"] for l in own.latents] != [l["label"] for l in second.latents]
+
+
+def test_asking_for_a_gpu_on_a_machine_without_one_says_so(tiny, probe, dataset, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EngineError, match="no CUDA GPU"):
+        run_audit(build_audit_config(device="cuda"), tiny, probe, dataset, workdir=tmp_path)

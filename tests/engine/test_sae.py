@@ -1,4 +1,6 @@
 """TopK SAE: training on data with known sparse structure, the TopK rule, files and sizing."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -30,9 +32,21 @@ def shuffled_batches(data: torch.Tensor, batch_size: int = 256, seed: int = 1):
             yield data[order[lo:lo + batch_size]]
 
 
+@contextmanager
+def one_thread():
+    """Matrices this small gain nothing from threads, and a busy 2-core CI box makes them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(data, steps=STEPS, seed=0):
-    return train_sae(shuffled_batches(data), d_model=D_MODEL, n_latents=N_LATENTS, k=K, steps=steps,
-                     init_sample=data[:2048], config=SAEConfig(seed=seed, batch_size=256))
+    with one_thread():
+        return train_sae(shuffled_batches(data), d_model=D_MODEL, n_latents=N_LATENTS, k=K, steps=steps,
+                         init_sample=data[:2048], config=SAEConfig(seed=seed, batch_size=256))
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +208,21 @@ def test_size_sae_lets_explicit_config_values_win():
     assert size_sae(48, 10000, SAEConfig(n_latents=500, k=7, steps=123)) == (500, 7, 123)
     # Only n_latents given: k is derived from it.
     assert size_sae(48, 10000, SAEConfig(n_latents=640)) == (640, 20, 3000)
+
+
+@pytest.mark.parametrize("damage", ["corrupt_weights", "config_without_d_model", "config_is_a_list",
+                                    "weights_of_another_shape"])
+def test_a_damaged_saved_sae_is_refused_with_a_clear_error(tmp_path, damage):
+    sae = TopKSAE(8, 16, 2)
+    sae.save(tmp_path)
+    if damage == "corrupt_weights":
+        (tmp_path / "sae.safetensors").write_bytes(b"\x01\x02")
+    elif damage == "config_without_d_model":
+        (tmp_path / "sae.json").write_text('{"n_latents": 16, "k": 2, "input_scale": 1.0}')
+    elif damage == "config_is_a_list":
+        (tmp_path / "sae.json").write_text("[1, 2]")
+    else:
+        TopKSAE(8, 32, 2).save(tmp_path / "other")
+        (tmp_path / "sae.safetensors").write_bytes((tmp_path / "other" / "sae.safetensors").read_bytes())
+    with pytest.raises(EngineError, match="cannot be read"):
+        TopKSAE.load(tmp_path)

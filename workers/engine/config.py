@@ -141,6 +141,9 @@ class AuditConfig(_DictMixin):
         _check(self.report_top_n >= 1, "report_top_n must be at least 1")
         for name in ("class_prompts", "expected_concepts"):
             value = getattr(self, name)
+            if isinstance(value, dict):
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+                setattr(self, name, value)
             _check(isinstance(value, dict) and all(isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)
                                                    for v in value.values()),
                    f"{name} must map a class name to a list of strings")

@@ -83,14 +83,16 @@ class TopKSAE(nn.Module):
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":
         from safetensors.torch import load_file
 
+        from safetensors import SafetensorError
+
         folder = Path(folder)
         try:
             cfg = json.loads((folder / "sae.json").read_text())
             state = load_file(str(folder / "sae.safetensors"), device=str(device))
-        except (OSError, ValueError) as exc:
+            sae = cls(int(cfg["d_model"]), int(cfg["n_latents"]), int(cfg["k"]), float(cfg["input_scale"]))
+            sae.load_state_dict(state)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
             raise EngineError(f"SAE in {folder} cannot be read: {exc}") from exc
-        sae = cls(cfg["d_model"], cfg["n_latents"], cfg["k"], cfg["input_scale"])
-        sae.load_state_dict(state)
         return sae.to(device)
 
 
