@@ -1,0 +1,115 @@
+from django.shortcuts import get_object_or_404
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
+
+from audit_service.projects.models import Role
+from audit_service.projects.permissions import ProjectRolePermission, project_for
+from audit_service.registry.api import as_validation_error
+from audit_service.registry.models import ClipModel, Dataset, Probe
+from audit_service.registry.services import RegistrationError
+
+from .models import Audit, Flag, IllegalTransition, Latent, Status
+from .serializers import AuditSerializer, FlagSerializer, LatentSerializer, ReviewSerializer
+from .services import create_audit
+
+
+class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                   viewsets.GenericViewSet):
+    """Audits of the caller's projects: submit, follow progress, cancel, read results."""
+
+    serializer_class = AuditSerializer
+    permission_classes = [ProjectRolePermission]
+    filterset_fields = ["project", "status", "probe", "clip_model", "dataset"]
+    ordering_fields = ["created_at", "finished_at"]
+
+    def get_queryset(self):
+        return Audit.objects.filter(project__memberships__user=self.request.user).select_related("project")
+
+    def create(self, request, *args, **kwargs):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        project = project_for(request.user, data["project_id"], Role.MEMBER)
+        objects = {}
+        for field, model in (("clip_model", ClipModel), ("probe", Probe), ("dataset", Dataset)):
+            objects[field] = model.objects.filter(pk=data[f"{field}_id"], project=project).first()
+            if objects[field] is None:
+                raise ValidationError({field: [f"no such {field.replace('_', ' ')} in this project"]})
+        try:
+            audit = create_audit(project=project, user=request.user, options=data.get("config"), **objects)
+        except RegistrationError as exc:
+            raise as_validation_error(exc) from exc
+        return Response(self.get_serializer(audit).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        audit = self.get_object()
+        try:
+            audit.cancel()
+        except IllegalTransition as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(self.get_serializer(audit).data)
+
+    @action(detail=True, methods=["get"])
+    def summary(self, request, pk=None):
+        """Per class: accuracy, flags, probe vs zero-shot share; plus SAE quality and timings."""
+        audit = self.get_object()
+        if audit.status != Status.SUCCEEDED:
+            return Response({"detail": f"the audit is {audit.status}; results exist once it succeeded"},
+                            status=status.HTTP_409_CONFLICT)
+        r = audit.result
+        classes = {}
+        for name in r["classes"]:
+            classes[name] = {
+                "images": r["dataset"]["per_class"][name],
+                "probe_accuracy": r["accuracy"]["probe"]["per_class"][name],
+                "zero_shot_accuracy": r["accuracy"]["zero_shot"]["per_class"][name],
+                "flags": {h: audit.flags.filter(class_name=name, head=h).count() for h in ("probe", "zero_shot")},
+                "confirmed_flags": audit.flags.filter(class_name=name, confirmed=True).count(),
+                **r["comparison"][name],
+            }
+        return Response({"audit": audit.pk, "classes": classes, "sae": r["sae"], "accuracy": r["accuracy"],
+                         "timings": r["timings"], "environment": r["environment"]})
+
+
+class _AuditChildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    def audit(self) -> Audit:
+        audit = get_object_or_404(Audit.objects.filter(project__memberships__user=self.request.user),
+                                  pk=self.kwargs["audit_pk"])
+        return audit
+
+
+class FlagViewSet(_AuditChildViewSet):
+    """Flags of one audit; filter by head, class, category, confirmed. Members review them."""
+
+    serializer_class = FlagSerializer
+    filterset_fields = ["head", "class_name", "category", "confirmed"]
+    ordering_fields = ["share", "rank"]
+
+    def get_queryset(self):
+        return Flag.objects.filter(audit=self.audit()).prefetch_related("reviews")
+
+    @action(detail=True, methods=["get", "post"])
+    def reviews(self, request, audit_pk=None, pk=None):
+        flag = self.get_object()
+        if request.method == "GET":
+            return Response(ReviewSerializer(flag.reviews.all(), many=True).data)
+        project_for(request.user, flag.audit.project_id, Role.MEMBER)
+        serializer = ReviewSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        serializer.save(flag=flag, reviewer=request.user)
+        return Response(serializer.data, status=status.HTTP_201_CREATED)
+
+
+class LatentViewSet(_AuditChildViewSet):
+    """Every latent of one audit (paginated): label, alignment, clarity, references."""
+
+    serializer_class = LatentSerializer
+    lookup_field = "index"
+    filterset_fields = {"label": ["exact", "icontains"], "label_category": ["exact"], "clarity": ["gte", "lte"]}
+    ordering_fields = ["index", "clarity", "frequency", "alignment"]
+
+    def get_queryset(self):
+        return Latent.objects.filter(audit=self.audit())

@@ -1,0 +1,200 @@
+"""Audits and what they found: latents, flags and reviews of flags."""
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models, transaction
+from django.utils import timezone
+
+from audit_service.projects.models import Project
+from audit_service.registry.models import ClipModel, Dataset, Probe
+
+
+class IllegalTransition(Exception):
+    """An audit was asked to move to a state it cannot reach from where it is."""
+
+
+class Status(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+ALLOWED = {
+    Status.QUEUED: {Status.RUNNING, Status.FAILED, Status.CANCELLED},
+    Status.RUNNING: {Status.RUNNING, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.QUEUED},
+    Status.SUCCEEDED: set(),
+    Status.FAILED: set(),
+    Status.CANCELLED: set(),
+}
+
+
+class Audit(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="audits")
+    clip_model = models.ForeignKey(ClipModel, on_delete=models.PROTECT, related_name="audits")
+    probe = models.ForeignKey(Probe, on_delete=models.PROTECT, related_name="audits")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="audits")
+    config = models.JSONField(default=dict)  # workers.engine.AuditConfig.to_dict()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    stage = models.CharField(max_length=30, blank=True)
+    percent = models.FloatField(default=0.0)  # overall, 0..100
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    worker_host = models.CharField(max_length=200, blank=True)
+    device = models.CharField(max_length=100, blank=True)
+    timings = models.JSONField(default=dict)  # stage -> seconds
+    result = models.JSONField(null=True, blank=True)  # the engine's AuditResult, once succeeded
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"audit {self.pk} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+    # ------------------------------------------------------------------ transitions
+    def _move(self, to: str, **fields) -> None:
+        """Move to ``to`` only if the row is still where this object thinks it is (conditional update)."""
+        if to not in ALLOWED[self.status]:
+            raise IllegalTransition(f"audit {self.pk} is {self.status}; it cannot become {to}")
+        updated = Audit.objects.filter(pk=self.pk, status=self.status).update(status=to, **fields)
+        if not updated:
+            current = Audit.objects.filter(pk=self.pk).values_list("status", flat=True).first()
+            raise IllegalTransition(f"audit {self.pk} changed to {current} meanwhile; it cannot become {to}")
+        self.status = to
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def mark_running(self, stage: str, percent: float, *, worker_host: str = "", device: str = "") -> None:
+        fields = {"stage": stage, "percent": percent, "heartbeat_at": timezone.now()}
+        if self.status == Status.QUEUED:
+            fields["started_at"] = timezone.now()
+        if worker_host:
+            fields["worker_host"] = worker_host
+        if device:
+            fields["device"] = device
+        self._move(Status.RUNNING, **fields)
+
+    def succeed(self, result: dict, timings: dict) -> None:
+        self._move(Status.SUCCEEDED, result=result, timings=timings, stage="done", percent=100.0,
+                   finished_at=timezone.now(), error="")
+
+    def fail(self, reason: str) -> None:
+        self._move(Status.FAILED, error=reason[:10000], finished_at=timezone.now())
+
+    def cancel(self) -> None:
+        """A queued audit is cancelled at once; a running one is asked to stop between batches."""
+        if self.status == Status.QUEUED:
+            self._move(Status.CANCELLED, finished_at=timezone.now(), stage="cancelled")
+        elif self.status == Status.RUNNING:
+            Audit.objects.filter(pk=self.pk).update(cancel_requested=True)
+            self.cancel_requested = True
+        else:
+            raise IllegalTransition(f"audit {self.pk} is {self.status}; only queued or running audits can be "
+                                    "cancelled")
+
+    def confirm_cancelled(self) -> None:
+        self._move(Status.CANCELLED, finished_at=timezone.now(), stage="cancelled")
+
+
+class Latent(models.Model):
+    audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="latents")
+    index = models.PositiveIntegerField()
+    label = models.CharField(max_length=300, blank=True, null=True)
+    label_source = models.CharField(max_length=100, blank=True, null=True)
+    label_category = models.CharField(max_length=30, blank=True, null=True)
+    alignment = models.FloatField(null=True)
+    clarity = models.FloatField()
+    frequency = models.FloatField()
+    max_activation = models.FloatField()
+    references = models.JSONField(default=list)  # image keys, strongest first
+    expected_alignment = models.JSONField(default=dict)  # class -> alignment with its expected concepts
+
+    class Meta:
+        ordering = ["audit", "index"]
+        constraints = [models.UniqueConstraint(fields=["audit", "index"], name="one_row_per_latent")]
+
+
+class Head(models.TextChoices):
+    PROBE = "probe", "Linear probe"
+    ZERO_SHOT = "zero_shot", "Zero-shot"
+
+
+class Flag(models.Model):
+    audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="flags")
+    head = models.CharField(max_length=10, choices=Head.choices)
+    class_name = models.CharField(max_length=200)
+    latent_index = models.PositiveIntegerField()
+    rank = models.PositiveIntegerField()
+    share = models.FloatField()
+    mean_relevance = models.FloatField()
+    label = models.CharField(max_length=300)
+    label_source = models.CharField(max_length=100)
+    category = models.CharField(max_length=30)
+    label_alignment = models.FloatField()
+    expected_alignment = models.FloatField()
+    clarity = models.FloatField()
+    probe_share = models.FloatField()
+    zero_shot_share = models.FloatField()
+    confirmed = models.BooleanField(null=True)  # causal confirmation: None when not run
+    causal = models.JSONField(null=True, blank=True)
+    references = models.JSONField(default=list)
+    top_images = models.JSONField(default=list)
+
+    class Meta:
+        ordering = ["audit", "head", "class_name", "rank"]
+        constraints = [models.UniqueConstraint(fields=["audit", "head", "class_name", "latent_index"],
+                                               name="one_flag_per_latent_class_head")]
+
+    @property
+    def latest_review(self):
+        return self.reviews.order_by("-created_at", "-id").first()
+
+
+class Verdict(models.TextChoices):
+    CONFIRMED_SHORTCUT = "confirmed_shortcut", "Confirmed shortcut"
+    BENIGN = "benign", "Benign"
+    NEEDS_WORK = "needs_work", "Needs work"
+
+
+class Review(models.Model):
+    flag = models.ForeignKey(Flag, on_delete=models.CASCADE, related_name="reviews")
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    verdict = models.CharField(max_length=20, choices=Verdict.choices)
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+
+def store_result(audit: Audit, result: dict, timings: dict) -> None:
+    """Write the result's rows and mark the audit succeeded, all in one transaction."""
+    with transaction.atomic():
+        Latent.objects.filter(audit=audit).delete()  # a re-delivered task replaces, never duplicates
+        Flag.objects.filter(audit=audit).delete()
+        Latent.objects.bulk_create([Latent(
+            audit=audit, index=l["latent"], label=l["label"], label_source=l["label_source"],
+            label_category=l["label_category"], alignment=l["alignment"], clarity=l["clarity"],
+            frequency=l["frequency"], max_activation=l["max_activation"], references=l["references"],
+            expected_alignment=l["expected_alignment"]) for l in result["latents"]], batch_size=2000)
+        Flag.objects.bulk_create([Flag(
+            audit=audit, head=f["head"], class_name=f["class_name"], latent_index=f["latent"], rank=f["rank"],
+            share=f["share"], mean_relevance=f["mean_relevance"], label=f["label"], label_source=f["label_source"],
+            category=f["category"], label_alignment=f["label_alignment"], expected_alignment=f["expected_alignment"],
+            clarity=f["clarity"], probe_share=f["probe_share"], zero_shot_share=f["zero_shot_share"],
+            confirmed=(f.get("causal") or {}).get("confirmed"), causal=f.get("causal"),
+            references=f["references"], top_images=f["top_images"]) for f in result["flags"]])
+        # latents live in their rows; the blob keeps the rest of the result
+        audit.succeed({k: v for k, v in result.items() if k != "latents"}, timings)

@@ -1,0 +1,48 @@
+from rest_framework import serializers
+
+from .models import Audit, Flag, Latent, Review
+
+
+class AuditSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id")
+    clip_model = serializers.IntegerField(source="clip_model_id")
+    probe = serializers.IntegerField(source="probe_id")
+    dataset = serializers.IntegerField(source="dataset_id")
+    config = serializers.JSONField(required=False, help_text="audit options (workers.engine.AuditConfig)")
+    n_flags = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Audit
+        fields = ["id", "project", "clip_model", "probe", "dataset", "config", "status", "stage", "percent",
+                  "cancel_requested", "error", "attempts", "worker_host", "device", "timings", "created_at",
+                  "started_at", "finished_at", "n_flags"]
+        read_only_fields = [f for f in fields if f not in ("project", "clip_model", "probe", "dataset", "config")]
+
+    def get_n_flags(self, audit) -> int | None:
+        return audit.flags.count() if audit.status == "succeeded" else None
+
+
+class LatentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Latent
+        fields = ["index", "label", "label_source", "label_category", "alignment", "clarity", "frequency",
+                  "max_activation", "references", "expected_alignment"]
+
+
+class ReviewSerializer(serializers.ModelSerializer):
+    reviewer = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Review
+        fields = ["id", "verdict", "note", "reviewer", "created_at"]
+        read_only_fields = ["id", "reviewer", "created_at"]
+
+
+class FlagSerializer(serializers.ModelSerializer):
+    latest_review = ReviewSerializer(read_only=True)
+
+    class Meta:
+        model = Flag
+        fields = ["id", "audit", "head", "class_name", "latent_index", "rank", "share", "mean_relevance", "label",
+                  "label_source", "category", "label_alignment", "expected_alignment", "clarity", "probe_share",
+                  "zero_shot_share", "confirmed", "causal", "references", "top_images", "latest_review"]

@@ -1,0 +1,50 @@
+"""Submitting audits."""
+from __future__ import annotations
+
+from django.db import transaction
+
+from audit_service.registry.services import RegistrationError
+
+from .models import Audit, Status
+
+
+def create_audit(*, project, user, clip_model, probe, dataset, options: dict | None = None) -> Audit:
+    """Validate the combination and the options, create the audit and enqueue it once the row is committed."""
+    from workers.engine.config import AuditConfig
+    from workers.engine.errors import EngineError
+
+    for obj, field in ((clip_model, "clip_model"), (probe, "probe"), (dataset, "dataset")):
+        if obj.project_id != project.id:
+            raise RegistrationError(f"the {field.replace('_', ' ')} belongs to another project", field=field)
+    if probe.clip_model_id != clip_model.id:
+        raise RegistrationError(f"probe '{probe.name}' was trained on model '{probe.clip_model.name}', "
+                                f"not on '{clip_model.name}'", field="probe")
+    unknown = sorted(set(dataset.class_names) - set(probe.class_names))
+    if unknown:
+        raise RegistrationError(f"the dataset has classes the probe does not know: {', '.join(unknown)}; "
+                                f"the probe's classes are {', '.join(probe.class_names)}", field="dataset")
+    options = dict(options or {})
+    for fixed in ("layer", "token"):
+        if fixed in options:
+            raise RegistrationError(f"'{fixed}' is a property of the registered model, not an audit option",
+                                    field="config")
+    try:
+        config = AuditConfig.from_dict({**options, "layer": clip_model.layer, "token": clip_model.token})
+    except (EngineError, TypeError) as exc:
+        raise RegistrationError(str(exc), field="config") from exc
+    running = Audit.objects.filter(project=project, status__in=[Status.QUEUED, Status.RUNNING]).count()
+    if running >= project.max_concurrent_audits:
+        raise RegistrationError(f"project '{project.name}' already has {running} audits queued or running "
+                                f"(limit {project.max_concurrent_audits}); wait for one to finish or cancel one",
+                                field="project")
+    with transaction.atomic():
+        audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
+                                     config=config.to_dict(), created_by=user)
+        transaction.on_commit(lambda: enqueue(audit.pk))
+    return audit
+
+
+def enqueue(audit_id: int) -> None:
+    from workers.tasks import run_audit
+
+    run_audit.delay(audit_id)

@@ -1,0 +1,79 @@
+from rest_framework import mixins, status, viewsets
+from rest_framework.exceptions import ValidationError
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.response import Response
+
+from audit_service.projects.models import Role
+from audit_service.projects.permissions import ProjectRolePermission, project_for
+
+from . import services
+from .models import ClipModel, Dataset, Probe
+from .serializers import ClipModelSerializer, DatasetSerializer, ProbeSerializer
+
+
+def as_validation_error(exc: services.RegistrationError) -> ValidationError:
+    return ValidationError({exc.field or "detail": [exc.message]})
+
+
+class ProjectScopedViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                           mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    """Objects of the caller's projects; ``?project=ID`` narrows the list. Members create and delete."""
+
+    model = None
+    permission_classes = [ProjectRolePermission]
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    filterset_fields = ["project"]
+
+    def get_queryset(self):
+        return self.model.objects.filter(project__memberships__user=self.request.user).select_related("project")
+
+    def create(self, request, *args, **kwargs):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        project = project_for(request.user, data.pop("project_id"), Role.MEMBER)
+        try:
+            obj = self.register(project, data)
+        except services.RegistrationError as exc:
+            raise as_validation_error(exc) from exc
+        return Response(self.get_serializer(obj).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance):
+        if instance.audits.exists():
+            raise ValidationError({"detail": [f"{instance} is used by audits; delete those audits first"]})
+        instance.delete()
+
+
+class ClipModelViewSet(ProjectScopedViewSet):
+    model = ClipModel
+    serializer_class = ClipModelSerializer
+
+    def register(self, project, data):
+        return services.register_model(project=project, user=self.request.user, name=data["name"],
+                                       architecture=data.get("architecture", ""),
+                                       pretrained_tag=data.get("pretrained_tag", ""),
+                                       checkpoint=data.get("checkpoint"), model_config=data.get("model_config"),
+                                       layer=data.get("layer", -1), token=data.get("token", "cls"))
+
+
+class ProbeViewSet(ProjectScopedViewSet):
+    model = Probe
+    serializer_class = ProbeSerializer
+    filterset_fields = ["project", "clip_model"]
+
+    def register(self, project, data):
+        clip_model = ClipModel.objects.filter(pk=data["clip_model_id"], project=project).first()
+        if clip_model is None:
+            raise services.RegistrationError("no such model in this project", field="clip_model")
+        return services.register_probe(project=project, user=self.request.user, name=data["name"],
+                                       clip_model=clip_model, file=data["file"],
+                                       class_names=data.get("class_names"), normalization=data.get("normalization"))
+
+
+class DatasetViewSet(ProjectScopedViewSet):
+    model = Dataset
+    serializer_class = DatasetSerializer
+
+    def register(self, project, data):
+        return services.register_dataset(project=project, user=self.request.user, name=data["name"],
+                                         archive=data["archive"])

@@ -1,0 +1,106 @@
+"""What a project registers before an audit: CLIP models, linear probes, datasets."""
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from audit_service.projects.models import Project
+
+
+def _upload_path(instance, kind: str, filename: str) -> str:
+    return f"projects/{instance.project_id}/{kind}/{uuid.uuid4().hex}/{filename}"
+
+
+def upload_checkpoint(instance, filename: str) -> str:
+    return _upload_path(instance, "models", filename)
+
+
+def upload_probe(instance, filename: str) -> str:
+    return _upload_path(instance, "probes", filename)
+
+
+class TokenType(models.TextChoices):
+    CLS = "cls", "CLS token"
+    SPATIAL = "spatial", "every patch token"
+
+
+class ClipModel(models.Model):
+    """An OpenCLIP model: architecture + pretrained tag, architecture + checkpoint, or config + checkpoint."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="clip_models")
+    name = models.CharField(max_length=200)
+    architecture = models.CharField(max_length=100, blank=True)
+    pretrained_tag = models.CharField(max_length=100, blank=True)
+    checkpoint = models.FileField(upload_to=upload_checkpoint, blank=True, max_length=500)
+    checkpoint_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
+    model_config = models.JSONField(null=True, blank=True)
+    layer = models.IntegerField(default=-1)
+    token = models.CharField(max_length=10, choices=TokenType.choices, default=TokenType.CLS)
+    embed_dim = models.PositiveIntegerField()
+    n_blocks = models.PositiveIntegerField()
+    width = models.PositiveIntegerField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def source(self) -> str:
+        if self.pretrained_tag:
+            return f"{self.architecture} / {self.pretrained_tag}"
+        if self.model_config is not None:
+            return "custom config + checkpoint"
+        return f"{self.architecture} + checkpoint"
+
+
+class Normalization(models.TextChoices):
+    L2 = "l2", "L2-normalized embedding"
+    NONE = "none", "raw embedding"
+
+
+class Probe(models.Model):
+    """A linear probe on a registered model's image embeddings (weights as .npz or .safetensors)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="probes")
+    clip_model = models.ForeignKey(ClipModel, on_delete=models.CASCADE, related_name="probes")
+    name = models.CharField(max_length=200)
+    file = models.FileField(upload_to=upload_probe, max_length=500)
+    sha256 = models.CharField(max_length=64, db_index=True)
+    class_names = models.JSONField()
+    normalization = models.CharField(max_length=10, choices=Normalization.choices, default=Normalization.L2)
+    embed_dim = models.PositiveIntegerField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Dataset(models.Model):
+    """Labelled images, validated and stored under ``storage_prefix`` with a canonical ``labels.csv``."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    sha256 = models.CharField(max_length=64, db_index=True)
+    storage_prefix = models.CharField(max_length=300, unique=True)
+    n_images = models.PositiveIntegerField()
+    class_names = models.JSONField()
+    class_counts = models.JSONField()
+    total_bytes = models.BigIntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name

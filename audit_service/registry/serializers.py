@@ -1,0 +1,72 @@
+import json
+
+from rest_framework import serializers
+
+from .models import ClipModel, Dataset, Probe, TokenType
+
+
+class JSONUploadField(serializers.JSONField):
+    """A JSON value sent as a multipart field or an uploaded .json file."""
+
+    def get_value(self, dictionary):
+        value = dictionary.get(self.field_name, serializers.empty)
+        if hasattr(value, "read") or isinstance(value, str):
+            return value  # DRF would wrap form values as JSON strings; parse them here instead
+        return super().get_value(dictionary)
+
+    def to_internal_value(self, data):
+        if hasattr(data, "read"):
+            data.seek(0)
+            try:
+                data = json.loads(data.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise serializers.ValidationError(f"not valid JSON: {exc}") from exc
+        elif isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise serializers.ValidationError(f"not valid JSON: {exc}") from exc
+        return super().to_internal_value(data)
+
+
+class ClipModelSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id")
+    checkpoint = serializers.FileField(write_only=True, required=False)
+    model_config = JSONUploadField(required=False, allow_null=True)
+    has_checkpoint = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ClipModel
+        fields = ["id", "project", "name", "architecture", "pretrained_tag", "checkpoint", "has_checkpoint",
+                  "checkpoint_sha256", "model_config", "layer", "token", "embed_dim", "n_blocks", "width",
+                  "source", "created_at"]
+        read_only_fields = ["id", "checkpoint_sha256", "embed_dim", "n_blocks", "width", "source", "created_at"]
+        extra_kwargs = {"token": {"default": TokenType.CLS}, "layer": {"default": -1}}
+
+    def get_has_checkpoint(self, obj) -> bool:
+        return bool(obj.checkpoint)
+
+
+class ProbeSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id")
+    clip_model = serializers.IntegerField(source="clip_model_id")
+    file = serializers.FileField(write_only=True)
+    class_names = JSONUploadField(required=False)
+    normalization = serializers.ChoiceField(choices=["l2", "none"], required=False)
+
+    class Meta:
+        model = Probe
+        fields = ["id", "project", "clip_model", "name", "file", "sha256", "class_names", "normalization",
+                  "embed_dim", "created_at"]
+        read_only_fields = ["id", "sha256", "embed_dim", "created_at"]
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id")
+    archive = serializers.FileField(write_only=True)
+
+    class Meta:
+        model = Dataset
+        fields = ["id", "project", "name", "archive", "sha256", "n_images", "class_names", "class_counts",
+                  "total_bytes", "created_at"]
+        read_only_fields = ["id", "sha256", "n_images", "class_names", "class_counts", "total_bytes", "created_at"]

@@ -1,0 +1,218 @@
+"""Registering models, probes and datasets: validate first, then store, all or nothing."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+
+from .archives import DatasetRejected, Limits, extract, validate
+from .models import ClipModel, Dataset, Probe
+
+
+class RegistrationError(Exception):
+    """Input that cannot be registered; the message says what is wrong and what to do."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+def sha256_of(fileobj) -> str:
+    digest = hashlib.sha256()
+    fileobj.seek(0)
+    for chunk in iter(lambda: fileobj.read(1 << 20), b""):
+        digest.update(chunk)
+    fileobj.seek(0)
+    return digest.hexdigest()
+
+
+def _spool(upload, suffix: str, folder: Path) -> Path:
+    """Write an uploaded file to a private temporary path (the engine reads paths)."""
+    path = folder / f"upload{suffix}"
+    upload.seek(0)
+    with open(path, "wb") as out:
+        shutil.copyfileobj(upload, out, 1 << 20)
+    upload.seek(0)
+    return path
+
+
+def _check_size(upload, what: str) -> None:
+    if upload.size is not None and upload.size > settings.MAX_UPLOAD_BYTES:
+        raise RegistrationError(f"the {what} is {upload.size} bytes, over the upload limit of "
+                                f"{settings.MAX_UPLOAD_BYTES} (MAX_UPLOAD_BYTES)", field="file")
+
+
+# --------------------------------------------------------------------------- models
+
+def describe_architecture(architecture: str | None, model_config: dict | None) -> dict:
+    """embed_dim, n_blocks and width from the architecture's config, without building the model."""
+    import open_clip
+
+    if model_config is not None:
+        cfg = model_config
+    else:
+        cfg = open_clip.get_model_config(architecture)
+        if cfg is None:
+            raise RegistrationError(f"unknown OpenCLIP architecture '{architecture}'", field="architecture")
+    try:
+        vision = cfg["vision_cfg"]
+        return {"embed_dim": int(cfg["embed_dim"]), "n_blocks": int(vision["layers"]),
+                "width": int(vision.get("width", 768))}
+    except (KeyError, TypeError, ValueError):
+        raise RegistrationError("the model config needs embed_dim and vision_cfg.layers (open_clip's format)",
+                                field="model_config") from None
+
+
+def register_model(*, project, user, name: str, architecture: str = "", pretrained_tag: str = "",
+                   checkpoint=None, model_config: dict | None = None, layer: int = -1,
+                   token: str = "cls") -> ClipModel:
+    from workers.engine.errors import EngineError
+    from workers.engine.loading import load_clip
+
+    if model_config is not None and architecture:
+        raise RegistrationError("give an architecture name or a model config, not both", field="model_config")
+    if not architecture and model_config is None:
+        raise RegistrationError("name an OpenCLIP architecture (e.g. ViT-B-32) or upload a model config",
+                                field="architecture")
+    if pretrained_tag and checkpoint is not None:
+        raise RegistrationError("give a pretrained tag or a checkpoint file, not both", field="checkpoint")
+    if not pretrained_tag and checkpoint is None:
+        raise RegistrationError("the model needs weights: a pretrained tag or a checkpoint file", field="checkpoint")
+    if pretrained_tag and model_config is not None:
+        raise RegistrationError("pretrained tags belong to built-in architectures; a custom config needs a "
+                                "checkpoint file", field="pretrained_tag")
+    shape = describe_architecture(architecture or None, model_config)
+    if not -shape["n_blocks"] <= layer < shape["n_blocks"]:
+        raise RegistrationError(f"layer {layer} does not exist: the vision transformer has {shape['n_blocks']} "
+                                f"blocks (use 0..{shape['n_blocks'] - 1} or -1..-{shape['n_blocks']})", field="layer")
+    if token not in ("cls", "spatial"):
+        raise RegistrationError("token must be 'cls' or 'spatial'", field="token")
+    sha = ""
+    if pretrained_tag:
+        import open_clip
+
+        if not open_clip.get_pretrained_cfg(architecture, pretrained_tag):
+            known = ", ".join(open_clip.list_pretrained_tags_by_model(architecture)) or "none"
+            raise RegistrationError(f"'{pretrained_tag}' is not a pretrained tag of {architecture}; known tags: "
+                                    f"{known}", field="pretrained_tag")
+    else:
+        _check_size(checkpoint, "checkpoint")
+        sha = sha256_of(checkpoint)
+        suffix = Path(checkpoint.name).suffix.lower()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _spool(checkpoint, suffix, Path(tmp))
+            try:
+                load_clip(architecture or None, checkpoint=path, model_config=model_config)
+            except EngineError as exc:
+                raise RegistrationError(exc.message, field="checkpoint") from exc
+    clip_model = ClipModel(project=project, name=name, architecture=architecture, pretrained_tag=pretrained_tag,
+                           checkpoint_sha256=sha, model_config=model_config, layer=layer, token=token,
+                           created_by=user, **shape)
+    with transaction.atomic():
+        if checkpoint is not None:
+            clip_model.checkpoint.save(Path(checkpoint.name).name, File(checkpoint), save=False)
+        try:
+            clip_model.save()
+        except Exception:
+            if clip_model.checkpoint:
+                clip_model.checkpoint.delete(save=False)
+            raise
+    return clip_model
+
+
+# --------------------------------------------------------------------------- probes
+
+def register_probe(*, project, user, name: str, clip_model: ClipModel, file, class_names: list | None = None,
+                   normalization: str | None = None) -> Probe:
+    from workers.engine.errors import EngineError
+    from workers.engine.heads import LinearProbe
+
+    if clip_model.project_id != project.id:
+        raise RegistrationError("the model belongs to another project", field="clip_model")
+    _check_size(file, "probe")
+    suffix = Path(file.name).suffix.lower()
+    if suffix not in (".npz", ".safetensors"):
+        raise RegistrationError(f"probe files must be .npz or .safetensors, got '{suffix or file.name}'", field="file")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _spool(file, suffix, Path(tmp))
+        try:
+            probe = LinearProbe.load(path, class_names=class_names or None, normalization=normalization or None)
+            probe.check_fits(clip_model.embed_dim)
+        except EngineError as exc:
+            raise RegistrationError(exc.message, field="file") from exc
+    record = Probe(project=project, clip_model=clip_model, name=name, sha256=sha256_of(file),
+                   class_names=probe.class_names, normalization=probe.normalization, embed_dim=probe.embed_dim,
+                   created_by=user)
+    with transaction.atomic():
+        record.file.save(Path(file.name).name, File(file), save=False)
+        try:
+            record.save()
+        except Exception:
+            record.file.delete(save=False)
+            raise
+    return record
+
+
+# --------------------------------------------------------------------------- datasets
+
+def dataset_limits() -> Limits:
+    return Limits(max_files=settings.MAX_DATASET_IMAGES, max_total_bytes=settings.MAX_DATASET_BYTES,
+                  max_image_pixels=settings.MAX_IMAGE_PIXELS)
+
+
+def register_dataset(*, project, user, name: str, archive) -> Dataset:
+    """Validate an uploaded archive completely, then copy its images into storage and create the row.
+
+    If anything fails, the files already copied are deleted: a refused or
+    broken upload leaves no row and no file behind.
+    """
+    _check_size(archive, "dataset archive")
+    sha = sha256_of(archive)
+    prefix = f"projects/{project.id}/datasets/{uuid.uuid4().hex}"
+    stored: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = _spool(archive, ".upload", tmp)
+        root = tmp / "files"
+        try:
+            extract(path, root, dataset_limits())
+            checked = validate(root, dataset_limits())
+        except DatasetRejected as exc:
+            raise RegistrationError(str(exc), field="archive") from exc
+        try:
+            for rel, _label in checked.images:
+                with open(root / rel, "rb") as fh:
+                    stored.append(default_storage.save(f"{prefix}/images/{rel}", File(fh)))
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["image", "label"])
+            for (rel, label), key in zip(checked.images, stored):
+                writer.writerow([key[len(prefix) + len("/images/"):], label])
+            stored.append(default_storage.save(f"{prefix}/labels.csv", ContentFile(buf.getvalue().encode())))
+            with transaction.atomic():
+                return Dataset.objects.create(
+                    project=project, name=name, sha256=sha, storage_prefix=prefix, n_images=len(checked.images),
+                    class_names=checked.class_names, class_counts=checked.class_counts,
+                    total_bytes=checked.total_bytes, created_by=user)
+        except Exception:
+            for key in stored:
+                default_storage.delete(key)
+            raise
+
+
+def dataset_labels(dataset: Dataset) -> list[tuple[str, str]]:
+    """(image key relative to the dataset's images/ folder, label) pairs from the stored labels.csv."""
+    with default_storage.open(f"{dataset.storage_prefix}/labels.csv", "rb") as fh:
+        rows = list(csv.reader(io.StringIO(fh.read().decode())))
+    return [(r[0], r[1]) for r in rows[1:]]

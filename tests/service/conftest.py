@@ -1,0 +1,80 @@
+"""Service test fixtures: three personas in a project (owner, member, viewer), an outsider, and input files."""
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from audit_service.projects.models import Membership, Project, Role
+from workers import synthetic
+
+ASSETS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def media(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.AUDIT_WORK_DIR = tmp_path / "work"
+    return settings.MEDIA_ROOT
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """A tiny model (config + safetensors), a dataset zip and a probe fitted on it; built once per session."""
+    folder = tmp_path_factory.mktemp("assets")
+    config, ckpt = synthetic.write_tiny_model(folder)
+    dataset = synthetic.write_dataset_zip(folder / "lesions.zip", per_class=16)
+    probe = synthetic.fit_probe(config, ckpt, dataset, folder / "probe.npz")
+    return {"config": config, "checkpoint": ckpt, "dataset": dataset, "probe": probe, "folder": folder}
+
+
+def upload(path: Path, name: str | None = None) -> SimpleUploadedFile:
+    return SimpleUploadedFile(name or path.name, path.read_bytes())
+
+
+@pytest.fixture
+def users(db):
+    User = get_user_model()
+    return {name: User.objects.create_user(name, password="pw-" + name)
+            for name in ("owner", "member", "viewer", "outsider")}
+
+
+@pytest.fixture
+def project(users):
+    project = Project.objects.create(name="Dermatology")
+    for name, role in (("owner", Role.OWNER), ("member", Role.MEMBER), ("viewer", Role.VIEWER)):
+        Membership.objects.create(project=project, user=users[name], role=role)
+    return project
+
+
+@pytest.fixture
+def client_for(users):
+    def make(name: str | None) -> APIClient:
+        client = APIClient()
+        if name:
+            client.force_authenticate(users[name])
+        return client
+
+    return make
+
+
+@pytest.fixture
+def registered(project, users, assets):
+    """A model, a probe and a dataset registered in the project through the service layer."""
+    from audit_service.registry import services
+
+    model = services.register_model(project=project, user=users["member"], name="tiny",
+                                    model_config=__import__("json").loads(assets["config"].read_text()),
+                                    checkpoint=upload(assets["checkpoint"]))
+    probe = services.register_probe(project=project, user=users["member"], name="melanoma probe",
+                                    clip_model=model, file=upload(assets["probe"]))
+    dataset = services.register_dataset(project=project, user=users["member"], name="lesions",
+                                        archive=upload(assets["dataset"]))
+    return {"model": model, "probe": probe, "dataset": dataset}
+
+
+FAST_AUDIT = {"sae": {"steps": 150}, "general_vocabulary": False, "faithfulness_max_images": 8,
+              "faithfulness_steps": 4, "batch_size": 16}

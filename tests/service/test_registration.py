@@ -1,0 +1,129 @@
+"""Registering models, probes and datasets through the API."""
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from audit_service.registry.models import ClipModel, Dataset, Probe
+from workers.engine.tiny import tiny_config
+
+from .conftest import upload
+
+pytestmark = pytest.mark.django_db
+
+
+def _files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def _register_model(client, project, assets, **extra):
+    data = {"project": project.id, "name": "tiny", "model_config": upload(assets["config"]),
+            "checkpoint": upload(assets["checkpoint"]), **extra}
+    return client.post("/api/v1/models/", data, format="multipart")
+
+
+def test_a_member_registers_a_custom_config_model_with_its_checkpoint(client_for, project, assets):
+    response = _register_model(client_for("member"), project, assets, layer=-2)
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert (body["embed_dim"], body["n_blocks"], body["width"], body["layer"]) == (32, 3, 48, -2)
+    assert len(body["checkpoint_sha256"]) == 64 and body["has_checkpoint"] is True
+    assert ClipModel.objects.get().checkpoint.name.endswith("tiny-vit.safetensors")
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_tensors_and_keeps_nothing(client_for, project, assets, media):
+    wide = dict(tiny_config(width=64))
+    response = client_for("member").post("/api/v1/models/", {
+        "project": project.id, "name": "wrong", "model_config": json.dumps(wide),
+        "checkpoint": upload(assets["checkpoint"])}, format="multipart")
+    assert response.status_code == 400
+    message = response.json()["checkpoint"][0]
+    assert "shape mismatch" in message and "visual.conv1.weight" in message
+    assert ClipModel.objects.count() == 0 and _files(media) == []
+
+
+def test_a_layer_outside_the_model_is_refused(client_for, project, assets):
+    response = _register_model(client_for("member"), project, assets, layer=5)
+    assert response.status_code == 400
+    assert "layer 5 does not exist" in response.json()["layer"][0]
+
+
+def test_an_unknown_pretrained_tag_is_refused_with_the_known_ones(client_for, project):
+    response = client_for("member").post("/api/v1/models/", {
+        "project": project.id, "name": "b32", "architecture": "ViT-B-32", "pretrained_tag": "no-such-tag"})
+    assert response.status_code == 400
+    assert "laion2b_s34b_b79k" in response.json()["pretrained_tag"][0]
+
+
+def test_a_known_pretrained_tag_registers_without_downloading(client_for, project):
+    response = client_for("member").post("/api/v1/models/", {
+        "project": project.id, "name": "b32", "architecture": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k"})
+    assert response.status_code == 201, response.json()
+    assert response.json()["embed_dim"] == 512 and response.json()["n_blocks"] == 12
+
+
+def test_a_probe_whose_width_does_not_match_the_model_is_refused_clearly(client_for, project, assets, tmp_path,
+                                                                        media):
+    client = client_for("member")
+    model_id = _register_model(client, project, assets).json()["id"]
+    before = _files(media)
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, weight=np.ones((1, 64), np.float32), bias=np.zeros(1, np.float32),
+             classes=np.array(["nevus", "melanoma"]))
+    response = client.post("/api/v1/probes/", {"project": project.id, "clip_model": model_id, "name": "p",
+                                               "file": upload(wide)}, format="multipart")
+    assert response.status_code == 400
+    assert response.json()["file"] == ["the probe reads 64-dimensional embeddings but the model produces "
+                                       "32-dimensional ones; train the probe on this model's image embeddings"]
+    assert Probe.objects.count() == 0 and _files(media) == before
+
+
+def test_a_probe_registers_with_its_classes(client_for, project, assets):
+    client = client_for("member")
+    model_id = _register_model(client, project, assets).json()["id"]
+    response = client.post("/api/v1/probes/", {"project": project.id, "clip_model": model_id, "name": "p",
+                                               "file": upload(assets["probe"])}, format="multipart")
+    assert response.status_code == 201, response.json()
+    assert response.json()["class_names"] == ["melanoma", "nevus"]
+    assert response.json()["embed_dim"] == 32
+
+
+@pytest.mark.parametrize("with_csv", [True, False])
+def test_a_dataset_archive_is_counted_validated_and_stored(client_for, project, tmp_path, with_csv):
+    from workers.synthetic import write_dataset_zip
+
+    archive = write_dataset_zip(tmp_path / "d.zip", per_class=5, with_csv=with_csv)
+    response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
+                                                               "archive": upload(archive)}, format="multipart")
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert body["n_images"] == 10
+    assert body["class_counts"] == {"melanoma": 5, "nevus": 5}
+    dataset = Dataset.objects.get()
+    from audit_service.registry.services import dataset_labels
+
+    assert len(dataset_labels(dataset)) == 10
+
+
+def test_a_single_class_dataset_is_refused_and_leaves_nothing(client_for, project, tmp_path, media):
+    from workers.synthetic import write_dataset_zip
+
+    archive = write_dataset_zip(tmp_path / "d.zip", class_names=("nevus",), per_class=3)
+    response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
+                                                               "archive": upload(archive)}, format="multipart")
+    assert response.status_code == 400
+    assert "single class (nevus)" in response.json()["archive"][0]
+    assert Dataset.objects.count() == 0 and _files(media) == []
+
+
+def test_labels_that_do_not_match_the_files_are_reported_by_name(client_for, project, tmp_path):
+    from workers.synthetic import write_dataset_zip
+
+    archive = write_dataset_zip(tmp_path / "d.zip", per_class=3)
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("images/stray.png", zf.read("images/nevus-0000.png"))
+    response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
+                                                               "archive": upload(archive)}, format="multipart")
+    assert response.status_code == 400
+    assert "image without a label: images/stray.png" in response.json()["archive"][0]

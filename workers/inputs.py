@@ -1,0 +1,67 @@
+"""Turning stored registrations into what the engine reads: local files, a ClipBundle, a probe, images."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+
+
+def local_path(field_file, sha256: str = "") -> Path:
+    """A local path for a stored file: the file itself on disk storage, else a cached download."""
+    try:
+        return Path(field_file.path)
+    except NotImplementedError:  # remote storage (S3): download once per worker
+        key = sha256 or hashlib.sha256(field_file.name.encode()).hexdigest()
+        target = settings.AUDIT_WORK_DIR / "cache" / key / Path(field_file.name).name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + ".part")
+            with field_file.open("rb") as src, open(tmp, "wb") as out:
+                for chunk in src.chunks():
+                    out.write(chunk)
+            tmp.replace(target)
+        return target
+
+
+def dataset_folder(dataset) -> Path:
+    """A local folder with the dataset's images/ (downloaded once per worker from remote storage)."""
+    try:
+        return Path(default_storage.path(dataset.storage_prefix))
+    except NotImplementedError:
+        target = settings.AUDIT_WORK_DIR / "cache" / f"dataset-{dataset.sha256}-{dataset.pk}"
+        done = target / ".complete"
+        if not done.exists():
+            from audit_service.registry.services import dataset_labels
+
+            for rel, _ in dataset_labels(dataset):
+                out = target / "images" / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with default_storage.open(f"{dataset.storage_prefix}/images/{rel}", "rb") as src:
+                    out.write_bytes(src.read())
+            done.touch()
+        return target
+
+
+def load_inputs(audit):
+    """(ClipBundle, LinearProbe, ImageFiles) for an audit."""
+    from audit_service.registry.services import dataset_labels
+    from workers.engine.data import ImageFiles
+    from workers.engine.heads import LinearProbe
+    from workers.engine.loading import load_clip
+
+    m = audit.clip_model
+    if m.pretrained_tag:
+        bundle = load_clip(m.architecture, pretrained=m.pretrained_tag)
+    else:
+        bundle = load_clip(m.architecture or None, checkpoint=local_path(m.checkpoint, m.checkpoint_sha256),
+                           model_config=m.model_config)
+    probe = LinearProbe.load(local_path(audit.probe.file, audit.probe.sha256), class_names=audit.probe.class_names,
+                             normalization=audit.probe.normalization)
+    folder = dataset_folder(audit.dataset)
+    rows = dataset_labels(audit.dataset)
+    classes = list(audit.dataset.class_names)
+    images = ImageFiles([folder / "images" / rel for rel, _ in rows], [classes.index(lab) for _, lab in rows],
+                        classes, ids=[rel for rel, _ in rows])
+    return bundle, probe, images
