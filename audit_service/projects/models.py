@@ -52,6 +52,7 @@ class Membership(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        ordering = ["created_at", "id"]
         constraints = [models.UniqueConstraint(fields=["project", "user"], name="one_membership_per_user")]
 
     def __str__(self) -> str:

@@ -19,8 +19,8 @@ def project_for(user, project_id, at_least: str = Role.VIEWER) -> Project:
     return project
 
 
-class ProjectRolePermission(permissions.BasePermission):
-    """Reads need membership (enforced by the queryset); writes need ``write_role`` (member by default)."""
+class ProjectRolePermission(permissions.IsAuthenticated):
+    """Signed-in users only; reads need membership (enforced by the queryset); writes need ``write_role``."""
 
     def has_object_permission(self, request, view, obj) -> bool:
         project = obj if isinstance(obj, Project) else obj.project
