@@ -11,7 +11,7 @@ VENV ?= $(HOME)/.cache/clip-audit/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-engine clean-venv
+.PHONY: venv demo serve test test-engine clean-venv
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ $(VENV)/.installed: requirements.txt
 	"$(PY)" -m pip install --quiet --upgrade pip
 	"$(PY)" -m pip install --quiet -r requirements.txt
 	touch "$@"
+
+demo: venv
+	"$(PY)" manage.py demo $(DEMO_ARGS)
+
+serve: venv
+	"$(PY)" manage.py serve
 
 test: venv
 	"$(PY)" -m pytest $(PYTEST_ARGS)

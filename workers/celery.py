@@ -1,5 +1,6 @@
 """The Celery app. Workers: ``celery -A workers worker -Q gpu,default``."""
 import os
+from pathlib import Path
 
 from celery import Celery
 
@@ -8,3 +9,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_service.settings")
 app = Celery("clip_audit")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workers"])
+
+
+@app.on_configure.connect
+def _make_filesystem_broker_folders(sender, **kwargs):
+    """kombu's filesystem transport (the one-machine default) needs its folders to exist."""
+    options = sender.conf.broker_transport_options or {}
+    for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+        if options.get(key):
+            Path(options[key]).mkdir(parents=True, exist_ok=True)

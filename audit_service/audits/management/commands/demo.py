@@ -1,0 +1,161 @@
+"""The main job on a fresh machine: a real audit of a small generated case through the running service.
+
+It generates (once, cached under var/demo/) a tiny OpenCLIP model, labelled
+images and a probe, starts the web server and a worker, registers everything
+through the HTTP API, submits the audit, follows its progress and prints where
+to look. Re-running reuses the cached files and registrations.
+"""
+import json
+import sys
+import time
+
+import requests
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from rest_framework.authtoken.models import Token
+
+from audit_service.audits import processes
+from audit_service.projects.models import Membership, Project, Role
+from audit_service.registry.services import sha256_of
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo-password"  # the demo serves 127.0.0.1 only
+DEMO_PROJECT = "Demo: skin lesions"
+DEMO_AUDIT = {"sae": {"steps": 600}, "expected_concepts": {"melanoma": ["melanoma"], "nevus": ["nevus"]}}
+
+
+class Command(BaseCommand):
+    help = "Generate a small case, run a real audit of it through the service and print where to look."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--exit", action="store_true", help="stop the server when the audit is done")
+
+    def handle(self, *args, port, exit, **options):
+        call_command("migrate", interactive=False, verbosity=0)
+        token = self._demo_account()
+        assets = self._assets()
+        base = f"http://127.0.0.1:{port}"
+        logs = settings.VAR_DIR / "logs"
+        worker = processes.start_worker(logs / "worker.log")
+        web = processes.start_web("127.0.0.1", port, logs / "web.log")
+        try:
+            processes.wait_until_up(f"{base}/api/v1/", web)
+            api = requests.Session()
+            api.headers["Authorization"] = f"Token {token}"
+            audit = self._run(api, base, assets)
+            if audit["status"] != "succeeded":
+                raise CommandError(f"the audit {audit['status']}: {audit['error'] or 'see ' + str(logs)}")
+            self._report(api, base, audit)
+            if not exit:
+                self.stdout.write("\nThe service keeps running so you can open the links; Ctrl-C stops it.")
+                web.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            processes.stop(web, worker)
+
+    # ------------------------------------------------------------------ set-up
+    def _demo_account(self) -> str:
+        User = get_user_model()
+        user, created = User.objects.get_or_create(username=DEMO_USER, defaults={"is_staff": True,
+                                                                                  "is_superuser": True})
+        if created:
+            user.set_password(DEMO_PASSWORD)
+            user.save()
+        project, _ = Project.objects.get_or_create(name=DEMO_PROJECT)
+        Membership.objects.get_or_create(project=project, user=user, defaults={"role": Role.OWNER})
+        self.project_id = project.id
+        return Token.objects.get_or_create(user=user)[0].key
+
+    def _assets(self) -> dict:
+        from workers import synthetic
+
+        folder = settings.VAR_DIR / "demo" / "assets"
+        paths = {"config": folder / "tiny-vit.json", "checkpoint": folder / "tiny-vit.safetensors",
+                 "dataset": folder / "lesions.zip", "probe": folder / "probe.npz"}
+        if not all(p.exists() for p in paths.values()):
+            self.stdout.write("Generating the demo case (a tiny OpenCLIP model, images, a probe) ...")
+            folder.mkdir(parents=True, exist_ok=True)
+            synthetic.write_tiny_model(folder)
+            synthetic.write_dataset_zip(paths["dataset"], per_class=60)
+            synthetic.fit_probe(paths["config"], paths["checkpoint"], paths["dataset"], paths["probe"])
+        return paths
+
+    # ------------------------------------------------------------------ the service path
+    def _find_or_create(self, api, base, kind: str, sha_field: str, sha: str, data: dict, files: dict) -> dict:
+        listing = api.get(f"{base}/api/v1/{kind}/", params={"project": self.project_id}).json()
+        for obj in listing["results"]:
+            if obj.get(sha_field) == sha:
+                return obj
+        opened = {k: open(v, "rb") for k, v in files.items()}
+        try:
+            response = api.post(f"{base}/api/v1/{kind}/", data={"project": self.project_id, **data}, files=opened)
+        finally:
+            for fh in opened.values():
+                fh.close()
+        if response.status_code != 201:
+            raise CommandError(f"registering {kind} failed: {response.status_code} {response.text}")
+        return response.json()
+
+    def _run(self, api, base, assets) -> dict:
+        with open(assets["checkpoint"], "rb") as fh:
+            model_sha = sha256_of(fh)
+        with open(assets["probe"], "rb") as fh:
+            probe_sha = sha256_of(fh)
+        with open(assets["dataset"], "rb") as fh:
+            data_sha = sha256_of(fh)
+        model = self._find_or_create(api, base, "models", "checkpoint_sha256", model_sha, {"name": "tiny ViT"},
+                                     {"model_config": assets["config"], "checkpoint": assets["checkpoint"]})
+        probe = self._find_or_create(api, base, "probes", "sha256", probe_sha,
+                                     {"name": "melanoma probe", "clip_model": model["id"]}, {"file": assets["probe"]})
+        dataset = self._find_or_create(api, base, "datasets", "sha256", data_sha, {"name": "generated lesions"},
+                                       {"archive": assets["dataset"]})
+        self.stdout.write(f"Registered model {model['id']}, probe {probe['id']}, dataset {dataset['id']} "
+                          f"({dataset['n_images']} images).")
+        response = api.post(f"{base}/api/v1/audits/", json={
+            "project": self.project_id, "clip_model": model["id"], "probe": probe["id"], "dataset": dataset["id"],
+            "config": DEMO_AUDIT})
+        if response.status_code != 201:
+            raise CommandError(f"submitting the audit failed: {response.status_code} {response.text}")
+        audit_id = response.json()["id"]
+        start = time.monotonic()
+        while True:
+            audit = api.get(f"{base}/api/v1/audits/{audit_id}/").json()
+            bar = "#" * int(audit["percent"] / 4)
+            sys.stdout.write(f"\raudit {audit_id}: [{bar:<25}] {audit['percent']:5.1f}% {audit['status']:<9} "
+                             f"{audit['stage']:<10} {time.monotonic() - start:5.0f}s")
+            sys.stdout.flush()
+            if audit["status"] in ("succeeded", "failed", "cancelled"):
+                sys.stdout.write("\n")
+                return audit
+            time.sleep(1)
+
+    def _report(self, api, base, audit) -> None:
+        audit_id = audit["id"]
+        summary = api.get(f"{base}/api/v1/audits/{audit_id}/summary/").json()
+        flags = api.get(f"{base}/api/v1/audits/{audit_id}/flags/", params={"head": "probe"}).json()["results"]
+        self.stdout.write(f"\nSAE: {summary['sae']['n_latents']} latents, k={summary['sae']['k']}, "
+                          f"FVU {summary['sae']['fvu']:.3f}, dead {summary['sae']['dead_fraction']:.1%}")
+        for name, c in summary["classes"].items():
+            self.stdout.write(f"  {name:<10} probe acc {c['probe_accuracy']:.2f}  zero-shot acc "
+                              f"{c['zero_shot_accuracy']:.2f}  flags probe/zero-shot {c['flags']['probe']}/"
+                              f"{c['flags']['zero_shot']}  share on flags probe {c['probe_share']:.2f} vs "
+                              f"zero-shot {c['zero_shot_share']:.2f}")
+        for f in flags[:10]:
+            causal = f["causal"] or {}
+            self.stdout.write(f"  flag: {f['class_name']:<10} latent {f['latent_index']:<4} '{f['label']}' "
+                              f"({f['category']}) share {f['share']:.2f}  ablation flips "
+                              f"{causal.get('ablation_flips')}/{causal.get('ablation_images')}")
+        out = settings.VAR_DIR / "demo" / f"audit-{audit_id}.json"
+        full = {"audit": audit, "summary": summary,
+                "flags": api.get(f"{base}/api/v1/audits/{audit_id}/flags/").json()["results"]}
+        out.write_text(json.dumps(full, indent=2))
+        self.stdout.write(f"\nWhere to look:\n  audit:   {base}/api/v1/audits/{audit_id}/\n"
+                          f"  summary: {base}/api/v1/audits/{audit_id}/summary/\n"
+                          f"  flags:   {base}/api/v1/audits/{audit_id}/flags/\n"
+                          f"  admin:   {base}/admin/audits/flag/?audit__id__exact={audit_id} "
+                          f"(user {DEMO_USER}, password {DEMO_PASSWORD})\n"
+                          f"  saved:   {out}")
