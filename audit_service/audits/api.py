@@ -38,7 +38,8 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             if objects[field] is None:
                 raise ValidationError({field: [f"no such {field.replace('_', ' ')} in this project"]})
         try:
-            audit = create_audit(project=project, user=request.user, options=data.get("config"), **objects)
+            audit = create_audit(project=project, user=request.user, options=data.get("config"),
+                                 context=data.get("context"), **objects)
         except RegistrationError as exc:
             raise as_validation_error(exc) from exc
         return Response(self.get_serializer(audit).data, status=status.HTTP_201_CREATED)

@@ -37,6 +37,7 @@ class Audit(models.Model):
     probe = models.ForeignKey(Probe, on_delete=models.PROTECT, related_name="audits")
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="audits")
     config = models.JSONField(default=dict)  # workers.engine.AuditConfig.to_dict()
+    context = models.JSONField(default=dict, blank=True)  # what the submitter attached, e.g. case-study metrics
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     stage = models.CharField(max_length=30, blank=True)
     percent = models.FloatField(default=0.0)  # overall, 0..100

@@ -9,14 +9,16 @@ class AuditSerializer(serializers.ModelSerializer):
     probe = serializers.IntegerField(source="probe_id")
     dataset = serializers.IntegerField(source="dataset_id")
     config = serializers.JSONField(required=False, help_text="audit options (workers.engine.AuditConfig)")
+    context = serializers.JSONField(required=False, help_text="free-form facts stored with the audit")
     n_flags = serializers.SerializerMethodField()
 
     class Meta:
         model = Audit
-        fields = ["id", "project", "clip_model", "probe", "dataset", "config", "status", "stage", "percent",
+        fields = ["id", "project", "clip_model", "probe", "dataset", "config", "context", "status", "stage", "percent",
                   "cancel_requested", "error", "attempts", "worker_host", "device", "timings", "created_at",
                   "started_at", "finished_at", "n_flags"]
-        read_only_fields = [f for f in fields if f not in ("project", "clip_model", "probe", "dataset", "config")]
+        read_only_fields = [f for f in fields
+                            if f not in ("project", "clip_model", "probe", "dataset", "config", "context")]
 
     def get_n_flags(self, audit) -> int | None:
         return audit.flags.count() if audit.status == "succeeded" else None

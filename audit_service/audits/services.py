@@ -8,7 +8,8 @@ from audit_service.registry.services import RegistrationError
 from .models import Audit, Status
 
 
-def create_audit(*, project, user, clip_model, probe, dataset, options: dict | None = None) -> Audit:
+def create_audit(*, project, user, clip_model, probe, dataset, options: dict | None = None,
+                 context: dict | None = None) -> Audit:
     """Validate the combination and the options, create the audit and enqueue it once the row is committed."""
     from workers.engine.config import AuditConfig
     from workers.engine.errors import EngineError
@@ -23,6 +24,8 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
     if unknown:
         raise RegistrationError(f"the dataset has classes the probe does not know: {', '.join(unknown)}; "
                                 f"the probe's classes are {', '.join(probe.class_names)}", field="dataset")
+    if context is not None and not isinstance(context, dict):
+        raise RegistrationError("context must be a JSON object", field="context")
     options = dict(options or {})
     for fixed in ("layer", "token"):
         if fixed in options:
@@ -39,7 +42,7 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
                                 field="project")
     with transaction.atomic():
         audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
-                                     config=config.to_dict(), created_by=user)
+                                     config=config.to_dict(), context=context or {}, created_by=user)
         transaction.on_commit(lambda: enqueue(audit.pk))
     return audit
 

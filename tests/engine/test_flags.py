@@ -20,7 +20,7 @@ def build_vocab() -> Vocabulary:
 
 def build_config(**overrides) -> AuditConfig:
     base = dict(general_vocabulary=False, expected_concepts=EXPECTED, flag_top_n=10, flag_min_share=0.05,
-                flag_max_alignment=0.05)
+                flag_max_alignment=0.05, flag_relative_alignment=0.0)
     base.update(overrides)
     return AuditConfig(**base)
 
@@ -102,6 +102,19 @@ def test_the_alignment_threshold_decides_whether_an_unexpected_latent_is_flagged
     assert [f["latent"] for f in run_flags(flag_max_alignment=0.26)] == [0, 2, 3]
     # Latent 2 aligns at exactly 0: a threshold of 0 stops it, latent 0 (-0.02) stays.
     assert [f["latent"] for f in run_flags(flag_max_alignment=0.0)] == [0]
+
+
+def test_a_latent_much_closer_to_its_own_label_than_to_the_class_is_flagged_on_any_scale():
+    # Bell pepper (latent 3) aligns 0.25 with melanoma's concepts, above the absolute threshold 0.05, and 0.14
+    # with its own label: not flagged. A model with larger alignments: its label 0.6 -> 0.25 < 0.5 * 0.6.
+    assert [f["latent"] for f in run_flags(flag_relative_alignment=0.5)] == [0, 2]
+    flags = find_flags("probe", torch.tensor([[s * 2 for s in MELANOMA_SHARE], [-1.0] * 6]),
+                       torch.tensor([MELANOMA_SHARE, [0.0] * 6]), CLASSES, labels=LABELS, label_indices=LABEL_INDICES,
+                       label_alignment=torch.tensor([0.11, 0.12, 0.13, 0.6, 0.0, 0.16]),
+                       expected_alignment=torch.tensor([MELANOMA_EXPECTED_ALIGNMENT, [-0.2] * 6]),
+                       name_alignment=torch.zeros(2, 6), clarity=torch.ones(6), vocab=build_vocab(),
+                       config=build_config(flag_relative_alignment=0.5))
+    assert [f["latent"] for f in flags] == [0, 2, 3]
 
 
 def test_a_latent_below_the_minimum_share_is_not_flagged():

@@ -56,7 +56,9 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
     A latent is flagged for class c when it is among the class's
     ``flag_top_n`` latents by share, holds at least ``flag_min_share`` of the
     class's positive relevance, its label is not one of c's expected concepts,
-    and its alignment with them is below ``flag_max_alignment``.
+    and its alignment with them is low: below ``flag_max_alignment``, or below
+    ``flag_relative_alignment`` times its alignment with its own label (so the
+    rule holds for models whose alignments are on a larger scale).
     """
     flags = []
     for c, name in enumerate(class_names):
@@ -70,7 +72,8 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
             if labels[latent] is None or label_indices[latent] in expected:
                 continue
             a = float(expected_alignment[c, latent])
-            if a >= config.flag_max_alignment:
+            own = float(label_alignment[latent])
+            if a >= config.flag_max_alignment and a >= config.flag_relative_alignment * own:
                 continue
             flags.append({
                 "head": head, "class_name": name, "latent": int(latent), "rank": rank,

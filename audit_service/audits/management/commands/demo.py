@@ -1,9 +1,12 @@
-"""The main job on a fresh machine: a real audit of a small generated case through the running service.
+"""The main job on a fresh machine: the skin-lesion case study, audited through the running service.
 
-It generates (once, cached under var/demo/) a tiny OpenCLIP model, labelled
-images and a probe, starts the web server and a worker, registers everything
-through the HTTP API, submits the audit, follows its progress and prints where
-to look. Re-running reuses the cached files and registrations.
+It builds (once, cached under ~/.cache/clip-audit/casestudy/) generated dermoscopy-like
+images with planted artifacts, a tiny OpenCLIP model trained on them from
+scratch, and a probe trained on a split where rulers come with melanomas;
+then it starts the web server and a worker, registers model, probe and
+dataset through the HTTP API, submits the audit, follows its progress and
+prints what it found and where to look. Re-running reuses the cached files
+and registrations.
 """
 import json
 import sys
@@ -23,7 +26,6 @@ from audit_service.registry.services import sha256_of
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-password"  # the demo serves 127.0.0.1 only
 DEMO_PROJECT = "Demo: skin lesions"
-DEMO_AUDIT = {"sae": {"steps": 600}, "expected_concepts": {"melanoma": ["melanoma"], "nevus": ["nevus"]}}
 
 
 class Command(BaseCommand):
@@ -71,18 +73,13 @@ class Command(BaseCommand):
         return Token.objects.get_or_create(user=user)[0].key
 
     def _assets(self) -> dict:
-        from workers import synthetic
+        from workers.casestudy.build import CaseConfig, build_case, default_cache, format_metrics
 
-        folder = settings.VAR_DIR / "demo" / "assets"
-        paths = {"config": folder / "tiny-vit.json", "checkpoint": folder / "tiny-vit.safetensors",
-                 "dataset": folder / "lesions.zip", "probe": folder / "probe.npz"}
-        if not all(p.exists() for p in paths.values()):
-            self.stdout.write("Generating the demo case (a tiny OpenCLIP model, images, a probe) ...")
-            folder.mkdir(parents=True, exist_ok=True)
-            synthetic.write_tiny_model(folder)
-            synthetic.write_dataset_zip(paths["dataset"], per_class=60)
-            synthetic.fit_probe(paths["config"], paths["checkpoint"], paths["dataset"], paths["probe"])
-        return paths
+        case = build_case(default_cache(), CaseConfig(), log=self.stdout.write)
+        self.case = case
+        self.stdout.write(format_metrics(case))
+        return {"config": case["model_config"], "checkpoint": case["checkpoint"], "probe": case["probe"],
+                "dataset": case["audit_dataset"]}
 
     # ------------------------------------------------------------------ the service path
     def _find_or_create(self, api, base, kind: str, sha_field: str, sha: str, data: dict, files: dict) -> dict:
@@ -107,17 +104,21 @@ class Command(BaseCommand):
             probe_sha = sha256_of(fh)
         with open(assets["dataset"], "rb") as fh:
             data_sha = sha256_of(fh)
-        model = self._find_or_create(api, base, "models", "checkpoint_sha256", model_sha, {"name": "tiny ViT"},
+        model = self._find_or_create(api, base, "models", "checkpoint_sha256", model_sha, {"name": "lesion CLIP"},
                                      {"model_config": assets["config"], "checkpoint": assets["checkpoint"]})
         probe = self._find_or_create(api, base, "probes", "sha256", probe_sha,
-                                     {"name": "melanoma probe", "clip_model": model["id"]}, {"file": assets["probe"]})
-        dataset = self._find_or_create(api, base, "datasets", "sha256", data_sha, {"name": "generated lesions"},
+                                     {"name": "melanoma probe (biased split)", "clip_model": model["id"]},
+                                     {"file": assets["probe"]})
+        dataset = self._find_or_create(api, base, "datasets", "sha256", data_sha, {"name": "lesions (held out)"},
                                        {"archive": assets["dataset"]})
         self.stdout.write(f"Registered model {model['id']}, probe {probe['id']}, dataset {dataset['id']} "
                           f"({dataset['n_images']} images).")
+        from workers.casestudy.build import audit_options
+
         response = api.post(f"{base}/api/v1/audits/", json={
             "project": self.project_id, "clip_model": model["id"], "probe": probe["id"], "dataset": dataset["id"],
-            "config": DEMO_AUDIT})
+            "config": audit_options(), "context": {"case_study": {"config": self.case["config"],
+                                                                   "metrics": self.case["metrics"]}}})
         if response.status_code != 201:
             raise CommandError(f"submitting the audit failed: {response.status_code} {response.text}")
         audit_id = response.json()["id"]
@@ -144,12 +145,18 @@ class Command(BaseCommand):
                               f"{c['zero_shot_accuracy']:.2f}  flags probe/zero-shot {c['flags']['probe']}/"
                               f"{c['flags']['zero_shot']}  share on flags probe {c['probe_share']:.2f} vs "
                               f"zero-shot {c['zero_shot_share']:.2f}")
+        planted = f"with {self.case['config']['artifact']}"
         for f in flags[:10]:
             causal = f["causal"] or {}
-            self.stdout.write(f"  flag: {f['class_name']:<10} latent {f['latent_index']:<4} '{f['label']}' "
-                              f"({f['category']}) share {f['share']:.2f}  ablation flips "
-                              f"{causal.get('ablation_flips')}/{causal.get('ablation_images')}")
+            mark = "  <- the planted shortcut" if f["label"] == planted and f["class_name"] == \
+                self.case["config"]["toward"] else ""
+            self.stdout.write(f"  flag: {f['class_name']:<9} rank {f['rank']} latent {f['latent_index']:<3} "
+                              f"'{f['label']}' ({f['category']}) share probe {f['probe_share']:.2f} vs zero-shot "
+                              f"{f['zero_shot_share']:.2f}; ablation flips {causal.get('ablation_flips')}/"
+                              f"{causal.get('ablation_images')}, insertion flips "
+                              f"{causal.get('insertion_flips_to_class')}/{causal.get('insertion_images')}{mark}")
         out = settings.VAR_DIR / "demo" / f"audit-{audit_id}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         full = {"audit": audit, "summary": summary,
                 "flags": api.get(f"{base}/api/v1/audits/{audit_id}/flags/").json()["results"]}
         out.write_text(json.dumps(full, indent=2))

@@ -1,0 +1,197 @@
+"""Build the whole case: splits, the tiny CLIP, the biased probe, and the numbers that show the shortcut.
+
+Everything is seeded and cached under one folder per configuration, so a
+machine trains the model once and re-runs reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_rates, read_split, render, write_split
+from .images import Sample
+from .pretrain import LESION_CLIP, caption_variants, to_pixels, train_clip
+
+GENERATOR_VERSION = 2  # bump when images, captions or training change: cached cases are rebuilt
+TEMPLATE = "a dermoscopy image {}."  # matches the captions: "a dermoscopy image of a melanoma with a ruler."
+CLASS_CONCEPTS = {"melanoma": "of a melanoma", "nevus": "of a nevus"}
+ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}
+
+
+@dataclass
+class CaseConfig:
+    seed: int = 0
+    n_pretrain: int = 3000
+    pretrain_steps: int = 900
+    batch_size: int = 128
+    n_probe_train: int = 800
+    n_audit: int = 800  # the audited dataset: the probe's test split, artifacts independent of the class
+    artifact: str = "a ruler"  # the planted shortcut ...
+    toward: str = "melanoma"  # ... correlated with this class in the probe's training split
+    strength: float = 0.8  # 0: no correlation; 1: the artifact appears in every melanoma and no nevus
+
+    def model_key(self) -> str:
+        parts = {k: getattr(self, k) for k in ("seed", "n_pretrain", "pretrain_steps", "batch_size")}
+        return _digest({"v": GENERATOR_VERSION, **parts, "clip": LESION_CLIP})
+
+    def key(self) -> str:
+        return _digest({"v": GENERATOR_VERSION, **asdict(self), "clip": LESION_CLIP})
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache() -> Path:
+    """Where cases are cached: one trained model per machine, shared by clones (CLIP_AUDIT_CACHE overrides)."""
+    import os
+
+    return Path(os.environ.get("CLIP_AUDIT_CACHE", Path.home() / ".cache" / "clip-audit")) / "casestudy"
+
+
+def audit_options(**overrides) -> dict:
+    """Audit options that speak the case's language (its captions)."""
+    options = {
+        "prompt_templates": [TEMPLATE],
+        "class_prompts": {c: [p] for c, p in CLASS_CONCEPTS.items()},
+        "expected_concepts": {c: [p] for c, p in CLASS_CONCEPTS.items()},
+        "artifact_vocabulary": list(ARTIFACT_CONCEPTS.values()),
+        "general_vocabulary": False,
+        # a small dictionary with room for several concepts per image: the tiny model's embedding holds few
+        # concepts, and a tight k makes the SAE merge "melanoma with a ruler" into one latent
+        "sae": {"n_latents": 48, "k": 10},
+    }
+    options.update(overrides)
+    return options
+
+
+def _images(folder: Path) -> tuple[np.ndarray, list[dict]]:
+    rows = read_split(folder)
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(folder / r["image"]).convert("RGB")) for r in rows]), rows
+
+
+def _embed(bundle, images: np.ndarray) -> torch.Tensor:
+    norm = bundle.preprocess.transforms[-1]
+    with torch.no_grad():
+        return torch.cat([F.normalize(bundle.model.encode_image(to_pixels(images[i:i + 256], norm.mean, norm.std)),
+                                      dim=-1) for i in range(0, len(images), 256)])
+
+
+def zip_split(folder: Path, out: Path) -> Path:
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.write(folder / "labels.csv", "labels.csv")
+        for p in sorted((folder / "images").iterdir()):
+            zf.write(p, f"images/{p.name}")
+    return out
+
+
+def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = print) -> dict:
+    """Build (or reuse) the case under ``root``; returns its paths and metrics (``case.json``)."""
+    from safetensors.torch import save_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from workers.engine.heads import LinearProbe, encode_concepts
+    from workers.engine.loading import load_clip
+
+    case_dir = root / f"case-{config.key()}"
+    if (case_dir / "case.json").is_file():
+        return json.loads((case_dir / "case.json").read_text())
+    rng = np.random.default_rng(config.seed)
+    model_dir = root / f"model-{config.model_key()}"
+    config_path, ckpt = model_dir / "lesion-clip.json", model_dir / "lesion-clip.safetensors"
+    if not ckpt.is_file():
+        log(f"Generating {config.n_pretrain} pre-training images (artifacts independent of the class) ...")
+        pre_dir = write_split(model_dir / "pretrain", draw_samples(config.n_pretrain, np.random.default_rng(
+            [config.seed, 1]), independent_rates(0.3)), np.random.default_rng([config.seed, 2]))
+        images, rows = _images(pre_dir)
+        torch.manual_seed(config.seed)
+        bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
+        log(f"Training a tiny OpenCLIP ViT from scratch ({config.pretrain_steps} steps on the CPU) ...")
+        samples = [Sample(r["label"], [a for a in ARTIFACTS if r[a] == "1"]) for r in rows]
+        train_clip(bundle, images, caption_variants(samples), steps=config.pretrain_steps,
+                   batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
+        config_path.write_text(json.dumps(LESION_CLIP, indent=2))
+        save_file({k: v.detach().contiguous().clone() for k, v in bundle.model.state_dict().items()},
+                  str(ckpt.with_suffix(".part")))
+        ckpt.with_suffix(".part").replace(ckpt)
+    bundle = load_clip(model_config=config_path, checkpoint=ckpt)
+
+    log(f"Generating the probe's splits: train with '{config.artifact}' tied to {config.toward} "
+        f"(strength {config.strength}), test with every artifact independent ...")
+    train_dir = write_split(case_dir / "probe-train", draw_samples(config.n_probe_train, np.random.default_rng(
+        [config.seed, 3]), biased_rates(config.artifact, config.toward, config.strength)),
+        np.random.default_rng([config.seed, 4]))
+    test_rates = independent_rates(0.3)
+    test_rates[config.artifact] = {c: 0.5 for c in CLASSES}
+    test_dir = write_split(case_dir / "audit", draw_samples(config.n_audit, np.random.default_rng([config.seed, 5]),
+                                                            test_rates), np.random.default_rng([config.seed, 6]))
+    train_images, train_rows = _images(train_dir)
+    test_images, test_rows = _images(test_dir)
+    train_emb, test_emb = _embed(bundle, train_images), _embed(bundle, test_images)
+    classes = sorted(CLASSES)
+    y_train = np.array([classes.index(r["label"]) for r in train_rows])
+    y_test = np.array([classes.index(r["label"]) for r in test_rows])
+    clf = LogisticRegression(max_iter=5000, C=1.0).fit(train_emb.numpy(), y_train)
+    probe_path = case_dir / "probe.npz"
+    LinearProbe(clf.coef_, clf.intercept_, classes, "l2").save(probe_path)
+
+    class_text = encode_concepts(bundle, [CLASS_CONCEPTS[c] for c in classes], [TEMPLATE])
+    zs_pred = (test_emb @ class_text.T).argmax(1).numpy()
+    probe_pred = clf.predict(test_emb.numpy())
+    has = np.array([r[config.artifact] == "1" for r in test_rows])
+    accuracy = {}
+    for name, pred in (("probe", probe_pred), ("zero_shot", zs_pred)):
+        accuracy[name] = {"overall": float((pred == y_test).mean()), "per_class": {}}
+        for c, cname in enumerate(classes):
+            own = y_test == c
+            accuracy[name]["per_class"][cname] = {
+                f"with {config.artifact}": float((pred[own & has] == c).mean()),
+                f"without {config.artifact}": float((pred[own & ~has] == c).mean()),
+            }
+    artifact_text = encode_concepts(bundle, [ARTIFACT_CONCEPTS[a] for a in ARTIFACTS], [TEMPLATE])
+    empty = encode_concepts(bundle, [""], [TEMPLATE])[0]
+    auroc = {a: float(roc_auc_score([r[a] == "1" for r in test_rows], (test_emb @ (artifact_text[i] - empty)).numpy()))
+             for i, a in enumerate(ARTIFACTS)}
+    case = {
+        "config": asdict(config), "model_config": str(config_path), "checkpoint": str(ckpt),
+        "probe": str(probe_path), "audit_dataset": str(zip_split(test_dir, case_dir / "audit.zip")),
+        "probe_train_dir": str(train_dir), "audit_dir": str(test_dir),
+        "metrics": {"zero_shot_class_accuracy": accuracy["zero_shot"]["overall"], "artifact_auroc": auroc,
+                    "accuracy": accuracy},
+    }
+    (case_dir / "case.json").write_text(json.dumps(case, indent=2))
+    return case
+
+
+def _bar(log):
+    def report(step: int, total: int, elapsed: float) -> None:
+        if step == 1 or step % max(1, total // 10) < 20 or step == total:
+            eta = elapsed / step * (total - step)
+            log(f"  step {step}/{total}  {elapsed:5.0f}s elapsed, ~{eta:4.0f}s left")
+
+    return report
+
+
+def format_metrics(case: dict) -> str:
+    m = case["metrics"]
+    artifact = case["config"]["artifact"]
+    lines = [f"Zero-shot class accuracy of the tiny CLIP: {m['zero_shot_class_accuracy']:.3f}",
+             "AUROC of each artifact's text prompt: " + ", ".join(f"{a} {v:.3f}" for a, v in m["artifact_auroc"].items()),
+             f"Test accuracy with and without {artifact} (artifact independent of the class in the test split):",
+             f"  {'class':<10} {'probe with':>11} {'probe w/o':>10} {'zero-shot with':>15} {'zero-shot w/o':>14}"]
+    for c in sorted(CLASSES):
+        p, z = m["accuracy"]["probe"]["per_class"][c], m["accuracy"]["zero_shot"]["per_class"][c]
+        lines.append(f"  {c:<10} {p[f'with {artifact}']:>11.3f} {p[f'without {artifact}']:>10.3f} "
+                     f"{z[f'with {artifact}']:>15.3f} {z[f'without {artifact}']:>14.3f}")
+    return "\n".join(lines)
