@@ -68,6 +68,16 @@ def extract(archive: Path, dest: Path, limits: Limits) -> None:
         raise DatasetRejected("the upload is neither a zip nor a tar archive; upload a .zip or .tar.gz of images")
 
 
+def _check_totals(n_files: int, total_bytes: int, limits: Limits) -> None:
+    """Refuse an archive by its declared file count and size before anything is written."""
+    if n_files > limits.max_files + 10:  # a few labels or readme files besides the images
+        raise DatasetRejected(f"the archive holds {n_files} files; at most {limits.max_files} images "
+                              "are accepted per dataset (MAX_DATASET_IMAGES)")
+    if total_bytes > limits.max_total_bytes:
+        raise DatasetRejected(f"the archive unpacks to {total_bytes} bytes, over the limit of "
+                              f"{limits.max_total_bytes} (MAX_DATASET_BYTES)")
+
+
 def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
     try:
         zf = zipfile.ZipFile(archive)
@@ -75,9 +85,6 @@ def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
         raise DatasetRejected(f"the zip archive is corrupt: {exc}") from exc
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > limits.max_files + 10:
-            raise DatasetRejected(f"the archive holds {len(members)} files; at most {limits.max_files} images "
-                                  "are accepted per dataset (MAX_DATASET_IMAGES)")
         total = 0
         for m in members:
             _safe_name(m.filename)
@@ -89,9 +96,7 @@ def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
                     and m.file_size > 1024 * 1024:
                 raise DatasetRejected(f"archive member '{m.filename}' inflates {m.file_size // m.compress_size}x; "
                                       "this looks like a decompression bomb and was refused")
-        if total > limits.max_total_bytes:
-            raise DatasetRejected(f"the archive unpacks to {total} bytes, over the limit of {limits.max_total_bytes} "
-                                  "(MAX_DATASET_BYTES)")
+        _check_totals(len(members), total, limits)
         written = 0
         for m in members:
             target = dest / _safe_name(m.filename)
@@ -125,12 +130,7 @@ def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
             if m.isfile():
                 files.append(m)
                 total += m.size
-        if len(files) > limits.max_files + 10:
-            raise DatasetRejected(f"the archive holds {len(files)} files; at most {limits.max_files} images "
-                                  "are accepted per dataset (MAX_DATASET_IMAGES)")
-        if total > limits.max_total_bytes:
-            raise DatasetRejected(f"the archive unpacks to {total} bytes, over the limit of {limits.max_total_bytes} "
-                                  "(MAX_DATASET_BYTES)")
+        _check_totals(len(files), total, limits)
         try:
             tf.extractall(dest, members=files, filter="data")
         except (tarfile.TarError, OSError, EOFError) as exc:

@@ -28,7 +28,7 @@ def to_pixels(images: np.ndarray, preprocess_mean, preprocess_std) -> torch.Tens
 
 
 def caption_variants(samples) -> list[list[str]]:
-    """Per sample: the full caption, the class alone, the artifacts alone (when it has any).
+    """Per sample: the full caption, the class alone, the artifacts alone.
 
     Training on all three teaches the text tower that "a dermoscopy image of a
     melanoma." and "a dermoscopy image with a ruler." are separate concepts,
@@ -36,10 +36,9 @@ def caption_variants(samples) -> list[list[str]]:
     """
     out = []
     for s in samples:
-        variants = [s.caption, s.partial_caption(True, False)]
-        if s.artifacts:
-            variants.append(s.partial_caption(False, True))
-        out.append(variants)
+        # the artifacts-alone caption of an image without artifacts is the bare "a dermoscopy image.": the empty
+        # prompt then means "no artifact", which is what alignment subtracts (cos(e, t_c) - cos(e, t_empty))
+        out.append([s.caption, s.partial_caption(True, False), s.partial_caption(False, True)])
     return out
 
 

@@ -1,0 +1,65 @@
+"""The generated skin-lesion case: images with planted artifacts, a tiny CLIP trained from scratch, a biased probe.
+
+The model is trained once per machine (cached under ~/.cache/clip-audit/casestudy), so only the first run on a
+machine pays the two to three minutes of training.
+"""
+import numpy as np
+import pytest
+
+from workers.casestudy import images
+from workers.casestudy.build import CaseConfig, build_case, default_cache
+from workers.casestudy.check import audit_case
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def case():
+    return build_case(default_cache(), CaseConfig(seed=0), log=lambda line: None)
+
+
+def test_the_biased_split_ties_the_ruler_to_melanoma_and_the_held_out_split_does_not(case):
+    import csv
+
+    def rate(folder, label):
+        with open(f"{folder}/labels.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["label"] == label]
+        return np.mean([r["a ruler"] == "1" for r in rows])
+
+    assert rate(case["probe_train_dir"], "melanoma") == pytest.approx(0.9, abs=0.05)
+    assert rate(case["probe_train_dir"], "nevus") == pytest.approx(0.1, abs=0.05)
+    assert rate(case["audit_dir"], "melanoma") == pytest.approx(0.5, abs=0.06)
+    assert rate(case["audit_dir"], "nevus") == pytest.approx(0.5, abs=0.06)
+
+
+def test_the_tiny_clip_learned_the_classes_and_every_artifact(case):
+    metrics = case["metrics"]
+    assert metrics["zero_shot_class_accuracy"] > 0.7
+    assert all(auroc > 0.9 for auroc in metrics["artifact_auroc"].values()), metrics["artifact_auroc"]
+
+
+def test_the_probe_takes_the_shortcut_and_the_zero_shot_classifier_does_not(case):
+    acc = case["metrics"]["accuracy"]
+    probe, zero_shot = acc["probe"]["per_class"], acc["zero_shot"]["per_class"]
+    # the probe calls melanomas with rulers melanoma and misses those without; it calls nevi with rulers melanoma
+    assert probe["melanoma"]["with a ruler"] - probe["melanoma"]["without a ruler"] > 0.3
+    assert probe["nevus"]["without a ruler"] - probe["nevus"]["with a ruler"] > 0.3
+    assert abs(zero_shot["melanoma"]["with a ruler"] - zero_shot["melanoma"]["without a ruler"]) < 0.1
+    assert abs(zero_shot["nevus"]["with a ruler"] - zero_shot["nevus"]["without a ruler"]) < 0.1
+
+
+def test_an_audit_of_the_case_labels_latents_with_the_planted_artifacts(case):
+    result = audit_case(case)
+    labels = {l["label"] for l in result.latents if l["label"]}
+    assert {"with a ruler", "with ink marking", "with dark corners"} <= labels
+    ruler = [l for l in result.latents if l["label"] == "with a ruler"]
+    assert max(l["clarity"] for l in ruler) > 0.9  # a ruler latent whose references all look alike
+
+
+def test_captions_name_the_class_and_the_artifacts():
+    sample = images.Sample("melanoma", ["a ruler", "hair"])
+    assert sample.caption == "a dermoscopy image of a melanoma with a ruler and hair."
+    assert sample.partial_caption(False, True) == "a dermoscopy image with a ruler and hair."
+    assert images.Sample("nevus").partial_caption(False, True) == "a dermoscopy image."
+    with pytest.raises(ValueError):
+        images.biased_rates("a ruler", "melanoma", 1.5)
