@@ -48,6 +48,28 @@ class _Progress:
             raise AuditCancelled()
 
 
+ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz")
+
+
+def save_artifacts(audit, workdir) -> dict:
+    """Copy the SAE and the full relevance tables into the media store; returns their storage keys.
+
+    The activation cache stays on the worker's scratch disk and is deleted with it.
+    """
+    from django.core.files import File
+    from django.core.files.storage import default_storage
+
+    prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
+    keys = {}
+    for rel in ARTIFACTS:
+        key = f"{prefix}/{rel}"
+        if default_storage.exists(key):  # a re-delivered task: replace, never pile up copies
+            default_storage.delete(key)
+        with open(workdir / rel, "rb") as fh:
+            keys[rel] = default_storage.save(key, File(fh))
+    return keys
+
+
 @shared_task(bind=True, name="workers.tasks.run_audit", acks_late=True, reject_on_worker_lost=True,
              max_retries=5, autoretry_for=(OperationalError,), retry_backoff=True)
 def run_audit(self, audit_id: int) -> None:
@@ -80,7 +102,16 @@ def run_audit(self, audit_id: int) -> None:
         config = AuditConfig.from_dict(audit.config)
         result = engine_run_audit(config, bundle, probe, images, _Progress(audit), workdir=workdir)
         Audit.objects.filter(pk=audit.pk).update(device=result.environment["device"])
-        store_result(audit, result.to_dict(), result.timings)
+        data = result.to_dict()
+        data["artifacts"] = save_artifacts(audit, workdir)
+        try:
+            store_result(audit, data, result.timings)
+        except Exception:
+            from django.core.files.storage import default_storage
+
+            for key in data["artifacts"].values():  # no files of an audit that is not shown as finished
+                default_storage.delete(key)
+            raise
     except AuditCancelled:
         audit.refresh_from_db()
         audit.confirm_cancelled()

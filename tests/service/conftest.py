@@ -1,6 +1,5 @@
 """Service test fixtures: three personas in a project (owner, member, viewer), an outsider, and input files."""
-import io
-import shutil
+import json
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,6 @@ from rest_framework.test import APIClient
 
 from audit_service.projects.models import Membership, Project, Role
 from workers import synthetic
-
-ASSETS: dict = {}
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +64,7 @@ def registered(project, users, assets):
     from audit_service.registry import services
 
     model = services.register_model(project=project, user=users["member"], name="tiny",
-                                    model_config=__import__("json").loads(assets["config"].read_text()),
+                                    model_config=json.loads(assets["config"].read_text()),
                                     checkpoint=upload(assets["checkpoint"]))
     probe = services.register_probe(project=project, user=users["member"], name="melanoma probe",
                                     clip_model=model, file=upload(assets["probe"]))

@@ -67,6 +67,15 @@ def test_the_task_runs_an_audit_and_stores_its_rows(audit):
     assert Flag.objects.filter(audit=audit).count() == len(audit.result["flags"])
     assert set(audit.timings) == {"extract", "train_sae", "attribute", "label", "flag", "confirm"}
     assert not (settings.AUDIT_WORK_DIR / f"audit-{audit.pk}").exists()
+    from django.core.files.storage import default_storage
+
+    from workers.engine.sae import TopKSAE
+
+    keys = audit.result["artifacts"]
+    assert set(keys) == {"sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz"}
+    assert all(default_storage.exists(k) for k in keys.values())
+    sae_dir = settings.MEDIA_ROOT / keys["sae/sae.json"].rsplit("/", 1)[0]
+    assert TopKSAE.load(sae_dir).n_latents == audit.result["sae"]["n_latents"]
 
 
 def test_a_failed_stage_leaves_the_audit_failed_with_the_engines_message_and_no_rows(audit, monkeypatch):

@@ -1,7 +1,7 @@
 """Every endpoint x (owner, member, viewer, outsider, anonymous): outsiders see nothing, viewers cannot write."""
 import pytest
 
-from audit_service.audits.models import Flag, Review, Status
+from audit_service.audits.models import Flag, Review
 from audit_service.audits.services import create_audit
 from audit_service.audits.models import store_result
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_rates, read_split, render, write_split
+from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_rates, read_split, write_split
 from .images import Sample
 from .pretrain import LESION_CLIP, caption_variants, to_pixels, train_clip
 
@@ -107,7 +107,6 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
     case_dir = root / f"case-{config.key()}"
     if (case_dir / "case.json").is_file():
         return json.loads((case_dir / "case.json").read_text())
-    rng = np.random.default_rng(config.seed)
     model_dir = root / f"model-{config.model_key()}"
     config_path, ckpt = model_dir / "lesion-clip.json", model_dir / "lesion-clip.safetensors"
     if not ckpt.is_file():
