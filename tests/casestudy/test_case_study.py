@@ -48,12 +48,16 @@ def test_the_probe_takes_the_shortcut_and_the_zero_shot_classifier_does_not(case
     assert abs(zero_shot["nevus"]["with a ruler"] - zero_shot["nevus"]["without a ruler"]) < 0.1
 
 
-def test_an_audit_of_the_case_labels_latents_with_the_planted_artifacts(case):
+def test_an_audit_of_the_case_finds_a_ruler_latent_whose_references_all_show_a_ruler(case):
+    import csv
+
     result = audit_case(case)
-    labels = {l["label"] for l in result.latents if l["label"]}
-    assert {"with a ruler", "with ink marking", "with dark corners"} <= labels
+    with open(f"{case['audit_dir']}/labels.csv", newline="") as fh:
+        has_ruler = {r["image"]: r["a ruler"] == "1" for r in csv.DictReader(fh)}
     ruler = [l for l in result.latents if l["label"] == "with a ruler"]
-    assert max(l["clarity"] for l in ruler) > 0.9  # a ruler latent whose references all look alike
+    assert ruler
+    best = max(ruler, key=lambda l: l["clarity"])
+    assert len(best["references"]) == 16 and all(has_ruler[r] for r in best["references"])
 
 
 def test_captions_name_the_class_and_the_artifacts():

@@ -20,7 +20,7 @@ def build_vocab() -> Vocabulary:
 
 def build_config(**overrides) -> AuditConfig:
     base = dict(general_vocabulary=False, expected_concepts=EXPECTED, flag_top_n=10, flag_min_share=0.05,
-                flag_max_alignment=0.05, flag_relative_alignment=0.0)
+                flag_max_alignment=0.05, flag_relative_alignment=0.0, flag_class_margin=0.0)
     base.update(overrides)
     return AuditConfig(**base)
 
@@ -117,6 +117,21 @@ def test_a_latent_much_closer_to_its_own_label_than_to_the_class_is_flagged_on_a
     assert [f["latent"] for f in flags] == [0, 2, 3]
 
 
+def test_a_latent_that_aligns_with_every_class_alike_does_not_mean_the_class():
+    # Bell pepper (latent 3) aligns 0.25 with melanoma: above both other thresholds. Nevus' concepts: 0.24 -> the
+    # latent tells the classes apart by only 0.01, below the margin 0.02, so it is flagged; at 0.0 it is not.
+    def flags(margin):
+        return find_flags("probe", torch.tensor([[s * 2 for s in MELANOMA_SHARE], [-1.0] * 6]),
+                          torch.tensor([MELANOMA_SHARE, [0.0] * 6]), CLASSES, labels=LABELS,
+                          label_indices=LABEL_INDICES, label_alignment=torch.tensor([0.11, 0.12, 0.13, 0.14, 0.0, 0.16]),
+                          expected_alignment=torch.tensor([MELANOMA_EXPECTED_ALIGNMENT, [-0.2, -0.2, -0.2, 0.24, -0.2, -0.2]]),
+                          name_alignment=torch.zeros(2, 6), clarity=torch.ones(6), vocab=build_vocab(),
+                          config=build_config(flag_class_margin=margin))
+
+    assert [f["latent"] for f in flags(0.02)] == [0, 2, 3]
+    assert [f["latent"] for f in flags(0.0)] == [0, 2]
+
+
 def test_a_latent_below_the_minimum_share_is_not_flagged():
     assert [f["latent"] for f in run_flags(flag_min_share=0.2)] == [0]
     assert [f["latent"] for f in run_flags(flag_min_share=0.5)] == []
@@ -175,3 +190,20 @@ def test_artifact_categories_win_over_polysemy():
     config = build_config()
     assert categorize("a ruler", 2, vocab, "melanoma", True, 0.9, config) == "dataset_artifact"
     assert categorize("text", 3, vocab, "melanoma", True, 0.9, config) == "visual_text"
+
+
+def test_a_latent_labelled_with_its_own_class_name_is_never_flagged_for_that_class():
+    from workers.engine.semantics import Vocabulary
+
+    config = AuditConfig(general_vocabulary=False, artifact_vocabulary=("a ruler",), flag_relative_alignment=0.0,
+                         flag_class_margin=0.0, expected_concepts={"melanoma": ["of a melanoma"],
+                                                                   "nevus": ["of a nevus"]})
+    vocab = Vocabulary.build(CLASSES, config.expected_concepts, config.artifact_vocabulary, False)
+    labels = ["nevus", "of a melanoma"]
+    flags = find_flags("probe", torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+                       CLASSES, labels=labels, label_indices=[vocab.index[l] for l in labels],
+                       label_alignment=torch.tensor([0.3, 0.3]), expected_alignment=torch.full((2, 2), -0.1),
+                       name_alignment=torch.zeros(2, 2), clarity=torch.ones(2), vocab=vocab, config=config)
+    # latent 0 ("nevus") is relevant for nevus: its own name, not flagged; latent 1 ("of a melanoma") is relevant
+    # for melanoma: its own concept, not flagged
+    assert flags == []

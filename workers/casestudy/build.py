@@ -65,9 +65,9 @@ def audit_options(**overrides) -> dict:
         "expected_concepts": {c: [p] for c, p in CLASS_CONCEPTS.items()},
         "artifact_vocabulary": list(ARTIFACT_CONCEPTS.values()),
         "general_vocabulary": False,
-        # a small dictionary with room for several concepts per image: the tiny model's embedding holds few
-        # concepts, and a tight k makes the SAE merge "melanoma with a ruler" into one latent
-        "sae": {"n_latents": 48, "k": 10},
+        # a dictionary about the size of the case's concept count: the tiny model's embedding holds a handful
+        # of concepts, and larger dictionaries split the ruler into "ruler on a melanoma" / "ruler on a nevus"
+        "sae": {"n_latents": 16, "k": 4},
     }
     options.update(overrides)
     return options

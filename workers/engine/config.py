@@ -110,7 +110,8 @@ class AuditConfig(_DictMixin):
     flag_top_n: int = 10  # a flag must be among the class's top-n latents by relevance share ...
     flag_min_share: float = 0.05  # ... and hold at least this share of the class's positive relevance ...
     flag_max_alignment: float = 0.05  # ... while aligning with the expected concepts below this,
-    flag_relative_alignment: float = 0.5  # ... or below this fraction of its alignment with its own label
+    flag_relative_alignment: float = 0.5  # ... or below this fraction of its alignment with its own label,
+    flag_class_margin: float = 0.02  # ... or exceeding other classes' expected alignment by less than this
     amplification_ratio: float = 1.5  # probe share >= ratio x zero-shot share counts as amplified
     faithfulness_steps: int = 20  # deletion curve length n = 1..N
     faithfulness_max_images: int = 256  # images per class used for deletion curves
@@ -136,6 +137,7 @@ class AuditConfig(_DictMixin):
         _check(1 <= self.flag_top_n, "flag_top_n must be at least 1")
         _check(0.0 <= self.flag_min_share <= 1.0, "flag_min_share must be within [0, 1]")
         _check(0.0 <= self.flag_relative_alignment <= 1.0, "flag_relative_alignment must be within [0, 1]")
+        _check(self.flag_class_margin >= 0.0, "flag_class_margin must be >= 0")
         _check(self.amplification_ratio >= 1.0, "amplification_ratio must be >= 1")
         _check(self.faithfulness_steps >= 1, "faithfulness_steps must be at least 1")
         _check(self.faithfulness_max_images >= 1, "faithfulness_max_images must be at least 1")

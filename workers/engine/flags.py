@@ -39,6 +39,8 @@ def categorize(label: str | None, label_index: int | None, vocab: Vocabulary, cl
     category = vocab.categories[label_index]
     if category in ("dataset_artifact", "visual_text"):
         return category
+    if vocab.sources[label_index] == "class" or vocab.sources[label_index].startswith("expected:"):
+        return "other"  # another class's concept: not a second sense of this class's name
     # The latent matches the class's name but not what the class means: another sense of the word.
     if explicit_expected and name_alignment >= config.flag_max_alignment:
         return "polysemy"
@@ -57,12 +59,17 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
     ``flag_top_n`` latents by share, holds at least ``flag_min_share`` of the
     class's positive relevance, its label is not one of c's expected concepts,
     and its alignment with them is low: below ``flag_max_alignment``, or below
-    ``flag_relative_alignment`` times its alignment with its own label (so the
-    rule holds for models whose alignments are on a larger scale).
+    ``flag_relative_alignment`` times its alignment with its own label, or
+    above the best other class's expected alignment by less than
+    ``flag_class_margin`` (the last two keep the rule meaningful for models
+    whose alignments are all large: a ruler seen on both classes aligns with
+    both classes alike, so it does not mean either).
     """
     flags = []
     for c, name in enumerate(class_names):
-        expected = {i for i in vocab.expected_indices(name, config.expected_concepts)}
+        expected = set(vocab.expected_indices(name, config.expected_concepts))
+        if name.lower() in vocab.index:  # the class's own name always means the class
+            expected.add(vocab.index[name.lower()])
         explicit = bool(config.expected_concepts.get(name))
         ranked = torch.argsort(share[c], descending=True)[: config.flag_top_n].tolist()
         for rank, latent in enumerate(ranked, start=1):
@@ -73,7 +80,9 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
                 continue
             a = float(expected_alignment[c, latent])
             own = float(label_alignment[latent])
-            if a >= config.flag_max_alignment and a >= config.flag_relative_alignment * own:
+            others = [float(expected_alignment[o, latent]) for o in range(len(class_names)) if o != c]
+            distinct = not others or a - max(others) >= config.flag_class_margin
+            if a >= config.flag_max_alignment and a >= config.flag_relative_alignment * own and distinct:
                 continue
             flags.append({
                 "head": head, "class_name": name, "latent": int(latent), "rank": rank,
