@@ -15,7 +15,9 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# No file prerequisite: the folder name already carries the hash of requirements.txt, and a fresh clone's
+# requirements.txt is always newer than a cached venv, which would reinstall it on every CI run.
+$(VENV)/.installed:
 	rm -rf "$(VENV)"
 	$(PYTHON) -m venv "$(VENV)"
 	"$(PY)" -m pip install --quiet --upgrade pip
