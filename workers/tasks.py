@@ -9,6 +9,8 @@ from datetime import timedelta
 
 from celery import shared_task
 from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import default_storage
 from django.db import OperationalError
 from django.utils import timezone
 
@@ -56,9 +58,6 @@ def save_artifacts(audit, workdir) -> dict:
 
     The activation cache stays on the worker's scratch disk and is deleted with it.
     """
-    from django.core.files import File
-    from django.core.files.storage import default_storage
-
     prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
     keys = {}
     for rel in ARTIFACTS:
@@ -107,8 +106,6 @@ def run_audit(self, audit_id: int) -> None:
         try:
             store_result(audit, data, result.timings)
         except Exception:
-            from django.core.files.storage import default_storage
-
             for key in data["artifacts"].values():  # no files of an audit that is not shown as finished
                 default_storage.delete(key)
             raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -37,14 +36,33 @@ def sha256_of(fileobj) -> str:
     return digest.hexdigest()
 
 
-def _spool(upload, suffix: str, folder: Path) -> Path:
-    """Write an uploaded file to a private temporary path (the engine reads paths)."""
+def _spool(upload, suffix: str, folder: Path) -> tuple[Path, str]:
+    """Write an uploaded file to a private temporary path (the engine reads paths); returns it and its sha256.
+
+    The hash is taken while copying, so a large checkpoint or archive is read once, not twice.
+    """
     path = folder / f"upload{suffix}"
+    digest = hashlib.sha256()
     upload.seek(0)
     with open(path, "wb") as out:
-        shutil.copyfileobj(upload, out, 1 << 20)
+        for chunk in iter(lambda: upload.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
     upload.seek(0)
-    return path
+    return path, digest.hexdigest()
+
+
+def _save_with_file(record, field_file, upload) -> None:
+    """Store ``upload`` in ``field_file`` and save ``record``; a failed save leaves no stored file behind."""
+    with transaction.atomic():
+        if upload is not None:
+            field_file.save(Path(upload.name).name, File(upload), save=False)
+        try:
+            record.save()
+        except Exception:
+            if field_file:
+                field_file.delete(save=False)
+            raise
 
 
 def _check_size(upload, what: str) -> None:
@@ -108,10 +126,9 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
                                     f"{known}", field="pretrained_tag")
     else:
         _check_size(checkpoint, "checkpoint")
-        sha = sha256_of(checkpoint)
         suffix = Path(checkpoint.name).suffix.lower()
         with tempfile.TemporaryDirectory() as tmp:
-            path = _spool(checkpoint, suffix, Path(tmp))
+            path, sha = _spool(checkpoint, suffix, Path(tmp))
             try:
                 load_clip(architecture or None, checkpoint=path, model_config=model_config)
             except EngineError as exc:
@@ -119,15 +136,7 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
     clip_model = ClipModel(project=project, name=name, architecture=architecture, pretrained_tag=pretrained_tag,
                            checkpoint_sha256=sha, model_config=model_config, layer=layer, token=token,
                            created_by=user, **shape)
-    with transaction.atomic():
-        if checkpoint is not None:
-            clip_model.checkpoint.save(Path(checkpoint.name).name, File(checkpoint), save=False)
-        try:
-            clip_model.save()
-        except Exception:
-            if clip_model.checkpoint:
-                clip_model.checkpoint.delete(save=False)
-            raise
+    _save_with_file(clip_model, clip_model.checkpoint, checkpoint)
     return clip_model
 
 
@@ -145,22 +154,16 @@ def register_probe(*, project, user, name: str, clip_model: ClipModel, file, cla
     if suffix not in (".npz", ".safetensors"):
         raise RegistrationError(f"probe files must be .npz or .safetensors, got '{suffix or file.name}'", field="file")
     with tempfile.TemporaryDirectory() as tmp:
-        path = _spool(file, suffix, Path(tmp))
+        path, sha = _spool(file, suffix, Path(tmp))
         try:
             probe = LinearProbe.load(path, class_names=class_names or None, normalization=normalization or None)
             probe.check_fits(clip_model.embed_dim)
         except EngineError as exc:
             raise RegistrationError(exc.message, field="file") from exc
-    record = Probe(project=project, clip_model=clip_model, name=name, sha256=sha256_of(file),
+    record = Probe(project=project, clip_model=clip_model, name=name, sha256=sha,
                    class_names=probe.class_names, normalization=probe.normalization, embed_dim=probe.embed_dim,
                    created_by=user)
-    with transaction.atomic():
-        record.file.save(Path(file.name).name, File(file), save=False)
-        try:
-            record.save()
-        except Exception:
-            record.file.delete(save=False)
-            raise
+    _save_with_file(record, record.file, file)
     return record
 
 
@@ -178,12 +181,11 @@ def register_dataset(*, project, user, name: str, archive) -> Dataset:
     broken upload leaves no row and no file behind.
     """
     _check_size(archive, "dataset archive")
-    sha = sha256_of(archive)
     prefix = f"projects/{project.id}/datasets/{uuid.uuid4().hex}"
     stored: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path = _spool(archive, ".upload", tmp)
+        path, sha = _spool(archive, ".upload", tmp)
         root = tmp / "files"
         try:
             extract(path, root, dataset_limits())

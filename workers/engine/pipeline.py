@@ -99,6 +99,13 @@ def _faithfulness_subset(labels: torch.Tensor, per_class: int, seed: int) -> tor
     return mask
 
 
+def _evaluate(sae: TopKSAE, store: ActivationStore, cfg, device) -> dict:
+    """The SAE's quality over one pass of the cache (the same token sample for a trained or a given SAE)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return evaluate_sae(sae, (store.sae_vectors(a, gen, cfg.tokens_per_image)
+                              for _, a, _ in store.iter_batches(1024)), device)
+
+
 def _train_or_load_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, report) -> tuple:
     if (folder / "sae.json").is_file() and (folder / "metrics.json").is_file():
         return TopKSAE.load(folder, device), json.loads((folder / "metrics.json").read_text())
@@ -110,9 +117,7 @@ def _train_or_load_sae(store: ActivationStore, config: AuditConfig, folder: Path
         d_model=store.d_model, n_latents=n_latents, k=k, steps=steps,
         init_sample=store.sample(min(n_vectors, 16384), cfg.seed, cfg.tokens_per_image),
         config=cfg, device=device, progress=report)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    quality = evaluate_sae(sae, (store.sae_vectors(a, gen, cfg.tokens_per_image)
-                                 for _, a, _ in store.iter_batches(1024)), device)
+    quality = _evaluate(sae, store, cfg, device)
     metrics = SAEMetrics(**quality, n_latents=n_latents, k=k, steps=steps, n_train_vectors=n_vectors,
                          loss_curve=[list(p) for p in curve]).to_dict()
     # metrics.json last: its presence marks a finished SAE, so a resumed audit skips training
@@ -178,9 +183,7 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
         if sae is None:
             sae, sae_metrics = _train_or_load_sae(store, config, workdir / "sae", device, report)
         else:
-            gen = torch.Generator().manual_seed(config.sae.seed + 1)
-            sae_metrics = evaluate_sae(sae.to(device), (store.sae_vectors(a, gen, config.sae.tokens_per_image)
-                                                        for _, a, _ in store.iter_batches(1024)), device)
+            sae_metrics = _evaluate(sae.to(device), store, config.sae, device)
             sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
         if sae.d_model != store.d_model:
             raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")

@@ -28,6 +28,11 @@ DEMO_PASSWORD = "demo-password"  # the demo serves 127.0.0.1 only
 DEMO_PROJECT = "Demo: skin lesions"
 
 
+def _file_sha(path) -> str:
+    with open(path, "rb") as fh:
+        return sha256_of(fh)
+
+
 class Command(BaseCommand):
     help = "Generate a small case, run a real audit of it through the service and print where to look."
 
@@ -98,12 +103,7 @@ class Command(BaseCommand):
         return response.json()
 
     def _run(self, api, base, assets) -> dict:
-        with open(assets["checkpoint"], "rb") as fh:
-            model_sha = sha256_of(fh)
-        with open(assets["probe"], "rb") as fh:
-            probe_sha = sha256_of(fh)
-        with open(assets["dataset"], "rb") as fh:
-            data_sha = sha256_of(fh)
+        model_sha, probe_sha, data_sha = (_file_sha(assets[k]) for k in ("checkpoint", "probe", "dataset"))
         model = self._find_or_create(api, base, "models", "checkpoint_sha256", model_sha, {"name": "lesion CLIP"},
                                      {"model_config": assets["config"], "checkpoint": assets["checkpoint"]})
         probe = self._find_or_create(api, base, "probes", "sha256", probe_sha,
