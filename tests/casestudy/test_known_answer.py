@@ -11,12 +11,7 @@ from workers.casestudy.check import audit_case, known_answer
 
 pytestmark = pytest.mark.slow
 
-SEED_1_KNOWN_FAILURE = pytest.mark.xfail(strict=True, reason=(
-    "known failure, issue 3/8 open: for seed 1 the SAE puts the ruler into latents that also carry the class, "
-    "labelled 'of a melanoma', so no ruler-labelled latent holds the probe's melanoma relevance"))
-
-
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=SEED_1_KNOWN_FAILURE), 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_ruler_latent_is_flagged_for_melanoma_under_the_probe(seed):
     case = build_case(default_cache(), CaseConfig(seed=seed, strength=0.8), log=lambda line: None)
     report = known_answer(case, audit_case(case))
@@ -26,7 +21,7 @@ def test_a_ruler_latent_is_flagged_for_melanoma_under_the_probe(seed):
     assert report["flag"]["causal"]["confirmed"] is True
 
 
-@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_without_the_correlation_no_ruler_latent_is_flagged_for_melanoma(seed):
     case = build_case(default_cache(), CaseConfig(seed=seed, strength=0.0), log=lambda line: None)
     report = known_answer(case, audit_case(case))

@@ -207,3 +207,41 @@ def test_a_latent_labelled_with_its_own_class_name_is_never_flagged_for_that_cla
     # latent 0 ("nevus") is relevant for nevus: its own name, not flagged; latent 1 ("of a melanoma") is relevant
     # for melanoma: its own concept, not flagged
     assert flags == []
+
+
+def test_class_concepts_compete_for_a_label_with_what_they_add_over_the_other_classes():
+    from workers.engine.semantics import choose_labels, class_alignments
+
+    vocab = Vocabulary.build(CLASSES, {"melanoma": ["of a melanoma"], "nevus": ["of a nevus"]},
+                             ["with a ruler"], False)
+    col = vocab.index
+    align = torch.zeros(3, len(vocab.concepts))
+    # latent 0: a ruler seen on both classes; both class prompts share "a lesion" and align 0.94 alike
+    align[0, [col["of a melanoma"], col["of a nevus"], col["with a ruler"]]] = torch.tensor([0.94, 0.93, 0.45])
+    # latent 1: a melanoma latent, clearly more melanoma than nevus
+    align[1, [col["of a melanoma"], col["of a nevus"], col["with a ruler"]]] = torch.tensor([0.40, -0.20, 0.10])
+    # latent 2: a ruler on melanomas only: the class part (0.64 - 0.56) / 2 = 0.04 is below the ruler's 0.41
+    align[2, [col["of a melanoma"], col["of a nevus"], col["with a ruler"]]] = torch.tensor([0.64, 0.56, 0.41])
+    expected, specific = class_alignments(align, vocab, CLASSES, {"melanoma": ["of a melanoma"],
+                                                                  "nevus": ["of a nevus"]})
+    assert torch.allclose(specific[0], torch.tensor([0.005, 0.30, 0.04]), atol=1e-6)
+    index, value = choose_labels(align, vocab, expected)
+    assert [vocab.concepts[i] for i in index] == ["with a ruler", "of a melanoma", "with a ruler"]
+    assert torch.allclose(value, torch.tensor([0.45, 0.40, 0.41]))  # reported alignment: the plain one
+    # with plain argmax latents 0 and 2 would have been labelled "of a melanoma"
+    assert [vocab.concepts[i] for i in align.argmax(1)] == ["of a melanoma", "of a melanoma", "of a melanoma"]
+
+
+def test_a_latent_whose_class_alignment_is_mostly_shared_with_other_classes_is_flagged():
+    # 'a ruler' (latent 0) aligns 0.64 with melanoma's concepts and 0.56 with nevus': above the absolute
+    # threshold and half its own 0.41, and distinct by 0.08 > margin; but melanoma-specific only 0.04 < 0.5 * 0.41
+    def flags(relative):
+        return find_flags("probe", torch.tensor([[0.8] + [0.0] * 5, [-1.0] * 6]),
+                          torch.tensor([[1.0] + [0.0] * 5, [0.0] * 6]), CLASSES, labels=LABELS,
+                          label_indices=LABEL_INDICES, label_alignment=torch.tensor([0.41, 0.1, 0.1, 0.1, 0.0, 0.1]),
+                          expected_alignment=torch.tensor([[0.64] + [0.0] * 5, [0.56] + [0.0] * 5]),
+                          name_alignment=torch.zeros(2, 6), clarity=torch.ones(6), vocab=build_vocab(),
+                          config=build_config(flag_relative_alignment=relative, flag_class_margin=0.02))
+
+    assert [f["latent"] for f in flags(0.5)] == [0]
+    assert [f["latent"] for f in flags(0.05)] == []  # 0.04 >= 0.05 * 0.41: specific enough, not flagged

@@ -61,9 +61,11 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
     and its alignment with them is low: below ``flag_max_alignment``, or below
     ``flag_relative_alignment`` times its alignment with its own label, or
     above the best other class's expected alignment by less than
-    ``flag_class_margin`` (the last two keep the rule meaningful for models
-    whose alignments are all large: a ruler seen on both classes aligns with
-    both classes alike, so it does not mean either).
+    ``flag_class_margin``, or its class-specific alignment (the expected
+    alignment minus the mean over all classes) is below
+    ``flag_relative_alignment`` times its own (the last three keep the rule
+    meaningful for models whose alignments are all large: a ruler seen on both
+    classes aligns with both classes alike, so it does not mean either).
     """
     flags = []
     for c, name in enumerate(class_names):
@@ -82,7 +84,11 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
             own = float(label_alignment[latent])
             others = [float(expected_alignment[o, latent]) for o in range(len(class_names)) if o != c]
             distinct = not others or a - max(others) >= config.flag_class_margin
-            if a >= config.flag_max_alignment and a >= config.flag_relative_alignment * own and distinct:
+            # the part of the alignment this class does not share with the others, e.g. melanoma's "irregular"
+            # but not the "lesion" every class prompt says
+            specific = a - (a + sum(others)) / (1 + len(others)) if others else a
+            if (a >= config.flag_max_alignment and a >= config.flag_relative_alignment * own and distinct
+                    and specific >= config.flag_relative_alignment * own):
                 continue
             flags.append({
                 "head": head, "class_name": name, "latent": int(latent), "rank": rank,

@@ -26,7 +26,8 @@ from .hooks import VisionTail, select_tokens
 from .interventions import area_under_curve, deletion_curves, shifted_outputs
 from .loading import ClipBundle, resolve_device
 from .sae import SAEMetrics, TopKSAE, evaluate_sae, size_sae, train_sae
-from .semantics import ReferenceTracker, Vocabulary, alignment, semantic_embeddings
+from .semantics import (ReferenceTracker, Vocabulary, alignment, choose_labels, class_alignments,
+                        semantic_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +256,11 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
         vocab.encode(semantic_model, config.prompt_templates)
         align = alignment(sem, vocab)  # [L, V]
         has_refs = n_refs > 0
-        label_alignment, label_index = align.max(1)
+        expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
+                                                                  config.expected_concepts)  # [C, L] each
+        label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
         labels_text = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
         label_indices = [j if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
-        expected_alignment = torch.stack([
-            align[:, vocab.expected_indices(name, config.expected_concepts)].max(1).values
-            for name in class_names])  # [C, L]
         name_alignment = torch.stack([align[:, vocab.index[name.lower()]] for name in class_names])
 
     # ------------------------------------------------------------------ 5. flags
@@ -330,6 +330,7 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
         "clarity": float(clarity[i]), "frequency": float(freq[i]), "max_activation": float(max_activation[i]),
         "references": [images.ids[j] for j in tracker.references(i)],
         "expected_alignment": {name: float(expected_alignment[c, i]) for c, name in enumerate(class_names)},
+        "specific_alignment": {name: float(specific_alignment[c, i]) for c, name in enumerate(class_names)},
     } for i in range(n_latents)]
 
     accuracy = {}

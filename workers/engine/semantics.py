@@ -160,3 +160,41 @@ def alignment(semantic: Tensor, vocab: Vocabulary) -> Tensor:
     """``A_i(c) = cos(e_i, t_c) - cos(e_i, t_empty)``: [n_latents, n_concepts]."""
     e = F.normalize(semantic, dim=-1)
     return e @ vocab.embeddings.T - (e @ vocab.empty).unsqueeze(1)
+
+
+def class_alignments(align: Tensor, vocab: Vocabulary, class_names: Sequence[str],
+                     expected: dict) -> tuple[Tensor, Tensor]:
+    """Per class and latent: alignment with the class's expected concepts, and the class-specific part of it.
+
+    ``expected_alignment[c, i]`` is the best alignment of latent i with class c's
+    expected concepts. Part of that is shared by every class (in a skin-lesion
+    dataset every class prompt says "a lesion"); the class-specific part
+    subtracts the mean over all classes, so a latent that aligns with melanoma
+    and nevus alike has a specific alignment near zero. With one class there
+    is nothing to contrast and both are the same.
+    """
+    expected_alignment = torch.stack([align[:, vocab.expected_indices(name, expected)].max(1).values
+                                      for name in class_names])  # [C, L]
+    if len(class_names) < 2:
+        return expected_alignment, expected_alignment.clone()
+    return expected_alignment, expected_alignment - expected_alignment.mean(0, keepdim=True)
+
+
+def choose_labels(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor) -> tuple[Tensor, Tensor]:
+    """Each latent's label: the concept it aligns with best, class concepts scored by their class-specific part.
+
+    A class's concepts compete with what they add over the other classes
+    (their alignment minus the mean of every class's expected alignment), all
+    other concepts with their alignment. A latent whose references all show a
+    ruler, half of them melanomas and half nevi, aligns strongly with both
+    class prompts (they share "a lesion"), yet it is a ruler latent: this rule
+    labels it so. Returns the label indices and their (plain) alignments.
+    """
+    score = align.clone()
+    if expected_alignment.shape[0] >= 2:
+        is_class = torch.tensor([s == "class" or s.startswith("expected:") for s in vocab.sources])
+        shared = expected_alignment.mean(0)  # [L]
+        score[:, is_class] -= shared.unsqueeze(1)
+    index = score.argmax(1)
+    return index, align.gather(1, index.unsqueeze(1)).squeeze(1)
+
