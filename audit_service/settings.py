@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "audit_service.projects",
     "audit_service.registry",
     "audit_service.audits",
+    "audit_service.web",
 ]
 
 MIDDLEWARE = [
@@ -75,6 +76,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")))
 MEDIA_URL = "/media-not-served/"  # private files are only served through permission-checked views
+TIME_ZONE = env_str("TIME_ZONE", "UTC")  # how pages show times; stored times are always UTC
+USE_TZ = True
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
 STORAGE_BACKEND = env_choice("STORAGE_BACKEND", "local", ("local", "s3"))

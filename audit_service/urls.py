@@ -34,4 +34,5 @@ urlpatterns = [
     path("api/v1/", include(nested)),
     path("api-auth/", include("rest_framework.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("", include("audit_service.web.urls")),
 ]

@@ -14,7 +14,10 @@ app.autodiscover_tasks(["workers"])
 @app.on_configure.connect
 def _make_filesystem_broker_folders(sender, **kwargs):
     """kombu's filesystem transport (the one-machine default) needs its folders to exist."""
-    options = sender.conf.broker_transport_options or {}
+    from django.conf import settings
+
+    # read Django's settings, not sender.conf: touching the app's config while it is being configured recurses
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", None) or {}
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):
         if options.get(key):
             Path(options[key]).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.db.models import OuterRef, Subquery
 
 from .models import Audit, Flag, Latent, Review, Verdict
 
@@ -32,14 +33,39 @@ def _review_action(verdict):
     return act
 
 
+class LatestVerdictFilter(admin.SimpleListFilter):
+    """Filter flags by their latest review's verdict (older verdicts stay in the history, not in the filter)."""
+
+    title = "latest verdict"
+    parameter_name = "verdict"
+
+    def lookups(self, request, model_admin):
+        return [("unreviewed", "Not reviewed"), *Verdict.choices]
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        latest = Review.objects.filter(flag=OuterRef("pk")).order_by("-created_at", "-id").values("verdict")[:1]
+        queryset = queryset.annotate(latest_verdict=Subquery(latest))
+        if self.value() == "unreviewed":
+            return queryset.filter(latest_verdict__isnull=True)
+        return queryset.filter(latest_verdict=self.value())
+
+
 @admin.register(Flag)
 class FlagAdmin(admin.ModelAdmin):
-    list_display = ["id", "audit", "head", "class_name", "latent_index", "label", "category", "share", "confirmed"]
-    list_filter = ["head", "category", "confirmed", "class_name", "reviews__verdict"]
+    list_display = ["id", "audit", "head", "class_name", "latent_index", "label", "category", "share", "confirmed",
+                    "latest_verdict"]
+    list_filter = [LatestVerdictFilter, "head", "category", "confirmed", "class_name"]
     search_fields = ["label", "class_name"]
     readonly_fields = [f.name for f in Flag._meta.fields]
     inlines = [ReviewInline]
     actions = [_review_action(v) for v in Verdict]
+
+    @admin.display(description="latest verdict")
+    def latest_verdict(self, flag):
+        review = flag.latest_review
+        return review.get_verdict_display() if review else "–"
 
     def save_formset(self, request, form, formset, change):
         for review in formset.save(commit=False):

@@ -10,6 +10,7 @@ from audit_service.registry.api import as_validation_error
 from audit_service.registry.models import ClipModel, Dataset, Probe
 from audit_service.registry.services import RegistrationError
 
+from . import report
 from .models import Audit, Flag, IllegalTransition, Latent, Status
 from .serializers import AuditSerializer, FlagSerializer, LatentSerializer, ReviewSerializer
 from .services import create_audit
@@ -52,6 +53,15 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         except IllegalTransition as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(self.get_serializer(audit).data)
+
+    @action(detail=True, methods=["get"], url_path=r"download/(?P<fmt>html|json|latents\.csv|flags\.csv)")
+    def download(self, request, pk=None, fmt=None):
+        """The report as one offline HTML file, the full result as JSON, latents or flags as CSV."""
+        audit = self.get_object()
+        if audit.status != Status.SUCCEEDED:
+            return Response({"detail": f"the audit is {audit.status}; downloads exist once it succeeded"},
+                            status=status.HTTP_409_CONFLICT)
+        return report.download_response(audit, fmt)
 
     @action(detail=True, methods=["get"])
     def summary(self, request, pk=None):

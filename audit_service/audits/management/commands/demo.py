@@ -8,7 +8,6 @@ dataset through the HTTP API, submits the audit, follows its progress and
 prints what it found and where to look. Re-running reuses the cached files
 and registrations.
 """
-import json
 import sys
 import time
 
@@ -155,14 +154,18 @@ class Command(BaseCommand):
                               f"{f['zero_shot_share']:.2f}; ablation flips {causal.get('ablation_flips')}/"
                               f"{causal.get('ablation_images')}, insertion flips "
                               f"{causal.get('insertion_flips_to_class')}/{causal.get('insertion_images')}{mark}")
-        out = settings.VAR_DIR / "demo" / f"audit-{audit_id}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        full = {"audit": audit, "summary": summary,
-                "flags": api.get(f"{base}/api/v1/audits/{audit_id}/flags/").json()["results"]}
-        out.write_text(json.dumps(full, indent=2))
-        self.stdout.write(f"\nWhere to look:\n  audit:   {base}/api/v1/audits/{audit_id}/\n"
-                          f"  summary: {base}/api/v1/audits/{audit_id}/summary/\n"
-                          f"  flags:   {base}/api/v1/audits/{audit_id}/flags/\n"
-                          f"  admin:   {base}/admin/audits/flag/?audit__id__exact={audit_id} "
-                          f"(user {DEMO_USER}, password {DEMO_PASSWORD})\n"
-                          f"  saved:   {out}")
+        folder = settings.VAR_DIR / "demo"
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = {}
+        for fmt, name in (("html", f"audit-{audit_id}-report.html"), ("json", f"audit-{audit_id}.json")):
+            response = api.get(f"{base}/api/v1/audits/{audit_id}/download/{fmt}/")
+            response.raise_for_status()
+            (folder / name).write_bytes(response.content)
+            saved[fmt] = folder / name
+        self.stdout.write(f"\nWhere to look (sign in as {DEMO_USER} / {DEMO_PASSWORD}):\n"
+                          f"  report:   {base}/audits/{audit_id}/report/\n"
+                          f"  progress: {base}/audits/{audit_id}/\n"
+                          f"  API:      {base}/api/v1/audits/{audit_id}/summary/ and .../flags/\n"
+                          f"  admin:    {base}/admin/audits/flag/?audit__id__exact={audit_id}\n"
+                          f"  saved:    {saved['html']} (the report, opens offline)\n"
+                          f"            {saved['json']} (the full result)")

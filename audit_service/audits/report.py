@@ -1,0 +1,364 @@
+"""The audit report: what the report page and the downloaded files show, built from a stored audit.
+
+One function builds the report's context; the page and the downloaded HTML
+render the same template from it. The download embeds every image and plot
+as a data URI, so it opens offline; the page embeds them too (they are small
+thumbnails and plots), and only the latents table is paginated: an audit with
+30 000 latents loads one page of rows, the flags and one array file.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import functools
+import io
+import json
+from typing import Iterator
+
+import numpy as np
+from django.core.files.storage import default_storage
+
+from .models import Audit, Flag, Latent, Review
+
+REPORT_SCHEMA_VERSION = 1  # of the downloaded JSON; bump when its layout changes
+HEADS = {"probe": "Linear probe", "zero_shot": "Zero-shot"}
+METHODS = {"act_grad": "act x grad", "logit_lens": "Logit Lens", "act_logit_lens": "act x Logit Lens",
+           "energy": "energy", "random": "random"}
+PROBE_COLOUR, ZERO_SHOT_COLOUR, FLAG_COLOUR = "#2f6fb0", "#d08a2e", "#c0392b"
+
+
+# --------------------------------------------------------------------------- images
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(storage_key: str, size: int) -> str | None:
+    from PIL import Image
+
+    try:
+        with default_storage.open(storage_key, "rb") as fh:
+            image = Image.open(fh)
+            image.load()
+    except (OSError, ValueError):
+        return None  # a missing or unreadable file shows as a gap, not as a broken report
+    image = image.convert("RGB")
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def thumbnail(audit: Audit, image_key: str, size: int = 112) -> str | None:
+    """A data URI of a small JPEG of one of the audit's dataset images (None when it cannot be read)."""
+    return _thumbnail(f"{audit.dataset.storage_prefix}/images/{image_key}", size)
+
+
+def _labels_by_key(audit: Audit) -> dict:
+    from audit_service.registry.services import dataset_labels
+
+    return dict(dataset_labels(audit.dataset))
+
+
+# --------------------------------------------------------------------------- plots
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.set_layout_engine("constrained")
+    return fig
+
+
+def _svg(fig) -> str:
+    out = io.StringIO()
+    fig.savefig(out, format="svg")
+    text = out.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prologue so the SVG can sit inline in HTML
+
+
+def _png(fig) -> str:
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110)
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def relevance_arrays(audit: Audit) -> dict | None:
+    """The full per-latent tables (share per head and class, expected alignment) the worker stored."""
+    key = (audit.result or {}).get("artifacts", {}).get("relevance.npz")
+    if not key:
+        return None
+    try:
+        with default_storage.open(key, "rb") as fh:
+            data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError):
+        return None
+
+
+def scatter_plot(arrays: dict, c: int, class_name: str, flagged: set[int]) -> str:
+    """Relevance share under the probe against alignment with the class's concepts, one dot per latent.
+
+    The paper's "semantic outliers": relevant latents far left of the others
+    mean something the class should not. PNG, so 30 000 dots stay light.
+    """
+    share = arrays["probe_share"][c]
+    align = arrays["alignment_expected"][c]
+    fig = _figure(5.2, 3.6)
+    ax = fig.add_subplot()
+    ax.scatter(align, share, s=9, c="#8a9bb0", alpha=0.6, linewidths=0, label="latent", rasterized=True)
+    if flagged:
+        idx = np.array(sorted(flagged))
+        ax.scatter(align[idx], share[idx], s=40, c=FLAG_COLOUR, edgecolors="white", linewidths=0.8, label="flagged")
+        for i in idx:
+            ax.annotate(str(i), (align[i], share[i]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"alignment with what '{class_name}' should mean")
+    ax.set_ylabel("relevance share (probe)")
+    ax.set_title(f"{class_name}: relevance vs alignment", fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+def top_latents_plot(result: dict, class_name: str, n: int = 10) -> str:
+    """Horizontal bars: the class's top latents by probe share, next to their zero-shot share."""
+    probe_top = result["relevance"]["probe"][class_name]["top"][:n]
+    zs = {t["latent"]: t["share"] for t in result["relevance"]["zero_shot"][class_name]["top"]}
+    if not probe_top:
+        return ""
+    names = [f"{t['latent']}: {(t['label'] or 'no label')[:28]}" for t in probe_top][::-1]
+    p = [t["share"] for t in probe_top][::-1]
+    z = [zs.get(t["latent"], 0.0) for t in probe_top][::-1]
+    y = np.arange(len(names))
+    fig = _figure(5.6, 0.34 * len(names) + 1.0)
+    ax = fig.add_subplot()
+    ax.barh(y + 0.2, p, height=0.38, color=PROBE_COLOUR, label="linear probe")
+    ax.barh(y - 0.2, z, height=0.38, color=ZERO_SHOT_COLOUR, label="zero-shot")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("share of the class's positive relevance")
+    ax.set_title(f"{class_name}: top latents, probe vs zero-shot", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.25)
+    return _svg(fig)
+
+
+def deletion_plot(result: dict, head: str, class_name: str) -> str:
+    """The class's logit as the top-n latents by each attribution method are removed (lower is more faithful)."""
+    curves = result.get("faithfulness", {}).get(head, {}).get(class_name)
+    if not curves:
+        return ""
+    fig = _figure(4.6, 3.0)
+    ax = fig.add_subplot()
+    for method, data in curves.items():
+        ax.plot(range(len(data["curve"])), data["curve"], marker="o", markersize=2.5, linewidth=1.4,
+                label=f"{METHODS.get(method, method)} (AUC {data['auc']:.3g})")
+    ax.set_xlabel("latents removed, most relevant first")
+    ax.set_ylabel("class logit")
+    ax.set_title(f"{HEADS[head]}, {class_name}: deletion curves", fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7)
+    return _svg(fig)
+
+
+# --------------------------------------------------------------------------- the report
+
+def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> dict:
+    def pictures(keys):
+        return [{"key": k, "label": labels_by_key.get(k, "?"), "src": thumbnail(audit, k) if images else None}
+                for k in keys]
+
+    causal = flag.causal or {}
+    return {
+        "flag": flag,
+        "references": pictures(flag.references[:12]),
+        "top_images": [{**p, "relevance": t["relevance"]}
+                       for p, t in zip(pictures([t["image"] for t in flag.top_images]), flag.top_images)],
+        "causal": causal,
+        "reviews": list(flag.reviews.all()),
+        "latest": flag.latest_review,
+    }
+
+
+def flag_filters(params) -> dict:
+    """The report's flag filters from a query string: head, class, category, verdict ('unreviewed' too)."""
+    return {k: params.get(k, "") for k in ("head", "class_name", "category", "verdict")}
+
+
+def filtered_flags(audit: Audit, filters: dict):
+    from django.db.models import OuterRef, Subquery
+
+    latest = Review.objects.filter(flag=OuterRef("pk")).order_by("-created_at", "-id").values("verdict")[:1]
+    flags = audit.flags.annotate(verdict=Subquery(latest)).prefetch_related("reviews__reviewer")
+    for field in ("head", "class_name", "category"):
+        if filters.get(field):
+            flags = flags.filter(**{field: filters[field]})
+    if filters.get("verdict") == "unreviewed":
+        flags = flags.filter(verdict__isnull=True)
+    elif filters.get("verdict"):
+        flags = flags.filter(verdict=filters["verdict"])
+    return flags
+
+
+def class_plots(audit: Audit, flags: list[Flag]) -> dict:
+    """Per class: scatter, bars and deletion curves. A finished audit never changes, so they are cached."""
+    from django.core.cache import cache
+
+    key = f"report-plots:{audit.pk}:{audit.finished_at.timestamp() if audit.finished_at else 0}"
+    plots = cache.get(key)
+    if plots is None:
+        result, arrays = audit.result, relevance_arrays(audit)
+        plots = {}
+        for c, name in enumerate(result["classes"]):
+            flagged = {f.latent_index for f in flags if f.class_name == name}
+            plots[name] = {"scatter": scatter_plot(arrays, c, name, flagged) if arrays is not None else "",
+                           "bars": top_latents_plot(result, name),
+                           "deletion": [deletion_plot(result, h, name) for h in HEADS]}
+        cache.set(key, plots, 3600)
+    return plots
+
+
+def report_context(audit: Audit, *, filters: dict | None = None, images: bool = True) -> dict:
+    """Everything the report template shows, for a succeeded audit."""
+    result = audit.result
+    filters = filters or {}
+    labels_by_key = _labels_by_key(audit) if images else {}
+    flags = list(filtered_flags(audit, filters))
+    all_flags = list(audit.flags.all())
+    plots = class_plots(audit, all_flags)
+    classes = []
+    for c, name in enumerate(result["classes"]):
+        classes.append({
+            "name": name,
+            "images": result["dataset"]["per_class"].get(name, 0),
+            "probe_accuracy": result["accuracy"]["probe"]["per_class"].get(name),
+            "zero_shot_accuracy": result["accuracy"]["zero_shot"]["per_class"].get(name),
+            "n_flags": {h: sum(1 for f in all_flags if f.class_name == name and f.head == h) for h in HEADS},
+            "n_confirmed": sum(1 for f in all_flags if f.class_name == name and f.confirmed),
+            "comparison": result["comparison"].get(name, {}),
+            "cards": [_flag_card(audit, f, labels_by_key, images) for f in flags if f.class_name == name],
+            **plots[name],
+        })
+    faithfulness = [
+        {"head": HEADS[h], "class_name": name, "methods": [
+            {"method": METHODS.get(m, m), "auc": d["auc"], "n_images": d["n_images"]} for m, d in per_class.items()]}
+        for h, by_class in result.get("faithfulness", {}).items() for name, per_class in by_class.items()]
+    return {
+        "audit": audit, "result": result, "classes": classes, "sae": result["sae"],
+        "faithfulness": faithfulness, "filters": filters, "n_flags": len(all_flags),
+        "n_shown": len(flags), "categories": sorted({f.category for f in all_flags}),
+        "verdicts": Review._meta.get_field("verdict").choices, "heads": HEADS,
+        "config_json": json.dumps(audit.config, indent=2, sort_keys=True),
+        "context_json": json.dumps(audit.context, indent=2, sort_keys=True) if audit.context else "",
+    }
+
+
+# --------------------------------------------------------------------------- downloads
+
+def _review_dict(review: Review) -> dict:
+    return {"verdict": review.verdict, "note": review.note,
+            "reviewer": review.reviewer.username if review.reviewer else None,
+            "created_at": review.created_at.isoformat()}
+
+
+def full_json(audit: Audit) -> dict:
+    """The whole result: audit facts, the engine's result, every latent and every flag with its reviews."""
+    flags = []
+    for f in audit.flags.prefetch_related("reviews__reviewer"):
+        flags.append({
+            "id": f.pk, "head": f.head, "class_name": f.class_name, "latent": f.latent_index, "rank": f.rank,
+            "share": f.share, "mean_relevance": f.mean_relevance, "label": f.label, "label_source": f.label_source,
+            "category": f.category, "label_alignment": f.label_alignment, "expected_alignment": f.expected_alignment,
+            "clarity": f.clarity, "probe_share": f.probe_share, "zero_shot_share": f.zero_shot_share,
+            "confirmed": f.confirmed, "causal": f.causal, "references": f.references, "top_images": f.top_images,
+            "reviews": [_review_dict(r) for r in f.reviews.all()],
+        })
+    return {
+        "report_schema_version": REPORT_SCHEMA_VERSION,
+        "audit": {"id": audit.pk, "project": audit.project.name, "status": audit.status,
+                  "created_at": audit.created_at.isoformat(),
+                  "finished_at": audit.finished_at.isoformat() if audit.finished_at else None,
+                  "model": {"name": audit.clip_model.name, "source": audit.clip_model.source,
+                            "layer": audit.clip_model.layer, "token": audit.clip_model.token},
+                  "probe": {"name": audit.probe.name, "sha256": audit.probe.sha256,
+                            "classes": audit.probe.class_names},
+                  "dataset": {"name": audit.dataset.name, "sha256": audit.dataset.sha256,
+                              "n_images": audit.dataset.n_images},
+                  "config": audit.config, "context": audit.context, "timings": audit.timings,
+                  "device": audit.device},
+        "result": {k: v for k, v in (audit.result or {}).items() if k not in ("flags", "artifacts")},
+        "latents": [latent_dict(row) for row in audit.latents.all().iterator(chunk_size=2000)],
+        "flags": flags,
+    }
+
+
+LATENT_COLUMNS = ["latent", "label", "label_source", "label_category", "alignment", "clarity", "frequency",
+                  "max_activation", "n_references", "references"]
+FLAG_COLUMNS = ["head", "class_name", "rank", "latent", "label", "category", "share", "probe_share",
+                "zero_shot_share", "label_alignment", "expected_alignment", "clarity", "confirmed", "ablation_flips",
+                "ablation_images", "insertion_flips_to_class", "insertion_images", "latest_verdict",
+                "latest_note", "latest_reviewer"]
+
+
+def latent_dict(row: Latent) -> dict:
+    return {"latent": row.index, "label": row.label, "label_source": row.label_source,
+            "label_category": row.label_category, "alignment": row.alignment, "clarity": row.clarity,
+            "frequency": row.frequency, "max_activation": row.max_activation, "references": row.references,
+            "expected_alignment": row.expected_alignment}
+
+
+class _Echo:
+    def write(self, value):
+        return value
+
+
+def latents_csv(audit: Audit) -> Iterator[str]:
+    """CSV rows, streamed: 30 000 latents never sit in memory as one string."""
+    writer = csv.writer(_Echo())
+    yield writer.writerow(LATENT_COLUMNS)
+    for row in audit.latents.all().iterator(chunk_size=2000):
+        yield writer.writerow([row.index, row.label or "", row.label_source or "", row.label_category or "",
+                               _num(row.alignment), _num(row.clarity), _num(row.frequency),
+                               _num(row.max_activation), len(row.references), " ".join(row.references)])
+
+
+def flags_csv(audit: Audit) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(FLAG_COLUMNS)
+    for f in audit.flags.prefetch_related("reviews__reviewer"):
+        causal = f.causal or {}
+        latest = f.latest_review
+        yield writer.writerow([
+            f.head, f.class_name, f.rank, f.latent_index, f.label, f.category, _num(f.share), _num(f.probe_share),
+            _num(f.zero_shot_share), _num(f.label_alignment), _num(f.expected_alignment), _num(f.clarity),
+            "" if f.confirmed is None else str(f.confirmed).lower(), causal.get("ablation_flips", ""),
+            causal.get("ablation_images", ""), causal.get("insertion_flips_to_class", ""),
+            causal.get("insertion_images", ""), latest.verdict if latest else "", latest.note if latest else "",
+            (latest.reviewer.username if latest and latest.reviewer else "")])
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+DOWNLOADS = ("html", "json", "latents.csv", "flags.csv")
+
+
+def download_response(audit: Audit, fmt: str):
+    """One download of a succeeded audit as an HTTP response (used by the web UI and the API)."""
+    from django.http import Http404, HttpResponse, StreamingHttpResponse
+    from django.template.loader import render_to_string
+
+    stem = f"audit-{audit.pk}"
+    if fmt == "html":
+        context = report_context(audit)
+        context.update(standalone=True, project=audit.project, can_review=False)
+        response = HttpResponse(render_to_string("web/report.html", context), content_type="text/html; charset=utf-8")
+        name = f"{stem}-report.html"
+    elif fmt == "json":
+        response = HttpResponse(json.dumps(full_json(audit), indent=1), content_type="application/json")
+        name = f"{stem}.json"
+    elif fmt in ("latents.csv", "flags.csv"):
+        rows = latents_csv(audit) if fmt == "latents.csv" else flags_csv(audit)
+        response = StreamingHttpResponse(rows, content_type="text/csv; charset=utf-8")
+        name = f"{stem}-{fmt}"
+    else:
+        raise Http404(f"no download '{fmt}': use one of {', '.join(DOWNLOADS)}")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response

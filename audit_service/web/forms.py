@@ -1,0 +1,136 @@
+"""Forms of the web UI. They only parse input; the registry and audit services validate it, as for the API."""
+from __future__ import annotations
+
+import json
+
+from django import forms
+
+from audit_service.audits.models import Verdict
+from audit_service.registry.models import Normalization, TokenType
+
+
+def _preselect_single(form, *names) -> None:
+    """A choice with only one possible answer starts answered."""
+    for name in names:
+        field = form.fields[name]
+        if field.queryset.count() == 1:
+            field.initial = field.queryset.first().pk
+
+
+class ModelForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    architecture = forms.CharField(max_length=100, required=False,
+                                   help_text="An OpenCLIP architecture such as ViT-B-32; leave empty with a config.")
+    pretrained_tag = forms.CharField(max_length=100, required=False,
+                                     help_text="e.g. laion2b_s34b_b79k (needs internet on the workers)")
+    model_config = forms.FileField(required=False, help_text="open_clip model config (.json), for custom models")
+    checkpoint = forms.FileField(required=False, help_text=".safetensors, .pt or .bin state dict")
+    layer = forms.IntegerField(initial=-1, help_text="Vision transformer block to decompose (-1: the last)")
+    token = forms.ChoiceField(choices=TokenType.choices, initial=TokenType.CLS)
+
+    def clean_model_config(self):
+        upload = self.cleaned_data.get("model_config")
+        if not upload:
+            return None
+        try:
+            value = json.loads(upload.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise forms.ValidationError(f"not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise forms.ValidationError("the model config must be a JSON object")
+        return value
+
+
+class ProbeForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    clip_model = forms.ModelChoiceField(queryset=None, label="Model",
+                                        help_text="The model whose image embeddings the probe was trained on")
+    file = forms.FileField(help_text=".npz (weight, bias, class_names) or .safetensors; never a pickle")
+    class_names = forms.CharField(required=False, help_text="Comma-separated, when the file does not name them")
+    normalization = forms.ChoiceField(choices=[("", "as stored in the file")] + list(Normalization.choices),
+                                      required=False)
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["clip_model"].queryset = project.clip_models.all()
+        _preselect_single(self, "clip_model")
+
+    def clean_class_names(self):
+        text = self.cleaned_data.get("class_names", "")
+        return [c.strip() for c in text.split(",") if c.strip()] or None
+
+
+class DatasetForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    archive = forms.FileField(help_text="A .zip or .tar(.gz) with labels.csv (image,label) and the images, "
+                                        "or one folder per class")
+
+
+class AuditForm(forms.Form):
+    clip_model = forms.ModelChoiceField(queryset=None, label="Model")
+    probe = forms.ModelChoiceField(queryset=None)
+    dataset = forms.ModelChoiceField(queryset=None)
+    n_latents = forms.IntegerField(required=False, min_value=2, label="SAE latents",
+                                   help_text="Empty: sized to the data (about 4 x the model width)")
+    k = forms.IntegerField(required=False, min_value=1, label="Active latents per input (k)",
+                           help_text="Empty: about n_latents / 32, at most 64")
+    expected_concepts = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What each class should mean, one class per line: 'melanoma: melanoma, irregular mole'. "
+                  "Empty: the class name.")
+    general_vocabulary = forms.BooleanField(required=False, initial=True,
+                                            label="Label latents with the ImageNet vocabulary too")
+    causal = forms.BooleanField(required=False, initial=True, label="Confirm flags by ablation and insertion")
+    options = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3}), label="More options (JSON)",
+                              help_text='Any other audit option, e.g. {"flag_min_share": 0.03}')
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["clip_model"].queryset = project.clip_models.all()
+        self.fields["probe"].queryset = project.probes.select_related("clip_model")
+        self.fields["dataset"].queryset = project.datasets.all()
+        _preselect_single(self, "clip_model", "probe", "dataset")
+
+    def clean_expected_concepts(self):
+        text = self.cleaned_data.get("expected_concepts", "")
+        expected = {}
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            if ":" not in line:
+                raise forms.ValidationError(f"line {n}: write 'class: concept, concept'")
+            name, concepts = line.split(":", 1)
+            expected[name.strip()] = [c.strip() for c in concepts.split(",") if c.strip()]
+        return expected
+
+    def clean_options(self):
+        text = self.cleaned_data.get("options", "").strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(f"not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise forms.ValidationError("write a JSON object, e.g. {\"flag_min_share\": 0.03}")
+        return value
+
+    def audit_options(self) -> dict:
+        data = self.cleaned_data
+        options = dict(data["options"])
+        sae = dict(options.pop("sae", {}) or {})
+        for key in ("n_latents", "k"):
+            if data.get(key) is not None:
+                sae[key] = data[key]
+        if sae:
+            options["sae"] = sae
+        if data["expected_concepts"]:
+            options["expected_concepts"] = data["expected_concepts"]
+        options.setdefault("general_vocabulary", data["general_vocabulary"])
+        options.setdefault("causal", data["causal"])
+        return options
+
+
+class ReviewForm(forms.Form):
+    verdict = forms.ChoiceField(choices=Verdict.choices)
+    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}), max_length=5000)

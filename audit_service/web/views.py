@@ -1,0 +1,239 @@
+"""The web UI: projects, registration forms, audit submission, live progress, the report, downloads, review.
+
+Every view goes through the same project roles as the API: outsiders get
+404 (they do not learn the object exists), viewers read, members register,
+submit and review.
+"""
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import Http404, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from audit_service.audits import report
+from audit_service.audits.models import Audit, Flag, IllegalTransition, Review, Status
+from audit_service.audits.services import create_audit
+from audit_service.projects.models import Project, Role
+from audit_service.registry import services
+from audit_service.registry.services import RegistrationError
+
+from .forms import AuditForm, DatasetForm, ModelForm, ProbeForm, ReviewForm
+
+
+def _project(user, pk, at_least: str = Role.VIEWER) -> Project:
+    project = Project.objects.for_user(user).filter(pk=pk).first()
+    if project is None:
+        raise Http404("no such project")
+    if not project.has_role(user, at_least):
+        raise PermissionDenied(f"your role in '{project.name}' does not allow this; it needs {at_least} or above")
+    return project
+
+
+def _audit(user, pk, at_least: str = Role.VIEWER) -> Audit:
+    audit = get_object_or_404(Audit.objects.filter(project__memberships__user=user)
+                              .select_related("project", "clip_model", "probe", "dataset"), pk=pk)
+    _project(user, audit.project_id, at_least)
+    return audit
+
+
+def _apply_error(form, exc: RegistrationError) -> None:
+    """Show a service's refusal next to the field it is about (or above the form)."""
+    field = {"architecture": "architecture", "model_config": "model_config", "checkpoint": "checkpoint",
+             "pretrained_tag": "pretrained_tag", "layer": "layer", "token": "token", "file": None,
+             "archive": "archive", "clip_model": "clip_model", "probe": "probe", "dataset": "dataset",
+             "config": "options"}.get(exc.field or "", None)
+    if exc.field == "file":
+        field = "file" if "file" in form.fields else ("checkpoint" if "checkpoint" in form.fields else None)
+    form.add_error(field if field in form.fields else None, exc.message)
+
+
+# --------------------------------------------------------------------------- projects
+
+@login_required
+def home(request):
+    projects = Project.objects.for_user(request.user)
+    rows = [{"project": p, "role": p.role_of(request.user), "n_audits": p.audits.count(),
+             "last": p.audits.first()} for p in projects]
+    return render(request, "web/home.html", {"rows": rows})
+
+
+@login_required
+def project_detail(request, pk):
+    project = _project(request.user, pk)
+    audits = Paginator(project.audits.select_related("clip_model", "probe", "dataset"), 20)
+    return render(request, "web/project.html", {
+        "project": project, "role": project.role_of(request.user),
+        "can_write": project.has_role(request.user, Role.MEMBER),
+        "models": project.clip_models.all(), "probes": project.probes.select_related("clip_model"),
+        "datasets": project.datasets.all(), "audits": audits.get_page(request.GET.get("page")),
+    })
+
+
+def _register_view(request, pk, form_class, title: str, register, template="web/form.html"):
+    project = _project(request.user, pk, Role.MEMBER)
+    kwargs = {"project": project} if form_class in (ProbeForm, AuditForm) else {}
+    form = form_class(request.POST or None, request.FILES or None, **kwargs)
+    if request.method == "POST" and form.is_valid():
+        try:
+            obj = register(project, form)
+        except RegistrationError as exc:
+            _apply_error(form, exc)
+        else:
+            return obj
+    return render(request, template, {"project": project, "form": form, "title": title})
+
+
+@login_required
+def model_new(request, pk):
+    def register(project, form):
+        d = form.cleaned_data
+        obj = services.register_model(project=project, user=request.user, name=d["name"],
+                                      architecture=d["architecture"], pretrained_tag=d["pretrained_tag"],
+                                      checkpoint=d["checkpoint"], model_config=d["model_config"],
+                                      layer=d["layer"], token=d["token"])
+        messages.success(request, f"Model '{obj.name}' registered ({obj.source}).")
+        return redirect("web:project", pk=project.pk)
+
+    return _register_view(request, pk, ModelForm, "Register a CLIP model", register)
+
+
+@login_required
+def probe_new(request, pk):
+    def register(project, form):
+        d = form.cleaned_data
+        obj = services.register_probe(project=project, user=request.user, name=d["name"], clip_model=d["clip_model"],
+                                      file=d["file"], class_names=d["class_names"],
+                                      normalization=d["normalization"] or None)
+        messages.success(request, f"Probe '{obj.name}' registered: classes {', '.join(obj.class_names)}.")
+        return redirect("web:project", pk=project.pk)
+
+    return _register_view(request, pk, ProbeForm, "Register a linear probe", register)
+
+
+@login_required
+def dataset_new(request, pk):
+    def register(project, form):
+        d = form.cleaned_data
+        obj = services.register_dataset(project=project, user=request.user, name=d["name"], archive=d["archive"])
+        messages.success(request, f"Dataset '{obj.name}' uploaded: {obj.n_images} images, "
+                                  f"classes {', '.join(obj.class_names)}.")
+        return redirect("web:project", pk=project.pk)
+
+    return _register_view(request, pk, DatasetForm, "Upload a dataset", register)
+
+
+@login_required
+def audit_new(request, pk):
+    def register(project, form):
+        d = form.cleaned_data
+        audit = create_audit(project=project, user=request.user, clip_model=d["clip_model"], probe=d["probe"],
+                             dataset=d["dataset"], options=form.audit_options())
+        return redirect("web:audit", pk=audit.pk)
+
+    return _register_view(request, pk, AuditForm, "Submit an audit", register)
+
+
+# --------------------------------------------------------------------------- audits
+
+def _progress(audit: Audit) -> dict:
+    """Status, stage, percent, elapsed and estimated remaining seconds: what the progress bar shows."""
+    now = timezone.now()
+    elapsed = remaining = None
+    if audit.started_at:
+        elapsed = ((audit.finished_at or now) - audit.started_at).total_seconds()
+        if audit.status == Status.RUNNING and audit.percent > 1:
+            remaining = elapsed * (100.0 - audit.percent) / audit.percent
+    return {"id": audit.pk, "status": audit.status, "stage": audit.stage, "percent": round(audit.percent, 1),
+            "elapsed_s": elapsed, "remaining_s": remaining, "finished": audit.is_finished,
+            "cancel_requested": audit.cancel_requested, "error": audit.error, "attempts": audit.attempts,
+            "worker_host": audit.worker_host, "device": audit.device,
+            "report_url": reverse("web:report", args=[audit.pk]) if audit.status == Status.SUCCEEDED else None}
+
+
+@login_required
+def audit_detail(request, pk):
+    audit = _audit(request.user, pk)
+    return render(request, "web/audit.html", {
+        "audit": audit, "project": audit.project, "progress": _progress(audit),
+        "config_json": json.dumps(audit.config, indent=2, sort_keys=True),
+        "can_write": audit.project.has_role(request.user, Role.MEMBER)})
+
+
+@login_required
+def audit_status(request, pk):
+    return JsonResponse(_progress(_audit(request.user, pk)))
+
+
+@login_required
+@require_POST
+def audit_cancel(request, pk):
+    audit = _audit(request.user, pk, Role.MEMBER)
+    try:
+        audit.cancel()
+        messages.info(request, "Cancellation requested." if audit.status == Status.RUNNING else "Audit cancelled.")
+    except IllegalTransition as exc:
+        messages.error(request, str(exc))
+    return redirect("web:audit", pk=audit.pk)
+
+
+def _succeeded(user, pk) -> Audit:
+    audit = _audit(user, pk)
+    if audit.status != Status.SUCCEEDED:
+        raise Http404(f"audit {audit.pk} is {audit.status}; its report exists once it has succeeded")
+    return audit
+
+
+@login_required
+def audit_report(request, pk):
+    audit = _succeeded(request.user, pk)
+    context = report.report_context(audit, filters=report.flag_filters(request.GET))
+    context.update(standalone=False, project=audit.project,
+                   can_review=audit.project.has_role(request.user, Role.MEMBER), review_form=ReviewForm())
+    return render(request, "web/report.html", context)
+
+
+@login_required
+def audit_latents(request, pk):
+    audit = _succeeded(request.user, pk)
+    rows = audit.latents.all()
+    query = request.GET.get("q", "").strip()
+    if query:
+        rows = rows.filter(label__icontains=query)
+    order = request.GET.get("order", "index")
+    if order in ("index", "-clarity", "-frequency", "-alignment"):
+        rows = rows.order_by(order)
+    page = Paginator(rows, 50).get_page(request.GET.get("page"))
+    for row in page:
+        row.thumbs = [report.thumbnail(audit, k, 64) for k in row.references[:4]]
+    return render(request, "web/latents.html", {"audit": audit, "project": audit.project, "page": page,
+                                                "q": query, "order": order})
+
+
+@login_required
+def audit_download(request, pk, fmt):
+    return report.download_response(_succeeded(request.user, pk), fmt)
+
+
+@login_required
+@require_POST
+def flag_review(request, pk, flag_pk):
+    audit = _audit(request.user, pk, Role.MEMBER)
+    flag = get_object_or_404(Flag, pk=flag_pk, audit=audit)
+    form = ReviewForm(request.POST)
+    if form.is_valid():
+        Review.objects.create(flag=flag, reviewer=request.user, verdict=form.cleaned_data["verdict"],
+                              note=form.cleaned_data["note"])
+        messages.success(request, f"Review saved for latent {flag.latent_index} ({flag.class_name}).")
+    else:
+        messages.error(request, "The review was not saved: " + "; ".join(
+            f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+    return redirect(reverse("web:report", args=[audit.pk]) + f"#flag-{flag.pk}")
+

@@ -1,0 +1,280 @@
+"""The web UI with Django's test client: pages, forms with their errors, the report, downloads, review, roles."""
+import csv
+import io
+import json
+import re
+
+import pytest
+from django.test import Client
+
+from audit_service.audits.models import Audit, Latent, Review, Status
+from audit_service.audits.services import create_audit
+from workers import tasks
+
+from .conftest import FAST_AUDIT, upload
+
+pytestmark = pytest.mark.django_db
+
+# thresholds that flag every relevant latent not labelled as its class, so the tiny audit has flags to show
+FLAGGING_AUDIT = {**FAST_AUDIT, "flag_max_alignment": 1.0, "flag_min_share": 0.0}
+
+
+@pytest.fixture
+def web(users):
+    def make(name: str | None) -> Client:
+        client = Client()
+        if name:
+            client.force_login(users[name])
+        return client
+
+    return make
+
+
+@pytest.fixture
+def finished(project, users, registered):
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=registered["dataset"], options=FLAGGING_AUDIT)
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.SUCCEEDED, audit.error
+    assert audit.flags.exists()
+    return audit
+
+
+# --------------------------------------------------------------------------- pages and forms
+
+def test_pages_need_a_signed_in_user(web, project):
+    response = web(None).get(f"/projects/{project.pk}/")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+    page = web(None).get("/accounts/login/")
+    assert page.status_code == 200 and b"Sign in" in page.content
+
+
+def test_signing_in_with_the_form_shows_the_users_projects(users, project):
+    client = Client()
+    response = client.post("/accounts/login/", {"username": "viewer", "password": "pw-viewer"}, follow=True)
+    assert response.status_code == 200
+    assert b"Dermatology" in response.content and b"viewer" in response.content
+
+
+def test_registration_forms_create_objects_and_show_the_services_errors_next_to_the_field(web, project, assets):
+    client = web("member")
+    bad = client.post(f"/projects/{project.pk}/models/new/", {
+        "name": "tiny", "layer": -1, "token": "cls", "model_config": upload(assets["config"]),
+        "checkpoint": upload(assets["probe"], "weights.safetensors")})
+    assert bad.status_code == 200
+    field = re.search(rb'id="field-checkpoint".*?</div>', bad.content, re.S).group(0)
+    assert b"errorlist" in field  # the refusal sits next to the checkpoint field
+    ok = client.post(f"/projects/{project.pk}/models/new/", {
+        "name": "tiny", "layer": -1, "token": "cls", "model_config": upload(assets["config"]),
+        "checkpoint": upload(assets["checkpoint"])})
+    assert ok.status_code == 302 and project.clip_models.count() == 1
+    model = project.clip_models.get()
+
+    probe = client.post(f"/projects/{project.pk}/probes/new/", {"name": "p", "clip_model": model.pk,
+                                                                "file": upload(assets["probe"])})
+    assert probe.status_code == 302 and project.probes.count() == 1
+
+    broken = client.post(f"/projects/{project.pk}/datasets/new/", {
+        "name": "d", "archive": upload(assets["config"], "data.zip")})
+    field = re.search(rb'id="field-archive".*?</div>', broken.content, re.S).group(0)
+    assert b"errorlist" in field and project.datasets.count() == 0
+    dataset = client.post(f"/projects/{project.pk}/datasets/new/", {"name": "d",
+                                                                    "archive": upload(assets["dataset"])})
+    assert dataset.status_code == 302 and project.datasets.count() == 1
+
+
+def test_the_audit_form_submits_an_audit_with_its_options_and_explains_bad_json(web, project, registered,
+                                                                               monkeypatch):
+    sent = []
+    monkeypatch.setattr(tasks.run_audit, "delay", lambda audit_id: sent.append(audit_id))
+    client = web("member")
+    form = {"clip_model": registered["model"].pk, "probe": registered["probe"].pk,
+            "dataset": registered["dataset"].pk, "n_latents": 32, "k": 4, "causal": "on",
+            "expected_concepts": "melanoma: melanoma, irregular mole\nnevus: nevus"}
+    bad = client.post(f"/projects/{project.pk}/audits/new/", {**form, "options": "{not json"})
+    assert bad.status_code == 200 and b"not valid JSON" in bad.content and not Audit.objects.exists()
+    refused = client.post(f"/projects/{project.pk}/audits/new/", {**form, "options": '{"flag_min_share": 7}'})
+    assert b"flag_min_share must be within" in refused.content and not Audit.objects.exists()
+    ok = client.post(f"/projects/{project.pk}/audits/new/", {**form, "options": '{"flag_min_share": 0.03}'})
+    audit = Audit.objects.get()
+    assert ok.status_code == 302 and ok["Location"] == f"/audits/{audit.pk}/"
+    assert audit.config["sae"]["n_latents"] == 32 and audit.config["sae"]["k"] == 4
+    assert audit.config["flag_min_share"] == 0.03 and audit.config["general_vocabulary"] is False
+    assert audit.config["expected_concepts"] == {"melanoma": ["melanoma", "irregular mole"], "nevus": ["nevus"]}
+
+
+def test_the_progress_endpoint_reports_stage_percent_elapsed_and_remaining(web, project, users, registered):
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
+    client = web("viewer")
+    assert client.get(f"/audits/{audit.pk}/status.json").json()["status"] == "queued"
+    audit.mark_running("attribute", 40.0)
+    body = client.get(f"/audits/{audit.pk}/status.json").json()
+    assert body["stage"] == "attribute" and body["percent"] == 40.0 and body["elapsed_s"] >= 0
+    assert body["remaining_s"] == pytest.approx(body["elapsed_s"] * 1.5, rel=1e-6, abs=1e-6)
+    assert body["report_url"] is None and not body["finished"]
+    page = client.get(f"/audits/{audit.pk}/")
+    assert b'id="bar"' in page.content and b"progress-data" in page.content
+    assert b"Cancel audit" not in page.content  # a viewer cannot cancel
+
+
+# --------------------------------------------------------------------------- the report
+
+def test_the_report_shows_summary_flag_cards_images_and_plots(web, finished):
+    response = web("viewer").get(f"/audits/{finished.pk}/report/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'id="class-summary"' in html and "SAE quality" in html
+    flag = finished.flags.first()
+    assert f'id="flag-{flag.pk}"' in html and f"Latent {flag.latent_index}" in html
+    assert html.count("<svg") >= 2 * len(finished.result["classes"])  # bars + deletion curves per class
+    assert "data:image/png;base64," in html  # the relevance-vs-alignment scatter
+    assert "data:image/jpeg;base64," in html  # reference images
+    assert "Save review" not in html  # viewers read, they do not review
+
+
+def test_filters_narrow_the_flags_by_head_class_category_and_verdict(web, finished, users):
+    flag = finished.flags.order_by("pk").first()
+    Review.objects.create(flag=flag, reviewer=users["member"], verdict="benign")
+    client = web("member")
+
+    def shown(**params):
+        html = client.get(f"/audits/{finished.pk}/report/", params).content.decode()
+        return {int(i) for i in re.findall(r'id="flag-(\d+)"', html)}
+
+    everything = set(finished.flags.values_list("pk", flat=True))
+    assert shown() == everything
+    assert shown(verdict="benign") == {flag.pk}
+    assert shown(verdict="unreviewed") == everything - {flag.pk}
+    assert shown(head="zero_shot") == set(finished.flags.filter(head="zero_shot").values_list("pk", flat=True))
+    assert shown(class_name=flag.class_name) == set(
+        finished.flags.filter(class_name=flag.class_name).values_list("pk", flat=True))
+    assert shown(category="no-such-category") == set()
+
+
+def test_members_review_flags_and_the_history_is_kept_and_shown(web, finished, users):
+    flag = finished.flags.first()
+    client = web("member")
+    first = client.post(f"/audits/{finished.pk}/flags/{flag.pk}/review/", {"verdict": "needs_work", "note": "look"})
+    assert first.status_code == 302 and first["Location"].endswith(f"#flag-{flag.pk}")
+    client.post(f"/audits/{finished.pk}/flags/{flag.pk}/review/",
+                {"verdict": "confirmed_shortcut", "note": "ruler, see refs"})
+    assert [r.verdict for r in flag.reviews.all()] == ["confirmed_shortcut", "needs_work"]
+    html = client.get(f"/audits/{finished.pk}/report/").content.decode()
+    card = html[html.index(f'id="flag-{flag.pk}"'):]
+    card = card[:card.index('class="card flagcard"', 10) if 'class="card flagcard"' in card[10:] else len(card)]
+    assert "Confirmed shortcut" in card and "ruler, see refs" in card and "Needs work" in card and "look" in card
+    invalid = client.post(f"/audits/{finished.pk}/flags/{flag.pk}/review/", {"verdict": "maybe"}, follow=True)
+    assert b"The review was not saved" in invalid.content and flag.reviews.count() == 2
+
+
+def test_a_viewer_cannot_review_and_an_outsider_sees_nothing(web, finished):
+    flag = finished.flags.first()
+    viewer = web("viewer").post(f"/audits/{finished.pk}/flags/{flag.pk}/review/", {"verdict": "benign"})
+    assert viewer.status_code == 403 and not flag.reviews.exists()
+    outsider = web("outsider")
+    for url in (f"/projects/{finished.project_id}/", f"/audits/{finished.pk}/", f"/audits/{finished.pk}/status.json",
+                f"/audits/{finished.pk}/report/", f"/audits/{finished.pk}/latents/",
+                f"/audits/{finished.pk}/download/html", f"/audits/{finished.pk}/download/json",
+                f"/audits/{finished.pk}/download/latents.csv", f"/audits/{finished.pk}/download/flags.csv"):
+        assert outsider.get(url).status_code == 404, url
+    assert outsider.post(f"/audits/{finished.pk}/flags/{flag.pk}/review/", {"verdict": "benign"}).status_code == 404
+    assert outsider.get(f"/projects/{finished.project_id}/audits/new/").status_code == 404
+    assert web("viewer").get(f"/projects/{finished.project_id}/audits/new/").status_code == 403
+    assert b"Dermatology" not in outsider.get("/").content
+
+
+# --------------------------------------------------------------------------- downloads
+
+def test_the_downloaded_html_is_one_self_contained_file(web, finished):
+    response = web("viewer").get(f"/audits/{finished.pk}/download/html")
+    assert response.status_code == 200 and "attachment" in response["Content-Disposition"]
+    html = response.content.decode()
+    sources = re.findall(r'\bsrc="([^"]*)"', html)
+    assert sources and all(s.startswith("data:") for s in sources)  # every image is embedded
+    assert "<link" not in html and "@import" not in html
+    assert not re.findall(r"url\((?!#)", html)  # only the SVGs' own clip paths, url(#id)
+    assert "<script" not in html  # nothing to fetch, nothing to run
+    assert "data:image/jpeg;base64," in html and "<svg" in html
+    assert f"Latent {finished.flags.first().latent_index}" in html
+
+
+def test_json_and_csv_downloads_hold_the_full_result(web, finished):
+    client = web("viewer")
+    body = json.loads(client.get(f"/audits/{finished.pk}/download/json").content)
+    assert body["report_schema_version"] == 1 and body["result"]["schema_version"] >= 1
+    assert len(body["latents"]) == finished.result["sae"]["n_latents"]
+    assert len(body["flags"]) == finished.flags.count()
+    assert body["audit"]["config"] == finished.config
+
+    latents = list(csv.DictReader(io.StringIO(b"".join(
+        client.get(f"/audits/{finished.pk}/download/latents.csv").streaming_content).decode())))
+    assert len(latents) == finished.result["sae"]["n_latents"]
+    assert {int(r["latent"]) for r in latents} == set(range(finished.result["sae"]["n_latents"]))
+    flags = list(csv.DictReader(io.StringIO(b"".join(
+        client.get(f"/audits/{finished.pk}/download/flags.csv").streaming_content).decode())))
+    assert len(flags) == finished.flags.count()
+    assert flags[0]["head"] in ("probe", "zero_shot") and flags[0]["label"]
+    assert client.get(f"/audits/{finished.pk}/download/pdf").status_code == 404
+
+
+def test_reports_of_unfinished_audits_do_not_exist(web, project, users, registered):
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
+    client = web("member")
+    assert client.get(f"/audits/{audit.pk}/report/").status_code == 404
+    assert client.get(f"/audits/{audit.pk}/download/json").status_code == 404
+
+
+def test_pages_stay_bounded_with_30000_latents(web, finished, django_assert_max_num_queries):
+    Latent.objects.filter(audit=finished).delete()
+    Latent.objects.bulk_create([Latent(audit=finished, index=i, label=f"concept {i % 97}", clarity=0.5,
+                                       frequency=0.01, max_activation=1.0, alignment=0.1, references=[])
+                                for i in range(30000)], batch_size=5000)
+    client = web("viewer")
+    with django_assert_max_num_queries(40):
+        page = client.get(f"/audits/{finished.pk}/latents/", {"page": 3})
+    rows = re.findall(r'<tr><td class="num">(\d+)</td>', page.content.decode())
+    assert [int(r) for r in rows] == list(range(100, 150))  # one page of 50, not 30 000
+    with django_assert_max_num_queries(60):
+        report = client.get(f"/audits/{finished.pk}/report/")
+    assert report.status_code == 200 and b"concept 5" not in report.content  # no latent rows on the report
+
+
+def test_the_api_serves_the_same_downloads_to_token_clients(client_for, finished, project, users, registered):
+    api = client_for("viewer")
+    html = api.get(f"/api/v1/audits/{finished.pk}/download/html/")
+    assert html.status_code == 200 and b"Shortcut audit" in html.content
+    assert api.get(f"/api/v1/audits/{finished.pk}/download/json/").json()["report_schema_version"] == 1
+    assert api.get(f"/api/v1/audits/{finished.pk}/download/pdf/").status_code == 404
+    assert client_for("outsider").get(f"/api/v1/audits/{finished.pk}/download/json/").status_code == 404
+    queued = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                          probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
+    assert api.get(f"/api/v1/audits/{queued.pk}/download/json/").status_code == 409
+
+
+def test_admins_bulk_review_flags_and_filter_by_latest_verdict(finished, users):
+    from django.contrib.auth import get_user_model
+
+    admin_user = get_user_model().objects.create_superuser("admin", password="pw-admin")
+    client = Client()
+    client.force_login(admin_user)
+    flags = list(finished.flags.order_by("pk"))
+    first, rest = flags[0], flags[1:]
+    response = client.post("/admin/audits/flag/", {"action": "mark_benign",
+                                                   "_selected_action": [f.pk for f in flags]}, follow=True)
+    assert response.status_code == 200 and f"{len(flags)} flags marked benign".encode() in response.content
+    client.post("/admin/audits/flag/", {"action": "mark_confirmed_shortcut", "_selected_action": [first.pk]})
+    assert [r.verdict for r in first.reviews.all()] == ["confirmed_shortcut", "benign"]  # history kept
+    assert all(r.reviewer == admin_user for r in Review.objects.all())
+
+    def listed(**params):
+        html = client.get("/admin/audits/flag/", params).content.decode()
+        return {int(i) for i in re.findall(r'name="_selected_action" value="(\d+)"', html)}
+
+    assert listed(verdict="confirmed_shortcut") == {first.pk}
+    assert listed(verdict="benign") == {f.pk for f in rest}
+    assert listed(verdict="unreviewed") == set()
+    assert listed(class_name__exact=first.class_name, category__exact=first.category) == {
+        f.pk for f in flags if f.class_name == first.class_name and f.category == first.category}
