@@ -158,6 +158,19 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 AUDIT_MAX_ATTEMPTS = env_int("AUDIT_MAX_ATTEMPTS", 3, minimum=1)
 AUDIT_PROGRESS_EVERY_SECONDS = 1.0
+# A running audit's worker writes a heartbeat this often; an audit whose heartbeat is older than
+# AUDIT_STALE_AFTER_SECONDS (or whose worker process on this host is gone) is requeued by the reaper, or failed
+# once it used up AUDIT_MAX_ATTEMPTS.
+AUDIT_HEARTBEAT_SECONDS = env_int("AUDIT_HEARTBEAT_SECONDS", 15, minimum=1)
+AUDIT_STALE_AFTER_SECONDS = env_int("AUDIT_STALE_AFTER_SECONDS", 120, minimum=2)
+# A queued audit whose task message is older than this is sent again (a broker that lost its queue on a restart
+# loses no audit; a duplicate message is ignored by the worker).
+AUDIT_REQUEUE_QUEUED_AFTER_SECONDS = env_int("AUDIT_REQUEUE_QUEUED_AFTER_SECONDS", 1800, minimum=1)
+AUDIT_REAP_EVERY_SECONDS = env_int("AUDIT_REAP_EVERY_SECONDS", 60, minimum=1)
+AUDIT_STAGE_TIME_LIMIT = env_int("AUDIT_STAGE_TIME_LIMIT", 6 * 3600, minimum=1)  # seconds per engine stage
+CELERY_BEAT_SCHEDULE = {"reap-stale-audits": {"task": "workers.tasks.reap_stale_audits",
+                                              "schedule": float(AUDIT_REAP_EVERY_SECONDS)}}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 LOGGING = {
     "version": 1,

@@ -2,7 +2,10 @@
 import os
 from pathlib import Path
 
+import logging
+
 from celery import Celery
+from celery.signals import worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_service.settings")
 
@@ -21,3 +24,14 @@ def _make_filesystem_broker_folders(sender, **kwargs):
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):
         if options.get(key):
             Path(options[key]).mkdir(parents=True, exist_ok=True)
+
+
+@worker_ready.connect
+def _reap_when_a_worker_starts(sender, **kwargs):
+    """A worker restarted after a crash picks up the audits its predecessor left running at once."""
+    from workers.tasks import reap_stale_audits
+
+    try:
+        reap_stale_audits()
+    except Exception:  # the database may be down: the periodic reaper tries again
+        logging.getLogger("workers").exception("reaping stale audits at worker start failed")

@@ -2,23 +2,26 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
+import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from celery import shared_task
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
-from django.db import OperationalError
+from django.db import OperationalError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 log = logging.getLogger(__name__)
 
 # Share of the overall progress bar each engine stage takes.
 STAGE_WEIGHTS = {"extract": 30, "train_sae": 30, "attribute": 25, "label": 5, "flag": 2, "confirm": 8}
-HEARTBEAT_STALE = timedelta(minutes=2)
 
 
 def overall_percent(stage: str, done: int, total: int) -> float:
@@ -31,23 +34,100 @@ def overall_percent(stage: str, done: int, total: int) -> float:
 
 
 class _Progress:
-    """The engine's progress callback: writes stage and percent to the row, honours cancellation."""
+    """The engine's progress callback: writes stage and percent, honours cancellation and the stage time limit."""
 
     def __init__(self, audit):
         self.audit = audit
         self.last = 0.0
+        self.stage = None
+        self.stage_started = time.monotonic()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         from audit_service.audits.models import Audit
-        from workers.engine.errors import AuditCancelled
+        from workers.engine.errors import AuditCancelled, EngineError
 
         now = time.monotonic()
+        if stage != self.stage:
+            self.stage, self.stage_started = stage, now
+        limit = settings.AUDIT_STAGE_TIME_LIMIT
+        if now - self.stage_started > limit:
+            raise EngineError(f"stage '{stage}' ran longer than its time limit of {limit} s (AUDIT_STAGE_TIME_LIMIT) "
+                              f"at {done}/{total}; use a smaller dataset or SAE, a faster worker, or raise the limit")
         if now - self.last < settings.AUDIT_PROGRESS_EVERY_SECONDS and done not in (0, total):
             return
         self.last = now
         self.audit.mark_running(stage, overall_percent(stage, done, total))
         if Audit.objects.filter(pk=self.audit.pk, cancel_requested=True).exists():
             raise AuditCancelled()
+
+
+class _Heartbeat(threading.Thread):
+    """Writes the running audit's heartbeat every AUDIT_HEARTBEAT_SECONDS, however long a batch takes."""
+
+    def __init__(self, audit_id: int, owner: str):
+        super().__init__(name=f"heartbeat-{audit_id}", daemon=True)
+        self.audit_id, self.owner = audit_id, owner
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from audit_service.audits.models import Audit, Status
+
+        try:
+            while not self.stopped.wait(settings.AUDIT_HEARTBEAT_SECONDS):
+                try:
+                    Audit.objects.filter(pk=self.audit_id, status=Status.RUNNING, worker_host=self.owner).update(
+                        heartbeat_at=timezone.now())
+                except OperationalError:
+                    log.warning("audit %s: heartbeat not written (database unreachable); retrying", self.audit_id)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)
+
+
+def worker_identity() -> str:
+    """host:pid of this process: who runs an audit, and whether that process still exists."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(worker_host: str) -> bool | None:
+    """Whether the process named by ``worker_host`` is alive: known on its own host, None elsewhere."""
+    host, _, pid = (worker_host or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    if int(pid) == os.getpid():
+        return False  # this process is not running it: whoever wrote that row with our pid is gone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process whose parent died too can linger as a zombie until init reaps it: it is dead
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def is_abandoned(audit, now=None) -> bool:
+    """A running audit whose worker is gone: its process on this host has died, or its heartbeat stopped."""
+    from audit_service.audits.models import Status
+
+    if audit.status != Status.RUNNING:
+        return False
+    if owner_alive(audit.worker_host) is False:
+        return True  # its process on this host is gone; a live pid may be a reused one, so check the heartbeat too
+    now = now or timezone.now()
+    return audit.heartbeat_at is None or now - audit.heartbeat_at > timedelta(seconds=settings.AUDIT_STALE_AFTER_SECONDS)
+
+
+def given_up_message(audit) -> str:
+    return (f"the audit was started {audit.attempts} times and never finished (its workers crashed, were killed or "
+            "lost the database); it was given up after AUDIT_MAX_ATTEMPTS attempts. Check the workers' logs and "
+            "memory, then submit it again")
 
 
 ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz")
@@ -85,18 +165,26 @@ def run_audit(self, audit_id: int) -> None:
     if audit.is_finished:
         log.info("audit %s is already %s; ignoring a duplicate delivery", audit_id, audit.status)
         return
-    if audit.status == Status.RUNNING and audit.heartbeat_at and timezone.now() - audit.heartbeat_at < HEARTBEAT_STALE:
+    if audit.status == Status.RUNNING and not is_abandoned(audit):
         log.info("audit %s is being run by %s; ignoring a duplicate delivery", audit_id, audit.worker_host)
         return
     if audit.attempts >= settings.AUDIT_MAX_ATTEMPTS:
-        audit.fail(f"the audit was started {audit.attempts} times and never finished (workers crashed or were "
-                   "stopped); it was given up. Submit it again, or check the workers' logs and memory")
+        audit.fail(given_up_message(audit))
         return
-    Audit.objects.filter(pk=audit.pk).update(attempts=audit.attempts + 1)
+    # Claim it: only one of several deliveries read this attempt count, so only one update succeeds.
+    me = worker_identity()
+    claimed = Audit.objects.filter(pk=audit.pk, status=audit.status, attempts=audit.attempts).update(
+        attempts=F("attempts") + 1, worker_host=me, heartbeat_at=timezone.now())
+    if not claimed:
+        log.info("audit %s was claimed by another worker meanwhile; ignoring this delivery", audit_id)
+        return
     audit.attempts += 1
+    audit.worker_host = me
     workdir = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}"
+    heartbeat = _Heartbeat(audit.pk, me)
+    heartbeat.start()
     try:
-        audit.mark_running("loading", 0.0, worker_host=socket.gethostname())
+        audit.mark_running("loading", 0.0, worker_host=me)
         bundle, probe, images = load_inputs(audit)
         config = AuditConfig.from_dict(audit.config)
         result = engine_run_audit(config, bundle, probe, images, _Progress(audit), workdir=workdir)
@@ -130,5 +218,43 @@ def run_audit(self, audit_id: int) -> None:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
         return
+    finally:
+        heartbeat.stop()
     if Audit.objects.filter(pk=audit.pk, status__in=[Status.FAILED, Status.CANCELLED]).exists():
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@shared_task(name="workers.tasks.reap_stale_audits")
+def reap_stale_audits() -> dict:
+    """Requeue (or give up) running audits whose worker is gone; re-send queued audits' lost messages.
+
+    Runs every AUDIT_REAP_EVERY_SECONDS (Celery beat) and when a worker starts.
+    """
+    from audit_service.audits.models import Audit, IllegalTransition, Status
+    from audit_service.audits.services import enqueue
+
+    now = timezone.now()
+    done = {"requeued": [], "failed": [], "resent": []}
+    for audit in Audit.objects.filter(status=Status.RUNNING):
+        if not is_abandoned(audit, now):
+            continue
+        try:
+            with transaction.atomic():
+                if audit.attempts >= settings.AUDIT_MAX_ATTEMPTS:
+                    audit.fail(given_up_message(audit))
+                    done["failed"].append(audit.pk)
+                else:
+                    log.warning("audit %s: worker %s stopped during %s; requeued (attempt %s of %s used)",
+                                audit.pk, audit.worker_host, audit.stage, audit.attempts, settings.AUDIT_MAX_ATTEMPTS)
+                    audit._move(Status.QUEUED, heartbeat_at=None, stage="requeued")
+                    transaction.on_commit(lambda pk=audit.pk: enqueue(pk))
+                    done["requeued"].append(audit.pk)
+        except IllegalTransition:
+            continue  # it moved on meanwhile: finished, or claimed by a worker
+    stale_message = now - timedelta(seconds=settings.AUDIT_REQUEUE_QUEUED_AFTER_SECONDS)
+    for audit in Audit.objects.filter(status=Status.QUEUED, enqueued_at__lt=stale_message):
+        enqueue(audit.pk)
+        done["resent"].append(audit.pk)
+    if any(done.values()):
+        log.warning("reaper: %s", done)
+    return done

@@ -53,6 +53,7 @@ class Audit(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)  # when its task message was last sent
 
     class Meta:
         ordering = ["-created_at", "-id"]

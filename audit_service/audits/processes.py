@@ -16,10 +16,12 @@ REPO = Path(settings.BASE_DIR)
 
 
 def start_worker(log_path: Path, concurrency: int = 1) -> subprocess.Popen:
+    """One worker with an embedded beat (the periodic reaper): right for one machine, not for many."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "gpu,default",
-                             "-c", str(concurrency), "--loglevel=INFO", "--without-gossip", "--without-mingle"],
+                             "-c", str(concurrency), "--loglevel=INFO", "--without-gossip", "--without-mingle",
+                             "-B", "-s", str(settings.CELERY_BEAT_SCHEDULE_FILENAME)],
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
 
 

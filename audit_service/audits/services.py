@@ -48,6 +48,10 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
 
 
 def enqueue(audit_id: int) -> None:
+    """Send the audit's task message and remember when (the reaper re-sends messages a broker lost)."""
+    from django.utils import timezone
+
     from workers.tasks import run_audit
 
+    Audit.objects.filter(pk=audit_id).update(enqueued_at=timezone.now())
     run_audit.delay(audit_id)

@@ -34,14 +34,18 @@ def database_url() -> str:
             f"/{db['NAME']}")
 
 
-def start_worker(tmp_path, name: str) -> subprocess.Popen:
+def start_worker(tmp_path, name: str, beat: bool = False, **env_overrides) -> subprocess.Popen:
+    """A real worker process in its own process group (``os.killpg`` kills it with its pool children)."""
     env = {**os.environ, "DATABASE_URL": database_url(), "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
            "MEDIA_ROOT": str(settings.MEDIA_ROOT), "AUDIT_WORK_DIR": str(settings.AUDIT_WORK_DIR),
-           "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "gpu,default",
-                             "-c", "1", "--loglevel=INFO", "-n", f"{name}@%h", "--without-gossip",
-                             "--without-mingle"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+           "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env_overrides.items()}}
+    command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "gpu,default", "-c", "1",
+               "--loglevel=INFO", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]
+    if beat:
+        command += ["-B", "-s", str(tmp_path / f"{name}-beat-schedule")]
+    log = open(tmp_path / f"{name}.log", "a")
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def purge_queues():
