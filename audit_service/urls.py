@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
+from audit_service.accounts.api import ApiTokenViewSet
 from audit_service.audits.api import AuditViewSet, FlagViewSet, LatentViewSet
 from audit_service.projects.api import MembershipViewSet, ProjectViewSet
 from audit_service.registry.api import ClipModelViewSet, DatasetViewSet, ProbeViewSet
@@ -12,6 +13,7 @@ router.register("models", ClipModelViewSet, basename="clipmodel")
 router.register("probes", ProbeViewSet, basename="probe")
 router.register("datasets", DatasetViewSet, basename="dataset")
 router.register("audits", AuditViewSet, basename="audit")
+router.register("tokens", ApiTokenViewSet, basename="token")
 
 nested = [
     path("projects/<int:project_pk>/members/", MembershipViewSet.as_view({"get": "list", "post": "create"}),

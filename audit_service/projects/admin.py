@@ -11,6 +11,6 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
-    list_display = ["name", "created_at", "max_concurrent_audits"]
+    list_display = ["name", "created_at", "max_concurrent_audits", "max_dataset_images", "max_dataset_bytes"]
     search_fields = ["name"]
     inlines = [MembershipInline]

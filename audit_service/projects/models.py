@@ -25,6 +25,9 @@ class Project(models.Model):
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     max_concurrent_audits = models.PositiveIntegerField(default=2)
+    # stricter than the service-wide MAX_DATASET_IMAGES / MAX_DATASET_BYTES where set (admins set them)
+    max_dataset_images = models.PositiveIntegerField(null=True, blank=True)
+    max_dataset_bytes = models.PositiveBigIntegerField(null=True, blank=True)
 
     objects = ProjectQuerySet.as_manager()
 

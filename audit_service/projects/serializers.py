@@ -9,8 +9,11 @@ class ProjectSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Project
-        fields = ["id", "name", "description", "created_at", "max_concurrent_audits", "role"]
-        read_only_fields = ["id", "created_at", "role"]
+        fields = ["id", "name", "description", "created_at", "max_concurrent_audits", "max_dataset_images",
+                  "max_dataset_bytes", "role"]
+        # limits are the service's to set (Django admin), not the project owner's
+        read_only_fields = ["id", "created_at", "role", "max_concurrent_audits", "max_dataset_images",
+                            "max_dataset_bytes"]
 
     def get_role(self, project) -> str | None:
         return project.role_of(self.context["request"].user)

@@ -30,6 +30,7 @@ class Limits:
     max_files: int
     max_total_bytes: int
     max_image_pixels: int
+    source: str = "MAX_DATASET_IMAGES / MAX_DATASET_BYTES"  # where the limits come from, named in refusals
 
 
 @dataclass
@@ -72,10 +73,10 @@ def _check_totals(n_files: int, total_bytes: int, limits: Limits) -> None:
     """Refuse an archive by its declared file count and size before anything is written."""
     if n_files > limits.max_files + 10:  # a few labels or readme files besides the images
         raise DatasetRejected(f"the archive holds {n_files} files; at most {limits.max_files} images "
-                              "are accepted per dataset (MAX_DATASET_IMAGES)")
+                              f"are accepted per dataset ({limits.source})")
     if total_bytes > limits.max_total_bytes:
         raise DatasetRejected(f"the archive unpacks to {total_bytes} bytes, over the limit of "
-                              f"{limits.max_total_bytes} (MAX_DATASET_BYTES)")
+                              f"{limits.max_total_bytes} ({limits.source})")
 
 
 def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
@@ -196,7 +197,8 @@ def validate(root: Path, limits: Limits) -> ValidatedDataset:
     if not image_files:
         raise DatasetRejected("the dataset holds no images")
     if len(image_files) > limits.max_files:
-        raise DatasetRejected(f"the dataset holds {len(image_files)} images; at most {limits.max_files} are accepted")
+        raise DatasetRejected(f"the dataset holds {len(image_files)} images; at most {limits.max_files} are accepted "
+                              f"({limits.source})")
     csv_path = _find_labels_csv(root)
     if csv_path is not None:
         labels = _read_labels(csv_path, root)

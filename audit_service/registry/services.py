@@ -41,7 +41,10 @@ def _spool(upload, suffix: str, folder: Path) -> tuple[Path, str]:
 
     The hash is taken while copying, so a large checkpoint or archive is read once, not twice.
     """
-    path = folder / f"upload{suffix}"
+    name = Path(upload.name or "").name  # the user's file name, so messages speak of the file they sent
+    if not name or name.startswith(".") or not name.lower().endswith(suffix):
+        name = f"{name or 'upload'}{suffix}"
+    path = folder / name
     digest = hashlib.sha256()
     upload.seek(0)
     with open(path, "wb") as out:
@@ -169,9 +172,15 @@ def register_probe(*, project, user, name: str, clip_model: ClipModel, file, cla
 
 # --------------------------------------------------------------------------- datasets
 
-def dataset_limits() -> Limits:
-    return Limits(max_files=settings.MAX_DATASET_IMAGES, max_total_bytes=settings.MAX_DATASET_BYTES,
-                  max_image_pixels=settings.MAX_IMAGE_PIXELS)
+def dataset_limits(project=None) -> Limits:
+    """The service's dataset limits, or the project's where an admin set stricter ones."""
+    files, size = settings.MAX_DATASET_IMAGES, settings.MAX_DATASET_BYTES
+    source = "MAX_DATASET_IMAGES / MAX_DATASET_BYTES"
+    if project is not None and (project.max_dataset_images or project.max_dataset_bytes):
+        files = min(files, project.max_dataset_images or files)
+        size = min(size, project.max_dataset_bytes or size)
+        source = f"the dataset limit of project '{project.name}'"
+    return Limits(max_files=files, max_total_bytes=size, max_image_pixels=settings.MAX_IMAGE_PIXELS, source=source)
 
 
 def register_dataset(*, project, user, name: str, archive) -> Dataset:
@@ -188,8 +197,9 @@ def register_dataset(*, project, user, name: str, archive) -> Dataset:
         path, sha = _spool(archive, ".upload", tmp)
         root = tmp / "files"
         try:
-            extract(path, root, dataset_limits())
-            checked = validate(root, dataset_limits())
+            limits = dataset_limits(project)
+            extract(path, root, limits)
+            checked = validate(root, limits)
         except DatasetRejected as exc:
             raise RegistrationError(str(exc), field="archive") from exc
         try:

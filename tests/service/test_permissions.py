@@ -42,7 +42,8 @@ def _reads(w):
             f"/api/v1/probes/{w['probe'].id}/", f"/api/v1/datasets/{w['dataset'].id}/", f"/api/v1/audits/{a}/",
             f"/api/v1/audits/{a}/summary/", f"/api/v1/audits/{a}/flags/", f"/api/v1/audits/{a}/flags/{f}/",
             f"/api/v1/audits/{a}/flags/{f}/reviews/", f"/api/v1/audits/{a}/latents/",
-            f"/api/v1/audits/{a}/latents/0/"]
+            f"/api/v1/audits/{a}/latents/0/", f"/api/v1/audits/{a}/download/json/",
+            f"/api/v1/audits/{a}/download/latents.csv/", f"/api/v1/audits/{a}/download/flags.csv/"]
 
 
 def _lists(w):
@@ -54,12 +55,12 @@ def test_reading_every_endpoint(world, client_for, persona):
     client = client_for(persona)
     for url in _reads(world):
         status = client.get(url).status_code
-        expected = {None: 403, "outsider": 404}.get(persona, 200)
+        expected = {None: 401, "outsider": 404}.get(persona, 200)
         assert status == expected, (persona, url, status)
     for url in _lists(world):
         response = client.get(url)
         if persona is None:
-            assert response.status_code == 403
+            assert response.status_code == 401 and response["WWW-Authenticate"] == "Token"
         else:
             assert response.status_code == 200
             count = response.json()["count"]
@@ -99,7 +100,7 @@ def test_writing_every_endpoint(world, client_for, persona, assets, settings):
         client = client_for(persona)
         status = getattr(client, method)(url, data, format=fmt).status_code
         if persona is None:
-            expected = {403}
+            expected = {401}
         elif persona == "outsider":
             expected = {404}
         elif RANK[persona] >= RANK[needed]:

@@ -16,7 +16,6 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from rest_framework.authtoken.models import Token
 
 from audit_service.audits import processes
 from audit_service.projects.models import Membership, Project, Role
@@ -74,7 +73,10 @@ class Command(BaseCommand):
         project, _ = Project.objects.get_or_create(name=DEMO_PROJECT)
         Membership.objects.get_or_create(project=project, user=user, defaults={"role": Role.OWNER})
         self.project_id = project.id
-        return Token.objects.get_or_create(user=user)[0].key
+        from audit_service.accounts.models import ApiToken
+
+        ApiToken.objects.filter(user=user, name="demo").delete()  # keys cannot be read back: issue a fresh one
+        return ApiToken.issue(user, "demo")[1]
 
     def _assets(self) -> dict:
         from workers.casestudy.build import CaseConfig, build_case, default_cache, format_metrics

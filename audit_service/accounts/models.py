@@ -1,0 +1,44 @@
+"""API tokens for scripts and CI: only a SHA-256 digest of each key is stored; the key is shown once."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+KEY_PREFIX = "cat_"  # "CLIP audit token": easy to spot in a leaked log or a secret scanner
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16)  # the key's first characters: which token this is, not the key
+    key_digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...) of {self.user}"
+
+    @classmethod
+    def issue(cls, user, name: str, expires_at=None) -> tuple["ApiToken", str]:
+        """A new token and its key; the key exists only in the return value."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, prefix=key[:12], key_digest=digest(key),
+                                   expires_at=expires_at)
+        return token, key
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
