@@ -32,6 +32,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "audit_service.accounts",
     "audit_service.projects",
     "audit_service.registry",
@@ -128,6 +130,26 @@ REST_FRAMEWORK = {
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_CLASSES": ["audit_service.accounts.throttling.PerTokenRateThrottle"],
+}
+# Requests per API token (or per signed-in user, or per anonymous address); counted in the Django cache, so
+# several web processes share one budget only with a shared cache (CACHE_URL=redis://...).
+API_RATE_PER_TOKEN = env_str("API_RATE_PER_TOKEN", "1200/min")
+API_RATE_PER_USER = env_str("API_RATE_PER_USER", "1200/min")
+API_RATE_ANONYMOUS = env_str("API_RATE_ANONYMOUS", "60/min")
+if env_str("CACHE_URL", ""):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("CACHE_URL", "")}}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "CLIP shortcut audit API",
+    "DESCRIPTION": "Register OpenCLIP models, linear probes and datasets, submit audits for shortcut learning, "
+                   "read and review their flags, download reports. Authenticate with `Authorization: Token <key>`.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",  # the docs page's assets ship with the project: it works offline
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"

@@ -2,14 +2,26 @@ from django.utils import timezone
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.response import Response
 
+from audit_service.projects.models import Project
+
 from .models import ApiToken
 
 
 class ApiTokenSerializer(serializers.ModelSerializer):
+    projects = serializers.PrimaryKeyRelatedField(many=True, required=False, queryset=Project.objects.all(),
+                                                  help_text="limit the token to these projects (default: all yours)")
+
     class Meta:
         model = ApiToken
-        fields = ["id", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
+        fields = ["id", "name", "prefix", "projects", "created_at", "last_used_at", "expires_at", "revoked_at"]
         read_only_fields = ["id", "prefix", "created_at", "last_used_at", "revoked_at"]
+
+    def validate_projects(self, projects):
+        mine = set(Project.objects.for_user(self.context["request"].user).values_list("pk", flat=True))
+        foreign = [p.pk for p in projects if p.pk not in mine]
+        if foreign:
+            raise serializers.ValidationError(f"you are not a member of project(s) {foreign}")
+        return projects
 
 
 class ApiTokenViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.DestroyModelMixin,
@@ -19,13 +31,16 @@ class ApiTokenViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Des
     serializer_class = ApiTokenSerializer
 
     def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return ApiToken.objects.none()
         return ApiToken.objects.filter(user=self.request.user)
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         token, key = ApiToken.issue(request.user, serializer.validated_data["name"],
-                                    serializer.validated_data.get("expires_at"))
+                                    serializer.validated_data.get("expires_at"),
+                                    serializer.validated_data.get("projects", ()))
         body = {**self.get_serializer(token).data, "key": key,
                 "note": "store the key now: only its SHA-256 digest is kept, it cannot be shown again"}
         return Response(body, status=status.HTTP_201_CREATED)

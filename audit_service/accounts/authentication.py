@@ -29,6 +29,8 @@ class HashedTokenAuthentication(authentication.BaseAuthentication):
         if not token.active:
             raise exceptions.AuthenticationFailed(f"token '{token.name}' was revoked or has expired; "
                                                   "create a new one")
+        scope = set(token.projects.values_list("pk", flat=True))
+        token.user.token_project_ids = scope or None  # read by Project.objects.for_user for this request
         now = timezone.now()
         if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)

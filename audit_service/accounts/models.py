@@ -24,6 +24,8 @@ class ApiToken(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # the projects this token may reach (of those its user belongs to); none listed: all of the user's projects
+    projects = models.ManyToManyField("projects.Project", blank=True, related_name="+")
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -32,11 +34,13 @@ class ApiToken(models.Model):
         return f"{self.name} ({self.prefix}...) of {self.user}"
 
     @classmethod
-    def issue(cls, user, name: str, expires_at=None) -> tuple["ApiToken", str]:
+    def issue(cls, user, name: str, expires_at=None, projects=()) -> tuple["ApiToken", str]:
         """A new token and its key; the key exists only in the return value."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, name=name, prefix=key[:12], key_digest=digest(key),
                                    expires_at=expires_at)
+        if projects:
+            token.projects.set(projects)
         return token, key
 
     @property

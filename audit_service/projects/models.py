@@ -15,9 +15,12 @@ ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.OWNER: 2}
 
 class ProjectQuerySet(models.QuerySet):
     def for_user(self, user) -> "ProjectQuerySet":
+        """Projects ``user`` belongs to; for a request made with a project-scoped API token, only those."""
         if not user.is_authenticated:
             return self.none()
-        return self.filter(memberships__user=user)
+        projects = self.filter(memberships__user=user)
+        scope = getattr(user, "token_project_ids", None)
+        return projects if scope is None else projects.filter(pk__in=scope)
 
 
 class Project(models.Model):

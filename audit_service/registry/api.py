@@ -3,7 +3,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from audit_service.projects.models import Role
+from audit_service.projects.models import Project, Role
 from audit_service.projects.permissions import ProjectRolePermission, project_for
 
 from . import services
@@ -25,7 +25,7 @@ class ProjectScopedViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mix
     filterset_fields = ["project"]
 
     def get_queryset(self):
-        return self.model.objects.filter(project__memberships__user=self.request.user).select_related("project")
+        return self.model.objects.filter(project__in=Project.objects.for_user(self.request.user)).select_related("project")
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)

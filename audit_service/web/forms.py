@@ -134,3 +134,15 @@ class AuditForm(forms.Form):
 class ReviewForm(forms.Form):
     verdict = forms.ChoiceField(choices=Verdict.choices)
     note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}), max_length=5000)
+
+
+class TokenForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="What the token is for, e.g. 'ci-pipeline'")
+    projects = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
+                                              help_text="Limit the token to these projects; none ticked: all yours")
+
+    def __init__(self, *args, user, **kwargs):
+        from audit_service.projects.models import Project
+
+        super().__init__(*args, **kwargs)
+        self.fields["projects"].queryset = Project.objects.for_user(user)

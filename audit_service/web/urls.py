@@ -18,4 +18,6 @@ urlpatterns = [
     path("audits/<int:pk>/latents/", views.audit_latents, name="latents"),
     path("audits/<int:pk>/download/<str:fmt>", views.audit_download, name="download"),
     path("audits/<int:pk>/flags/<int:flag_pk>/review/", views.flag_review, name="flag_review"),
+    path("tokens/", views.tokens, name="tokens"),
+    path("tokens/<int:token_pk>/revoke/", views.token_revoke, name="token_revoke"),
 ]

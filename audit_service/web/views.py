@@ -38,7 +38,7 @@ def _project(user, pk, at_least: str = Role.VIEWER) -> Project:
 
 
 def _audit(user, pk, at_least: str = Role.VIEWER) -> Audit:
-    audit = get_object_or_404(Audit.objects.filter(project__memberships__user=user)
+    audit = get_object_or_404(Audit.objects.filter(project__in=Project.objects.for_user(user))
                               .select_related("project", "clip_model", "probe", "dataset"), pk=pk)
     _project(user, audit.project_id, at_least)
     return audit
@@ -237,3 +237,34 @@ def flag_review(request, pk, flag_pk):
             f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
     return redirect(reverse("web:report", args=[audit.pk]) + f"#flag-{flag.pk}")
 
+
+# --------------------------------------------------------------------------- API tokens
+
+@login_required
+def tokens(request):
+    """The user's API tokens: create one (its key is shown on this page once), revoke one."""
+    from audit_service.accounts.models import ApiToken
+
+    from .forms import TokenForm
+
+    form = TokenForm(request.POST or None, user=request.user)
+    new_key = None
+    if request.method == "POST" and form.is_valid():
+        token, new_key = ApiToken.issue(request.user, form.cleaned_data["name"],
+                                        projects=form.cleaned_data["projects"])
+        form = TokenForm(user=request.user)
+    rows = ApiToken.objects.filter(user=request.user).prefetch_related("projects")
+    return render(request, "web/tokens.html", {"form": form, "tokens": rows, "new_key": new_key})
+
+
+@login_required
+@require_POST
+def token_revoke(request, token_pk):
+    from audit_service.accounts.models import ApiToken
+
+    token = get_object_or_404(ApiToken, pk=token_pk, user=request.user)
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+        messages.success(request, f"Token '{token.name}' ({token.prefix}...) revoked.")
+    return redirect("web:tokens")

@@ -18,6 +18,15 @@ def media(settings, tmp_path):
     return settings.MEDIA_ROOT
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """Rate-limit counters and cached plots live in the cache: every test starts with an empty one."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     """A tiny model (config + safetensors), a dataset zip and a probe fitted on it; built once per session."""

@@ -1,0 +1,85 @@
+"""API tokens scoped to projects, per-token rate limits, the OpenAPI schema and its docs page, the tokens page."""
+import re
+
+import pytest
+from django.test import Client
+from rest_framework.test import APIClient
+
+from audit_service.accounts.models import ApiToken
+from audit_service.projects.models import Membership, Project, Role
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def two_projects(project, users):
+    other = Project.objects.create(name="Radiology")
+    Membership.objects.create(project=other, user=users["member"], role=Role.MEMBER)
+    return project, other
+
+
+def test_a_token_scoped_to_one_project_reaches_only_that_project(two_projects, users, registered):
+    derm, radio = two_projects
+    _, scoped = ApiToken.issue(users["member"], "derm-ci", projects=[derm])
+    _, broad = ApiToken.issue(users["member"], "all")
+    scoped_client = APIClient(HTTP_AUTHORIZATION=f"Token {scoped}")
+    broad_client = APIClient(HTTP_AUTHORIZATION=f"Token {broad}")
+    assert [p["name"] for p in scoped_client.get("/api/v1/projects/").json()["results"]] == ["Dermatology"]
+    assert {p["name"] for p in broad_client.get("/api/v1/projects/").json()["results"]} == {"Dermatology",
+                                                                                           "Radiology"}
+    assert scoped_client.get(f"/api/v1/projects/{radio.pk}/").status_code == 404
+    assert scoped_client.get(f"/api/v1/models/{registered['model'].pk}/").status_code == 200
+    refused = scoped_client.post("/api/v1/datasets/", {"project": radio.pk, "name": "x"}, format="multipart")
+    assert refused.status_code in (400, 404)
+    assert not radio.datasets.exists()
+
+
+def test_a_token_cannot_be_scoped_to_someone_elses_project(users, project):
+    stranger = Project.objects.create(name="Pathology")
+    client = APIClient()
+    client.force_authenticate(users["member"])
+    response = client.post("/api/v1/tokens/", {"name": "x", "projects": [stranger.pk]}, format="json")
+    assert response.status_code == 400 and "not a member" in str(response.json()["projects"])
+
+
+def test_a_token_over_its_rate_gets_a_clear_429(users, project, settings):
+    settings.API_RATE_PER_TOKEN = "3/min"
+    _, key = ApiToken.issue(users["member"], "busy")
+    _, other = ApiToken.issue(users["member"], "quiet")
+    client = APIClient(HTTP_AUTHORIZATION=f"Token {key}")
+    assert [client.get("/api/v1/projects/").status_code for _ in range(3)] == [200, 200, 200]
+    throttled = client.get("/api/v1/projects/")
+    assert throttled.status_code == 429
+    assert "throttled" in throttled.json()["detail"] and int(throttled["Retry-After"]) > 0
+    assert APIClient(HTTP_AUTHORIZATION=f"Token {other}").get("/api/v1/projects/").status_code == 200  # per token
+
+
+def test_the_openapi_schema_describes_the_whole_api_and_the_docs_page_works_offline():
+    client = Client()
+    schema = client.get("/api/v1/schema/?format=json")
+    assert schema.status_code == 200
+    body = schema.json()
+    assert body["openapi"].startswith("3.")
+    paths = set(body["paths"])
+    for expected in ("/api/v1/projects/", "/api/v1/models/", "/api/v1/probes/", "/api/v1/datasets/",
+                     "/api/v1/audits/", "/api/v1/audits/{id}/cancel/", "/api/v1/audits/{id}/summary/",
+                     "/api/v1/audits/{audit_pk}/flags/", "/api/v1/audits/{audit_pk}/latents/", "/api/v1/tokens/"):
+        assert expected in paths, expected
+    docs = client.get("/api/v1/docs/")
+    assert docs.status_code == 200
+    sources = re.findall(r'(?:src|href)="([^"]+)"', docs.content.decode())
+    assert sources and not [s for s in sources if s.startswith("http")]  # assets ship with the project
+
+
+def test_the_tokens_page_shows_a_new_key_once_and_revokes(users, project):
+    client = Client()
+    client.force_login(users["member"])
+    page = client.post("/tokens/", {"name": "laptop", "projects": [project.pk]})
+    key = re.search(r'<pre id="key">([^<]+)</pre>', page.content.decode()).group(1)
+    token = ApiToken.objects.get(name="laptop")
+    assert list(token.projects.all()) == [project]
+    assert APIClient(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code == 200
+    assert key not in client.get("/tokens/").content.decode()  # shown once
+    client.post(f"/tokens/{token.pk}/revoke/")
+    assert APIClient(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code == 401
+    assert Client().get("/tokens/").status_code == 302
