@@ -1,0 +1,235 @@
+"""Command-line client for CI pipelines: audit a model + probe on a dataset and gate the build on the result.
+
+    python -m audit_service.cli --url https://audits.example.org --token "$CLIP_AUDIT_TOKEN" audit \\
+        --project 3 --model-config model.json --checkpoint model.safetensors \\
+        --probe probe.npz --dataset lesions.zip --max-flag-share 0.10 --out audit-report/
+
+It registers the model, the probe and the dataset, or reuses the ones the
+project already has with the same content (by SHA-256, so nothing identical is
+uploaded twice), submits the audit, shows its progress, waits, downloads the
+HTML report and the JSON result, prints a one-screen summary and exits with:
+
+    0  the audit passed every gate
+    1  a gate failed (too many unreviewed flags, or too large a share on flags)
+    2  usage or input error (bad arguments, missing files, input the server refused)
+    3  the audit failed or was cancelled
+    4  the server could not be reached, or the audit did not finish within --timeout
+
+Only ``requests`` is needed: the client does not import Django.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_AUDIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class Stop(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Api:
+    def __init__(self, url: str, token: str, timeout: float = 60):
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Token {token}"
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, **kwargs) -> requests.Response:
+        try:
+            response = self.session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise Stop(EXIT_UNREACHABLE, f"cannot reach {self.url}: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise Stop(EXIT_USAGE, f"{method} {path}: {response.status_code} {_detail(response)} (check --token)")
+        if response.status_code == 404:
+            raise Stop(EXIT_USAGE, f"{method} {path}: not found (check --project and the IDs you passed)")
+        if response.status_code == 400:
+            raise Stop(EXIT_USAGE, f"{method} {path}: the server refused the input: {_detail(response)}")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise Stop(EXIT_UNREACHABLE, f"{method} {path}: {response.status_code} {_detail(response)}")
+        return response
+
+    def items(self, path: str, **params):
+        page = 1
+        while True:
+            body = self.call("GET", path, params={**params, "page": page}).json()
+            yield from body["results"]
+            if not body.get("next"):
+                return
+            page += 1
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return json.dumps(body)[:600]
+
+
+def _reuse_or_register(api: Api, kind: str, project: int, sha_field: str, sha: str, data: dict, files: dict,
+                       log) -> dict:
+    for item in api.items(f"/api/v1/{kind}/", project=project):
+        if item.get(sha_field) == sha:
+            log(f"{kind[:-1]}: reusing #{item['id']} '{item['name']}' (same content)")
+            return item
+    handles = {k: open(v, "rb") for k, v in files.items()}
+    try:
+        item = api.call("POST", f"/api/v1/{kind}/", data=data, files=handles).json()
+    finally:
+        for fh in handles.values():
+            fh.close()
+    log(f"{kind[:-1]}: registered #{item['id']} '{item['name']}'")
+    return item
+
+
+def audit(args, log=print) -> int:
+    for name in ("probe", "dataset", "checkpoint", "model_config"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise Stop(EXIT_USAGE, f"--{name.replace('_', '-')} {path}: no such file")
+    if args.checkpoint is None and not args.pretrained_tag:
+        raise Stop(EXIT_USAGE, "give --checkpoint (with --model-config or --architecture) or --pretrained-tag")
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        raise Stop(EXIT_USAGE, f"--options is not valid JSON: {exc}") from exc
+    api = Api(args.url, args.token)
+
+    model_data = {"project": args.project, "name": args.model_name, "layer": args.layer}
+    model_files = {}
+    if args.architecture:
+        model_data["architecture"] = args.architecture
+    if args.pretrained_tag:
+        model_data["pretrained_tag"] = args.pretrained_tag
+    if args.model_config:
+        model_files["model_config"] = args.model_config
+    if args.checkpoint:
+        model_files["checkpoint"] = args.checkpoint
+    model = _reuse_or_register(api, "models", args.project, "checkpoint_sha256",
+                               sha256(Path(args.checkpoint)) if args.checkpoint else None, model_data,
+                               model_files, log) if args.checkpoint else \
+        api.call("POST", "/api/v1/models/", data=model_data).json()
+    probe = _reuse_or_register(api, "probes", args.project, "sha256", sha256(Path(args.probe)),
+                               {"project": args.project, "clip_model": model["id"], "name": args.probe_name},
+                               {"file": args.probe}, log)
+    dataset = _reuse_or_register(api, "datasets", args.project, "sha256", sha256(Path(args.dataset)),
+                                 {"project": args.project, "name": args.dataset_name}, {"archive": args.dataset},
+                                 log)
+    submitted = api.call("POST", "/api/v1/audits/", json={
+        "project": args.project, "clip_model": model["id"], "probe": probe["id"], "dataset": dataset["id"],
+        "config": options, "context": {"submitted_by": "clip-audit cli"}}).json()
+    audit_id = submitted["id"]
+    log(f"audit #{audit_id} submitted: {args.url.rstrip('/')}/audits/{audit_id}/")
+
+    deadline = time.monotonic() + args.timeout
+    state = submitted
+    while state["status"] not in ("succeeded", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            raise Stop(EXIT_UNREACHABLE, f"audit #{audit_id} did not finish within {args.timeout:.0f} s "
+                                         f"(last: {state['status']} {state['stage']} {state['percent']:.0f} %); "
+                                         "it keeps running on the server")
+        time.sleep(args.poll)
+        state = api.call("GET", f"/api/v1/audits/{audit_id}/").json()
+        log(f"  {state['status']:<9} {state['stage'] or '':<12} {state['percent']:5.1f} %")
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"audit #{audit_id} {state['status']}: {state['error'] or 'no reason given'}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for fmt, name in (("html", f"audit-{audit_id}-report.html"), ("json", f"audit-{audit_id}.json")):
+        (out / name).write_bytes(api.call("GET", f"/api/v1/audits/{audit_id}/download/{fmt}/").content)
+    summary = api.call("GET", f"/api/v1/audits/{audit_id}/summary/").json()
+    flags = list(api.items(f"/api/v1/audits/{audit_id}/flags/", head="probe"))
+    return gate(summary, flags, args, audit_id, out, log)
+
+
+def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log) -> int:
+    """Print the one-screen summary and decide the exit code."""
+    log(f"\naudit #{audit_id}: SAE {summary['sae'].get('n_latents')} latents, FVU {summary['sae'].get('fvu', 0):.3f}")
+    failures = []
+    for name, c in summary["classes"].items():
+        log(f"  {name:<14} probe acc {c['probe_accuracy']:.2f}  zero-shot acc {c['zero_shot_accuracy']:.2f}  "
+            f"probe flags {c['flags']['probe']}  share on flags {c['probe_share']:.3f} "
+            f"(zero-shot {c['zero_shot_share']:.3f})")
+        if args.max_flag_share is not None and c["probe_share"] > args.max_flag_share + 1e-6:  # float32 sums
+            failures.append(f"class '{name}': {c['probe_share']:.3f} of its relevance is on flagged latents "
+                            f"(limit {args.max_flag_share})")
+    for f in flags[:8]:
+        verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
+        log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent_index']:<5} '{f['label']}' "
+            f"({f['category']}) share {f['share']:.3f}  {verdict}")
+    unreviewed = [f for f in flags if not f.get("latest_review")]
+    if args.max_unreviewed_flags is not None and len(unreviewed) > args.max_unreviewed_flags:
+        failures.append(f"{len(unreviewed)} unreviewed flags under the probe (limit {args.max_unreviewed_flags})")
+    log(f"  report: {out / f'audit-{audit_id}-report.html'}")
+    if failures:
+        log("GATE FAILED: " + "; ".join(failures))
+        return EXIT_GATE
+    log("gate passed")
+    return EXIT_PASS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m audit_service.cli", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes: 0 pass, 1 gate failed, 2 usage/input error, 3 audit failed, "
+                                       "4 server unreachable or timeout")
+    p.add_argument("--url", default=os.environ.get("CLIP_AUDIT_URL"), help="service URL (CLIP_AUDIT_URL)")
+    p.add_argument("--token", default=os.environ.get("CLIP_AUDIT_TOKEN"), help="API token (CLIP_AUDIT_TOKEN)")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audit", help="register or reuse inputs, run an audit, gate on it")
+    a.add_argument("--project", type=int, required=True)
+    a.add_argument("--probe", required=True, help=".npz or .safetensors probe")
+    a.add_argument("--dataset", required=True, help="zip or tar of images with labels.csv")
+    a.add_argument("--checkpoint", help="model weights (.safetensors preferred)")
+    a.add_argument("--model-config", help="open_clip model config (.json) for custom models")
+    a.add_argument("--architecture", default="", help="OpenCLIP architecture, e.g. ViT-B-32")
+    a.add_argument("--pretrained-tag", default="")
+    a.add_argument("--layer", type=int, default=-1)
+    a.add_argument("--model-name", default="model")
+    a.add_argument("--probe-name", default="probe")
+    a.add_argument("--dataset-name", default="dataset")
+    a.add_argument("--options", help="audit options as JSON, e.g. '{\"sae\": {\"n_latents\": 4096}}'")
+    a.add_argument("--max-unreviewed-flags", type=int, help="fail if more probe flags than this are unreviewed")
+    a.add_argument("--max-flag-share", type=float,
+                   help="fail if a class puts more than this share of its relevance on flagged latents")
+    a.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the audit (default 3600)")
+    a.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    a.add_argument("--out", default="clip-audit-report", help="folder for the downloaded report and result")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)  # bad usage exits 2 (argparse)
+    if not args.url or not args.token:
+        print("error: give --url and --token (or CLIP_AUDIT_URL and CLIP_AUDIT_TOKEN)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return audit(args)
+    except Stop as stop:
+        print(f"error: {stop.message}", file=sys.stderr)
+        return stop.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
