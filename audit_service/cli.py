@@ -10,7 +10,8 @@ uploaded twice), submits the audit, shows its progress, waits, downloads the
 HTML report and the JSON result, prints a one-screen summary and exits with:
 
     0  the audit passed every gate
-    1  a gate failed (too many unreviewed flags, or too large a share on flags)
+    1  a gate failed (too many unreviewed flags, or too large a share on flags; with --baseline AUDIT_ID
+       only flags that are new against that audit count)
     2  usage or input error (bad arguments, missing files, input the server refused)
     3  the audit failed or was cancelled
     4  the server could not be reached, or the audit did not finish within --timeout
@@ -160,27 +161,49 @@ def audit(args, log=print) -> int:
         (out / name).write_bytes(api.call("GET", f"/api/v1/audits/{audit_id}/download/{fmt}/").content)
     summary = api.call("GET", f"/api/v1/audits/{audit_id}/summary/").json()
     flags = list(api.items(f"/api/v1/audits/{audit_id}/flags/", head="probe"))
-    return gate(summary, flags, args, audit_id, out, log)
+    diff = None
+    if args.baseline is not None:
+        diff = api.call("GET", f"/api/v1/audits/{audit_id}/diff/", params={"baseline": args.baseline}).json()
+        (out / f"audit-{audit_id}-diff.json").write_text(json.dumps(diff, indent=1))
+    return gate(summary, flags, args, audit_id, out, log, diff)
 
 
-def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log) -> int:
-    """Print the one-screen summary and decide the exit code."""
+def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: dict | None = None) -> int:
+    """Print the one-screen summary and decide the exit code.
+
+    With a baseline diff only *new* probe flags count: flags that match one of the baseline's (by meaning)
+    were there before, and a benign verdict there stays benign.
+    """
+    new_ids = None
+    if diff is not None:
+        new_ids = {e["current"]["id"] for e in diff["new"] if e["head"] == "probe"}
+        log(f"against audit #{diff['baseline']}: {diff['counts']['new']} new, {diff['counts']['gone']} gone, "
+            f"{diff['counts']['changed']} changed, {diff['counts']['unchanged']} unchanged flags"
+            + (f" ({diff['note']})" if diff["note"] else ""))
+        for e in diff["new"]:
+            log(f"  NEW   {e['class_name']:<14} latent {e['current']['latent']:<5} '{e['current']['label']}' "
+                f"share {e['current']['share']:.3f}")
+        for e in diff["gone"]:
+            log(f"  GONE  {e['class_name']:<14} '{e['baseline']['label']}' (was share {e['baseline']['share']:.3f})")
     log(f"\naudit #{audit_id}: SAE {summary['sae'].get('n_latents')} latents, FVU {summary['sae'].get('fvu', 0):.3f}")
     failures = []
     for name, c in summary["classes"].items():
         log(f"  {name:<14} probe acc {c['probe_accuracy']:.2f}  zero-shot acc {c['zero_shot_accuracy']:.2f}  "
             f"probe flags {c['flags']['probe']}  share on flags {c['probe_share']:.3f} "
             f"(zero-shot {c['zero_shot_share']:.3f})")
-        if args.max_flag_share is not None and c["probe_share"] > args.max_flag_share + 1e-6:  # float32 sums
-            failures.append(f"class '{name}': {c['probe_share']:.3f} of its relevance is on flagged latents "
-                            f"(limit {args.max_flag_share})")
+        share = c["probe_share"] if new_ids is None else sum(
+            f["share"] for f in flags if f["id"] in new_ids and f["class_name"] == name)
+        if args.max_flag_share is not None and share > args.max_flag_share + 1e-6:  # float32 sums
+            failures.append(f"class '{name}': {share:.3f} of its relevance is on "
+                            f"{'flagged' if new_ids is None else 'newly flagged'} latents (limit {args.max_flag_share})")
     for f in flags[:8]:
         verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
         log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent_index']:<5} '{f['label']}' "
             f"({f['category']}) share {f['share']:.3f}  {verdict}")
-    unreviewed = [f for f in flags if not f.get("latest_review")]
+    unreviewed = [f for f in flags if not f.get("latest_review") and (new_ids is None or f["id"] in new_ids)]
     if args.max_unreviewed_flags is not None and len(unreviewed) > args.max_unreviewed_flags:
-        failures.append(f"{len(unreviewed)} unreviewed flags under the probe (limit {args.max_unreviewed_flags})")
+        failures.append(f"{len(unreviewed)} unreviewed {'new ' if new_ids is not None else ''}flags under the probe "
+                        f"(limit {args.max_unreviewed_flags})")
     log(f"  report: {out / f'audit-{audit_id}-report.html'}")
     if failures:
         log("GATE FAILED: " + "; ".join(failures))
@@ -213,6 +236,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--max-unreviewed-flags", type=int, help="fail if more probe flags than this are unreviewed")
     a.add_argument("--max-flag-share", type=float,
                    help="fail if a class puts more than this share of its relevance on flagged latents")
+    a.add_argument("--baseline", type=int, metavar="AUDIT_ID",
+                   help="compare with this earlier audit and gate only on new flags (matched by meaning)")
     a.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the audit (default 3600)")
     a.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     a.add_argument("--out", default="clip-audit-report", help="folder for the downloaded report and result")

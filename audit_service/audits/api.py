@@ -64,6 +64,27 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         return report.download_response(audit, fmt)
 
     @action(detail=True, methods=["get"])
+    def diff(self, request, pk=None):
+        """Flags new, gone or changed against ``?baseline=<audit id>`` (an earlier audit of the same project),
+        matched by the meaning of their latents; benign verdicts of the baseline carry over to matches."""
+        from .diff import DEFAULT_THRESHOLD, audit_diff
+
+        audit = self.get_object()
+        try:
+            baseline_id = int(request.query_params.get("baseline", ""))
+            threshold = float(request.query_params.get("threshold", DEFAULT_THRESHOLD))
+        except ValueError:
+            raise ValidationError({"baseline": ["give ?baseline=<audit id> (and optionally ?threshold=0.9)"]})
+        baseline = get_object_or_404(self.get_queryset(), pk=baseline_id)
+        if baseline.project_id != audit.project_id:
+            raise ValidationError({"baseline": ["the baseline belongs to another project"]})
+        for a in (audit, baseline):
+            if a.status != Status.SUCCEEDED:
+                return Response({"detail": f"audit {a.pk} is {a.status}; only succeeded audits can be compared"},
+                                status=status.HTTP_409_CONFLICT)
+        return Response(audit_diff(baseline, audit, threshold))
+
+    @action(detail=True, methods=["get"])
     def summary(self, request, pk=None):
         """Per class: accuracy, flags, probe vs zero-shot share; plus SAE quality and timings."""
         audit = self.get_object()

@@ -153,6 +153,7 @@ class Flag(models.Model):
     causal = models.JSONField(null=True, blank=True)
     references = models.JSONField(default=list)
     top_images = models.JSONField(default=list)
+    semantic = models.JSONField(null=True, blank=True)  # unit semantic embedding of the latent (audit diffs)
 
     class Meta:
         ordering = ["audit", "head", "class_name", "rank"]
@@ -197,6 +198,7 @@ def store_result(audit: Audit, result: dict, timings: dict) -> None:
             category=f["category"], label_alignment=f["label_alignment"], expected_alignment=f["expected_alignment"],
             clarity=f["clarity"], probe_share=f["probe_share"], zero_shot_share=f["zero_shot_share"],
             confirmed=(f.get("causal") or {}).get("confirmed"), causal=f.get("causal"),
-            references=f["references"], top_images=f["top_images"]) for f in result["flags"]])
+            references=f["references"], top_images=f["top_images"], semantic=f.get("semantic"))
+            for f in result["flags"]])
         # latents live in their rows; the blob keeps the rest of the result
         audit.succeed({k: v for k, v in result.items() if k != "latents"}, timings)

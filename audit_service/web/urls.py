@@ -16,6 +16,7 @@ urlpatterns = [
     path("audits/<int:pk>/cancel/", views.audit_cancel, name="audit_cancel"),
     path("audits/<int:pk>/report/", views.audit_report, name="report"),
     path("audits/<int:pk>/latents/", views.audit_latents, name="latents"),
+    path("audits/<int:pk>/diff/", views.audit_diff, name="diff"),
     path("audits/<int:pk>/download/<str:fmt>", views.audit_download, name="download"),
     path("audits/<int:pk>/flags/<int:flag_pk>/review/", views.flag_review, name="flag_review"),
     path("tokens/", views.tokens, name="tokens"),

@@ -196,8 +196,24 @@ def audit_report(request, pk):
     audit = _succeeded(request.user, pk)
     context = report.report_context(audit, filters=report.flag_filters(request.GET))
     context.update(standalone=False, project=audit.project,
-                   can_review=audit.project.has_role(request.user, Role.MEMBER), review_form=ReviewForm())
+                   can_review=audit.project.has_role(request.user, Role.MEMBER), review_form=ReviewForm(),
+                   other_audits=audit.project.audits.filter(status=Status.SUCCEEDED).exclude(pk=audit.pk)[:50])
     return render(request, "web/report.html", context)
+
+
+@login_required
+def audit_diff(request, pk):
+    from audit_service.audits.diff import audit_diff as compute
+
+    audit = _succeeded(request.user, pk)
+    try:
+        baseline = _succeeded(request.user, int(request.GET.get("baseline", "")))
+    except ValueError:
+        raise Http404("choose a baseline audit to compare with") from None
+    if baseline.project_id != audit.project_id:
+        raise Http404("the baseline belongs to another project")
+    return render(request, "web/diff.html", {"audit": audit, "baseline": baseline, "project": audit.project,
+                                             "diff": compute(baseline, audit)})
 
 
 @login_required

@@ -26,3 +26,16 @@ def test_without_the_correlation_no_ruler_latent_is_flagged_for_melanoma(seed):
     case = build_case(default_cache(), CaseConfig(seed=seed, strength=0.0), log=lambda line: None)
     report = known_answer(case, audit_case(case))
     assert report["passed"] and report["flag"] is None
+
+
+def test_the_diff_against_a_probe_trained_without_the_shortcut_shows_the_ruler_flag_gone():
+    from audit_service.audits.diff import match_flags
+
+    biased = build_case(default_cache(), CaseConfig(seed=0, strength=0.8), log=lambda line: None)
+    clean = build_case(default_cache(), CaseConfig(seed=0, strength=0.0), log=lambda line: None)
+    assert biased["checkpoint"] == clean["checkpoint"]  # one model, two probes: old (biased) vs new (clean)
+    diff = match_flags(audit_case(biased).flags, audit_case(clean).flags)
+    gone = [e for e in diff["gone"] if e["head"] == "probe" and e["class_name"] == "melanoma"]
+    assert "with a ruler" in [e["baseline"]["label"] for e in gone], diff["gone"]
+    assert not [e for e in diff["new"] if e["head"] == "probe" and e["class_name"] == "melanoma"
+                and e["current"]["label"] == "with a ruler"]

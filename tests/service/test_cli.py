@@ -89,6 +89,13 @@ def test_a_passing_and_a_failing_gate(live_server, project, users, assets, tmp_p
         assert "GATE FAILED" in output and "unreviewed flags under the probe (limit 0)" in output
         assert "reusing" in output
         assert (ClipModel.objects.count(), Probe.objects.count(), Dataset.objects.count()) == (1, 1, 1)
+        # the same gates against the first audit as a baseline: nothing is new, so the build passes
+        first = Audit.objects.order_by("pk").first()
+        code, output = cli(live_server.url, key, assets, project.pk, "--options", json.dumps(OPTIONS),
+                           "--max-flag-share", "0.0", "--max-unreviewed-flags", "0", "--baseline", first.pk,
+                           out=tmp_path / "third")
+        assert code == 0, output
+        assert f"against audit #{first.pk}: 0 new, 0 gone" in output and "gate passed" in output
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .activations import ActivationStore, extract_activations
 from .attribution import REGISTRY, get_method
@@ -277,6 +278,9 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
             flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
             flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
             flag["references"] = [images.ids[i] for i in tracker.references(flag["latent"])]
+            # what the latent means, as a unit vector in the semantic model's embedding space: the audit diff
+            # matches flags across audits with it (latent indices differ between SAEs)
+            flag["semantic"] = [round(v, 5) for v in F.normalize(sem[flag["latent"]], dim=0).tolist()]
             flag["top_images"] = _top_images(top_rel[flag["head"]], flag["latent"], labels, c, images.ids,
                                              config.top_images_per_flag)
 
