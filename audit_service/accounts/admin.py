@@ -1,14 +1,49 @@
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
+from django.utils import timezone
 
-from .models import ApiToken
+from .models import KEY_PREFIX, ApiToken, digest
+
+
+class NewTokenForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ["user", "name", "projects", "expires_at"]
 
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
+    """Admins create tokens for users (the key is shown once, in the confirmation message) and revoke them."""
+
     list_display = ["name", "user", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
     list_filter = ["revoked_at"]
     search_fields = ["name", "user__username", "prefix"]
-    readonly_fields = ["user", "prefix", "key_digest", "created_at", "last_used_at"]
+    readonly_fields = ["prefix", "key_digest", "created_at", "last_used_at"]
+    filter_horizontal = ["projects"]
+    actions = ["revoke"]
 
-    def has_add_permission(self, request):
-        return False  # keys are issued by `manage.py create_token` or POST /api/v1/tokens/, shown once
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = NewTokenForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields + (["user"] if obj else [])
+
+    def get_fields(self, request, obj=None):
+        return NewTokenForm.Meta.fields if obj is None else super().get_fields(request, obj)
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            import secrets
+
+            key = KEY_PREFIX + secrets.token_urlsafe(32)
+            obj.prefix, obj.key_digest = key[:12], digest(key)
+            messages.warning(request, f"The key of token '{obj.name}' for {obj.user}: {key} — copy it now, it is "
+                                      "not stored and cannot be shown again.")
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset):
+        n = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"{n} tokens revoked")

@@ -83,3 +83,20 @@ def test_the_tokens_page_shows_a_new_key_once_and_revokes(users, project):
     client.post(f"/tokens/{token.pk}/revoke/")
     assert APIClient(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code == 401
     assert Client().get("/tokens/").status_code == 302
+
+
+def test_admins_create_a_token_whose_key_is_shown_once_and_revoke_it(users, project):
+    from django.contrib.auth import get_user_model
+
+    admin_user = get_user_model().objects.create_superuser("admin", password="pw-admin")
+    client = Client()
+    client.force_login(admin_user)
+    page = client.post("/admin/accounts/apitoken/add/", {"user": users["member"].pk, "name": "ci",
+                                                         "projects": [project.pk]}, follow=True)
+    key = re.search(r"(cat_[A-Za-z0-9_\-]+)", page.content.decode()).group(1)
+    token = ApiToken.objects.get(name="ci")
+    assert token.user == users["member"] and list(token.projects.all()) == [project]
+    assert APIClient(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code == 200
+    assert key not in client.get(f"/admin/accounts/apitoken/{token.pk}/change/").content.decode()
+    client.post("/admin/accounts/apitoken/", {"action": "revoke", "_selected_action": [token.pk]})
+    assert APIClient(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code == 401
