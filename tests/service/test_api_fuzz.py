@@ -20,6 +20,20 @@ def member_key(users, project, registered, settings):
     return ApiToken.issue(users["member"], "fuzz")[1]
 
 
+@pytest.fixture(autouse=True)
+def keep_the_test_connection():
+    """Calling the WSGI app directly would close the database connection after each request (Django's test
+    client switches that off too): the test's transaction lives on that connection."""
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    yield
+    request_started.connect(close_old_connections)
+    request_finished.connect(close_old_connections)
+
+
 @schema.parametrize()
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_request_the_schema_allows_makes_the_server_fail(case, member_key, monkeypatch):
