@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .data import ImageSet
+
 
 def _model(name: str, device, seed: int = 0):
     from .loading import load_clip
@@ -40,14 +42,31 @@ def _model(name: str, device, seed: int = 0):
     return load_clip(name, allow_random=True, device=str(device))  # the architecture with random weights
 
 
-def _data(bundle, n: int, n_classes: int, seed: int = 0):
-    from .data import TensorImages
+class SyntheticImages(ImageSet):
+    """n deterministic random images made when read: the data never sits in memory as a whole, so peak memory
+    measures the engine, not the benchmark's dataset."""
 
+    def __init__(self, n: int, size: int, n_classes: int, seed: int = 0):
+        self.n, self.size, self.seed = n, size, seed
+        self.labels = torch.tensor([i % n_classes for i in range(n)])
+        self.class_names = [f"class {c}" for c in range(n_classes)]
+        self.ids = [f"image-{i:06d}" for i in range(n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return torch.randn(3, self.size, self.size, generator=gen), int(self.labels[i])
+
+    def stack(self, n: int) -> torch.Tensor:
+        return torch.stack([self[i][0] for i in range(n)])
+
+
+def _data(bundle, n: int, n_classes: int, seed: int = 0):
     size = bundle.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, size, size, generator=gen)
-    return TensorImages(images, [i % n_classes for i in range(n)], [f"class {c}" for c in range(n_classes)])
+    return SyntheticImages(n, size, n_classes, seed)
 
 
 def _heads(bundle, n_classes: int, seed: int = 0):
@@ -73,17 +92,19 @@ def _timed(fn, device):
     return time.perf_counter() - start, out
 
 
-def _encode_rate(bundle, data, batch_size, device, dtype) -> float:
+def _encode_rate(bundle, data, batch_size, device, dtype) -> tuple[float, float]:
+    """Plain ``encode_image`` over the data, read the same way extraction reads it: the bound."""
+    from torch.utils.data import DataLoader
+
     from .activations import autocast_context
 
     def run():
         with torch.inference_mode(), autocast_context(device, dtype):
-            for lo in range(0, len(data), batch_size):
-                bundle.model.encode_image(data.images[lo:lo + batch_size].to(device))
+            for x, _ in DataLoader(data, batch_size=batch_size):
+                bundle.model.encode_image(x.to(device))
 
-    run_small = lambda: bundle.model.encode_image(data.images[:2].to(device))  # noqa: E731  warm-up
     with torch.inference_mode():
-        run_small()
+        bundle.model.encode_image(data.stack(2).to(device))  # warm-up
     seconds, _ = _timed(run, device)
     return len(data) / seconds, seconds
 
@@ -162,7 +183,7 @@ def measure(args) -> dict:
             attribution[name] = {"images_per_s": len(data) / seconds, "seconds": seconds}
         # the straightforward way on a subset (it is slow), compared on the same images in float32
         n = min(args.compare_images, len(data))
-        x = data.images[:n].to(device)
+        x = data.stack(n).to(device)
         acts, _ = store.gather(list(range(n)))
         fast_seconds, fast = _timed(lambda: get_method("act_grad", tail=tail, sae=sae, head=probe, token="cls")
                                     .attribute(acts.to(device)), device)
@@ -204,7 +225,7 @@ def memory_probe(args) -> dict:
         run_audit(config, bundle, probe, data, workdir=tmp)
     out = {"images": args.images, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_audit_mib": before / 1024,
-           "dataset_tensor_mib": data.images.numel() * 4 / 2**20}
+           }
     if device.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
