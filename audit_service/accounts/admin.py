@@ -2,7 +2,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.utils import timezone
 
-from .models import KEY_PREFIX, ApiToken, digest
+from .models import ApiToken
 
 
 class NewTokenForm(forms.ModelForm):
@@ -35,10 +35,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if not change:
-            import secrets
-
-            key = KEY_PREFIX + secrets.token_urlsafe(32)
-            obj.prefix, obj.key_digest = key[:12], digest(key)
+            key = obj.set_new_key()
             messages.warning(request, f"The key of token '{obj.name}' for {obj.user}: {key} — copy it now, it is "
                                       "not stored and cannot be shown again.")
         super().save_model(request, obj, form, change)

@@ -33,12 +33,18 @@ class ApiToken(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}...) of {self.user}"
 
+    def set_new_key(self) -> str:
+        """Give this (unsaved) token a fresh key: store its prefix and digest, return the key itself."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        self.prefix, self.key_digest = key[:12], digest(key)
+        return key
+
     @classmethod
     def issue(cls, user, name: str, expires_at=None, projects=()) -> tuple["ApiToken", str]:
         """A new token and its key; the key exists only in the return value."""
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, prefix=key[:12], key_digest=digest(key),
-                                   expires_at=expires_at)
+        token = cls(user=user, name=name, expires_at=expires_at)
+        key = token.set_new_key()
+        token.save()
         if projects:
             token.projects.set(projects)
         return token, key
