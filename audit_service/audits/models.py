@@ -162,7 +162,8 @@ class Flag(models.Model):
 
     @property
     def latest_review(self):
-        return self.reviews.order_by("-created_at", "-id").first()
+        # Review's default ordering is newest first, so this reads prefetched reviews without another query
+        return next(iter(self.reviews.all()), None)
 
 
 class Verdict(models.TextChoices):
