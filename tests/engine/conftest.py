@@ -23,3 +23,26 @@ def build_audit_config(**overrides) -> AuditConfig:
                 general_vocabulary=False)
     base.update(overrides)
     return AuditConfig(**base)
+
+
+def assert_same_answer(a: dict, b: dict, *, rel: float = 1e-4, abs_tol: float = 1e-5, path: str = "result") -> None:
+    """Two audit results agree: every flag, label, count and reference equal, every float close.
+
+    Where the work ran (timings, environment, artifact keys) may differ.
+    """
+    import math
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys differ: {sorted(set(a) ^ set(b))}"
+        for key in a:
+            if path == "result" and key in ("timings", "environment", "artifacts"):
+                continue
+            assert_same_answer(a[key], b[key], rel=rel, abs_tol=abs_tol, path=f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_answer(x, y, rel=rel, abs_tol=abs_tol, path=f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

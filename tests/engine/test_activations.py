@@ -1,8 +1,11 @@
 """Activation extraction streams to disk in shards and reads back exactly."""
 import numpy as np
+import pytest
 import torch
 
-from workers.engine.activations import ActivationStore, extract_activations
+from workers.engine.activations import (ActivationStore, assemble_store, extract_activations, extract_shard,
+                                        plan_shards, shard_files)
+from workers.engine.errors import EngineError
 from workers.engine.data import TensorImages
 from workers.engine.hooks import capture_residual
 
@@ -16,7 +19,7 @@ def test_extraction_writes_shards_that_read_back_the_stream(tiny, images, tmp_pa
     store = extract_activations(tiny, _dataset(images), tmp_path / "acts", layer=-2, batch_size=5, shard_size=4,
                                 progress=lambda done, total: calls.append((done, total)))
     assert [s.count for s in store.shards] == [4, 4, 4]
-    assert calls == [(5, 12), (10, 12), (12, 12)]
+    assert calls == [(4, 12), (8, 12), (12, 12)]  # shard by shard, batches never straddle a shard
     with capture_residual(tiny.model.visual, -2) as cap, torch.no_grad():
         emb = tiny.model.encode_image(images)
     assert store.item_shape == tuple(cap["h"].shape[1:])  # layer -2: every token is needed by the tail
@@ -41,10 +44,51 @@ def test_a_finished_cache_is_reused_and_an_unfinished_one_is_redone(tiny, images
     calls = []
     extract_activations(tiny, _dataset(images), folder, progress=lambda d, t: calls.append(d))
     assert calls == []  # nothing recomputed
-    (folder / "store.json").unlink()  # as if the worker died before finishing
+    (folder / "store.json").unlink()  # as if the worker died after its shards, before joining them
     extract_activations(tiny, _dataset(images), folder, progress=lambda d, t: calls.append(d))
-    assert calls[-1] == 12
+    assert calls == []  # finished shards are kept
     assert ActivationStore(folder).n == 12
+
+
+def test_only_unfinished_shards_are_redone(tiny, images, tmp_path):
+    folder = tmp_path / "acts"
+    first = extract_activations(tiny, _dataset(images), folder, shard_size=5)
+    before = first.read(0, 12)[0]
+    (folder / "store.json").unlink()
+    (folder / shard_files(1)["done"]).unlink()  # shard 1 (images 5..9) was cut off before it finished
+    (folder / ".acts-00001.npy.part").write_bytes(b"half")  # with a half-written file left behind
+    calls = []
+    store = extract_activations(tiny, _dataset(images), folder, shard_size=5,
+                                progress=lambda d, t: calls.append(d))
+    assert calls == [10]  # only shard 1's five images were read again
+    assert torch.equal(store.read(0, 12)[0], before)
+
+
+def test_shards_extracted_separately_and_joined_in_any_order_equal_one_pass(tiny, images, tmp_path):
+    data = _dataset(images)
+    whole = extract_activations(tiny, data, tmp_path / "whole", layer=-2)
+    metas = [extract_shard(tiny, data, tmp_path / "sharded", i, start, count, layer=-2)
+             for i, (start, count) in enumerate(plan_shards(12, 5))]
+    assert [(m["start"], m["count"]) for m in metas] == [(0, 5), (5, 5), (10, 2)]
+    store = assemble_store(tmp_path / "sharded", list(reversed(metas)))
+    assert torch.allclose(store.read(0, 12)[0], whole.read(0, 12)[0], atol=1e-6)
+    assert store.labels.tolist() == whole.labels.tolist()
+    # batches are the same whatever the files: 4 + 4 + 4 over files of 5, 5 and 2 images
+    assert [lo for lo, _, _ in store.iter_batches(4)] == [0, 4, 8]
+    assert [lo for lo, _, _ in store.iter_batches(3, 4, 10)] == [4, 7]
+    # the SAE's training stream does not depend on the files either
+    take = lambda s: torch.cat([next(it) for it in [s.training_batches(6, 0, 4)] for _ in range(5)])
+    assert torch.allclose(take(store), take(whole), atol=1e-6)
+
+
+def test_shards_that_leave_a_gap_are_refused(tiny, images, tmp_path):
+    data = _dataset(images)
+    metas = [extract_shard(tiny, data, tmp_path, i, start, count) for i, (start, count) in
+             enumerate(plan_shards(12, 5)) if i != 1]
+    with pytest.raises(EngineError, match="gap or overlap at image 5"):
+        assemble_store(tmp_path, metas)
+    with pytest.raises(EngineError, match="at least 1 image"):
+        plan_shards(12, 0)
 
 
 def test_float16_caches_halve_the_disk_and_stay_close(tiny, images, tmp_path):

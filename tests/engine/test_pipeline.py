@@ -7,7 +7,7 @@ import torch
 from workers.engine import STAGES, AuditCancelled, AuditResult, EngineError, LinearProbe, run_audit
 from workers.engine.data import TensorImages
 
-from .conftest import build_audit_config
+from .conftest import assert_same_answer, build_audit_config
 
 CLASSES = ["nevus", "melanoma"]
 
@@ -124,3 +124,13 @@ def test_asking_for_a_gpu_on_a_machine_without_one_says_so(tiny, probe, dataset,
         pytest.skip("this machine has a GPU")
     with pytest.raises(EngineError, match="no CUDA GPU"):
         run_audit(build_audit_config(device="cuda"), tiny, probe, dataset, workdir=tmp_path)
+
+
+@pytest.mark.parametrize("token,layer", [("cls", -1), ("spatial", -2)])
+def test_one_shard_and_many_shards_give_the_same_answer(tiny, probe, dataset, tmp_path, token, layer):
+    config = build_audit_config(token=token, layer=layer, batch_size=16, sae={"tokens_per_image": 4})
+    one = run_audit(config, tiny, probe, dataset, workdir=tmp_path / "one")
+    many = run_audit(config, tiny, probe, dataset, workdir=tmp_path / "many", shard_size=7)  # 7 shards, last of 6
+    assert len(list((tmp_path / "many" / "activations").glob("acts-*.npy"))) == 7
+    assert one.flags or token == "spatial"  # the cls audit has flags to compare
+    assert_same_answer(one.to_dict(), many.to_dict())

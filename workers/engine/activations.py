@@ -19,13 +19,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .data import ImageSet
 from .errors import EngineError
 from .hooks import VisionTail, capture_residual, select_tokens
 
 DEFAULT_SHARD_SIZE = 4096  # images per shard file; a ViT-B/32 all-token shard in fp32 is ~0.6 GB
+TRAINING_BLOCK = 4096  # images per block of the SAE's shuffled training stream (independent of the files)
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,14 +62,28 @@ class ActivationStore:
     def _arrays(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
         return (np.load(self.folder / shard.acts, mmap_mode="r"), np.load(self.folder / shard.emb, mmap_mode="r"))
 
-    def iter_batches(self, batch_size: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """(first image index, activations [b, *item_shape] fp32, embeddings [b, embed_dim] fp32) in order."""
+    def read(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Activations and embeddings of images [lo, hi) as fp32, across shard files."""
+        acts, emb = [], []
         for shard in self.shards:
-            acts, emb = self._arrays(shard)
-            for lo in range(0, shard.count, batch_size):
-                hi = min(lo + batch_size, shard.count)
-                yield (shard.start + lo, torch.from_numpy(np.array(acts[lo:hi], dtype=np.float32)),
-                       torch.from_numpy(np.array(emb[lo:hi], dtype=np.float32)))
+            a, b = max(lo, shard.start), min(hi, shard.start + shard.count)
+            if a < b:
+                sa, se = self._arrays(shard)
+                acts.append(np.array(sa[a - shard.start:b - shard.start], dtype=np.float32))
+                emb.append(np.array(se[a - shard.start:b - shard.start], dtype=np.float32))
+        return torch.from_numpy(np.concatenate(acts)), torch.from_numpy(np.concatenate(emb))
+
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                     ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """(first image index, activations [b, *item_shape] fp32, embeddings [b, embed_dim] fp32) in order.
+
+        Batches cover images [start, stop) and do not depend on how the cache is split into files, so a
+        sharded and an unsharded audit read the same batches.
+        """
+        stop = self.n if stop is None else min(stop, self.n)
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            yield (lo, *self.read(lo, hi))
 
     def gather(self, indices: np.ndarray | list[int]) -> tuple[Tensor, Tensor]:
         """Activations and embeddings of the given images (any order)."""
@@ -104,18 +119,23 @@ class ActivationStore:
         return self.n * min(tokens_per_image, self.item_shape[0] - 1)
 
     def training_batches(self, batch_size: int, seed: int, tokens_per_image: int) -> Iterator[Tensor]:
-        """Endless shuffled SAE training batches [batch_size, d]: shards in random order, rows shuffled within."""
+        """Endless shuffled SAE training batches [batch_size, d]: blocks of images in random order, rows
+        shuffled within.
+
+        Blocks are fixed ranges of TRAINING_BLOCK images, not the cache's files, so the stream (and the SAE)
+        is the same however extraction was sharded.
+        """
         gen = torch.Generator().manual_seed(seed)
+        blocks = [(lo, min(lo + TRAINING_BLOCK, self.n)) for lo in range(0, self.n, TRAINING_BLOCK)]
         buffer: list[Tensor] = []
         buffered = 0
         while True:
-            for s in torch.randperm(len(self.shards), generator=gen).tolist():
-                shard = self.shards[s]
-                acts, _ = self._arrays(shard)
-                order = torch.randperm(shard.count, generator=gen).numpy()
-                for lo in range(0, shard.count, 1024):
-                    rows = np.sort(order[lo:lo + 1024])
-                    chunk = torch.from_numpy(np.array(acts[rows], dtype=np.float32))
+            for s in torch.randperm(len(blocks), generator=gen).tolist():
+                lo, hi = blocks[s]
+                order = torch.randperm(hi - lo, generator=gen).numpy() + lo
+                for c in range(0, hi - lo, 1024):
+                    rows = np.sort(order[c:c + 1024])
+                    chunk, _ = self.gather(rows)
                     vecs = self.sae_vectors(chunk, gen, tokens_per_image)
                     vecs = vecs[torch.randperm(len(vecs), generator=gen)]
                     buffer.append(vecs)
@@ -142,6 +162,119 @@ def autocast_context(device: torch.device, dtype: str):
     return nullcontext()
 
 
+def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """(first image, image count) of each shard of a dataset of ``n`` images."""
+    if shard_size < 1:
+        raise EngineError(f"the shard size must be at least 1 image, got {shard_size}")
+    return [(lo, min(shard_size, n - lo)) for lo in range(0, n, shard_size)]
+
+
+def shard_files(index: int) -> dict[str, str]:
+    """The file names one extraction shard writes; ``done`` is written last and marks it complete."""
+    name = f"{index:05d}"
+    return {"acts": f"acts-{name}.npy", "emb": f"emb-{name}.npy", "labels": f"labels-{name}.npy",
+            "done": f"shard-{name}.json"}
+
+
+def extract_shard(
+    bundle,
+    images: ImageSet,
+    folder: str | os.PathLike,
+    index: int,
+    start: int,
+    count: int,
+    *,
+    layer: int = -1,
+    token: str = "cls",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: str = "fp32",
+    cache_dtype: str = "float32",
+    num_workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run the model over images [start, start + count) and write shard ``index`` of the cache to ``folder``.
+
+    Writes the residual stream after ``layer`` (acts), the image embeddings (emb) and the labels; the
+    shard's ``done`` file (its metadata) is written last and atomically. A shard already done is kept.
+    Returns the metadata.
+    """
+    folder = Path(folder)
+    files = shard_files(index)
+    if (folder / files["done"]).is_file():
+        return json.loads((folder / files["done"]).read_text())
+    if count < 1 or start < 0 or start + count > len(images):
+        raise EngineError(f"shard {index} ({start}..{start + count}) lies outside the {len(images)} images")
+    device = torch.device(device)
+    model = bundle.model
+    visual = model.visual
+    tail = VisionTail(visual, layer, token)
+    folder.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.dtype(cache_dtype)
+    loader = DataLoader(Subset(images, range(start, start + count)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    tmp = {key: folder / f".{name}.part" for key, name in files.items()}
+    acts_mm = emb_mm = None
+    labels_all = np.empty(count, dtype=np.int64)
+    done = 0
+    with capture_residual(visual, layer) as store, torch.inference_mode():
+        for pixels, labels in loader:
+            pixels = pixels.to(device, non_blocking=True)
+            with autocast_context(device, dtype):
+                emb = model.encode_image(pixels)
+            h = store["h"]
+            item = (h[:, 0] if tail.cls_only else h).float().cpu().numpy()
+            emb = emb.float().cpu().numpy()
+            if acts_mm is None:
+                acts_mm = np.lib.format.open_memmap(tmp["acts"], mode="w+", dtype=np_dtype,
+                                                    shape=(count, *item.shape[1:]))
+                emb_mm = np.lib.format.open_memmap(tmp["emb"], mode="w+", dtype=np.float32,
+                                                   shape=(count, emb.shape[1]))
+            acts_mm[done:done + len(item)] = item
+            emb_mm[done:done + len(item)] = emb
+            labels_all[done:done + len(item)] = labels.numpy()
+            done += len(item)
+            if progress:
+                progress(done, count)
+    acts_mm.flush()
+    emb_mm.flush()
+    item_shape = list(acts_mm.shape[1:])
+    del acts_mm, emb_mm
+    with open(tmp["labels"], "wb") as fh:
+        np.save(fh, labels_all)
+    for key in ("acts", "emb", "labels"):
+        os.replace(tmp[key], folder / files[key])
+    meta = {"index": index, "start": start, "count": count, "item_shape": item_shape,
+            "embed_dim": int(visual.output_dim), "token": token, "layer": layer, **files}
+    tmp["done"].write_text(json.dumps(meta))
+    os.replace(tmp["done"], folder / files["done"])
+    return meta
+
+
+def assemble_store(folder: str | os.PathLike, shards: list[dict]) -> ActivationStore:
+    """Join finished extraction shards (their metadata, any order) into one cache: labels.npy and store.json."""
+    folder = Path(folder)
+    shards = sorted(shards, key=lambda m: m["start"])
+    expected = 0
+    for m in shards:
+        if m["start"] != expected:
+            raise EngineError(f"the activation shards do not cover the dataset: a gap or overlap at image "
+                              f"{expected} (shard {m['index']} starts at {m['start']})")
+        expected += m["count"]
+    first = shards[0]
+    labels = np.concatenate([np.load(folder / m["labels"]) for m in shards])
+    np.save(folder / "labels.npy", labels)
+    meta = {"n": expected, "item_shape": first["item_shape"], "embed_dim": first["embed_dim"],
+            "token": first["token"], "layer": first["layer"],
+            "shards": [{"start": m["start"], "count": m["count"], "acts": m["acts"], "emb": m["emb"]}
+                       for m in shards]}
+    # store.json is written last and atomically: its presence means the cache is complete.
+    tmp = folder / "store.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(folder / "store.json")
+    return ActivationStore(folder)
+
+
 def extract_activations(
     bundle,
     images: ImageSet,
@@ -159,67 +292,20 @@ def extract_activations(
 ) -> ActivationStore:
     """Run the model over ``images`` and cache the residual stream after ``layer`` in ``folder``.
 
-    A finished cache (``store.json`` present) is reused as it is, so an
-    interrupted audit resumes without redoing this stage.
+    One process, shard after shard (the service runs the shards as separate tasks instead). A finished
+    cache (``store.json`` present) is reused as it is, and finished shards are kept, so an interrupted
+    audit resumes without redoing them.
     """
     folder = Path(folder)
     if (folder / "store.json").is_file():
         return ActivationStore(folder)
-    device = torch.device(device)
-    model = bundle.model
-    visual = model.visual
-    tail = VisionTail(visual, layer, token)
     n = len(images)
     if n == 0:
         raise EngineError("the dataset has no images")
-    folder.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.dtype(cache_dtype)
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    shards: list[Shard] = []
-    acts_mm = emb_mm = None
-    shard_fill = 0
-    done = 0
-    labels_all = np.empty(n, dtype=np.int64)
-    with capture_residual(visual, layer) as store, torch.inference_mode():
-        for pixels, labels in loader:
-            pixels = pixels.to(device, non_blocking=True)
-            with autocast_context(device, dtype):
-                emb = model.encode_image(pixels)
-            h = store["h"]
-            item = h[:, 0] if tail.cls_only else h
-            item = item.float().cpu().numpy()
-            emb = emb.float().cpu().numpy()
-            labels_all[done:done + len(labels)] = labels.numpy()
-            lo = 0
-            while lo < len(item):
-                if acts_mm is None:
-                    count = min(shard_size, n - done - lo)
-                    name = f"{len(shards):05d}"
-                    acts_mm = np.lib.format.open_memmap(folder / f"acts-{name}.npy", mode="w+", dtype=np_dtype,
-                                                        shape=(count, *item.shape[1:]))
-                    emb_mm = np.lib.format.open_memmap(folder / f"emb-{name}.npy", mode="w+", dtype=np.float32,
-                                                       shape=(count, emb.shape[1]))
-                    shards.append(Shard(done + lo, count, f"acts-{name}.npy", f"emb-{name}.npy"))
-                    shard_fill = 0
-                take = min(len(item) - lo, acts_mm.shape[0] - shard_fill)
-                acts_mm[shard_fill:shard_fill + take] = item[lo:lo + take]
-                emb_mm[shard_fill:shard_fill + take] = emb[lo:lo + take]
-                shard_fill += take
-                lo += take
-                if shard_fill == acts_mm.shape[0]:
-                    acts_mm.flush()
-                    emb_mm.flush()
-                    acts_mm = emb_mm = None
-            done += len(item)
-            if progress:
-                progress(done, n)
-    np.save(folder / "labels.npy", labels_all)
-    meta = {"n": n, "item_shape": list(np.load(folder / shards[0].acts, mmap_mode="r").shape[1:]),
-            "embed_dim": int(visual.output_dim), "token": token, "layer": layer,
-            "shards": [s.__dict__ for s in shards]}
-    # store.json is written last and atomically: its presence means the cache is complete.
-    tmp = folder / "store.json.tmp"
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(folder / "store.json")
-    return ActivationStore(folder)
+    metas = []
+    for index, (start, count) in enumerate(plan_shards(n, shard_size)):
+        report = (lambda done, total, s=start: progress(s + done, n)) if progress else None
+        metas.append(extract_shard(bundle, images, folder, index, start, count, layer=layer, token=token,
+                                   batch_size=batch_size, device=device, dtype=dtype, cache_dtype=cache_dtype,
+                                   num_workers=num_workers, progress=report))
+    return assemble_store(folder, metas)

@@ -38,15 +38,23 @@ class AttributionMethod:
     def n_classes(self) -> int:
         return len(self.head.class_names)
 
-    def attribute(self, activations: Tensor, target: Tensor | None = None, batch_size: int | None = None) -> Tensor:
-        """[batch, classes or 1, n_latents] relevance of each latent for each class."""
+    def attribute(self, activations: Tensor, target: Tensor | None = None, batch_size: int | None = None,
+                  positions: Tensor | None = None) -> Tensor:
+        """[batch, classes or 1, n_latents] relevance of each latent for each class.
+
+        ``positions`` [batch] are the images' indices in the dataset (default 0..batch-1): a method with
+        randomness draws per image from them, so its scores do not depend on how images were batched.
+        """
         if target is not None and target.shape[0] != activations.shape[0]:
             raise EngineError("one target class per image is needed")
         batch_size = batch_size or activations.shape[0]
+        if positions is None:
+            positions = torch.arange(activations.shape[0])
         chunks = []
         for lo in range(0, activations.shape[0], batch_size):
             chunk_target = None if target is None else target[lo:lo + batch_size]
-            chunks.append(self._attribute(activations[lo:lo + batch_size], chunk_target, lo))
+            chunks.append(self._attribute(activations[lo:lo + batch_size], chunk_target,
+                                          positions[lo:lo + batch_size]))
         return torch.cat(chunks)
 
     # -------------------------------------------------------------- helpers
@@ -78,7 +86,7 @@ class AttributionMethod:
             return torch.arange(self.n_classes, device=device).unsqueeze(1).expand(-1, b)
         return target.to(device).unsqueeze(0)
 
-    def _attribute(self, acts: Tensor, target: Tensor | None, offset: int) -> Tensor:
+    def _attribute(self, acts: Tensor, target: Tensor | None, positions: Tensor) -> Tensor:
         raise NotImplementedError
 
 
@@ -100,7 +108,7 @@ class ActGrad(AttributionMethod):
             grad_outputs = eye.unsqueeze(1).expand(-1, y.shape[0], -1)  # one vector-Jacobian product per class
             return torch.autograd.grad(y, x, grad_outputs=grad_outputs, is_grads_batched=True)[0]
 
-    def _attribute(self, acts, target, offset):
+    def _attribute(self, acts, target, positions):
         selected, values, indices = self._sparse(acts)
         grads = self.gradients(acts, target)  # [c, b, (P,) d]
         directions = self.sae.dictionary[indices]  # [b, (P,) k, d]
@@ -129,7 +137,7 @@ class LogitLens(AttributionMethod):
     def weight(self, activity: Tensor) -> Tensor:
         return (activity > 0).to(activity.dtype)
 
-    def _attribute(self, acts, target, offset):
+    def _attribute(self, acts, target, positions):
         activity = self._activity(acts)  # [b, n_latents]
         lens = self.lens()[self._classes(target, acts.shape[0], activity.device)]  # [c, b, n_latents]
         return lens.transpose(0, 1) * self.weight(activity).unsqueeze(1)
@@ -149,7 +157,7 @@ class Energy(AttributionMethod):
 
     name = "energy"
 
-    def _attribute(self, acts, target, offset):
+    def _attribute(self, acts, target, positions):
         energy = self._activity(acts) * self.sae.dictionary.norm(dim=-1)
         c = 1 if target is not None else self.n_classes
         return energy.unsqueeze(1).expand(-1, c, -1).clone()
@@ -160,11 +168,12 @@ class RandomOrder(AttributionMethod):
 
     name = "random"
 
-    def _attribute(self, acts, target, offset):
+    def _attribute(self, acts, target, positions):
         activity = self._activity(acts)
         c = 1 if target is not None else self.n_classes
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
-        scores = torch.rand(activity.shape[0], c, activity.shape[1], generator=gen)
+        scores = torch.stack([
+            torch.rand(c, activity.shape[1], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(p)))
+            for p in positions.tolist()])
         return scores.to(activity.device, activity.dtype) * (activity > 0).to(activity.dtype).unsqueeze(1)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import ActivationStore, extract_activations
+from .activations import DEFAULT_SHARD_SIZE, ActivationStore, extract_activations, plan_shards
 from .attribution import REGISTRY, get_method
 from .config import AuditConfig
 from .data import ImageSet
@@ -138,13 +138,16 @@ def run_audit(
     workdir: str | os.PathLike | None = None,
     semantic_model: ClipBundle | None = None,
     sae: TopKSAE | None = None,
+    shard_size: int | None = None,
 ) -> AuditResult:
     """Audit ``probe`` (and the zero-shot classifier of its class names) on ``model`` over ``dataset``.
 
     ``workdir`` keeps the activation cache and the SAE; a finished stage found
     there is reused, so a re-run after a crash resumes. ``semantic_model``
     labels latents with another CLIP (default: the audited one). ``sae`` skips
-    training and uses a given SAE.
+    training and uses a given SAE. ``shard_size`` splits extraction, attribution
+    and confirmation into shards of that many images, one after another, the way
+    the service spreads them over workers (the answer does not depend on it).
     """
     if isinstance(config, dict):
         config = AuditConfig.from_dict(config)
@@ -156,67 +159,127 @@ def run_audit(
         workdir = own_tmp.name
     workdir = Path(workdir)
     try:
-        return _run(config, model, probe, dataset, stages, device, workdir, semantic_model, sae)
+        return _run(config, model, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size)
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()
 
 
-def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae):
-    model = bundle.model.to(device)
-    visual = model.visual
+def prepare_images(bundle: ClipBundle, probe: LinearProbe, dataset: ImageSet) -> ImageSet:
+    """The dataset as the engine reads it: labels in the probe's class order, the model's preprocessing."""
     probe.check_fits(bundle.embed_dim)
-    class_names = probe.class_names
-    images = dataset.remap(class_names).with_preprocess(bundle.preprocess)
-    n_classes = len(class_names)
+    images = dataset.remap(probe.class_names).with_preprocess(bundle.preprocess)
     if len(images) == 0:
         raise EngineError("the dataset has no images")
+    return images
+
+
+def extract_kwargs(config: AuditConfig, device) -> dict:
+    return dict(layer=config.layer, token=config.token, batch_size=config.batch_size, device=device,
+                dtype=config.dtype, cache_dtype=config.cache_dtype)
+
+
+def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, report=None,
+            sae: TopKSAE | None = None) -> tuple[TopKSAE, dict]:
+    """Train the SAE on the pooled activations (or evaluate a given one); ready for inference on ``device``."""
+    if sae is None:
+        sae, sae_metrics = _train_or_load_sae(store, config, folder, device, report)
+    else:
+        sae_metrics = _evaluate(sae.to(device), store, config.sae, device)
+        sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
+    if sae.d_model != store.d_model:
+        raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")
+    return sae.to(device).eval().requires_grad_(False), sae_metrics
+
+
+def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size):
+    bundle.model.to(device)
+    images = prepare_images(bundle, probe, dataset)
     torch.manual_seed(config.seed)
+    shard_size = shard_size or DEFAULT_SHARD_SIZE
 
-    # ------------------------------------------------------------------ 1. activations
     with stages.stage("extract") as report:
-        store = extract_activations(bundle, images, workdir / "activations", layer=config.layer, token=config.token,
-                                    batch_size=config.batch_size, device=device, dtype=config.dtype,
-                                    cache_dtype=config.cache_dtype, progress=report)
-    labels = store.labels
-
-    # ------------------------------------------------------------------ 2. SAE
+        store = extract_activations(bundle, images, workdir / "activations", shard_size=shard_size,
+                                    progress=report, **extract_kwargs(config, device))
     with stages.stage("train_sae") as report:
-        if sae is None:
-            sae, sae_metrics = _train_or_load_sae(store, config, workdir / "sae", device, report)
-        else:
-            sae_metrics = _evaluate(sae.to(device), store, config.sae, device)
-            sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
-        if sae.d_model != store.d_model:
-            raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")
-    sae = sae.to(device).eval().requires_grad_(False)
-    n_latents = sae.n_latents
+        sae, sae_metrics = fit_sae(store, config, workdir / "sae", device, report, sae)
+    ctx = AuditContext.build(config, bundle, probe, sae, device)
+    shards = plan_shards(store.n, shard_size)
+    with stages.stage("attribute") as report:
+        partials = [attribute_shard(ctx, store, start, count,
+                                    progress=lambda done, total, s=start: report(s + done, store.n))
+                    for start, count in shards]
+    with stages.stage("label"):
+        merged = merge_partials(partials)
+        labelled = label_latents(ctx, store, images, merged, semantic_model)
+    with stages.stage("flag"):
+        result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, workdir)
+    with stages.stage("confirm") as report:
+        if config.causal and result.flags:
+            stats = [confirm_shard(ctx, store, result.flags, amounts, start, count,
+                                   progress=lambda done, total, s=start: report(s + done, store.n))
+                     for start, count in shards]
+            apply_confirmation(result.flags, merge_confirmations(stats), amounts)
+    result.timings = dict(stages.timings)
+    return result
 
-    # ------------------------------------------------------------------ 3. attribution, references, faithfulness
-    tail = VisionTail(visual, config.layer, config.token)
-    zero_shot = ZeroShotHead.build(bundle, class_names, config.prompt_templates, config.class_prompts)
-    heads = {"probe": probe.to(device), "zero_shot": zero_shot.to(device)}
-    methods = {h: {name: get_method(name, tail=tail, sae=sae, head=head, token=config.token, seed=config.seed)
-                   for name in REGISTRY} for h, head in heads.items()}
+
+class AuditContext:
+    """What every attribution and confirmation shard needs: the model's tail, the SAE and both heads."""
+
+    def __init__(self, config: AuditConfig, bundle: ClipBundle, probe: LinearProbe, sae: TopKSAE, device):
+        self.config, self.bundle, self.sae, self.device = config, bundle, sae, device
+        self.class_names = list(probe.class_names)
+        self.tail = VisionTail(bundle.model.visual, config.layer, config.token)
+        zero_shot = ZeroShotHead.build(bundle, self.class_names, config.prompt_templates, config.class_prompts)
+        self.heads = {"probe": probe.to(device), "zero_shot": zero_shot.to(device)}
+        self.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=config.token,
+                                             seed=config.seed) for name in REGISTRY}
+                        for h, head in self.heads.items()}
+        self.keep = min(sae.n_latents, max(2 * sae.k, 32))
+
+    @classmethod
+    def build(cls, config, bundle, probe, sae, device) -> "AuditContext":
+        bundle.model.to(device)
+        return cls(config, bundle, probe, sae, device)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+# How each array of an attribution partial merges across shards.
+_SUM = ("frequency", "class_activation", "rel_sum.", "curve_sum.", "faith_counts")
+_ROWS = ("top_values.", "top_indices.", "predictions.")
+
+
+def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count: int,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """Attribution, reference tracking, activation statistics and deletion curves of images
+    [start, start + count): a dict of numpy arrays that :func:`merge_partials` joins exactly
+    (sums, maxima, top-m merges and rows in image order)."""
+    config, device, sae = ctx.config, ctx.device, ctx.sae
+    n_latents, n_classes, steps = sae.n_latents, ctx.n_classes, config.faithfulness_steps
+    labels = store.labels
+    faith_mask = _faithfulness_subset(labels, config.faithfulness_max_images, config.seed)
     tracker = ReferenceTracker(n_latents, config.n_references, device)
     frequency = torch.zeros(n_latents, device=device)
     max_activation = torch.zeros(n_latents, device=device)
     class_activation = torch.zeros(n_classes, n_latents, device=device)
-    counts = torch.bincount(labels, minlength=n_classes).to(device)
-    rel_sum = {h: torch.zeros(n_classes, n_latents, device=device) for h in heads}
-    keep = min(n_latents, max(2 * sae.k, 32))
-    top_rel = {h: (np.zeros((store.n, keep), np.float32), np.zeros((store.n, keep), np.int64)) for h in heads}
-    faith_mask = _faithfulness_subset(labels, config.faithfulness_max_images, config.seed)
-    steps = config.faithfulness_steps
-    curve_sum = {h: {m: torch.zeros(n_classes, steps + 1, device=device) for m in REGISTRY} for h in heads}
+    rel_sum = {h: torch.zeros(n_classes, n_latents, device=device) for h in ctx.heads}
+    top_values = {h: np.zeros((count, ctx.keep), np.float32) for h in ctx.heads}
+    top_indices = {h: np.zeros((count, ctx.keep), np.int64) for h in ctx.heads}
+    curve_sum = {h: {m: torch.zeros(n_classes, steps + 1, device=device) for m in REGISTRY} for h in ctx.heads}
     faith_counts = torch.zeros(n_classes, device=device)
-    predictions = {h: torch.zeros(store.n, dtype=torch.long) for h in heads}
-    with stages.stage("attribute") as report, torch.no_grad():
-        for start, acts, emb in store.iter_batches(config.batch_size):
+    predictions = {h: np.zeros(count, np.int64) for h in ctx.heads}
+    with torch.no_grad():
+        for lo, acts, emb in store.iter_batches(config.batch_size, start, start + count):
             acts, emb = acts.to(device), emb.to(device)
             b = acts.shape[0]
-            y = labels[start:start + b].to(device)
-            onehot = torch.nn.functional.one_hot(y, n_classes).float()
+            row = lo - start
+            positions = torch.arange(lo, lo + b)
+            y = labels[lo:lo + b].to(device)
+            onehot = F.one_hot(y, n_classes).float()
             selected = select_tokens(acts, config.token)
             values, indices = sae.encode_sparse(selected)
             z = torch.zeros(*selected.shape[:-1], n_latents, device=device).scatter(-1, indices, values)
@@ -225,70 +288,153 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
                 mean_act = z.mean(1)
             else:
                 per_image = mean_act = z
-            tracker.update(per_image, torch.arange(start, start + b, device=device))
+            tracker.update(per_image, positions.to(device))
             frequency += (per_image > 0).float().sum(0)
             max_activation = torch.maximum(max_activation, per_image.amax(0))
             class_activation += onehot.T @ mean_act
-            sub = faith_mask[start:start + b].to(device)
-            for h, head in heads.items():
-                predictions[h][start:start + b] = head(emb).argmax(1).cpu()
-                rel = methods[h]["act_grad"].attribute(acts, target=y)[:, 0]  # [b, L]
+            sub = faith_mask[lo:lo + b].to(device)
+            for h, head in ctx.heads.items():
+                predictions[h][row:row + b] = head(emb).argmax(1).cpu().numpy()
+                rel = ctx.methods[h]["act_grad"].attribute(acts, target=y)[:, 0]  # [b, L]
                 rel_sum[h] += onehot.T @ rel
-                top = rel.topk(keep, dim=1)
-                top_rel[h][0][start:start + b] = top.values.cpu().numpy()
-                top_rel[h][1][start:start + b] = top.indices.cpu().numpy()
+                top = rel.topk(ctx.keep, dim=1)
+                top_values[h][row:row + b] = top.values.cpu().numpy()
+                top_indices[h][row:row + b] = top.indices.cpu().numpy()
                 if sub.any():
-                    for name, method in methods[h].items():
-                        scores = rel[sub] if name == "act_grad" else method.attribute(acts[sub], target=y[sub])[:, 0]
-                        curves = deletion_curves(tail, sae, head, acts[sub], y[sub], scores, steps, config.token)
+                    for name, method in ctx.methods[h].items():
+                        scores = rel[sub] if name == "act_grad" else method.attribute(
+                            acts[sub], target=y[sub], positions=positions[sub.cpu()])[:, 0]
+                        curves = deletion_curves(ctx.tail, sae, head, acts[sub], y[sub], scores, steps,
+                                                 config.token)
                         curve_sum[h][name] += onehot[sub].T @ curves
             faith_counts += onehot[sub].sum(0)
-            report(start + b, store.n)
+            if progress:
+                progress(row + b, count)
+    out = {"start": np.int64(start), "count": np.int64(count), "ref_values": tracker.values.cpu().numpy(),
+           "ref_indices": tracker.indices.cpu().numpy(), "frequency": frequency.cpu().numpy(),
+           "max_activation": max_activation.cpu().numpy(), "class_activation": class_activation.cpu().numpy(),
+           "faith_counts": faith_counts.cpu().numpy()}
+    for h in ctx.heads:
+        out[f"rel_sum.{h}"] = rel_sum[h].cpu().numpy()
+        out[f"top_values.{h}"], out[f"top_indices.{h}"] = top_values[h], top_indices[h]
+        out[f"predictions.{h}"] = predictions[h]
+        for m in REGISTRY:
+            out[f"curve_sum.{h}.{m}"] = curve_sum[h][m].cpu().numpy()
+    return out
 
-    # ------------------------------------------------------------------ 4. labels
-    with stages.stage("label"):
-        if semantic_model is None:
-            semantic_model, image_embeddings = bundle, store.embeddings()
+
+def save_partial(partial: dict, path: str | os.PathLike) -> None:
+    """Write an attribution partial atomically (a half-written file is never read as finished)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **partial)
+    os.replace(tmp, path)
+
+
+def load_partial(path: str | os.PathLike) -> dict:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def merge_partials(partials: list[dict]) -> dict:
+    """Join attribution partials of disjoint shards that cover the dataset: exact top-m reference merge,
+    sums and maxima in image order, per-image rows concatenated in image order."""
+    partials = sorted(partials, key=lambda p: int(p["start"]))
+    expected = 0
+    for p in partials:
+        if int(p["start"]) != expected:
+            raise EngineError(f"the attribution shards do not cover the dataset: a gap or overlap at image "
+                              f"{expected}")
+        expected += int(p["count"])
+    merged = {"start": np.int64(0), "count": np.int64(expected)}
+    first = partials[0]
+    tracker = None
+    for p in partials:
+        part = ReferenceTracker(p["ref_values"].shape[0], p["ref_values"].shape[1])
+        part.values, part.indices = torch.from_numpy(p["ref_values"]), torch.from_numpy(p["ref_indices"])
+        if tracker is None:
+            tracker = part
         else:
-            image_embeddings = _embed_references(semantic_model, images, tracker, device, config.batch_size)
-        sem, clarity, n_refs = semantic_embeddings(tracker.indices.cpu(), tracker.values.cpu(), image_embeddings)
-        vocab = Vocabulary.build(class_names, config.expected_concepts, config.artifact_vocabulary,
-                                 config.general_vocabulary)
-        vocab.encode(semantic_model, config.prompt_templates)
-        align = alignment(sem, vocab)  # [L, V]
-        has_refs = n_refs > 0
-        expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
-                                                                  config.expected_concepts)  # [C, L] each
-        label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
-        labels_text = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
-        label_indices = [j if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
-        name_alignment = torch.stack([align[:, vocab.index[name.lower()]] for name in class_names])
+            tracker.merge(part)
+    merged["ref_values"], merged["ref_indices"] = tracker.values.numpy(), tracker.indices.numpy()
+    for key in first:
+        if key in merged:
+            continue
+        if key == "max_activation":
+            merged[key] = np.maximum.reduce([p[key] for p in partials])
+        elif key.startswith(_SUM):
+            merged[key] = np.sum([p[key] for p in partials], axis=0, dtype=first[key].dtype)
+        elif key.startswith(_ROWS):
+            merged[key] = np.concatenate([p[key] for p in partials])
+        elif not key.startswith(("ref_",)):
+            raise EngineError(f"unknown partial field {key!r}")
+    return merged
 
-    # ------------------------------------------------------------------ 5. flags
-    with stages.stage("flag"):
-        tables = {h: relevance_tables(rel_sum[h].cpu(), counts.cpu()) for h in heads}
-        flags = []
-        for h in heads:
-            mean, share = tables[h]
-            flags += find_flags(h, mean, share, class_names, labels=labels_text, label_indices=label_indices,
-                                label_alignment=label_alignment, expected_alignment=expected_alignment,
-                                name_alignment=name_alignment, clarity=clarity, vocab=vocab, config=config)
-        for flag in flags:
-            c = class_names.index(flag["class_name"])
-            flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
-            flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
-            flag["references"] = [images.ids[i] for i in tracker.references(flag["latent"])]
-            # what the latent means, as a unit vector in the semantic model's embedding space: the audit diff
-            # matches flags across audits with it (latent indices differ between SAEs)
-            flag["semantic"] = [round(v, 5) for v in F.normalize(sem[flag["latent"]], dim=0).tolist()]
-            flag["top_images"] = _top_images(top_rel[flag["head"]], flag["latent"], labels, c, images.ids,
-                                             config.top_images_per_flag)
 
-    # ------------------------------------------------------------------ 6. causal confirmation
-    with stages.stage("confirm") as report:
-        if config.causal and flags:
-            _confirm(flags, store, tail, sae, heads, labels, class_names, class_activation / counts.clamp_min(1)
-                     .unsqueeze(1), config, device, report)
+def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, merged: dict,
+                  semantic_model: ClipBundle | None = None) -> dict:
+    """Each latent's semantic embedding, clarity, alignments and label (stage 'label')."""
+    config, class_names = ctx.config, ctx.class_names
+    tracker = ReferenceTracker(*merged["ref_values"].shape)
+    tracker.values, tracker.indices = torch.from_numpy(merged["ref_values"]), torch.from_numpy(merged["ref_indices"])
+    if semantic_model is None:
+        semantic_model, image_embeddings = ctx.bundle, store.embeddings()
+    else:
+        image_embeddings = _embed_references(semantic_model, images, tracker, ctx.device, config.batch_size)
+    sem, clarity, n_refs = semantic_embeddings(tracker.indices, tracker.values, image_embeddings)
+    vocab = Vocabulary.build(class_names, config.expected_concepts, config.artifact_vocabulary,
+                             config.general_vocabulary)
+    vocab.encode(semantic_model, config.prompt_templates)
+    align = alignment(sem, vocab)  # [L, V]
+    has_refs = n_refs > 0
+    expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
+                                                              config.expected_concepts)  # [C, L] each
+    label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
+    return {
+        "tracker": tracker, "sem": sem, "clarity": clarity, "vocab": vocab,
+        "labels_text": [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())],
+        "label_indices": [j if has_refs[i] else None for i, j in enumerate(label_index.tolist())],
+        "label_alignment": label_alignment, "expected_alignment": expected_alignment,
+        "specific_alignment": specific_alignment,
+        "name_alignment": torch.stack([align[:, vocab.index[name.lower()]] for name in class_names]),
+    }
+
+
+def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merged: dict, labelled: dict,
+              sae_metrics: dict, workdir: Path) -> tuple[AuditResult, list[float]]:
+    """Flags, relevance tables, faithfulness, accuracy and latents from the merged partial (stage 'flag').
+
+    Returns the result (flags not yet causally confirmed) and, per flag, the amount confirmation inserts.
+    Writes the full relevance tables to ``workdir / relevance.npz``.
+    """
+    config, class_names, heads = ctx.config, ctx.class_names, list(ctx.heads)
+    n_classes = len(class_names)
+    labels = store.labels
+    counts = torch.bincount(labels, minlength=n_classes)
+    labels_text, label_indices = labelled["labels_text"], labelled["label_indices"]
+    vocab, clarity, tracker = labelled["vocab"], labelled["clarity"], labelled["tracker"]
+    expected_alignment = labelled["expected_alignment"]
+    tables = {h: relevance_tables(torch.from_numpy(merged[f"rel_sum.{h}"]), counts) for h in heads}
+    flags = []
+    for h in heads:
+        mean, share = tables[h]
+        flags += find_flags(h, mean, share, class_names, labels=labels_text, label_indices=label_indices,
+                            label_alignment=labelled["label_alignment"], expected_alignment=expected_alignment,
+                            name_alignment=labelled["name_alignment"], clarity=clarity, vocab=vocab, config=config)
+    class_mean = torch.from_numpy(merged["class_activation"]) / counts.clamp_min(1).unsqueeze(1)
+    amounts = []
+    for flag in flags:
+        c = class_names.index(flag["class_name"])
+        flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
+        flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
+        flag["references"] = [images.ids[i] for i in tracker.references(flag["latent"])]
+        # what the latent means, as a unit vector in the semantic model's embedding space: the audit diff
+        # matches flags across audits with it (latent indices differ between SAEs)
+        flag["semantic"] = [round(v, 5) for v in F.normalize(labelled["sem"][flag["latent"]], dim=0).tolist()]
+        top_rel = (merged[f"top_values.{flag['head']}"], merged[f"top_indices.{flag['head']}"])
+        flag["top_images"] = _top_images(top_rel, flag["latent"], labels, c, images.ids, config.top_images_per_flag)
+        amounts.append(float(class_mean[c, flag["latent"]]))
 
     comparison = {}
     for c, name in enumerate(class_names):
@@ -313,6 +459,7 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
                          "label": labels_text[i]} for i in top if float(mean[c, i]) != 0.0],
             }
 
+    faith_counts = merged["faith_counts"]
     faithfulness = {}
     for h in heads:
         faithfulness[h] = {}
@@ -321,16 +468,19 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
                 continue
             faithfulness[h][name] = {}
             for m in REGISTRY:
-                curve = (curve_sum[h][m][c] / faith_counts[c]).cpu()
+                curve = torch.from_numpy(merged[f"curve_sum.{h}.{m}"][c] / faith_counts[c])
                 faithfulness[h][name][m] = {"curve": curve.tolist(), "auc": float(area_under_curve(curve)),
                                             "n_images": int(faith_counts[c])}
 
-    freq = (frequency / store.n).cpu()
+    n_latents = ctx.sae.n_latents
+    freq = torch.from_numpy(merged["frequency"] / store.n)
+    max_activation = merged["max_activation"]
+    specific_alignment = labelled["specific_alignment"]
     latents = [{
         "latent": i, "label": labels_text[i],
         "label_source": vocab.sources[label_indices[i]] if label_indices[i] is not None else None,
         "label_category": vocab.categories[label_indices[i]] if label_indices[i] is not None else None,
-        "alignment": float(label_alignment[i]) if labels_text[i] is not None else None,
+        "alignment": float(labelled["label_alignment"][i]) if labels_text[i] is not None else None,
         "clarity": float(clarity[i]), "frequency": float(freq[i]), "max_activation": float(max_activation[i]),
         "references": [images.ids[j] for j in tracker.references(i)],
         "expected_alignment": {name: float(expected_alignment[c, i]) for c, name in enumerate(class_names)},
@@ -339,17 +489,19 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
 
     accuracy = {}
     for h in heads:
-        correct = predictions[h] == labels
+        correct = torch.from_numpy(merged[f"predictions.{h}"]) == labels
         accuracy[h] = {"overall": float(correct.float().mean()),
                        "per_class": {name: float(correct[labels == c].float().mean()) if counts[c] else None
                                      for c, name in enumerate(class_names)}}
 
+    workdir.mkdir(parents=True, exist_ok=True)
     np.savez(workdir / "relevance.npz", classes=np.array(class_names),
              **{f"{h}_mean": tables[h][0].numpy() for h in heads},
              **{f"{h}_share": tables[h][1].numpy() for h in heads},
              alignment_expected=expected_alignment.numpy(), clarity=clarity.numpy(), frequency=freq.numpy())
 
-    return AuditResult(
+    bundle, device = ctx.bundle, ctx.device
+    result = AuditResult(
         schema_version=SCHEMA_VERSION,
         config=config.to_dict(),
         model={"name": bundle.name, "layer": config.layer, "token": config.token, "n_blocks": bundle.n_blocks,
@@ -363,11 +515,12 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
         flags=flags,
         comparison=comparison,
         faithfulness=faithfulness,
-        timings=dict(stages.timings),
+        timings={},
         environment={"device": str(device), "torch": torch.__version__, "host": platform.node(),
                      "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         artifacts={"relevance": "relevance.npz", "sae": "sae/", "activations": "activations/"},
     )
+    return result, amounts
 
 
 def _top_images(top_rel, latent: int, labels: torch.Tensor, c: int, ids: list, n: int) -> list[dict]:
@@ -399,20 +552,26 @@ def _embed_references(semantic_model: ClipBundle, images: ImageSet, tracker: Ref
     return out
 
 
-def _confirm(flags, store, tail, sae, heads, labels, class_names, class_mean, config, device, report):
-    """Ablate each flagged latent on its class's images; insert it into other classes' images."""
-    stats = [{"ablation_images": 0, "ablation_flips": 0, "correct_before": 0, "correct_after": 0,
-              "insertion_images": 0, "insertion_flips_to_class": 0} for _ in flags]
-    done = 0
+_CONFIRM_COUNTS = ("ablation_images", "ablation_flips", "correct_before", "correct_after", "insertion_images",
+                   "insertion_flips_to_class")
+
+
+def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], amounts: list[float], start: int,
+                  count: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Counts of one shard for each flag: ablate the flagged latent on its class's images, insert it (by
+    ``amounts``) into other classes' images. :func:`merge_confirmations` adds shards up."""
+    config, device, tail, sae = ctx.config, ctx.device, ctx.tail, ctx.sae
+    labels = store.labels
+    stats = [dict.fromkeys(_CONFIRM_COUNTS, 0) for _ in flags]
     with torch.no_grad():
-        for start, acts, _ in store.iter_batches(config.batch_size):
+        for lo, acts, _ in store.iter_batches(config.batch_size, start, start + count):
             acts = acts.to(device)
             b = acts.shape[0]
-            y = labels[start:start + b].to(device)
-            base = {h: head(tail(acts)).argmax(1) for h, head in heads.items()}
-            for flag, st in zip(flags, stats):
-                head = heads[flag["head"]]
-                c = class_names.index(flag["class_name"])
+            y = labels[lo:lo + b].to(device)
+            base = {h: head(tail(acts)).argmax(1) for h, head in ctx.heads.items()}
+            for flag, amount, st in zip(flags, amounts, stats):
+                head = ctx.heads[flag["head"]]
+                c = ctx.class_names.index(flag["class_name"])
                 own = y == c
                 if own.any():
                     after = shifted_outputs(tail, sae, head, acts[own], flag["latent"], token=config.token).argmax(1)
@@ -423,22 +582,30 @@ def _confirm(flags, store, tail, sae, heads, labels, class_names, class_mean, co
                     st["correct_after"] += int((after == c).sum())
                 other = ~own
                 if other.any():
-                    amount = float(class_mean[c, flag["latent"]])
                     after = shifted_outputs(tail, sae, head, acts[other], flag["latent"], insert=amount,
                                             token=config.token).argmax(1)
                     before = base[flag["head"]][other]
                     st["insertion_images"] += int(other.sum())
                     st["insertion_flips_to_class"] += int(((before != c) & (after == c)).sum())
-            done += b
-            report(done, store.n)
-    for flag, st in zip(flags, stats):
+            if progress:
+                progress(lo - start + b, count)
+    return stats
+
+
+def merge_confirmations(per_shard: list[list[dict]]) -> list[dict]:
+    return [{key: sum(s[i][key] for s in per_shard) for key in _CONFIRM_COUNTS} for i in range(len(per_shard[0]))]
+
+
+def apply_confirmation(flags: list[dict], stats: list[dict], amounts: list[float]) -> None:
+    """Write each flag's ``causal`` block from the summed counts."""
+    for flag, st, amount in zip(flags, stats, amounts):
         n_own = max(st["ablation_images"], 1)
         causal = {
             "ablation_images": st["ablation_images"], "ablation_flips": st["ablation_flips"],
             "accuracy_before": st["correct_before"] / n_own, "accuracy_after": st["correct_after"] / n_own,
             "accuracy_change": (st["correct_after"] - st["correct_before"]) / n_own,
             "insertion_images": st["insertion_images"], "insertion_flips_to_class": st["insertion_flips_to_class"],
-            "insertion_amount": float(class_mean[class_names.index(flag["class_name"]), flag["latent"]]),
+            "insertion_amount": amount,
         }
         causal["confirmed"] = causal["ablation_flips"] > 0 or causal["insertion_flips_to_class"] > 0
         flag["causal"] = causal
