@@ -169,17 +169,27 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(BROKER_DIR / "processed"),
         "store_processed": False,
     })
-CELERY_RESULT_BACKEND = None  # results live in the database, not in the broker
-CELERY_TASK_IGNORE_RESULT = True
+# Audit results live in the database. The result backend only counts the finished shards of a chord (a
+# sharded audit's stage): Redis when the broker is Redis, else a folder on this machine (one-machine default).
+CELERY_RESULT_BACKEND = env_str(
+    "CELERY_RESULT_BACKEND",
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+    else f"file://{VAR_DIR / 'celery-results'}")
+CELERY_RESULT_EXPIRES = 7 * 24 * 3600
+CELERY_TASK_IGNORE_RESULT = True  # the per-shard tasks keep theirs (their chords need them)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"workers.tasks.run_audit": {"queue": "gpu"}}
+# everything that runs the model, the SAE or reads activations goes to the gpu queue; the reaper to default
+CELERY_TASK_ROUTES = {"workers.tasks.run_audit": {"queue": "gpu"}, "workers.sharded.*": {"queue": "gpu"}}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 AUDIT_MAX_ATTEMPTS = env_int("AUDIT_MAX_ATTEMPTS", 3, minimum=1)
+# Images per shard of one audit. An audit of more images is spread over the workers: extraction, attribution
+# and causal confirmation run per shard as separate tasks; the SAE is trained once on the pooled activations.
+AUDIT_SHARD_SIZE = env_int("AUDIT_SHARD_SIZE", 4096, minimum=1)
 AUDIT_PROGRESS_EVERY_SECONDS = 1.0
 # A running audit's worker writes a heartbeat this often; an audit whose heartbeat is older than
 # AUDIT_STALE_AFTER_SECONDS (or whose worker process on this host is gone) is requeued by the reaper, or failed

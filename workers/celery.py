@@ -12,6 +12,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_service.settings")
 app = Celery("clip_audit")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workers"])
+app.autodiscover_tasks(["workers"], related_name="sharded")
 
 
 @app.on_configure.connect
@@ -24,6 +25,9 @@ def _make_filesystem_broker_folders(sender, **kwargs):
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):
         if options.get(key):
             Path(options[key]).mkdir(parents=True, exist_ok=True)
+    backend = getattr(settings, "CELERY_RESULT_BACKEND", None) or ""
+    if backend.startswith("file://"):  # the file result backend wants its folder too
+        Path(backend[len("file://"):]).mkdir(parents=True, exist_ok=True)
 
 
 @worker_ready.connect

@@ -62,21 +62,29 @@ class _Progress:
 
 
 class _Heartbeat(threading.Thread):
-    """Writes the running audit's heartbeat every AUDIT_HEARTBEAT_SECONDS, however long a batch takes."""
+    """Writes the running audit's heartbeat every AUDIT_HEARTBEAT_SECONDS, however long a batch takes.
 
-    def __init__(self, audit_id: int, owner: str):
+    With ``shard_id``, the heartbeat of that step of a sharded audit (and the audit's, as a sign of life).
+    """
+
+    def __init__(self, audit_id: int, owner: str, shard_id: int | None = None):
         super().__init__(name=f"heartbeat-{audit_id}", daemon=True)
-        self.audit_id, self.owner = audit_id, owner
+        self.audit_id, self.owner, self.shard_id = audit_id, owner, shard_id
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from audit_service.audits.models import Audit, Status
+        from audit_service.audits.models import Audit, AuditShard, ShardStatus, Status
 
         try:
             while not self.stopped.wait(settings.AUDIT_HEARTBEAT_SECONDS):
                 try:
-                    Audit.objects.filter(pk=self.audit_id, status=Status.RUNNING, worker_host=self.owner).update(
-                        heartbeat_at=timezone.now())
+                    now = timezone.now()
+                    if self.shard_id is None:
+                        Audit.objects.filter(pk=self.audit_id, status=Status.RUNNING, worker_host=self.owner).update(
+                            heartbeat_at=now)
+                    elif AuditShard.objects.filter(pk=self.shard_id, status=ShardStatus.RUNNING,
+                                                   worker_host=self.owner).update(heartbeat_at=now):
+                        Audit.objects.filter(pk=self.audit_id, status=Status.RUNNING).update(heartbeat_at=now)
                 except OperationalError:
                     log.warning("audit %s: heartbeat not written (database unreachable); retrying", self.audit_id)
         finally:
@@ -118,6 +126,10 @@ def is_abandoned(audit, now=None) -> bool:
 
     if audit.status != Status.RUNNING:
         return False
+    if audit.shards:
+        from workers.sharded import sharded_audit_abandoned
+
+        return sharded_audit_abandoned(audit, now)
     if owner_alive(audit.worker_host) is False:
         return True  # its process on this host is gone; a live pid may be a reused one, so check the heartbeat too
     now = now or timezone.now()
@@ -180,6 +192,19 @@ def run_audit(self, audit_id: int) -> None:
         return
     audit.attempts += 1
     audit.worker_host = me
+    if audit.shards or audit.dataset.n_images > settings.AUDIT_SHARD_SIZE:
+        from workers import sharded
+
+        try:
+            sharded.start(audit)  # one task per shard and step, over every worker (Celery chords)
+        except OperationalError:
+            raise  # transient: autoretry with backoff
+        except Exception as exc:
+            log.exception("audit %s: starting its shards failed", audit_id)
+            audit.refresh_from_db()
+            if not audit.is_finished:
+                audit.fail(f"internal error: {type(exc).__name__}: {exc}")
+        return
     workdir = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}"
     heartbeat = _Heartbeat(audit.pk, me)
     heartbeat.start()
@@ -257,4 +282,25 @@ def reap_stale_audits() -> dict:
         done["resent"].append(audit.pk)
     if any(done.values()):
         log.warning("reaper: %s", done)
+    remove_finished_work_folders()
     return done
+
+
+def remove_finished_work_folders() -> list[int]:
+    """Delete this host's scratch folders (AUDIT_WORK_DIR/audit-<id>) of audits that are finished or gone.
+
+    Workers of a sharded audit keep local copies of what they read from S3; the audit's last step removes
+    only its own worker's copy.
+    """
+    from audit_service.audits.models import FINISHED, Audit
+
+    folders = {}
+    for path in Path(settings.AUDIT_WORK_DIR).glob("audit-*"):
+        pk = path.name.removeprefix("audit-")
+        if pk.isdigit():
+            folders[int(pk)] = path
+    alive = set(Audit.objects.filter(pk__in=folders).exclude(status__in=FINISHED).values_list("pk", flat=True))
+    removed = sorted(pk for pk in folders if pk not in alive)
+    for pk in removed:
+        shutil.rmtree(folders[pk], ignore_errors=True)
+    return removed

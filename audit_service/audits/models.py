@@ -54,6 +54,8 @@ class Audit(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)  # when its task message was last sent
+    # dataset shards the audit is spread over (AUDIT_SHARD_SIZE images each); 0: it runs as one task
+    shards = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -108,6 +110,38 @@ class Audit(models.Model):
 
     def confirm_cancelled(self) -> None:
         self._move(Status.CANCELLED, finished_at=timezone.now(), stage="cancelled")
+
+
+class ShardStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+
+
+class AuditShard(models.Model):
+    """One step of a sharded audit: a shard of a per-shard stage (extract, attribute, confirm; images
+    [start, start + count)) or a reduce step (train_sae, label, finish; index 0). Its row is the record that
+    the work was done, once: the steps' chords count Celery messages, the rows count the work."""
+
+    audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="shard_steps")
+    stage = models.CharField(max_length=20)
+    index = models.PositiveIntegerField()
+    start = models.PositiveIntegerField()
+    count = models.PositiveIntegerField()
+    status = models.CharField(max_length=10, choices=ShardStatus.choices, default=ShardStatus.PENDING)
+    worker_host = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)  # times a worker started it
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    seconds = models.FloatField(default=0.0)  # wall time of the run that finished it
+
+    class Meta:
+        ordering = ["audit", "id"]
+        constraints = [models.UniqueConstraint(fields=["audit", "stage", "index"], name="one_row_per_audit_step")]
+
+    def __str__(self) -> str:
+        return f"audit {self.audit_id} {self.stage} {self.index} ({self.status})"
 
 
 class Latent(models.Model):

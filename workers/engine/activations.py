@@ -213,7 +213,8 @@ def extract_shard(
     np_dtype = np.dtype(cache_dtype)
     loader = DataLoader(Subset(images, range(start, start + count)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    tmp = {key: folder / f".{name}.part" for key, name in files.items()}
+    # temporary names carry the pid: two processes given the same shard never write into one file
+    tmp = {key: folder / f".{name}.{os.getpid()}.part" for key, name in files.items()}
     acts_mm = emb_mm = None
     labels_all = np.empty(count, dtype=np.int64)
     done = 0
@@ -263,13 +264,16 @@ def assemble_store(folder: str | os.PathLike, shards: list[dict]) -> ActivationS
         expected += m["count"]
     first = shards[0]
     labels = np.concatenate([np.load(folder / m["labels"]) for m in shards])
-    np.save(folder / "labels.npy", labels)
+    part = folder / f".labels.npy.{os.getpid()}.part"  # workers sharing the folder may join it at once
+    with open(part, "wb") as fh:
+        np.save(fh, labels)
+    os.replace(part, folder / "labels.npy")
     meta = {"n": expected, "item_shape": first["item_shape"], "embed_dim": first["embed_dim"],
             "token": first["token"], "layer": first["layer"],
             "shards": [{"start": m["start"], "count": m["count"], "acts": m["acts"], "emb": m["emb"]}
                        for m in shards]}
     # store.json is written last and atomically: its presence means the cache is complete.
-    tmp = folder / "store.json.tmp"
+    tmp = folder / f".store.json.{os.getpid()}.part"
     tmp.write_text(json.dumps(meta))
     tmp.replace(folder / "store.json")
     return ActivationStore(folder)
