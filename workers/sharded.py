@@ -228,6 +228,14 @@ def shard_progress(audit) -> dict:
     return out
 
 
+def running_workers(audit) -> list[str]:
+    """host:pid of the workers running a step of the audit now."""
+    from audit_service.audits.models import AuditShard, ShardStatus
+
+    return sorted(set(AuditShard.objects.filter(audit=audit, status=ShardStatus.RUNNING)
+                      .values_list("worker_host", flat=True)))
+
+
 def _record_progress(audit_id: int, stage: str) -> None:
     from audit_service.audits.models import Audit, AuditShard, ShardStatus, Status
     from workers.tasks import overall_percent
@@ -335,6 +343,7 @@ def _run_step(task, audit_id: int, stage: str, index: int, body) -> str:
         status=ShardStatus.RUNNING, worker_host=me, heartbeat_at=now, started_at=now, attempts=F("attempts") + 1)
     if not claimed:
         return "claimed elsewhere"
+    row.status, row.worker_host, row.started_at = ShardStatus.RUNNING, me, now
     log.info("audit %s: %s shard %s (images %s..%s) on %s", audit_id, stage, index, row.start,
              row.start + row.count, me)
     heartbeat = _Heartbeat(audit.pk, me, shard_id=row.pk)
@@ -365,7 +374,25 @@ def _run_step(task, audit_id: int, stage: str, index: int, body) -> str:
     _record_progress(audit_id, stage)
     if Audit.objects.filter(pk=audit_id, status__in=[Status.FAILED, Status.CANCELLED]).exists():
         SharedWork(audit).delete()  # it failed elsewhere meanwhile: no files of this step are left behind
+    _sweep_scratch()
     return "done"
+
+
+_SWEPT = {"at": 0.0}
+
+
+def _sweep_scratch() -> None:
+    """Delete this worker's local copies of finished audits (at most once a minute): a worker that read
+    shards from S3 keeps them under AUDIT_WORK_DIR only while their audit runs."""
+    from workers.tasks import remove_finished_work_folders
+
+    if time.monotonic() - _SWEPT["at"] < 60:
+        return
+    _SWEPT["at"] = time.monotonic()
+    try:
+        remove_finished_work_folders()
+    except OSError:
+        log.exception("removing finished audits' scratch folders failed")
 
 
 def _release(row_id: int, me: str) -> None:
@@ -427,7 +454,7 @@ def _train_sae(audit, row, progress) -> None:
     from workers.tasks import _Progress
 
     c, work = _inputs(audit), SharedWork(audit)
-    store = _store(audit, work, files=("acts",), indices=range(audit.shards))
+    store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
     report = _Progress(audit)
     fit_sae(store, c["config"], work.path("sae"), c["device"], lambda done, total: report("train_sae", done, total))
     for rel in SAE_FILES:
@@ -470,14 +497,14 @@ def _confirm(audit, row, progress) -> None:
 
     work = SharedWork(audit)
     draft = work.read_json("draft.json")
-    store = _store(audit, work, files=("acts",), indices=[row.index])
+    store = _store(audit, work, files=("acts", "emb"), indices=[row.index])
     stats = confirm_shard(_context(audit, work), store, draft["result"]["flags"], draft["amounts"], row.start,
                           row.count, progress)
     work.write_json(f"confirm/stats-{row.index:05d}.json", stats)
 
 
 def _finish(audit, row, progress) -> None:
-    from audit_service.audits.models import AuditShard, store_result
+    from audit_service.audits.models import Audit, AuditShard, ShardStatus, store_result
     from workers.engine.pipeline import apply_confirmation, merge_confirmations
     from workers.tasks import ARTIFACTS
 
@@ -505,12 +532,20 @@ def _finish(audit, row, progress) -> None:
             with open(work.pull(rel), "rb") as fh:
                 keys[rel] = default_storage.save(key, File(fh))
         result["artifacts"] = keys
-        store_result(audit, result, timings)
+        Audit.objects.filter(pk=audit.pk).update(device=result["environment"]["device"])
+        with transaction.atomic():  # the audit is never shown finished while its last step is not
+            AuditShard.objects.filter(pk=row.pk).update(
+                status=ShardStatus.DONE, finished_at=timezone.now(),
+                seconds=(timezone.now() - row.started_at).total_seconds() if row.started_at else 0.0)
+            store_result(audit, result, timings)
     except Exception:
         for key in keys.values():  # no files of an audit that is not shown as finished
             default_storage.delete(key)
         raise
-    work.delete()
+    try:
+        work.delete()
+    except Exception:  # the audit is stored; leftovers are only disk space
+        log.exception("audit %s: removing its intermediate files failed", audit.pk)
 
 
 # --------------------------------------------------------------------------- the tasks

@@ -11,17 +11,25 @@ class AuditSerializer(serializers.ModelSerializer):
     config = serializers.JSONField(required=False, help_text="audit options (workers.engine.AuditConfig)")
     context = serializers.JSONField(required=False, help_text="free-form facts stored with the audit")
     n_flags = serializers.SerializerMethodField()
+    shard_progress = serializers.SerializerMethodField(
+        help_text="for an audit spread over shards (`shards` > 0): finished and total shards of each step, "
+                  "in order: extract, train_sae, attribute, label, confirm, finish")
 
     class Meta:
         model = Audit
         fields = ["id", "project", "clip_model", "probe", "dataset", "config", "context", "status", "stage", "percent",
                   "cancel_requested", "error", "attempts", "worker_host", "device", "timings", "created_at",
-                  "started_at", "finished_at", "n_flags"]
+                  "started_at", "finished_at", "n_flags", "shards", "shard_progress"]
         read_only_fields = [f for f in fields
                             if f not in ("project", "clip_model", "probe", "dataset", "config", "context")]
 
     def get_n_flags(self, audit) -> int | None:
         return audit.flags.count() if audit.status == "succeeded" else None
+
+    def get_shard_progress(self, audit) -> dict[str, dict[str, int]] | None:
+        from workers.sharded import shard_progress
+
+        return shard_progress(audit) if audit.shards else None
 
 
 class LatentSerializer(serializers.ModelSerializer):

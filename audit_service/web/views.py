@@ -151,10 +151,21 @@ def _progress(audit: Audit) -> dict:
         elapsed = ((audit.finished_at or now) - audit.started_at).total_seconds()
         if audit.status == Status.RUNNING and audit.percent > 1:
             remaining = elapsed * (100.0 - audit.percent) / audit.percent
-    return {"id": audit.pk, "status": audit.status, "stage": audit.stage, "percent": round(audit.percent, 1),
+    stage, worker = audit.stage, audit.worker_host
+    shards = None
+    if audit.shards:  # spread over workers: which step, how many of its shards are done, who runs them
+        from workers.sharded import running_workers, shard_progress
+
+        shards = shard_progress(audit)
+        if audit.status == Status.RUNNING and stage in shards:
+            stage = f"{stage} ({shards[stage]['done']}/{shards[stage]['total']} shards)"
+            worker = ", ".join(running_workers(audit))
+        elif audit.is_finished:
+            worker = f"{audit.shards} shards"
+    return {"id": audit.pk, "status": audit.status, "stage": stage, "percent": round(audit.percent, 1),
             "elapsed_s": elapsed, "remaining_s": remaining, "finished": audit.is_finished,
             "cancel_requested": audit.cancel_requested, "error": audit.error, "attempts": audit.attempts,
-            "worker_host": audit.worker_host, "device": audit.device,
+            "worker_host": worker, "device": audit.device, "shards": shards,
             "report_url": reverse("web:report", args=[audit.pk]) if audit.status == Status.SUCCEEDED else None}
 
 

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 from django.core.files.storage import default_storage
+from django.urls import reverse
 
 from audit_service.audits.models import Audit, AuditShard, Flag, Latent, Status
 from audit_service.audits.services import create_audit
@@ -167,3 +168,47 @@ def test_a_reduce_step_of_an_older_attempt_drops_out(project, users, registered,
     Audit.objects.filter(pk=audit.pk).update(attempts=2)  # a newer attempt started meanwhile
     assert sharded.train_sae_task.apply(args=[audit.pk, 1]).get() == "an older attempt"
     assert AuditShard.objects.get(audit=audit, stage="train_sae").status == "pending"
+
+
+def test_a_sharded_audit_can_be_cancelled_between_shards_and_leaves_no_files(project, users, registered, settings,
+                                                                              eager, monkeypatch):
+    settings.AUDIT_SHARD_SIZE = SHARD
+    real = pipeline.attribute_shard
+
+    def cancel_on_the_second_shard(ctx, store, start, count, progress=None):
+        if start == 7:
+            Audit.objects.get(pk=audit.pk).cancel()
+        return real(ctx, store, start, count, progress)
+
+    monkeypatch.setattr(pipeline, "attribute_shard", cancel_on_the_second_shard)
+    audit = submit(project, users, registered)
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.CANCELLED
+    rows = steps(audit)
+    assert rows[("attribute", 2)] == ("pending", 0) and rows[("label", 0)] == ("pending", 0)  # nothing after it ran
+    assert not Latent.objects.filter(audit=audit).exists()
+    assert not sharded.SharedWork(audit).path().exists()
+
+
+def test_progress_of_a_sharded_audit_counts_shards_in_the_api_and_on_the_page(project, users, registered, settings,
+                                                                              eager, monkeypatch, client_for):
+    from django.test import Client
+
+    settings.AUDIT_SHARD_SIZE = SHARD
+    audit = submit(project, users, registered)
+    monkeypatch.setattr(sharded, "send", lambda *args: None)
+    tasks.run_audit.apply(args=[audit.pk])
+    for index in range(3):
+        sharded.extract_shard_task.apply(args=[audit.pk, index])
+    audit.refresh_from_db()
+    assert audit.stage == "extract" and audit.percent == pytest.approx(tasks.overall_percent("extract", 3, 5))
+    body = client_for("viewer").get(f"/api/v1/audits/{audit.pk}/").json()
+    assert body["shards"] == 5
+    assert body["shard_progress"]["extract"] == {"done": 3, "total": 5}
+    assert body["shard_progress"]["attribute"] == {"done": 0, "total": 5}
+    assert body["shard_progress"]["finish"] == {"done": 0, "total": 1}
+    page = Client()
+    page.force_login(users["viewer"])
+    progress = page.get(reverse("web:audit_status", args=[audit.pk])).json()
+    assert progress["stage"] == "extract (3/5 shards)"

@@ -101,7 +101,8 @@ class ActivationStore:
 
     def embeddings(self) -> Tensor:
         """[n, embed_dim] image embeddings (small: one vector per image)."""
-        return torch.cat([torch.from_numpy(np.array(self._arrays(s)[1], dtype=np.float32)) for s in self.shards])
+        return torch.cat([torch.from_numpy(np.array(np.load(self.folder / s.emb, mmap_mode="r"), dtype=np.float32))
+                          for s in self.shards])
 
     def sae_vectors(self, acts: Tensor, generator: torch.Generator, tokens_per_image: int) -> Tensor:
         """The SAE's training vectors of a batch: CLS tokens, or a random sample of patch tokens per image."""
