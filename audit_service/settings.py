@@ -168,6 +168,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(BROKER_DIR / "queue"),
         "processed_folder": str(BROKER_DIR / "processed"),
         "store_processed": False,
+        # how often the folder is looked at: a sharded audit sends dozens of short tasks one after another
+        "polling_interval": 0.2,
     })
 # Audit results live in the database. The result backend only counts the finished shards of a chord (a
 # sharded audit's stage): Redis when the broker is Redis, else a folder on this machine (one-machine default).

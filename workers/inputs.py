@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from django.conf import settings
@@ -25,27 +27,45 @@ def local_path(field_file, sha256: str = "") -> Path:
         return target
 
 
-def dataset_folder(dataset) -> Path:
-    """A local folder with the dataset's images/ (downloaded once per worker from remote storage)."""
+def dataset_folder(dataset, only: list[str] | None = None) -> Path:
+    """A local folder with the dataset's images/: the store's own folder on local storage; with remote storage
+    (S3) a per-worker cache, filled with every image, or with the images in ``only`` (a worker extracting one
+    shard of a sharded audit downloads that shard's images, not the dataset)."""
     try:
         return Path(default_storage.path(dataset.storage_prefix))
     except NotImplementedError:
         target = settings.AUDIT_WORK_DIR / "cache" / f"dataset-{dataset.sha256}-{dataset.pk}"
         done = target / ".complete"
-        if not done.exists():
+        if done.exists():
+            return target
+        if only is None:
             from audit_service.registry.services import dataset_labels
 
-            for rel, _ in dataset_labels(dataset):
-                out = target / "images" / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with default_storage.open(f"{dataset.storage_prefix}/images/{rel}", "rb") as src:
-                    out.write_bytes(src.read())
+            wanted = [rel for rel, _ in dataset_labels(dataset)]
+        else:
+            wanted = only
+        missing = [rel for rel in wanted if not (target / "images" / rel).exists()]
+
+        def fetch(rel: str) -> None:
+            out = target / "images" / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            part = out.with_name(f".{out.name}.download")
+            with default_storage.open(f"{dataset.storage_prefix}/images/{rel}", "rb") as src:
+                part.write_bytes(src.read())
+            os.replace(part, out)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer many small reads in parallel
+            list(pool.map(fetch, missing))
+        if only is None:
             done.touch()
         return target
 
 
-def load_inputs(audit):
-    """(ClipBundle, LinearProbe, ImageFiles) for an audit."""
+def load_inputs(audit, fetch_images: bool = True):
+    """(ClipBundle, LinearProbe, ImageFiles) for an audit.
+
+    ``fetch_images=False``: with remote storage, download no image yet (see :func:`dataset_folder`'s ``only``).
+    """
     from audit_service.registry.services import dataset_labels
     from workers.engine.data import ImageFiles
     from workers.engine.heads import LinearProbe
@@ -59,7 +79,7 @@ def load_inputs(audit):
                            model_config=m.model_config)
     probe = LinearProbe.load(local_path(audit.probe.file, audit.probe.sha256), class_names=audit.probe.class_names,
                              normalization=audit.probe.normalization)
-    folder = dataset_folder(audit.dataset)
+    folder = dataset_folder(audit.dataset, None if fetch_images else [])
     rows = dataset_labels(audit.dataset)
     classes = list(audit.dataset.class_names)
     images = ImageFiles([folder / "images" / rel for rel, _ in rows], [classes.index(lab) for _, lab in rows],

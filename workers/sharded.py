@@ -140,7 +140,7 @@ def _inputs(audit) -> dict:
 
     if _CACHE.get("audit") != audit.pk:
         _CACHE.clear()
-        bundle, probe, dataset = load_inputs(audit)
+        bundle, probe, dataset = load_inputs(audit, fetch_images=False)  # images: per shard, in _extract
         config = AuditConfig.from_dict(audit.config)
         device = resolve_device(config.device)
         bundle.model.to(device)
@@ -442,7 +442,10 @@ def _extract(audit, row, progress) -> None:
     from workers.engine.activations import extract_shard
     from workers.engine.pipeline import extract_kwargs
 
+    from workers.inputs import dataset_folder
+
     c, work = _inputs(audit), SharedWork(audit)
+    dataset_folder(audit.dataset, only=c["images"].ids[row.start:row.start + row.count])  # S3: this shard's images
     meta = extract_shard(c["bundle"], c["images"], work.path("activations"), row.index, row.start, row.count,
                          progress=progress, **extract_kwargs(c["config"], c["device"]))
     for name in ("acts", "emb", "labels", "done"):  # the done marker last

@@ -270,7 +270,8 @@ def reap_stale_audits() -> dict:
                     done["failed"].append(audit.pk)
                 else:
                     log.warning("audit %s: worker %s stopped during %s; requeued (attempt %s of %s used)",
-                                audit.pk, audit.worker_host, audit.stage, audit.attempts, settings.AUDIT_MAX_ATTEMPTS)
+                                audit.pk, audit.worker_host or "of a shard", audit.stage, audit.attempts,
+                                settings.AUDIT_MAX_ATTEMPTS)
                     audit._move(Status.QUEUED, heartbeat_at=None, stage="requeued")
                     transaction.on_commit(lambda pk=audit.pk: enqueue(pk))
                     done["requeued"].append(audit.pk)
