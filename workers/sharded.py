@@ -358,6 +358,9 @@ def _run_step(task, audit_id: int, stage: str, index: int, body) -> str:
         if exc.permanent:
             _stop(audit, reason=exc.message)
             return "failed"
+        if task.request.retries >= task.max_retries:
+            _stop(audit, reason=f"{exc.message} ({stage} shard {index} failed {task.max_retries + 1} times)")
+            return "failed"
         _release(row.pk, me)
         raise task.retry(exc=exc, countdown=30)
     except OperationalError:

@@ -212,3 +212,22 @@ def test_progress_of_a_sharded_audit_counts_shards_in_the_api_and_on_the_page(pr
     page.force_login(users["viewer"])
     progress = page.get(reverse("web:audit_status", args=[audit.pk])).json()
     assert progress["stage"] == "extract (3/5 shards)"
+
+
+def test_a_shard_that_keeps_failing_for_a_transient_reason_fails_the_audit_after_its_retries(
+        project, users, registered, settings, eager, monkeypatch):
+    settings.AUDIT_SHARD_SIZE = SHARD
+    calls = []
+
+    def always_full(ctx, store, start, count, progress=None):
+        calls.append(start)
+        raise EngineError("the scratch disk is full", permanent=False)
+
+    monkeypatch.setattr(pipeline, "attribute_shard", always_full)
+    audit = submit(project, users, registered)
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.FAILED
+    assert audit.error == "the scratch disk is full (attribute shard 0 failed 6 times)"
+    assert calls == [0] * 6  # the first shard, retried 5 times; the others never ran
+    assert not sharded.SharedWork(audit).path().exists()
