@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from celery import chord, group, shared_task
@@ -114,6 +115,24 @@ class SharedWork:
         else:
             _delete_tree(self.prefix)
         shutil.rmtree(settings.AUDIT_WORK_DIR / f"audit-{self.audit_id}", ignore_errors=True)
+
+
+def remove_leftover_work(since_hours: float = 24) -> list[int]:
+    """Delete the intermediate files of sharded audits that finished in the last ``since_hours`` and still have
+    some: the last step deletes them after storing the result, and a worker stopped right then leaves them."""
+    from audit_service.audits.models import FINISHED, Audit
+
+    since = timezone.now() - timedelta(hours=since_hours)
+    removed = []
+    for audit in Audit.objects.filter(shards__gt=0, status__in=FINISHED, finished_at__gte=since):
+        work = SharedWork(audit)
+        if work.shared_disk and not work.path().exists():
+            continue
+        if not work.shared_disk and not any(default_storage.listdir(work.prefix)):
+            continue
+        work.delete()
+        removed.append(audit.pk)
+    return removed
 
 
 def _delete_tree(prefix: str) -> None:

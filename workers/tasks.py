@@ -281,6 +281,9 @@ def reap_stale_audits() -> dict:
     for audit in Audit.objects.filter(status=Status.QUEUED, enqueued_at__lt=stale_message):
         enqueue(audit.pk)
         done["resent"].append(audit.pk)
+    from workers.sharded import remove_leftover_work
+
+    done["cleaned"] = remove_leftover_work()
     if any(done.values()):
         log.warning("reaper: %s", done)
     remove_finished_work_folders()

@@ -123,6 +123,10 @@ def test_an_audit_over_three_workers_gives_the_answer_of_one_worker_and_of_one_t
             seen.append(audit.percent)
             time.sleep(0.05)
         audit = finished(audit.pk, logs)
+        # the last step removes the intermediate files right after storing the result
+        prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
+        wait(lambda: not any(k.startswith(f"{prefix}/work/") for k in bucket_keys(prefix)), 60,
+             "the intermediate files to be removed", logs)
         by_group = {w.pid: f"w{i}" for i, w in enumerate(workers, 1)}
         extracted = {name: 0 for name in by_group.values()}  # images each worker extracted
         for r in AuditShard.objects.filter(audit=audit, stage="extract"):

@@ -231,3 +231,17 @@ def test_a_shard_that_keeps_failing_for_a_transient_reason_fails_the_audit_after
     assert audit.error == "the scratch disk is full (attribute shard 0 failed 6 times)"
     assert calls == [0] * 6  # the first shard, retried 5 times; the others never ran
     assert not sharded.SharedWork(audit).path().exists()
+
+
+def test_the_reaper_removes_intermediate_files_a_stopped_worker_left_after_the_result(project, users, registered,
+                                                                                     settings, eager):
+    settings.AUDIT_SHARD_SIZE = SHARD
+    audit = submit(project, users, registered)
+    tasks.run_audit.apply(args=[audit.pk])
+    work = sharded.SharedWork(audit)
+    assert not work.path().exists()
+    work.path("attribution").mkdir(parents=True)  # as if the worker was stopped between result and clean-up
+    (work.path("attribution") / "partial-00000.npz").write_bytes(b"left over")
+    assert tasks.reap_stale_audits()["cleaned"] == [audit.pk]
+    assert not work.path().exists()
+    assert tasks.reap_stale_audits()["cleaned"] == []
