@@ -10,6 +10,17 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 
 
+def download(src, target: Path) -> None:
+    """Copy an open stored file to ``target``, atomically (a half-downloaded file never has the final name;
+    the temporary name carries the pid, so processes of one host fetching the same file do not collide)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.{os.getpid()}.download")
+    with open(part, "wb") as out:
+        for chunk in src.chunks():
+            out.write(chunk)
+    os.replace(part, target)
+
+
 def local_path(field_file, sha256: str = "") -> Path:
     """A local path for a stored file: the file itself on disk storage, else a cached download."""
     try:
@@ -18,12 +29,8 @@ def local_path(field_file, sha256: str = "") -> Path:
         key = sha256 or hashlib.sha256(field_file.name.encode()).hexdigest()
         target = settings.AUDIT_WORK_DIR / "cache" / key / Path(field_file.name).name
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".part")
-            with field_file.open("rb") as src, open(tmp, "wb") as out:
-                for chunk in src.chunks():
-                    out.write(chunk)
-            tmp.replace(target)
+            with field_file.open("rb") as src:
+                download(src, target)
         return target
 
 
@@ -47,12 +54,8 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
         missing = [rel for rel in wanted if not (target / "images" / rel).exists()]
 
         def fetch(rel: str) -> None:
-            out = target / "images" / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            part = out.with_name(f".{out.name}.download")
             with default_storage.open(f"{dataset.storage_prefix}/images/{rel}", "rb") as src:
-                part.write_bytes(src.read())
-            os.replace(part, out)
+                download(src, target / "images" / rel)
 
         with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer many small reads in parallel
             list(pool.map(fetch, missing))

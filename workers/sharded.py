@@ -32,7 +32,6 @@ from pathlib import Path
 
 from celery import chord, group, shared_task
 from django.conf import settings
-from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import OperationalError, transaction
 from django.db.models import F
@@ -77,11 +76,10 @@ class SharedWork:
     def push(self, rel: str) -> None:
         if self.shared_disk:
             return
+        from workers.tasks import replace_stored
+
         key = self.key(rel)
-        if default_storage.exists(key):
-            default_storage.delete(key)
-        with open(self.path(rel), "rb") as fh:
-            saved = default_storage.save(key, File(fh))
+        saved = replace_stored(key, self.path(rel))
         if saved != key:
             raise RuntimeError(f"the media store saved {key} as {saved}")
 
@@ -89,12 +87,10 @@ class SharedWork:
         target = self.path(rel)
         if self.shared_disk or target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.download")
-        with default_storage.open(self.key(rel), "rb") as src, open(tmp, "wb") as out:
-            for chunk in src.chunks():
-                out.write(chunk)
-        os.replace(tmp, target)
+        from workers.inputs import download
+
+        with default_storage.open(self.key(rel), "rb") as src:
+            download(src, target)
         return target
 
     def write_json(self, rel: str, data) -> None:
@@ -202,14 +198,9 @@ def _store(audit, work: SharedWork, files: tuple = (), indices=()):
 # --------------------------------------------------------------------------- rows
 def row_abandoned(row, now=None) -> bool:
     """A running step whose worker is gone: its process on this host died, or its heartbeat stopped."""
-    from workers.tasks import owner_alive
+    from workers.tasks import worker_gone
 
-    if row.status != "running":
-        return False
-    if owner_alive(row.worker_host) is False:
-        return True
-    now = now or timezone.now()
-    return row.heartbeat_at is None or (now - row.heartbeat_at).total_seconds() > settings.AUDIT_STALE_AFTER_SECONDS
+    return row.status == "running" and worker_gone(row.worker_host, row.heartbeat_at, now)
 
 
 def sharded_audit_abandoned(audit, now=None) -> bool:
@@ -313,35 +304,11 @@ def send(audit_id: int, attempt: int, step: str) -> None:
 
 
 # --------------------------------------------------------------------------- running one step
-class _StepProgress:
-    """Progress callback of a step: honours cancellation and the stage time limit (rows carry the percent)."""
-
-    def __init__(self, audit, stage: str):
-        self.audit_id, self.stage = audit.pk, stage
-        self.started = self.last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        from audit_service.audits.models import Audit
-        from workers.engine.errors import AuditCancelled, EngineError
-
-        now = time.monotonic()
-        limit = settings.AUDIT_STAGE_TIME_LIMIT
-        if now - self.started > limit:
-            raise EngineError(f"a '{self.stage}' shard ran longer than its time limit of {limit} s "
-                              f"(AUDIT_STAGE_TIME_LIMIT) at {done}/{total}; use a smaller AUDIT_SHARD_SIZE, a faster "
-                              "worker, or raise the limit")
-        if now - self.last < settings.AUDIT_PROGRESS_EVERY_SECONDS:
-            return
-        self.last = now
-        if Audit.objects.filter(pk=self.audit_id, cancel_requested=True).exists():
-            raise AuditCancelled()
-
-
 def _run_step(task, audit_id: int, stage: str, index: int, body) -> str:
     """Claim the step's row, run ``body(audit, row, progress)``, mark the row done once. Returns what happened."""
     from audit_service.audits.models import Audit, AuditShard, ShardStatus, Status
     from workers.engine.errors import AuditCancelled, EngineError
-    from workers.tasks import _Heartbeat, worker_identity
+    from workers.tasks import _Heartbeat, _Progress, worker_identity
 
     audit = Audit.objects.filter(pk=audit_id).select_related("clip_model", "probe", "dataset").first()
     if audit is None or audit.status != Status.RUNNING:
@@ -368,8 +335,10 @@ def _run_step(task, audit_id: int, stage: str, index: int, body) -> str:
     heartbeat = _Heartbeat(audit.pk, me, shard_id=row.pk)
     heartbeat.start()
     began = time.perf_counter()
+    # the time limit and cancellation for every step; the percent only from SAE training (rows carry the rest)
+    reporter = _Progress(audit, write_percent=stage == "train_sae")
     try:
-        body(audit, row, _StepProgress(audit, stage))
+        body(audit, row, lambda done, total: reporter(stage, done, total))
     except AuditCancelled:
         _stop(audit, cancelled=True)
         return "cancelled"
@@ -476,12 +445,10 @@ def _extract(audit, row, progress) -> None:
 
 def _train_sae(audit, row, progress) -> None:
     from workers.engine.pipeline import fit_sae
-    from workers.tasks import _Progress
 
     c, work = _inputs(audit), SharedWork(audit)
     store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
-    report = _Progress(audit)
-    fit_sae(store, c["config"], work.path("sae"), c["device"], lambda done, total: report("train_sae", done, total))
+    fit_sae(store, c["config"], work.path("sae"), c["device"], progress)
     for rel in SAE_FILES:
         work.push(rel)
 
@@ -531,7 +498,7 @@ def _confirm(audit, row, progress) -> None:
 def _finish(audit, row, progress) -> None:
     from audit_service.audits.models import Audit, AuditShard, ShardStatus, store_result
     from workers.engine.pipeline import apply_confirmation, merge_confirmations
-    from workers.tasks import ARTIFACTS
+    from workers.tasks import ARTIFACTS, store_with_artifacts
 
     c, work = _inputs(audit), SharedWork(audit)
     draft = work.read_json("draft.json")
@@ -547,26 +514,18 @@ def _finish(audit, row, progress) -> None:
     result["timings"] = timings
     result["environment"].update(host=", ".join(hosts), shards=audit.shards,
                                  workers=len({r.worker_host for r in rows if r.worker_host}))
-    prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
-    keys = {}
-    try:
-        for rel in ARTIFACTS:
-            key = f"{prefix}/{rel}"
-            if default_storage.exists(key):  # a re-run: replace, never pile up copies
-                default_storage.delete(key)
-            with open(work.pull(rel), "rb") as fh:
-                keys[rel] = default_storage.save(key, File(fh))
-        result["artifacts"] = keys
-        Audit.objects.filter(pk=audit.pk).update(device=result["environment"]["device"])
+    for rel in ARTIFACTS:
+        work.pull(rel)
+
+    def store(data: dict) -> None:
+        Audit.objects.filter(pk=audit.pk).update(device=data["environment"]["device"])
         with transaction.atomic():  # the audit is never shown finished while its last step is not
             AuditShard.objects.filter(pk=row.pk).update(
                 status=ShardStatus.DONE, finished_at=timezone.now(),
                 seconds=(timezone.now() - row.started_at).total_seconds() if row.started_at else 0.0)
-            store_result(audit, result, timings)
-    except Exception:
-        for key in keys.values():  # no files of an audit that is not shown as finished
-            default_storage.delete(key)
-        raise
+            store_result(audit, data, timings)
+
+    store_with_artifacts(audit, result, work.path(), store)
     try:
         work.delete()
     except Exception:  # the audit is stored; leftovers are only disk space

@@ -34,10 +34,14 @@ def overall_percent(stage: str, done: int, total: int) -> float:
 
 
 class _Progress:
-    """The engine's progress callback: writes stage and percent, honours cancellation and the stage time limit."""
+    """The engine's progress callback: writes stage and percent, honours cancellation and the stage time limit.
 
-    def __init__(self, audit):
+    ``write_percent=False`` (one shard of a sharded audit: the shards' rows carry the percent) only checks.
+    """
+
+    def __init__(self, audit, write_percent: bool = True):
         self.audit = audit
+        self.write_percent = write_percent
         self.last = 0.0
         self.stage = None
         self.stage_started = time.monotonic()
@@ -52,11 +56,13 @@ class _Progress:
         limit = settings.AUDIT_STAGE_TIME_LIMIT
         if now - self.stage_started > limit:
             raise EngineError(f"stage '{stage}' ran longer than its time limit of {limit} s (AUDIT_STAGE_TIME_LIMIT) "
-                              f"at {done}/{total}; use a smaller dataset or SAE, a faster worker, or raise the limit")
+                              f"at {done}/{total}; use a smaller dataset, AUDIT_SHARD_SIZE or SAE, a faster worker, "
+                              "or raise the limit")
         if now - self.last < settings.AUDIT_PROGRESS_EVERY_SECONDS and done not in (0, total):
             return
         self.last = now
-        self.audit.mark_running(stage, overall_percent(stage, done, total))
+        if self.write_percent:
+            self.audit.mark_running(stage, overall_percent(stage, done, total))
         if Audit.objects.filter(pk=self.audit.pk, cancel_requested=True).exists():
             raise AuditCancelled()
 
@@ -130,10 +136,16 @@ def is_abandoned(audit, now=None) -> bool:
         from workers.sharded import sharded_audit_abandoned
 
         return sharded_audit_abandoned(audit, now)
-    if owner_alive(audit.worker_host) is False:
+    return worker_gone(audit.worker_host, audit.heartbeat_at, now)
+
+
+def worker_gone(worker_host: str, heartbeat_at, now=None) -> bool:
+    """Whether the worker that wrote ``worker_host`` and ``heartbeat_at`` is gone: its process on this host has
+    died, or its heartbeat is older than AUDIT_STALE_AFTER_SECONDS."""
+    if owner_alive(worker_host) is False:
         return True  # its process on this host is gone; a live pid may be a reused one, so check the heartbeat too
     now = now or timezone.now()
-    return audit.heartbeat_at is None or now - audit.heartbeat_at > timedelta(seconds=settings.AUDIT_STALE_AFTER_SECONDS)
+    return heartbeat_at is None or now - heartbeat_at > timedelta(seconds=settings.AUDIT_STALE_AFTER_SECONDS)
 
 
 def given_up_message(audit) -> str:
@@ -145,20 +157,43 @@ def given_up_message(audit) -> str:
 ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz")
 
 
+def replace_stored(key: str, path) -> str:
+    """Store the file at ``path`` under ``key`` in the media store, replacing what was there (a re-run never
+    piles up copies); returns the key it got."""
+    if default_storage.exists(key):
+        default_storage.delete(key)
+    with open(path, "rb") as fh:
+        return default_storage.save(key, File(fh))
+
+
 def save_artifacts(audit, workdir) -> dict:
     """Copy the SAE and the full relevance tables into the media store; returns their storage keys.
 
-    The activation cache stays on the worker's scratch disk and is deleted with it.
+    The activation cache stays on the worker's scratch disk and is deleted with it. If one copy fails, the
+    ones already made are removed.
     """
     prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
     keys = {}
-    for rel in ARTIFACTS:
-        key = f"{prefix}/{rel}"
-        if default_storage.exists(key):  # a re-delivered task: replace, never pile up copies
+    try:
+        for rel in ARTIFACTS:
+            keys[rel] = replace_stored(f"{prefix}/{rel}", Path(workdir) / rel)
+    except Exception:
+        for key in keys.values():
             default_storage.delete(key)
-        with open(workdir / rel, "rb") as fh:
-            keys[rel] = default_storage.save(key, File(fh))
+        raise
     return keys
+
+
+def store_with_artifacts(audit, result: dict, workdir, store) -> None:
+    """Copy the artifacts from ``workdir`` into the media store, then ``store(result)`` (its rows and the
+    finished state); no artifact file stays behind for an audit that is not shown as finished."""
+    result["artifacts"] = save_artifacts(audit, workdir)
+    try:
+        store(result)
+    except Exception:
+        for key in result["artifacts"].values():
+            default_storage.delete(key)
+        raise
 
 
 @shared_task(bind=True, name="workers.tasks.run_audit", acks_late=True, reject_on_worker_lost=True,
@@ -214,14 +249,7 @@ def run_audit(self, audit_id: int) -> None:
         config = AuditConfig.from_dict(audit.config)
         result = engine_run_audit(config, bundle, probe, images, _Progress(audit), workdir=workdir)
         Audit.objects.filter(pk=audit.pk).update(device=result.environment["device"])
-        data = result.to_dict()
-        data["artifacts"] = save_artifacts(audit, workdir)
-        try:
-            store_result(audit, data, result.timings)
-        except Exception:
-            for key in data["artifacts"].values():  # no files of an audit that is not shown as finished
-                default_storage.delete(key)
-            raise
+        store_with_artifacts(audit, result.to_dict(), workdir, lambda data: store_result(audit, data, result.timings))
     except AuditCancelled:
         audit.refresh_from_db()
         audit.confirm_cancelled()

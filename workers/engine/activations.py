@@ -170,6 +170,17 @@ def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(shard_size, n - lo)) for lo in range(0, n, shard_size)]
 
 
+def check_cover(ranges: list[tuple[int, int]], what: str) -> int:
+    """(start, count) of shards, in order, must cover images 0..n once each; returns n."""
+    expected = 0
+    for start, count in ranges:
+        if start != expected:
+            raise EngineError(f"the {what} shards do not cover the dataset: a gap or overlap at image {expected} "
+                              f"(a shard starts at {start})")
+        expected += count
+    return expected
+
+
 def shard_files(index: int) -> dict[str, str]:
     """The file names one extraction shard writes; ``done`` is written last and marks it complete."""
     name = f"{index:05d}"
@@ -257,12 +268,7 @@ def assemble_store(folder: str | os.PathLike, shards: list[dict]) -> ActivationS
     """Join finished extraction shards (their metadata, any order) into one cache: labels.npy and store.json."""
     folder = Path(folder)
     shards = sorted(shards, key=lambda m: m["start"])
-    expected = 0
-    for m in shards:
-        if m["start"] != expected:
-            raise EngineError(f"the activation shards do not cover the dataset: a gap or overlap at image "
-                              f"{expected} (shard {m['index']} starts at {m['start']})")
-        expected += m["count"]
+    expected = check_cover([(m["start"], m["count"]) for m in shards], "activation")
     first = shards[0]
     labels = np.concatenate([np.load(folder / m["labels"]) for m in shards])
     part = folder / f".labels.npy.{os.getpid()}.part"  # workers sharing the folder may join it at once

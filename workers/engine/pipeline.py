@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import DEFAULT_SHARD_SIZE, ActivationStore, extract_activations, plan_shards
+from .activations import DEFAULT_SHARD_SIZE, ActivationStore, check_cover, extract_activations, plan_shards
 from .attribution import REGISTRY, get_method
 from .config import AuditConfig
 from .data import ImageSet
@@ -341,12 +341,7 @@ def merge_partials(partials: list[dict]) -> dict:
     """Join attribution partials of disjoint shards that cover the dataset: exact top-m reference merge,
     sums and maxima in image order, per-image rows concatenated in image order."""
     partials = sorted(partials, key=lambda p: int(p["start"]))
-    expected = 0
-    for p in partials:
-        if int(p["start"]) != expected:
-            raise EngineError(f"the attribution shards do not cover the dataset: a gap or overlap at image "
-                              f"{expected}")
-        expected += int(p["count"])
+    expected = check_cover([(int(p["start"]), int(p["count"])) for p in partials], "attribution")
     merged = {"start": np.int64(0), "count": np.int64(expected)}
     first = partials[0]
     tracker = None
