@@ -65,11 +65,11 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
 
 
 def load_inputs(audit, fetch_images: bool = True):
-    """(ClipBundle, LinearProbe, ImageFiles) for an audit.
+    """(ClipBundle, LinearProbe, ImageFiles) for an audit; the images carry the dataset's metadata columns.
 
     ``fetch_images=False``: with remote storage, download no image yet (see :func:`dataset_folder`'s ``only``).
     """
-    from audit_service.registry.services import dataset_labels
+    from audit_service.registry.services import dataset_table
     from workers.engine.data import ImageFiles
     from workers.engine.heads import LinearProbe
     from workers.engine.loading import load_clip
@@ -83,8 +83,30 @@ def load_inputs(audit, fetch_images: bool = True):
     probe = LinearProbe.load(local_path(audit.probe.file, audit.probe.sha256), class_names=audit.probe.class_names,
                              normalization=audit.probe.normalization)
     folder = dataset_folder(audit.dataset, None if fetch_images else [])
-    rows = dataset_labels(audit.dataset)
+    rows, metadata = dataset_table(audit.dataset)
     classes = list(audit.dataset.class_names)
     images = ImageFiles([folder / "images" / rel for rel, _ in rows], [classes.index(lab) for _, lab in rows],
-                        classes, ids=[rel for rel, _ in rows])
+                        classes, ids=[rel for rel, _ in rows], metadata=metadata)
     return bundle, probe, images
+
+
+SAE_CLASS = "unlabelled"  # the one class of the images an SAE trains on: their labels do not matter
+
+
+def load_sae_images(audit):
+    """The images of the audit's ``sae_dataset`` (all of them, downloaded with remote storage) as one class,
+    or None when the audit trains its SAE on its own dataset."""
+    from audit_service.registry.services import dataset_labels
+    from workers.engine.data import ImageFiles
+
+    if audit.sae_dataset_id is None:
+        return None
+    folder = dataset_folder(audit.sae_dataset)
+    keys = [rel for rel, _ in dataset_labels(audit.sae_dataset)]
+    return ImageFiles([folder / "images" / rel for rel in keys], [0] * len(keys), [SAE_CLASS], ids=keys)
+
+
+def sae_dataset_facts(audit) -> dict | None:
+    """What the result says about the dataset its SAE was trained on (None: the audited dataset)."""
+    d = audit.sae_dataset
+    return None if d is None else {"id": d.pk, "name": d.name, "n_images": d.n_images}

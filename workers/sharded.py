@@ -310,7 +310,7 @@ def _run_step(task, audit_id: int, stage: str, index: int, body) -> str:
     from workers.engine.errors import AuditCancelled, EngineError
     from workers.tasks import _Heartbeat, _Progress, worker_identity
 
-    audit = Audit.objects.filter(pk=audit_id).select_related("clip_model", "probe", "dataset").first()
+    audit = Audit.objects.filter(pk=audit_id).select_related("clip_model", "probe", "dataset", "sae_dataset").first()
     if audit is None or audit.status != Status.RUNNING:
         return "audit not running"
     if audit.cancel_requested:
@@ -444,13 +444,28 @@ def _extract(audit, row, progress) -> None:
 
 
 def _train_sae(audit, row, progress) -> None:
-    from workers.engine.pipeline import fit_sae
+    from workers.engine.activations import extract_activations
+    from workers.engine.pipeline import extract_kwargs, fit_sae
+    from workers.inputs import load_sae_images
 
     c, work = _inputs(audit), SharedWork(audit)
-    store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
-    fit_sae(store, c["config"], work.path("sae"), c["device"], progress)
+    sae_images = load_sae_images(audit)
+    if sae_images is None:
+        store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
+        train_progress = progress
+    else:
+        # the SAE's own dataset is extracted here, by this one worker (only this step reads its activations),
+        # into its scratch folder (a new attempt on the same host resumes from the finished extraction shards)
+        folder = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}" / "sae_activations"
+        store = extract_activations(c["bundle"], sae_images.with_preprocess(c["bundle"].preprocess), folder,
+                                    progress=lambda done, total: progress(done, 2 * total),
+                                    **extract_kwargs(c["config"], c["device"]))
+        train_progress = lambda done, total: progress(total + done, 2 * total)  # the step's second half
+    fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress)
     for rel in SAE_FILES:
         work.push(rel)
+    if sae_images is not None:
+        shutil.rmtree(store.folder, ignore_errors=True)
 
 
 def _attribute(audit, row, progress) -> None:
@@ -498,6 +513,7 @@ def _confirm(audit, row, progress) -> None:
 def _finish(audit, row, progress) -> None:
     from audit_service.audits.models import Audit, AuditShard, ShardStatus, store_result
     from workers.engine.pipeline import apply_confirmation, merge_confirmations
+    from workers.inputs import sae_dataset_facts
     from workers.tasks import ARTIFACTS, store_with_artifacts
 
     c, work = _inputs(audit), SharedWork(audit)
@@ -512,6 +528,7 @@ def _finish(audit, row, progress) -> None:
         timings[r.stage] = timings.get(r.stage, 0.0) + r.seconds
     hosts = sorted({r.worker_host.rpartition(":")[0] for r in rows if r.worker_host})
     result["timings"] = timings
+    result["sae_dataset"] = sae_dataset_facts(audit)
     result["environment"].update(host=", ".join(hosts), shards=audit.shards,
                                  workers=len({r.worker_host for r in rows if r.worker_host}))
     for rel in ARTIFACTS:

@@ -203,9 +203,9 @@ def run_audit(self, audit_id: int) -> None:
     from workers.engine import run_audit as engine_run_audit
     from workers.engine.config import AuditConfig
     from workers.engine.errors import AuditCancelled, EngineError
-    from workers.inputs import load_inputs
+    from workers.inputs import load_inputs, load_sae_images, sae_dataset_facts
 
-    audit = Audit.objects.filter(pk=audit_id).select_related("clip_model", "probe", "dataset").first()
+    audit = Audit.objects.filter(pk=audit_id).select_related("clip_model", "probe", "dataset", "sae_dataset").first()
     if audit is None:
         log.warning("audit %s no longer exists; dropping the task", audit_id)
         return
@@ -247,9 +247,12 @@ def run_audit(self, audit_id: int) -> None:
         audit.mark_running("loading", 0.0, worker_host=me)
         bundle, probe, images = load_inputs(audit)
         config = AuditConfig.from_dict(audit.config)
-        result = engine_run_audit(config, bundle, probe, images, _Progress(audit), workdir=workdir)
+        result = engine_run_audit(config, bundle, probe, images, _Progress(audit), workdir=workdir,
+                                  sae_images=load_sae_images(audit))
         Audit.objects.filter(pk=audit.pk).update(device=result.environment["device"])
-        store_with_artifacts(audit, result.to_dict(), workdir, lambda data: store_result(audit, data, result.timings))
+        result_dict = result.to_dict()
+        result_dict["sae_dataset"] = sae_dataset_facts(audit)  # which images trained the SAE (None: the dataset)
+        store_with_artifacts(audit, result_dict, workdir, lambda data: store_result(audit, data, result.timings))
     except AuditCancelled:
         audit.refresh_from_db()
         audit.confirm_cancelled()

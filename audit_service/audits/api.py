@@ -38,6 +38,10 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             objects[field] = model.objects.filter(pk=data[f"{field}_id"], project=project).first()
             if objects[field] is None:
                 raise ValidationError({field: [f"no such {field.replace('_', ' ')} in this project"]})
+        if data.get("sae_dataset_id") is not None:
+            objects["sae_dataset"] = Dataset.objects.filter(pk=data["sae_dataset_id"], project=project).first()
+            if objects["sae_dataset"] is None:
+                raise ValidationError({"sae_dataset": ["no such dataset in this project"]})
         try:
             audit = create_audit(project=project, user=request.user, options=data.get("config"),
                                  context=data.get("context"), **objects)

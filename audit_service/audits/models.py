@@ -36,6 +36,9 @@ class Audit(models.Model):
     clip_model = models.ForeignKey(ClipModel, on_delete=models.PROTECT, related_name="audits")
     probe = models.ForeignKey(Probe, on_delete=models.PROTECT, related_name="audits")
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="audits")
+    # a (larger, maybe unlabelled) dataset of the project the SAE is trained on instead of ``dataset``
+    sae_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT,
+                                    related_name="sae_audits")
     config = models.JSONField(default=dict)  # workers.engine.AuditConfig.to_dict()
     context = models.JSONField(default=dict, blank=True)  # what the submitter attached, e.g. case-study metrics
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)

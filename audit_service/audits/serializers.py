@@ -8,6 +8,10 @@ class AuditSerializer(serializers.ModelSerializer):
     clip_model = serializers.IntegerField(source="clip_model_id")
     probe = serializers.IntegerField(source="probe_id")
     dataset = serializers.IntegerField(source="dataset_id")
+    sae_dataset = serializers.IntegerField(
+        source="sae_dataset_id", required=False, allow_null=True,
+        help_text="optional: a dataset of the project (e.g. a larger, unlabelled one registered with purpose "
+                  "sae_training) whose images train the SAE; attribution, labels and flags still use `dataset`")
     config = serializers.JSONField(required=False, help_text="audit options (workers.engine.AuditConfig)")
     context = serializers.JSONField(required=False, help_text="free-form facts stored with the audit")
     n_flags = serializers.SerializerMethodField()
@@ -17,11 +21,12 @@ class AuditSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Audit
-        fields = ["id", "project", "clip_model", "probe", "dataset", "config", "context", "status", "stage", "percent",
-                  "cancel_requested", "error", "attempts", "worker_host", "device", "timings", "created_at",
-                  "started_at", "finished_at", "n_flags", "shards", "shard_progress"]
+        fields = ["id", "project", "clip_model", "probe", "dataset", "sae_dataset", "config", "context", "status",
+                  "stage", "percent", "cancel_requested", "error", "attempts", "worker_host", "device", "timings",
+                  "created_at", "started_at", "finished_at", "n_flags", "shards", "shard_progress"]
         read_only_fields = [f for f in fields
-                            if f not in ("project", "clip_model", "probe", "dataset", "config", "context")]
+                            if f not in ("project", "clip_model", "probe", "dataset", "sae_dataset", "config",
+                                         "context")]
 
     def get_n_flags(self, audit) -> int | None:
         return audit.flags.count() if audit.status == "succeeded" else None

@@ -3,20 +3,30 @@ from __future__ import annotations
 
 from django.db import transaction
 
+from audit_service.registry.models import DatasetPurpose
 from audit_service.registry.services import RegistrationError
 
 from .models import Audit, Status
 
 
 def create_audit(*, project, user, clip_model, probe, dataset, options: dict | None = None,
-                 context: dict | None = None) -> Audit:
-    """Validate the combination and the options, create the audit and enqueue it once the row is committed."""
+                 context: dict | None = None, sae_dataset=None) -> Audit:
+    """Validate the combination and the options, create the audit and enqueue it once the row is committed.
+
+    ``sae_dataset``: a dataset of the project (labelled or not) whose images train the SAE instead of
+    ``dataset``'s.
+    """
     from workers.engine.config import AuditConfig
     from workers.engine.errors import EngineError
 
-    for obj, field in ((clip_model, "clip_model"), (probe, "probe"), (dataset, "dataset")):
-        if obj.project_id != project.id:
+    for obj, field in ((clip_model, "clip_model"), (probe, "probe"), (dataset, "dataset"),
+                       (sae_dataset, "sae_dataset")):
+        if obj is not None and obj.project_id != project.id:
             raise RegistrationError(f"the {field.replace('_', ' ')} belongs to another project", field=field)
+    if dataset.purpose == DatasetPurpose.SAE_TRAINING:
+        raise RegistrationError(f"dataset '{dataset.name}' was registered for SAE training (its labels are not "
+                                "checked), so it cannot be audited; audit a labelled dataset and give this one as "
+                                "sae_dataset", field="dataset")
     if probe.clip_model_id != clip_model.id:
         raise RegistrationError(f"probe '{probe.name}' was trained on model '{probe.clip_model.name}', "
                                 f"not on '{clip_model.name}'", field="probe")
@@ -42,7 +52,8 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
                                 field="project")
     with transaction.atomic():
         audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
-                                     config=config.to_dict(), context=context or {}, created_by=user)
+                                     sae_dataset=sae_dataset, config=config.to_dict(), context=context or {},
+                                     created_by=user)
         transaction.on_commit(lambda: enqueue(audit.pk))
     return audit
 

@@ -76,4 +76,9 @@ class DatasetViewSet(ProjectScopedViewSet):
 
     def register(self, project, data):
         return services.register_dataset(project=project, user=self.request.user, name=data["name"],
-                                         archive=data["archive"])
+                                         archive=data["archive"], purpose=data.get("purpose", "audit"))
+
+    def perform_destroy(self, instance):
+        if instance.sae_audits.exists():
+            raise ValidationError({"detail": [f"{instance} trained the SAE of audits; delete those audits first"]})
+        super().perform_destroy(instance)

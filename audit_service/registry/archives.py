@@ -19,6 +19,10 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PROBLEMS_LISTED = 5
 MAX_COMPRESSION_RATIO = 200  # a zip member that inflates more than this is treated as a bomb
+# A labels.csv column besides image and label is kept as metadata (e.g. "a ruler" 0/1, "site") when its non-empty
+# values take at most this many distinct values; more (a caption, a patient id) is free text and is dropped.
+MAX_METADATA_VALUES = 20
+RESERVED_COLUMNS = ("image", "label")  # the canonical labels.csv's own columns
 
 
 class DatasetRejected(Exception):
@@ -36,10 +40,12 @@ class Limits:
 @dataclass
 class ValidatedDataset:
     root: Path
-    images: list[tuple[str, str]]  # (relative path, label), sorted by path
+    images: list[tuple[str, str]]  # (relative path, label), sorted by path; label "" when unlabelled
     class_names: list[str]
     class_counts: dict = field(default_factory=dict)
     total_bytes: int = 0
+    # metadata column -> one value per image, in the order of ``images`` ("" where the CSV left it empty)
+    metadata: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _safe_name(name: str) -> str:
@@ -152,25 +158,32 @@ def _find_labels_csv(root: Path) -> Path | None:
     return csvs[0]
 
 
-def _read_labels(csv_path: Path, root: Path) -> dict[str, str]:
+def _read_labels(csv_path: Path, root: Path, require_labels: bool = True
+                 ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(path -> label, path -> {extra column: value}) from a labels CSV; without ``require_labels`` the label
+    column is optional and a label may be empty (images for SAE training)."""
     base = csv_path.parent
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DatasetRejected(f"{csv_path.name} is not UTF-8 text") from exc
     reader = csv.DictReader(io.StringIO(text))
-    fields = {f.strip().lower(): f for f in (reader.fieldnames or [])}
+    fields = {f.strip().lower(): f for f in (reader.fieldnames or []) if f is not None}
     path_col = next((fields[c] for c in ("image", "filename", "file", "path") if c in fields), None)
     label_col = next((fields[c] for c in ("label", "class", "diagnosis") if c in fields), None)
-    if path_col is None or label_col is None:
+    if path_col is None or (label_col is None and require_labels):
         raise DatasetRejected(f"{csv_path.name} needs a column naming the image (image/filename/path) and one "
                               f"naming its class (label/class); found columns: {', '.join(reader.fieldnames or [])}")
+    extra_cols = [f for f in (reader.fieldnames or [])
+                  if f is not None and f.strip() and f not in (path_col, label_col)
+                  and f.strip().lower() not in RESERVED_COLUMNS]
     labels: dict[str, str] = {}
+    extras: dict[str, dict[str, str]] = {}
     problems = []
     for line, row in enumerate(reader, start=2):
         rel = (row.get(path_col) or "").strip()
-        label = (row.get(label_col) or "").strip()
-        if not rel or not label:
+        label = (row.get(label_col) or "").strip() if label_col is not None else ""
+        if not rel or (not label and require_labels):
             problems.append(f"line {line}: empty image or label")
             continue
         path = _safe_name(posixpath.join(posixpath.relpath(str(base), str(root)) if base != root else "", rel))
@@ -178,13 +191,32 @@ def _read_labels(csv_path: Path, root: Path) -> dict[str, str]:
             problems.append(f"line {line}: '{rel}' is listed twice")
             continue
         labels[path] = label
+        extras[path] = {col.strip(): (row.get(col) or "").strip() for col in extra_cols}
     if problems:
         raise DatasetRejected(f"{csv_path.name} has problems: {_list(problems)}")
-    return labels
+    return labels, extras
 
 
-def validate(root: Path, limits: Limits) -> ValidatedDataset:
-    """Check the extracted files: images decode and are not too large, labels match the files."""
+def _metadata_columns(paths: list[str], extras: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """The CSV's extra columns worth keeping, as column -> values in ``paths`` order.
+
+    A column is kept when its non-empty values take between 1 and MAX_METADATA_VALUES distinct values: a
+    category or a 0/1 marker, not free text or an identifier.
+    """
+    kept = {}
+    for col in next(iter(extras.values()), {}):
+        values = [extras[p].get(col, "") for p in paths]
+        if 1 <= len({v for v in values if v}) <= MAX_METADATA_VALUES:
+            kept[col] = values
+    return kept
+
+
+def validate(root: Path, limits: Limits, require_labels: bool = True) -> ValidatedDataset:
+    """Check the extracted files: images decode and are not too large, labels match the files.
+
+    ``require_labels=False`` (a dataset for SAE training): labels are optional. A labels.csv is still checked
+    against the files; without one, the images are unlabelled, whatever folders they sit in.
+    """
     from PIL import Image
 
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -200,20 +232,24 @@ def validate(root: Path, limits: Limits) -> ValidatedDataset:
         raise DatasetRejected(f"the dataset holds {len(image_files)} images; at most {limits.max_files} are accepted "
                               f"({limits.source})")
     csv_path = _find_labels_csv(root)
+    extras: dict[str, dict[str, str]] = {}
     if csv_path is not None:
-        labels = _read_labels(csv_path, root)
+        labels, extras = _read_labels(csv_path, root, require_labels)
         missing = sorted(set(labels) - set(image_files))
         extra = sorted(set(image_files) - set(labels))
         problems = [f"listed but missing: {m}" for m in missing] + [f"image without a label: {e}" for e in extra]
         if problems:
             raise DatasetRejected(f"the labels CSV does not match the images: {_list(problems)}")
+    elif not require_labels:
+        labels = {f: "" for f in image_files}
     else:
         labels = {}
         for f in image_files:
             parts = f.split("/")
             if len(parts) < 2:
                 raise DatasetRejected(f"'{f}' is not inside a class folder; put each image in a folder named after "
-                                      "its class, or add a labels.csv with columns image,label")
+                                      "its class, or add a labels.csv with columns image,label (unlabelled "
+                                      "images can be registered for SAE training only)")
             labels[f] = parts[-2]
     bad = []
     Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, from the header, before decoding
@@ -230,12 +266,15 @@ def validate(root: Path, limits: Limits) -> ValidatedDataset:
             bad.append(f"{f} is not a readable image ({type(exc).__name__}: {exc})")
     if bad:
         raise DatasetRejected(f"some images cannot be used: {_list(bad)}")
-    class_names = sorted(set(labels.values()))
-    if len(class_names) < 2:
+    class_names = sorted(set(labels.values()) - {""})
+    if require_labels and len(class_names) < 2:
         raise DatasetRejected(f"the dataset has a single class ({class_names[0]}); an audit compares classes, "
-                              "so upload images of at least two classes")
+                              "so upload images of at least two classes (a single class or unlabelled images "
+                              "can be registered for SAE training only)")
     counts = {c: 0 for c in class_names}
     for f in image_files:
-        counts[labels[f]] += 1
+        if labels[f]:
+            counts[labels[f]] += 1
     total = sum((root / f).stat().st_size for f in image_files)
-    return ValidatedDataset(root, sorted(labels.items()), class_names, counts, total)
+    images = sorted(labels.items())
+    return ValidatedDataset(root, images, class_names, counts, total, _metadata_columns([p for p, _ in images], extras))

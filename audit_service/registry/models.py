@@ -85,8 +85,18 @@ class Probe(models.Model):
         return self.name
 
 
+class DatasetPurpose(models.TextChoices):
+    AUDIT = "audit", "audit (labelled images)"
+    SAE_TRAINING = "sae_training", "SAE training (labels not needed)"
+
+
 class Dataset(models.Model):
-    """Labelled images, validated and stored under ``storage_prefix`` with a canonical ``labels.csv``."""
+    """Images, validated and stored under ``storage_prefix`` with a canonical ``labels.csv``
+    (``image,label`` and the metadata columns).
+
+    An audit dataset is labelled with at least two classes; an SAE-training dataset may be unlabelled (its
+    labels are "", ``class_names`` empty) and only trains an audit's SAE.
+    """
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
     name = models.CharField(max_length=200)
@@ -96,6 +106,9 @@ class Dataset(models.Model):
     class_names = models.JSONField()
     class_counts = models.JSONField()
     total_bytes = models.BigIntegerField(default=0)
+    purpose = models.CharField(max_length=20, choices=DatasetPurpose.choices, default=DatasetPurpose.AUDIT)
+    # labels.csv columns kept besides image and label (e.g. "a ruler" 0/1, "site"), in the CSV's order
+    metadata_columns = models.JSONField(default=list, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 

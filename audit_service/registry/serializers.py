@@ -2,7 +2,7 @@ import json
 
 from rest_framework import serializers
 
-from .models import ClipModel, Dataset, Probe, TokenType
+from .models import ClipModel, Dataset, DatasetPurpose, Probe, TokenType
 
 
 class JSONUploadField(serializers.JSONField):
@@ -64,9 +64,17 @@ class ProbeSerializer(serializers.ModelSerializer):
 class DatasetSerializer(serializers.ModelSerializer):
     project = serializers.IntegerField(source="project_id")
     archive = serializers.FileField(write_only=True)
+    purpose = serializers.ChoiceField(
+        choices=DatasetPurpose.choices, default=DatasetPurpose.AUDIT,
+        help_text="audit: labelled images of at least two classes; sae_training: images (labels optional) that "
+                  "train an audit's SAE (an audit's sae_dataset), never audited themselves")
+    metadata_columns = serializers.ListField(
+        child=serializers.CharField(), read_only=True,
+        help_text="labels.csv columns kept besides image and label (at most 20 distinct values each)")
 
     class Meta:
         model = Dataset
-        fields = ["id", "project", "name", "archive", "sha256", "n_images", "class_names", "class_counts",
-                  "total_bytes", "created_at"]
-        read_only_fields = ["id", "sha256", "n_images", "class_names", "class_counts", "total_bytes", "created_at"]
+        fields = ["id", "project", "name", "archive", "purpose", "sha256", "n_images", "class_names", "class_counts",
+                  "metadata_columns", "total_bytes", "created_at"]
+        read_only_fields = ["id", "sha256", "n_images", "class_names", "class_counts", "metadata_columns",
+                            "total_bytes", "created_at"]

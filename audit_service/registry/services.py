@@ -15,7 +15,7 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from .archives import DatasetRejected, Limits, extract, validate
-from .models import ClipModel, Dataset, Probe
+from .models import ClipModel, Dataset, DatasetPurpose, Probe
 
 
 class RegistrationError(Exception):
@@ -183,12 +183,17 @@ def dataset_limits(project=None) -> Limits:
     return Limits(max_files=files, max_total_bytes=size, max_image_pixels=settings.MAX_IMAGE_PIXELS, source=source)
 
 
-def register_dataset(*, project, user, name: str, archive) -> Dataset:
+def register_dataset(*, project, user, name: str, archive, purpose: str = DatasetPurpose.AUDIT) -> Dataset:
     """Validate an uploaded archive completely, then copy its images into storage and create the row.
+
+    ``purpose`` "sae_training": the images only train audits' SAEs, so labels are optional (an archive of
+    images alone is accepted). Extra labels.csv columns with few distinct values are kept as metadata.
 
     If anything fails, the files already copied are deleted: a refused or
     broken upload leaves no row and no file behind.
     """
+    if purpose not in DatasetPurpose.values:
+        raise RegistrationError(f"purpose must be one of {', '.join(DatasetPurpose.values)}", field="purpose")
     _check_size(archive, "dataset archive")
     prefix = f"projects/{project.id}/datasets/{uuid.uuid4().hex}"
     stored: list[str] = []
@@ -199,32 +204,43 @@ def register_dataset(*, project, user, name: str, archive) -> Dataset:
         try:
             limits = dataset_limits(project)
             extract(path, root, limits)
-            checked = validate(root, limits)
+            checked = validate(root, limits, require_labels=purpose == DatasetPurpose.AUDIT)
         except DatasetRejected as exc:
             raise RegistrationError(str(exc), field="archive") from exc
+        columns = list(checked.metadata)
         try:
             for rel, _label in checked.images:
                 with open(root / rel, "rb") as fh:
                     stored.append(default_storage.save(f"{prefix}/images/{rel}", File(fh)))
             buf = io.StringIO()
             writer = csv.writer(buf)
-            writer.writerow(["image", "label"])
-            for (rel, label), key in zip(checked.images, stored):
-                writer.writerow([key[len(prefix) + len("/images/"):], label])
+            writer.writerow(["image", "label", *columns])
+            for i, ((rel, label), key) in enumerate(zip(checked.images, stored)):
+                writer.writerow([key[len(prefix) + len("/images/"):], label,
+                                 *(checked.metadata[c][i] for c in columns)])
             stored.append(default_storage.save(f"{prefix}/labels.csv", ContentFile(buf.getvalue().encode())))
             with transaction.atomic():
                 return Dataset.objects.create(
                     project=project, name=name, sha256=sha, storage_prefix=prefix, n_images=len(checked.images),
                     class_names=checked.class_names, class_counts=checked.class_counts,
-                    total_bytes=checked.total_bytes, created_by=user)
+                    total_bytes=checked.total_bytes, purpose=purpose, metadata_columns=columns, created_by=user)
         except Exception:
             for key in stored:
                 default_storage.delete(key)
             raise
 
 
-def dataset_labels(dataset: Dataset) -> list[tuple[str, str]]:
-    """(image key relative to the dataset's images/ folder, label) pairs from the stored labels.csv."""
+def dataset_table(dataset: Dataset) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """From the stored labels.csv: (image key relative to the dataset's images/ folder, label) pairs, and
+    metadata column -> one value per image in the same order."""
     with default_storage.open(f"{dataset.storage_prefix}/labels.csv", "rb") as fh:
         rows = list(csv.reader(io.StringIO(fh.read().decode())))
-    return [(r[0], r[1]) for r in rows[1:]]
+    header, body = rows[0], rows[1:]
+    where = {c: header.index(c) for c in dataset.metadata_columns if c in header}
+    metadata = {c: [r[i] for r in body] for c, i in where.items()}
+    return [(r[0], r[1]) for r in body], metadata
+
+
+def dataset_labels(dataset: Dataset) -> list[tuple[str, str]]:
+    """(image key relative to the dataset's images/ folder, label) pairs from the stored labels.csv."""
+    return dataset_table(dataset)[0]

@@ -6,7 +6,7 @@ import json
 from django import forms
 
 from audit_service.audits.models import Verdict
-from audit_service.registry.models import Normalization, TokenType
+from audit_service.registry.models import DatasetPurpose, Normalization, TokenType
 
 
 def _preselect_single(form, *names) -> None:
@@ -62,14 +62,26 @@ class ProbeForm(forms.Form):
 
 class DatasetForm(forms.Form):
     name = forms.CharField(max_length=200)
-    archive = forms.FileField(help_text="A .zip or .tar(.gz) with labels.csv (image,label) and the images, "
-                                        "or one folder per class")
+    archive = forms.FileField(help_text="A .zip or .tar(.gz) with labels.csv (image,label, optional metadata "
+                                        "columns such as 'a ruler' or 'site') and the images, or one folder per "
+                                        "class")
+    purpose = forms.ChoiceField(choices=DatasetPurpose.choices, initial=DatasetPurpose.AUDIT, required=False,
+                                help_text="SAE training: images alone are enough (no labels); such a dataset "
+                                          "trains an audit's SAE and is never audited itself")
+
+    def clean_purpose(self):
+        return self.cleaned_data.get("purpose") or DatasetPurpose.AUDIT
 
 
 class AuditForm(forms.Form):
     clip_model = forms.ModelChoiceField(queryset=None, label="Model")
     probe = forms.ModelChoiceField(queryset=None)
     dataset = forms.ModelChoiceField(queryset=None)
+    sae_dataset = forms.ModelChoiceField(queryset=None, required=False, label="SAE training dataset",
+                                         empty_label="the audited dataset",
+                                         help_text="Train the SAE on another dataset of the project, e.g. a "
+                                                   "larger unlabelled one; attribution and flags still use the "
+                                                   "audited dataset")
     n_latents = forms.IntegerField(required=False, min_value=2, label="SAE latents",
                                    help_text="Empty: sized to the data (about 4 x the model width)")
     k = forms.IntegerField(required=False, min_value=1, label="Active latents per input (k)",
@@ -88,7 +100,8 @@ class AuditForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["clip_model"].queryset = project.clip_models.all()
         self.fields["probe"].queryset = project.probes.select_related("clip_model")
-        self.fields["dataset"].queryset = project.datasets.all()
+        self.fields["dataset"].queryset = project.datasets.filter(purpose=DatasetPurpose.AUDIT)
+        self.fields["sae_dataset"].queryset = project.datasets.all()
         _preselect_single(self, "clip_model", "probe", "dataset")
 
     def clean_expected_concepts(self):

@@ -49,7 +49,7 @@ def _apply_error(form, exc: RegistrationError) -> None:
     field = {"architecture": "architecture", "model_config": "model_config", "checkpoint": "checkpoint",
              "pretrained_tag": "pretrained_tag", "layer": "layer", "token": "token", "file": None,
              "archive": "archive", "clip_model": "clip_model", "probe": "probe", "dataset": "dataset",
-             "config": "options"}.get(exc.field or "", None)
+             "sae_dataset": "sae_dataset", "purpose": "purpose", "config": "options"}.get(exc.field or "", None)
     if exc.field == "file":
         field = "file" if "file" in form.fields else ("checkpoint" if "checkpoint" in form.fields else None)
     form.add_error(field if field in form.fields else None, exc.message)
@@ -122,9 +122,11 @@ def probe_new(request, pk):
 def dataset_new(request, pk):
     def register(project, form):
         d = form.cleaned_data
-        obj = services.register_dataset(project=project, user=request.user, name=d["name"], archive=d["archive"])
-        messages.success(request, f"Dataset '{obj.name}' uploaded: {obj.n_images} images, "
-                                  f"classes {', '.join(obj.class_names)}.")
+        obj = services.register_dataset(project=project, user=request.user, name=d["name"], archive=d["archive"],
+                                        purpose=d["purpose"])
+        classes = f"classes {', '.join(obj.class_names)}" if obj.class_names else "unlabelled"
+        columns = f"; metadata columns {', '.join(obj.metadata_columns)}" if obj.metadata_columns else ""
+        messages.success(request, f"Dataset '{obj.name}' uploaded: {obj.n_images} images, {classes}{columns}.")
         return redirect("web:project", pk=project.pk)
 
     return _register_view(request, pk, DatasetForm, "Upload a dataset", register)
@@ -135,7 +137,7 @@ def audit_new(request, pk):
     def register(project, form):
         d = form.cleaned_data
         audit = create_audit(project=project, user=request.user, clip_model=d["clip_model"], probe=d["probe"],
-                             dataset=d["dataset"], options=form.audit_options())
+                             dataset=d["dataset"], sae_dataset=d["sae_dataset"], options=form.audit_options())
         return redirect("web:audit", pk=audit.pk)
 
     return _register_view(request, pk, AuditForm, "Submit an audit", register)

@@ -134,3 +134,18 @@ def test_one_shard_and_many_shards_give_the_same_answer(tiny, probe, dataset, tm
     assert len(list((tmp_path / "many" / "activations").glob("acts-*.npy"))) == 7
     assert one.flags or token == "spatial"  # the cls audit has flags to compare
     assert_same_answer(one.to_dict(), many.to_dict())
+
+
+def test_the_sae_can_be_trained_on_other_unlabelled_images(tiny, probe, dataset, tmp_path):
+    unlabelled = TensorImages(torch.randn(80, 3, 32, 32, generator=torch.Generator().manual_seed(9)), [0] * 80,
+                              ["unlabelled"])
+    seen = []
+    result = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path, sae_images=unlabelled,
+                       progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert result.sae["n_train_vectors"] == 80
+    assert result.dataset["n_images"] == 48  # attribution still runs on the audited images
+    assert (tmp_path / "sae_activations" / "store.json").is_file()
+    fractions = [d / t for s, d, t in seen if s == "train_sae"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # extraction and training share the stage
+    own = run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path / "own")
+    assert own.sae["n_train_vectors"] == 48

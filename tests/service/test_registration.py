@@ -127,3 +127,111 @@ def test_labels_that_do_not_match_the_files_are_reported_by_name(client_for, pro
                                                                "archive": upload(archive)}, format="multipart")
     assert response.status_code == 400
     assert "image without a label: images/stray.png" in response.json()["archive"][0]
+
+
+def _metadata_zip(path, n: int = 24):
+    """A labelled zip whose labels.csv carries a caption (free text), 'a ruler' (0/1) and 'site' columns; the
+    CSV lists the images in reverse order (the stored dataset sorts them by path)."""
+    import io
+
+    from workers.synthetic import draw_image
+
+    rng = np.random.default_rng(0)
+    rows = ["image,label,caption,a ruler,site"]
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in reversed(range(n)):
+            label = ("nevus", "melanoma")[i % 2]
+            buf = io.BytesIO()
+            draw_image(rng, i % 2).save(buf, format="PNG")
+            zf.writestr(f"images/{i:03d}.png", buf.getvalue())
+            ruler = "1" if i % 3 == 0 else "0"
+            site = ("back", "arm", "")[i % 3]
+            rows.append(f'images/{i:03d}.png,{label},"a dermoscopy image of a {label}, number {i}",{ruler},{site}')
+        zf.writestr("labels.csv", "\n".join(rows) + "\n")
+    return path
+
+
+def expected_metadata(n: int = 24) -> dict:
+    return {"a ruler": ["1" if i % 3 == 0 else "0" for i in range(n)],
+            "site": [("back", "arm", "")[i % 3] for i in range(n)]}
+
+
+def test_metadata_columns_of_labels_csv_are_kept_and_free_text_is_dropped(client_for, project, tmp_path):
+    from django.core.files.storage import default_storage
+
+    from audit_service.registry.services import dataset_table
+
+    archive = _metadata_zip(tmp_path / "d.zip")
+    response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
+                                                               "archive": upload(archive)}, format="multipart")
+    assert response.status_code == 201, response.json()
+    assert response.json()["metadata_columns"] == ["a ruler", "site"]  # the caption has 24 distinct values
+    assert response.json()["purpose"] == "audit"
+    dataset = Dataset.objects.get()
+    assert dataset.metadata_columns == ["a ruler", "site"]
+    with default_storage.open(f"{dataset.storage_prefix}/labels.csv", "rb") as fh:
+        lines = fh.read().decode().splitlines()
+    assert lines[0] == "image,label,a ruler,site"
+    assert lines[1] == "images/000.png,nevus,1,back" and lines[3] == "images/002.png,nevus,0,"
+    rows, metadata = dataset_table(dataset)
+    assert [rel for rel, _ in rows] == [f"images/{i:03d}.png" for i in range(24)]
+    assert metadata == expected_metadata()
+    listed = client_for("viewer").get(f"/api/v1/datasets/{dataset.pk}/").json()
+    assert listed["metadata_columns"] == ["a ruler", "site"]
+
+
+def test_the_audit_inputs_carry_the_metadata_in_image_order(project, users, registered, tmp_path):
+    from audit_service.audits.services import create_audit
+    from audit_service.registry import services
+    from workers.inputs import load_inputs
+
+    dataset = services.register_dataset(project=project, user=users["member"], name="with metadata",
+                                        archive=upload(_metadata_zip(tmp_path / "d.zip")))
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=dataset)
+    images = load_inputs(audit)[2]
+    assert images.ids == [f"images/{i:03d}.png" for i in range(24)]
+    assert images.metadata == expected_metadata()
+    assert images.remap(["nevus", "melanoma"]).metadata == expected_metadata()
+
+
+def _unlabelled_zip(path, n: int = 6, folder: str = ""):
+    import io
+
+    from workers.synthetic import draw_image
+
+    rng = np.random.default_rng(1)
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(n):
+            buf = io.BytesIO()
+            draw_image(rng, i % 2).save(buf, format="PNG")
+            zf.writestr(f"{folder}img-{i:03d}.png", buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("folder", ["", "skin/"])
+def test_an_unlabelled_archive_registers_only_for_sae_training(client_for, project, tmp_path, media, folder):
+    archive = _unlabelled_zip(tmp_path / "u.zip", folder=folder)
+    client = client_for("member")
+    refused = client.post("/api/v1/datasets/", {"project": project.id, "name": "u", "archive": upload(archive)},
+                          format="multipart")
+    assert refused.status_code == 400
+    assert "SAE training only" in refused.json()["archive"][0]
+    assert Dataset.objects.count() == 0 and _files(media) == []
+    response = client.post("/api/v1/datasets/", {"project": project.id, "name": "u", "archive": upload(archive),
+                                                 "purpose": "sae_training"}, format="multipart")
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert (body["purpose"], body["n_images"], body["class_names"], body["class_counts"]) == (
+        "sae_training", 6, [], {})
+    from audit_service.registry.services import dataset_labels
+
+    assert dataset_labels(Dataset.objects.get()) == [(f"{folder}img-{i:03d}.png", "") for i in range(6)]
+
+
+def test_an_unknown_dataset_purpose_is_refused(client_for, project, tmp_path):
+    archive = _unlabelled_zip(tmp_path / "u.zip")
+    response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "u",
+                                                               "archive": upload(archive), "purpose": "fun"},
+                                         format="multipart")
+    assert response.status_code == 400 and "purpose" in response.json()

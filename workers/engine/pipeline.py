@@ -139,6 +139,7 @@ def run_audit(
     semantic_model: ClipBundle | None = None,
     sae: TopKSAE | None = None,
     shard_size: int | None = None,
+    sae_images: ImageSet | None = None,
 ) -> AuditResult:
     """Audit ``probe`` (and the zero-shot classifier of its class names) on ``model`` over ``dataset``.
 
@@ -148,6 +149,9 @@ def run_audit(
     training and uses a given SAE. ``shard_size`` splits extraction, attribution
     and confirmation into shards of that many images, one after another, the way
     the service spreads them over workers (the answer does not depend on it).
+    ``sae_images`` trains the SAE on these images' activations (e.g. a larger,
+    unlabelled set; their labels are ignored) instead of ``dataset``'s;
+    attribution, labels and flags still run on ``dataset``.
     """
     if isinstance(config, dict):
         config = AuditConfig.from_dict(config)
@@ -159,7 +163,8 @@ def run_audit(
         workdir = own_tmp.name
     workdir = Path(workdir)
     try:
-        return _run(config, model, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size)
+        return _run(config, model, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size,
+                    sae_images)
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()
@@ -192,7 +197,7 @@ def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, r
     return sae.to(device).eval().requires_grad_(False), sae_metrics
 
 
-def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size):
+def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size, sae_images=None):
     bundle.model.to(device)
     images = prepare_images(bundle, probe, dataset)
     torch.manual_seed(config.seed)
@@ -202,7 +207,14 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
         store = extract_activations(bundle, images, workdir / "activations", shard_size=shard_size,
                                     progress=report, **extract_kwargs(config, device))
     with stages.stage("train_sae") as report:
-        sae, sae_metrics = fit_sae(store, config, workdir / "sae", device, report, sae)
+        sae_store, train_report = store, report
+        if sae_images is not None:  # the SAE learns from another set of images; their labels do not matter
+            sae_store = extract_activations(bundle, sae_images.with_preprocess(bundle.preprocess),
+                                            workdir / "sae_activations", shard_size=shard_size,
+                                            progress=lambda done, total: report(done, 2 * total),
+                                            **extract_kwargs(config, device))
+            train_report = lambda done, total: report(total + done, 2 * total)  # the stage's second half
+        sae, sae_metrics = fit_sae(sae_store, config, workdir / "sae", device, train_report, sae)
     ctx = AuditContext.build(config, bundle, probe, sae, device)
     shards = plan_shards(store.n, shard_size)
     with stages.stage("attribute") as report:
