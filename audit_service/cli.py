@@ -10,11 +10,16 @@ uploaded twice), submits the audit, shows its progress, waits, downloads the
 HTML report and the JSON result, prints a one-screen summary and exits with:
 
     0  the audit passed every gate
-    1  a gate failed (too many unreviewed flags, or too large a share on flags; with --baseline AUDIT_ID
-       only flags that are new against that audit count)
+    1  a gate failed (too many unreviewed flags, or too large a share on flags, or, by default, an unreviewed
+       flag with measured harm; with --baseline AUDIT_ID only flags that are new against that audit count)
     2  usage or input error (bad arguments, missing files, input the server refused)
     3  the audit failed or was cancelled
     4  the server could not be reached, or the audit did not finish within --timeout
+
+Without --max-unreviewed-flags and --max-flag-share a default gate applies: the build fails while a probe
+flag whose harm the audit measured (the class's images without the latent are missed, or other classes' images
+with it are called the class, clearly more than under zero-shot) has no review. Review such flags (a benign
+verdict clears them), or pass --no-default-gate to switch it off. Giving either gate option replaces it.
 
 Only ``requests`` is needed: the client does not import Django.
 """
@@ -190,7 +195,7 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
     for name, c in summary["classes"].items():
         log(f"  {name:<14} probe acc {c['probe_accuracy']:.2f}  zero-shot acc {c['zero_shot_accuracy']:.2f}  "
             f"probe flags {c['flags']['probe']}  share on flags {c['probe_share']:.3f} "
-            f"(zero-shot {c['zero_shot_share']:.3f})")
+            f"(zero-shot {c['zero_shot_share']:.3f})  with measured harm {c.get('flags_with_measured_harm', 0)}")
         share = c["probe_share"] if new_ids is None else sum(
             f["share"] for f in flags if f["id"] in new_ids and f["class_name"] == name)
         if args.max_flag_share is not None and share > args.max_flag_share + 1e-6:  # float32 sums
@@ -198,12 +203,23 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
                             f"{'flagged' if new_ids is None else 'newly flagged'} latents (limit {args.max_flag_share})")
     for f in flags[:8]:
         verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
+        confirmation = (f.get("confirmation") or {}).get("status") or "confirmation unknown"
         log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent_index']:<5} '{f['label']}' "
-            f"({f['category']}) share {f['share']:.3f}  {verdict}")
+            f"({f['category']}) share {f['share']:.3f}  {verdict}, {confirmation}")
+        if (f.get("harm") or {}).get("summary"):
+            log(f"        harm: {f['harm']['summary']}")
+    if len(flags) > 8:
+        log(f"  ... and {len(flags) - 8} more probe flags (see the report)")
     unreviewed = [f for f in flags if not f.get("latest_review") and (new_ids is None or f["id"] in new_ids)]
+    new = "new " if new_ids is not None else ""
     if args.max_unreviewed_flags is not None and len(unreviewed) > args.max_unreviewed_flags:
-        failures.append(f"{len(unreviewed)} unreviewed {'new ' if new_ids is not None else ''}flags under the probe "
-                        f"(limit {args.max_unreviewed_flags})")
+        failures.append(f"{len(unreviewed)} unreviewed {new}flags under the probe (limit {args.max_unreviewed_flags})")
+    if args.max_unreviewed_flags is None and args.max_flag_share is None and not args.no_default_gate:
+        harmful = [f for f in unreviewed if (f.get("harm") or {}).get("measured")]
+        if harmful:
+            which = ", ".join(f"{f['class_name']} latent {f['latent_index']}" for f in harmful[:5])
+            failures.append(f"{len(harmful)} unreviewed {new}probe flags with measured harm ({which}"
+                            f"{', ...' if len(harmful) > 5 else ''}); review them, or pass --no-default-gate")
     log(f"  report: {out / f'audit-{audit_id}-report.html'}")
     if failures:
         log("GATE FAILED: " + "; ".join(failures))
@@ -236,6 +252,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--max-unreviewed-flags", type=int, help="fail if more probe flags than this are unreviewed")
     a.add_argument("--max-flag-share", type=float,
                    help="fail if a class puts more than this share of its relevance on flagged latents")
+    a.add_argument("--no-default-gate", action="store_true",
+                   help="without --max-unreviewed-flags and --max-flag-share, do not fail on unreviewed probe "
+                        "flags with measured harm")
     a.add_argument("--baseline", type=int, metavar="AUDIT_ID",
                    help="compare with this earlier audit and gate only on new flags (matched by meaning)")
     a.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the audit (default 3600)")

@@ -54,9 +54,9 @@ class LatestVerdictFilter(admin.SimpleListFilter):
 
 @admin.register(Flag)
 class FlagAdmin(admin.ModelAdmin):
-    list_display = ["id", "audit", "head", "class_name", "latent_index", "label", "category", "share", "confirmed",
-                    "latest_verdict"]
-    list_filter = [LatestVerdictFilter, "head", "category", "confirmed", "class_name"]
+    list_display = ["id", "audit", "head", "class_name", "latent_index", "label", "category", "share",
+                    "confirmation_status", "latest_verdict"]
+    list_filter = [LatestVerdictFilter, "head", "category", "confirmation_status", "confirmed", "class_name"]
     search_fields = ["label", "class_name"]
     readonly_fields = [f.name for f in Flag._meta.fields]
     inlines = [ReviewInline]

@@ -90,7 +90,8 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
 
     @action(detail=True, methods=["get"])
     def summary(self, request, pk=None):
-        """Per class: accuracy, flags, probe vs zero-shot share; plus SAE quality and timings."""
+        """Per class: accuracy, flags (confirmed, with measured harm), probe vs zero-shot share; plus SAE quality
+        and timings."""
         audit = self.get_object()
         if audit.status != Status.SUCCEEDED:
             return Response({"detail": f"the audit is {audit.status}; results exist once it succeeded"},
@@ -104,10 +105,12 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 "zero_shot_accuracy": r["accuracy"]["zero_shot"]["per_class"][name],
                 "flags": {h: audit.flags.filter(class_name=name, head=h).count() for h in ("probe", "zero_shot")},
                 "confirmed_flags": audit.flags.filter(class_name=name, confirmed=True).count(),
+                "flags_with_measured_harm": audit.flags.filter(class_name=name, harm__measured=True).count(),
                 **r["comparison"][name],
             }
         return Response({"audit": audit.pk, "classes": classes, "sae": r["sae"], "accuracy": r["accuracy"],
-                         "timings": r["timings"], "environment": r["environment"]})
+                         "timings": r["timings"], "environment": r["environment"],
+                         "sae_dataset": r.get("sae_dataset"), "slices": r.get("slices") or {}})
 
 
 class _AuditChildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

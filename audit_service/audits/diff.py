@@ -48,7 +48,8 @@ def match_flags(baseline: list[dict], current: list[dict], threshold: float = DE
 
 
 def _brief(flag: dict) -> dict:
-    return {k: flag.get(k) for k in ("id", "latent", "label", "category", "rank", "share", "verdict")}
+    return {k: flag.get(k) for k in ("id", "latent", "label", "category", "rank", "share", "verdict",
+                                     "confirmation_status", "harm_measured")}
 
 
 def flag_dicts(audit) -> list[dict]:
@@ -57,7 +58,8 @@ def flag_dicts(audit) -> list[dict]:
         latest = f.latest_review
         rows.append({"id": f.pk, "head": f.head, "class_name": f.class_name, "latent": f.latent_index,
                      "label": f.label, "category": f.category, "rank": f.rank, "share": f.share,
-                     "semantic": f.semantic, "verdict": latest.verdict if latest else None})
+                     "semantic": f.semantic, "verdict": latest.verdict if latest else None,
+                     "confirmation_status": f.confirmation_status, "harm_measured": f.harm_measured})
     return rows
 
 

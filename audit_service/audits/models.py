@@ -159,15 +159,36 @@ class Latent(models.Model):
     max_activation = models.FloatField()
     references = models.JSONField(default=list)  # image keys, strongest first
     expected_alignment = models.JSONField(default=dict)  # class -> alignment with its expected concepts
+    label_confidence = models.FloatField(null=True, blank=True)  # None: an older engine did not say
+    closest_concept = models.CharField(max_length=300, blank=True, null=True)  # the best fit, also when "unlabelled"
 
     class Meta:
         ordering = ["audit", "index"]
         constraints = [models.UniqueConstraint(fields=["audit", "index"], name="one_row_per_latent")]
 
+    @classmethod
+    def from_result(cls, audit: Audit, latent: dict) -> "Latent":
+        """The row of one entry of the engine's ``result["latents"]``."""
+        return cls(audit=audit, index=latent["latent"], label=latent["label"], label_source=latent["label_source"],
+                   label_category=latent["label_category"], alignment=latent["alignment"],
+                   clarity=latent["clarity"], frequency=latent["frequency"],
+                   max_activation=latent["max_activation"], references=latent["references"],
+                   expected_alignment=latent["expected_alignment"],
+                   label_confidence=latent.get("label_confidence"), closest_concept=latent.get("closest_concept"))
+
 
 class Head(models.TextChoices):
     PROBE = "probe", "Linear probe"
     ZERO_SHOT = "zero_shot", "Zero-shot"
+
+
+class Confirmation(models.TextChoices):
+    """The engine's verdict on a flag: causal check plus measured harm. The labels are what a reviewer reads."""
+
+    CONFIRMED = "confirmed", "confirmed shortcut: measured harm"
+    RELIED_ON_NO_HARM = "relied_on_no_harm", "relied on, no measured harm"
+    NOT_CONFIRMED = "not_confirmed", "not confirmed"
+    NOT_RUN = "not_run", "not run"
 
 
 class Flag(models.Model):
@@ -186,16 +207,50 @@ class Flag(models.Model):
     clarity = models.FloatField()
     probe_share = models.FloatField()
     zero_shot_share = models.FloatField()
-    confirmed = models.BooleanField(null=True)  # causal confirmation: None when not run
+    confirmed = models.BooleanField(null=True)  # confirmation_status == "confirmed"; None when not run
     causal = models.JSONField(null=True, blank=True)
     references = models.JSONField(default=list)
     top_images = models.JSONField(default=list)
     semantic = models.JSONField(null=True, blank=True)  # unit semantic embedding of the latent (audit diffs)
+    # per head: the class's accuracy and other classes' calls with and without the latent; "measured", "summary".
+    # None for results of engines before harm was measured (so are the blank / empty fields below)
+    harm = models.JSONField(null=True, blank=True)
+    confirmation_status = models.CharField(max_length=20, choices=Confirmation.choices, blank=True)
+    confirmation_text = models.TextField(blank=True)
+    label_confidence = models.FloatField(null=True, blank=True)
+    closest_concept = models.CharField(max_length=300, blank=True)  # the best concept, also when "unlabelled"
+    metadata_auroc = models.JSONField(default=dict, blank=True)  # labels.csv column (or "column=value") -> AUROC
+    concept_latents = models.JSONField(default=list, blank=True)  # all latents one concept is spread over
 
     class Meta:
         ordering = ["audit", "head", "class_name", "rank"]
         constraints = [models.UniqueConstraint(fields=["audit", "head", "class_name", "latent_index"],
                                                name="one_flag_per_latent_class_head")]
+
+    @classmethod
+    def from_result(cls, audit: Audit, flag: dict) -> "Flag":
+        """The row of one entry of the engine's ``result["flags"]``; keys newer engines added are optional, so
+        results stored before them still store."""
+        confirmation = flag.get("confirmation") or {}
+        status = confirmation.get("status", "")
+        if status:
+            confirmed = None if status == Confirmation.NOT_RUN else status == Confirmation.CONFIRMED
+        else:  # older results: confirmed meant "ablation or insertion flipped a prediction"
+            confirmed = (flag.get("causal") or {}).get("confirmed")
+        return cls(
+            audit=audit, head=flag["head"], class_name=flag["class_name"], latent_index=flag["latent"],
+            rank=flag["rank"], share=flag["share"], mean_relevance=flag["mean_relevance"], label=flag["label"],
+            label_source=flag["label_source"], category=flag["category"], label_alignment=flag["label_alignment"],
+            expected_alignment=flag["expected_alignment"], clarity=flag["clarity"], probe_share=flag["probe_share"],
+            zero_shot_share=flag["zero_shot_share"], confirmed=confirmed, causal=flag.get("causal"),
+            references=flag["references"], top_images=flag["top_images"], semantic=flag.get("semantic"),
+            harm=flag.get("harm"), confirmation_status=status, confirmation_text=confirmation.get("text", ""),
+            label_confidence=flag.get("label_confidence"), closest_concept=flag.get("closest_concept") or "",
+            metadata_auroc=flag.get("metadata_auroc") or {}, concept_latents=flag.get("concept_latents") or [])
+
+    @property
+    def harm_measured(self) -> bool:
+        return bool((self.harm or {}).get("measured"))
 
     @property
     def latest_review(self):
@@ -225,18 +280,7 @@ def store_result(audit: Audit, result: dict, timings: dict) -> None:
     with transaction.atomic():
         Latent.objects.filter(audit=audit).delete()  # a re-delivered task replaces, never duplicates
         Flag.objects.filter(audit=audit).delete()
-        Latent.objects.bulk_create([Latent(
-            audit=audit, index=l["latent"], label=l["label"], label_source=l["label_source"],
-            label_category=l["label_category"], alignment=l["alignment"], clarity=l["clarity"],
-            frequency=l["frequency"], max_activation=l["max_activation"], references=l["references"],
-            expected_alignment=l["expected_alignment"]) for l in result["latents"]], batch_size=2000)
-        Flag.objects.bulk_create([Flag(
-            audit=audit, head=f["head"], class_name=f["class_name"], latent_index=f["latent"], rank=f["rank"],
-            share=f["share"], mean_relevance=f["mean_relevance"], label=f["label"], label_source=f["label_source"],
-            category=f["category"], label_alignment=f["label_alignment"], expected_alignment=f["expected_alignment"],
-            clarity=f["clarity"], probe_share=f["probe_share"], zero_shot_share=f["zero_shot_share"],
-            confirmed=(f.get("causal") or {}).get("confirmed"), causal=f.get("causal"),
-            references=f["references"], top_images=f["top_images"], semantic=f.get("semantic"))
-            for f in result["flags"]])
+        Latent.objects.bulk_create([Latent.from_result(audit, l) for l in result["latents"]], batch_size=2000)
+        Flag.objects.bulk_create([Flag.from_result(audit, f) for f in result["flags"]])
         # latents live in their rows; the blob keeps the rest of the result
         audit.succeed({k: v for k, v in result.items() if k != "latents"}, timings)

@@ -25,6 +25,11 @@ HEADS = {"probe": "Linear probe", "zero_shot": "Zero-shot"}
 METHODS = {"act_grad": "act x grad", "logit_lens": "Logit Lens", "act_logit_lens": "act x Logit Lens",
            "energy": "energy", "random": "random"}
 PROBE_COLOUR, ZERO_SHOT_COLOUR, FLAG_COLOUR = "#2f6fb0", "#d08a2e", "#c0392b"
+# a flag's measured harm, per head, in the order the card's table and the flags CSV show it:
+# (group of images in flag["harm"][head], the value read from it, the CSV column's suffix)
+HARM_CELLS = (("class_with", "accuracy", "accuracy_with"), ("class_without", "accuracy", "accuracy_without"),
+              ("others_with", "called_class", "others_called_with"),
+              ("others_without", "called_class", "others_called_without"))
 
 
 # --------------------------------------------------------------------------- images
@@ -171,9 +176,46 @@ def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> d
         "top_images": [{**p, "relevance": t["relevance"]}
                        for p, t in zip(pictures([t["image"] for t in flag.top_images]), flag.top_images)],
         "causal": causal,
+        "harm": harm_rows(flag.harm),
+        "metadata": metadata_hits(flag.metadata_auroc or {}),
         "reviews": list(flag.reviews.all()),
         "latest": flag.latest_review,
     }
+
+
+def harm_cells(harm: dict | None, head: str) -> list[tuple[float | None, int]]:
+    """One head's harm values in ``HARM_CELLS`` order, each with its number of images (all None when the audit
+    did not measure harm)."""
+    block = (harm or {}).get(head) or {}
+    return [((block.get(group) or {}).get(key), (block.get(group) or {}).get("n", 0)) for group, key, _ in HARM_CELLS]
+
+
+def harm_rows(harm: dict | None) -> list[dict]:
+    """A flag's measured harm as table rows, one per head; each cell a percentage and its number of images."""
+    return [{"head": title, "cells": [{"percent": _percent(value), "n": n} for value, n in harm_cells(harm, head)]}
+            for head, title in HEADS.items() if (harm or {}).get(head)]
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def metadata_hits(metadata_auroc: dict, n: int = 3) -> list[dict]:
+    """The labels.csv columns a latent fires on, highest AUROC first; a 0/1 column reads as "ruler=1"."""
+    ranked = sorted(((k, v) for k, v in metadata_auroc.items() if v is not None), key=lambda kv: -kv[1])[:n]
+    return [{"name": name if "=" in name else f"{name}=1", "auroc": auroc} for name, auroc in ranked]
+
+
+def slice_tables(result: dict) -> list[dict]:
+    """Per extra metadata column of labels.csv: n and both heads' accuracy for each of its values, overall and
+    per class (in the order of ``result["classes"]``)."""
+    tables = []
+    for column, values in (result.get("slices") or {}).items():
+        tables.append({"column": column, "rows": [{
+            "value": value, "n": s["n"], "probe": s["probe"]["accuracy"], "zero_shot": s["zero_shot"]["accuracy"],
+            "per_class": [{head: s[head]["per_class"].get(c) for head in HEADS} for c in result["classes"]],
+        } for value, s in values.items()]})
+    return tables
 
 
 def flag_filters(params) -> dict:
@@ -231,6 +273,7 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
             "zero_shot_accuracy": result["accuracy"]["zero_shot"]["per_class"].get(name),
             "n_flags": {h: sum(1 for f in all_flags if f.class_name == name and f.head == h) for h in HEADS},
             "n_confirmed": sum(1 for f in all_flags if f.class_name == name and f.confirmed),
+            "n_harm": sum(1 for f in all_flags if f.class_name == name and f.harm_measured),
             "comparison": result["comparison"].get(name, {}),
             "cards": [_flag_card(audit, f, labels_by_key, images) for f in flags if f.class_name == name],
             **plots[name],
@@ -241,7 +284,8 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
         for h, by_class in result.get("faithfulness", {}).items() for name, per_class in by_class.items()]
     return {
         "audit": audit, "result": result, "classes": classes, "sae": result["sae"],
-        "faithfulness": faithfulness, "filters": filters, "n_flags": len(all_flags),
+        "faithfulness": faithfulness, "slices": slice_tables(result), "sae_dataset": result.get("sae_dataset"),
+        "filters": filters, "n_flags": len(all_flags),
         "n_shown": len(flags), "categories": sorted({f.category for f in all_flags}),
         "verdicts": Review._meta.get_field("verdict").choices, "heads": HEADS,
         "config_json": json.dumps(audit.config, indent=2, sort_keys=True),
@@ -267,6 +311,9 @@ def full_json(audit: Audit) -> dict:
             "category": f.category, "label_alignment": f.label_alignment, "expected_alignment": f.expected_alignment,
             "clarity": f.clarity, "probe_share": f.probe_share, "zero_shot_share": f.zero_shot_share,
             "confirmed": f.confirmed, "causal": f.causal, "references": f.references, "top_images": f.top_images,
+            "harm": f.harm, "confirmation": {"status": f.confirmation_status, "text": f.confirmation_text},
+            "label_confidence": f.label_confidence, "closest_concept": f.closest_concept,
+            "metadata_auroc": f.metadata_auroc, "concept_latents": f.concept_latents,
             "reviews": [_review_dict(r) for r in f.reviews.all()],
         })
     return {
@@ -289,18 +336,22 @@ def full_json(audit: Audit) -> dict:
 
 
 LATENT_COLUMNS = ["latent", "label", "label_source", "label_category", "alignment", "clarity", "frequency",
-                  "max_activation", "n_references", "references"]
+                  "max_activation", "n_references", "references", "label_confidence", "closest_concept"]
+# new columns go at the end, so scripts that read columns by position keep working
 FLAG_COLUMNS = ["head", "class_name", "rank", "latent", "label", "category", "share", "probe_share",
                 "zero_shot_share", "label_alignment", "expected_alignment", "clarity", "confirmed", "ablation_flips",
                 "ablation_images", "insertion_flips_to_class", "insertion_images", "latest_verdict",
-                "latest_note", "latest_reviewer"]
+                "latest_note", "latest_reviewer", "confirmation_status", "harm_measured",
+                *(f"{head}_{suffix}" for head in HEADS for _, _, suffix in HARM_CELLS),
+                "label_confidence", "closest_concept"]
 
 
 def latent_dict(row: Latent) -> dict:
     return {"latent": row.index, "label": row.label, "label_source": row.label_source,
             "label_category": row.label_category, "alignment": row.alignment, "clarity": row.clarity,
             "frequency": row.frequency, "max_activation": row.max_activation, "references": row.references,
-            "expected_alignment": row.expected_alignment}
+            "expected_alignment": row.expected_alignment, "label_confidence": row.label_confidence,
+            "closest_concept": row.closest_concept}
 
 
 class _Echo:
@@ -315,7 +366,8 @@ def latents_csv(audit: Audit) -> Iterator[str]:
     for row in audit.latents.all().iterator(chunk_size=2000):
         yield writer.writerow([row.index, row.label or "", row.label_source or "", row.label_category or "",
                                _num(row.alignment), _num(row.clarity), _num(row.frequency),
-                               _num(row.max_activation), len(row.references), " ".join(row.references)])
+                               _num(row.max_activation), len(row.references), " ".join(row.references),
+                               _num(row.label_confidence), row.closest_concept or ""])
 
 
 def flags_csv(audit: Audit) -> Iterator[str]:
@@ -330,7 +382,10 @@ def flags_csv(audit: Audit) -> Iterator[str]:
             "" if f.confirmed is None else str(f.confirmed).lower(), causal.get("ablation_flips", ""),
             causal.get("ablation_images", ""), causal.get("insertion_flips_to_class", ""),
             causal.get("insertion_images", ""), latest.verdict if latest else "", latest.note if latest else "",
-            (latest.reviewer.username if latest and latest.reviewer else "")])
+            (latest.reviewer.username if latest and latest.reviewer else ""), f.confirmation_status,
+            "" if f.harm is None else str(f.harm_measured).lower(),
+            *(_num(value) for head in HEADS for value, _ in harm_cells(f.harm, head)),
+            _num(f.label_confidence), f.closest_concept])
 
 
 def _num(value) -> str:

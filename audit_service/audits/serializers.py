@@ -41,7 +41,7 @@ class LatentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Latent
         fields = ["index", "label", "label_source", "label_category", "alignment", "clarity", "frequency",
-                  "max_activation", "references", "expected_alignment"]
+                  "max_activation", "references", "expected_alignment", "label_confidence", "closest_concept"]
 
 
 class ReviewSerializer(serializers.ModelSerializer):
@@ -53,11 +53,24 @@ class ReviewSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "reviewer", "created_at"]
 
 
+class ConfirmationSerializer(serializers.Serializer):
+    status = serializers.CharField(source="confirmation_status", read_only=True,
+                                   help_text="confirmed, relied_on_no_harm, not_confirmed or not_run; empty for "
+                                             "audits run before harm was measured")
+    text = serializers.CharField(source="confirmation_text", read_only=True)
+
+
 class FlagSerializer(serializers.ModelSerializer):
     latest_review = ReviewSerializer(read_only=True)
+    confirmation = ConfirmationSerializer(source="*", read_only=True)
+    harm = serializers.JSONField(read_only=True, help_text=(
+        "per head (probe, zero_shot): class_with / class_without (n, accuracy, mean_logit), others_with / "
+        "others_without (n, called_class), accuracy_gap, called_gap; measured (bool), summary (a sentence). "
+        "null for audits run before harm was measured"))
 
     class Meta:
         model = Flag
         fields = ["id", "audit", "head", "class_name", "latent_index", "rank", "share", "mean_relevance", "label",
                   "label_source", "category", "label_alignment", "expected_alignment", "clarity", "probe_share",
-                  "zero_shot_share", "confirmed", "causal", "references", "top_images", "latest_review"]
+                  "zero_shot_share", "confirmed", "causal", "references", "top_images", "latest_review", "harm",
+                  "confirmation", "label_confidence", "closest_concept", "metadata_auroc", "concept_latents"]

@@ -1,4 +1,5 @@
-"""API tokens scoped to projects, per-token rate limits, the OpenAPI schema and its docs page, the tokens page."""
+"""API tokens scoped to projects, per-token rate limits, the OpenAPI schema and its docs page, the tokens page;
+what the flags and summary endpoints return about measured harm."""
 import re
 
 import pytest
@@ -7,6 +8,8 @@ from rest_framework.test import APIClient
 
 from audit_service.accounts.models import ApiToken
 from audit_service.projects.models import Membership, Project, Role
+
+from .results import RULER_SUMMARY, build_result, stored_audit, without_new_keys
 
 pytestmark = pytest.mark.django_db
 
@@ -100,3 +103,73 @@ def test_admins_create_a_token_whose_key_is_shown_once_and_revoke_it(users, proj
     assert key not in client.get(f"/admin/accounts/apitoken/{token.pk}/change/").content.decode()
     client.post("/admin/accounts/apitoken/", {"action": "revoke", "_selected_action": [token.pk]})
     assert APIClient(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code == 401
+
+
+# --------------------------------------------------------------------------- measured harm and confirmation
+
+def test_flags_carry_measured_harm_confirmation_label_confidence_and_metadata(client_for, project, users,
+                                                                             registered):
+    audit = stored_audit(project, users["member"], registered)
+    client = client_for("viewer")
+    flags = {(f["head"], f["class_name"]): f
+             for f in client.get(f"/api/v1/audits/{audit.pk}/flags/").json()["results"]}
+    ruler = flags[("probe", "melanoma")]
+    assert ruler["harm"]["measured"] is True and ruler["harm"]["summary"] == RULER_SUMMARY
+    assert ruler["harm"]["probe"]["class_without"]["n"] == 15
+    assert ruler["harm"]["probe"]["class_without"]["accuracy"] == pytest.approx(1 / 3)
+    assert ruler["harm"]["zero_shot"]["others_with"] == {"n": 16, "called_class": 0.2}
+    assert ruler["confirmation"]["status"] == "confirmed" and "ablation flips 41%" in ruler["confirmation"]["text"]
+    assert ruler["confirmed"] is True
+    assert (ruler["label_confidence"], ruler["closest_concept"]) == (0.91, "a ruler")
+    assert ruler["metadata_auroc"]["ruler"] == 0.97 and ruler["concept_latents"] == [0, 3]
+    unlabelled = flags[("probe", "nevus")]
+    assert (unlabelled["label"], unlabelled["closest_concept"], unlabelled["label_confidence"]) == (
+        "unlabelled", "hair", 0.12)
+    assert unlabelled["confirmation"] == {"status": "relied_on_no_harm", "text": "relied on, no measured harm"}
+    # ablation flipped predictions, but without measured harm that no longer confirms a shortcut
+    assert unlabelled["causal"]["confirmed"] is True and unlabelled["confirmed"] is False
+    assert flags[("zero_shot", "melanoma")]["confirmed"] is False
+    assert client.get(f"/api/v1/audits/{audit.pk}/flags/", {"confirmed": "true"}).json()["count"] == 1
+    latent = client.get(f"/api/v1/audits/{audit.pk}/latents/1/").json()
+    assert (latent["label"], latent["label_confidence"], latent["closest_concept"]) == ("unlabelled", 0.12, "hair")
+    assert client_for("outsider").get(f"/api/v1/audits/{audit.pk}/flags/").status_code == 404
+
+
+def test_a_flag_whose_confirmation_did_not_run_is_neither_confirmed_nor_refuted(client_for, project, users,
+                                                                               registered):
+    result = build_result()
+    result["flags"][0]["confirmation"] = {"status": "not_run", "text": "causal checks were switched off"}
+    audit = stored_audit(project, users["member"], registered, result)
+    ruler = client_for("viewer").get(f"/api/v1/audits/{audit.pk}/flags/", {"head": "probe",
+                                                                           "class_name": "melanoma"}).json()
+    assert ruler["results"][0]["confirmed"] is None
+    assert ruler["results"][0]["confirmation"]["status"] == "not_run"
+
+
+def test_the_summary_counts_flags_with_measured_harm_per_class(client_for, project, users, registered):
+    audit = stored_audit(project, users["member"], registered)
+    body = client_for("viewer").get(f"/api/v1/audits/{audit.pk}/summary/").json()
+    assert body["classes"]["melanoma"]["flags_with_measured_harm"] == 1
+    assert body["classes"]["nevus"]["flags_with_measured_harm"] == 0
+    assert body["classes"]["melanoma"]["confirmed_flags"] == 1 and body["classes"]["nevus"]["confirmed_flags"] == 0
+    assert body["sae_dataset"] == {"name": "ISIC archive, unlabelled", "n_images": 5000}
+    assert body["slices"]["ruler"]["1"]["n"] == 41
+    assert client_for("outsider").get(f"/api/v1/audits/{audit.pk}/summary/").status_code == 404
+
+
+def test_an_audit_stored_before_harm_was_measured_serves_its_flags_as_before(client_for, project, users,
+                                                                            registered):
+    audit = stored_audit(project, users["member"], registered, without_new_keys(build_result()))
+    client = client_for("viewer")
+    flags = {(f["head"], f["class_name"]): f
+             for f in client.get(f"/api/v1/audits/{audit.pk}/flags/").json()["results"]}
+    ruler = flags[("probe", "melanoma")]
+    assert ruler["harm"] is None and ruler["confirmation"] == {"status": "", "text": ""}
+    assert (ruler["label_confidence"], ruler["closest_concept"], ruler["metadata_auroc"], ruler["concept_latents"]) \
+        == (None, "", {}, [])
+    # its engine confirmed a flag when ablation or insertion flipped a prediction; that is what it still says
+    assert ruler["confirmed"] is True and flags[("probe", "nevus")]["confirmed"] is True
+    summary = client.get(f"/api/v1/audits/{audit.pk}/summary/").json()
+    assert summary["classes"]["melanoma"]["flags_with_measured_harm"] == 0
+    assert summary["sae_dataset"] is None and summary["slices"] == {}
+    assert client.get(f"/api/v1/audits/{audit.pk}/latents/1/").json()["label_confidence"] is None

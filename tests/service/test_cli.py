@@ -1,4 +1,5 @@
-"""The command-line client against a live test server: every exit code, content-hash reuse, the report."""
+"""The command-line client against a live test server: every exit code, content-hash reuse, the report; its
+gates on what the API answers about an audit's flags (the default gate: unreviewed flags with measured harm)."""
 import json
 import subprocess
 import sys
@@ -8,13 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from audit_service import cli as client
 from audit_service.accounts.models import ApiToken
-from audit_service.audits.models import Audit, Status
+from audit_service.audits.models import Audit, Status, store_result
 from audit_service.registry.models import ClipModel, Dataset, Probe
 
+from .results import RULER_SUMMARY, build_result, stored_audit, without_new_keys
 from .test_integration import purge_queues, require_real_services, start_worker
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+# the tests that run the client as a process need a live server, PostgreSQL, Redis (and a worker)
+live = pytest.mark.integration
+live_db = pytest.mark.django_db(transaction=True)
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = {"sae": {"steps": 150}, "general_vocabulary": False, "faithfulness_max_images": 8,
            "faithfulness_steps": 4, "batch_size": 16, "flag_max_alignment": 1.0, "flag_min_share": 0.0}
@@ -34,6 +39,8 @@ def cli(url, key, assets, *extra, wait=True, probe=None, out=None):
     return process.returncode, output
 
 
+@live
+@live_db
 def test_usage_input_unreachable_timeout_and_failed_audit_exit_codes(live_server, project, users, assets, tmp_path):
     require_real_services()
     purge_queues()  # no worker runs in this test: audits stay queued
@@ -71,6 +78,8 @@ def test_usage_input_unreachable_timeout_and_failed_audit_exit_codes(live_server
     assert (ClipModel.objects.count(), Probe.objects.count(), Dataset.objects.count()) == (1, 1, 1)
 
 
+@live
+@live_db
 def test_a_passing_and_a_failing_gate(live_server, project, users, assets, tmp_path):
     require_real_services()
     purge_queues()
@@ -99,3 +108,95 @@ def test_a_passing_and_a_failing_gate(live_server, project, users, assets, tmp_p
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- the default gate: measured harm
+
+def gate(api, audit, *options) -> tuple[int, str]:
+    """The client's gate decision for ``audit`` from what the API answers, as ``cli.audit`` fetches it."""
+    args = client.parser().parse_args(["--url", "http://testserver", "--token", "-", "audit", "--project", "0",
+                                       "--probe", "p.npz", "--dataset", "d.zip", *map(str, options)])
+    summary = api.get(f"/api/v1/audits/{audit.pk}/summary/").json()
+    page = api.get(f"/api/v1/audits/{audit.pk}/flags/", {"head": "probe"}).json()
+    assert page["next"] is None
+    diff = None
+    if args.baseline is not None:
+        diff = api.get(f"/api/v1/audits/{audit.pk}/diff/", {"baseline": args.baseline}).json()
+    lines = []
+    code = client.gate(summary, page["results"], args, audit.pk, Path("out"), lines.append, diff)
+    return code, "\n".join(lines)
+
+
+@pytest.mark.django_db
+def test_by_default_an_unreviewed_flag_with_measured_harm_fails_the_build(client_for, project, users, registered):
+    audit = stored_audit(project, users["member"], registered)
+    api = client_for("member")
+    code, output = gate(api, audit)
+    assert code == client.EXIT_GATE, output
+    assert "1 unreviewed probe flags with measured harm (melanoma latent 0)" in output
+    assert "--no-default-gate" in output
+    # the summary names each flag's confirmation and harm
+    assert "unreviewed, confirmed" in output and f"harm: {RULER_SUMMARY}" in output
+    assert "unreviewed, relied_on_no_harm" in output and "with measured harm 1" in output
+
+    code, output = gate(api, audit, "--no-default-gate")
+    assert code == client.EXIT_PASS and "gate passed" in output
+    code, output = gate(api, audit, "--max-flag-share", "1.0")  # an explicit gate replaces the default one
+    assert code == client.EXIT_PASS, output
+
+    ruler = audit.flags.get(head="probe", class_name="melanoma")
+    reviewed = api.post(f"/api/v1/audits/{audit.pk}/flags/{ruler.pk}/reviews/", {"verdict": "benign",
+                                                                                  "note": "rulers are fine here"})
+    assert reviewed.status_code == 201
+    code, output = gate(api, audit)
+    assert code == client.EXIT_PASS and "gate passed" in output and "benign, confirmed" in output
+
+
+@pytest.mark.django_db
+def test_against_a_baseline_only_new_flags_with_measured_harm_fail_the_default_gate(client_for, project, users,
+                                                                                    registered):
+    api = client_for("member")
+    same = stored_audit(project, users["member"], registered)
+    current = stored_audit(project, users["member"], registered)
+    code, output = gate(api, current, "--baseline", same.pk)
+    assert code == client.EXIT_PASS and "0 new" in output, output
+
+    without_ruler = build_result()
+    without_ruler["flags"] = [f for f in without_ruler["flags"] if f["label"] != "a ruler"]
+    earlier = stored_audit(project, users["member"], registered, without_ruler)
+    code, output = gate(api, current, "--baseline", earlier.pk)
+    assert code == client.EXIT_GATE and "1 unreviewed new probe flags with measured harm" in output, output
+
+
+@pytest.mark.django_db
+def test_the_default_gate_passes_an_audit_from_before_harm_was_measured(client_for, project, users, registered):
+    audit = stored_audit(project, users["member"], registered, without_new_keys(build_result()))
+    code, output = gate(client_for("member"), audit)
+    assert code == client.EXIT_PASS and "confirmation unknown" in output, output
+
+
+@live
+@live_db
+def test_the_client_exits_1_on_measured_harm_unless_the_default_gate_is_off(live_server, project, users, assets,
+                                                                             tmp_path):
+    require_real_services()
+    purge_queues()  # no worker: the test stores each submitted audit's result itself
+    key = ApiToken.issue(users["member"], "ci")[1]
+
+    def run(*extra):
+        process = cli(live_server.url, key, assets, project.pk, *extra, wait=False, out=tmp_path / "out")
+        deadline = time.monotonic() + 120
+        while not (queued := Audit.objects.filter(status=Status.QUEUED).first()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert queued, process.communicate(timeout=30)[0]
+        queued.mark_running("extract", 1.0)
+        store_result(queued, build_result(), {"extract": 1.0})
+        output, _ = process.communicate(timeout=120)
+        return process.returncode, output
+
+    code, output = run()
+    assert code == 1, output
+    assert "GATE FAILED" in output and "probe flags with measured harm (melanoma latent 0)" in output
+    assert RULER_SUMMARY in output
+    code, output = run("--no-default-gate")
+    assert code == 0 and "gate passed" in output, output

@@ -12,6 +12,7 @@ from audit_service.audits.services import create_audit
 from workers import tasks
 
 from .conftest import FAST_AUDIT, upload
+from .results import RULER_SUMMARY, build_result, stored_audit, without_new_keys
 
 pytestmark = pytest.mark.django_db
 
@@ -278,3 +279,113 @@ def test_admins_bulk_review_flags_and_filter_by_latest_verdict(finished, users):
     assert listed(verdict="unreviewed") == set()
     assert listed(class_name__exact=first.class_name, category__exact=first.category) == {
         f.pk for f in flags if f.class_name == first.class_name and f.category == first.category}
+
+
+# --------------------------------------------------------------------------- measured harm and confirmation
+
+@pytest.fixture
+def measured(project, users, registered):
+    """A succeeded audit whose result has measured harm, confirmation, label confidence, slices (hand-built)."""
+    return stored_audit(project, users["member"], registered)
+
+
+def flag_card(html: str, flag) -> str:
+    start = html.index(f'id="flag-{flag.pk}"')
+    end = html.find('class="card flagcard"', start)
+    return html[start:end if end > 0 else len(html)]
+
+
+def harm_cells(card: str) -> dict:
+    """Head -> [(percent, n), ...] from a card's harm table."""
+    table = re.search(r'<table class="harm">.*?</table>', card, re.S).group(0)
+    return {head: re.findall(r'<td class="num">([^ <]+) <span class="muted">n=(\d+)</span></td>', cells)
+            for head, cells in re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", table, re.S)}
+
+
+def test_a_flag_card_shows_the_harm_table_the_confirmation_and_what_the_latent_fires_on(web, measured):
+    html = web("viewer").get(f"/audits/{measured.pk}/report/").content.decode()
+    ruler = flag_card(html, measured.flags.get(head="probe", class_name="melanoma"))
+    assert harm_cells(ruler) == {"Linear probe": [("96%", "25"), ("33%", "15"), ("81%", "16"), ("2%", "24")],
+                                 "Zero-shot": [("71%", "25"), ("74%", "15"), ("20%", "16"), ("22%", "24")]}
+    for column in ("melanoma with it: accuracy", "melanoma without it: accuracy", "others with it called melanoma",
+                   "others without it called melanoma"):
+        assert column in ruler
+    assert RULER_SUMMARY in ruler
+    assert "confirmed shortcut: measured harm" in ruler and "causally confirmed" not in html
+    assert "fires on ruler=1, AUROC 0.97; site=head, AUROC 0.61; site=back, AUROC 0.55" in ruler
+    assert "age_over_60" not in ruler  # the top 3 only
+    assert "concept spread over latents 0, 3 (summed share)" in ruler
+    assert "(similar latents: 6%)" in ruler and "others fixed by ablation <b>9</b> / 13" in ruler
+    assert "“a ruler”" in ruler and "(confidence 0.91)" in ruler
+
+    unlabelled = flag_card(html, measured.flags.get(head="probe", class_name="nevus"))
+    assert "unlabelled — closest: hair" in unlabelled and "(confidence 0.12)" in unlabelled
+    assert "relied on, no measured harm" in unlabelled
+    assert "fires on" not in unlabelled and "concept spread" not in unlabelled  # nothing to say, nothing shown
+    zero_shot = flag_card(html, measured.flags.get(head="zero_shot"))
+    assert "not confirmed" in zero_shot and "measured harm" not in zero_shot.replace("no measured harm", "")
+
+
+def test_the_report_shows_accuracy_per_slice_and_the_dataset_that_trained_the_sae(web, measured):
+    html = web("viewer").get(f"/audits/{measured.pk}/report/").content.decode()
+    table = re.search(r'<table class="slices" id="slice-ruler">.*?</table>', html, re.S).group(0)
+    rows = {value: re.findall(r'<td class="num">([^<]+)</td>', cells)
+            for value, cells in re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", table, re.S)}
+    assert rows["1"] == ["41", "0.680", "0.750", "0.960 / 0.700", "0.400 / 0.800"]
+    assert rows["0"] == ["39", "0.770", "0.800", "0.330 / 0.740", "0.980 / 0.850"]
+    sae = re.search(r'<p class="small" id="sae-dataset">(.*?)</p>', html, re.S).group(1)
+    assert "ISIC archive, unlabelled" in sae and "5000 images" in sae
+    summary = re.search(r'<table id="class-summary">.*?</table>', html, re.S).group(0)
+    melanoma = re.search(r"<tr><td>melanoma</td>.*?</tr>", summary, re.S).group(0)
+    assert "Confirmed / measured harm" in summary and '<td class="num">1 / 1</td>' in melanoma
+
+
+def test_the_downloaded_html_shows_the_same_harm_confirmation_and_slices(web, measured):
+    html = web("viewer").get(f"/audits/{measured.pk}/download/html").content.decode()
+    ruler = flag_card(html, measured.flags.get(head="probe", class_name="melanoma"))
+    assert harm_cells(ruler)["Linear probe"][1] == ("33%", "15")
+    assert "confirmed shortcut: measured harm" in ruler and RULER_SUMMARY in ruler
+    assert "unlabelled — closest: hair" in html and 'id="slice-ruler"' in html
+    assert "<script" not in html
+
+
+def test_the_flags_csv_has_confirmation_measured_harm_and_label_confidence(web, measured):
+    text = b"".join(web("viewer").get(f"/audits/{measured.pk}/download/flags.csv").streaming_content).decode()
+    header = next(csv.reader(io.StringIO(text)))
+    assert header[:20] == ["head", "class_name", "rank", "latent", "label", "category", "share", "probe_share",
+                           "zero_shot_share", "label_alignment", "expected_alignment", "clarity", "confirmed",
+                           "ablation_flips", "ablation_images", "insertion_flips_to_class", "insertion_images",
+                           "latest_verdict", "latest_note", "latest_reviewer"]  # old columns keep their places
+    rows = {(r["head"], r["class_name"]): r for r in csv.DictReader(io.StringIO(text))}
+    ruler = rows[("probe", "melanoma")]
+    assert (ruler["confirmation_status"], ruler["harm_measured"], ruler["confirmed"]) == ("confirmed", "true", "true")
+    assert [ruler[f"probe_{c}"] for c in ("accuracy_with", "accuracy_without", "others_called_with",
+                                          "others_called_without")] == ["0.96", "0.333333", "0.8125", "0.0208333"]
+    assert [ruler[f"zero_shot_{c}"] for c in ("accuracy_with", "accuracy_without", "others_called_with",
+                                              "others_called_without")] == ["0.71", "0.74", "0.2", "0.22"]
+    assert (ruler["label_confidence"], ruler["closest_concept"], ruler["ablation_flips"]) == ("0.91", "a ruler", "10")
+    unlabelled = rows[("probe", "nevus")]
+    assert (unlabelled["confirmation_status"], unlabelled["harm_measured"], unlabelled["confirmed"]) == (
+        "relied_on_no_harm", "false", "false")
+    assert (unlabelled["label"], unlabelled["closest_concept"], unlabelled["label_confidence"]) == (
+        "unlabelled", "hair", "0.12")
+
+
+def test_a_result_from_before_harm_was_measured_still_stores_renders_and_downloads(web, project, users,
+                                                                                  registered):
+    audit = stored_audit(project, users["member"], registered, without_new_keys(build_result()))
+    assert (audit.flags.count(), audit.latents.count()) == (3, 4)
+    client = web("viewer")
+    html = client.get(f"/audits/{audit.pk}/report/").content.decode()
+    ruler = flag_card(html, audit.flags.get(head="probe", class_name="melanoma"))
+    assert "“a ruler”" in ruler and "confidence" not in ruler
+    assert 'class="harm"' not in ruler and "fires on" not in ruler and "concept spread" not in ruler
+    assert "predictions flip, harm not measured" in ruler  # its engine's "confirmed", not a confirmed shortcut
+    assert 'id="slices"' not in html and "The SAE was trained on the audited dataset." in html
+    rows = list(csv.DictReader(io.StringIO(b"".join(
+        client.get(f"/audits/{audit.pk}/download/flags.csv").streaming_content).decode())))
+    assert len(rows) == 3 and all(r["confirmation_status"] == "" and r["harm_measured"] == "" and
+                                  r["probe_accuracy_with"] == "" for r in rows)
+    body = json.loads(client.get(f"/audits/{audit.pk}/download/json").content)
+    assert all(f["harm"] is None and f["confirmation"]["status"] == "" for f in body["flags"])
+    assert client.get(f"/audits/{audit.pk}/download/html").status_code == 200
