@@ -521,7 +521,9 @@ def _finish(audit, row, progress) -> None:
     result = draft["result"]
     if c["config"].causal and result["flags"]:
         stats = [work.read_json(f"confirm/stats-{i:05d}.json") for i in range(audit.shards)]
-        apply_confirmation(result["flags"], merge_confirmations(stats), draft["amounts"])
+        apply_confirmation(result["flags"], merge_confirmations(stats), draft["amounts"], c["config"])
+    else:
+        apply_confirmation(result["flags"], None, draft["amounts"], c["config"])
     rows = list(AuditShard.objects.filter(audit=audit).exclude(stage="finish"))
     timings = {}
     for r in rows:  # worker-seconds per engine stage, summed over shards

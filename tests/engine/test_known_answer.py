@@ -78,7 +78,10 @@ def _audit(case, monkeypatch, **overrides):
     monkeypatch.setattr(pipeline, "alignment", _fake_alignment)
     config = build_audit_config(expected_concepts={"melanoma": ["melanoma"], "nevus": ["nevus"]},
                                 artifact_vocabulary=("a ruler",), faithfulness_max_images=20,
-                                faithfulness_steps=3, flag_min_share=0.05, **overrides)
+                                faithfulness_steps=3, flag_min_share=0.05,
+                                # 20 images a class are too few to split on a latent that fires on all of them: the
+                                # flag stands on the probe leaning on it where zero-shot does not
+                                flag_without_harm=True, **overrides)
     dataset = TensorImages(case["images"], case["labels"], CLASSES)
     return run_audit(config, case["bundle"], case["probe"], dataset, sae=case["sae"], workdir=case["tmp"] / "w")
 
@@ -125,7 +128,11 @@ def test_ablation_and_insertion_flip_exactly_the_images_they_must(case, monkeypa
     assert flag["causal"]["insertion_images"] == 20
     assert flag["causal"]["insertion_amount"] == pytest.approx(m, rel=1e-5)
     assert flag["causal"]["insertion_flips_to_class"] == int(inserted.sum()) > 0
-    assert flag["causal"]["confirmed"] is True
+    # removing J flips far more than removing latents of similar mass (which the probe does not read) ...
+    assert flag["causal"]["beyond_baseline"] is True and flag["causal"]["baseline_flip_rate"] == 0.0
+    # ... but with J active on every melanoma image there is no image without it to measure harm on
+    assert flag["harm"]["measured"] is False
+    assert flag["confirmation"]["status"] == "relied_on_no_harm" and flag["causal"]["confirmed"] is False
 
 
 def test_deleting_by_act_grad_removes_the_read_latent_first(case, monkeypatch):

@@ -107,11 +107,16 @@ class AuditConfig(_DictMixin):
     expected_concepts: dict = field(default_factory=dict)  # class -> concepts that class should mean
     artifact_vocabulary: tuple | None = None  # None: the built-in artifact list
     general_vocabulary: bool = True  # add the ImageNet class names shipped with open_clip
+    label_min_confidence: float = 0.3  # below this label probability a latent is reported "unlabelled"
     flag_top_n: int = 10  # a flag must be among the class's top-n latents by relevance share ...
     flag_min_share: float = 0.05  # ... and hold at least this share of the class's positive relevance ...
     flag_max_alignment: float = 0.05  # ... while aligning with the expected concepts below this,
     flag_relative_alignment: float = 0.5  # ... or below this fraction of its alignment with its own label,
     flag_class_margin: float = 0.02  # ... or exceeding other classes' expected alignment by less than this
+    flag_without_harm: bool = False  # also flag latents relied on with no measured harm ("relied on, no harm")
+    flag_group_similarity: float = 0.8  # flagged latents this alike (centred semantic cosine) are one concept
+    harm_min_gap: float = 0.20  # harm: a with/without accuracy gap of at least this ...
+    harm_min_z: float = 3.0  # ... significant at this two-proportion z, and exceeding the other head's by gap / 2
     amplification_ratio: float = 1.5  # probe share >= ratio x zero-shot share counts as amplified
     faithfulness_steps: int = 20  # deletion curve length n = 1..N
     faithfulness_max_images: int = 256  # images per class used for deletion curves
@@ -134,10 +139,14 @@ class AuditConfig(_DictMixin):
         _check(self.n_references >= 2, "n_references must be at least 2 (clarity needs pairs)")
         _check(len(self.prompt_templates) > 0 and all("{}" in t for t in self.prompt_templates),
                "every prompt template must contain '{}' where the concept goes")
+        _check(0.0 <= self.label_min_confidence <= 1.0, "label_min_confidence must be within [0, 1]")
         _check(1 <= self.flag_top_n, "flag_top_n must be at least 1")
         _check(0.0 <= self.flag_min_share <= 1.0, "flag_min_share must be within [0, 1]")
         _check(0.0 <= self.flag_relative_alignment <= 1.0, "flag_relative_alignment must be within [0, 1]")
         _check(self.flag_class_margin >= 0.0, "flag_class_margin must be >= 0")
+        _check(-1.0 <= self.flag_group_similarity <= 1.0, "flag_group_similarity must be within [-1, 1]")
+        _check(0.0 < self.harm_min_gap <= 1.0, "harm_min_gap must be within (0, 1]")
+        _check(self.harm_min_z >= 0.0, "harm_min_z must be >= 0")
         _check(self.amplification_ratio >= 1.0, "amplification_ratio must be >= 1")
         _check(self.faithfulness_steps >= 1, "faithfulness_steps must be at least 1")
         _check(self.faithfulness_max_images >= 1, "faithfulness_max_images must be at least 1")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .config import AuditConfig
-from .semantics import Vocabulary
+from .semantics import UNLABELLED, Vocabulary
 
 
 NOISE_FLOOR = 1e-4  # relevance below this fraction of a class's largest |mean relevance| is rounding noise
@@ -34,7 +34,7 @@ def _words(text: str) -> set[str]:
 def categorize(label: str | None, label_index: int | None, vocab: Vocabulary, class_name: str,
                explicit_expected: bool, name_alignment: float, config: AuditConfig) -> str:
     """A guess at the kind of shortcut from the latent's label (see DESIGN.md section 2)."""
-    if label_index is None:
+    if label_index is None or label == UNLABELLED:
         return "other"
     category = vocab.categories[label_index]
     if category in ("dataset_artifact", "visual_text"):
@@ -78,7 +78,11 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
             s = float(share[c, latent])
             if s < config.flag_min_share or s <= 0:
                 break
-            if labels[latent] is None or label_indices[latent] in expected:
+            if labels[latent] is None:
+                continue
+            # a confident label that is one of the class's own concepts means the class; an unlabelled latent is
+            # judged by its alignments alone
+            if labels[latent] != UNLABELLED and label_indices[latent] in expected:
                 continue
             a = float(expected_alignment[c, latent])
             own = float(label_alignment[latent])
@@ -100,3 +104,55 @@ def find_flags(head: str, mean: Tensor, share: Tensor, class_names: list[str], *
                                        float(name_alignment[c, latent]), config),
             })
     return flags
+
+
+def _centred_semantics(semantic: Tensor) -> Tensor:
+    """Unit semantic embeddings with their common part removed: every image of a dataset looks alike to CLIP
+    ("a photo of skin"), so plain cosines between latents are all high; centred ones say what differs."""
+    alive = semantic.norm(dim=1) > 0
+    centre = semantic[alive].mean(0) if alive.any() else torch.zeros(semantic.shape[1])
+    return torch.nn.functional.normalize(semantic - centre, dim=1)
+
+
+def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig) -> list[dict]:
+    """From candidate flags (with shares and harm), the flags a reviewer sees.
+
+    Per head and class: candidates whose latents mean the same thing (centred
+    semantic cosine >= ``flag_group_similarity``) are one concept, reported once
+    with its summed share; a concept is kept when its harm is measured (the
+    head's with/without gap is large, significant and clearly above the other
+    head's), or, with ``flag_without_harm``, when its head leans on it
+    ``amplification_ratio`` times more than the other head does (it then says
+    "relied on, no measured harm" and ranks below every measured one).
+    """
+    centred = _centred_semantics(semantic)
+    out = []
+    keys = sorted({(f["head"], f["class_name"]) for f in candidates})
+    for head, class_name in keys:
+        group = sorted([f for f in candidates if (f["head"], f["class_name"]) == (head, class_name)],
+                       key=lambda f: -f["share"])
+        concepts: list[list[dict]] = []
+        for flag in group:
+            for concept in concepts:
+                if float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) >= config.flag_group_similarity:
+                    concept.append(flag)
+                    break
+            else:
+                concepts.append([flag])
+        kept = []
+        for members in concepts:
+            measured = [f for f in members if f["harm"]["measured"]]
+            lead = dict(measured[0] if measured else members[0])
+            lead["concept_latents"] = [f["latent"] for f in members]
+            for key in ("share", "probe_share", "zero_shot_share", "mean_relevance"):
+                lead[key] = sum(f[key] for f in members)
+            own, other = ((lead["probe_share"], lead["zero_shot_share"]) if head == "probe"
+                          else (lead["zero_shot_share"], lead["probe_share"]))
+            leaned_on = own >= config.flag_min_share and own >= config.amplification_ratio * other
+            if lead["harm"]["measured"] or (config.flag_without_harm and leaned_on):
+                kept.append(lead)
+        kept.sort(key=lambda f: (not f["harm"]["measured"], -f["share"]))
+        for rank, flag in enumerate(kept, start=1):
+            flag["rank"] = rank
+        out += kept
+    return out

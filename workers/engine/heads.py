@@ -214,6 +214,31 @@ class ZeroShotHead(Head):
         return cls(embeddings, class_names)
 
 
+class Centred(Head):
+    """A head's scores minus their mean over the classes: ``y_c - mean_k y_k``.
+
+    This is the class's evidence against the others (``(C-1)/C`` times its
+    margin over the mean of the other classes) and puts every head on one
+    footing. A zero-shot cosine has a large part every class shares (each class
+    prompt says "a lesion"); attributing the raw cosine hands that shared part,
+    mostly negative through the norm, to every latent. Predictions (argmax)
+    and a binary probe's ``-s``/``+s`` scores are unchanged.
+    """
+
+    def __init__(self, head: Head):
+        super().__init__()
+        self.head = head
+        self.class_names = list(head.class_names)
+
+    def forward(self, f: Tensor) -> Tensor:
+        y = self.head(f)
+        return y - y.mean(-1, keepdim=True)
+
+    def directions(self) -> Tensor:
+        d = self.head.directions()
+        return d - d.mean(0, keepdim=True)
+
+
 @torch.inference_mode()
 def encode_concepts(bundle, concepts: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:
     """[len(concepts), embed_dim] normalized text embeddings, each averaged over the templates."""

@@ -15,20 +15,22 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .activations import DEFAULT_SHARD_SIZE, ActivationStore, check_cover, extract_activations, plan_shards
 from .attribution import REGISTRY, get_method
 from .config import AuditConfig
 from .data import ImageSet
 from .errors import EngineError
-from .flags import find_flags, relevance_tables
-from .heads import LinearProbe, ZeroShotHead
+from .flags import find_flags, relevance_tables, select_flags
+from .harm import harm_evidence, harm_sums, metadata_auroc, slice_accuracy
+from .heads import Centred, LinearProbe, ZeroShotHead
 from .hooks import VisionTail, select_tokens
 from .interventions import area_under_curve, deletion_curves, shifted_outputs
 from .loading import ClipBundle, resolve_device
 from .sae import SAEMetrics, TopKSAE, evaluate_sae, size_sae, train_sae
-from .semantics import (ReferenceTracker, Vocabulary, alignment, choose_labels, class_alignments,
-                        semantic_embeddings)
+from .semantics import (UNLABELLED, ReferenceTracker, Vocabulary, alignment, choose_labels, class_alignments,
+                        label_confidence, semantic_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class AuditResult:
     timings: dict
     environment: dict
     artifacts: dict = field(default_factory=dict)
+    slices: dict = field(default_factory=dict)  # metadata column -> value -> accuracy of both heads
+    sae_dataset: dict | None = None  # the dataset the SAE was trained on, when not the audited one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -231,7 +235,9 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
             stats = [confirm_shard(ctx, store, result.flags, amounts, start, count,
                                    progress=lambda done, total, s=start: report(s + done, store.n))
                      for start, count in shards]
-            apply_confirmation(result.flags, merge_confirmations(stats), amounts)
+            apply_confirmation(result.flags, merge_confirmations(stats), amounts, config)
+        else:
+            apply_confirmation(result.flags, None, amounts, config)
     result.timings = dict(stages.timings)
     return result
 
@@ -244,7 +250,8 @@ class AuditContext:
         self.class_names = list(probe.class_names)
         self.tail = VisionTail(bundle.model.visual, config.layer, config.token)
         zero_shot = ZeroShotHead.build(bundle, self.class_names, config.prompt_templates, config.class_prompts)
-        self.heads = {"probe": probe.to(device), "zero_shot": zero_shot.to(device)}
+        # both heads attributed on one footing: each class's score minus the mean over classes
+        self.heads = {"probe": Centred(probe).to(device), "zero_shot": Centred(zero_shot).to(device)}
         self.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=config.token,
                                              seed=config.seed) for name in REGISTRY}
                         for h, head in self.heads.items()}
@@ -261,8 +268,8 @@ class AuditContext:
 
 
 # How each array of an attribution partial merges across shards.
-_SUM = ("frequency", "class_activation", "rel_sum.", "curve_sum.", "faith_counts")
-_ROWS = ("top_values.", "top_indices.", "predictions.")
+_SUM = ("frequency", "class_activation", "rel_sum.", "curve_sum.", "faith_counts", "active_count", "harm.")
+_ROWS = ("top_values.", "top_indices.", "predictions.", "act_values", "act_indices")
 
 
 def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count: int,
@@ -284,6 +291,10 @@ def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count
     curve_sum = {h: {m: torch.zeros(n_classes, steps + 1, device=device) for m in REGISTRY} for h in ctx.heads}
     faith_counts = torch.zeros(n_classes, device=device)
     predictions = {h: np.zeros(count, np.int64) for h in ctx.heads}
+    n_act = min(n_latents, ctx.keep)
+    act_values, act_indices = np.zeros((count, n_act), np.float32), np.zeros((count, n_act), np.int64)
+    active_count = torch.zeros(n_classes, n_latents, device=device)
+    harm = {h: None for h in ctx.heads}
     with torch.no_grad():
         for lo, acts, emb in store.iter_batches(config.batch_size, start, start + count):
             acts, emb = acts.to(device), emb.to(device)
@@ -304,9 +315,18 @@ def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count
             frequency += (per_image > 0).float().sum(0)
             max_activation = torch.maximum(max_activation, per_image.amax(0))
             class_activation += onehot.T @ mean_act
+            active = per_image > 0
+            strongest = per_image.topk(n_act, dim=1)  # each image's most active latents: AUROC per metadata column
+            act_values[row:row + b], act_indices[row:row + b] = (strongest.values.cpu().numpy(),
+                                                                 strongest.indices.cpu().numpy())
+            active_count += onehot.T @ active.float()
             sub = faith_mask[lo:lo + b].to(device)
             for h, head in ctx.heads.items():
-                predictions[h][row:row + b] = head(emb).argmax(1).cpu().numpy()
+                logits = head(emb)
+                predicted = logits.argmax(1)
+                predictions[h][row:row + b] = predicted.cpu().numpy()
+                sums = harm_sums(active, onehot, predicted, logits.gather(1, y.unsqueeze(1)).squeeze(1), n_classes)
+                harm[h] = sums if harm[h] is None else {k: harm[h][k] + v for k, v in sums.items()}
                 rel = ctx.methods[h]["act_grad"].attribute(acts, target=y)[:, 0]  # [b, L]
                 rel_sum[h] += onehot.T @ rel
                 top = rel.topk(ctx.keep, dim=1)
@@ -325,9 +345,15 @@ def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count
     out = {"start": np.int64(start), "count": np.int64(count), "ref_values": tracker.values.cpu().numpy(),
            "ref_indices": tracker.indices.cpu().numpy(), "frequency": frequency.cpu().numpy(),
            "max_activation": max_activation.cpu().numpy(), "class_activation": class_activation.cpu().numpy(),
-           "faith_counts": faith_counts.cpu().numpy()}
+           "faith_counts": faith_counts.cpu().numpy(), "active_count": active_count.cpu().numpy(),
+           "act_values": act_values, "act_indices": act_indices}
     for h in ctx.heads:
         out[f"rel_sum.{h}"] = rel_sum[h].cpu().numpy()
+        for key in ("correct", "called", "score"):
+            out[f"harm.{h}.{key}"] = (harm[h][key].cpu().numpy() if harm[h] is not None
+                                      else np.zeros((n_classes, n_latents), np.float32))
+        out[f"harm.{h}.score_total"] = (harm[h]["score_total"].cpu().numpy() if harm[h] is not None
+                                        else np.zeros(n_classes, np.float32))
         out[f"top_values.{h}"], out[f"top_indices.{h}"] = top_values[h], top_indices[h]
         out[f"predictions.{h}"] = predictions[h]
         for m in REGISTRY:
@@ -398,9 +424,16 @@ def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, m
     expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
                                                               config.expected_concepts)  # [C, L] each
     label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
+    scale = float(semantic_model.model.logit_scale.exp().clamp(max=100)) if hasattr(semantic_model.model,
+                                                                                     "logit_scale") else 100.0
+    confidence = label_confidence(align, vocab, expected_alignment, scale)
+    closest = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
     return {
         "tracker": tracker, "sem": sem, "clarity": clarity, "vocab": vocab,
-        "labels_text": [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())],
+        # a latent no concept describes well is "unlabelled": its images speak for it, not a confident wrong name
+        "labels_text": [None if c is None else (c if confidence[i] >= config.label_min_confidence else UNLABELLED)
+                        for i, c in enumerate(closest)],
+        "closest_concepts": closest, "label_confidence": confidence,
         "label_indices": [j if has_refs[i] else None for i, j in enumerate(label_index.tolist())],
         "label_alignment": label_alignment, "expected_alignment": expected_alignment,
         "specific_alignment": specific_alignment,
@@ -429,29 +462,47 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
         flags += find_flags(h, mean, share, class_names, labels=labels_text, label_indices=label_indices,
                             label_alignment=labelled["label_alignment"], expected_alignment=expected_alignment,
                             name_alignment=labelled["name_alignment"], clarity=clarity, vocab=vocab, config=config)
-    class_mean = torch.from_numpy(merged["class_activation"]) / counts.clamp_min(1).unsqueeze(1)
-    amounts = []
     for flag in flags:
         c = class_names.index(flag["class_name"])
         flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
         flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
-        flag["references"] = [images.ids[i] for i in tracker.references(flag["latent"])]
+        flag["harm"] = harm_evidence(merged, labels, n_classes, c, flag["latent"], flag["head"],
+                                     name=flag["class_name"], config=config)
+    flags = select_flags(flags, labelled["sem"], config)
+    class_mean = torch.from_numpy(merged["class_activation"]) / counts.clamp_min(1).unsqueeze(1)
+    metadata = getattr(images, "metadata", None) or {}
+    activity = _sparse_activity(merged)
+    amounts = []
+    for flag in flags:
+        c = class_names.index(flag["class_name"])
+        latent = flag["latent"]
+        flag["references"] = [images.ids[i] for i in tracker.references(latent)]
         # what the latent means, as a unit vector in the semantic model's embedding space: the audit diff
         # matches flags across audits with it (latent indices differ between SAEs)
-        flag["semantic"] = [round(v, 5) for v in F.normalize(labelled["sem"][flag["latent"]], dim=0).tolist()]
+        flag["semantic"] = [round(v, 5) for v in F.normalize(labelled["sem"][latent], dim=0).tolist()]
         top_rel = (merged[f"top_values.{flag['head']}"], merged[f"top_indices.{flag['head']}"])
-        flag["top_images"] = _top_images(top_rel, flag["latent"], labels, c, images.ids, config.top_images_per_flag)
-        amounts.append(float(class_mean[c, flag["latent"]]))
+        flag["top_images"] = _top_images(top_rel, latent, labels, c, images.ids, config.top_images_per_flag)
+        flag["label_confidence"] = float(labelled["label_confidence"][latent])
+        flag["closest_concept"] = labelled["closest_concepts"][latent]
+        flag["metadata_auroc"] = metadata_auroc(activity(latent), metadata)
+        flag["baseline_latents"] = _similar_mass(class_mean[c], latent, exclude=[
+            i for f in flags if f["class_name"] == flag["class_name"] for i in f["concept_latents"]])
+        amounts.append(float(class_mean[c, latent]))
 
     comparison = {}
     for c, name in enumerate(class_names):
-        flagged = sorted({f["latent"] for f in flags if f["class_name"] == name})
+        probe_flags = [f for f in flags if f["class_name"] == name and f["head"] == "probe"]
+        flagged = sorted({i for f in probe_flags for i in f["concept_latents"]})
         probe_share = float(tables["probe"][1][c, flagged].sum()) if flagged else 0.0
         zs_share = float(tables["zero_shot"][1][c, flagged].sum()) if flagged else 0.0
         comparison[name] = {
             "flagged_latents": flagged, "probe_share": probe_share, "zero_shot_share": zs_share,
-            "amplified_by_probe": bool(flagged) and probe_share >= config.flag_min_share
-            and probe_share >= config.amplification_ratio * zs_share,
+            "measured_harm": sum(f["harm"]["measured"] for f in probe_flags),
+            # the probe leans on the flagged latents more than zero-shot does: by share, or by measured harm
+            # (the probe's with/without gap exceeds zero-shot's)
+            "amplified_by_probe": bool(probe_flags) and (
+                any(f["harm"]["measured"] for f in probe_flags)
+                or (probe_share >= config.flag_min_share and probe_share >= config.amplification_ratio * zs_share)),
         }
 
     relevance = {}
@@ -486,7 +537,9 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
     latents = [{
         "latent": i, "label": labels_text[i],
         "label_source": vocab.sources[label_indices[i]] if label_indices[i] is not None else None,
-        "label_category": vocab.categories[label_indices[i]] if label_indices[i] is not None else None,
+        "label_category": (vocab.categories[label_indices[i]] if label_indices[i] is not None
+                           and labels_text[i] != UNLABELLED else None),
+        "label_confidence": float(labelled["label_confidence"][i]), "closest_concept": labelled["closest_concepts"][i],
         "alignment": float(labelled["label_alignment"][i]) if labels_text[i] is not None else None,
         "clarity": float(clarity[i]), "frequency": float(freq[i]), "max_activation": float(max_activation[i]),
         "references": [images.ids[j] for j in tracker.references(i)],
@@ -500,6 +553,8 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
         accuracy[h] = {"overall": float(correct.float().mean()),
                        "per_class": {name: float(correct[labels == c].float().mean()) if counts[c] else None
                                      for c, name in enumerate(class_names)}}
+
+    slices = slice_accuracy(metadata, {h: merged[f"predictions.{h}"] for h in heads}, labels.numpy(), class_names)
 
     workdir.mkdir(parents=True, exist_ok=True)
     np.savez(workdir / "relevance.npz", classes=np.array(class_names),
@@ -522,12 +577,35 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
         flags=flags,
         comparison=comparison,
         faithfulness=faithfulness,
+        slices=slices,
         timings={},
         environment={"device": str(device), "torch": torch.__version__, "host": platform.node(),
                      "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         artifacts={"relevance": "relevance.npz", "sae": "sae/", "activations": "activations/"},
     )
     return result, amounts
+
+
+def _similar_mass(class_mean: Tensor, latent: int, exclude: list[int], n: int = 5) -> list[int]:
+    """The ``n`` other active latents whose mean activation on the class is closest to ``latent``'s (in log
+    scale): removing any latent that carries that much mass flips some predictions, so these set the baseline."""
+    mass = class_mean.clamp_min(0)
+    candidates = [i for i in range(len(mass)) if i not in exclude and i != latent and float(mass[i]) > 0]
+    if not candidates or float(mass[latent]) <= 0:
+        return []
+    target = float(torch.log(mass[latent]))
+    candidates.sort(key=lambda i: abs(float(torch.log(mass[i])) - target))
+    return candidates[:n]
+
+
+def _sparse_activity(merged: dict) -> Callable[[int], np.ndarray]:
+    """latent -> its activation on every image (0 where it is not among the image's strongest)."""
+    values, indices = merged["act_values"], merged["act_indices"]
+
+    def activity(latent: int) -> np.ndarray:
+        return np.where(indices == latent, values, 0.0).max(1)
+
+    return activity
 
 
 def _top_images(top_rel, latent: int, labels: torch.Tensor, c: int, ids: list, n: int) -> list[dict]:
@@ -559,14 +637,17 @@ def _embed_references(semantic_model: ClipBundle, images: ImageSet, tracker: Ref
     return out
 
 
-_CONFIRM_COUNTS = ("ablation_images", "ablation_flips", "correct_before", "correct_after", "insertion_images",
-                   "insertion_flips_to_class")
+_CONFIRM_COUNTS = ("ablation_images", "ablation_active", "ablation_flips", "correct_before", "correct_after",
+                   "insertion_images", "insertion_flips_to_class", "others_called_before", "others_fixed",
+                   "baseline_active", "baseline_flips")
 
 
 def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], amounts: list[float], start: int,
                   count: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Counts of one shard for each flag: ablate the flagged latent on its class's images, insert it (by
-    ``amounts``) into other classes' images. :func:`merge_confirmations` adds shards up."""
+    """Counts of one shard for each flag: ablate the flagged latent on its class's images (and, as the baseline,
+    each of ``flag["baseline_latents"]``), ablate it on other classes' images it is active on (does that stop them
+    being called the flag's class?), insert it (by ``amounts``) into other classes' images.
+    :func:`merge_confirmations` adds shards up."""
     config, device, tail, sae = ctx.config, ctx.device, ctx.tail, ctx.sae
     labels = store.labels
     stats = [dict.fromkeys(_CONFIRM_COUNTS, 0) for _ in flags]
@@ -575,23 +656,37 @@ def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], 
             acts = acts.to(device)
             b = acts.shape[0]
             y = labels[lo:lo + b].to(device)
+            activity = _image_activity(sae, acts, config)  # [b, L]
             base = {h: head(tail(acts)).argmax(1) for h, head in ctx.heads.items()}
             for flag, amount, st in zip(flags, amounts, stats):
                 head = ctx.heads[flag["head"]]
                 c = ctx.class_names.index(flag["class_name"])
+                latent = flag["latent"]
                 own = y == c
+                before_all = base[flag["head"]]
                 if own.any():
-                    after = shifted_outputs(tail, sae, head, acts[own], flag["latent"], token=config.token).argmax(1)
-                    before = base[flag["head"]][own]
+                    after = shifted_outputs(tail, sae, head, acts[own], latent, token=config.token).argmax(1)
+                    before = before_all[own]
                     st["ablation_images"] += int(own.sum())
+                    st["ablation_active"] += int((activity[own, latent] > 0).sum())
                     st["ablation_flips"] += int((after != before).sum())
                     st["correct_before"] += int((before == c).sum())
                     st["correct_after"] += int((after == c).sum())
+                    for other_latent in flag.get("baseline_latents", []):
+                        after_b = shifted_outputs(tail, sae, head, acts[own], other_latent,
+                                                  token=config.token).argmax(1)
+                        st["baseline_active"] += int((activity[own, other_latent] > 0).sum())
+                        st["baseline_flips"] += int((after_b != before).sum())
                 other = ~own
+                called = other & (activity[:, latent] > 0) & (before_all == c)
+                if called.any():
+                    after = shifted_outputs(tail, sae, head, acts[called], latent, token=config.token).argmax(1)
+                    st["others_called_before"] += int(called.sum())
+                    st["others_fixed"] += int((after != c).sum())
                 if other.any():
-                    after = shifted_outputs(tail, sae, head, acts[other], flag["latent"], insert=amount,
+                    after = shifted_outputs(tail, sae, head, acts[other], latent, insert=amount,
                                             token=config.token).argmax(1)
-                    before = base[flag["head"]][other]
+                    before = before_all[other]
                     st["insertion_images"] += int(other.sum())
                     st["insertion_flips_to_class"] += int(((before != c) & (after == c)).sum())
             if progress:
@@ -599,20 +694,74 @@ def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], 
     return stats
 
 
+def _image_activity(sae: TopKSAE, acts: Tensor, config: AuditConfig) -> Tensor:
+    """[b, n_latents]: each latent's activation per image (pooled over patches for a spatial SAE)."""
+    z = sae.encode(select_tokens(acts, config.token))
+    if z.ndim == 3:
+        z = z.amax(1) if config.spatial_pool == "max" else z.mean(1)
+    return z
+
+
 def merge_confirmations(per_shard: list[list[dict]]) -> list[dict]:
-    return [{key: sum(s[i][key] for s in per_shard) for key in _CONFIRM_COUNTS} for i in range(len(per_shard[0]))]
+    return [{key: sum(s[i].get(key, 0) for s in per_shard) for key in _CONFIRM_COUNTS}
+            for i in range(len(per_shard[0]))]
 
 
-def apply_confirmation(flags: list[dict], stats: list[dict], amounts: list[float]) -> None:
-    """Write each flag's ``causal`` block from the summed counts."""
+def _rate_beyond(k: int, n: int, baseline: float, min_z: float) -> bool:
+    """Is k of n clearly above the rate ``baseline`` (one-sided z on the binomial)?"""
+    if n == 0 or k == 0:
+        return False
+    p0 = min(max(baseline, 1.0 / n), 1 - 1e-6)
+    return (k / n - p0) / (p0 * (1 - p0) / n) ** 0.5 >= min_z
+
+
+def apply_confirmation(flags: list[dict], stats: list[dict] | None, amounts: list[float],
+                       config: AuditConfig | None = None) -> None:
+    """Write each flag's ``causal`` block from the summed counts, and its ``confirmation`` verdict
+    (``stats`` None: confirmation was not run, the verdict says so).
+
+    Confirmed means both: removing the latent flips the class's predictions clearly more often than removing
+    latents of similar activation mass does (the baseline), and the harm is measured (with/without split).
+    """
+    min_z = config.harm_min_z if config is not None else 3.0
+    if stats is None:
+        for flag in flags:
+            flag["confirmation"] = confirmation_verdict(flag["class_name"], None,
+                                                        bool((flag.get("harm") or {}).get("measured")))
+        return
     for flag, st, amount in zip(flags, stats, amounts):
         n_own = max(st["ablation_images"], 1)
+        flip_rate = st["ablation_flips"] / max(st["ablation_active"], 1)
+        baseline = st["baseline_flips"] / st["baseline_active"] if st["baseline_active"] else 0.0
+        beyond = _rate_beyond(st["ablation_flips"], st["ablation_active"], baseline, min_z)
         causal = {
-            "ablation_images": st["ablation_images"], "ablation_flips": st["ablation_flips"],
+            "ablation_images": st["ablation_images"], "ablation_active": st["ablation_active"],
+            "ablation_flips": st["ablation_flips"], "flip_rate": flip_rate, "baseline_flip_rate": baseline,
+            "baseline_latents": flag.get("baseline_latents", []), "beyond_baseline": beyond,
             "accuracy_before": st["correct_before"] / n_own, "accuracy_after": st["correct_after"] / n_own,
             "accuracy_change": (st["correct_after"] - st["correct_before"]) / n_own,
+            "others_called_before": st["others_called_before"], "others_fixed": st["others_fixed"],
             "insertion_images": st["insertion_images"], "insertion_flips_to_class": st["insertion_flips_to_class"],
             "insertion_amount": amount,
         }
-        causal["confirmed"] = causal["ablation_flips"] > 0 or causal["insertion_flips_to_class"] > 0
+        measured = bool((flag.get("harm") or {}).get("measured"))
+        causal["confirmed"] = beyond and measured
         flag["causal"] = causal
+        flag["confirmation"] = confirmation_verdict(flag["class_name"], causal, measured)
+
+
+def confirmation_verdict(class_name: str, causal: dict | None, measured: bool) -> dict:
+    """The flag's verdict in words; flags with measured harm rank above those without."""
+    if not measured:
+        return {"status": "relied_on_no_harm",
+                "text": "relied on, no measured harm: the with/without split shows no harm the probe adds"}
+    if causal is None:
+        return {"status": "not_run", "text": "measured harm; causal confirmation was not run"}
+    flips = (f"ablation flips {causal['flip_rate']:.0%} of the {class_name} images it is active on "
+             f"(latents of similar activation mass: {causal['baseline_flip_rate']:.0%})")
+    if causal["others_called_before"]:
+        flips += (f"; it fixes {causal['others_fixed']} of {causal['others_called_before']} other images "
+                  f"wrongly called {class_name}")
+    if causal["confirmed"]:
+        return {"status": "confirmed", "text": f"confirmed shortcut, measured harm: {flips}"}
+    return {"status": "not_confirmed", "text": f"measured harm, but removing it does little beyond the baseline: {flips}"}

@@ -99,14 +99,18 @@ class TopKSAE(nn.Module):
 def size_sae(d_model: int, n_samples: int, config: SAEConfig) -> tuple[int, int, int]:
     """(n_latents, k, steps) from the config, filling what it leaves open from the data size.
 
-    About 4 x d_model latents, but no more than half the number of training
-    vectors (at least d_model), so a small dataset does not leave most latents
-    dead; k = n_latents / 32 within [4, 64]; steps: 3000 or 5 epochs, whichever is more.
+    A dictionary sized to what the data can teach: about one latent per 32
+    training vectors (a power of two, at least 16, at most 4 x d_model), so a
+    concept that a few hundred images show gets one latent instead of being split
+    over many that each hold a sliver of it; k = n_latents / 4 within [4, 64],
+    enough active latents per image that co-occurring artifacts (a ruler on an
+    image with dark corners) need not share one latent;
+    steps: 30 passes over the data, at least 600 and at most 20 000.
     """
-    n_latents = config.n_latents or max(d_model, min(4 * d_model, n_samples // 2))
-    k = config.k or int(min(64, max(4, n_latents // 32)))
+    n_latents = config.n_latents or int(min(4 * d_model, max(16, 2 ** round(math.log2(max(n_samples, 1) / 32)))))
+    k = config.k or int(min(64, max(4, n_latents // 4)))
     k = min(k, n_latents)
-    steps = config.steps or max(3000, math.ceil(5 * n_samples / config.batch_size))
+    steps = config.steps or int(min(20000, max(600, math.ceil(30 * n_samples / config.batch_size))))
     return int(n_latents), int(k), int(steps)
 
 

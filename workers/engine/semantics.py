@@ -35,6 +35,8 @@ ARTIFACT_VOCABULARY: dict[str, str] = {
     "a logo": "visual_text",
 }
 
+UNLABELLED = "unlabelled"  # the label of a latent that no concept of the vocabulary describes well
+
 CATEGORIES = ("dataset_artifact", "visual_text", "polysemy", "compound_noun", "other")
 
 
@@ -180,6 +182,29 @@ def class_alignments(align: Tensor, vocab: Vocabulary, class_names: Sequence[str
     return expected_alignment, expected_alignment - expected_alignment.mean(0, keepdim=True)
 
 
+def _label_scores(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor) -> Tensor:
+    score = align.clone()
+    if expected_alignment.shape[0] >= 2:
+        is_class = torch.tensor([s == "class" or s.startswith("expected:") for s in vocab.sources])
+        shared = expected_alignment.mean(0)  # [L]
+        score[:, is_class] -= shared.unsqueeze(1)
+    return score
+
+
+def label_confidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor, logit_scale: float) -> Tensor:
+    """[n_latents]: the probability CLIP gives the chosen label among the whole vocabulary.
+
+    The latent's references are read as CLIP reads an image in zero-shot
+    classification: a softmax over the concepts' scores at the model's own
+    logit scale. A concept that stands clearly above the rest gets most of the
+    mass; the best of a thousand near-equal guesses ("golf ball" for a
+    sticker the vocabulary has no word for) gets little, and the latent is
+    reported as unlabelled rather than with a confident wrong name.
+    """
+    score = _label_scores(align, vocab, expected_alignment)
+    return torch.softmax(logit_scale * score, dim=1).amax(1)
+
+
 def choose_labels(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor) -> tuple[Tensor, Tensor]:
     """Each latent's label: the concept it aligns with best, class concepts scored by their class-specific part.
 
@@ -190,11 +215,6 @@ def choose_labels(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor) 
     class prompts (they share "a lesion"), yet it is a ruler latent: this rule
     labels it so. Returns the label indices and their (plain) alignments.
     """
-    score = align.clone()
-    if expected_alignment.shape[0] >= 2:
-        is_class = torch.tensor([s == "class" or s.startswith("expected:") for s in vocab.sources])
-        shared = expected_alignment.mean(0)  # [L]
-        score[:, is_class] -= shared.unsqueeze(1)
-    index = score.argmax(1)
+    index = _label_scores(align, vocab, expected_alignment).argmax(1)
     return index, align.gather(1, index.unsqueeze(1)).squeeze(1)
 
