@@ -20,7 +20,7 @@ from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_
 from .images import Sample
 from .pretrain import LESION_CLIP, caption_variants, to_pixels, train_clip
 
-GENERATOR_VERSION = 3  # bump when images, captions or training change: cached cases are rebuilt
+GENERATOR_VERSION = 4  # bump when images, captions or training change: cached cases are rebuilt
 TEMPLATE = "a dermoscopy image {}."  # matches the captions: "a dermoscopy image of a melanoma with a ruler."
 CLASS_CONCEPTS = {"melanoma": "of a melanoma", "nevus": "of a nevus"}
 ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}
@@ -118,7 +118,7 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
         bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
         log(f"Training a tiny OpenCLIP ViT from scratch ({config.pretrain_steps} steps on the CPU) ...")
         samples = [Sample(r["label"], [a for a in ARTIFACTS if r[a] == "1"]) for r in rows]
-        train_clip(bundle, images, caption_variants(samples), steps=config.pretrain_steps,
+        train_clip(bundle, images, caption_variants(samples, config.seed), steps=config.pretrain_steps,
                    batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
         config_path.write_text(json.dumps(LESION_CLIP, indent=2))
         save_file({k: v.detach().contiguous().clone() for k, v in bundle.model.state_dict().items()},

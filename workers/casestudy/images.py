@@ -3,8 +3,9 @@
 Skin-toned textured background; a lesion whose look depends on its class
 (melanoma: irregular, asymmetric, several dark colours; nevus: round, smooth,
 uniform brown); optional artifacts that are distinct visual concepts: a
-ruler, a band-aid, an ink marking, hair, dark corners. Every image gets a
-caption built from its attributes.
+ruler, a band-aid, an ink marking, hair, dark corners, and two that no
+built-in vocabulary names (a sticker, a stain), so an audit meets artifacts
+it has no word for. Every image gets a caption built from its attributes.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("melanoma", "nevus")
-ARTIFACTS = ("a ruler", "a band-aid", "ink marking", "hair", "dark corners")
+ARTIFACTS = ("a ruler", "a band-aid", "ink marking", "hair", "dark corners", "a sticker", "a stain")
+# artifacts the audit's built-in artifact vocabulary does not name: labels for them must admit ignorance
+NOVEL_ARTIFACTS = ("a sticker", "a stain")
 SIZE = 64
 _DRAW = 2 * SIZE  # drawn at twice the size, then downsampled: smoother edges
 
@@ -31,11 +34,12 @@ class Sample:
     def caption(self) -> str:
         return self.partial_caption(with_class=True, with_artifacts=True)
 
-    def partial_caption(self, with_class: bool, with_artifacts: bool) -> str:
+    def partial_caption(self, with_class: bool, with_artifacts: bool, prefix: str = "a dermoscopy image",
+                        article: bool = True) -> str:
         """E.g. "a dermoscopy image of a melanoma with a ruler and hair." or parts of it."""
-        text = "a dermoscopy image"
+        text = prefix
         if with_class:
-            text += f" of a {self.label}"
+            text += f" of a {self.label}" if article else f" of {self.label}"
         if with_artifacts and self.artifacts:
             names = self.artifacts
             text += " with " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
@@ -140,8 +144,34 @@ def _dark_corners(img, rng):
     img.paste(Image.fromarray(arr.astype(np.uint8)))
 
 
+def _sticker(img, rng):
+    """A round coloured sticker with a white rim, near a corner."""
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(9, 13)
+    cx = rng.uniform(r + 2, 34) if rng.random() < 0.5 else _DRAW - rng.uniform(r + 2, 34)
+    cy = rng.uniform(r + 2, 34) if rng.random() < 0.5 else _DRAW - rng.uniform(r + 2, 34)
+    colour = [(60, 200, 80), (250, 215, 40), (40, 190, 220)][int(rng.integers(0, 3))]
+    draw.ellipse([cx - r - 3, cy - r - 3, cx + r + 3, cy + r + 3], fill=(250, 250, 250))
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+
+
+def _stain(img, rng):
+    """A translucent teal blotch with a ragged edge, anywhere off the lesion's centre."""
+    layer = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(layer)
+    angle = rng.uniform(0, 2 * math.pi)
+    dist = rng.uniform(44, 54)
+    cx, cy = _DRAW / 2 + dist * math.cos(angle), _DRAW / 2 + dist * math.sin(angle)
+    for _ in range(int(rng.integers(4, 7))):
+        ox, oy, r = rng.normal(0, 6), rng.normal(0, 6), rng.uniform(6, 12)
+        draw.ellipse([cx + ox - r, cy + oy - r, cx + ox + r, cy + oy + r], fill=170)
+    layer = layer.filter(ImageFilter.GaussianBlur(2))
+    tint = Image.new("RGB", img.size, (30, 140, 130))
+    img.paste(Image.composite(tint, img, layer))
+
+
 _ARTIFACT_DRAWERS = {"a ruler": _ruler, "a band-aid": _band_aid, "ink marking": _ink, "hair": _hair,
-                     "dark corners": _dark_corners}
+                     "dark corners": _dark_corners, "a sticker": _sticker, "a stain": _stain}
 
 
 def render(sample: Sample, rng: np.random.Generator) -> Image.Image:

@@ -27,18 +27,29 @@ def to_pixels(images: np.ndarray, preprocess_mean, preprocess_std) -> torch.Tens
     return (x - mean) / std
 
 
-def caption_variants(samples) -> list[list[str]]:
-    """Per sample: the full caption, the class alone, the artifacts alone.
+# How people word an image of a lesion: a real CLIP has read many phrasings of the same scene, so prompts a user
+# writes without knowing the training captions (``a photo of melanoma.``) still mean something to it.
+PHRASINGS = ("a photo", "an image", "a close-up photo", "a picture", "a skin photo", "a clinical image")
+
+
+def caption_variants(samples, seed: int = 0) -> list[list[str]]:
+    """Per sample: the full caption, the class alone, the artifacts alone, each in the case's wording and in one
+    other phrasing (with or without the article before the class).
 
     Training on all three teaches the text tower that "a dermoscopy image of a
     melanoma." and "a dermoscopy image with a ruler." are separate concepts,
     so either can be prompted alone.
     """
+    rng = np.random.default_rng([seed, 7])
     out = []
     for s in samples:
+        prefix = PHRASINGS[int(rng.integers(len(PHRASINGS)))]
+        article = bool(rng.random() < 0.5)
         # the artifacts-alone caption of an image without artifacts is the bare "a dermoscopy image.": the empty
         # prompt then means "no artifact", which is what alignment subtracts (cos(e, t_c) - cos(e, t_empty))
-        out.append([s.caption, s.partial_caption(True, False), s.partial_caption(False, True)])
+        out.append([s.caption, s.partial_caption(True, False), s.partial_caption(False, True),
+                    s.partial_caption(True, True, prefix, article), s.partial_caption(True, False, prefix, article),
+                    s.partial_caption(False, True, prefix)])
     return out
 
 
