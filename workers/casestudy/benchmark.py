@@ -65,14 +65,15 @@ def true_gaps(rows: list[dict], predictions: np.ndarray, classes: list[str]) -> 
         for c, name in enumerate(classes):
             own, other = y == c, y != c
             for present, mask in ((True, has), (False, ~has)):
-                acc = _mean(predictions[own & mask] == c) - _mean(predictions[own & ~mask] == c)
-                called = _mean(predictions[other & mask] == c) - _mean(predictions[other & ~mask] == c)
+                acc = _gap(predictions[own & mask] == c, predictions[own & ~mask] == c)
+                called = _gap(predictions[other & mask] == c, predictions[other & ~mask] == c)
                 out[(a, name, present)] = max(acc, called)
     return out
 
 
-def _mean(x: np.ndarray) -> float:
-    return float(x.mean()) if len(x) else 0.0
+def _gap(with_: np.ndarray, without: np.ndarray) -> float:
+    """Rate with minus rate without; nothing to compare (an empty side) is no gap."""
+    return float(with_.mean() - without.mean()) if len(with_) and len(without) else 0.0
 
 
 def latent_concepts(activity: np.ndarray, rows: list[dict]) -> list[tuple[str, bool, float]]:

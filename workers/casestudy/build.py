@@ -65,9 +65,8 @@ def audit_options(**overrides) -> dict:
         "expected_concepts": {c: [p] for c, p in CLASS_CONCEPTS.items()},
         "artifact_vocabulary": list(ARTIFACT_CONCEPTS.values()),
         "general_vocabulary": False,
-        # a dictionary about the size of the case's concept count: the tiny model's embedding holds a handful
-        # of concepts, and larger dictionaries split the ruler into "ruler on a melanoma" / "ruler on a nevus"
-        "sae": {"n_latents": 16, "k": 4},
+        # the SAE is sized by the defaults (a hand-sized 16-latent dictionary fused the ruler into the class latent
+        # once the generator drew seven artifacts)
     }
     options.update(overrides)
     return options

@@ -117,8 +117,8 @@ def _centred_semantics(semantic: Tensor) -> Tensor:
 def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig) -> list[dict]:
     """From candidate flags (with shares and harm), the flags a reviewer sees.
 
-    Per head and class: candidates whose latents mean the same thing (centred
-    semantic cosine >= ``flag_group_similarity``) are one concept, reported once
+    Per head and class: candidates whose latents mean the same thing (the same
+    confident label, or centred semantic cosine >= ``flag_group_similarity``) are one concept, reported once
     with its summed share; a concept is kept when its harm is measured (the
     head's with/without gap is large, significant and clearly above the other
     head's), or, with ``flag_without_harm``, when its head leans on it
@@ -134,7 +134,9 @@ def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig) 
         concepts: list[list[dict]] = []
         for flag in group:
             for concept in concepts:
-                if float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) >= config.flag_group_similarity:
+                same_label = flag["label"] == concept[0]["label"] and flag["label"] != UNLABELLED
+                if same_label or float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) \
+                        >= config.flag_group_similarity:
                     concept.append(flag)
                     break
             else:
