@@ -82,5 +82,6 @@ def registered(project, users, assets):
     return {"model": model, "probe": probe, "dataset": dataset}
 
 
+# flag_without_harm: the random tiny model harms nothing measurably, and the service tests need flags to store
 FAST_AUDIT = {"sae": {"steps": 150}, "general_vocabulary": False, "faithfulness_max_images": 8,
-              "faithfulness_steps": 4, "batch_size": 16}
+              "faithfulness_steps": 4, "batch_size": 16, "flag_without_harm": True}

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "var" / "test-artifacts"))
 # a fast audit whose thresholds flag every relevant latent that is not labelled as its class
 OPTIONS = {"sae": {"steps": 150}, "faithfulness_max_images": 8, "faithfulness_steps": 4, "batch_size": 16,
-           "flag_max_alignment": 1.0, "flag_min_share": 0.0}
+           "flag_max_alignment": 1.0, "flag_min_share": 0.0, "flag_without_harm": True}
 
 
 def require_chromium():

@@ -22,7 +22,8 @@ live = pytest.mark.integration
 live_db = pytest.mark.django_db(transaction=True)
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = {"sae": {"steps": 150}, "general_vocabulary": False, "faithfulness_max_images": 8,
-           "faithfulness_steps": 4, "batch_size": 16, "flag_max_alignment": 1.0, "flag_min_share": 0.0}
+           "faithfulness_steps": 4, "batch_size": 16, "flag_max_alignment": 1.0, "flag_min_share": 0.0,
+           "flag_without_harm": True}
 
 
 def cli(url, key, assets, *extra, wait=True, probe=None, out=None):
