@@ -38,6 +38,8 @@ class Grid:
     strength: float = 0.8
     n_audit: int = 2000
     audit_options: dict = field(default_factory=dict)  # overrides on top of the defaults (tests: fast settings)
+    sae_seeds: tuple = (0, 1, 2)  # stability: the first planted case of the first seeds audited with these SAE seeds
+    stability_cases: int = 1
 
     def cases(self) -> list[CaseConfig]:
         out = []
@@ -245,10 +247,44 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         cases.append(scored)
         log(format_row(scored))
     summary = summarize_grid(cases)
-    return {"grid": {**asdict(grid), "cases": len(cases)}, "summary": summary, "targets": TARGETS,
+    stability = []
+    for seed in grid.seeds[:grid.stability_cases]:
+        cfg = next((c for c in grid.cases() if c.seed == seed and c.strength > 0), None)
+        if cfg is not None:
+            stability.append(sae_seed_stability(build_case(root, cfg, log=lambda line: None), grid, log))
+    summary["sae_seed_overlap"] = (round(float(np.mean([s["overlap"] for s in stability])), 4)
+                                   if stability else None)
+    return {"grid": {**asdict(grid), "cases": len(cases)}, "summary": summary, "stability": stability,
+            "targets": TARGETS,
             "met": meets_targets(summary), "cases": cases, "seconds": round(time.time() - started, 1),
             "machine": {"host": platform.node(), "python": platform.python_version(),
                         "processor": platform.processor() or platform.machine()}}
+
+
+def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = print) -> dict:
+    """The same audit with several SAE seeds: which concepts (what the flagged latents track) each flags, and the
+    overlap (concepts every seed flags / concepts any seed flags)."""
+    import shutil
+    import tempfile
+
+    flagged = []
+    for sae_seed in grid.sae_seeds:
+        options = {**grid.audit_options, "sae": {**grid.audit_options.get("sae", {}), "seed": sae_seed}}
+        work = Path(tempfile.mkdtemp(prefix="bench-"))
+        try:
+            result, activity = audit_with_truth(case, options, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        scored = score_case(case, result, activity)
+        flagged.append(sorted({f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}"
+                               for f in scored["flags"]}))
+    every = set.intersection(*map(set, flagged)) if flagged else set()
+    anyone = set.union(*map(set, flagged)) if flagged else set()
+    cfg = case["config"]
+    out = {"seed": cfg["seed"], "case": f"{cfg['artifact']} -> {cfg['toward']}", "sae_seeds": list(grid.sae_seeds),
+           "flagged": flagged, "overlap": round(len(every) / len(anyone), 4) if anyone else 1.0}
+    log(f"SAE seeds {list(grid.sae_seeds)} on seed {cfg['seed']} {out['case']}: overlap {out['overlap']:.2f} {flagged}")
+    return out
 
 
 def format_row(c: dict) -> str:
@@ -287,6 +323,10 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
             ("planted_probe_share_above_zero_shot", "planted flag's probe share above its zero-shot share",
              "1.0 (every case)")):
         lines.append(f"| {label} | {s[key]} | {target} | {'yes' if met[key] else 'NO'} |")
+    lines += ["", "Stability: the same audit with SAE seeds " + "; ".join(
+        f"{st['sae_seeds']} on seed {st['seed']} {st['case']}: concept overlap {st['overlap']:.2f} (flagged "
+        f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
+        + "."]
     lines += ["", f"Flags: {s['n_flags']} on planted cases, {s['n_confirmed']} confirmed. Labels of probe flags: "
               f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
               f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "

@@ -20,7 +20,7 @@ from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_
 from .images import Sample
 from .pretrain import LESION_CLIP, caption_variants, to_pixels, train_clip
 
-GENERATOR_VERSION = 4  # bump when images, captions or training change: cached cases are rebuilt
+GENERATOR_VERSION = 5  # bump when images, captions or training change: cached cases are rebuilt
 TEMPLATE = "a dermoscopy image {}."  # matches the captions: "a dermoscopy image of a melanoma with a ruler."
 CLASS_CONCEPTS = {"melanoma": "of a melanoma", "nevus": "of a nevus"}
 ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}

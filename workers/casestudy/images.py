@@ -147,9 +147,9 @@ def _dark_corners(img, rng):
 def _sticker(img, rng):
     """A round coloured sticker with a white rim, near a corner."""
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(9, 13)
-    cx = rng.uniform(r + 2, 34) if rng.random() < 0.5 else _DRAW - rng.uniform(r + 2, 34)
-    cy = rng.uniform(r + 2, 34) if rng.random() < 0.5 else _DRAW - rng.uniform(r + 2, 34)
+    r = rng.uniform(13, 17)  # about two patches across at 64 px: small stickers the tiny CLIP barely sees
+    cx = rng.uniform(r + 3, 36) if rng.random() < 0.5 else _DRAW - rng.uniform(r + 3, 36)
+    cy = rng.uniform(r + 3, 36) if rng.random() < 0.5 else _DRAW - rng.uniform(r + 3, 36)
     colour = [(60, 200, 80), (250, 215, 40), (40, 190, 220)][int(rng.integers(0, 3))]
     draw.ellipse([cx - r - 3, cy - r - 3, cx + r + 3, cy + r + 3], fill=(250, 250, 250))
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)

@@ -114,7 +114,7 @@ class AuditConfig(_DictMixin):
     flag_relative_alignment: float = 0.5  # ... or below this fraction of its alignment with its own label,
     flag_class_margin: float = 0.02  # ... or exceeding other classes' expected alignment by less than this
     flag_without_harm: bool = False  # also flag latents relied on with no measured harm ("relied on, no harm")
-    flag_group_similarity: float = 0.8  # flagged latents this alike (centred semantic cosine) are one concept
+    flag_group_similarity: float = 0.6  # flagged latents this alike (centred semantic cosine) are one concept
     harm_min_gap: float = 0.20  # harm: a with/without accuracy gap of at least this ...
     harm_min_z: float = 3.0  # ... significant at this two-proportion z, and exceeding the other head's by gap / 2
     amplification_ratio: float = 1.5  # probe share >= ratio x zero-shot share counts as amplified

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .config import AuditConfig
+from .harm import harm_size, measured_harm, subset_table
 from .semantics import UNLABELLED, Vocabulary
 
 
@@ -114,47 +115,105 @@ def _centred_semantics(semantic: Tensor) -> Tensor:
     return torch.nn.functional.normalize(semantic - centre, dim=1)
 
 
-def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig) -> list[dict]:
+def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig,
+                 evidence: "Evidence | None" = None) -> list[dict]:
     """From candidate flags (with shares and harm), the flags a reviewer sees.
 
-    Per head and class: candidates whose latents mean the same thing (the same
-    confident label, or centred semantic cosine >= ``flag_group_similarity``) are one concept, reported once
-    with its summed share; a concept is kept when its harm is measured (the
-    head's with/without gap is large, significant and clearly above the other
-    head's), or, with ``flag_without_harm``, when its head leans on it
-    ``amplification_ratio`` times more than the other head does (it then says
-    "relied on, no measured harm" and ranks below every measured one).
+    Per head and class, candidates whose latents mean the same thing (the same
+    confident label, or centred semantic cosine >= ``flag_group_similarity``)
+    are one concept, reported once with its summed share. A concept is kept
+    when its harm is measured (the head's with/without gap is large,
+    significant and clearly above the other head's) and still measured on the
+    images where every concept kept before it (for any class) is inactive.
+    Concepts are taken strongest first: by harm, discounted by how often the
+    latent fires, so a latent that shows the artifact comes before one that
+    fires whenever it is absent. That explains away what only rides along: a
+    latent that fires with the ruler inherits the ruler's harm, and a latent
+    that fires on every image without a sticker is the sticker shortcut seen
+    from the other class; neither is flagged as a shortcut of its own. Kept
+    concepts keep that order as their rank. With ``flag_without_harm``,
+    concepts the head leans on ``amplification_ratio`` times more than the
+    other head does are kept too, below them ("relied on, no measured harm").
     """
     centred = _centred_semantics(semantic)
     out = []
-    keys = sorted({(f["head"], f["class_name"]) for f in candidates})
-    for head, class_name in keys:
-        group = sorted([f for f in candidates if (f["head"], f["class_name"]) == (head, class_name)],
-                       key=lambda f: -f["share"])
-        concepts: list[list[dict]] = []
-        for flag in group:
-            for concept in concepts:
-                same_label = flag["label"] == concept[0]["label"] and flag["label"] != UNLABELLED
-                if same_label or float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) \
-                        >= config.flag_group_similarity:
-                    concept.append(flag)
-                    break
-            else:
-                concepts.append([flag])
-        kept = []
-        for members in concepts:
-            measured = [f for f in members if f["harm"]["measured"]]
-            lead = dict(measured[0] if measured else members[0])
-            lead["concept_latents"] = [f["latent"] for f in members]
-            for key in ("share", "probe_share", "zero_shot_share", "mean_relevance"):
-                lead[key] = sum(f[key] for f in members)
-            own, other = ((lead["probe_share"], lead["zero_shot_share"]) if head == "probe"
-                          else (lead["zero_shot_share"], lead["probe_share"]))
-            leaned_on = own >= config.flag_min_share and own >= config.amplification_ratio * other
-            if lead["harm"]["measured"] or (config.flag_without_harm and leaned_on):
-                kept.append(lead)
-        kept.sort(key=lambda f: (not f["harm"]["measured"], -f["share"]))
-        for rank, flag in enumerate(kept, start=1):
-            flag["rank"] = rank
-        out += kept
+    for head in sorted({f["head"] for f in candidates}):
+        other_head = "zero_shot" if head == "probe" else "probe"
+        leads = []
+        for class_name in sorted({f["class_name"] for f in candidates if f["head"] == head}):
+            group = sorted([f for f in candidates if (f["head"], f["class_name"]) == (head, class_name)],
+                           key=lambda f: -f["share"])
+            leads += [_lead(members) for members in _concepts(group, centred, config)]
+
+        def strength(flag):
+            frequency = evidence.frequency(flag["concept_latents"]) if evidence is not None else 0.0
+            return harm_size(flag["harm"][head]) * (1.0 - frequency)
+
+        kept: list[dict] = []
+        for flag in sorted([f for f in leads if f["harm"]["measured"]], key=lambda f: -strength(f)):
+            if evidence is not None and kept:
+                exclude = [i for f in kept for i in f["concept_latents"]]
+                if not evidence.measured_without(head, other_head, flag["class_name"], flag["concept_latents"],
+                                                 exclude):
+                    continue
+            kept.append(flag)
+        if config.flag_without_harm:
+            for flag in sorted([f for f in leads if not f["harm"]["measured"]], key=lambda f: -f["share"]):
+                own, other = ((flag["probe_share"], flag["zero_shot_share"]) if head == "probe"
+                              else (flag["zero_shot_share"], flag["probe_share"]))
+                if own >= config.flag_min_share and own >= config.amplification_ratio * other:
+                    kept.append(flag)
+        for class_name in {f["class_name"] for f in kept}:
+            for rank, flag in enumerate([f for f in kept if f["class_name"] == class_name], start=1):
+                flag["rank"] = rank
+        out += sorted(kept, key=lambda f: (f["class_name"], f["rank"]))
     return out
+
+
+def _concepts(group: list[dict], centred: Tensor, config: AuditConfig) -> list[list[dict]]:
+    concepts: list[list[dict]] = []
+    for flag in group:
+        for concept in concepts:
+            same_label = flag["label"] == concept[0]["label"] and flag["label"] != UNLABELLED
+            if same_label or float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) \
+                    >= config.flag_group_similarity:
+                concept.append(flag)
+                break
+        else:
+            concepts.append([flag])
+    return concepts
+
+
+def _lead(members: list[dict]) -> dict:
+    """One flag for a concept: its measured member with the largest share (or its largest), shares summed."""
+    measured = [f for f in members if f["harm"]["measured"]]
+    lead = dict(measured[0] if measured else members[0])
+    lead["concept_latents"] = [f["latent"] for f in members]
+    for key in ("share", "probe_share", "zero_shot_share", "mean_relevance"):
+        lead[key] = sum(f[key] for f in members)
+    return lead
+
+
+class Evidence:
+    """Per-image activity and predictions, to measure a concept's harm on the images where others are inactive."""
+
+    def __init__(self, activity, labels, predictions: dict, class_names: list[str], config: AuditConfig):
+        self.activity, self.labels, self.predictions = activity, labels, predictions
+        self.class_names, self.config = class_names, config
+
+    def _active(self, latents: list[int]):
+        import numpy as np
+
+        return np.logical_or.reduce([self.activity(i) > 0 for i in latents])
+
+    def frequency(self, latents: list[int]) -> float:
+        """Share of images on which any of ``latents`` is active."""
+        return float(self._active(latents).mean())
+
+    def measured_without(self, head: str, other_head: str, class_name: str, latents: list[int],
+                         exclude: list[int]) -> bool:
+        keep = ~self._active(exclude)
+        active = self._active(latents)
+        c = self.class_names.index(class_name)
+        tables = {h: subset_table(active, keep, self.labels, self.predictions[h], c) for h in (head, other_head)}
+        return measured_harm(tables[head], tables[other_head], self.config.harm_min_gap, self.config.harm_min_z)[0]

@@ -207,3 +207,25 @@ def slice_accuracy(metadata: dict, predictions: dict, labels: np.ndarray, class_
                                           for c, name in enumerate(class_names)}}
             out[column][v] = entry
     return out
+
+
+def subset_table(active: np.ndarray, keep: np.ndarray, labels: np.ndarray, predicted: np.ndarray, c: int) -> dict:
+    """:func:`head_table` computed from per-image data on the images ``keep`` selects (``mean_logit`` omitted)."""
+    own, other = keep & (labels == c), keep & (labels != c)
+    called = predicted == c
+
+    def side(mask, key):
+        n = int(mask.sum())
+        return {"n": n, key: float(called[mask].mean()) if n else None}
+
+    table = {"class_with": side(own & active, "accuracy"), "class_without": side(own & ~active, "accuracy"),
+             "others_with": side(other & active, "called_class"),
+             "others_without": side(other & ~active, "called_class")}
+    table["accuracy_gap"] = _gap(table["class_with"], table["class_without"], "accuracy")
+    table["called_gap"] = _gap(table["others_with"], table["others_without"], "called_class")
+    return table
+
+
+def harm_size(table: dict) -> float:
+    """The larger of a head's two gaps (0 where neither can be measured)."""
+    return max(table["accuracy_gap"] or 0.0, table["called_gap"] or 0.0)

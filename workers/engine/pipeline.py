@@ -22,7 +22,7 @@ from .attribution import REGISTRY, get_method
 from .config import AuditConfig
 from .data import ImageSet
 from .errors import EngineError
-from .flags import find_flags, relevance_tables, select_flags
+from .flags import Evidence, find_flags, relevance_tables, select_flags
 from .harm import harm_evidence, harm_sums, metadata_auroc, slice_accuracy
 from .heads import Centred, LinearProbe, ZeroShotHead
 from .hooks import VisionTail, select_tokens
@@ -468,10 +468,12 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
         flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
         flag["harm"] = harm_evidence(merged, labels, n_classes, c, flag["latent"], flag["head"],
                                      name=flag["class_name"], config=config)
-    flags = select_flags(flags, labelled["sem"], config)
+    activity = _sparse_activity(merged)
+    evidence = Evidence(activity, labels.numpy(), {h: np.asarray(merged[f"predictions.{h}"]) for h in heads},
+                        class_names, config)
+    flags = select_flags(flags, labelled["sem"], config, evidence)
     class_mean = torch.from_numpy(merged["class_activation"]) / counts.clamp_min(1).unsqueeze(1)
     metadata = getattr(images, "metadata", None) or {}
-    activity = _sparse_activity(merged)
     amounts = []
     for flag in flags:
         c = class_names.index(flag["class_name"])

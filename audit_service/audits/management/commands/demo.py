@@ -50,10 +50,18 @@ class Command(BaseCommand):
             processes.wait_until_up(f"{base}/api/v1/", web)
             api = requests.Session()
             api.headers["Authorization"] = f"Token {token}"
-            audit = self._run(api, base, assets)
+            from workers.casestudy.build import audit_options
+
+            audit = self._run(api, base, assets, audit_options())
             if audit["status"] != "succeeded":
                 raise CommandError(f"the audit {audit['status']}: {audit['error'] or 'see ' + str(logs)}")
             self._report(api, base, audit)
+            self.stdout.write("\nThe same audit with only the defaults (class names, generic prompts, the built-in "
+                              "vocabulary), as a user who knows nothing of the case would run it:")
+            defaults = self._run(api, base, assets, {})
+            if defaults["status"] != "succeeded":
+                raise CommandError(f"the audit {defaults['status']}: {defaults['error'] or 'see ' + str(logs)}")
+            self._report(api, base, defaults)
             if not exit:
                 self.stdout.write("\nThe service keeps running so you can open the links; Ctrl-C stops it.")
                 web.wait()
@@ -103,7 +111,7 @@ class Command(BaseCommand):
             raise CommandError(f"registering {kind} failed: {response.status_code} {response.text}")
         return response.json()
 
-    def _run(self, api, base, assets) -> dict:
+    def _run(self, api, base, assets, config: dict) -> dict:
         model_sha, probe_sha, data_sha = (_file_sha(assets[k]) for k in ("checkpoint", "probe", "dataset"))
         model = self._find_or_create(api, base, "models", "checkpoint_sha256", model_sha, {"name": "lesion CLIP"},
                                      {"model_config": assets["config"], "checkpoint": assets["checkpoint"]})
@@ -114,11 +122,9 @@ class Command(BaseCommand):
                                        {"archive": assets["dataset"]})
         self.stdout.write(f"Registered model {model['id']}, probe {probe['id']}, dataset {dataset['id']} "
                           f"({dataset['n_images']} images).")
-        from workers.casestudy.build import audit_options
-
         response = api.post(f"{base}/api/v1/audits/", json={
             "project": self.project_id, "clip_model": model["id"], "probe": probe["id"], "dataset": dataset["id"],
-            "config": audit_options(), "context": {"case_study": {"config": self.case["config"],
+            "config": config, "context": {"case_study": {"config": self.case["config"],
                                                                    "metrics": self.case["metrics"]}}})
         if response.status_code != 201:
             raise CommandError(f"submitting the audit failed: {response.status_code} {response.text}")
@@ -147,15 +153,17 @@ class Command(BaseCommand):
                               f"{c['flags']['zero_shot']}  share on flags probe {c['probe_share']:.2f} vs "
                               f"zero-shot {c['zero_shot_share']:.2f}")
         planted = f"with {self.case['config']['artifact']}"
+        if not flags:
+            self.stdout.write("  no probe flags")
         for f in flags[:10]:
-            causal = f["causal"] or {}
             mark = "  <- the planted shortcut" if f["label"] == planted and f["class_name"] == \
                 self.case["config"]["toward"] else ""
+            auroc = ", ".join(f"{k} {v:.2f}" for k, v in list((f.get("metadata_auroc") or {}).items())[:2])
             self.stdout.write(f"  flag: {f['class_name']:<9} rank {f['rank']} latent {f['latent_index']:<3} "
-                              f"'{f['label']}' ({f['category']}) share probe {f['probe_share']:.2f} vs zero-shot "
-                              f"{f['zero_shot_share']:.2f}; ablation flips {causal.get('ablation_flips')}/"
-                              f"{causal.get('ablation_images')}, insertion flips "
-                              f"{causal.get('insertion_flips_to_class')}/{causal.get('insertion_images')}{mark}")
+                              f"'{f['label']}' (confidence {f.get('label_confidence') or 0:.2f}; fires on {auroc}) "
+                              f"share probe {f['probe_share']:.2f} vs zero-shot {f['zero_shot_share']:.2f}{mark}\n"
+                              f"        {(f.get('confirmation') or {}).get('text', '')}\n"
+                              f"        harm: {(f.get('harm') or {}).get('summary', 'n/a')}")
         folder = settings.VAR_DIR / "demo"
         folder.mkdir(parents=True, exist_ok=True)
         saved = {}
