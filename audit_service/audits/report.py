@@ -201,9 +201,17 @@ def _percent(value) -> str:
 
 
 def metadata_hits(metadata_auroc: dict, n: int = 3) -> list[dict]:
-    """The labels.csv columns a latent fires on, highest AUROC first; a 0/1 column reads as "ruler=1"."""
-    ranked = sorted(((k, v) for k, v in metadata_auroc.items() if v is not None), key=lambda kv: -kv[1])[:n]
-    return [{"name": name if "=" in name else f"{name}=1", "auroc": auroc} for name, auroc in ranked]
+    """The labels.csv columns a latent tracks, the most telling first (AUROC farthest from 0.5). A 0/1 column reads
+    as "ruler=1" when the latent fires with it and "ruler=0" when it fires where it is absent (AUROC then given for
+    that reading, so it is always above 0.5)."""
+    ranked = sorted(((k, v) for k, v in metadata_auroc.items() if v is not None), key=lambda kv: -abs(kv[1] - 0.5))
+    hits = []
+    for name, auroc in ranked[:n]:
+        if "=" in name:
+            hits.append({"name": name if auroc >= 0.5 else f"not {name}", "auroc": max(auroc, 1 - auroc)})
+        else:
+            hits.append({"name": f"{name}={1 if auroc >= 0.5 else 0}", "auroc": max(auroc, 1 - auroc)})
+    return hits
 
 
 def slice_tables(result: dict) -> list[dict]:

@@ -57,8 +57,10 @@ def test_a_split_with_too_few_images_on_a_side_measures_nothing():
 
 def test_metadata_auroc_and_slices():
     activity = np.array([0.0, 0.0, 1.0, 2.0])
-    auroc = metadata_auroc(activity, {"ruler": ["0", "0", "1", "1"], "site": ["a", "b", "a", "b"]})
-    assert auroc["ruler"] == 1.0 and auroc["site=a"] == 0.375 and list(auroc)[0] == "ruler"
+    auroc = metadata_auroc(activity, {"ruler": ["0", "0", "1", "1"], "site": ["a", "b", "a", "b"],
+                                      "clean": ["1", "1", "0", "0"]})
+    assert auroc["ruler"] == 1.0 and auroc["site=a"] == 0.375 and auroc["clean"] == 0.0
+    assert set(list(auroc)[-2:]) == {"site=a", "site=b"}  # the least telling last
     slices = slice_accuracy({"ruler": ["0", "1", "1", "0"]}, {"probe": np.array([0, 1, 0, 1])},
                             np.array([0, 1, 1, 0]), ["nevus", "melanoma"])
     assert slices["ruler"]["1"]["probe"] == {"accuracy": 0.5, "per_class": {"nevus": None, "melanoma": 0.5}}

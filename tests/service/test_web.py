@@ -389,3 +389,12 @@ def test_a_result_from_before_harm_was_measured_still_stores_renders_and_downloa
     body = json.loads(client.get(f"/audits/{audit.pk}/download/json").content)
     assert all(f["harm"] is None and f["confirmation"]["status"] == "" for f in body["flags"])
     assert client.get(f"/audits/{audit.pk}/download/html").status_code == 200
+
+
+def test_a_latent_that_fires_where_a_column_is_absent_reads_as_its_zero_value():
+    from audit_service.audits.report import metadata_hits
+
+    hits = metadata_hits({"ruler": 0.08, "hair": 0.7, "site=head": 0.2, "age": 0.5})
+    assert hits == [{"name": "ruler=0", "auroc": pytest.approx(0.92)},
+                    {"name": "not site=head", "auroc": pytest.approx(0.8)},
+                    {"name": "hair=1", "auroc": pytest.approx(0.7)}]

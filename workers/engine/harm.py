@@ -177,13 +177,14 @@ def metadata_columns(metadata: dict) -> dict[str, np.ndarray]:
 
 
 def metadata_auroc(activity: np.ndarray, metadata: dict) -> dict[str, float]:
-    """AUROC of a latent's activation for each metadata indicator, strongest first."""
+    """AUROC of a latent's activation for each metadata indicator, the most telling first (farthest from 0.5: near
+    1 the latent fires with the value, near 0 it fires when the value is absent)."""
     scores = {}
     for name, positive in metadata_columns(metadata).items():
         value = auroc(activity, positive)
         if value is not None:
             scores[name] = round(value, 4)
-    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+    return dict(sorted(scores.items(), key=lambda kv: -abs(kv[1] - 0.5)))
 
 
 def slice_accuracy(metadata: dict, predictions: dict, labels: np.ndarray, class_names: list) -> dict:
