@@ -236,14 +236,21 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
     started = time.time()
     for cfg in grid.cases():
         case = build_case(root, cfg, log=lambda line: None)
-        work = Path(tempfile.mkdtemp(prefix="bench-"))
-        try:
-            t = time.time()
-            result, activity = audit_with_truth(case, dict(grid.audit_options), work)
-            scored = score_case(case, result, activity)
-            scored["seconds"] = round(time.time() - t, 1)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        # a scored case is kept beside its case, keyed by the audit options and the code that scored it, so an
+        # interrupted or extended grid does not audit a case twice
+        cached = Path(case["audit_dir"]).parent / f"benchmark-{_code_key(grid.audit_options)}.json"
+        if cached.is_file():
+            scored = json.loads(cached.read_text())
+        else:
+            work = Path(tempfile.mkdtemp(prefix="bench-"))
+            try:
+                t = time.time()
+                result, activity = audit_with_truth(case, dict(grid.audit_options), work)
+                scored = score_case(case, result, activity)
+                scored["seconds"] = round(time.time() - t, 1)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
     summary = summarize_grid(cases)
@@ -285,6 +292,16 @@ def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = prin
            "flagged": flagged, "overlap": round(len(every) / len(anyone), 4) if anyone else 1.0}
     log(f"SAE seeds {list(grid.sae_seeds)} on seed {cfg['seed']} {out['case']}: overlap {out['overlap']:.2f} {flagged}")
     return out
+
+
+def _code_key(options: dict) -> str:
+    """Digest of the audit options and of the engine and benchmark code."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for path in sorted((Path(__file__).parents[1] / "engine").glob("*.py")) + [Path(__file__)]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def format_row(c: dict) -> str:
