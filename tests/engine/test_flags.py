@@ -1,10 +1,13 @@
 """Unexpected reliance: relevance tables, the flag rule and the category guess."""
+import numpy as np
 import pytest
 import torch
 
 from workers.engine.config import AuditConfig
 from workers.engine.flags import categorize, find_flags, relevance_tables
 from workers.engine.semantics import Vocabulary
+
+from .conftest import build_audit_config
 
 CLASSES = ["melanoma", "nevus"]
 EXPECTED = {"melanoma": ["melanoma"], "nevus": ["nevus"]}
@@ -245,3 +248,46 @@ def test_a_latent_whose_class_alignment_is_mostly_shared_with_other_classes_is_f
 
     assert [f["latent"] for f in flags(0.5)] == [0]
     assert [f["latent"] for f in flags(0.05)] == []  # 0.04 >= 0.05 * 0.41: specific enough, not flagged
+
+
+def _candidate(latent, label, share, measured=True, gap=0.5, class_name="melanoma"):
+    table = {"accuracy_gap": gap, "called_gap": gap}
+    return {"head": "probe", "class_name": class_name, "latent": latent, "label": label, "share": share,
+            "probe_share": share, "zero_shot_share": 0.0, "mean_relevance": share, "rank": 0,
+            "harm": {"probe": table, "zero_shot": {"accuracy_gap": 0.0, "called_gap": 0.0}, "measured": measured}}
+
+
+def test_flags_of_one_concept_are_reported_once_with_the_summed_share():
+    from workers.engine.flags import select_flags
+
+    semantic = torch.eye(4)
+    semantic[1] = semantic[0]  # latents 0 and 1 look alike; 2 and 3 do not
+    config = build_audit_config()
+    flags = select_flags([_candidate(0, "with a ruler", 0.3), _candidate(1, "unlabelled", 0.2),
+                          _candidate(2, "with a ruler", 0.1), _candidate(3, "with hair", 0.1)], semantic, config)
+    assert [(f["latent"], f["concept_latents"], round(f["share"], 3)) for f in flags] == \
+        [(0, [0, 1, 2], 0.6), (3, [3], 0.1)]
+    # two confident, different labels stay two concepts however alike their images are
+    flags = select_flags([_candidate(0, "with a ruler", 0.3), _candidate(1, "with hair", 0.2)], semantic, config)
+    assert [f["concept_latents"] for f in flags] == [[0], [1]]
+
+
+def test_a_concept_whose_harm_rides_along_with_a_stronger_one_is_explained_away():
+    from workers.engine.flags import Evidence, select_flags
+
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = (rng.random(n) < 0.5).astype(int)
+    ruler = rng.random(n) < 0.5
+    rider = ruler & (rng.random(n) < 0.5)  # fires only on ruler images: its harm is the ruler's
+    own = ~ruler & (rng.random(n) < 0.5)  # a second, independent shortcut among the images without a ruler
+    predicted = np.where(ruler | own, 1, 0)  # class 1 ("melanoma") is called exactly when either shows
+    activity = {0: ruler.astype(float), 1: rider.astype(float), 2: own.astype(float)}
+    config = build_audit_config()
+    evidence = Evidence(lambda i: activity[i], labels, {"probe": predicted, "zero_shot": labels},
+                        ["nevus", "melanoma"], config)
+    semantic = torch.eye(3)
+    flags = select_flags([_candidate(0, "a", 0.3, gap=0.9), _candidate(1, "b", 0.2, gap=0.6),
+                          _candidate(2, "c", 0.1, gap=0.5)], semantic, config, evidence)
+    assert [f["latent"] for f in flags] == [0, 2]
+    assert [f["rank"] for f in flags] == [1, 2]

@@ -195,19 +195,20 @@ def test_loading_from_an_empty_folder_raises_engine_error(tmp_path):
 
 
 def test_size_sae_sizes_defaults_to_the_data():
-    assert size_sae(48, 10000, SAEConfig()) == (192, 6, 3000)
+    # one latent per 32 vectors (a power of two, at most 4 x d_model), k = n / 4, 30 passes within [600, 20 000]
+    assert size_sae(48, 10000, SAEConfig()) == (192, 48, 1172)
+    assert size_sae(96, 2000, SAEConfig()) == (64, 16, 600)  # the case study's 2 000 images
     n_latents, k, steps = size_sae(48, 100, SAEConfig())
-    assert 48 <= n_latents <= 4 * 48
-    assert 1 <= k <= n_latents and 4 <= k <= 64
-    assert steps == 3000
-    # Large data: k follows n_latents / 32 but stops at 64; steps cover 5 epochs.
-    assert size_sae(4096, 10**6, SAEConfig(batch_size=1000)) == (16384, 64, 5000)
+    assert (n_latents, k, steps) == (16, 4, 600)  # never fewer than 16 latents or 600 steps
+    # Large data: k stops at 64, steps at 20 000, latents at 4 x d_model.
+    assert size_sae(4096, 10**6, SAEConfig(batch_size=1000)) == (16384, 64, 20000)
 
 
 def test_size_sae_lets_explicit_config_values_win():
     assert size_sae(48, 10000, SAEConfig(n_latents=500, k=7, steps=123)) == (500, 7, 123)
     # Only n_latents given: k is derived from it.
-    assert size_sae(48, 10000, SAEConfig(n_latents=640)) == (640, 20, 3000)
+    assert size_sae(48, 10000, SAEConfig(n_latents=640)) == (640, 64, 1172)
+    assert size_sae(48, 10000, SAEConfig(n_latents=40)) == (40, 10, 1172)
 
 
 @pytest.mark.parametrize("damage", ["corrupt_weights", "config_without_d_model", "config_is_a_list",

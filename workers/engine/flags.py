@@ -120,14 +120,14 @@ def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig,
     """From candidate flags (with shares and harm), the flags a reviewer sees.
 
     Per head and class, candidates whose latents mean the same thing (the same
-    confident label, or centred semantic cosine >= ``flag_group_similarity``)
-    are one concept, reported once with its summed share. A concept is kept
+    confident label; where one is unlabelled, centred semantic cosine >=
+    ``flag_group_similarity``) are one concept, reported once with its summed share. A concept is kept
     when its harm is measured (the head's with/without gap is large,
     significant and clearly above the other head's) and still measured on the
     images where every concept kept before it (for any class) is inactive.
-    Concepts are taken strongest first: by harm, discounted by how often the
-    latent fires, so a latent that shows the artifact comes before one that
-    fires whenever it is absent. That explains away what only rides along: a
+    Concepts are taken strongest first: by harm, discounted for latents that
+    fire on more than half of the images, so a latent that shows the artifact
+    comes before one that fires whenever it is absent. That explains away what only rides along: a
     latent that fires with the ruler inherits the ruler's harm, and a latent
     that fires on every image without a sticker is the sticker shortcut seen
     from the other class; neither is flagged as a shortcut of its own. Kept
@@ -146,8 +146,9 @@ def select_flags(candidates: list[dict], semantic: Tensor, config: AuditConfig,
             leads += [_lead(members) for members in _concepts(group, centred, config)]
 
         def strength(flag):
+            # a latent that fires on most images is more likely the absence of something than a thing
             frequency = evidence.frequency(flag["concept_latents"]) if evidence is not None else 0.0
-            return harm_size(flag["harm"][head]) * (1.0 - frequency)
+            return harm_size(flag["harm"][head]) * min(1.0, 2.0 * (1.0 - frequency))
 
         kept: list[dict] = []
         for flag in sorted([f for f in leads if f["harm"]["measured"]], key=lambda f: -strength(f)):
@@ -174,9 +175,12 @@ def _concepts(group: list[dict], centred: Tensor, config: AuditConfig) -> list[l
     concepts: list[list[dict]] = []
     for flag in group:
         for concept in concepts:
-            same_label = flag["label"] == concept[0]["label"] and flag["label"] != UNLABELLED
-            if same_label or float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) \
-                    >= config.flag_group_similarity:
+            labels = {flag["label"], concept[0]["label"]}
+            if UNLABELLED not in labels:  # two confident labels decide: the same concept only if they agree
+                alike = len(labels) == 1
+            else:
+                alike = float(centred[flag["latent"]] @ centred[concept[0]["latent"]]) >= config.flag_group_similarity
+            if alike:
                 concept.append(flag)
                 break
         else:
