@@ -18,6 +18,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from audit_service.audits import processes
+from audit_service.audits.report import metadata_hits
 from audit_service.projects.models import Membership, Project, Role
 from audit_service.registry.services import sha256_of
 
@@ -158,7 +159,8 @@ class Command(BaseCommand):
         for f in flags[:10]:
             mark = "  <- the planted shortcut" if f["label"] == planted and f["class_name"] == \
                 self.case["config"]["toward"] else ""
-            auroc = ", ".join(f"{k} {v:.2f}" for k, v in list((f.get("metadata_auroc") or {}).items())[:2])
+            hits = metadata_hits(f.get("metadata_auroc") or {}, 2)
+            auroc = ", ".join(f"{h['name']} (AUROC {h['auroc']:.2f})" for h in hits)
             self.stdout.write(f"  flag: {f['class_name']:<9} rank {f['rank']} latent {f['latent_index']:<3} "
                               f"'{f['label']}' (confidence {f.get('label_confidence') or 0:.2f}; fires on {auroc}) "
                               f"share probe {f['probe_share']:.2f} vs zero-shot {f['zero_shot_share']:.2f}{mark}\n"
