@@ -444,8 +444,7 @@ def _extract(audit, row, progress) -> None:
 
 
 def _train_sae(audit, row, progress) -> None:
-    from workers.engine.activations import extract_activations
-    from workers.engine.pipeline import extract_kwargs, fit_sae
+    from workers.engine.pipeline import extract_sae_images, fit_sae
     from workers.inputs import load_sae_images
 
     c, work = _inputs(audit), SharedWork(audit)
@@ -457,10 +456,8 @@ def _train_sae(audit, row, progress) -> None:
         # the SAE's own dataset is extracted here, by this one worker (only this step reads its activations),
         # into its scratch folder (a new attempt on the same host resumes from the finished extraction shards)
         folder = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}" / "sae_activations"
-        store = extract_activations(c["bundle"], sae_images.with_preprocess(c["bundle"].preprocess), folder,
-                                    progress=lambda done, total: progress(done, 2 * total),
-                                    **extract_kwargs(c["config"], c["device"]))
-        train_progress = lambda done, total: progress(total + done, 2 * total)  # the step's second half
+        store, train_progress = extract_sae_images(c["bundle"], sae_images, folder, c["config"], c["device"],
+                                                   progress)
     fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress)
     for rel in SAE_FILES:
         work.push(rel)

@@ -34,14 +34,13 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         data = serializer.validated_data
         project = project_for(request.user, data["project_id"], Role.MEMBER)
         objects = {}
-        for field, model in (("clip_model", ClipModel), ("probe", Probe), ("dataset", Dataset)):
+        for field, model, noun in (("clip_model", ClipModel, "clip model"), ("probe", Probe, "probe"),
+                                   ("dataset", Dataset, "dataset"), ("sae_dataset", Dataset, "dataset")):
+            if data.get(f"{field}_id") is None:  # only sae_dataset is optional (the serializer requires the rest)
+                continue
             objects[field] = model.objects.filter(pk=data[f"{field}_id"], project=project).first()
             if objects[field] is None:
-                raise ValidationError({field: [f"no such {field.replace('_', ' ')} in this project"]})
-        if data.get("sae_dataset_id") is not None:
-            objects["sae_dataset"] = Dataset.objects.filter(pk=data["sae_dataset_id"], project=project).first()
-            if objects["sae_dataset"] is None:
-                raise ValidationError({"sae_dataset": ["no such dataset in this project"]})
+                raise ValidationError({field: [f"no such {noun} in this project"]})
         try:
             audit = create_audit(project=project, user=request.user, options=data.get("config"),
                                  context=data.get("context"), **objects)

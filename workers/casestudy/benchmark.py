@@ -113,7 +113,6 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
         for latent in f.get("concept_latents") or [f["latent"]]:
             concepts += latent_concepts(activity(latent), rows)
         true = [(a, present) for a, present, _ in concepts if gaps[(a, f["class_name"], present)] >= TRUE_GAP]
-        label_of = {a: a for a in ARTIFACTS}
         tracked = sorted({a for a, present, _ in concepts if present})
         flags.append({
             "class": f["class_name"], "latent": f["latent"], "rank": f["rank"], "label": f["label"],
@@ -122,7 +121,7 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
             "precise": bool(true), "measured_harm": f["harm"]["measured"],
             "confirmed": (f.get("confirmation") or {}).get("status") == "confirmed",
             "probe_share": f["probe_share"], "zero_shot_share": f["zero_shot_share"],
-            "label_correct": _label_correct(f["label"], tracked, label_of),
+            "label_correct": _label_correct(f["label"], tracked),
             "novel_artifact": any(a in NOVEL_ARTIFACTS for a in tracked),
         })
     out = {"seed": cfg["seed"], "artifact": cfg["artifact"] if planted else None,
@@ -142,7 +141,7 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
     return out
 
 
-def _label_correct(label: str, tracked: list[str], names: dict) -> str:
+def _label_correct(label: str, tracked: list[str]) -> str:
     """'right' (names an artifact the latent tracks), 'unlabelled', or 'wrong'."""
     if label == "unlabelled":
         return "unlabelled"
@@ -221,16 +220,29 @@ def audit_with_truth(case: dict, options: dict, workdir: Path) -> tuple[dict, Ca
         z = sae.encode(select_tokens(acts, config.token))
         if z.ndim == 3:
             z = z.amax(1)
-        probe = LinearProbe.load(case["probe"])
-        result["predictions"] = {"probe": probe(emb).argmax(1).numpy()}
+        # a fresh copy on the CPU, where the cached embeddings are (the audit moved its own to the device)
+        result["predictions"] = {"probe": LinearProbe.load(case["probe"])(emb).argmax(1).numpy()}
     z = z.numpy()
     return result, lambda latent: z[:, latent]
 
 
-def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = print) -> dict:
+def audit_and_score(case: dict, options: dict) -> dict:
+    """Audit a case in a scratch folder (removed afterwards) and score it; ``seconds`` is the audit's time."""
     import shutil
     import tempfile
 
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        started = time.time()
+        result, activity = audit_with_truth(case, options, work)
+        scored = score_case(case, result, activity)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    scored["seconds"] = round(time.time() - started, 1)
+    return scored
+
+
+def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = print) -> dict:
     root = root or default_cache()
     cases = []
     started = time.time()
@@ -242,14 +254,7 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         if cached.is_file():
             scored = json.loads(cached.read_text())
         else:
-            work = Path(tempfile.mkdtemp(prefix="bench-"))
-            try:
-                t = time.time()
-                result, activity = audit_with_truth(case, dict(grid.audit_options), work)
-                scored = score_case(case, result, activity)
-                scored["seconds"] = round(time.time() - t, 1)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            scored = audit_and_score(case, dict(grid.audit_options))
             cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
@@ -271,18 +276,10 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
 def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = print) -> dict:
     """The same audit with several SAE seeds: which concepts (what the flagged latents track) each flags, and the
     overlap (concepts every seed flags / concepts any seed flags)."""
-    import shutil
-    import tempfile
-
     flagged = []
     for sae_seed in grid.sae_seeds:
         options = {**grid.audit_options, "sae": {**grid.audit_options.get("sae", {}), "seed": sae_seed}}
-        work = Path(tempfile.mkdtemp(prefix="bench-"))
-        try:
-            result, activity = audit_with_truth(case, options, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        scored = score_case(case, result, activity)
+        scored = audit_and_score(case, options)
         flagged.append(sorted({f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}"
                                for f in scored["flags"]}))
     every = set.intersection(*map(set, flagged)) if flagged else set()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -204,11 +205,13 @@ class Evidence:
     def __init__(self, activity, labels, predictions: dict, class_names: list[str], config: AuditConfig):
         self.activity, self.labels, self.predictions = activity, labels, predictions
         self.class_names, self.config = class_names, config
+        self._fires: dict[int, np.ndarray] = {}  # each latent's activity is read once, however often it is excluded
 
-    def _active(self, latents: list[int]):
-        import numpy as np
-
-        return np.logical_or.reduce([self.activity(i) > 0 for i in latents])
+    def _active(self, latents: list[int]) -> np.ndarray:
+        for i in latents:
+            if i not in self._fires:
+                self._fires[i] = self.activity(i) > 0
+        return np.logical_or.reduce([self._fires[i] for i in latents])
 
     def frequency(self, latents: list[int]) -> float:
         """Share of images on which any of ``latents`` is active."""

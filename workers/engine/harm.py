@@ -62,6 +62,11 @@ def head_table(sums: dict, totals: dict, c: int, latent: int) -> dict:
         "others_with": {"n": int(others_with), "called_class": _rate(called_with, others_with)},
         "others_without": {"n": int(others_without), "called_class": _rate(called_without, others_without)},
     }
+    return _with_gaps(table)
+
+
+def _with_gaps(table: dict) -> dict:
+    """Add a table's two gaps: class images with vs without the latent, other images with vs without it."""
     table["accuracy_gap"] = _gap(table["class_with"], table["class_without"], "accuracy")
     table["called_gap"] = _gap(table["others_with"], table["others_without"], "called_class")
     return table
@@ -137,37 +142,47 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def harm_evidence(merged: dict, labels: Tensor, n_classes: int, c: int, latent: int, head: str, *, name: str,
-                  config) -> dict:
-    """A flag's ``harm`` block: both heads' with/without tables, whether harm is measured, and a sentence.
+class HarmInputs:
+    """What every flag's harm table reads, gathered once per audit: per head, the merged [C, L] sums of an
+    attribution partial and the per-class totals of its predictions."""
 
-    For a probe flag, harm is measured when the probe's gap is large,
-    significant and clearly larger than zero-shot's; for a zero-shot flag the
-    roles swap.
-    """
-    labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-    count = np.bincount(labels, minlength=n_classes)
-    tables = {}
-    for h in ("probe", "zero_shot"):
-        predicted = np.asarray(merged[f"predictions.{h}"])
-        totals = {"count": count,
-                  "correct": np.bincount(labels[predicted == labels], minlength=n_classes),
-                  "called": np.bincount(predicted, minlength=n_classes)}
-        sums = {"active": merged["active_count"], **{k: merged[f"harm.{h}.{k}"]
-                                                     for k in ("correct", "called", "score", "score_total")}}
-        tables[h] = head_table(sums, totals, c, latent)
-    other = "zero_shot" if head == "probe" else "probe"
-    measured, split = measured_harm(tables[head], tables[other], config.harm_min_gap, config.harm_min_z)
-    return {**tables, "measured": measured, "split": split, "summary": summary(name, tables["probe"],
-                                                                               tables["zero_shot"])}
+    def __init__(self, merged: dict, labels, n_classes: int):
+        labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+        count = np.bincount(labels, minlength=n_classes)
+        self.sums, self.totals = {}, {}
+        for h in ("probe", "zero_shot"):
+            predicted = np.asarray(merged[f"predictions.{h}"])
+            self.totals[h] = {"count": count,
+                              "correct": np.bincount(labels[predicted == labels], minlength=n_classes),
+                              "called": np.bincount(predicted, minlength=n_classes)}
+            self.sums[h] = {"active": merged["active_count"],
+                            **{k: merged[f"harm.{h}.{k}"] for k in ("correct", "called", "score", "score_total")}}
+
+    def evidence(self, c: int, latent: int, head: str, *, name: str, config) -> dict:
+        """A flag's ``harm`` block: both heads' with/without tables, whether harm is measured, and a sentence.
+
+        For a probe flag, harm is measured when the probe's gap is large,
+        significant and clearly larger than zero-shot's; for a zero-shot flag
+        the roles swap.
+        """
+        tables = {h: head_table(self.sums[h], self.totals[h], c, latent) for h in ("probe", "zero_shot")}
+        other = "zero_shot" if head == "probe" else "probe"
+        measured, split = measured_harm(tables[head], tables[other], config.harm_min_gap, config.harm_min_z)
+        return {**tables, "measured": measured, "split": split,
+                "summary": summary(name, tables["probe"], tables["zero_shot"])}
+
+
+def _column(values) -> tuple[np.ndarray, list[str]]:
+    """A metadata column's values as stripped strings, and its distinct non-empty values."""
+    values = np.asarray([str(v).strip() for v in values])
+    return values, sorted(set(values) - {""})
 
 
 def metadata_columns(metadata: dict) -> dict[str, np.ndarray]:
     """Boolean indicators from metadata columns: a 0/1 column as itself, a categorical one as ``column=value``."""
     out = {}
     for column, values in metadata.items():
-        values = np.asarray([str(v).strip() for v in values])
-        distinct = sorted(set(values) - {""})
+        values, distinct = _column(values)
         if set(distinct) <= {"0", "1"}:
             out[column] = values == "1"
         else:
@@ -191,8 +206,7 @@ def slice_accuracy(metadata: dict, predictions: dict, labels: np.ndarray, class_
     """Per metadata column and value: how many images, and each head's accuracy overall and per class."""
     out = {}
     for column, values in metadata.items():
-        values = np.asarray([str(v).strip() for v in values])
-        distinct = sorted(set(values) - {""})
+        values, distinct = _column(values)
         if len(distinct) > 50:
             continue  # an identifier, not a slice
         out[column] = {}
@@ -222,9 +236,7 @@ def subset_table(active: np.ndarray, keep: np.ndarray, labels: np.ndarray, predi
     table = {"class_with": side(own & active, "accuracy"), "class_without": side(own & ~active, "accuracy"),
              "others_with": side(other & active, "called_class"),
              "others_without": side(other & ~active, "called_class")}
-    table["accuracy_gap"] = _gap(table["class_with"], table["class_without"], "accuracy")
-    table["called_gap"] = _gap(table["others_with"], table["others_without"], "called_class")
-    return table
+    return _with_gaps(table)
 
 
 def harm_size(table: dict) -> float:

@@ -23,7 +23,7 @@ from .config import AuditConfig
 from .data import ImageSet
 from .errors import EngineError
 from .flags import Evidence, find_flags, relevance_tables, select_flags
-from .harm import harm_evidence, harm_sums, metadata_auroc, slice_accuracy
+from .harm import HarmInputs, harm_sums, metadata_auroc, slice_accuracy
 from .heads import Centred, LinearProbe, ZeroShotHead
 from .hooks import VisionTail, select_tokens
 from .interventions import area_under_curve, deletion_curves, shifted_outputs
@@ -188,6 +188,17 @@ def extract_kwargs(config: AuditConfig, device) -> dict:
                 dtype=config.dtype, cache_dtype=config.cache_dtype)
 
 
+def extract_sae_images(bundle: ClipBundle, sae_images: ImageSet, folder: Path, config: AuditConfig, device,
+                       report: Callable[[int, int], None], shard_size: int | None = None
+                       ) -> tuple[ActivationStore, Callable[[int, int], None]]:
+    """Activations of the images an SAE is trained on instead of the audited ones, reported as the first half of
+    the SAE stage; returns the store and the report for its second half (training)."""
+    store = extract_activations(bundle, sae_images.with_preprocess(bundle.preprocess), folder,
+                                shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                                progress=lambda done, total: report(done, 2 * total), **extract_kwargs(config, device))
+    return store, lambda done, total: report(total + done, 2 * total)
+
+
 def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, report=None,
             sae: TopKSAE | None = None) -> tuple[TopKSAE, dict]:
     """Train the SAE on the pooled activations (or evaluate a given one); ready for inference on ``device``."""
@@ -213,11 +224,8 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
     with stages.stage("train_sae") as report:
         sae_store, train_report = store, report
         if sae_images is not None:  # the SAE learns from another set of images; their labels do not matter
-            sae_store = extract_activations(bundle, sae_images.with_preprocess(bundle.preprocess),
-                                            workdir / "sae_activations", shard_size=shard_size,
-                                            progress=lambda done, total: report(done, 2 * total),
-                                            **extract_kwargs(config, device))
-            train_report = lambda done, total: report(total + done, 2 * total)  # the stage's second half
+            sae_store, train_report = extract_sae_images(bundle, sae_images, workdir / "sae_activations", config,
+                                                         device, report, shard_size=shard_size)
         sae, sae_metrics = fit_sae(sae_store, config, workdir / "sae", device, train_report, sae)
     ctx = AuditContext.build(config, bundle, probe, sae, device)
     shards = plan_shards(store.n, shard_size)
@@ -462,12 +470,12 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
         flags += find_flags(h, mean, share, class_names, labels=labels_text, label_indices=label_indices,
                             label_alignment=labelled["label_alignment"], expected_alignment=expected_alignment,
                             name_alignment=labelled["name_alignment"], clarity=clarity, vocab=vocab, config=config)
+    harm = HarmInputs(merged, labels, n_classes)
     for flag in flags:
         c = class_names.index(flag["class_name"])
         flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
         flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
-        flag["harm"] = harm_evidence(merged, labels, n_classes, c, flag["latent"], flag["head"],
-                                     name=flag["class_name"], config=config)
+        flag["harm"] = harm.evidence(c, flag["latent"], flag["head"], name=flag["class_name"], config=config)
     activity = _sparse_activity(merged)
     evidence = Evidence(activity, labels.numpy(), {h: np.asarray(merged[f"predictions.{h}"]) for h in heads},
                         class_names, config)
@@ -766,4 +774,5 @@ def confirmation_verdict(class_name: str, causal: dict | None, measured: bool) -
                   f"wrongly called {class_name}")
     if causal["confirmed"]:
         return {"status": "confirmed", "text": f"confirmed shortcut, measured harm: {flips}"}
-    return {"status": "not_confirmed", "text": f"measured harm, but removing it does little beyond the baseline: {flips}"}
+    return {"status": "not_confirmed",
+            "text": f"measured harm, but removing it does little beyond the baseline: {flips}"}
