@@ -1,6 +1,5 @@
 from django import forms
 from django.contrib import admin, messages
-from django.utils import timezone
 
 from .models import ApiToken
 
@@ -42,5 +41,5 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke the selected tokens")
     def revoke(self, request, queryset):
-        n = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        n = sum(token.revoke() for token in queryset)
         self.message_user(request, f"{n} tokens revoked")

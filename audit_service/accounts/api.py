@@ -1,4 +1,3 @@
-from django.utils import timezone
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.response import Response
 
@@ -46,5 +45,4 @@ class ApiTokenViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Des
         return Response(body, status=status.HTTP_201_CREATED)
 
     def perform_destroy(self, instance):
-        instance.revoked_at = timezone.now()
-        instance.save(update_fields=["revoked_at"])
+        instance.revoke()

@@ -49,6 +49,16 @@ class ApiToken(models.Model):
             token.projects.set(projects)
         return token, key
 
+    def revoke(self) -> bool:
+        """Stop this token working from now on. True if this call revoked it; False if it already was (a second
+        revocation keeps the first time, so the record says when the key stopped working)."""
+        now = timezone.now()
+        if not ApiToken.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now):
+            self.refresh_from_db(fields=["revoked_at"])
+            return False
+        self.revoked_at = now
+        return True
+
     @property
     def active(self) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())

@@ -292,8 +292,6 @@ def token_revoke(request, token_pk):
     from audit_service.accounts.models import ApiToken
 
     token = get_object_or_404(ApiToken, pk=token_pk, user=request.user)
-    if token.revoked_at is None:
-        token.revoked_at = timezone.now()
-        token.save(update_fields=["revoked_at"])
+    if token.revoke():
         messages.success(request, f"Token '{token.name}' ({token.prefix}...) revoked.")
     return redirect("web:tokens")

@@ -62,6 +62,22 @@ def test_users_see_and_revoke_only_their_own_tokens(users):
     assert ApiToken.objects.get(pk=theirs.pk).revoked_at is None
 
 
+def test_revoking_a_revoked_token_keeps_when_it_was_first_revoked(users):
+    token, _ = ApiToken.issue(users["member"], "laptop")
+    assert token.revoke() is True
+    first = ApiToken.objects.get(pk=token.pk).revoked_at
+    stale = ApiToken.objects.get(pk=token.pk)
+    assert stale.revoke() is False and stale.revoked_at == first
+    # the API and the tokens page revoke through the same method, so they keep the first time too
+    client = APIClient()
+    client.force_authenticate(users["member"])
+    assert client.delete(f"/api/v1/tokens/{token.pk}/").status_code == 204
+    browser = Client()
+    browser.force_login(users["member"])
+    browser.post(f"/tokens/{token.pk}/revoke/")
+    assert ApiToken.objects.get(pk=token.pk).revoked_at == first
+
+
 def test_the_create_token_command_prints_a_working_key(users, project, capsys):
     call_command("create_token", "viewer", "--name", "laptop")
     key = capsys.readouterr().out.strip()
