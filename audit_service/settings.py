@@ -167,6 +167,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),
         "processed_folder": str(BROKER_DIR / "processed"),
+        # its exchange tables: without this, kombu writes them to ./control in whatever folder the process runs
+        "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
         # how often the folder is looked at: a sharded audit sends dozens of short tasks one after another
         "polling_interval": 0.2,
