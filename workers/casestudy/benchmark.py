@@ -123,6 +123,9 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
             "probe_share": f["probe_share"], "zero_shot_share": f["zero_shot_share"],
             "label_correct": _label_correct(f["label"], tracked),
             "novel_artifact": any(a in NOVEL_ARTIFACTS for a in tracked),
+            # the ablation counts behind the verdict, kept so a confirmation rule can be weighed without
+            # auditing again
+            "causal": f.get("causal"),
         })
     out = {"seed": cfg["seed"], "artifact": cfg["artifact"] if planted else None,
            "toward": cfg["toward"] if planted else None, "control": not planted, "flags": flags,

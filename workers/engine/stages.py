@@ -1,0 +1,46 @@
+"""The stages of an audit, declared once: the engine runs them in this order, the one-task worker and the sharded
+workers report progress by them, the sharded path plans its steps from them, and the API and pages name them.
+
+Pure Python (no torch, no Django), so the service can read it without loading the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    weight: int  # its share (percent) of the progress bar
+    per_shard: bool  # sharded audits run it as one task per shard of images (else once, over everything)
+    title: str  # what it does, in a few words, for the API's help and the pages
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("extract", 30, True, "activations of the vision tower"),
+    Stage("train_sae", 30, False, "the sparse autoencoder"),
+    Stage("attribute", 25, True, "each latent's relevance per image"),
+    Stage("label", 7, False, "labels, harm and flags"),
+    Stage("confirm", 8, True, "ablation of each flag against a baseline"),
+    Stage("finish", 0, False, "storing the result"),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+# the engine's own stages: "finish" (storing) is the worker's
+ENGINE_STAGES: tuple[str, ...] = STAGE_NAMES[:-1]
+
+
+def stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
+
+
+def overall_percent(name: str, done: int, total: int) -> float:
+    """Percent of the whole audit when stage ``name`` has done ``done`` of ``total``."""
+    before = 0.0
+    for s in STAGES:
+        if s.name == name:
+            return round(before + s.weight * (done / total if total else 1.0), 2)
+        before += s.weight
+    raise KeyError(f"no stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
