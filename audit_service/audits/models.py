@@ -7,6 +7,9 @@ from django.utils import timezone
 
 from audit_service.projects.models import Project
 from audit_service.registry.models import ClipModel, Dataset, Probe
+from workers.engine.stages import STAGE_NAMES, STAGES, overall_percent
+
+from .liveness import worker_gone
 
 
 class IllegalTransition(Exception):
@@ -114,6 +117,104 @@ class Audit(models.Model):
     def confirm_cancelled(self) -> None:
         self._move(Status.CANCELLED, finished_at=timezone.now(), stage="cancelled")
 
+    def requeue(self) -> None:
+        """Put a running audit whose worker is gone back in the queue; the next delivery starts a new attempt."""
+        self._move(Status.QUEUED, heartbeat_at=None, stage="requeued")
+
+    @property
+    def out_of_attempts(self) -> bool:
+        return self.attempts >= settings.AUDIT_MAX_ATTEMPTS
+
+    def give_up(self) -> None:
+        self.fail(f"the audit was started {self.attempts} times and never finished (its workers crashed, were "
+                  "killed or lost the database); it was given up after AUDIT_MAX_ATTEMPTS attempts. Check the "
+                  "workers' logs and memory, then submit it again")
+
+    # ------------------------------------------------------------------ the worker that runs it
+    def claim(self, worker: str) -> bool:
+        """Start the next attempt on ``worker``. Of several deliveries that read this row, one wins: the update
+        holds only while status and attempts are what this object read."""
+        now = timezone.now()
+        claimed = Audit.objects.filter(pk=self.pk, status=self.status, attempts=self.attempts).update(
+            attempts=models.F("attempts") + 1, worker_host=worker, heartbeat_at=now)
+        if claimed:
+            self.attempts, self.worker_host, self.heartbeat_at = self.attempts + 1, worker, now
+        return bool(claimed)
+
+    def beat(self) -> None:
+        """The heartbeat of the worker that claimed it (a worker that lost it to another writes nothing; the
+        steps of a sharded audit beat through their rows)."""
+        if self.worker_host:
+            Audit.objects.filter(pk=self.pk, status=Status.RUNNING, worker_host=self.worker_host).update(
+                heartbeat_at=timezone.now())
+
+    def release(self) -> None:
+        """Let a retried delivery claim it again at once: without a heartbeat it counts as abandoned."""
+        Audit.objects.filter(pk=self.pk).update(heartbeat_at=None)
+        self.heartbeat_at = None
+
+    def is_abandoned(self, now=None) -> bool:
+        """A running audit whose worker is gone: its process on this host died, or its heartbeat stopped. A
+        sharded audit is abandoned when a step's worker is gone, or when nothing has run for
+        AUDIT_REQUEUE_QUEUED_AFTER_SECONDS (its messages were lost, e.g. with a broker that kept nothing)."""
+        if self.status != Status.RUNNING:
+            return False
+        now = now or timezone.now()
+        if not self.shards:
+            return worker_gone(self.worker_host, self.heartbeat_at, now)
+        running = list(self.shard_steps.filter(status=ShardStatus.RUNNING))
+        if running:
+            return any(row.is_abandoned(now) for row in running)
+        last = self.heartbeat_at or self.started_at
+        return last is None or (now - last).total_seconds() > settings.AUDIT_REQUEUE_QUEUED_AFTER_SECONDS
+
+    # ------------------------------------------------------------------ an audit spread over shards
+    def run_as_shards(self, plan: list[tuple[int, int]]) -> str:
+        """Spread the audit over the shards of images in ``plan`` ((start, count) each): one step row per
+        shard of each per-shard stage and one per reduce step, made on the first attempt (later attempts keep
+        them and their progress). Returns the first unfinished step, at which the audit is shown running; from
+        here on its steps' rows name their workers."""
+        with transaction.atomic():
+            if not self.shard_steps.exists():
+                rows = []
+                for s in STAGES:
+                    spans = plan if s.per_shard else [(0, self.dataset.n_images)]
+                    rows += [AuditShard(audit=self, stage=s.name, index=i, start=start, count=count)
+                             for i, (start, count) in enumerate(spans)]
+                AuditShard.objects.bulk_create(rows, ignore_conflicts=True)
+                Audit.objects.filter(pk=self.pk).update(shards=len(plan))
+                self.shards = len(plan)
+        unfinished = set(self.shard_steps.exclude(status=ShardStatus.DONE).values_list("stage", flat=True))
+        step = next((name for name in STAGE_NAMES if name in unfinished), STAGE_NAMES[-1])
+        self.mark_running(step, self.percent)
+        Audit.objects.filter(pk=self.pk).update(worker_host="")
+        self.worker_host = ""
+        return step
+
+    def progress(self) -> dict[str, dict[str, int]] | None:
+        """{step: {"done": n, "total": n}} of a sharded audit, in step order; None for an audit run as one task."""
+        if not self.shards:
+            return None
+        out = {name: {"done": 0, "total": 0} for name in STAGE_NAMES}
+        for stage, status in self.shard_steps.values_list("stage", "status"):
+            out[stage]["total"] += 1
+            out[stage]["done"] += status == ShardStatus.DONE
+        return out
+
+    def running_workers(self) -> list[str]:
+        """host:pid of the workers running a step of the audit now."""
+        return sorted(set(self.shard_steps.filter(status=ShardStatus.RUNNING).values_list("worker_host", flat=True)))
+
+    def record_progress(self, step: str) -> None:
+        """Show a running sharded audit at ``step``, with the percent its finished rows make."""
+        rows = self.progress()[step]
+        Audit.objects.filter(pk=self.pk, status=Status.RUNNING).update(
+            stage=step, percent=overall_percent(step, rows["done"], rows["total"]), heartbeat_at=timezone.now())
+
+    def skip(self, step: str) -> None:
+        """Mark every row of ``step`` done without running it (e.g. no flag to confirm)."""
+        self.shard_steps.filter(stage=step).update(status=ShardStatus.DONE, finished_at=timezone.now())
+
 
 class ShardStatus(models.TextChoices):
     PENDING = "pending", "Pending"
@@ -145,6 +246,43 @@ class AuditShard(models.Model):
 
     def __str__(self) -> str:
         return f"audit {self.audit_id} {self.stage} {self.index} ({self.status})"
+
+    def _running_here(self):
+        """This row, while it is still run by the worker this object saw claim it."""
+        return AuditShard.objects.filter(pk=self.pk, status=ShardStatus.RUNNING, worker_host=self.worker_host,
+                                         attempts=self.attempts)
+
+    def claim(self, worker: str) -> bool:
+        """Start running this step on ``worker``; a redelivered or duplicated message that read the same row
+        loses (the update holds only while status and attempts are what this object read)."""
+        now = timezone.now()
+        claimed = AuditShard.objects.filter(pk=self.pk, status=self.status, attempts=self.attempts).update(
+            status=ShardStatus.RUNNING, worker_host=worker, heartbeat_at=now, started_at=now,
+            attempts=models.F("attempts") + 1)
+        if claimed:
+            self.status, self.worker_host, self.heartbeat_at, self.started_at = ShardStatus.RUNNING, worker, now, now
+            self.attempts += 1
+        return bool(claimed)
+
+    def beat(self) -> None:
+        """The heartbeat of this step, and of its audit as a sign of life."""
+        now = timezone.now()
+        if self._running_here().update(heartbeat_at=now):
+            Audit.objects.filter(pk=self.audit_id, status=Status.RUNNING).update(heartbeat_at=now)
+
+    def release(self) -> None:
+        """Put the step back (its worker gave it up or is gone): the next message for it runs it again."""
+        self._running_here().update(status=ShardStatus.PENDING, worker_host="", heartbeat_at=None)
+
+    def mark_done(self) -> None:
+        """Record the step done, once: only by the worker that runs it."""
+        now = timezone.now()
+        seconds = (now - self.started_at).total_seconds() if self.started_at else 0.0
+        self._running_here().update(status=ShardStatus.DONE, finished_at=now, seconds=seconds)
+
+    def is_abandoned(self, now=None) -> bool:
+        """A running step whose worker is gone: its process on this host died, or its heartbeat stopped."""
+        return self.status == ShardStatus.RUNNING and worker_gone(self.worker_host, self.heartbeat_at, now)
 
 
 class Latent(models.Model):
