@@ -8,7 +8,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
 from audit_service.projects.models import Membership, Project, Role
-from workers import synthetic
+from tests.support import synthetic
 
 
 @pytest.fixture(autouse=True)

@@ -91,7 +91,7 @@ def test_a_probe_registers_with_its_classes(client_for, project, assets):
 
 @pytest.mark.parametrize("with_csv", [True, False])
 def test_a_dataset_archive_is_counted_validated_and_stored(client_for, project, tmp_path, with_csv):
-    from workers.synthetic import write_dataset_zip
+    from tests.support.synthetic import write_dataset_zip
 
     archive = write_dataset_zip(tmp_path / "d.zip", per_class=5, with_csv=with_csv)
     response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
@@ -107,7 +107,7 @@ def test_a_dataset_archive_is_counted_validated_and_stored(client_for, project, 
 
 
 def test_a_single_class_dataset_is_refused_and_leaves_nothing(client_for, project, tmp_path, media):
-    from workers.synthetic import write_dataset_zip
+    from tests.support.synthetic import write_dataset_zip
 
     archive = write_dataset_zip(tmp_path / "d.zip", class_names=("nevus",), per_class=3)
     response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
@@ -118,7 +118,7 @@ def test_a_single_class_dataset_is_refused_and_leaves_nothing(client_for, projec
 
 
 def test_labels_that_do_not_match_the_files_are_reported_by_name(client_for, project, tmp_path):
-    from workers.synthetic import write_dataset_zip
+    from tests.support.synthetic import write_dataset_zip
 
     archive = write_dataset_zip(tmp_path / "d.zip", per_class=3)
     with zipfile.ZipFile(archive, "a") as zf:
@@ -134,7 +134,7 @@ def _metadata_zip(path, n: int = 24):
     CSV lists the images in reverse order (the stored dataset sorts them by path)."""
     import io
 
-    from workers.synthetic import draw_image
+    from tests.support.synthetic import draw_image
 
     rng = np.random.default_rng(0)
     rows = ["image,label,caption,a ruler,site"]
@@ -198,7 +198,7 @@ def test_the_audit_inputs_carry_the_metadata_in_image_order(project, users, regi
 def _unlabelled_zip(path, n: int = 6, folder: str = ""):
     import io
 
-    from workers.synthetic import draw_image
+    from tests.support.synthetic import draw_image
 
     rng = np.random.default_rng(1)
     with zipfile.ZipFile(path, "w") as zf:

@@ -11,9 +11,9 @@ from audit_service.audits.services import create_audit
 from audit_service.projects.models import Membership, Project, Role
 from audit_service.registry import services
 from audit_service.registry.services import RegistrationError
+from tests.support.synthetic import draw_image
 from workers import tasks
 from workers.celery import app
-from workers.synthetic import draw_image
 
 from .conftest import FAST_AUDIT, upload
 

@@ -1,4 +1,4 @@
-"""Small generated inputs for tests and the quick demo: a tiny OpenCLIP model, a probe, an image archive.
+"""Small generated inputs for the tests: a tiny OpenCLIP model, a probe, an image archive.
 
 Nothing here is downloaded: the model is a real OpenCLIP architecture with
 random weights saved as safetensors, the images are drawn with Pillow, and
