@@ -9,6 +9,11 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.storage import default_storage
 
+from audit_service.registry.services import dataset_labels, dataset_table
+from workers.engine.data import ImageFiles
+from workers.engine.heads import LinearProbe
+from workers.engine.loading import load_clip
+
 
 def download(src, target: Path) -> None:
     """Copy an open stored file to ``target``, atomically (a half-downloaded file never has the final name;
@@ -45,12 +50,7 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
         done = target / ".complete"
         if done.exists():
             return target
-        if only is None:
-            from audit_service.registry.services import dataset_labels
-
-            wanted = [rel for rel, _ in dataset_labels(dataset)]
-        else:
-            wanted = only
+        wanted = [rel for rel, _ in dataset_labels(dataset)] if only is None else only
         missing = [rel for rel in wanted if not (target / "images" / rel).exists()]
 
         def fetch(rel: str) -> None:
@@ -69,11 +69,6 @@ def load_inputs(audit, fetch_images: bool = True):
 
     ``fetch_images=False``: with remote storage, download no image yet (see :func:`dataset_folder`'s ``only``).
     """
-    from audit_service.registry.services import dataset_table
-    from workers.engine.data import ImageFiles
-    from workers.engine.heads import LinearProbe
-    from workers.engine.loading import load_clip
-
     m = audit.clip_model
     if m.pretrained_tag:
         bundle = load_clip(m.architecture, pretrained=m.pretrained_tag)
@@ -96,9 +91,6 @@ SAE_CLASS = "unlabelled"  # the one class of the images an SAE trains on: their 
 def load_sae_images(audit):
     """The images of the audit's ``sae_dataset`` (all of them, downloaded with remote storage) as one class,
     or None when the audit trains its SAE on its own dataset."""
-    from audit_service.registry.services import dataset_labels
-    from workers.engine.data import ImageFiles
-
     if audit.sae_dataset_id is None:
         return None
     folder = dataset_folder(audit.sae_dataset)

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from .models import Audit, Flag, Latent, Review
+from .models import STAGE_NAMES, Audit, Flag, Latent, Review
 
 
 class AuditSerializer(serializers.ModelSerializer):
@@ -17,7 +17,7 @@ class AuditSerializer(serializers.ModelSerializer):
     n_flags = serializers.SerializerMethodField()
     shard_progress = serializers.SerializerMethodField(
         help_text="for an audit spread over shards (`shards` > 0): finished and total shards of each step, "
-                  "in order: extract, train_sae, attribute, label, confirm, finish")
+                  f"in order: {', '.join(STAGE_NAMES)}")
 
     class Meta:
         model = Audit
@@ -32,9 +32,7 @@ class AuditSerializer(serializers.ModelSerializer):
         return audit.flags.count() if audit.status == "succeeded" else None
 
     def get_shard_progress(self, audit) -> dict[str, dict[str, int]] | None:
-        from workers.sharded import shard_progress
-
-        return shard_progress(audit) if audit.shards else None
+        return audit.progress()
 
 
 class LatentSerializer(serializers.ModelSerializer):

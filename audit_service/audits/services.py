@@ -1,12 +1,16 @@
 """Submitting audits."""
 from __future__ import annotations
 
+from celery import current_app
 from django.db import transaction
+from django.utils import timezone
 
 from audit_service.registry.models import DatasetPurpose
 from audit_service.registry.services import RegistrationError
 
 from .models import Audit, Status
+
+RUN_AUDIT_TASK = "workers.tasks.run_audit"
 
 
 def create_audit(*, project, user, clip_model, probe, dataset, options: dict | None = None,
@@ -59,10 +63,10 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
 
 
 def enqueue(audit_id: int) -> None:
-    """Send the audit's task message and remember when (the reaper re-sends messages a broker lost)."""
-    from django.utils import timezone
+    """Send the audit's task message and remember when (the reaper re-sends messages a broker lost).
 
-    from workers.tasks import run_audit
-
+    The task is sent by name: the web process loads no worker code, and CELERY_TASK_ROUTES routes the name to
+    the gpu queue.
+    """
     Audit.objects.filter(pk=audit_id).update(enqueued_at=timezone.now())
-    run_audit.delay(audit_id)
+    current_app.send_task(RUN_AUDIT_TASK, args=[audit_id])

@@ -156,12 +156,10 @@ def _progress(audit: Audit) -> dict:
     stage, worker = audit.stage, audit.worker_host
     shards = None
     if audit.shards:  # spread over workers: which step, how many of its shards are done, who runs them
-        from workers.sharded import running_workers, shard_progress
-
-        shards = shard_progress(audit)
+        shards = audit.progress()
         if audit.status == Status.RUNNING and stage in shards:
             stage = f"{stage} ({shards[stage]['done']}/{shards[stage]['total']} shards)"
-            worker = ", ".join(running_workers(audit))
+            worker = ", ".join(audit.running_workers())
         elif audit.is_finished:
             worker = f"{audit.shards} shards"
     return {"id": audit.pk, "status": audit.status, "stage": stage, "percent": round(audit.percent, 1),

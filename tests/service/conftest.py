@@ -7,8 +7,10 @@ from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
+from audit_service.audits.services import RUN_AUDIT_TASK
 from audit_service.projects.models import Membership, Project, Role
 from tests.support import synthetic
+from workers.celery import app as celery_app
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +27,22 @@ def fresh_cache():
 
     cache.clear()
     yield
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[int]:
+    """The ids of the audits sent to the workers (by task name, as the web process sends them); none of these
+    messages reaches a broker."""
+    calls = []
+    send_task = celery_app.send_task
+
+    def send_or_record(name, args=None, kwargs=None, **options):
+        if name != RUN_AUDIT_TASK:
+            return send_task(name, args, kwargs, **options)
+        calls.append(args[0])
+
+    monkeypatch.setattr(celery_app, "send_task", send_or_record)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from django.conf import settings
 
 from audit_service.audits.models import Audit, Flag, IllegalTransition, Latent, Status
 from audit_service.audits.services import create_audit
-from workers import tasks
+from workers import steps, tasks
 from workers.engine import pipeline
 from workers.engine.errors import EngineError
 
@@ -20,9 +20,7 @@ def audit(project, users, registered):
 
 
 def test_a_new_audit_is_queued_and_enqueued_after_commit(project, users, registered, django_capture_on_commit_callbacks,
-                                                         monkeypatch):
-    sent = []
-    monkeypatch.setattr(tasks.run_audit, "delay", lambda audit_id: sent.append(audit_id))
+                                                         sent):
     with django_capture_on_commit_callbacks(execute=True):
         audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
                              probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
@@ -93,14 +91,14 @@ def test_a_failed_stage_leaves_the_audit_failed_with_the_engines_message_and_no_
 
 
 def test_a_cancel_request_stops_the_worker_between_batches(audit, monkeypatch):
-    original = tasks._Progress.__call__
+    original = steps.Progress.__call__
 
     def cancel_when_attributing(self, stage, done, total):
         if stage == "attribute":
             Audit.objects.filter(pk=self.audit.pk).update(cancel_requested=True)
         return original(self, stage, done, total)
 
-    monkeypatch.setattr(tasks._Progress, "__call__", cancel_when_attributing)
+    monkeypatch.setattr(steps.Progress, "__call__", cancel_when_attributing)
     tasks.run_audit.apply(args=[audit.pk])
     audit.refresh_from_db()
     assert audit.status == Status.CANCELLED

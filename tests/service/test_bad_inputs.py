@@ -224,10 +224,7 @@ def test_a_project_dataset_limit_stricter_than_the_service_is_enforced_and_named
     assert ok.status_code == 201
 
 
-def test_a_project_cannot_run_more_audits_at_once_than_its_limit(client_for, project, registered, monkeypatch):
-    from workers import tasks
-
-    monkeypatch.setattr(tasks.run_audit, "delay", lambda audit_id: None)
+def test_a_project_cannot_run_more_audits_at_once_than_its_limit(client_for, project, registered, sent):
     project.max_concurrent_audits = 1
     project.save()
     body = {"project": project.id, "clip_model": registered["model"].id, "probe": registered["probe"].id,

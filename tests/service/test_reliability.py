@@ -11,6 +11,7 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from audit_service.audits import models as audit_models
+from audit_service.audits.liveness import owner_alive
 from audit_service.audits.models import Audit, Flag, Latent, Status
 from audit_service.audits.services import create_audit
 from workers import tasks
@@ -24,13 +25,6 @@ pytestmark = pytest.mark.django_db
 def audit(project, users, registered):
     return create_audit(project=project, user=users["member"], clip_model=registered["model"],
                         probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
-
-
-@pytest.fixture
-def sent(monkeypatch):
-    calls = []
-    monkeypatch.setattr(tasks.run_audit, "delay", lambda audit_id: calls.append(audit_id))
-    return calls
 
 
 @pytest.fixture
@@ -137,7 +131,7 @@ def test_a_stage_over_its_time_limit_fails_the_audit_with_a_clear_message(audit,
 
 
 def test_a_transient_database_error_is_retried_and_the_audit_completes(audit, monkeypatch):
-    real_store = audit_models.store_result
+    real_store = tasks.store_result
     calls = []
 
     def flaky_store(*args, **kwargs):
@@ -146,7 +140,7 @@ def test_a_transient_database_error_is_retried_and_the_audit_completes(audit, mo
             raise OperationalError("server closed the connection unexpectedly")
         return real_store(*args, **kwargs)
 
-    monkeypatch.setattr(audit_models, "store_result", flaky_store)
+    monkeypatch.setattr(tasks, "store_result", flaky_store)
     monkeypatch.setattr(tasks.run_audit, "retry_backoff", False)
     tasks.run_audit.apply(args=[audit.pk])
     audit.refresh_from_db()
@@ -157,8 +151,8 @@ def test_a_zombie_process_counts_as_dead():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     time.sleep(0.5)  # it has exited, but nobody has waited for it: a zombie
     try:
-        assert tasks.owner_alive(f"{socket.gethostname()}:{child.pid}") is False
-        assert tasks.owner_alive(f"{socket.gethostname()}:{os.getppid()}") is True
-        assert tasks.owner_alive(f"another-host:{child.pid}") is None
+        assert owner_alive(f"{socket.gethostname()}:{child.pid}") is False
+        assert owner_alive(f"{socket.gethostname()}:{os.getppid()}") is True
+        assert owner_alive(f"another-host:{child.pid}") is None
     finally:
         child.wait()

@@ -15,6 +15,8 @@ from workers import sharded, tasks
 from workers.celery import app
 from workers.engine import pipeline
 from workers.engine.errors import EngineError
+from workers.engine.stages import overall_percent
+from workers.storage import SharedWork
 
 from .conftest import FAST_AUDIT
 
@@ -82,7 +84,7 @@ def test_a_sharded_audit_gives_the_answer_of_one_task(project, users, registered
     # the artifacts are stored, the intermediate files are gone
     for key in got["artifacts"].values():
         assert default_storage.exists(key)
-    work = sharded.SharedWork(audit)
+    work = SharedWork(audit)
     assert not work.path().exists()
     assert not (settings.AUDIT_WORK_DIR / f"audit-{audit.pk}").exists()
 
@@ -126,7 +128,7 @@ def test_a_shard_that_fails_for_good_fails_the_audit_and_leaves_no_files(project
     audit.refresh_from_db()
     assert audit.status == Status.FAILED and audit.error == "image 17 cannot be read: truncated file"
     assert not Latent.objects.filter(audit=audit).exists() and not Flag.objects.filter(audit=audit).exists()
-    assert not sharded.SharedWork(audit).path().exists()
+    assert not SharedWork(audit).path().exists()
     prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
     assert not default_storage.exists(f"{prefix}/sae/sae.safetensors")
 
@@ -147,7 +149,6 @@ def test_a_shard_left_by_a_dead_worker_is_redone_in_a_new_attempt_and_finished_s
     AuditShard.objects.filter(audit=audit, stage="extract", index=4).update(status="running", worker_host=dead,
                                                                            attempts=1)
     assert sharded.extract_shard_task.apply(args=[audit.pk, 0]).get() == "done before"  # a duplicate message
-    monkeypatch.setattr(tasks.run_audit, "delay", lambda audit_id: None)
     assert tasks.reap_stale_audits()["requeued"] == [audit.pk]
     monkeypatch.undo()
     tasks.run_audit.apply(args=[audit.pk])  # attempt 2 resumes at the unfinished shard
@@ -188,7 +189,7 @@ def test_a_sharded_audit_can_be_cancelled_between_shards_and_leaves_no_files(pro
     rows = steps(audit)
     assert rows[("attribute", 2)] == ("pending", 0) and rows[("label", 0)] == ("pending", 0)  # nothing after it ran
     assert not Latent.objects.filter(audit=audit).exists()
-    assert not sharded.SharedWork(audit).path().exists()
+    assert not SharedWork(audit).path().exists()
 
 
 def test_progress_of_a_sharded_audit_counts_shards_in_the_api_and_on_the_page(project, users, registered, settings,
@@ -202,7 +203,7 @@ def test_progress_of_a_sharded_audit_counts_shards_in_the_api_and_on_the_page(pr
     for index in range(3):
         sharded.extract_shard_task.apply(args=[audit.pk, index])
     audit.refresh_from_db()
-    assert audit.stage == "extract" and audit.percent == pytest.approx(tasks.overall_percent("extract", 3, 5))
+    assert audit.stage == "extract" and audit.percent == pytest.approx(overall_percent("extract", 3, 5))
     body = client_for("viewer").get(f"/api/v1/audits/{audit.pk}/").json()
     assert body["shards"] == 5
     assert body["shard_progress"]["extract"] == {"done": 3, "total": 5}
@@ -230,7 +231,7 @@ def test_a_shard_that_keeps_failing_for_a_transient_reason_fails_the_audit_after
     assert audit.status == Status.FAILED
     assert audit.error == "the scratch disk is full (attribute shard 0 failed 6 times)"
     assert calls == [0] * 6  # the first shard, retried 5 times; the others never ran
-    assert not sharded.SharedWork(audit).path().exists()
+    assert not SharedWork(audit).path().exists()
 
 
 def test_the_reaper_removes_intermediate_files_a_stopped_worker_left_after_the_result(project, users, registered,
@@ -238,7 +239,7 @@ def test_the_reaper_removes_intermediate_files_a_stopped_worker_left_after_the_r
     settings.AUDIT_SHARD_SIZE = SHARD
     audit = submit(project, users, registered)
     tasks.run_audit.apply(args=[audit.pk])
-    work = sharded.SharedWork(audit)
+    work = SharedWork(audit)
     assert not work.path().exists()
     work.path("attribution").mkdir(parents=True)  # as if the worker was stopped between result and clean-up
     (work.path("attribution") / "partial-00000.npz").write_bytes(b"left over")
