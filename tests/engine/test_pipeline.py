@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from workers.engine import STAGES, AuditCancelled, AuditResult, EngineError, LinearProbe, run_audit
+from workers.engine import AuditCancelled, AuditResult, EngineError, LinearProbe, run_audit
 from workers.engine.data import TensorImages
+from workers.engine.stages import ENGINE_STAGES
 
 from .conftest import assert_same_answer, build_audit_config
 
@@ -51,8 +52,8 @@ def test_progress_walks_the_stages_in_order(tiny, probe, dataset, tmp_path):
     run_audit(build_audit_config(), tiny, probe, dataset, workdir=tmp_path,
               progress=lambda stage, done, total: seen.append((stage, done, total)))
     order = list(dict.fromkeys(s for s, _, _ in seen))
-    assert order == list(STAGES)
-    for stage in STAGES:
+    assert order == list(ENGINE_STAGES)
+    for stage in ENGINE_STAGES:
         fractions = [d / t for s, d, t in seen if s == stage]
         assert fractions[-1] == 1.0
         assert all(0 <= f <= 1 for f in fractions)

@@ -1,10 +1,21 @@
-"""The attribution engine: pure PyTorch, no Django. See DESIGN.md section 2 for the method."""
-from .config import AuditConfig, SAEConfig
-from .errors import AuditCancelled, EngineError
-from .heads import LinearProbe, ZeroShotHead
-from .loading import ClipBundle, load_clip
-from .pipeline import STAGES, AuditResult, run_audit
-from .sae import TopKSAE
+"""The attribution engine: pure PyTorch, no Django. See DESIGN.md section 2 for the method.
 
-__all__ = ["AuditConfig", "SAEConfig", "EngineError", "AuditCancelled", "LinearProbe", "ZeroShotHead",
-           "ClipBundle", "load_clip", "AuditResult", "run_audit", "STAGES", "TopKSAE"]
+The names below load their modules on first use, so reading a light module (``workers.engine.stages``,
+``workers.engine.errors``) does not import torch.
+"""
+from importlib import import_module
+
+_WHERE = {
+    "AuditConfig": "config", "SAEConfig": "config", "EngineError": "errors", "AuditCancelled": "errors",
+    "LinearProbe": "heads", "ZeroShotHead": "heads", "ClipBundle": "loading", "load_clip": "loading",
+    "AuditResult": "pipeline", "run_audit": "pipeline", "STAGES": "stages", "TopKSAE": "sae",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

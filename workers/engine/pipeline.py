@@ -35,8 +35,6 @@ from .semantics import (UNLABELLED, ReferenceTracker, Vocabulary, alignment, cho
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-STAGES = ("extract", "train_sae", "attribute", "label", "flag", "confirm")
-HEADS = ("probe", "zero_shot")
 Progress = Callable[[str, int, int], None]
 
 
@@ -236,7 +234,6 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
     with stages.stage("label"):
         merged = merge_partials(partials)
         labelled = label_latents(ctx, store, images, merged, semantic_model)
-    with stages.stage("flag"):
         result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, workdir)
     with stages.stage("confirm") as report:
         if config.causal and result.flags:
