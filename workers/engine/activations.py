@@ -218,28 +218,41 @@ def extract_shard(
     if count < 1 or start < 0 or start + count > len(images):
         raise EngineError(f"shard {index} ({start}..{start + count}) lies outside the {len(images)} images")
     device = torch.device(device)
-    model = bundle.model
-    visual = model.visual
-    tail = VisionTail(visual, layer, token)
+    tail = VisionTail(bundle.model.visual, layer, token)
     folder.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.dtype(cache_dtype)
     loader = DataLoader(Subset(images, range(start, start + count)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     # temporary names carry the pid: two processes given the same shard never write into one file
     tmp = {key: folder / f".{name}.{os.getpid()}.part" for key, name in files.items()}
+    item_shape = _write_shard(bundle.model, loader, tmp, count, layer=layer, cls_only=tail.cls_only, device=device,
+                              dtype=dtype, cache_dtype=np.dtype(cache_dtype), progress=progress)
+    for key in ("acts", "emb", "labels"):
+        os.replace(tmp[key], folder / files[key])
+    meta = {"index": index, "start": start, "count": count, "item_shape": item_shape,
+            "embed_dim": int(bundle.model.visual.output_dim), "token": token, "layer": layer, **files}
+    tmp["done"].write_text(json.dumps(meta))
+    os.replace(tmp["done"], folder / files["done"])
+    return meta
+
+
+def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *, layer: int, cls_only: bool,
+                 device: torch.device, dtype: str, cache_dtype: np.dtype,
+                 progress: Callable[[int, int], None] | None) -> list[int]:
+    """Run the model over the loader's ``count`` images into the temporary files ``tmp["acts"]``, ``tmp["emb"]``
+    and ``tmp["labels"]``; returns the shape of one image's activations."""
     acts_mm = emb_mm = None
     labels_all = np.empty(count, dtype=np.int64)
     done = 0
-    with capture_residual(visual, layer) as store, torch.inference_mode():
+    with capture_residual(model.visual, layer) as store, torch.inference_mode():
         for pixels, labels in loader:
             pixels = pixels.to(device, non_blocking=True)
             with autocast_context(device, dtype):
                 emb = model.encode_image(pixels)
             h = store["h"]
-            item = (h[:, 0] if tail.cls_only else h).float().cpu().numpy()
+            item = (h[:, 0] if cls_only else h).float().cpu().numpy()
             emb = emb.float().cpu().numpy()
             if acts_mm is None:
-                acts_mm = np.lib.format.open_memmap(tmp["acts"], mode="w+", dtype=np_dtype,
+                acts_mm = np.lib.format.open_memmap(tmp["acts"], mode="w+", dtype=cache_dtype,
                                                     shape=(count, *item.shape[1:]))
                 emb_mm = np.lib.format.open_memmap(tmp["emb"], mode="w+", dtype=np.float32,
                                                    shape=(count, emb.shape[1]))
@@ -255,13 +268,7 @@ def extract_shard(
     del acts_mm, emb_mm
     with open(tmp["labels"], "wb") as fh:
         np.save(fh, labels_all)
-    for key in ("acts", "emb", "labels"):
-        os.replace(tmp[key], folder / files[key])
-    meta = {"index": index, "start": start, "count": count, "item_shape": item_shape,
-            "embed_dim": int(visual.output_dim), "token": token, "layer": layer, **files}
-    tmp["done"].write_text(json.dumps(meta))
-    os.replace(tmp["done"], folder / files["done"])
-    return meta
+    return item_shape
 
 
 def assemble_store(folder: str | os.PathLike, shards: list[dict]) -> ActivationStore:

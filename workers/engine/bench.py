@@ -127,12 +127,7 @@ def _full_backprop(bundle, x, layer, token, sae, head) -> torch.Tensor:
 
 def measure(args) -> dict:
     from .activations import extract_activations
-    from .attribution import get_method
-    from .config import AuditConfig, SAEConfig
-    from .hooks import VisionTail
     from .loading import resolve_device
-    from .pipeline import run_audit
-    from .sae import evaluate_sae, train_sae
 
     device = resolve_device(args.device)
     bundle = _model(args.model, device)
@@ -152,48 +147,69 @@ def measure(args) -> dict:
                                                             device=device, dtype=args.dtype), device)
         out["extraction"] = {"images_per_s": len(data) / seconds, "seconds": seconds,
                              "ratio_to_encode": seconds / encode_seconds}
+        sae, out["sae"] = _measure_sae(args, store, device)
+        out["attribution"] = _measure_attribution(args, bundle, data, store, sae, (probe, zero_shot), device)
+    out["audit"] = _measure_audit(args, bundle, data, probe, device, encode_seconds)
+    return out
 
-        cfg = SAEConfig(n_latents=args.n_latents, k=args.k, steps=args.sae_steps, seed=0)
-        gen = torch.Generator().manual_seed(0)
-        sample = store.sample(min(4096, store.n), 0, cfg.tokens_per_image)
-        batches = store.training_batches(cfg.batch_size, 0, cfg.tokens_per_image)
-        seconds, (sae, curve) = _timed(lambda: train_sae(
-            batches, d_model=store.d_model, n_latents=args.n_latents, k=args.k, steps=args.sae_steps,
-            init_sample=sample, config=cfg, device=device), device)
-        del gen
-        quality = evaluate_sae(sae, (b for _, b, _ in store.iter_batches(1024)), device)
-        per_step = seconds / args.sae_steps
-        reached = next((step for step, fvu in curve if fvu <= args.fvu_target), None)
-        out["sae"] = {"activations_per_s": args.sae_steps * cfg.batch_size / seconds, "seconds": seconds,
-                      "steps": args.sae_steps, "n_latents": args.n_latents, "k": args.k, "fvu": quality["fvu"],
-                      "fvu_target": args.fvu_target,
-                      "seconds_to_fvu_target": None if reached is None else (reached + 1) * per_step}
-        sae.eval().requires_grad_(False)
 
-        tail = VisionTail(bundle.model.visual, -1, "cls")
-        attribution = {}
-        for name, head in (("probe", probe), ("zero_shot", zero_shot)):
-            method = get_method("act_grad", tail=tail, sae=sae, head=head, token="cls")
+def _measure_sae(args, store, device) -> tuple:
+    """SAE training throughput, its FVU and the time to reach ``args.fvu_target``; returns the SAE too."""
+    from .config import SAEConfig
+    from .sae import evaluate_sae, train_sae
 
-            def attribute_all(method=method):
-                for _, acts, _ in store.iter_batches(args.batch_size):
-                    method.attribute(acts.to(device))
+    cfg = SAEConfig(n_latents=args.n_latents, k=args.k, steps=args.sae_steps, seed=0)
+    sample = store.sample(min(4096, store.n), 0, cfg.tokens_per_image)
+    batches = store.training_batches(cfg.batch_size, 0, cfg.tokens_per_image)
+    seconds, (sae, curve) = _timed(lambda: train_sae(
+        batches, d_model=store.d_model, n_latents=args.n_latents, k=args.k, steps=args.sae_steps,
+        init_sample=sample, config=cfg, device=device), device)
+    quality = evaluate_sae(sae, (b for _, b, _ in store.iter_batches(1024)), device)
+    per_step = seconds / args.sae_steps
+    reached = next((step for step, fvu in curve if fvu <= args.fvu_target), None)
+    sae.eval().requires_grad_(False)
+    return sae, {"activations_per_s": args.sae_steps * cfg.batch_size / seconds, "seconds": seconds,
+                 "steps": args.sae_steps, "n_latents": args.n_latents, "k": args.k, "fvu": quality["fvu"],
+                 "fvu_target": args.fvu_target,
+                 "seconds_to_fvu_target": None if reached is None else (reached + 1) * per_step}
 
-            seconds, _ = _timed(attribute_all, device)
-            attribution[name] = {"images_per_s": len(data) / seconds, "seconds": seconds}
-        # the straightforward way on a subset (it is slow), compared on the same images in float32
-        n = min(args.compare_images, len(data))
-        x = data.stack(n).to(device)
-        acts, _ = store.gather(list(range(n)))
-        fast_seconds, fast = _timed(lambda: get_method("act_grad", tail=tail, sae=sae, head=probe, token="cls")
-                                    .attribute(acts.to(device)), device)
-        slow_seconds, slow = _timed(lambda: _full_backprop(bundle, x, -1, "cls", sae, probe), device)
-        attribution["probe_subset"] = {"images": n, "tail_only_images_per_s": n / fast_seconds,
-                                       "full_backprop_images_per_s": n / slow_seconds,
-                                       "speedup": slow_seconds / fast_seconds,
-                                       "max_abs_diff": float((fast.detach().cpu() - slow.detach().cpu()).abs().max()),
-                                       "max_abs_value": float(slow.detach().abs().max())}
-        out["attribution"] = attribution
+
+def _measure_attribution(args, bundle, data, store, sae, heads, device) -> dict:
+    """Tail-only act x grad over all images for both heads, and against a full backward pass on a subset."""
+    from .attribution import get_method
+    from .hooks import VisionTail
+
+    probe, zero_shot = heads
+    tail = VisionTail(bundle.model.visual, -1, "cls")
+    attribution = {}
+    for name, head in (("probe", probe), ("zero_shot", zero_shot)):
+        method = get_method("act_grad", tail=tail, sae=sae, head=head, token="cls")
+
+        def attribute_all(method=method):
+            for _, acts, _ in store.iter_batches(args.batch_size):
+                method.attribute(acts.to(device))
+
+        seconds, _ = _timed(attribute_all, device)
+        attribution[name] = {"images_per_s": len(data) / seconds, "seconds": seconds}
+    # the straightforward way on a subset (it is slow), compared on the same images in float32
+    n = min(args.compare_images, len(data))
+    x = data.stack(n).to(device)
+    acts, _ = store.gather(list(range(n)))
+    fast_seconds, fast = _timed(lambda: get_method("act_grad", tail=tail, sae=sae, head=probe, token="cls")
+                                .attribute(acts.to(device)), device)
+    slow_seconds, slow = _timed(lambda: _full_backprop(bundle, x, -1, "cls", sae, probe), device)
+    attribution["probe_subset"] = {"images": n, "tail_only_images_per_s": n / fast_seconds,
+                                   "full_backprop_images_per_s": n / slow_seconds,
+                                   "speedup": slow_seconds / fast_seconds,
+                                   "max_abs_diff": float((fast.detach().cpu() - slow.detach().cpu()).abs().max()),
+                                   "max_abs_value": float(slow.detach().abs().max())}
+    return attribution
+
+
+def _measure_audit(args, bundle, data, probe, device, encode_seconds: float) -> dict:
+    """One whole audit's wall time over the ``encode_image`` time, with and without the SAE fit."""
+    from .config import AuditConfig
+    from .pipeline import run_audit
 
     config = AuditConfig(device=str(device), dtype=args.dtype, batch_size=args.batch_size, general_vocabulary=False,
                          sae={"n_latents": args.n_latents, "k": args.k, "steps": args.sae_steps},
@@ -201,10 +217,8 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         seconds, result = _timed(lambda: run_audit(config, bundle, probe.cpu(), data, workdir=tmp), device)
     fit = result.timings.get("train_sae", 0.0)
-    out["audit"] = {"seconds": seconds, "timings": result.timings,
-                    "ratio_to_encode": seconds / encode_seconds,
-                    "ratio_to_encode_without_sae_fit": (seconds - fit) / encode_seconds}
-    return out
+    return {"seconds": seconds, "timings": result.timings, "ratio_to_encode": seconds / encode_seconds,
+            "ratio_to_encode_without_sae_fit": (seconds - fit) / encode_seconds}
 
 
 def memory_probe(args) -> dict:

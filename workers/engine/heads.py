@@ -125,51 +125,10 @@ class LinearProbe(Head):
         normalization come from the file (``classes``, ``normalization``) or the arguments.
         """
         path = Path(path)
-        meta: dict = {}
         if path.suffix == ".npz":
-            try:
-                with path.open("rb") as fh:
-                    is_zip = fh.read(4) == b"PK\x03\x04"
-            except OSError as exc:
-                raise EngineError(f"probe {path.name} cannot be read: {exc}") from exc
-            if not is_zip:
-                raise EngineError(f"probe {path.name} is not a readable .npz file (not a zip archive of arrays)")
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    arrays = {k: data[k] for k in data.files}
-            except ValueError as exc:
-                raise EngineError(f"probe {path.name} holds Python objects (pickled arrays), which are refused; "
-                                  "save plain numeric arrays and a string array of class names") from exc
-            except (OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise EngineError(f"probe {path.name} is not a readable .npz file: {exc}") from exc
-            if "classes" in arrays:
-                classes = arrays.pop("classes")
-                if classes.ndim != 1 or classes.dtype.kind not in "US":
-                    raise EngineError(f"probe {path.name}: 'classes' must be a 1-d array of class-name strings")
-                meta["classes"] = [str(c) for c in classes.tolist()]
-            if "normalization" in arrays:
-                meta["normalization"] = str(arrays.pop("normalization"))
+            arrays, meta = _read_npz_probe(path)
         elif path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    arrays = {k: fh.get_tensor(k).float().numpy() if fh.get_tensor(k).is_floating_point()
-                              else fh.get_tensor(k).numpy() for k in fh.keys()}
-                    file_meta = fh.metadata() or {}
-            except (SafetensorError, OSError) as exc:
-                raise EngineError(f"probe {path.name} is not a readable safetensors file: {exc}") from exc
-            if "classes" in file_meta:
-                try:
-                    classes = json.loads(file_meta["classes"])
-                except json.JSONDecodeError:
-                    classes = None
-                if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-                    raise EngineError(f"probe {path.name}: the 'classes' metadata must be a JSON list of "
-                                      "class-name strings")
-                meta["classes"] = classes
-            if "normalization" in file_meta:
-                meta["normalization"] = file_meta["normalization"]
+            arrays, meta = _read_safetensors_probe(path)
         else:
             raise EngineError(f"probe {path.name}: only .npz and .safetensors probes are accepted")
         weight = arrays.get("weight", arrays.get("coef"))
@@ -186,6 +145,60 @@ class LinearProbe(Head):
             raise EngineError(f"probe {path.name} names no classes; store a 'classes' array or give class names")
         return cls(weight, bias, names, normalization or meta.get("normalization", "l2"),
                    arrays.get("mean"), arrays.get("scale"))
+
+
+def _read_npz_probe(path: Path) -> tuple[dict, dict]:
+    """A probe's arrays and its metadata (``classes``, ``normalization``) from an .npz, never unpickled."""
+    meta: dict = {}
+    try:
+        with path.open("rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise EngineError(f"probe {path.name} cannot be read: {exc}") from exc
+    if not is_zip:
+        raise EngineError(f"probe {path.name} is not a readable .npz file (not a zip archive of arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        raise EngineError(f"probe {path.name} holds Python objects (pickled arrays), which are refused; "
+                          "save plain numeric arrays and a string array of class names") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise EngineError(f"probe {path.name} is not a readable .npz file: {exc}") from exc
+    if "classes" in arrays:
+        classes = arrays.pop("classes")
+        if classes.ndim != 1 or classes.dtype.kind not in "US":
+            raise EngineError(f"probe {path.name}: 'classes' must be a 1-d array of class-name strings")
+        meta["classes"] = [str(c) for c in classes.tolist()]
+    if "normalization" in arrays:
+        meta["normalization"] = str(arrays.pop("normalization"))
+    return arrays, meta
+
+
+def _read_safetensors_probe(path: Path) -> tuple[dict, dict]:
+    """A probe's arrays (floats as float32) and its metadata (``classes``, ``normalization``) from a .safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    meta: dict = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            arrays = {k: fh.get_tensor(k).float().numpy() if fh.get_tensor(k).is_floating_point()
+                      else fh.get_tensor(k).numpy() for k in fh.keys()}
+            file_meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise EngineError(f"probe {path.name} is not a readable safetensors file: {exc}") from exc
+    if "classes" in file_meta:
+        try:
+            classes = json.loads(file_meta["classes"])
+        except json.JSONDecodeError:
+            classes = None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise EngineError(f"probe {path.name}: the 'classes' metadata must be a JSON list of "
+                              "class-name strings")
+        meta["classes"] = classes
+    if "normalization" in file_meta:
+        meta["normalization"] = file_meta["normalization"]
+    return arrays, meta
 
 
 class ZeroShotHead(Head):

@@ -186,29 +186,15 @@ def train_sae(
         values, indices = pre.topk(k, dim=-1)
         values = values.relu()
         z = torch.zeros_like(pre).scatter(-1, indices, values)
-        h_hat = sae.decode(z)
-        err = h - h_hat
-        scale2 = sae.input_scale ** 2 * d_model
-        mse = err.pow(2).sum(-1).mean() / scale2
+        err = h - sae.decode(z)
+        mse = err.pow(2).sum(-1).mean() / (sae.input_scale ** 2 * d_model)
         loss = mse
         dead = since_fired >= config.dead_after_steps
         n_dead = int(dead.sum())
         if n_dead and config.aux_coef > 0:
-            pre_dead = pre.masked_fill(~dead, float("-inf"))
-            a_vals, a_idx = pre_dead.topk(min(aux_k, n_dead), dim=-1)
-            z_aux = torch.zeros_like(pre).scatter(-1, a_idx, a_vals.relu())
-            e_hat = sae.input_scale * F.linear(z_aux, sae.W_dec)
-            target = err.detach()
-            denom = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            aux = (target - e_hat).pow(2).sum(-1).mean() / denom
+            aux = _aux_loss(sae, pre, err, dead, min(aux_k, n_dead))
             loss = loss + config.aux_coef * torch.nan_to_num(aux, nan=0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            g = sae.W_dec.grad
-            g -= (g * sae.W_dec).sum(0, keepdim=True) * sae.W_dec
-        opt.step()
-        sae.normalize_decoder()
+        _descend(sae, opt, loss)
         with torch.no_grad():
             fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
             fired[indices[values > 0]] = True
@@ -220,6 +206,29 @@ def train_sae(
                 progress(step + 1, steps)
     sae.eval().requires_grad_(False)
     return sae, curve
+
+
+def _aux_loss(sae: TopKSAE, pre: Tensor, err: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+    """AuxK: the ``aux_k`` largest dead latents' reconstruction of the residual error ``err``, normalized by the
+    error's variance."""
+    pre_dead = pre.masked_fill(~dead, float("-inf"))
+    a_vals, a_idx = pre_dead.topk(aux_k, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, a_idx, a_vals.relu())
+    e_hat = sae.input_scale * F.linear(z_aux, sae.W_dec)
+    target = err.detach()
+    denom = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (target - e_hat).pow(2).sum(-1).mean() / denom
+
+
+def _descend(sae: TopKSAE, opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One optimizer step that keeps the decoder columns unit norm (gradient along them removed, renormalized)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        g = sae.W_dec.grad
+        g -= (g * sae.W_dec).sum(0, keepdim=True) * sae.W_dec
+    opt.step()
+    sae.normalize_decoder()
 
 
 @torch.no_grad()
