@@ -96,7 +96,6 @@ def zip_split(folder: Path, out: Path) -> Path:
 
 def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = print) -> dict:
     """Build (or reuse) the case under ``root``; returns its paths and metrics (``case.json``)."""
-    from safetensors.torch import save_file
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -106,23 +105,7 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
     case_dir = root / f"case-{config.key()}"
     if (case_dir / "case.json").is_file():
         return json.loads((case_dir / "case.json").read_text())
-    model_dir = root / f"model-{config.model_key()}"
-    config_path, ckpt = model_dir / "lesion-clip.json", model_dir / "lesion-clip.safetensors"
-    if not ckpt.is_file():
-        log(f"Generating {config.n_pretrain} pre-training images (artifacts independent of the class) ...")
-        pre_dir = write_split(model_dir / "pretrain", draw_samples(config.n_pretrain, np.random.default_rng(
-            [config.seed, 1]), independent_rates(0.3)), np.random.default_rng([config.seed, 2]))
-        images, rows = _images(pre_dir)
-        torch.manual_seed(config.seed)
-        bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
-        log(f"Training a tiny OpenCLIP ViT from scratch ({config.pretrain_steps} steps on the CPU) ...")
-        samples = [Sample(r["label"], [a for a in ARTIFACTS if r[a] == "1"]) for r in rows]
-        train_clip(bundle, images, caption_variants(samples, config.seed), steps=config.pretrain_steps,
-                   batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
-        config_path.write_text(json.dumps(LESION_CLIP, indent=2))
-        save_file({k: v.detach().contiguous().clone() for k, v in bundle.model.state_dict().items()},
-                  str(ckpt.with_suffix(".part")))
-        ckpt.with_suffix(".part").replace(ckpt)
+    config_path, ckpt = _lesion_clip(root / f"model-{config.model_key()}", config, log)
     bundle = load_clip(model_config=config_path, checkpoint=ckpt)
 
     log(f"Generating the probe's splits: train with '{config.artifact}' tied to {config.toward} "
@@ -148,15 +131,8 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
     zs_pred = (test_emb @ class_text.T).argmax(1).numpy()
     probe_pred = clf.predict(test_emb.numpy())
     has = np.array([r[config.artifact] == "1" for r in test_rows])
-    accuracy = {}
-    for name, pred in (("probe", probe_pred), ("zero_shot", zs_pred)):
-        accuracy[name] = {"overall": float((pred == y_test).mean()), "per_class": {}}
-        for c, cname in enumerate(classes):
-            own = y_test == c
-            accuracy[name]["per_class"][cname] = {
-                f"with {config.artifact}": float((pred[own & has] == c).mean()),
-                f"without {config.artifact}": float((pred[own & ~has] == c).mean()),
-            }
+    accuracy = {name: _accuracy_with_without(pred, y_test, has, classes, config.artifact)
+                for name, pred in (("probe", probe_pred), ("zero_shot", zs_pred))}
     artifact_text = encode_concepts(bundle, [ARTIFACT_CONCEPTS[a] for a in ARTIFACTS], [TEMPLATE])
     empty = encode_concepts(bundle, [""], [TEMPLATE])[0]
     auroc = {a: float(roc_auc_score([r[a] == "1" for r in test_rows], (test_emb @ (artifact_text[i] - empty)).numpy()))
@@ -170,6 +146,46 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
     }
     (case_dir / "case.json").write_text(json.dumps(case, indent=2))
     return case
+
+
+def _lesion_clip(model_dir: Path, config: CaseConfig, log: Callable[[str], None]) -> tuple[Path, Path]:
+    """The tiny CLIP pre-trained on images whose artifacts are independent of the class (trained once, then
+    reused): its config and checkpoint paths."""
+    from safetensors.torch import save_file
+
+    from workers.engine.loading import load_clip
+
+    config_path, ckpt = model_dir / "lesion-clip.json", model_dir / "lesion-clip.safetensors"
+    if ckpt.is_file():
+        return config_path, ckpt
+    log(f"Generating {config.n_pretrain} pre-training images (artifacts independent of the class) ...")
+    pre_dir = write_split(model_dir / "pretrain", draw_samples(config.n_pretrain, np.random.default_rng(
+        [config.seed, 1]), independent_rates(0.3)), np.random.default_rng([config.seed, 2]))
+    images, rows = _images(pre_dir)
+    torch.manual_seed(config.seed)
+    bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
+    log(f"Training a tiny OpenCLIP ViT from scratch ({config.pretrain_steps} steps on the CPU) ...")
+    samples = [Sample(r["label"], [a for a in ARTIFACTS if r[a] == "1"]) for r in rows]
+    train_clip(bundle, images, caption_variants(samples, config.seed), steps=config.pretrain_steps,
+               batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
+    config_path.write_text(json.dumps(LESION_CLIP, indent=2))
+    save_file({k: v.detach().contiguous().clone() for k, v in bundle.model.state_dict().items()},
+              str(ckpt.with_suffix(".part")))
+    ckpt.with_suffix(".part").replace(ckpt)
+    return config_path, ckpt
+
+
+def _accuracy_with_without(pred: np.ndarray, y: np.ndarray, has: np.ndarray, classes: list[str],
+                           artifact: str) -> dict:
+    """A head's accuracy overall, and per class on the images with and without the artifact."""
+    table = {"overall": float((pred == y).mean()), "per_class": {}}
+    for c, cname in enumerate(classes):
+        own = y == c
+        table["per_class"][cname] = {
+            f"with {artifact}": float((pred[own & has] == c).mean()),
+            f"without {artifact}": float((pred[own & ~has] == c).mean()),
+        }
+    return table
 
 
 def _bar(log):
