@@ -96,19 +96,8 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             return Response({"detail": f"the audit is {audit.status}; results exist once it succeeded"},
                             status=status.HTTP_409_CONFLICT)
         r = audit.result
-        classes = {}
-        for name in r["classes"]:
-            classes[name] = {
-                "images": r["dataset"]["per_class"][name],
-                "probe_accuracy": r["accuracy"]["probe"]["per_class"][name],
-                "zero_shot_accuracy": r["accuracy"]["zero_shot"]["per_class"][name],
-                "flags": {h: audit.flags.filter(class_name=name, head=h).count() for h in ("probe", "zero_shot")},
-                "confirmed_flags": audit.flags.filter(class_name=name, confirmed=True).count(),
-                "flags_with_measured_harm": audit.flags.filter(class_name=name, harm__measured=True).count(),
-                **r["comparison"][name],
-            }
-        return Response({"audit": audit.pk, "classes": classes, "sae": r["sae"], "accuracy": r["accuracy"],
-                         "timings": r["timings"], "environment": r["environment"],
+        return Response({"audit": audit.pk, "classes": report.class_summary(audit), "sae": r["sae"],
+                         "accuracy": r["accuracy"], "timings": r["timings"], "environment": r["environment"],
                          "sae_dataset": r.get("sae_dataset"), "slices": r.get("slices") or {}})
 
 

@@ -264,6 +264,27 @@ def class_plots(audit: Audit, flags: list[Flag]) -> dict:
     return plots
 
 
+def class_summary(audit: Audit, flags: list[Flag] | None = None) -> dict[str, dict]:
+    """Per class of a succeeded audit, in the result's order: its images, both heads' accuracy, its flags per
+    head, how many are confirmed and how many have measured harm, and the engine's probe vs zero-shot comparison
+    (its keys spread in). The summary API returns it; the report's class table shows it."""
+    result = audit.result
+    flags = list(audit.flags.all()) if flags is None else flags
+    summary = {}
+    for name in result["classes"]:
+        mine = [f for f in flags if f.class_name == name]
+        summary[name] = {
+            "images": result["dataset"]["per_class"].get(name, 0),
+            "probe_accuracy": result["accuracy"]["probe"]["per_class"].get(name),
+            "zero_shot_accuracy": result["accuracy"]["zero_shot"]["per_class"].get(name),
+            "flags": {h: sum(f.head == h for f in mine) for h in HEADS},
+            "confirmed_flags": sum(f.confirmed is True for f in mine),
+            "flags_with_measured_harm": sum(f.harm_measured for f in mine),
+            **result["comparison"].get(name, {}),
+        }
+    return summary
+
+
 def report_context(audit: Audit, *, filters: dict | None = None, images: bool = True) -> dict:
     """Everything the report template shows, for a succeeded audit."""
     result = audit.result
@@ -272,20 +293,11 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
     flags = list(filtered_flags(audit, filters))
     all_flags = list(audit.flags.all())
     plots = class_plots(audit, all_flags)
-    classes = []
-    for c, name in enumerate(result["classes"]):
-        classes.append({
-            "name": name,
-            "images": result["dataset"]["per_class"].get(name, 0),
-            "probe_accuracy": result["accuracy"]["probe"]["per_class"].get(name),
-            "zero_shot_accuracy": result["accuracy"]["zero_shot"]["per_class"].get(name),
-            "n_flags": {h: sum(1 for f in all_flags if f.class_name == name and f.head == h) for h in HEADS},
-            "n_confirmed": sum(1 for f in all_flags if f.class_name == name and f.confirmed),
-            "n_harm": sum(1 for f in all_flags if f.class_name == name and f.harm_measured),
-            "comparison": result["comparison"].get(name, {}),
-            "cards": [_flag_card(audit, f, labels_by_key, images) for f in flags if f.class_name == name],
-            **plots[name],
-        })
+    classes = [{
+        "name": name, **summary,
+        "cards": [_flag_card(audit, f, labels_by_key, images) for f in flags if f.class_name == name],
+        **plots[name],
+    } for name, summary in class_summary(audit, all_flags).items()]
     faithfulness = [
         {"head": HEADS[h], "class_name": name, "methods": [
             {"method": METHODS.get(m, m), "auc": d["auc"], "n_images": d["n_images"]} for m, d in per_class.items()]}
