@@ -204,7 +204,7 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
     for f in flags[:8]:
         verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
         confirmation = (f.get("confirmation") or {}).get("status") or "confirmation unknown"
-        log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent_index']:<5} '{f['label']}' "
+        log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent']:<5} '{f['label']}' "
             f"({f['category']}) share {f['share']:.3f}  {verdict}, {confirmation}")
         if (f.get("harm") or {}).get("summary"):
             log(f"        harm: {f['harm']['summary']}")
@@ -217,7 +217,7 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
     if args.max_unreviewed_flags is None and args.max_flag_share is None and not args.no_default_gate:
         harmful = [f for f in unreviewed if (f.get("harm") or {}).get("measured")]
         if harmful:
-            which = ", ".join(f"{f['class_name']} latent {f['latent_index']}" for f in harmful[:5])
+            which = ", ".join(f"{f['class_name']} latent {f['latent']}" for f in harmful[:5])
             failures.append(f"{len(harmful)} unreviewed {new}probe flags with measured harm ({which}"
                             f"{', ...' if len(harmful) > 5 else ''}); review them, or pass --no-default-gate")
     log(f"  report: {out / f'audit-{audit_id}-report.html'}")

@@ -28,7 +28,7 @@ nested = [
     path("audits/<int:audit_pk>/flags/<int:pk>/reviews/", FlagViewSet.as_view({"get": "reviews", "post": "reviews"}),
          name="flag-reviews"),
     path("audits/<int:audit_pk>/latents/", LatentViewSet.as_view({"get": "list"}), name="latent-list"),
-    path("audits/<int:audit_pk>/latents/<int:index>/", LatentViewSet.as_view({"get": "retrieve"}),
+    path("audits/<int:audit_pk>/latents/<int:latent>/", LatentViewSet.as_view({"get": "retrieve"}),
          name="latent-detail"),
 ]
 

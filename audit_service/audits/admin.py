@@ -54,7 +54,7 @@ class LatestVerdictFilter(admin.SimpleListFilter):
 
 @admin.register(Flag)
 class FlagAdmin(admin.ModelAdmin):
-    list_display = ["id", "audit", "head", "class_name", "latent_index", "label", "category", "share",
+    list_display = ["id", "audit", "head", "class_name", "latent", "label", "category", "share",
                     "confirmation_status", "latest_verdict"]
     list_filter = [LatestVerdictFilter, "head", "category", "confirmation_status", "confirmed", "class_name"]
     search_fields = ["label", "class_name"]
@@ -75,7 +75,7 @@ class FlagAdmin(admin.ModelAdmin):
 
 @admin.register(Latent)
 class LatentAdmin(admin.ModelAdmin):
-    list_display = ["audit", "index", "label", "label_category", "alignment", "clarity", "frequency"]
+    list_display = ["audit", "latent", "label", "label_category", "label_alignment", "clarity", "frequency"]
     list_filter = ["label_category"]
     search_fields = ["label"]
     readonly_fields = [f.name for f in Latent._meta.fields]

@@ -1,3 +1,4 @@
+from django.db.models import F
 from django.shortcuts import get_object_or_404
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -11,6 +12,7 @@ from audit_service.registry.models import ClipModel, Dataset, Probe
 from audit_service.registry.services import RegistrationError
 
 from . import report
+from .fields import LATENT_FIELDS
 from .models import Audit, Flag, IllegalTransition, Latent, Status
 from .serializers import AuditSerializer, FlagSerializer, LatentSerializer, ReviewSerializer
 from .services import create_audit
@@ -132,15 +134,19 @@ class FlagViewSet(_AuditChildViewSet):
         return Response(serializer.data, status=status.HTTP_201_CREATED)
 
 
+# ?ordering= by a field's deprecated name (fields.py: aliases) still works for one release
+LATENT_ORDERING_ALIASES = {old: F(f.name) for f in LATENT_FIELDS for old in f.aliases}
+
+
 class LatentViewSet(_AuditChildViewSet):
-    """Every latent of one audit (paginated): label, alignment, clarity, references."""
+    """Every latent of one audit (paginated): label, label alignment, clarity, references."""
 
     serializer_class = LatentSerializer
-    lookup_field = "index"
+    lookup_field = "latent"
     filterset_fields = {"label": ["exact", "icontains"], "label_category": ["exact"], "clarity": ["gte", "lte"]}
-    ordering_fields = ["index", "clarity", "frequency", "alignment"]
+    ordering_fields = ["latent", "clarity", "frequency", "label_alignment", *LATENT_ORDERING_ALIASES]
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return Latent.objects.none()
-        return Latent.objects.filter(audit=self.audit())
+        return Latent.objects.filter(audit=self.audit()).annotate(**LATENT_ORDERING_ALIASES)

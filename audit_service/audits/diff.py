@@ -56,7 +56,7 @@ def flag_dicts(audit) -> list[dict]:
     rows = []
     for f in audit.flags.prefetch_related("reviews"):
         latest = f.latest_review
-        rows.append({"id": f.pk, "head": f.head, "class_name": f.class_name, "latent": f.latent_index,
+        rows.append({"id": f.pk, "head": f.head, "class_name": f.class_name, "latent": f.latent,
                      "label": f.label, "category": f.category, "rank": f.rank, "share": f.share,
                      "semantic": f.semantic, "verdict": latest.verdict if latest else None,
                      "confirmation_status": f.confirmation_status, "harm_measured": f.harm_measured})

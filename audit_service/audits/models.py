@@ -9,6 +9,7 @@ from audit_service.projects.models import Project
 from audit_service.registry.models import ClipModel, Dataset, Probe
 from workers.engine.stages import STAGE_NAMES, STAGES, overall_percent
 
+from .fields import FLAG_FIELDS, LATENT_FIELDS, Confirmation, Head, model_values
 from .liveness import worker_gone
 
 
@@ -286,12 +287,15 @@ class AuditShard(models.Model):
 
 
 class Latent(models.Model):
+    """One latent of the audit's SAE. Its fields, and what the API, the report and the CSV call them:
+    ``fields.LATENT_FIELDS``."""
+
     audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="latents")
-    index = models.PositiveIntegerField()
+    latent = models.PositiveIntegerField()  # its number in the SAE
     label = models.CharField(max_length=300, blank=True, null=True)
     label_source = models.CharField(max_length=100, blank=True, null=True)
     label_category = models.CharField(max_length=30, blank=True, null=True)
-    alignment = models.FloatField(null=True)
+    label_alignment = models.FloatField(null=True)  # with its own label; None: never active, so no label
     clarity = models.FloatField()
     frequency = models.FloatField()
     max_activation = models.FloatField()
@@ -301,39 +305,23 @@ class Latent(models.Model):
     closest_concept = models.CharField(max_length=300, blank=True, null=True)  # the best fit, also when "unlabelled"
 
     class Meta:
-        ordering = ["audit", "index"]
-        constraints = [models.UniqueConstraint(fields=["audit", "index"], name="one_row_per_latent")]
+        ordering = ["audit", "latent"]
+        constraints = [models.UniqueConstraint(fields=["audit", "latent"], name="one_row_per_latent")]
 
     @classmethod
     def from_result(cls, audit: Audit, latent: dict) -> "Latent":
         """The row of one entry of the engine's ``result["latents"]``."""
-        return cls(audit=audit, index=latent["latent"], label=latent["label"], label_source=latent["label_source"],
-                   label_category=latent["label_category"], alignment=latent["alignment"],
-                   clarity=latent["clarity"], frequency=latent["frequency"],
-                   max_activation=latent["max_activation"], references=latent["references"],
-                   expected_alignment=latent["expected_alignment"],
-                   label_confidence=latent.get("label_confidence"), closest_concept=latent.get("closest_concept"))
-
-
-class Head(models.TextChoices):
-    PROBE = "probe", "Linear probe"
-    ZERO_SHOT = "zero_shot", "Zero-shot"
-
-
-class Confirmation(models.TextChoices):
-    """The engine's verdict on a flag: causal check plus measured harm. The labels are what a reviewer reads."""
-
-    CONFIRMED = "confirmed", "confirmed shortcut: measured harm"
-    RELIED_ON_NO_HARM = "relied_on_no_harm", "relied on, no measured harm"
-    NOT_CONFIRMED = "not_confirmed", "not confirmed"
-    NOT_RUN = "not_run", "not run"
+        return cls(audit=audit, **model_values(LATENT_FIELDS, latent))
 
 
 class Flag(models.Model):
+    """A latent flagged for a class under a head. Its fields, and what the API, the report and the CSV call
+    them: ``fields.FLAG_FIELDS``."""
+
     audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="flags")
     head = models.CharField(max_length=10, choices=Head.choices)
     class_name = models.CharField(max_length=200)
-    latent_index = models.PositiveIntegerField()
+    latent = models.PositiveIntegerField()
     rank = models.PositiveIntegerField()
     share = models.FloatField()
     mean_relevance = models.FloatField()
@@ -341,7 +329,7 @@ class Flag(models.Model):
     label_source = models.CharField(max_length=100)
     category = models.CharField(max_length=30)
     label_alignment = models.FloatField()
-    expected_alignment = models.FloatField()
+    expected_alignment = models.FloatField()  # with the flag's class's concepts (a Latent's holds every class's)
     clarity = models.FloatField()
     probe_share = models.FloatField()
     zero_shot_share = models.FloatField()
@@ -362,29 +350,14 @@ class Flag(models.Model):
 
     class Meta:
         ordering = ["audit", "head", "class_name", "rank"]
-        constraints = [models.UniqueConstraint(fields=["audit", "head", "class_name", "latent_index"],
+        constraints = [models.UniqueConstraint(fields=["audit", "head", "class_name", "latent"],
                                                name="one_flag_per_latent_class_head")]
 
     @classmethod
     def from_result(cls, audit: Audit, flag: dict) -> "Flag":
         """The row of one entry of the engine's ``result["flags"]``; keys newer engines added are optional, so
         results stored before them still store."""
-        confirmation = flag.get("confirmation") or {}
-        status = confirmation.get("status", "")
-        if status:
-            confirmed = None if status == Confirmation.NOT_RUN else status == Confirmation.CONFIRMED
-        else:  # older results: confirmed meant "ablation or insertion flipped a prediction"
-            confirmed = (flag.get("causal") or {}).get("confirmed")
-        return cls(
-            audit=audit, head=flag["head"], class_name=flag["class_name"], latent_index=flag["latent"],
-            rank=flag["rank"], share=flag["share"], mean_relevance=flag["mean_relevance"], label=flag["label"],
-            label_source=flag["label_source"], category=flag["category"], label_alignment=flag["label_alignment"],
-            expected_alignment=flag["expected_alignment"], clarity=flag["clarity"], probe_share=flag["probe_share"],
-            zero_shot_share=flag["zero_shot_share"], confirmed=confirmed, causal=flag.get("causal"),
-            references=flag["references"], top_images=flag["top_images"], semantic=flag.get("semantic"),
-            harm=flag.get("harm"), confirmation_status=status, confirmation_text=confirmation.get("text", ""),
-            label_confidence=flag.get("label_confidence"), closest_concept=flag.get("closest_concept") or "",
-            metadata_auroc=flag.get("metadata_auroc") or {}, concept_latents=flag.get("concept_latents") or [])
+        return cls(audit=audit, **model_values(FLAG_FIELDS, flag))
 
     @property
     def harm_measured(self) -> bool:

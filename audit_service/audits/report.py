@@ -18,18 +18,17 @@ from typing import Iterator
 import numpy as np
 from django.core.files.storage import default_storage
 
-from .models import Audit, Flag, Latent, Review
+from .fields import (FLAG_FIELDS, LATENT_FIELDS, Head, as_json, csv_header, csv_row, harm_cells, page_columns,
+                     page_numbers, review_dict)
+from .models import Audit, Flag, Review
 
-REPORT_SCHEMA_VERSION = 1  # of the downloaded JSON; bump when its layout changes
-HEADS = {"probe": "Linear probe", "zero_shot": "Zero-shot"}
+# of the downloaded JSON; bump when its layout changes. 2: a latent's "alignment" is "label_alignment", as a
+# flag's is; flags carry "latest_review"
+REPORT_SCHEMA_VERSION = 2
+HEADS = dict(Head.choices)
 METHODS = {"act_grad": "act x grad", "logit_lens": "Logit Lens", "act_logit_lens": "act x Logit Lens",
            "energy": "energy", "random": "random"}
 PROBE_COLOUR, ZERO_SHOT_COLOUR, FLAG_COLOUR = "#2f6fb0", "#d08a2e", "#c0392b"
-# a flag's measured harm, per head, in the order the card's table and the flags CSV show it:
-# (group of images in flag["harm"][head], the value read from it, the CSV column's suffix)
-HARM_CELLS = (("class_with", "accuracy", "accuracy_with"), ("class_without", "accuracy", "accuracy_without"),
-              ("others_with", "called_class", "others_called_with"),
-              ("others_without", "called_class", "others_called_without"))
 
 
 # --------------------------------------------------------------------------- images
@@ -93,9 +92,12 @@ def relevance_arrays(audit: Audit) -> dict | None:
     try:
         with default_storage.open(key, "rb") as fh:
             data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
-            return {name: data[name] for name in data.files}
+            tables = {name: data[name] for name in data.files}
     except (OSError, ValueError):
         return None
+    if "alignment_expected" in tables:  # the engine's name for it in the file
+        tables["expected_alignment"] = tables.pop("alignment_expected")
+    return tables
 
 
 def scatter_plot(arrays: dict, c: int, class_name: str, flagged: set[int]) -> str:
@@ -105,7 +107,7 @@ def scatter_plot(arrays: dict, c: int, class_name: str, flagged: set[int]) -> st
     mean something the class should not. PNG, so 30 000 dots stay light.
     """
     share = arrays["probe_share"][c]
-    align = arrays["alignment_expected"][c]
+    align = arrays["expected_alignment"][c]
     fig = _figure(5.2, 3.6)
     ax = fig.add_subplot()
     ax.scatter(align, share, s=9, c="#8a9bb0", alpha=0.6, linewidths=0, label="latent", rasterized=True)
@@ -176,18 +178,12 @@ def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> d
         "top_images": [{**p, "relevance": t["relevance"]}
                        for p, t in zip(pictures([t["image"] for t in flag.top_images]), flag.top_images)],
         "causal": causal,
+        "numbers": page_numbers(FLAG_FIELDS, flag),
         "harm": harm_rows(flag.harm),
         "metadata": metadata_hits(flag.metadata_auroc or {}),
         "reviews": list(flag.reviews.all()),
         "latest": flag.latest_review,
     }
-
-
-def harm_cells(harm: dict | None, head: str) -> list[tuple[float | None, int]]:
-    """One head's harm values in ``HARM_CELLS`` order, each with its number of images (all None when the audit
-    did not measure harm)."""
-    block = (harm or {}).get(head) or {}
-    return [((block.get(group) or {}).get(key), (block.get(group) or {}).get("n", 0)) for group, key, _ in HARM_CELLS]
 
 
 def harm_rows(harm: dict | None) -> list[dict]:
@@ -256,7 +252,7 @@ def class_plots(audit: Audit, flags: list[Flag]) -> dict:
         result, arrays = audit.result, relevance_arrays(audit)
         plots = {}
         for c, name in enumerate(result["classes"]):
-            flagged = {f.latent_index for f in flags if f.class_name == name}
+            flagged = {f.latent for f in flags if f.class_name == name}
             plots[name] = {"scatter": scatter_plot(arrays, c, name, flagged) if arrays is not None else "",
                            "bars": top_latents_plot(result, name),
                            "deletion": [deletion_plot(result, h, name) for h in HEADS]}
@@ -283,6 +279,18 @@ def class_summary(audit: Audit, flags: list[Flag] | None = None) -> dict[str, di
             **result["comparison"].get(name, {}),
         }
     return summary
+
+
+# the latents page's number columns, and its orders: by number, or by one of those numbers, highest first
+LATENT_PAGE_COLUMNS = page_columns(LATENT_FIELDS)
+LATENT_ORDERS = {"latent": "number", **{f"-{f.name}": f"{f.title}, highest first" for f in LATENT_PAGE_COLUMNS}}
+
+
+def latent_rows(audit: Audit, page) -> None:
+    """Give each latent of a page of the latents page its thumbnails and the numbers the page shows."""
+    for row in page:
+        row.thumbs = [thumbnail(audit, k, 64) for k in row.references[:4]]
+        row.numbers = page_numbers(LATENT_FIELDS, row)
 
 
 def report_context(audit: Audit, *, filters: dict | None = None, images: bool = True) -> dict:
@@ -315,27 +323,10 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
 
 # --------------------------------------------------------------------------- downloads
 
-def _review_dict(review: Review) -> dict:
-    return {"verdict": review.verdict, "note": review.note,
-            "reviewer": review.reviewer.username if review.reviewer else None,
-            "created_at": review.created_at.isoformat()}
-
-
 def full_json(audit: Audit) -> dict:
     """The whole result: audit facts, the engine's result, every latent and every flag with its reviews."""
-    flags = []
-    for f in audit.flags.prefetch_related("reviews__reviewer"):
-        flags.append({
-            "id": f.pk, "head": f.head, "class_name": f.class_name, "latent": f.latent_index, "rank": f.rank,
-            "share": f.share, "mean_relevance": f.mean_relevance, "label": f.label, "label_source": f.label_source,
-            "category": f.category, "label_alignment": f.label_alignment, "expected_alignment": f.expected_alignment,
-            "clarity": f.clarity, "probe_share": f.probe_share, "zero_shot_share": f.zero_shot_share,
-            "confirmed": f.confirmed, "causal": f.causal, "references": f.references, "top_images": f.top_images,
-            "harm": f.harm, "confirmation": {"status": f.confirmation_status, "text": f.confirmation_text},
-            "label_confidence": f.label_confidence, "closest_concept": f.closest_concept,
-            "metadata_auroc": f.metadata_auroc, "concept_latents": f.concept_latents,
-            "reviews": [_review_dict(r) for r in f.reviews.all()],
-        })
+    flags = [{"id": f.pk, **as_json(FLAG_FIELDS, f), "reviews": [review_dict(r) for r in f.reviews.all()]}
+             for f in audit.flags.prefetch_related("reviews__reviewer")]
     return {
         "report_schema_version": REPORT_SCHEMA_VERSION,
         "audit": {"id": audit.pk, "project": audit.project.name, "status": audit.status,
@@ -350,28 +341,9 @@ def full_json(audit: Audit) -> dict:
                   "config": audit.config, "context": audit.context, "timings": audit.timings,
                   "device": audit.device},
         "result": {k: v for k, v in (audit.result or {}).items() if k not in ("flags", "artifacts")},
-        "latents": [latent_dict(row) for row in audit.latents.all().iterator(chunk_size=2000)],
+        "latents": [as_json(LATENT_FIELDS, row) for row in audit.latents.all().iterator(chunk_size=2000)],
         "flags": flags,
     }
-
-
-LATENT_COLUMNS = ["latent", "label", "label_source", "label_category", "alignment", "clarity", "frequency",
-                  "max_activation", "n_references", "references", "label_confidence", "closest_concept"]
-# new columns go at the end, so scripts that read columns by position keep working
-FLAG_COLUMNS = ["head", "class_name", "rank", "latent", "label", "category", "share", "probe_share",
-                "zero_shot_share", "label_alignment", "expected_alignment", "clarity", "confirmed", "ablation_flips",
-                "ablation_images", "insertion_flips_to_class", "insertion_images", "latest_verdict",
-                "latest_note", "latest_reviewer", "confirmation_status", "harm_measured",
-                *(f"{head}_{suffix}" for head in HEADS for _, _, suffix in HARM_CELLS),
-                "label_confidence", "closest_concept"]
-
-
-def latent_dict(row: Latent) -> dict:
-    return {"latent": row.index, "label": row.label, "label_source": row.label_source,
-            "label_category": row.label_category, "alignment": row.alignment, "clarity": row.clarity,
-            "frequency": row.frequency, "max_activation": row.max_activation, "references": row.references,
-            "expected_alignment": row.expected_alignment, "label_confidence": row.label_confidence,
-            "closest_concept": row.closest_concept}
 
 
 class _Echo:
@@ -382,34 +354,16 @@ class _Echo:
 def latents_csv(audit: Audit) -> Iterator[str]:
     """CSV rows, streamed: 30 000 latents never sit in memory as one string."""
     writer = csv.writer(_Echo())
-    yield writer.writerow(LATENT_COLUMNS)
+    yield writer.writerow(csv_header(LATENT_FIELDS))
     for row in audit.latents.all().iterator(chunk_size=2000):
-        yield writer.writerow([row.index, row.label or "", row.label_source or "", row.label_category or "",
-                               _num(row.alignment), _num(row.clarity), _num(row.frequency),
-                               _num(row.max_activation), len(row.references), " ".join(row.references),
-                               _num(row.label_confidence), row.closest_concept or ""])
+        yield writer.writerow(csv_row(LATENT_FIELDS, row))
 
 
 def flags_csv(audit: Audit) -> Iterator[str]:
     writer = csv.writer(_Echo())
-    yield writer.writerow(FLAG_COLUMNS)
+    yield writer.writerow(csv_header(FLAG_FIELDS))
     for f in audit.flags.prefetch_related("reviews__reviewer"):
-        causal = f.causal or {}
-        latest = f.latest_review
-        yield writer.writerow([
-            f.head, f.class_name, f.rank, f.latent_index, f.label, f.category, _num(f.share), _num(f.probe_share),
-            _num(f.zero_shot_share), _num(f.label_alignment), _num(f.expected_alignment), _num(f.clarity),
-            "" if f.confirmed is None else str(f.confirmed).lower(), causal.get("ablation_flips", ""),
-            causal.get("ablation_images", ""), causal.get("insertion_flips_to_class", ""),
-            causal.get("insertion_images", ""), latest.verdict if latest else "", latest.note if latest else "",
-            (latest.reviewer.username if latest and latest.reviewer else ""), f.confirmation_status,
-            "" if f.harm is None else str(f.harm_measured).lower(),
-            *(_num(value) for head in HEADS for value, _ in harm_cells(f.harm, head)),
-            _num(f.label_confidence), f.closest_concept])
-
-
-def _num(value) -> str:
-    return "" if value is None else f"{value:.6g}"
+        yield writer.writerow(csv_row(FLAG_FIELDS, f))
 
 
 DOWNLOADS = ("html", "json", "latents.csv", "flags.csv")

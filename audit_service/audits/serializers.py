@@ -1,5 +1,8 @@
+import copy
+
 from rest_framework import serializers
 
+from .fields import FLAG_FIELDS, LATENT_FIELDS, api_names
 from .models import STAGE_NAMES, Audit, Flag, Latent, Review
 
 
@@ -35,11 +38,31 @@ class AuditSerializer(serializers.ModelSerializer):
         return audit.progress()
 
 
-class LatentSerializer(serializers.ModelSerializer):
+class ResultRowSerializer(serializers.ModelSerializer):
+    """A flag or a latent: the fields of its list (``Meta.row_fields``, see audits/fields.py), all read-only,
+    plus each name a field had before, served read-only for one release."""
+
+    def get_fields(self):
+        fields = super().get_fields()
+        for field in self.Meta.row_fields:
+            for old in field.aliases:
+                alias = copy.deepcopy(fields[field.name])
+                alias.source = field.name
+                alias.help_text = f"deprecated: the same as `{field.name}`; removed in the next release"
+                fields[old] = alias
+        return fields
+
+
+def _help_texts(row_fields) -> dict:
+    return {f.name: {"help_text": f.help} for f in row_fields if f.help}
+
+
+class LatentSerializer(ResultRowSerializer):
     class Meta:
         model = Latent
-        fields = ["index", "label", "label_source", "label_category", "alignment", "clarity", "frequency",
-                  "max_activation", "references", "expected_alignment", "label_confidence", "closest_concept"]
+        row_fields = LATENT_FIELDS
+        fields = read_only_fields = api_names(LATENT_FIELDS)
+        extra_kwargs = _help_texts(LATENT_FIELDS)
 
 
 class ReviewSerializer(serializers.ModelSerializer):
@@ -58,17 +81,13 @@ class ConfirmationSerializer(serializers.Serializer):
     text = serializers.CharField(source="confirmation_text", read_only=True)
 
 
-class FlagSerializer(serializers.ModelSerializer):
+class FlagSerializer(ResultRowSerializer):
+    # the fields of FLAG_FIELDS that are not one model field each
     latest_review = ReviewSerializer(read_only=True)
     confirmation = ConfirmationSerializer(source="*", read_only=True)
-    harm = serializers.JSONField(read_only=True, help_text=(
-        "per head (probe, zero_shot): class_with / class_without (n, accuracy, mean_logit), others_with / "
-        "others_without (n, called_class), accuracy_gap, called_gap; measured (bool), summary (a sentence). "
-        "null for audits run before harm was measured"))
 
     class Meta:
         model = Flag
-        fields = ["id", "audit", "head", "class_name", "latent_index", "rank", "share", "mean_relevance", "label",
-                  "label_source", "category", "label_alignment", "expected_alignment", "clarity", "probe_share",
-                  "zero_shot_share", "confirmed", "causal", "references", "top_images", "latest_review", "harm",
-                  "confirmation", "label_confidence", "closest_concept", "metadata_auroc", "concept_latents"]
+        row_fields = FLAG_FIELDS
+        fields = read_only_fields = ["id", "audit", *api_names(FLAG_FIELDS)]
+        extra_kwargs = _help_texts(FLAG_FIELDS)

@@ -234,14 +234,14 @@ def audit_latents(request, pk):
     query = request.GET.get("q", "").strip()
     if query:
         rows = rows.filter(label__icontains=query)
-    order = request.GET.get("order", "index")
-    if order in ("index", "-clarity", "-frequency", "-alignment"):
+    order = request.GET.get("order", "latent")
+    if order in report.LATENT_ORDERS:
         rows = rows.order_by(order)
     page = Paginator(rows, 50).get_page(request.GET.get("page"))
-    for row in page:
-        row.thumbs = [report.thumbnail(audit, k, 64) for k in row.references[:4]]
+    report.latent_rows(audit, page)
     return render(request, "web/latents.html", {"audit": audit, "project": audit.project, "page": page,
-                                                "q": query, "order": order})
+                                                "q": query, "order": order, "orders": report.LATENT_ORDERS,
+                                                "columns": report.LATENT_PAGE_COLUMNS})
 
 
 @login_required
@@ -258,7 +258,7 @@ def flag_review(request, pk, flag_pk):
     if form.is_valid():
         Review.objects.create(flag=flag, reviewer=request.user, verdict=form.cleaned_data["verdict"],
                               note=form.cleaned_data["note"])
-        messages.success(request, f"Review saved for latent {flag.latent_index} ({flag.class_name}).")
+        messages.success(request, f"Review saved for latent {flag.latent} ({flag.class_name}).")
     else:
         messages.error(request, "The review was not saved: " + "; ".join(
             f"{k}: {' '.join(v)}" for k, v in form.errors.items()))

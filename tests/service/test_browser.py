@@ -144,7 +144,7 @@ def test_a_member_runs_an_audit_in_the_browser_and_a_viewer_reads_it(browser, li
             info.value.save_as(path)
             downloads[link] = path
         body = json.loads(downloads["JSON (full result)"].read_text())
-        assert body["report_schema_version"] == 1 and body["audit"]["id"] == audit_id
+        assert body["report_schema_version"] == 2 and body["audit"]["id"] == audit_id
         assert any(r["verdict"] == "confirmed_shortcut" for f in body["flags"] for r in f["reviews"])
         latents = list(csv.DictReader(io.StringIO(downloads["Latents CSV"].read_text())))
         assert len(latents) == body["result"]["sae"]["n_latents"]

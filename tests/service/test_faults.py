@@ -58,9 +58,9 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def findings(audit: Audit) -> tuple:
-    flags = sorted((f.head, f.class_name, f.latent_index, f.rank, f.label, round(f.share, 4))
+    flags = sorted((f.head, f.class_name, f.latent, f.rank, f.label, round(f.share, 4))
                    for f in Flag.objects.filter(audit=audit))
-    labels = list(Latent.objects.filter(audit=audit).order_by("index").values_list("label", flat=True))
+    labels = list(Latent.objects.filter(audit=audit).order_by("latent").values_list("label", flat=True))
     return flags, labels
 
 

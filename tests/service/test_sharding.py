@@ -42,11 +42,11 @@ def submit(project, users, registered) -> Audit:
 def answer(audit: Audit) -> dict:
     """The stored result with the latents' rows, as the API and the reports read them."""
     audit.refresh_from_db()
-    latents = list(Latent.objects.filter(audit=audit).order_by("index").values(
-        "index", "label", "label_source", "label_category", "alignment", "clarity", "frequency", "max_activation",
-        "references", "expected_alignment"))
+    latents = list(Latent.objects.filter(audit=audit).order_by("latent").values(
+        "latent", "label", "label_source", "label_category", "label_alignment", "clarity", "frequency",
+        "max_activation", "references", "expected_alignment"))
     flags = list(Flag.objects.filter(audit=audit).order_by("head", "class_name", "rank").values(
-        "head", "class_name", "latent_index", "rank", "share", "mean_relevance", "label", "probe_share",
+        "head", "class_name", "latent", "rank", "share", "mean_relevance", "label", "probe_share",
         "zero_shot_share", "confirmed", "causal", "references", "top_images"))
     return {**audit.result, "latent_rows": latents, "flag_rows": flags}
 

@@ -126,7 +126,7 @@ def test_the_report_shows_summary_flag_cards_images_and_plots(web, finished):
     html = response.content.decode()
     assert 'id="class-summary"' in html and "SAE quality" in html
     flag = finished.flags.first()
-    assert f'id="flag-{flag.pk}"' in html and f"Latent {flag.latent_index}" in html
+    assert f'id="flag-{flag.pk}"' in html and f"Latent {flag.latent}" in html
     assert html.count("<svg") >= 2 * len(finished.result["classes"])  # bars + deletion curves per class
     assert "data:image/png;base64," in html  # the relevance-vs-alignment scatter
     assert "data:image/jpeg;base64," in html  # reference images
@@ -196,13 +196,13 @@ def test_the_downloaded_html_is_one_self_contained_file(web, finished):
     assert not re.findall(r"url\((?!#)", html)  # only the SVGs' own clip paths, url(#id)
     assert "<script" not in html  # nothing to fetch, nothing to run
     assert "data:image/jpeg;base64," in html and "<svg" in html
-    assert f"Latent {finished.flags.first().latent_index}" in html
+    assert f"Latent {finished.flags.first().latent}" in html
 
 
 def test_json_and_csv_downloads_hold_the_full_result(web, finished):
     client = web("viewer")
     body = json.loads(client.get(f"/audits/{finished.pk}/download/json").content)
-    assert body["report_schema_version"] == 1 and body["result"]["schema_version"] >= 1
+    assert body["report_schema_version"] == 2 and body["result"]["schema_version"] >= 1
     assert len(body["latents"]) == finished.result["sae"]["n_latents"]
     assert len(body["flags"]) == finished.flags.count()
     assert body["audit"]["config"] == finished.config
@@ -228,8 +228,8 @@ def test_reports_of_unfinished_audits_do_not_exist(web, project, users, register
 
 def test_pages_stay_bounded_with_30000_latents(web, finished, django_assert_max_num_queries):
     Latent.objects.filter(audit=finished).delete()
-    Latent.objects.bulk_create([Latent(audit=finished, index=i, label=f"concept {i % 97}", clarity=0.5,
-                                       frequency=0.01, max_activation=1.0, alignment=0.1, references=[])
+    Latent.objects.bulk_create([Latent(audit=finished, latent=i, label=f"concept {i % 97}", clarity=0.5,
+                                       frequency=0.01, max_activation=1.0, label_alignment=0.1, references=[])
                                 for i in range(30000)], batch_size=5000)
     client = web("viewer")
     with django_assert_max_num_queries(40):
@@ -245,7 +245,7 @@ def test_the_api_serves_the_same_downloads_to_token_clients(client_for, finished
     api = client_for("viewer")
     html = api.get(f"/api/v1/audits/{finished.pk}/download/html/")
     assert html.status_code == 200 and b"Shortcut audit" in html.content
-    assert api.get(f"/api/v1/audits/{finished.pk}/download/json/").json()["report_schema_version"] == 1
+    assert api.get(f"/api/v1/audits/{finished.pk}/download/json/").json()["report_schema_version"] == 2
     assert api.get(f"/api/v1/audits/{finished.pk}/download/pdf/").status_code == 404
     assert client_for("outsider").get(f"/api/v1/audits/{finished.pk}/download/json/").status_code == 404
     queued = create_audit(project=project, user=users["member"], clip_model=registered["model"],

@@ -161,7 +161,7 @@ class Command(BaseCommand):
                 self.case["config"]["toward"] else ""
             hits = metadata_hits(f.get("metadata_auroc") or {}, 2)
             auroc = ", ".join(f"{h['name']} (AUROC {h['auroc']:.2f})" for h in hits)
-            self.stdout.write(f"  flag: {f['class_name']:<9} rank {f['rank']} latent {f['latent_index']:<3} "
+            self.stdout.write(f"  flag: {f['class_name']:<9} rank {f['rank']} latent {f['latent']:<3} "
                               f"'{f['label']}' (confidence {f.get('label_confidence') or 0:.2f}; fires on {auroc}) "
                               f"share probe {f['probe_share']:.2f} vs zero-shot {f['zero_shot_share']:.2f}{mark}\n"
                               f"        {(f.get('confirmation') or {}).get('text', '')}\n"
