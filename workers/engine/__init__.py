@@ -8,7 +8,7 @@ from importlib import import_module
 _WHERE = {
     "AuditConfig": "config", "SAEConfig": "config", "EngineError": "errors", "AuditCancelled": "errors",
     "LinearProbe": "heads", "ZeroShotHead": "heads", "ClipBundle": "loading", "load_clip": "loading",
-    "AuditResult": "pipeline", "run_audit": "pipeline", "STAGES": "stages", "TopKSAE": "sae",
+    "AuditResult": "result", "run_audit": "pipeline", "STAGES": "stages", "TopKSAE": "sae",
 }
 __all__ = list(_WHERE)
 

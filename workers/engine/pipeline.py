@@ -8,70 +8,34 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from .activations import DEFAULT_SHARD_SIZE, ActivationStore, check_cover, extract_activations, plan_shards
-from .attribution import REGISTRY, get_method
+from .attribution import REGISTRY
 from .config import AuditConfig
+from .confirmation import _similar_mass, apply_confirmation, confirm_shard, merge_confirmations
+from .context import AuditContext
 from .data import ImageSet
 from .errors import EngineError
 from .flags import Evidence, find_flags, relevance_tables, select_flags
 from .harm import HarmInputs, harm_sums, metadata_auroc, slice_accuracy
-from .heads import Centred, LinearProbe, ZeroShotHead
-from .hooks import VisionTail, select_tokens
-from .interventions import area_under_curve, deletion_curves, shifted_outputs
+from .heads import LinearProbe
+from .hooks import select_tokens
+from .interventions import area_under_curve, deletion_curves
 from .loading import ClipBundle, resolve_device
+from .result import SCHEMA_VERSION, AuditResult
 from .sae import SAEMetrics, TopKSAE, evaluate_sae, size_sae, train_sae
 from .semantics import (UNLABELLED, ReferenceTracker, Vocabulary, alignment, choose_labels, class_alignments,
                         label_confidence, semantic_embeddings)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class AuditResult:
-    """Everything an audit found, as plain data (``to_dict`` is JSON-ready)."""
-
-    schema_version: int
-    config: dict
-    model: dict
-    classes: list
-    dataset: dict
-    sae: dict
-    accuracy: dict
-    latents: list  # one entry per latent: label, alignment, clarity, frequency, references
-    relevance: dict  # head -> class -> top latents by share
-    flags: list
-    comparison: dict  # class -> probe vs zero-shot share on flagged latents
-    faithfulness: dict  # head -> class -> method -> {curve, auc}
-    timings: dict
-    environment: dict
-    artifacts: dict = field(default_factory=dict)
-    slices: dict = field(default_factory=dict)  # metadata column -> value -> accuracy of both heads
-    sae_dataset: dict | None = None  # the dataset the SAE was trained on, when not the audited one
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AuditResult":
-        return cls(**data)
-
-    def flags_for(self, head: str, class_name: str) -> list[dict]:
-        return [f for f in self.flags if f["head"] == head and f["class_name"] == class_name]
 
 
 class _Stages:
@@ -245,31 +209,6 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
             apply_confirmation(result.flags, None, amounts, config)
     result.timings = dict(stages.timings)
     return result
-
-
-class AuditContext:
-    """What every attribution and confirmation shard needs: the model's tail, the SAE and both heads."""
-
-    def __init__(self, config: AuditConfig, bundle: ClipBundle, probe: LinearProbe, sae: TopKSAE, device):
-        self.config, self.bundle, self.sae, self.device = config, bundle, sae, device
-        self.class_names = list(probe.class_names)
-        self.tail = VisionTail(bundle.model.visual, config.layer, config.token)
-        zero_shot = ZeroShotHead.build(bundle, self.class_names, config.prompt_templates, config.class_prompts)
-        # both heads attributed on one footing: each class's score minus the mean over classes
-        self.heads = {"probe": Centred(probe).to(device), "zero_shot": Centred(zero_shot).to(device)}
-        self.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=config.token,
-                                             seed=config.seed) for name in REGISTRY}
-                        for h, head in self.heads.items()}
-        self.keep = min(sae.n_latents, max(2 * sae.k, 32))
-
-    @classmethod
-    def build(cls, config, bundle, probe, sae, device) -> "AuditContext":
-        bundle.model.to(device)
-        return cls(config, bundle, probe, sae, device)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
 
 
 # How each array of an attribution partial merges across shards.
@@ -593,18 +532,6 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
     return result, amounts
 
 
-def _similar_mass(class_mean: Tensor, latent: int, exclude: list[int], n: int = 5) -> list[int]:
-    """The ``n`` other active latents whose mean activation on the class is closest to ``latent``'s (in log
-    scale): removing any latent that carries that much mass flips some predictions, so these set the baseline."""
-    mass = class_mean.clamp_min(0)
-    candidates = [i for i in range(len(mass)) if i not in exclude and i != latent and float(mass[i]) > 0]
-    if not candidates or float(mass[latent]) <= 0:
-        return []
-    target = float(torch.log(mass[latent]))
-    candidates.sort(key=lambda i: abs(float(torch.log(mass[i])) - target))
-    return candidates[:n]
-
-
 def _sparse_activity(merged: dict) -> Callable[[int], np.ndarray]:
     """latent -> its activation on every image (0 where it is not among the image's strongest)."""
     values, indices = merged["act_values"], merged["act_indices"]
@@ -642,134 +569,3 @@ def _embed_references(semantic_model: ClipBundle, images: ImageSet, tracker: Ref
     if out is None:
         out = torch.zeros(len(images), semantic_model.embed_dim)
     return out
-
-
-_CONFIRM_COUNTS = ("ablation_images", "ablation_active", "ablation_flips", "correct_before", "correct_after",
-                   "insertion_images", "insertion_flips_to_class", "others_called_before", "others_fixed",
-                   "baseline_active", "baseline_flips")
-
-
-def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], amounts: list[float], start: int,
-                  count: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Counts of one shard for each flag: ablate the flagged latent on its class's images (and, as the baseline,
-    each of ``flag["baseline_latents"]``), ablate it on other classes' images it is active on (does that stop them
-    being called the flag's class?), insert it (by ``amounts``) into other classes' images.
-    :func:`merge_confirmations` adds shards up."""
-    config, device, tail, sae = ctx.config, ctx.device, ctx.tail, ctx.sae
-    labels = store.labels
-    stats = [dict.fromkeys(_CONFIRM_COUNTS, 0) for _ in flags]
-    with torch.no_grad():
-        for lo, acts, _ in store.iter_batches(config.batch_size, start, start + count):
-            acts = acts.to(device)
-            b = acts.shape[0]
-            y = labels[lo:lo + b].to(device)
-            activity = _image_activity(sae, acts, config)  # [b, L]
-            base = {h: head(tail(acts)).argmax(1) for h, head in ctx.heads.items()}
-            for flag, amount, st in zip(flags, amounts, stats):
-                head = ctx.heads[flag["head"]]
-                c = ctx.class_names.index(flag["class_name"])
-                latent = flag["latent"]
-                own = y == c
-                before_all = base[flag["head"]]
-                if own.any():
-                    after = shifted_outputs(tail, sae, head, acts[own], latent, token=config.token).argmax(1)
-                    before = before_all[own]
-                    st["ablation_images"] += int(own.sum())
-                    st["ablation_active"] += int((activity[own, latent] > 0).sum())
-                    st["ablation_flips"] += int((after != before).sum())
-                    st["correct_before"] += int((before == c).sum())
-                    st["correct_after"] += int((after == c).sum())
-                    for other_latent in flag.get("baseline_latents", []):
-                        after_b = shifted_outputs(tail, sae, head, acts[own], other_latent,
-                                                  token=config.token).argmax(1)
-                        st["baseline_active"] += int((activity[own, other_latent] > 0).sum())
-                        st["baseline_flips"] += int((after_b != before).sum())
-                other = ~own
-                called = other & (activity[:, latent] > 0) & (before_all == c)
-                if called.any():
-                    after = shifted_outputs(tail, sae, head, acts[called], latent, token=config.token).argmax(1)
-                    st["others_called_before"] += int(called.sum())
-                    st["others_fixed"] += int((after != c).sum())
-                if other.any():
-                    after = shifted_outputs(tail, sae, head, acts[other], latent, insert=amount,
-                                            token=config.token).argmax(1)
-                    before = before_all[other]
-                    st["insertion_images"] += int(other.sum())
-                    st["insertion_flips_to_class"] += int(((before != c) & (after == c)).sum())
-            if progress:
-                progress(lo - start + b, count)
-    return stats
-
-
-def _image_activity(sae: TopKSAE, acts: Tensor, config: AuditConfig) -> Tensor:
-    """[b, n_latents]: each latent's activation per image (pooled over patches for a spatial SAE)."""
-    z = sae.encode(select_tokens(acts, config.token))
-    if z.ndim == 3:
-        z = z.amax(1) if config.spatial_pool == "max" else z.mean(1)
-    return z
-
-
-def merge_confirmations(per_shard: list[list[dict]]) -> list[dict]:
-    return [{key: sum(s[i].get(key, 0) for s in per_shard) for key in _CONFIRM_COUNTS}
-            for i in range(len(per_shard[0]))]
-
-
-def _rate_beyond(k: int, n: int, baseline: float, min_z: float) -> bool:
-    """Is k of n clearly above the rate ``baseline`` (one-sided z on the binomial)?"""
-    if n == 0 or k == 0:
-        return False
-    p0 = min(max(baseline, 1.0 / n), 1 - 1e-6)
-    return (k / n - p0) / (p0 * (1 - p0) / n) ** 0.5 >= min_z
-
-
-def apply_confirmation(flags: list[dict], stats: list[dict] | None, amounts: list[float],
-                       config: AuditConfig | None = None) -> None:
-    """Write each flag's ``causal`` block from the summed counts, and its ``confirmation`` verdict
-    (``stats`` None: confirmation was not run, the verdict says so).
-
-    Confirmed means both: removing the latent flips the class's predictions clearly more often than removing
-    latents of similar activation mass does (the baseline), and the harm is measured (with/without split).
-    """
-    min_z = config.harm_min_z if config is not None else 3.0
-    if stats is None:
-        for flag in flags:
-            flag["confirmation"] = confirmation_verdict(flag["class_name"], None,
-                                                        bool((flag.get("harm") or {}).get("measured")))
-        return
-    for flag, st, amount in zip(flags, stats, amounts):
-        n_own = max(st["ablation_images"], 1)
-        flip_rate = st["ablation_flips"] / max(st["ablation_active"], 1)
-        baseline = st["baseline_flips"] / st["baseline_active"] if st["baseline_active"] else 0.0
-        beyond = _rate_beyond(st["ablation_flips"], st["ablation_active"], baseline, min_z)
-        causal = {
-            "ablation_images": st["ablation_images"], "ablation_active": st["ablation_active"],
-            "ablation_flips": st["ablation_flips"], "flip_rate": flip_rate, "baseline_flip_rate": baseline,
-            "baseline_latents": flag.get("baseline_latents", []), "beyond_baseline": beyond,
-            "accuracy_before": st["correct_before"] / n_own, "accuracy_after": st["correct_after"] / n_own,
-            "accuracy_change": (st["correct_after"] - st["correct_before"]) / n_own,
-            "others_called_before": st["others_called_before"], "others_fixed": st["others_fixed"],
-            "insertion_images": st["insertion_images"], "insertion_flips_to_class": st["insertion_flips_to_class"],
-            "insertion_amount": amount,
-        }
-        measured = bool((flag.get("harm") or {}).get("measured"))
-        causal["confirmed"] = beyond and measured
-        flag["causal"] = causal
-        flag["confirmation"] = confirmation_verdict(flag["class_name"], causal, measured)
-
-
-def confirmation_verdict(class_name: str, causal: dict | None, measured: bool) -> dict:
-    """The flag's verdict in words; flags with measured harm rank above those without."""
-    if not measured:
-        return {"status": "relied_on_no_harm",
-                "text": "relied on, no measured harm: the with/without split shows no harm the probe adds"}
-    if causal is None:
-        return {"status": "not_run", "text": "measured harm; causal confirmation was not run"}
-    flips = (f"ablation flips {causal['flip_rate']:.0%} of the {class_name} images it is active on "
-             f"(latents of similar activation mass: {causal['baseline_flip_rate']:.0%})")
-    if causal["others_called_before"]:
-        flips += (f"; it fixes {causal['others_fixed']} of {causal['others_called_before']} other images "
-                  f"wrongly called {class_name}")
-    if causal["confirmed"]:
-        return {"status": "confirmed", "text": f"confirmed shortcut, measured harm: {flips}"}
-    return {"status": "not_confirmed",
-            "text": f"measured harm, but removing it does little beyond the baseline: {flips}"}
