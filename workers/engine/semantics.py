@@ -37,8 +37,6 @@ ARTIFACT_VOCABULARY: dict[str, str] = {
 
 UNLABELLED = "unlabelled"  # the label of a latent that no concept of the vocabulary describes well
 
-CATEGORIES = ("dataset_artifact", "visual_text", "polysemy", "compound_noun", "other")
-
 
 def general_vocabulary() -> list[str]:
     """The ImageNet class names that ship inside open_clip."""
