@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine import pipeline
+from workers.engine import labelling
 from workers.engine.data import TensorImages
 from workers.engine.heads import LinearProbe
 from workers.engine.hooks import capture_residual
@@ -75,7 +75,7 @@ def _fake_alignment(sem, vocab):
 
 
 def _audit(case, monkeypatch, **overrides):
-    monkeypatch.setattr(pipeline, "alignment", _fake_alignment)
+    monkeypatch.setattr(labelling, "alignment", _fake_alignment)
     config = build_audit_config(expected_concepts={"melanoma": ["melanoma"], "nevus": ["nevus"]},
                                 artifact_vocabulary=("a ruler",), faithfulness_max_images=20,
                                 faithfulness_steps=3, flag_min_share=0.05,

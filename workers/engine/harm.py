@@ -144,19 +144,19 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 class HarmInputs:
     """What every flag's harm table reads, gathered once per audit: per head, the merged [C, L] sums of an
-    attribution partial and the per-class totals of its predictions."""
+    attribution partial (a :class:`~workers.engine.partials.Partial`, which imports this module) and the
+    per-class totals of its predictions."""
 
-    def __init__(self, merged: dict, labels, n_classes: int):
+    def __init__(self, merged, labels, n_classes: int):
         labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
         count = np.bincount(labels, minlength=n_classes)
         self.sums, self.totals = {}, {}
         for h in ("probe", "zero_shot"):
-            predicted = np.asarray(merged[f"predictions.{h}"])
+            predicted = np.asarray(merged.heads[h].predictions)
             self.totals[h] = {"count": count,
                               "correct": np.bincount(labels[predicted == labels], minlength=n_classes),
                               "called": np.bincount(predicted, minlength=n_classes)}
-            self.sums[h] = {"active": merged["active_count"],
-                            **{k: merged[f"harm.{h}.{k}"] for k in ("correct", "called", "score", "score_total")}}
+            self.sums[h] = {"active": merged.active_count, **merged.heads[h].harm}
 
     def evidence(self, c: int, latent: int, head: str, *, name: str, config) -> dict:
         """A flag's ``harm`` block: both heads' with/without tables, whether harm is measured, and a sentence.

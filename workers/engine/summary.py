@@ -1,0 +1,222 @@
+"""From the merged partial and the latents' labels to an :class:`AuditResult` (flags not yet causally confirmed):
+relevance tables, flags with their harm, the probe vs zero-shot comparison, faithfulness, accuracy and latents."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import ActivationStore
+from .attribution import REGISTRY
+from .config import AuditConfig
+from .confirmation import _similar_mass
+from .context import AuditContext
+from .data import ImageSet
+from .flags import Evidence, find_flags, relevance_tables, select_flags
+from .harm import HarmInputs, metadata_auroc, slice_accuracy
+from .interventions import area_under_curve
+from .labelling import LatentLabels
+from .partials import Partial
+from .result import SCHEMA_VERSION, AuditResult
+from .semantics import UNLABELLED
+
+Tables = dict[str, tuple[Tensor, Tensor]]  # head -> (mean relevance [C, L], share of the positive total [C, L])
+
+
+def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merged: Partial, labelled: LatentLabels,
+              sae_metrics: dict, workdir: Path) -> tuple[AuditResult, list[float]]:
+    """Flags, relevance tables, faithfulness, accuracy and latents from the merged partial (stage 'label').
+
+    Returns the result (flags not yet causally confirmed) and, per flag, the amount confirmation inserts.
+    Writes the full relevance tables to ``workdir / relevance.npz``.
+    """
+    config, class_names, heads = ctx.config, ctx.class_names, list(ctx.heads)
+    labels = store.labels
+    counts = torch.bincount(labels, minlength=len(class_names))
+    tables = {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in heads}
+    metadata = getattr(images, "metadata", None) or {}
+    flags = _flags(ctx, labels, merged, labelled, tables)
+    amounts = _describe_flags(ctx, images, labels, counts, merged, labelled, flags, metadata)
+    freq = torch.from_numpy(merged.frequency / store.n)
+    _save_relevance(workdir, class_names, tables, labelled, freq)
+    bundle, device = ctx.bundle, ctx.device
+    result = AuditResult(
+        schema_version=SCHEMA_VERSION,
+        config=config.to_dict(),
+        model={"name": bundle.name, "layer": config.layer, "token": config.token, "n_blocks": bundle.n_blocks,
+               "width": bundle.width, "embed_dim": bundle.embed_dim},
+        classes=list(class_names),
+        dataset={"n_images": store.n, "per_class": {n: int(counts[c]) for c, n in enumerate(class_names)}},
+        sae=sae_metrics,
+        accuracy=_accuracy(merged, labels, counts, class_names),
+        latents=_latents(labelled, merged, freq, images.ids, class_names),
+        relevance=_relevance(tables, labelled.labels, class_names, config),
+        flags=flags,
+        comparison=_comparison(flags, tables, class_names, config),
+        faithfulness=_faithfulness(merged, class_names),
+        slices=slice_accuracy(metadata, {h: merged.heads[h].predictions for h in heads}, labels.numpy(),
+                              class_names),
+        timings={},
+        environment={"device": str(device), "torch": torch.__version__, "host": platform.node(),
+                     "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        artifacts={"relevance": "relevance.npz", "sae": "sae/", "activations": "activations/"},
+    )
+    return result, amounts
+
+
+def _flags(ctx: AuditContext, labels: Tensor, merged: Partial, labelled: LatentLabels, tables: Tables) -> list[dict]:
+    """Candidates of every head (high share, low alignment) with both heads' shares and their harm, then the flags
+    a reviewer sees (concepts grouped, what rides along explained away)."""
+    config, class_names = ctx.config, ctx.class_names
+    flags = []
+    for h, (mean, share) in tables.items():
+        flags += find_flags(h, mean, share, class_names, labels=labelled.labels, label_indices=labelled.label_indices,
+                            label_alignment=labelled.label_alignment, expected_alignment=labelled.expected_alignment,
+                            name_alignment=labelled.name_alignment, clarity=labelled.clarity, vocab=labelled.vocab,
+                            config=config)
+    harm = HarmInputs(merged, labels, len(class_names))
+    for flag in flags:
+        c = class_names.index(flag["class_name"])
+        flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
+        flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
+        flag["harm"] = harm.evidence(c, flag["latent"], flag["head"], name=flag["class_name"], config=config)
+    predictions = {h: np.asarray(head.predictions) for h, head in merged.heads.items()}
+    evidence = Evidence(merged.activity, labels.numpy(), predictions, class_names, config)
+    return select_flags(flags, labelled.semantic, config, evidence)
+
+
+def _describe_flags(ctx: AuditContext, images: ImageSet, labels: Tensor, counts: Tensor, merged: Partial,
+                    labelled: LatentLabels, flags: list[dict], metadata: dict) -> list[float]:
+    """Give each flag what a reviewer reads (references, top images, what the latent tracks in the metadata) and
+    the latents its confirmation compares against; returns, per flag, the amount confirmation inserts."""
+    config, class_names = ctx.config, ctx.class_names
+    class_mean = torch.from_numpy(merged.class_activation) / counts.clamp_min(1).unsqueeze(1)
+    amounts = []
+    for flag in flags:
+        c = class_names.index(flag["class_name"])
+        latent = flag["latent"]
+        flag["references"] = [images.ids[i] for i in labelled.tracker.references(latent)]
+        # what the latent means, as a unit vector in the semantic model's embedding space: the audit diff
+        # matches flags across audits with it (latent indices differ between SAEs)
+        flag["semantic"] = [round(v, 5) for v in F.normalize(labelled.semantic[latent], dim=0).tolist()]
+        head = merged.heads[flag["head"]]
+        flag["top_images"] = _top_images((head.top_values, head.top_indices), latent, labels, c, images.ids,
+                                         config.top_images_per_flag)
+        flag["label_confidence"] = float(labelled.confidence[latent])
+        flag["closest_concept"] = labelled.closest_concepts[latent]
+        flag["metadata_auroc"] = metadata_auroc(merged.activity(latent), metadata)
+        flag["baseline_latents"] = _similar_mass(class_mean[c], latent, exclude=[
+            i for f in flags if f["class_name"] == flag["class_name"] for i in f["concept_latents"]])
+        amounts.append(float(class_mean[c, latent]))
+    return amounts
+
+
+def _top_images(top_rel, latent: int, labels: torch.Tensor, c: int, ids: list, n: int) -> list[dict]:
+    values, indices = top_rel
+    hit = (indices == latent) & (labels.numpy() == c)[:, None]
+    rows, cols = np.nonzero(hit)
+    rel = values[rows, cols]
+    order = np.argsort(-rel)[:n]
+    return [{"image": ids[int(rows[o])], "relevance": float(rel[o])} for o in order if rel[o] > 0]
+
+
+def _comparison(flags: list[dict], tables: Tables, class_names: list[str], config: AuditConfig) -> dict:
+    """Per class: the probe's and zero-shot's share on the probe's flagged latents, and whether the probe amplifies
+    the shortcut."""
+    comparison = {}
+    for c, name in enumerate(class_names):
+        probe_flags = [f for f in flags if f["class_name"] == name and f["head"] == "probe"]
+        flagged = sorted({i for f in probe_flags for i in f["concept_latents"]})
+        probe_share = float(tables["probe"][1][c, flagged].sum()) if flagged else 0.0
+        zs_share = float(tables["zero_shot"][1][c, flagged].sum()) if flagged else 0.0
+        comparison[name] = {
+            "flagged_latents": flagged, "probe_share": probe_share, "zero_shot_share": zs_share,
+            "measured_harm": sum(f["harm"]["measured"] for f in probe_flags),
+            # the probe leans on the flagged latents more than zero-shot does: by share, or by measured harm
+            # (the probe's with/without gap exceeds zero-shot's)
+            "amplified_by_probe": bool(probe_flags) and (
+                any(f["harm"]["measured"] for f in probe_flags)
+                or (probe_share >= config.flag_min_share and probe_share >= config.amplification_ratio * zs_share)),
+        }
+    return comparison
+
+
+def _relevance(tables: Tables, labels_text: list, class_names: list[str], config: AuditConfig) -> dict:
+    """Per head and class: the total positive relevance and the top latents by share."""
+    relevance = {}
+    for h, (mean, share) in tables.items():
+        relevance[h] = {}
+        for c, name in enumerate(class_names):
+            top = torch.argsort(share[c], descending=True)[: config.report_top_n].tolist()
+            relevance[h][name] = {
+                "total_positive_relevance": float(mean[c].clamp_min(0).sum()),
+                "top": [{"latent": i, "mean_relevance": float(mean[c, i]), "share": float(share[c, i]),
+                         "label": labels_text[i]} for i in top if float(mean[c, i]) != 0.0],
+            }
+    return relevance
+
+
+def _faithfulness(merged: Partial, class_names: list[str]) -> dict:
+    """Per head, class and method: the mean deletion curve over the class's faithfulness images and its area."""
+    faith_counts = merged.faith_counts
+    faithfulness = {}
+    for h, head in merged.heads.items():
+        faithfulness[h] = {}
+        for c, name in enumerate(class_names):
+            if faith_counts[c] == 0:
+                continue
+            faithfulness[h][name] = {}
+            for m in REGISTRY:
+                curve = torch.from_numpy(head.curve_sum[m][c] / faith_counts[c])
+                faithfulness[h][name][m] = {"curve": curve.tolist(), "auc": float(area_under_curve(curve)),
+                                            "n_images": int(faith_counts[c])}
+    return faithfulness
+
+
+def _latents(labelled: LatentLabels, merged: Partial, freq: Tensor, ids: list, class_names: list[str]) -> list:
+    """One entry per latent: its label and where it came from, alignments, clarity, frequency, references."""
+    vocab, labels_text, label_indices = labelled.vocab, labelled.labels, labelled.label_indices
+
+    def entry(i: int) -> dict:
+        j = label_indices[i]
+        return {
+            "latent": i, "label": labels_text[i],
+            "label_source": vocab.sources[j] if j is not None else None,
+            "label_category": vocab.categories[j] if j is not None and labels_text[i] != UNLABELLED else None,
+            "label_confidence": float(labelled.confidence[i]), "closest_concept": labelled.closest_concepts[i],
+            "alignment": float(labelled.label_alignment[i]) if labels_text[i] is not None else None,
+            "clarity": float(labelled.clarity[i]), "frequency": float(freq[i]),
+            "max_activation": float(merged.max_activation[i]),
+            "references": [ids[r] for r in labelled.tracker.references(i)],
+            "expected_alignment": {name: float(labelled.expected_alignment[c, i])
+                                   for c, name in enumerate(class_names)},
+            "specific_alignment": {name: float(labelled.specific_alignment[c, i])
+                                   for c, name in enumerate(class_names)},
+        }
+
+    return [entry(i) for i in range(len(labels_text))]
+
+
+def _accuracy(merged: Partial, labels: Tensor, counts: Tensor, class_names: list[str]) -> dict:
+    accuracy = {}
+    for h, head in merged.heads.items():
+        correct = torch.from_numpy(head.predictions) == labels
+        accuracy[h] = {"overall": float(correct.float().mean()),
+                       "per_class": {name: float(correct[labels == c].float().mean()) if counts[c] else None
+                                     for c, name in enumerate(class_names)}}
+    return accuracy
+
+
+def _save_relevance(workdir: Path, class_names: list[str], tables: Tables, labelled: LatentLabels,
+                    freq: Tensor) -> None:
+    """The full relevance tables, for whoever wants more than the report's top latents."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.savez(workdir / "relevance.npz", classes=np.array(class_names),
+             **{f"{h}_mean": mean.numpy() for h, (mean, _) in tables.items()},
+             **{f"{h}_share": share.numpy() for h, (_, share) in tables.items()},
+             alignment_expected=labelled.expected_alignment.numpy(), clarity=labelled.clarity.numpy(),
+             frequency=freq.numpy())
