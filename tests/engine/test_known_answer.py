@@ -128,8 +128,15 @@ def test_ablation_and_insertion_flip_exactly_the_images_they_must(case, monkeypa
     assert flag["causal"]["insertion_images"] == 20
     assert flag["causal"]["insertion_amount"] == pytest.approx(m, rel=1e-5)
     assert flag["causal"]["insertion_flips_to_class"] == int(inserted.sum()) > 0
-    # removing J flips far more than removing latents of similar mass (which the probe does not read) ...
-    assert flag["causal"]["beyond_baseline"] is True and flag["causal"]["baseline_flip_rate"] == 0.0
+    # removing J flips melanoma predictions; removing latents of similar mass (which the probe does not read)
+    # flips none
+    assert flag["causal"]["flip_rate"] > 0 and flag["causal"]["baseline_flip_rate"] == 0.0
+    # nevi with J active that the probe calls melanoma: removing J fixes every one, the baseline none ...
+    called = (z[~own] > 0) & (y[~own] > 0)
+    assert flag["causal"]["others_called_before"] == flag["causal"]["others_fixed"] == int(called.sum()) == 3
+    assert flag["causal"]["baseline_fixed"] == 0 and flag["causal"]["baseline_fix_rate"] == 0.0
+    # ... yet 3 of 3 is too few images to be beyond the baseline at z >= 3 (against a rate of 1/3: z = 2.45)
+    assert flag["causal"]["beyond_baseline"] is False
     # ... but with J active on every melanoma image there is no image without it to measure harm on
     assert flag["harm"]["measured"] is False
     assert flag["confirmation"]["status"] == "relied_on_no_harm" and flag["causal"]["confirmed"] is False

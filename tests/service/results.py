@@ -55,13 +55,15 @@ def build_result(**overrides) -> dict:
     ruler = _flag("probe", "melanoma", 0, 1, "a ruler", label_confidence=0.91, closest_concept="a ruler",
                   harm=_harm(((25, 0.96), (15, 1 / 3), (16, 0.8125), (24, 1 / 48)),
                              ((25, 0.71), (15, 0.74), (16, 0.20), (24, 0.22)), True, RULER_SUMMARY),
-                  confirmation={"status": "confirmed", "text": "confirmed: ablation flips 41% of melanoma images "
-                                                               "where it is active (baseline of similar latents: "
-                                                               "6%), measured harm"},
+                  confirmation={"status": "confirmed", "text": "confirmed shortcut, measured harm: removing it "
+                                                               "fixes 9 of the 13 other images it is active on "
+                                                               "that are wrongly called melanoma (69%; latents of "
+                                                               "similar activation mass fix 8% of theirs)"},
                   causal={"ablation_images": 25, "ablation_flips": 10, "insertion_images": 24,
                           "insertion_flips_to_class": 5, "insertion_amount": 2.0, "confirmed": True,
                           "flip_rate": 0.41, "baseline_flip_rate": 0.06, "others_fixed": 9,
-                          "others_called_before": 13},
+                          "others_called_before": 13, "fix_rate": 9 / 13, "baseline_called": 60,
+                          "baseline_fixed": 5, "baseline_fix_rate": 5 / 60},
                   metadata_auroc={"ruler": 0.97, "site=head": 0.61, "site=back": 0.55, "age_over_60": 0.52},
                   concept_latents=[0, 3])
     unlabelled = _flag("probe", "nevus", 1, 1, "unlabelled", label_confidence=0.12, closest_concept="hair",
@@ -119,7 +121,8 @@ def without_new_keys(result: dict) -> dict:
         flag["label"] = flag["closest_concept"]
         for key in NEW_FLAG_KEYS:
             flag.pop(key)
-        for key in ("flip_rate", "baseline_flip_rate", "others_fixed", "others_called_before"):
+        for key in ("flip_rate", "baseline_flip_rate", "others_fixed", "others_called_before", "fix_rate",
+                    "baseline_called", "baseline_fixed", "baseline_fix_rate"):
             (flag.get("causal") or {}).pop(key, None)
     for latent in old["latents"]:
         latent["label"] = latent["closest_concept"]

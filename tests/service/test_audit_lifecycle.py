@@ -7,6 +7,7 @@ from audit_service.audits.services import create_audit
 from workers import steps, tasks
 from workers.engine import pipeline
 from workers.engine.errors import EngineError
+from workers.engine.stages import ENGINE_STAGES
 
 from .conftest import FAST_AUDIT
 
@@ -63,7 +64,7 @@ def test_the_task_runs_an_audit_and_stores_its_rows(audit):
     assert audit.percent == 100.0 and audit.worker_host and audit.device == "cpu"
     assert Latent.objects.filter(audit=audit).count() == audit.result["sae"]["n_latents"]
     assert Flag.objects.filter(audit=audit).count() == len(audit.result["flags"])
-    assert set(audit.timings) == {"extract", "train_sae", "attribute", "label", "flag", "confirm"}
+    assert set(audit.timings) == set(ENGINE_STAGES)
     assert not (settings.AUDIT_WORK_DIR / f"audit-{audit.pk}").exists()
     from django.core.files.storage import default_storage
 

@@ -28,61 +28,84 @@ def _similar_mass(class_mean: Tensor, latent: int, exclude: list[int], n: int = 
     return candidates[:n]
 
 
+def baseline_groups(class_mean: Tensor, concept: list[int], exclude: list[int], n: int = 5) -> list[list[int]]:
+    """``n`` groups of latents to remove instead of a concept's: group j stands each of the concept's latents
+    in for by its j-th closest latent in activation mass on the class (see :func:`_similar_mass`), so a concept
+    of three latents is compared with three latents of the same weight that mean something else."""
+    peers = [_similar_mass(class_mean, latent, exclude=list(exclude) + list(concept), n=n) for latent in concept]
+    groups = []
+    for j in range(n):
+        group = sorted({p[j] for p in peers if len(p) > j})
+        if group:
+            groups.append(group)
+    return groups
+
+
 _CONFIRM_COUNTS = ("ablation_images", "ablation_active", "ablation_flips", "correct_before", "correct_after",
                    "insertion_images", "insertion_flips_to_class", "others_called_before", "others_fixed",
-                   "baseline_active", "baseline_flips")
+                   "baseline_active", "baseline_flips", "baseline_called", "baseline_fixed")
 
 
 def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], amounts: list[float], start: int,
                   count: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Counts of one shard for each flag: ablate the flagged latent on its class's images (and, as the baseline,
-    each of ``flag["baseline_latents"]``), ablate it on other classes' images it is active on (does that stop them
-    being called the flag's class?), insert it (by ``amounts``) into other classes' images.
-    :func:`merge_confirmations` adds shards up."""
+    """Counts of one shard for each flag, :func:`merge_confirmations` adds shards up.
+
+    The flag's concept (all of ``flag["concept_latents"]``) is removed from the other classes' images it is
+    active on that the head calls the flag's class (does that stop them being called so?), and from the class's
+    own images (how many predictions flip?); each group of ``flag["baseline_groups"]`` (latents of similar
+    activation mass) is removed the same way, from the images it is active on, as the baseline. The lead latent
+    is also inserted (by ``amounts``) into the other classes' images.
+    """
     config, device, tail, sae = ctx.config, ctx.device, ctx.tail, ctx.sae
     labels = store.labels
     stats = [dict.fromkeys(_CONFIRM_COUNTS, 0) for _ in flags]
     with torch.no_grad():
         for lo, acts, _ in store.iter_batches(config.batch_size, start, start + count):
             acts = acts.to(device)
-            b = acts.shape[0]
-            y = labels[lo:lo + b].to(device)
-            activity = _image_activity(sae, acts, config)  # [b, L]
+            y = labels[lo:lo + acts.shape[0]].to(device)
+            activity = _image_activity(sae, acts, config) > 0  # [b, L]
             base = {h: head(tail(acts)).argmax(1) for h, head in ctx.heads.items()}
             for flag, amount, st in zip(flags, amounts, stats):
-                head = ctx.heads[flag["head"]]
-                c = ctx.class_names.index(flag["class_name"])
-                latent = flag["latent"]
-                own = y == c
-                before_all = base[flag["head"]]
-                if own.any():
-                    after = shifted_outputs(tail, sae, head, acts[own], latent, token=config.token).argmax(1)
-                    before = before_all[own]
-                    st["ablation_images"] += int(own.sum())
-                    st["ablation_active"] += int((activity[own, latent] > 0).sum())
-                    st["ablation_flips"] += int((after != before).sum())
-                    st["correct_before"] += int((before == c).sum())
-                    st["correct_after"] += int((after == c).sum())
-                    for other_latent in flag.get("baseline_latents", []):
-                        after_b = shifted_outputs(tail, sae, head, acts[own], other_latent,
-                                                  token=config.token).argmax(1)
-                        st["baseline_active"] += int((activity[own, other_latent] > 0).sum())
-                        st["baseline_flips"] += int((after_b != before).sum())
-                other = ~own
-                called = other & (activity[:, latent] > 0) & (before_all == c)
-                if called.any():
-                    after = shifted_outputs(tail, sae, head, acts[called], latent, token=config.token).argmax(1)
-                    st["others_called_before"] += int(called.sum())
-                    st["others_fixed"] += int((after != c).sum())
-                if other.any():
-                    after = shifted_outputs(tail, sae, head, acts[other], latent, insert=amount,
-                                            token=config.token).argmax(1)
-                    before = before_all[other]
-                    st["insertion_images"] += int(other.sum())
-                    st["insertion_flips_to_class"] += int(((before != c) & (after == c)).sum())
+                _count_flag(ctx, flag, amount, acts, y, activity, base[flag["head"]], st)
             if progress:
-                progress(lo - start + b, count)
+                progress(lo - start + acts.shape[0], count)
     return stats
+
+
+def _count_flag(ctx: AuditContext, flag: dict, amount: float, acts: Tensor, y: Tensor, activity: Tensor,
+                before: Tensor, st: dict) -> None:
+    """Add one batch's counts of one flag to ``st`` (see :func:`confirm_shard`)."""
+    head, token = ctx.heads[flag["head"]], ctx.config.token
+    c = ctx.class_names.index(flag["class_name"])
+    concept = flag.get("concept_latents") or [flag["latent"]]
+    groups = flag.get("baseline_groups") or [[b] for b in flag.get("baseline_latents", [])]
+    own, other = y == c, y != c
+
+    def removed(latents: list[int], where: Tensor) -> Tensor:
+        return shifted_outputs(ctx.tail, ctx.sae, head, acts[where], latents, token=token).argmax(1)
+
+    if own.any():
+        after = removed(concept, own)
+        st["ablation_images"] += int(own.sum())
+        st["ablation_active"] += int(activity[own][:, concept].any(1).sum())
+        st["ablation_flips"] += int((after != before[own]).sum())
+        st["correct_before"] += int((before[own] == c).sum())
+        st["correct_after"] += int((after == c).sum())
+        for group in groups:
+            st["baseline_active"] += int(activity[own][:, group].any(1).sum())
+            st["baseline_flips"] += int((removed(group, own) != before[own]).sum())
+    wrongly_called = other & (before == c)
+    for latents, called_key, fixed_key in [(concept, "others_called_before", "others_fixed")] + [
+            (group, "baseline_called", "baseline_fixed") for group in groups]:
+        called = wrongly_called & activity[:, latents].any(1)
+        if called.any():
+            st[called_key] += int(called.sum())
+            st[fixed_key] += int((removed(latents, called) != c).sum())
+    if other.any():
+        after = shifted_outputs(ctx.tail, ctx.sae, head, acts[other], flag["latent"], insert=amount,
+                                token=token).argmax(1)
+        st["insertion_images"] += int(other.sum())
+        st["insertion_flips_to_class"] += int(((before[other] != c) & (after == c)).sum())
 
 
 def _image_activity(sae: TopKSAE, acts: Tensor, config: AuditConfig) -> Tensor:
@@ -111,8 +134,10 @@ def apply_confirmation(flags: list[dict], stats: list[dict] | None, amounts: lis
     """Write each flag's ``causal`` block from the summed counts, and its ``confirmation`` verdict
     (``stats`` None: confirmation was not run, the verdict says so).
 
-    Confirmed means both: removing the latent flips the class's predictions clearly more often than removing
-    latents of similar activation mass does (the baseline), and the harm is measured (with/without split).
+    Confirmed means both: the harm is measured (with/without split), and removing the concept stops the other
+    classes' images it is active on from being called the class clearly more often than removing latents of
+    similar activation mass stops the images they are active on (the baseline; one-sided z >= ``harm_min_z``).
+    Any heavy latent flips some predictions when removed; a shortcut is what undoes the errors it causes.
     """
     min_z = config.harm_min_z if config is not None else 3.0
     if stats is None:
@@ -121,24 +146,32 @@ def apply_confirmation(flags: list[dict], stats: list[dict] | None, amounts: lis
                                                         bool((flag.get("harm") or {}).get("measured")))
         return
     for flag, st, amount in zip(flags, stats, amounts):
-        n_own = max(st["ablation_images"], 1)
-        flip_rate = st["ablation_flips"] / max(st["ablation_active"], 1)
-        baseline = st["baseline_flips"] / st["baseline_active"] if st["baseline_active"] else 0.0
-        beyond = _rate_beyond(st["ablation_flips"], st["ablation_active"], baseline, min_z)
-        causal = {
-            "ablation_images": st["ablation_images"], "ablation_active": st["ablation_active"],
-            "ablation_flips": st["ablation_flips"], "flip_rate": flip_rate, "baseline_flip_rate": baseline,
-            "baseline_latents": flag.get("baseline_latents", []), "beyond_baseline": beyond,
-            "accuracy_before": st["correct_before"] / n_own, "accuracy_after": st["correct_after"] / n_own,
-            "accuracy_change": (st["correct_after"] - st["correct_before"]) / n_own,
-            "others_called_before": st["others_called_before"], "others_fixed": st["others_fixed"],
-            "insertion_images": st["insertion_images"], "insertion_flips_to_class": st["insertion_flips_to_class"],
-            "insertion_amount": amount,
-        }
+        flag["causal"] = _causal_block(flag, st, amount, min_z)
         measured = bool((flag.get("harm") or {}).get("measured"))
-        causal["confirmed"] = beyond and measured
-        flag["causal"] = causal
-        flag["confirmation"] = confirmation_verdict(flag["class_name"], causal, measured)
+        flag["causal"]["confirmed"] = flag["causal"]["beyond_baseline"] and measured
+        flag["confirmation"] = confirmation_verdict(flag["class_name"], flag["causal"], measured)
+
+
+def _causal_block(flag: dict, st: dict, amount: float, min_z: float) -> dict:
+    n_own = max(st["ablation_images"], 1)
+    fix_rate = st["others_fixed"] / st["others_called_before"] if st["others_called_before"] else 0.0
+    baseline_fix = st["baseline_fixed"] / st["baseline_called"] if st["baseline_called"] else 0.0
+    groups = flag.get("baseline_groups") or [[b] for b in flag.get("baseline_latents", [])]
+    return {
+        "concept_latents": flag.get("concept_latents") or [flag["latent"]],
+        "ablation_images": st["ablation_images"], "ablation_active": st["ablation_active"],
+        "ablation_flips": st["ablation_flips"], "flip_rate": st["ablation_flips"] / max(st["ablation_active"], 1),
+        "baseline_flip_rate": st["baseline_flips"] / st["baseline_active"] if st["baseline_active"] else 0.0,
+        "baseline_latents": sorted({i for g in groups for i in g}),
+        "accuracy_before": st["correct_before"] / n_own, "accuracy_after": st["correct_after"] / n_own,
+        "accuracy_change": (st["correct_after"] - st["correct_before"]) / n_own,
+        "others_called_before": st["others_called_before"], "others_fixed": st["others_fixed"],
+        "fix_rate": fix_rate, "baseline_called": st["baseline_called"], "baseline_fixed": st["baseline_fixed"],
+        "baseline_fix_rate": baseline_fix,
+        "beyond_baseline": _rate_beyond(st["others_fixed"], st["others_called_before"], baseline_fix, min_z),
+        "insertion_images": st["insertion_images"], "insertion_flips_to_class": st["insertion_flips_to_class"],
+        "insertion_amount": amount,
+    }
 
 
 def confirmation_verdict(class_name: str, causal: dict | None, measured: bool) -> dict:
@@ -148,12 +181,15 @@ def confirmation_verdict(class_name: str, causal: dict | None, measured: bool) -
                 "text": "relied on, no measured harm: the with/without split shows no harm the probe adds"}
     if causal is None:
         return {"status": "not_run", "text": "measured harm; causal confirmation was not run"}
-    flips = (f"ablation flips {causal['flip_rate']:.0%} of the {class_name} images it is active on "
-             f"(latents of similar activation mass: {causal['baseline_flip_rate']:.0%})")
     if causal["others_called_before"]:
-        flips += (f"; it fixes {causal['others_fixed']} of {causal['others_called_before']} other images "
-                  f"wrongly called {class_name}")
+        fixes = (f"removing it fixes {causal['others_fixed']} of the {causal['others_called_before']} other images "
+                 f"it is active on that are wrongly called {class_name} ({causal['fix_rate']:.0%}; latents of "
+                 f"similar activation mass fix {causal['baseline_fix_rate']:.0%} of theirs)")
+    else:
+        fixes = f"no image of another class it is active on is wrongly called {class_name}"
+    fixes += (f"; removing it flips {causal['flip_rate']:.0%} of the {class_name} images it is active on "
+              f"(similar latents: {causal['baseline_flip_rate']:.0%})")
     if causal["confirmed"]:
-        return {"status": "confirmed", "text": f"confirmed shortcut, measured harm: {flips}"}
+        return {"status": "confirmed", "text": f"confirmed shortcut, measured harm: {fixes}"}
     return {"status": "not_confirmed",
-            "text": f"measured harm, but removing it does little beyond the baseline: {flips}"}
+            "text": f"measured harm, but removing it undoes little beyond the baseline: {fixes}"}

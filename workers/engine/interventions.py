@@ -55,17 +55,18 @@ def deletion_curves(tail: VisionTail, sae: TopKSAE, head: Head, acts: Tensor, ta
 
 
 @torch.no_grad()
-def shifted_outputs(tail: VisionTail, sae: TopKSAE, head: Head, acts: Tensor, latent: int, *,
+def shifted_outputs(tail: VisionTail, sae: TopKSAE, head: Head, acts: Tensor, latent: int | list[int], *,
                     insert: float | None = None, token: str = "cls") -> Tensor:
-    """Head scores [batch, classes] with latent ``latent`` ablated (``insert`` None) or raised by ``insert``."""
+    """Head scores [batch, classes] with latent ``latent`` (or every latent of a list) ablated (``insert`` None),
+    or with the one latent ``latent`` raised by ``insert``."""
     selected = select_tokens(acts, token)
-    direction = sae.dictionary[latent]
     if insert is None:
         values, indices = sae.encode_sparse(selected)
-        amount = (values * (indices == latent)).sum(-1, keepdim=True)  # z_latent per vector
-        edited = selected - amount * direction
+        chosen = torch.as_tensor(latent, device=indices.device).reshape(-1)
+        removed = values * torch.isin(indices, chosen)  # z of the ablated latents, 0 elsewhere
+        edited = selected - (removed.unsqueeze(-1) * sae.dictionary[indices]).sum(-2)
     else:
-        edited = selected + insert * direction
+        edited = selected + insert * sae.dictionary[latent]
     return head(tail(replace_tokens(acts, edited, token)))
 
 

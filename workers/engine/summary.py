@@ -13,7 +13,7 @@ from torch import Tensor
 from .activations import ActivationStore
 from .attribution import REGISTRY
 from .config import AuditConfig
-from .confirmation import _similar_mass
+from .confirmation import baseline_groups
 from .context import AuditContext
 from .data import ImageSet
 from .flags import Evidence, find_flags, relevance_tables, select_flags
@@ -109,7 +109,7 @@ def _describe_flags(ctx: AuditContext, images: ImageSet, labels: Tensor, counts:
         flag["label_confidence"] = float(labelled.confidence[latent])
         flag["closest_concept"] = labelled.closest_concepts[latent]
         flag["metadata_auroc"] = metadata_auroc(merged.activity(latent), metadata)
-        flag["baseline_latents"] = _similar_mass(class_mean[c], latent, exclude=[
+        flag["baseline_groups"] = baseline_groups(class_mean[c], flag["concept_latents"], exclude=[
             i for f in flags if f["class_name"] == flag["class_name"] for i in f["concept_latents"]])
         amounts.append(float(class_mean[c, latent]))
     return amounts
