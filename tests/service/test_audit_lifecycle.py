@@ -5,7 +5,7 @@ from django.conf import settings
 from audit_service.audits.models import Audit, Flag, IllegalTransition, Latent, Status
 from audit_service.audits.services import create_audit
 from workers import steps, tasks
-from workers.engine import pipeline
+from workers.engine import summary
 from workers.engine.errors import EngineError
 from workers.engine.stages import ENGINE_STAGES
 
@@ -81,7 +81,7 @@ def test_a_failed_stage_leaves_the_audit_failed_with_the_engines_message_and_no_
     def broken(*args, **kwargs):
         raise EngineError("the flag stage could not read the relevance tables")
 
-    monkeypatch.setattr(pipeline, "find_flags", broken)
+    monkeypatch.setattr(summary, "find_flags", broken)
     tasks.run_audit.apply(args=[audit.pk])
     audit.refresh_from_db()
     assert audit.status == Status.FAILED
