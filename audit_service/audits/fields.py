@@ -58,14 +58,22 @@ class Field:
 _REQUIRED = object()
 
 
-def _reader(key: str, default) -> Callable[[dict], Any]:
+def _reader(key: str | tuple[str, ...], default) -> Callable[[dict], Any]:
+    if isinstance(key, tuple):  # the engine's key, then the names results stored earlier used for it
+        def first(row: dict):
+            found = next((k for k in key if k in row), None)
+            if found is None and default is _REQUIRED:
+                raise KeyError(key[0])
+            return default if found is None or row[found] is None else row[found]
+
+        return first
     if default is _REQUIRED:
         return lambda row: row[key]
     # a key newer engines added: results stored before it still store
     return lambda row: default if row.get(key) is None else row[key]
 
 
-def number(name: str, key: str | None = None, *, default=_REQUIRED, csv: bool = True, **options) -> Field:
+def number(name: str, key: str | tuple[str, ...] | None = None, *, default=_REQUIRED, csv: bool = True, **options) -> Field:
     """A number (or None), read from ``key`` of the engine's dict (default: ``name``)."""
     read = _reader(key or name, default)
     return Field(name, lambda row: {name: read(row)}, lambda row: getattr(row, name),
@@ -196,7 +204,7 @@ LATENT_FIELDS: tuple[Field, ...] = (
     text("label"),
     text("label_source"),
     text("label_category"),
-    number("label_alignment", "alignment", title="alignment with label", aliases=("alignment",)),
+    number("label_alignment", ("label_alignment", "alignment"), title="alignment with label", aliases=("alignment",)),
     number("clarity", title="clarity"),
     number("frequency", title="frequency", digits=4),
     number("max_activation"),

@@ -95,7 +95,7 @@ def relevance_arrays(audit: Audit) -> dict | None:
             tables = {name: data[name] for name in data.files}
     except (OSError, ValueError):
         return None
-    if "alignment_expected" in tables:  # the engine's name for it in the file
+    if "alignment_expected" in tables:  # the name audits before the one-name rename wrote into the file
         tables["expected_alignment"] = tables.pop("alignment_expected")
     return tables
 

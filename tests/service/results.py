@@ -83,7 +83,7 @@ def build_result(**overrides) -> dict:
                             metadata_auroc={"ruler": 0.97}, concept_latents=[0])
     latents = [
         {"latent": i, "label": label, "label_source": "artifact", "label_category": "dataset_artifact",
-         "alignment": 0.3, "clarity": 0.9, "frequency": 0.1, "max_activation": 1.0, "references": [],
+         "label_alignment": 0.3, "clarity": 0.9, "frequency": 0.1, "max_activation": 1.0, "references": [],
          "expected_alignment": {c: 0.0 for c in CLASSES}, "label_confidence": confidence, "closest_concept": closest}
         for i, label, confidence, closest in ((0, "a ruler", 0.91, "a ruler"), (1, "unlabelled", 0.12, "hair"),
                                               (2, "nevus", 0.8, "nevus"), (3, "a ruler", 0.7, "a ruler"))]

@@ -25,7 +25,7 @@ def world(project, users, registered):
         "comparison": {c: {"probe_share": 0.5, "zero_shot_share": 0.1} for c in ("melanoma", "nevus")},
         "sae": {}, "timings": {}, "environment": {},
         "latents": [{"latent": 0, "label": "a ruler", "label_source": "artifact", "label_category": "dataset_artifact",
-                     "alignment": 0.2, "clarity": 0.9, "frequency": 0.3, "max_activation": 1.0, "references": [],
+                     "label_alignment": 0.2, "clarity": 0.9, "frequency": 0.3, "max_activation": 1.0, "references": [],
                      "expected_alignment": {}}],
         "flags": [{"head": "probe", "class_name": "melanoma", "latent": 0, "rank": 1, "share": 0.5,
                    "mean_relevance": 0.2, "label": "a ruler", "label_source": "artifact",

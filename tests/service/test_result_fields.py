@@ -21,8 +21,10 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def audit(project, users, registered):
     result = build_result()
-    for latent, alignment in zip(result["latents"], (0.3, 0.1, 0.4, 0.2)):  # the engine's name for label_alignment
-        latent["alignment"] = alignment
+    for i, (latent, alignment) in enumerate(zip(result["latents"], (0.3, 0.1, 0.4, 0.2))):
+        latent["label_alignment"] = alignment
+        if i % 2:  # results stored before the rename named it "alignment": they still store
+            latent["alignment"] = latent.pop("label_alignment")
     return stored_audit(project, users["member"], registered, result)
 
 

@@ -313,7 +313,8 @@ def test_a_flag_card_shows_the_harm_table_the_confirmation_and_what_the_latent_f
     assert "fires on ruler=1, AUROC 0.97; site=head, AUROC 0.61; site=back, AUROC 0.55" in ruler
     assert "age_over_60" not in ruler  # the top 3 only
     assert "concept spread over latents 0, 3 (summed share)" in ruler
-    assert "(similar latents: 6%)" in ruler and "others fixed by ablation <b>9</b> / 13" in ruler
+    assert "(similar latents: 6%)" in ruler
+    assert "others fixed by removing it <b>9</b> / 13 (similar latents fix 8%)" in ruler
     assert "“a ruler”" in ruler and "(confidence 0.91)" in ruler
 
     unlabelled = flag_card(html, measured.flags.get(head="probe", class_name="nevus"))

@@ -188,7 +188,7 @@ def _latents(labelled: LatentLabels, merged: Partial, freq: Tensor, ids: list, c
             "label_source": vocab.sources[j] if j is not None else None,
             "label_category": vocab.categories[j] if j is not None and labels_text[i] != UNLABELLED else None,
             "label_confidence": float(labelled.confidence[i]), "closest_concept": labelled.closest_concepts[i],
-            "alignment": float(labelled.label_alignment[i]) if labels_text[i] is not None else None,
+            "label_alignment": float(labelled.label_alignment[i]) if labels_text[i] is not None else None,
             "clarity": float(labelled.clarity[i]), "frequency": float(freq[i]),
             "max_activation": float(merged.max_activation[i]),
             "references": [ids[r] for r in labelled.tracker.references(i)],
@@ -218,5 +218,5 @@ def _save_relevance(workdir: Path, class_names: list[str], tables: Tables, label
     np.savez(workdir / "relevance.npz", classes=np.array(class_names),
              **{f"{h}_mean": mean.numpy() for h, (mean, _) in tables.items()},
              **{f"{h}_share": share.numpy() for h, (_, share) in tables.items()},
-             alignment_expected=labelled.expected_alignment.numpy(), clarity=labelled.clarity.numpy(),
+             expected_alignment=labelled.expected_alignment.numpy(), clarity=labelled.clarity.numpy(),
              frequency=freq.numpy())
