@@ -118,7 +118,7 @@ def test_flags_carry_measured_harm_confirmation_label_confidence_and_metadata(cl
     assert ruler["harm"]["probe"]["class_without"]["n"] == 15
     assert ruler["harm"]["probe"]["class_without"]["accuracy"] == pytest.approx(1 / 3)
     assert ruler["harm"]["zero_shot"]["others_with"] == {"n": 16, "called_class": 0.2}
-    assert ruler["confirmation"]["status"] == "confirmed" and "ablation flips 41%" in ruler["confirmation"]["text"]
+    assert ruler["confirmation"]["status"] == "confirmed" and "fixes 9 of the 13" in ruler["confirmation"]["text"]
     assert ruler["confirmed"] is True
     assert (ruler["label_confidence"], ruler["closest_concept"]) == (0.91, "a ruler")
     assert ruler["metadata_auroc"]["ruler"] == 0.97 and ruler["concept_latents"] == [0, 3]
