@@ -62,8 +62,10 @@ def _reader(key: str | tuple[str, ...], default) -> Callable[[dict], Any]:
     if isinstance(key, tuple):  # the engine's key, then the names results stored earlier used for it
         def first(row: dict):
             found = next((k for k in key if k in row), None)
-            if found is None and default is _REQUIRED:
-                raise KeyError(key[0])
+            if default is _REQUIRED:
+                if found is None:
+                    raise KeyError(key[0])
+                return row[found]
             return default if found is None or row[found] is None else row[found]
 
         return first
