@@ -19,9 +19,17 @@ class ProjectSerializer(serializers.ModelSerializer):
         return project.role_of(self.context["request"].user)
 
 
+class UsernameField(serializers.SlugRelatedField):
+    """A user by username; a name with a NUL character names nobody (PostgreSQL refuses to even look it up)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and "\x00" in data:
+            self.fail("does_not_exist", slug_name=self.slug_field, value="(a name with a NUL character)")
+        return super().to_internal_value(data)
+
+
 class MembershipSerializer(serializers.ModelSerializer):
-    username = serializers.SlugRelatedField(source="user", slug_field="username",
-                                            queryset=get_user_model().objects.all())
+    username = UsernameField(source="user", slug_field="username", queryset=get_user_model().objects.all())
     role = serializers.ChoiceField(choices=Role.choices)
 
     class Meta:

@@ -243,3 +243,11 @@ def test_owners_cannot_raise_their_projects_limits_through_the_api(client_for, p
     assert response.status_code == 200
     project.refresh_from_db()
     assert project.max_concurrent_audits == 2 and project.max_dataset_images is None
+
+
+def test_a_member_name_with_a_nul_character_is_refused_not_a_server_error(client_for, project):
+    """Found by the schema fuzzer on PostgreSQL, which cannot even look up text with a NUL byte."""
+    response = client_for("owner").post(f"/api/v1/projects/{project.id}/members/",
+                                        {"username": "x\x00y", "role": "viewer"}, format="json")
+    assert response.status_code == 400
+    assert "NUL character" in str(response.json()["username"])
