@@ -72,13 +72,18 @@ def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], 
     return stats
 
 
+def _groups_of(flag: dict) -> list[list[int]]:
+    """A flag's baseline groups (a draft written before groups existed names single latents)."""
+    return flag.get("baseline_groups") or [[b] for b in flag.get("baseline_latents", [])]
+
+
 def _count_flag(ctx: AuditContext, flag: dict, amount: float, acts: Tensor, y: Tensor, activity: Tensor,
                 before: Tensor, st: dict) -> None:
     """Add one batch's counts of one flag to ``st`` (see :func:`confirm_shard`)."""
     head, token = ctx.heads[flag["head"]], ctx.config.token
     c = ctx.class_names.index(flag["class_name"])
     concept = flag.get("concept_latents") or [flag["latent"]]
-    groups = flag.get("baseline_groups") or [[b] for b in flag.get("baseline_latents", [])]
+    groups = _groups_of(flag)
     own, other = y == c, y != c
 
     def removed(latents: list[int], where: Tensor) -> Tensor:
@@ -86,13 +91,14 @@ def _count_flag(ctx: AuditContext, flag: dict, amount: float, acts: Tensor, y: T
 
     if own.any():
         after = removed(concept, own)
+        own_activity = activity[own]
         st["ablation_images"] += int(own.sum())
-        st["ablation_active"] += int(activity[own][:, concept].any(1).sum())
+        st["ablation_active"] += int(own_activity[:, concept].any(1).sum())
         st["ablation_flips"] += int((after != before[own]).sum())
         st["correct_before"] += int((before[own] == c).sum())
         st["correct_after"] += int((after == c).sum())
         for group in groups:
-            st["baseline_active"] += int(activity[own][:, group].any(1).sum())
+            st["baseline_active"] += int(own_activity[:, group].any(1).sum())
             st["baseline_flips"] += int((removed(group, own) != before[own]).sum())
     wrongly_called = other & (before == c)
     for latents, called_key, fixed_key in [(concept, "others_called_before", "others_fixed")] + [
@@ -156,7 +162,7 @@ def _causal_block(flag: dict, st: dict, amount: float, min_z: float) -> dict:
     n_own = max(st["ablation_images"], 1)
     fix_rate = st["others_fixed"] / st["others_called_before"] if st["others_called_before"] else 0.0
     baseline_fix = st["baseline_fixed"] / st["baseline_called"] if st["baseline_called"] else 0.0
-    groups = flag.get("baseline_groups") or [[b] for b in flag.get("baseline_latents", [])]
+    groups = _groups_of(flag)
     return {
         "concept_latents": flag.get("concept_latents") or [flag["latent"]],
         "ablation_images": st["ablation_images"], "ablation_active": st["ablation_active"],
