@@ -59,20 +59,20 @@ _REQUIRED = object()
 
 
 def _reader(key: str | tuple[str, ...], default) -> Callable[[dict], Any]:
-    if isinstance(key, tuple):  # the engine's key, then the names results stored earlier used for it
-        def first(row: dict):
-            found = next((k for k in key if k in row), None)
-            if default is _REQUIRED:
-                if found is None:
-                    raise KeyError(key[0])
-                return row[found]
-            return default if found is None or row[found] is None else row[found]
+    """Read the engine's ``key`` (a tuple: the engine's key, then the names results stored earlier used for it).
+    Without a default the key must be there; with one, a key newer engines added (absent or None in results
+    stored before it) reads as the default."""
+    keys = key if isinstance(key, tuple) else (key,)
 
-        return first
-    if default is _REQUIRED:
-        return lambda row: row[key]
-    # a key newer engines added: results stored before it still store
-    return lambda row: default if row.get(key) is None else row[key]
+    def read(row: dict):
+        found = next((k for k in keys if k in row), None)
+        if default is _REQUIRED:
+            if found is None:
+                raise KeyError(keys[0])
+            return row[found]
+        return default if found is None or row[found] is None else row[found]
+
+    return read
 
 
 def number(name: str, key: str | tuple[str, ...] | None = None, *, default=_REQUIRED, csv: bool = True, **options) -> Field:
