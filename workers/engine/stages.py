@@ -29,13 +29,6 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 ENGINE_STAGES: tuple[str, ...] = STAGE_NAMES[:-1]
 
 
-def stage(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise KeyError(f"no stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
-
-
 def overall_percent(name: str, done: int, total: int) -> float:
     """Percent of the whole audit when stage ``name`` has done ``done`` of ``total``."""
     before = 0.0
