@@ -115,6 +115,17 @@ MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 2 * 1024 ** 3, minimum=1)
 MAX_DATASET_IMAGES = env_int("MAX_DATASET_IMAGES", 200_000, minimum=1)
 MAX_DATASET_BYTES = env_int("MAX_DATASET_BYTES", 20 * 1024 ** 3, minimum=1)  # uncompressed
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1)
+# Every entry of an archive counts (folders and empty files too), checked before any member is read or written.
+MAX_ARCHIVE_MEMBERS = env_int("MAX_ARCHIVE_MEMBERS", MAX_DATASET_IMAGES + 1000, minimum=1)
+# A model's size, counted from its config before anything is built (the web process builds a model to check a
+# checkpoint; workers build it for every audit). Every open_clip ViT fits the defaults (ViT-e-14: 4.6e9
+# parameters, 56 blocks, width 1792).
+MODEL_MAX_PARAMETERS = env_int("MODEL_MAX_PARAMETERS", 5_000_000_000, minimum=1)
+MODEL_MAX_LAYERS = env_int("MODEL_MAX_LAYERS", 128, minimum=1)  # blocks per tower
+MODEL_MAX_WIDTH = env_int("MODEL_MAX_WIDTH", 4096, minimum=1)  # per tower
+MODEL_MAX_IMAGE_SIZE = env_int("MODEL_MAX_IMAGE_SIZE", 1024, minimum=1)  # pixels, the longer side
+MODEL_MAX_PATCHES = env_int("MODEL_MAX_PATCHES", 4096, minimum=1)  # tokens per image besides the CLS token
+MODEL_MAX_CONTEXT_LENGTH = env_int("MODEL_MAX_CONTEXT_LENGTH", 1024, minimum=1)  # text tokens
 
 # --------------------------------------------------------------------------- API
 REST_FRAMEWORK = {

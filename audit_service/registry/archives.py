@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,13 @@ class Limits:
     max_total_bytes: int
     max_image_pixels: int
     source: str = "MAX_DATASET_IMAGES / MAX_DATASET_BYTES"  # where the limits come from, named in refusals
+    # every entry of the archive counts, folders and empty files too (MAX_ARCHIVE_MEMBERS); None: max_files plus
+    # room for the folders and a labels file
+    max_members: int | None = None
+
+    @property
+    def member_limit(self) -> int:
+        return self.max_members if self.max_members is not None else self.max_files + 1000
 
 
 @dataclass
@@ -58,14 +67,38 @@ def _safe_name(name: str) -> str:
     return norm
 
 
+def _ignored(path: str) -> bool:
+    """macOS resource forks and hidden files ride along in archives made by hand; they are skipped, not refused."""
+    return any(part.startswith(("__MACOSX", ".")) for part in path.split("/"))
+
+
 def _list(problems: list[str]) -> str:
     shown = "; ".join(problems[:MAX_PROBLEMS_LISTED])
     more = len(problems) - MAX_PROBLEMS_LISTED
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
+def _examples(names: list[str]) -> str:
+    """'a, b, c and 13 more': a few names of a long list."""
+    shown = ", ".join(names[:MAX_PROBLEMS_LISTED])
+    more = len(names) - MAX_PROBLEMS_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _without(text: str, folder: Path) -> str:
+    """``text`` with the server's temporary folder taken out, so a message shows paths inside the archive only."""
+    for prefix in (f"{folder}{os.sep}", str(folder)):
+        text = text.replace(prefix, "")
+    return text
+
+
 def extract(archive: Path, dest: Path, limits: Limits) -> None:
-    """Extract a zip or tar(.gz/.bz2/.xz) archive into ``dest`` after checking every member."""
+    """Extract a zip or tar(.gz/.bz2/.xz) archive into ``dest`` after checking every member.
+
+    The checks are one pass over the member list, before any member's content is read: the number of members
+    (folders and empty files included), paths, links, sizes and file types. Members that are skipped anyway
+    (hidden files, __MACOSX) are not written.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         _extract_zip(archive, dest, limits)
@@ -75,14 +108,33 @@ def extract(archive: Path, dest: Path, limits: Limits) -> None:
         raise DatasetRejected("the upload is neither a zip nor a tar archive; upload a .zip or .tar.gz of images")
 
 
-def _check_totals(n_files: int, total_bytes: int, limits: Limits) -> None:
-    """Refuse an archive by its declared file count and size before anything is written."""
-    if n_files > limits.max_files + 10:  # a few labels or readme files besides the images
-        raise DatasetRejected(f"the archive holds {n_files} files; at most {limits.max_files} images "
+def _check_member_count(n_members: int, limits: Limits) -> None:
+    if n_members > limits.member_limit:
+        raise DatasetRejected(f"the archive holds more than {limits.member_limit} members (files and folders "
+                              f"together); at most {limits.member_limit} are accepted (MAX_ARCHIVE_MEMBERS)")
+
+
+def _plan(files: list[tuple[str, int]], limits: Limits) -> set[str]:
+    """The files worth extracting, from (safe path, declared size) pairs, or a refusal; nothing is read yet."""
+    kept = [(name, size) for name, size in files if not _ignored(name)]
+    images = [name for name, _ in kept if name.lower().endswith(IMAGE_SUFFIXES)]
+    other = [name for name, _ in kept if not name.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
+    if other:
+        raise DatasetRejected(f"the archive holds files that are not images: {_list(other)}; "
+                              f"accepted image types are {', '.join(IMAGE_SUFFIXES)}")
+    if len(images) > limits.max_files:
+        raise DatasetRejected(f"the archive holds {len(images)} images; at most {limits.max_files} images "
                               f"are accepted per dataset ({limits.source})")
-    if total_bytes > limits.max_total_bytes:
-        raise DatasetRejected(f"the archive unpacks to {total_bytes} bytes, over the limit of "
+    empty = [name for name, size in kept if size == 0 and name.lower().endswith(IMAGE_SUFFIXES)]
+    if empty:
+        raise DatasetRejected(f"{len(empty)} image{'s are' if len(empty) > 1 else ' is'} empty (0 bytes): "
+                              f"{_examples(empty)}; an image file cannot be empty, so check how the archive "
+                              "was made")
+    total = sum(size for _, size in kept)
+    if total > limits.max_total_bytes:
+        raise DatasetRejected(f"the archive unpacks to {total} bytes, over the limit of "
                               f"{limits.max_total_bytes} ({limits.source})")
+    return {name for name, _ in kept}
 
 
 def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
@@ -91,29 +143,39 @@ def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
     except zipfile.BadZipFile as exc:
         raise DatasetRejected(f"the zip archive is corrupt: {exc}") from exc
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        total = 0
-        for m in members:
-            _safe_name(m.filename)
+        infos = zf.infolist()
+        _check_member_count(len(infos), limits)
+        members = []
+        for m in infos:
+            name = _safe_name(m.filename)
+            if m.is_dir():
+                continue
             mode = m.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise DatasetRejected(f"archive member '{m.filename}' is a symbolic link; links are not accepted")
-            total += m.file_size
             if m.compress_size and m.file_size / max(m.compress_size, 1) > MAX_COMPRESSION_RATIO \
                     and m.file_size > 1024 * 1024:
                 raise DatasetRejected(f"archive member '{m.filename}' inflates {m.file_size // m.compress_size}x; "
                                       "this looks like a decompression bomb and was refused")
-        _check_totals(len(members), total, limits)
+            members.append((m, name))
+        wanted = _plan([(name, m.file_size) for m, name in members], limits)
         written = 0
-        for m in members:
-            target = dest / _safe_name(m.filename)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > limits.max_total_bytes:  # sizes in the header can lie
-                        raise DatasetRejected("the archive unpacks to more than MAX_DATASET_BYTES; refused")
-                    out.write(chunk)
+        for m, name in members:
+            if name not in wanted:
+                continue
+            target = dest / name
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > limits.max_total_bytes:  # sizes in the header can lie
+                            raise DatasetRejected("the archive unpacks to more than MAX_DATASET_BYTES; refused")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+                # a bad CRC, an encrypted member, an unsupported compression, a file where a folder must go
+                raise DatasetRejected(f"archive member '{m.filename}' cannot be extracted: "
+                                      f"{_without(str(exc), dest)}") from exc
 
 
 def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
@@ -122,30 +184,32 @@ def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
     except tarfile.TarError as exc:
         raise DatasetRejected(f"the tar archive is corrupt: {exc}") from exc
     with tf:
+        members = []
         try:
-            members = tf.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
+            # one header at a time, so an archive of too many members is refused before it is all read
+            while (m := tf.next()) is not None:
+                members.append(m)
+                _check_member_count(len(members), limits)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DatasetRejected(f"the tar archive is corrupt or truncated: {exc}") from exc
         files = []
-        total = 0
         for m in members:
-            _safe_name(m.name)
+            name = _safe_name(m.name)
             if m.issym() or m.islnk():
                 raise DatasetRejected(f"archive member '{m.name}' is a link; links are not accepted")
             if m.isdev() or m.isfifo():
                 raise DatasetRejected(f"archive member '{m.name}' is a device or pipe; only files are accepted")
             if m.isfile():
-                files.append(m)
-                total += m.size
-        _check_totals(len(files), total, limits)
+                files.append((m, name))
+        wanted = _plan([(name, m.size) for m, name in files], limits)
         try:
-            tf.extractall(dest, members=files, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DatasetRejected(f"the tar archive could not be extracted: {exc}") from exc
+            tf.extractall(dest, members=[m for m, name in files if name in wanted], filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise DatasetRejected(f"the tar archive could not be extracted: {_without(str(exc), dest)}") from exc
 
 
 def _find_labels_csv(root: Path) -> Path | None:
-    csvs = sorted(p for p in root.rglob("*.csv") if p.is_file())
+    csvs = sorted(p for p in root.rglob("*.csv") if p.is_file() and not _ignored(p.relative_to(root).as_posix()))
     if not csvs:
         return None
     for preferred in ("labels.csv", "metadata.csv"):
@@ -158,27 +222,48 @@ def _find_labels_csv(root: Path) -> Path | None:
     return csvs[0]
 
 
-def _read_labels(csv_path: Path, root: Path, require_labels: bool = True
-                 ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """(path -> label, path -> {extra column: value}) from a labels CSV; without ``require_labels`` the label
-    column is optional and a label may be empty (images for SAE training)."""
+def _other_delimiter(header: str) -> str | None:
+    """The delimiter a header line uses when it is not a comma (spreadsheets in many locales write ';')."""
+    try:
+        found = csv.Sniffer().sniff(header, delimiters=";\t|").delimiter
+    except csv.Error:
+        return None
+    return found if found in header and "," not in header else None
+
+
+@dataclass
+class _Labels:
+    labels: dict[str, str]  # archive path -> label
+    extras: dict[str, dict[str, str]]  # archive path -> {extra column: value}
+    written: dict[str, str]  # archive path -> the path as labels.csv wrote it
+
+
+def _read_labels(csv_path: Path, root: Path, require_labels: bool = True) -> _Labels:
+    """The rows of a labels CSV; without ``require_labels`` the label column is optional and a label may be empty
+    (images for SAE training). Paths are read relative to the CSV's own folder."""
     base = csv_path.parent
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DatasetRejected(f"{csv_path.name} is not UTF-8 text") from exc
+        raise DatasetRejected(f"{csv_path.name} is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in a "
+                              "spreadsheet)") from exc
     reader = csv.DictReader(io.StringIO(text))
     fields = {f.strip().lower(): f for f in (reader.fieldnames or []) if f is not None}
     path_col = next((fields[c] for c in ("image", "filename", "file", "path") if c in fields), None)
     label_col = next((fields[c] for c in ("label", "class", "diagnosis") if c in fields), None)
     if path_col is None or (label_col is None and require_labels):
+        delimiter = _other_delimiter(text.splitlines()[0] if text.strip() else "")
+        if delimiter is not None:
+            shown = "a tab" if delimiter == "\t" else f"'{delimiter}'"
+            raise DatasetRejected(f"{csv_path.name} is separated by {shown}; use commas (a header line such as "
+                                  "image,label), e.g. export it from the spreadsheet as 'CSV (comma delimited)'")
         raise DatasetRejected(f"{csv_path.name} needs a column naming the image (image/filename/path) and one "
                               f"naming its class (label/class); found columns: {', '.join(reader.fieldnames or [])}")
     extra_cols = [f for f in (reader.fieldnames or [])
                   if f is not None and f.strip() and f not in (path_col, label_col)
                   and f.strip().lower() not in RESERVED_COLUMNS]
-    labels: dict[str, str] = {}
-    extras: dict[str, dict[str, str]] = {}
+    folder = posixpath.relpath(str(base), str(root)) if base != root else ""
+    rows = _Labels({}, {}, {})
     problems = []
     for line, row in enumerate(reader, start=2):
         rel = (row.get(path_col) or "").strip()
@@ -186,15 +271,57 @@ def _read_labels(csv_path: Path, root: Path, require_labels: bool = True
         if not rel or (not label and require_labels):
             problems.append(f"line {line}: empty image or label")
             continue
-        path = _safe_name(posixpath.join(posixpath.relpath(str(base), str(root)) if base != root else "", rel))
-        if path in labels:
+        path = _safe_name(posixpath.join(folder, rel))
+        if path in rows.labels:
             problems.append(f"line {line}: '{rel}' is listed twice")
             continue
-        labels[path] = label
-        extras[path] = {col.strip(): (row.get(col) or "").strip() for col in extra_cols}
+        rows.labels[path] = label
+        rows.written[path] = rel
+        rows.extras[path] = {col.strip(): (row.get(col) or "").strip() for col in extra_cols}
     if problems:
         raise DatasetRejected(f"{csv_path.name} has problems: {_list(problems)}")
-    return labels, extras
+    return rows
+
+
+def _inside(path: str) -> str | None:
+    try:
+        return _safe_name(path)
+    except DatasetRejected:
+        return None
+
+
+def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str]) -> str | None:
+    """What is wrong between labels.csv and the images, with what to do; None when they match."""
+    missing = sorted(set(rows.labels) - images)
+    unlabelled = sorted(images - set(rows.labels))
+    folder = csv_path.parent.relative_to(root).as_posix()
+    where = "the archive's top folder" if folder == "." else f"'{folder}/'"
+    parts = []
+    if missing:
+        n = len(missing)
+        part = (f"{csv_path.name} lists {n} image{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not in the "
+                f"archive: {_examples(missing)}. Paths in {csv_path.name} are read relative to the folder that "
+                f"holds it ({where})")
+        written = [rows.written[m] for m in missing]
+        by_name: dict[str, list[str]] = {}
+        for image in images:
+            by_name.setdefault(posixpath.basename(image), []).append(image)
+        if folder != "." and all(_inside(w) in images for w in written):
+            part += (f"; these paths are relative to the archive's top folder instead: move {csv_path.name} "
+                     f"there, or write them relative to '{folder}/'")
+        else:
+            found = next(((w, by_name[posixpath.basename(w)][0]) for w in written
+                          if len(by_name.get(posixpath.basename(w), [])) == 1), None)
+            if found:
+                part += f"; e.g. '{found[0]}' is in the archive as '{found[1]}'"
+            part += "; correct the paths or add the missing images"
+        parts.append(part)
+    if unlabelled:
+        n = len(unlabelled)
+        parts.append(f"{n} image{'s' if n > 1 else ''} without a label: {_examples(unlabelled)}; add a row "
+                     f"(image,label) for each to {csv_path.name} or remove {'them' if n > 1 else 'it'} from the "
+                     "archive")
+    return ". ".join(parts) if parts else None
 
 
 def _metadata_columns(paths: list[str], extras: dict[str, dict[str, str]]) -> dict[str, list[str]]:
@@ -216,13 +343,16 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
 
     ``require_labels=False`` (a dataset for SAE training): labels are optional. A labels.csv is still checked
     against the files; without one, the images are unlabelled, whatever folders they sit in.
+
+    Every check is linear in the number of files (sets, not lists, for membership), so an archive at the
+    member limit costs seconds, not hours.
     """
     from PIL import Image
 
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    files = [f for f in files if not any(part.startswith(("__MACOSX", ".")) for part in f.split("/"))]
+    files = sorted(f for f in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+                   if not _ignored(f))
     image_files = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    other = [f for f in files if f not in image_files and not f.lower().endswith(".csv")]
+    other = [f for f in files if not f.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
     if other:
         raise DatasetRejected(f"the archive holds files that are not images: {_list(other)}; "
                               f"accepted image types are {', '.join(IMAGE_SUFFIXES)}")
@@ -233,13 +363,13 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
                               f"({limits.source})")
     csv_path = _find_labels_csv(root)
     extras: dict[str, dict[str, str]] = {}
+    folders: set[str] = set()
     if csv_path is not None:
-        labels, extras = _read_labels(csv_path, root, require_labels)
-        missing = sorted(set(labels) - set(image_files))
-        extra = sorted(set(image_files) - set(labels))
-        problems = [f"listed but missing: {m}" for m in missing] + [f"image without a label: {e}" for e in extra]
-        if problems:
-            raise DatasetRejected(f"the labels CSV does not match the images: {_list(problems)}")
+        rows = _read_labels(csv_path, root, require_labels)
+        problem = _mismatch(csv_path, root, rows, set(image_files))
+        if problem:
+            raise DatasetRejected(problem)
+        labels, extras = rows.labels, rows.extras
     elif not require_labels:
         labels = {f: "" for f in image_files}
     else:
@@ -251,6 +381,7 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
                                       "its class, or add a labels.csv with columns image,label (unlabelled "
                                       "images can be registered for SAE training only)")
             labels[f] = parts[-2]
+            folders.add(posixpath.dirname(f))
     bad = []
     Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, from the header, before decoding
     for f in image_files:
@@ -263,14 +394,24 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
                     continue
                 img.load()
         except Exception as exc:  # PIL raises many types for broken files
-            bad.append(f"{f} is not a readable image ({type(exc).__name__}: {exc})")
+            bad.append(f"{f} is not a readable image ({type(exc).__name__}: {_without(str(exc), root)})")
     if bad:
         raise DatasetRejected(f"some images cannot be used: {_list(bad)}")
     class_names = sorted(set(labels.values()) - {""})
     if require_labels and len(class_names) < 2:
-        raise DatasetRejected(f"the dataset has a single class ({class_names[0]}); an audit compares classes, "
-                              "so upload images of at least two classes (a single class or unlabelled images "
-                              "can be registered for SAE training only)")
+        if csv_path is None:
+            where = (f"all {len(image_files)} images sit in '{next(iter(folders))}/'" if len(folders) == 1
+                     else f"every image sits in a folder named '{class_names[0]}'")
+            example = f"{next(iter(folders))}/" if len(folders) == 1 else ""
+            raise DatasetRejected(
+                f"the dataset has a single class ({class_names[0]}): without a labels.csv an image's class is the "
+                f"name of the folder it sits in, and {where}. An audit compares classes: give each class its own "
+                f"folder (e.g. {example}nevus/a.png, {example}melanoma/b.png), or add a labels.csv with columns "
+                "image,label (a single class or unlabelled images can be registered for SAE training only)")
+        raise DatasetRejected(f"the dataset has a single class ({class_names[0]}): {csv_path.name} gives every "
+                              "image the same label. An audit compares classes, so upload images of at least two "
+                              "classes (a single class or unlabelled images can be registered for SAE training "
+                              "only)")
     counts = {c: 0 for c in class_names}
     for f in image_files:
         if labels[f]:

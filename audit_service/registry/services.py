@@ -76,29 +76,54 @@ def _check_size(upload, what: str) -> None:
 
 # --------------------------------------------------------------------------- models
 
-def describe_architecture(architecture: str | None, model_config: dict | None) -> dict:
-    """embed_dim, n_blocks and width from the architecture's config, without building the model."""
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.1f} billion" if n >= 1e8 else f"{n:,}"
+
+
+def size_model(architecture: str | None, model_config: dict | None):
+    """The model's :class:`~workers.engine.loading.ModelSize`, counted from its config (nothing is built), or a
+    refusal naming the config key of the wrong type or the setting the model exceeds."""
     import open_clip
 
-    if model_config is not None:
-        cfg = model_config
-    else:
-        cfg = open_clip.get_model_config(architecture)
-        if cfg is None:
+    from workers.engine.errors import EngineError
+    from workers.engine.loading import size_model_config
+
+    field = "model_config" if model_config is not None else "architecture"
+    if model_config is None:
+        model_config = open_clip.get_model_config(architecture)
+        if model_config is None:
             raise RegistrationError(f"unknown OpenCLIP architecture '{architecture}'", field="architecture")
     try:
-        vision = cfg["vision_cfg"]
-        return {"embed_dim": int(cfg["embed_dim"]), "n_blocks": int(vision["layers"]),
-                "width": int(vision.get("width", 768))}
-    except (KeyError, TypeError, ValueError):
-        raise RegistrationError("the model config needs embed_dim and vision_cfg.layers (open_clip's format)",
-                                field="model_config") from None
+        size = size_model_config(model_config, builtin=field == "architecture")
+    except EngineError as exc:
+        message = exc.message if field == "model_config" else f"architecture {architecture}: {exc.message}"
+        raise RegistrationError(message, field=field) from exc
+    bounds = (("vision_cfg.layers", size.vision_layers, "MODEL_MAX_LAYERS"),
+              ("text_cfg.layers", size.text_layers, "MODEL_MAX_LAYERS"),
+              ("vision_cfg.width", size.vision_width, "MODEL_MAX_WIDTH"),
+              ("text_cfg.width", size.text_width, "MODEL_MAX_WIDTH"),
+              ("vision_cfg.image_size", size.image_size, "MODEL_MAX_IMAGE_SIZE"),
+              ("the patches per image (image_size / patch_size, squared)", size.image_tokens - 1,
+               "MODEL_MAX_PATCHES"),
+              ("text_cfg.context_length", size.context_length, "MODEL_MAX_CONTEXT_LENGTH"))
+    for what, value, setting in bounds:
+        limit = getattr(settings, setting)
+        if value > limit:
+            raise RegistrationError(f"{what} is {value}, over the limit of {limit} ({setting}); this service "
+                                    "does not build models that large", field=field)
+    if size.parameters > settings.MODEL_MAX_PARAMETERS:
+        raise RegistrationError(
+            f"the model has {_billions(size.parameters)} parameters (about {size.float32_bytes / 1e9:.1f} GB in "
+            f"float32), over the limit of {_billions(settings.MODEL_MAX_PARAMETERS)} (MODEL_MAX_PARAMETERS); "
+            "check the config's widths, layers and vocab_size", field=field)
+    return size
 
 
 def register_model(*, project, user, name: str, architecture: str = "", pretrained_tag: str = "",
                    checkpoint=None, model_config: dict | None = None, layer: int = -1,
                    token: str = "cls") -> ClipModel:
     from workers.engine.errors import EngineError
+    from workers.engine.hooks import unreachable_token
     from workers.engine.loading import load_clip
 
     if model_config is not None and architecture:
@@ -113,12 +138,16 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
     if pretrained_tag and model_config is not None:
         raise RegistrationError("pretrained tags belong to built-in architectures; a custom config needs a "
                                 "checkpoint file", field="pretrained_tag")
-    shape = describe_architecture(architecture or None, model_config)
-    if not -shape["n_blocks"] <= layer < shape["n_blocks"]:
-        raise RegistrationError(f"layer {layer} does not exist: the vision transformer has {shape['n_blocks']} "
-                                f"blocks (use 0..{shape['n_blocks'] - 1} or -1..-{shape['n_blocks']})", field="layer")
+    size = size_model(architecture or None, model_config)
+    n_blocks = size.vision_layers
+    if not -n_blocks <= layer < n_blocks:
+        raise RegistrationError(f"layer {layer} does not exist: the vision transformer has {n_blocks} "
+                                f"blocks (use 0..{n_blocks - 1} or -1..-{n_blocks})", field="layer")
     if token not in ("cls", "spatial"):
         raise RegistrationError("token must be 'cls' or 'spatial'", field="token")
+    unreachable = unreachable_token(n_blocks, layer, token, size.pool_type)
+    if unreachable:
+        raise RegistrationError(unreachable, field="layer")
     sha = ""
     if pretrained_tag:
         import open_clip
@@ -138,7 +167,7 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
                 raise RegistrationError(exc.message, field="checkpoint") from exc
     clip_model = ClipModel(project=project, name=name, architecture=architecture, pretrained_tag=pretrained_tag,
                            checkpoint_sha256=sha, model_config=model_config, layer=layer, token=token,
-                           created_by=user, **shape)
+                           created_by=user, embed_dim=size.embed_dim, n_blocks=n_blocks, width=size.vision_width)
     _save_with_file(clip_model, clip_model.checkpoint, checkpoint)
     return clip_model
 
@@ -180,7 +209,8 @@ def dataset_limits(project=None) -> Limits:
         files = min(files, project.max_dataset_images or files)
         size = min(size, project.max_dataset_bytes or size)
         source = f"the dataset limit of project '{project.name}'"
-    return Limits(max_files=files, max_total_bytes=size, max_image_pixels=settings.MAX_IMAGE_PIXELS, source=source)
+    return Limits(max_files=files, max_total_bytes=size, max_image_pixels=settings.MAX_IMAGE_PIXELS, source=source,
+                  max_members=settings.MAX_ARCHIVE_MEMBERS)
 
 
 def register_dataset(*, project, user, name: str, archive, purpose: str = DatasetPurpose.AUDIT) -> Dataset:

@@ -82,5 +82,5 @@ def test_labels_naming_unknown_files_are_listed(tmp_path):
     archive = _zip(tmp_path / "a.zip", {"labels.csv": "image,label\na.png,nevus\nb.png,melanoma\nc.png,nevus\n",
                                         "a.png": _png(), "b.png": _png()})
     extract(archive, tmp_path / "out", LIMITS)
-    with pytest.raises(DatasetRejected, match="listed but missing: c.png"):
+    with pytest.raises(DatasetRejected, match="lists 1 image that is not in the archive: c.png"):
         validate(tmp_path / "out", LIMITS)

@@ -24,6 +24,43 @@ def resolve_layer(visual: nn.Module, layer: int) -> int:
     return index
 
 
+# The tokens of the last block that reach the image embedding, by open_clip's pool_type: "tok" keeps the CLS token
+# alone, "avg" the mean of the patch tokens. Everything before the last block reaches it through attention.
+_POOLED_TOKEN = {"tok": "cls", "avg": "spatial"}
+_POOLING = {"tok": "a CLS-pooled model's output (pool_type 'tok': the image embedding is the CLS token)",
+            "avg": "an average-pooled model's output (pool_type 'avg': the image embedding is the mean of the "
+                   "patch tokens)"}
+
+
+def unreachable_token(n_blocks: int, layer: int, token: str, pool_type: str, attention_pooled: bool = False
+                      ) -> str | None:
+    """Why the relevance of ``token`` after ``layer`` is zero by construction, and what to pick instead; None
+    when the token reaches the output.
+
+    After the last block only LayerNorm (per token), pooling and the projection remain, so the tokens the pooling
+    drops have no path to the embedding: every gradient, every relevance and so every flag would be zero. An
+    attention pooler reads every token, so nothing is unreachable there.
+    """
+    index = layer + n_blocks if layer < 0 else layer
+    pooled = _POOLED_TOKEN.get(pool_type)
+    if attention_pooled or pooled is None or index != n_blocks - 1 or token == pooled:
+        return None
+    picks = (["layer -2"] if n_blocks > 1 else []) + [f"token {pooled}"]
+    what = "spatial tokens do" if token == "spatial" else "CLS token does"
+    return (f"layer {layer} with token '{token}': the last block's {what} not reach {_POOLING[pool_type]}, so "
+            f"every relevance would be zero and the audit could flag nothing; pick {' or '.join(picks)}")
+
+
+def check_token_reaches_output(visual: nn.Module, layer: int, token: str) -> None:
+    """Refuse a layer/token pair whose relevance is zero by construction (see :func:`unreachable_token`)."""
+    n = len(visual.transformer.resblocks)
+    resolve_layer(visual, layer)
+    reason = unreachable_token(n, layer, token, getattr(visual, "pool_type", "tok"),
+                               getattr(visual, "attn_pool", None) is not None)
+    if reason:
+        raise EngineError(reason)
+
+
 def _batch_first(visual: nn.Module, x: Tensor) -> Tensor:
     return x if getattr(visual.transformer, "batch_first", True) else x.transpose(0, 1)
 

@@ -20,9 +20,11 @@ import logging
 import os
 import pickle
 import socket
+import math
 import tempfile
 import threading
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,7 +148,10 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, what: str) -> None:
-    state = read_checkpoint(path)
+    load_state(model, read_checkpoint(path), what=what)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
     # Checkpoints saved from older open_clip versions differ in a few harmless ways.
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
@@ -155,6 +160,220 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, what: str) 
 
 
 # --------------------------------------------------------------------------- model configs
+
+# Top-level keys open_clip's CLIP takes; anything else would fail deep inside open_clip, so it is refused by name.
+_TOP_LEVEL_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                   "nonscalar_logit_scale", "custom_text")
+VISION_POOL_TYPES = ("tok", "avg")  # open_clip's "none" gives one embedding per token, not per image
+TEXT_POOL_TYPES = ("first", "last", "argmax", "eos")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What an open_clip ViT config costs, counted from the config alone: nothing is built to learn it."""
+
+    parameters: int  # every weight of both towers, as model.parameters() counts them
+    buffers: int  # values held besides the weights: the text tower's causal attention mask
+    vision_layers: int
+    vision_width: int
+    image_size: int  # the larger side, in pixels
+    image_tokens: int  # patches plus the CLS token, per image
+    text_layers: int
+    text_width: int
+    context_length: int
+    embed_dim: int
+    pool_type: str  # how the image tower pools its last block: "tok" (the CLS token) or "avg" (the patches)
+
+    @property
+    def float32_bytes(self) -> int:
+        """Memory the weights and buffers take in float32, the dtype a model is built in."""
+        return 4 * (self.parameters + self.buffers)
+
+
+class _Fields:
+    """Reads one section of a model config, refusing a value of the wrong type by its dotted name."""
+
+    def __init__(self, section: dict, where: str, allowed: tuple[str, ...] | None):
+        self.section, self.where = section, where
+        unknown = sorted(str(k) for k in section if allowed is not None and k not in allowed)
+        if unknown:
+            raise EngineError(f"model config: {self._name(unknown[0])} is not an open_clip setting"
+                              + (f" (nor are {', '.join(self._name(u) for u in unknown[1:4])})"
+                                 if len(unknown) > 1 else "")
+                              + "; remove it or check its spelling")
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _refuse(self, key: str, wanted: str, value) -> EngineError:
+        shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+        return EngineError(f"model config: {self._name(key)} must be {wanted}, got {shown}")
+
+    def whole(self, key: str, default: int, minimum: int = 1) -> int:
+        value = self.section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._refuse(key, f"a whole number of at least {minimum}", value)
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise self._refuse(key, "a positive number", value)
+        return float(value)
+
+    def optional_number(self, key: str) -> float | None:
+        value = self.section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise self._refuse(key, "a number or null", value)
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.section.get(key, False)
+        if not isinstance(value, bool):
+            raise self._refuse(key, "true or false", value)
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.section.get(key, default)
+        if value not in choices:
+            raise self._refuse(key, "one of " + ", ".join(f"'{c}'" for c in choices), value)
+        return value
+
+    def pair(self, key: str, default: int) -> tuple[int, int]:
+        """An int or a [height, width] pair (image_size, patch_size)."""
+        value = self.section.get(key, default)
+        if isinstance(value, (list, tuple)) and len(value) == 2 \
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            return int(value[0]), int(value[1])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self._refuse(key, "a whole number of at least 1 or a [height, width] pair of them", value)
+        return value, value
+
+    def mapping(self, key: str) -> None:
+        value = self.section.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self._refuse(key, "a JSON object or null", value)
+
+
+def _block_parameters(width: int, mlp_ratio: float, layer_scale: bool) -> int:
+    """One open_clip ResidualAttentionBlock: two LayerNorms, attention (qkv and out), the MLP, layer scales."""
+    hidden = int(width * mlp_ratio)
+    attention = 3 * width * width + 3 * width + width * width + width
+    mlp = width * hidden + hidden + hidden * width + width
+    return 2 * 2 * width + attention + mlp + (2 * width if layer_scale else 0)
+
+
+def _tower_name(where: str) -> str:
+    return "image" if where == "vision_cfg" else "text"
+
+
+def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
+    """Type-check an open_clip ViT config and count its parameters without building it.
+
+    Every value of the wrong type is refused naming its dotted key (``vision_cfg.width``), so a config never
+    reaches open_clip with a value it would fail on deep inside. The count follows open_clip 3.3's
+    VisionTransformer and TextTransformer (default attention blocks; the norms of custom block types add a
+    few thousand parameters at most). ``builtin``: an architecture shipped with open_clip, whose keys are
+    trusted and whose Hugging Face text tower (counted as nothing) is allowed.
+    """
+    if not isinstance(config, dict):
+        raise EngineError("a model config must be a JSON object with embed_dim, vision_cfg and text_cfg")
+    if "multimodal_cfg" in config:
+        raise EngineError("model config: multimodal_cfg describes a CoCa model, which pools with attention; only "
+                          "token or average pooling is supported")
+    top = _Fields(config, "", None if builtin else _TOP_LEVEL_KEYS + ("multimodal_cfg",))
+    embed_dim = top.whole("embed_dim", 512)
+    for key in ("vision_cfg", "text_cfg"):
+        if not isinstance(config.get(key), dict):
+            raise EngineError(f"model config: {key} must be a JSON object (open_clip's format)")
+    for key in ("quick_gelu", "nonscalar_logit_scale", "custom_text"):
+        top.flag(key)
+    top.optional_number("init_logit_scale")
+    top.optional_number("init_logit_bias")
+
+    open_clip_model = _open_clip().model
+    vision_cfg = config["vision_cfg"]
+    if vision_cfg.get("timm_model_name") or "layers" not in vision_cfg or isinstance(vision_cfg.get("layers"), list):
+        raise EngineError("model config must describe an open_clip VisionTransformer (vision_cfg with an "
+                          "integer 'layers'); timm and ResNet towers cannot be audited")
+    v = _Fields(vision_cfg, "vision_cfg",
+                None if builtin else tuple(f.name for f in fields(open_clip_model.CLIPVisionCfg)))
+    if v.section.get("attentional_pool"):
+        raise EngineError("model config: vision_cfg.attentional_pool pools with attention (CoCa style); only token "
+                          "or average pooling is supported")
+    layers, width = v.whole("layers", 12), v.whole("width", 768)
+    head_width, mlp_ratio = v.whole("head_width", 64), v.number("mlp_ratio", 4.0)
+    image, patch = v.pair("image_size", 224), v.pair("patch_size", 16)
+    pool_type = v.choice("pool_type", "tok", VISION_POOL_TYPES)
+    layer_scale = v.optional_number("ls_init_value") is not None
+    for key in ("no_ln_pre", "final_ln_after_pool", "output_tokens", "qk_norm", "scaled_cosine_attn",
+                "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
+        v.flag(key)
+    v.choice("pos_embed_type", "learnable", ("learnable", "sin_cos_2d"))
+    v.mapping("act_kwargs")
+    v.mapping("norm_kwargs")
+    patch_dropout = v.section.get("patch_dropout", 0.0)
+    if isinstance(patch_dropout, bool) or not isinstance(patch_dropout, (int, float)) \
+            or not 0 <= patch_dropout < 1:
+        raise v._refuse("patch_dropout", "a number in [0, 1)", patch_dropout)
+    if head_width > width or width % (width // head_width):
+        raise EngineError(f"model config: vision_cfg.width ({width}) must split into heads of "
+                          f"vision_cfg.head_width ({head_width}): give a head_width that divides the width")
+    grid = (image[0] // patch[0], image[1] // patch[1])
+    if min(grid) < 1:
+        raise EngineError(f"model config: vision_cfg.patch_size ({list(patch)}) is larger than "
+                          f"vision_cfg.image_size ({list(image)})")
+    if int(width * mlp_ratio) < 1:
+        raise EngineError(f"model config: vision_cfg.mlp_ratio ({mlp_ratio}) leaves the MLP without units")
+    tokens = grid[0] * grid[1] + 1
+    vision = (3 * patch[0] * patch[1] * width  # conv1, no bias
+              + width + tokens * width  # class and positional embeddings
+              + (0 if v.section.get("no_ln_pre") else 2 * width)
+              + layers * _block_parameters(width, mlp_ratio, layer_scale)
+              + 2 * width + width * embed_dim)  # ln_post, proj
+
+    text_cfg = config["text_cfg"]
+    if text_cfg.get("hf_model_name"):
+        if not builtin:
+            raise EngineError("model config: text_cfg.hf_model_name would download a Hugging Face text tower; "
+                              "describe the text tower with width, layers and heads instead")
+        text, text_layers, text_width, context, buffers = 0, 0, 0, 0, 0
+    else:
+        t = _Fields(text_cfg, "text_cfg",
+                    None if builtin else tuple(f.name for f in fields(open_clip_model.CLIPTextCfg)))
+        context, vocab = t.whole("context_length", 77), t.whole("vocab_size", 49408)
+        text_width, heads, text_layers = t.whole("width", 512), t.whole("heads", 8), t.whole("layers", 12)
+        text_ratio = t.number("mlp_ratio", 4.0)
+        text_scale = t.optional_number("ls_init_value") is not None
+        for key in ("embed_cls", "no_causal_mask", "final_ln_after_pool", "proj_bias", "output_tokens", "qk_norm",
+                    "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
+            t.flag(key)
+        t.choice("pool_type", "argmax", TEXT_POOL_TYPES)
+        proj_type = t.choice("proj_type", "linear", ("linear", "none"))
+        t.mapping("act_kwargs")
+        t.mapping("norm_kwargs")
+        t.mapping("tokenizer_kwargs")
+        if text_width % heads:
+            raise EngineError(f"model config: text_cfg.width ({text_width}) must be divisible by "
+                              f"text_cfg.heads ({heads})")
+        if int(text_width * text_ratio) < 1:
+            raise EngineError(f"model config: text_cfg.mlp_ratio ({text_ratio}) leaves the MLP without units")
+        positions = context + (1 if t.section.get("embed_cls") else 0)
+        projection = 0 if proj_type == "none" else text_width * embed_dim + (
+            embed_dim if t.section.get("proj_bias") else 0)
+        # CLIP keeps the text tower's parts but its cls_emb; CustomTextCLIP keeps the whole tower
+        cls_emb = text_width if t.section.get("embed_cls") and config.get("custom_text") else 0
+        text = (vocab * text_width + positions * text_width + cls_emb
+                + text_layers * _block_parameters(text_width, text_ratio, text_scale)
+                + 2 * text_width + projection)
+        buffers = 0 if t.section.get("no_causal_mask") else context * context
+    logit = 1 + (1 if config.get("init_logit_bias") is not None else 0)
+    return ModelSize(parameters=vision + text + logit, buffers=buffers, vision_layers=layers, vision_width=width,
+                     image_size=max(image), image_tokens=tokens, text_layers=text_layers, text_width=text_width,
+                     context_length=context, embed_dim=embed_dim, pool_type=pool_type)
+
+
 
 def register_model_config(config: dict | str | os.PathLike) -> str:
     """Register an open_clip model config (dict or JSON path) and return its name.
@@ -174,12 +393,7 @@ def register_model_config(config: dict | str | os.PathLike) -> str:
     if missing:
         raise EngineError(f"model config lacks {', '.join(missing)}; an open_clip config has "
                           "embed_dim, vision_cfg and text_cfg")
-    if not isinstance(config["vision_cfg"], dict) or not isinstance(config["text_cfg"], dict):
-        raise EngineError("vision_cfg and text_cfg of a model config must be JSON objects")
-    if "timm_model_name" in config["vision_cfg"] or "layers" not in config["vision_cfg"] \
-            or not isinstance(config["vision_cfg"].get("layers"), int):
-        raise EngineError("model config must describe an open_clip VisionTransformer "
-                          "(vision_cfg with an integer 'layers'); timm and ResNet towers cannot be audited")
+    size_model_config(config)  # every value typed before open_clip sees it
     canonical = json.dumps(config, sort_keys=True)
     name = "custom-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
     open_clip = _open_clip()
@@ -257,6 +471,49 @@ def resolve_pretrained(architecture: str, tag: str, cache_dir: str | None = None
 
 # --------------------------------------------------------------------------- the entry point
 
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _check_checkpoint_holds(state: dict[str, torch.Tensor], name: str, filename: str, *, builtin: bool) -> None:
+    """Refuse a checkpoint holding less than half the weights its config describes, before the model is built.
+
+    Closer mismatches are left to :func:`check_state_dict`, which names the tensors.
+    """
+    try:
+        size = size_model_config(_open_clip().get_model_config(name), builtin=builtin)
+    except EngineError:
+        return  # a built-in tower that cannot be sized (timm, ResNet) is refused once built
+    held = sum(t.numel() for t in state.values())
+    if 2 * held < size.parameters:
+        raise EngineError(f"checkpoint {filename} holds {held:,} weights but {name} has {size.parameters:,} "
+                          "parameters, so it was not saved from this model. Check that the architecture (or model "
+                          "config) is the one the checkpoint was saved from.")
+
+
+@contextmanager
+def _random_init_notice_dropped(name: str, *, when: bool):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning for ``name`` when weights
+    are loaded right after: the model is built empty on purpose, and the warning sends an operator looking for
+    a bug that is not there. open_clip logs it on the root logger, so the filter sits there, for this call."""
+    if not when:
+        yield
+        return
+    notice = _DropNotice(f"No pretrained weights loaded for model '{name}'")
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
+
 def load_clip(
     architecture: str | None = None,
     *,
@@ -298,15 +555,27 @@ def load_clip(
         create_kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         create_kwargs["force_preprocess_cfg"] = {
             k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **create_kwargs)
+    weights = tag_file or checkpoint
+    state = None
+    if weights is not None:
+        # read before the model is built: a checkpoint far smaller than its config must not cost a model's memory
+        state = read_checkpoint(weights)
+        _check_checkpoint_holds(state, name, Path(weights).name, builtin=model_config is None)
+    try:
+        with _random_init_notice_dropped(name, when=state is not None):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **create_kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        # what the config checks above cannot foresee (e.g. act_kwargs a layer does not take) is still a refusal
+        raise EngineError(f"open_clip cannot build {name} from its config: {type(exc).__name__}: {exc}") from exc
     visual = getattr(model, "visual", None)
     if visual is None or not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
         raise EngineError(f"{name} has no open_clip VisionTransformer image tower; only ViT towers can be audited")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise EngineError(f"{name} pools with attention (CoCa style); only token or average pooling is supported")
-    weights = tag_file or checkpoint
-    if weights is not None:
-        load_weights(model, weights, what=f"architecture {name}")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") not in VISION_POOL_TYPES:
+        raise EngineError(f"{name} pools with attention (CoCa style) or not at all; only token or average pooling "
+                          "is supported")
+    if state is not None:
+        load_state(model, state, what=f"architecture {name}")
+        log.info("%s: weights loaded from %s", name, Path(weights).name)
     model.eval().requires_grad_(False)
     model.to(device)
     tokenizer = open_clip.get_tokenizer(name)

@@ -24,6 +24,7 @@ from .context import AuditContext
 from .data import ImageSet
 from .errors import EngineError
 from .heads import LinearProbe
+from .hooks import check_token_reaches_output
 from .labelling import label_latents
 from .loading import ClipBundle, resolve_device
 from .partials import Partial, attribute_shard
@@ -174,6 +175,7 @@ def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, r
 
 def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size, sae_images=None):
     bundle.model.to(device)
+    check_token_reaches_output(bundle.model.visual, config.layer, config.token)  # before hours of work for no flags
     images = prepare_images(bundle, probe, dataset)
     torch.manual_seed(config.seed)
     shard_size = shard_size or DEFAULT_SHARD_SIZE
