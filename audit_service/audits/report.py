@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import json
+import re
 from typing import Iterator
 
 import numpy as np
@@ -351,19 +352,34 @@ class _Echo:
         return value
 
 
+# What a spreadsheet reads as the start of a formula (OWASP, "CSV injection"): a class name, a label, an image's
+# name or a review note starting so would run when the CSV is opened.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def csv_safe(cell):
+    """The cell as a spreadsheet should show it: text that would start a formula gets a leading single quote, so it
+    shows as the text it is; a number ("-0.12", "-1e-05") stays a number."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) and not _NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
+def _csv_rows(fields, rows) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(csv_header(fields))
+    for row in rows:
+        yield writer.writerow([csv_safe(cell) for cell in csv_row(fields, row)])
+
+
 def latents_csv(audit: Audit) -> Iterator[str]:
     """CSV rows, streamed: 30 000 latents never sit in memory as one string."""
-    writer = csv.writer(_Echo())
-    yield writer.writerow(csv_header(LATENT_FIELDS))
-    for row in audit.latents.all().iterator(chunk_size=2000):
-        yield writer.writerow(csv_row(LATENT_FIELDS, row))
+    return _csv_rows(LATENT_FIELDS, audit.latents.all().iterator(chunk_size=2000))
 
 
 def flags_csv(audit: Audit) -> Iterator[str]:
-    writer = csv.writer(_Echo())
-    yield writer.writerow(csv_header(FLAG_FIELDS))
-    for f in audit.flags.prefetch_related("reviews__reviewer"):
-        yield writer.writerow(csv_row(FLAG_FIELDS, f))
+    return _csv_rows(FLAG_FIELDS, audit.flags.prefetch_related("reviews__reviewer"))
 
 
 DOWNLOADS = ("html", "json", "latents.csv", "flags.csv")
