@@ -14,10 +14,12 @@ class NewTokenForm(forms.ModelForm):
 class ApiTokenAdmin(admin.ModelAdmin):
     """Admins create tokens for users (the key is shown once, in the confirmation message) and revoke them."""
 
-    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
-    list_filter = ["revoked_at"]
+    list_display = ["name", "user", "prefix", "scoped", "created_at", "last_used_at", "expires_at", "revoked_at"]
+    list_filter = ["revoked_at", "scoped"]
     search_fields = ["name", "user__username", "prefix"]
-    readonly_fields = ["prefix", "key_digest", "created_at", "last_used_at"]
+    # a scope is set by picking projects and is never lifted (emptying it leaves a token that reaches nothing):
+    # a wider token is a new token
+    readonly_fields = ["prefix", "key_digest", "scoped", "created_at", "last_used_at"]
     filter_horizontal = ["projects"]
     actions = ["revoke"]
 
@@ -38,6 +40,13 @@ class ApiTokenAdmin(admin.ModelAdmin):
             messages.warning(request, f"The key of token '{obj.name}' for {obj.user}: {key} — copy it now, it is "
                                       "not stored and cannot be shown again.")
         super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        token = form.instance
+        if not token.scoped and token.projects.exists():
+            token.scoped = True
+            token.save(update_fields=["scoped"])
 
     @admin.action(description="Revoke the selected tokens")
     def revoke(self, request, queryset):

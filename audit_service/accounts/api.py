@@ -3,6 +3,7 @@ from rest_framework.response import Response
 
 from audit_service.projects.models import Project
 
+from .authentication import refuse_scoped_token
 from .models import ApiToken
 
 
@@ -12,8 +13,9 @@ class ApiTokenSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ApiToken
-        fields = ["id", "name", "prefix", "projects", "created_at", "last_used_at", "expires_at", "revoked_at"]
-        read_only_fields = ["id", "prefix", "created_at", "last_used_at", "revoked_at"]
+        fields = ["id", "name", "prefix", "projects", "scoped", "created_at", "last_used_at", "expires_at",
+                  "revoked_at"]
+        read_only_fields = ["id", "prefix", "scoped", "created_at", "last_used_at", "revoked_at"]
 
     def validate_projects(self, projects):
         mine = set(Project.objects.for_user(self.context["request"].user).values_list("pk", flat=True))
@@ -25,16 +27,21 @@ class ApiTokenSerializer(serializers.ModelSerializer):
 
 class ApiTokenViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.DestroyModelMixin,
                       viewsets.GenericViewSet):
-    """The caller's own API tokens. Creating one returns its key once; deleting one revokes it."""
+    """The caller's own API tokens. Creating one returns its key once; deleting one revokes it. A token limited to
+    projects sees and revokes only itself, and creates none."""
 
     serializer_class = ApiTokenSerializer
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return ApiToken.objects.none()
-        return ApiToken.objects.filter(user=self.request.user)
+        tokens = ApiToken.objects.filter(user=self.request.user)
+        if self.action == "list" and isinstance(self.request.auth, ApiToken) and self.request.auth.scoped:
+            return tokens.filter(pk=self.request.auth.pk)
+        return tokens
 
     def create(self, request, *args, **kwargs):
+        refuse_scoped_token(request, "create tokens")
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         token, key = ApiToken.issue(request.user, serializer.validated_data["name"],
@@ -45,4 +52,6 @@ class ApiTokenViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Des
         return Response(body, status=status.HTTP_201_CREATED)
 
     def perform_destroy(self, instance):
+        if instance != self.request.auth:  # a leaked scoped key may still revoke itself
+            refuse_scoped_token(self.request, "revoke other tokens")
         instance.revoke()

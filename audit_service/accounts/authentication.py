@@ -29,8 +29,7 @@ class HashedTokenAuthentication(authentication.BaseAuthentication):
         if not token.active:
             raise exceptions.AuthenticationFailed(f"token '{token.name}' was revoked or has expired; "
                                                   "create a new one")
-        scope = set(token.projects.values_list("pk", flat=True))
-        token.user.token_project_ids = scope or None  # read by Project.objects.for_user for this request
+        token.user.token_project_ids = token.project_scope()  # read by Project.objects.for_user for this request
         now = timezone.now()
         if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
@@ -38,3 +37,11 @@ class HashedTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request):
         return "Token"
+
+
+def refuse_scoped_token(request, action: str) -> None:
+    """A project-scoped token's scope is a ceiling: what no project names (creating a project, minting or revoking
+    tokens) is beyond it, or the token could hand itself a wider one."""
+    if isinstance(request.auth, ApiToken) and request.auth.scoped:
+        raise exceptions.PermissionDenied(f"a token limited to projects cannot {action}; sign in, or use a token "
+                                          "without a project scope")

@@ -24,8 +24,12 @@ class ApiToken(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
-    # the projects this token may reach (of those its user belongs to); none listed: all of the user's projects
+    # the projects this token may reach (of those its user belongs to), when ``scoped``
     projects = models.ManyToManyField("projects.Project", blank=True, related_name="+")
+    # recorded apart from ``projects`` because deleting a project empties the list: a token scoped to it must then
+    # reach nothing, not every project of its user
+    scoped = models.BooleanField(default=False, help_text="limited to its projects (none once they are all deleted); "
+                                                          "unticked: all of its user's projects")
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -42,12 +46,16 @@ class ApiToken(models.Model):
     @classmethod
     def issue(cls, user, name: str, expires_at=None, projects=()) -> tuple["ApiToken", str]:
         """A new token and its key; the key exists only in the return value."""
-        token = cls(user=user, name=name, expires_at=expires_at)
+        token = cls(user=user, name=name, expires_at=expires_at, scoped=bool(projects))
         key = token.set_new_key()
         token.save()
         if projects:
             token.projects.set(projects)
         return token, key
+
+    def project_scope(self) -> set[int] | None:
+        """The ids of the projects this token may reach; None: every project of its user."""
+        return set(self.projects.values_list("pk", flat=True)) if self.scoped else None
 
     def revoke(self) -> bool:
         """Stop this token working from now on. True if this call revoked it; False if it already was (a second

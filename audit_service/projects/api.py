@@ -2,13 +2,16 @@ from django.db import transaction
 from rest_framework import mixins, viewsets
 from rest_framework.exceptions import ValidationError
 
+from audit_service.accounts.authentication import refuse_scoped_token
+
 from .models import Membership, Project, Role
 from .permissions import ProjectRolePermission, project_for
 from .serializers import MembershipSerializer, ProjectSerializer
 
 
 class ProjectViewSet(viewsets.ModelViewSet):
-    """Projects the caller belongs to. Anyone signed in may create one (and owns it); owners manage it."""
+    """Projects the caller belongs to. Anyone signed in may create one (and owns it), though not with a token limited
+    to projects; owners manage it."""
 
     serializer_class = ProjectSerializer
     permission_classes = [ProjectRolePermission]
@@ -16,6 +19,10 @@ class ProjectViewSet(viewsets.ModelViewSet):
 
     def get_queryset(self):
         return Project.objects.for_user(self.request.user).distinct()
+
+    def create(self, request, *args, **kwargs):
+        refuse_scoped_token(request, "create projects")
+        return super().create(request, *args, **kwargs)
 
     def perform_create(self, serializer):
         with transaction.atomic():

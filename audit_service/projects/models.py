@@ -15,7 +15,8 @@ ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.OWNER: 2}
 
 class ProjectQuerySet(models.QuerySet):
     def for_user(self, user) -> "ProjectQuerySet":
-        """Projects ``user`` belongs to; for a request made with a project-scoped API token, only those."""
+        """Projects ``user`` belongs to; for a request made with a project-scoped API token, only those of its scope
+        (none when its projects were all deleted)."""
         if not user.is_authenticated:
             return self.none()
         projects = self.filter(memberships__user=user)
