@@ -149,6 +149,26 @@ REST_FRAMEWORK = {
 API_RATE_PER_TOKEN = env_str("API_RATE_PER_TOKEN", "1200/min")
 API_RATE_PER_USER = env_str("API_RATE_PER_USER", "1200/min")
 API_RATE_ANONYMOUS = env_str("API_RATE_ANONYMOUS", "60/min")
+# --------------------------------------------------------------------------- throttling of anonymous callers
+# Refused calls without a valid key count against API_RATE_ANONYMOUS too (DRF checks credentials before throttles).
+REST_FRAMEWORK["EXCEPTION_HANDLER"] = "audit_service.accounts.throttling.exception_handler"
+# Proxies in front of the web process that append to X-Forwarded-For; 0: callers connect directly and only
+# REMOTE_ADDR tells them apart. The anonymous rate and the sign-in lockout count per caller address.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, minimum=0)
+# Sign-in lockout (django-axes, its attempts in the database): SIGNIN_FAILURE_LIMIT wrong passwords for one user
+# name from one address lock that pair out, the right password included, until SIGNIN_COOLOFF_MINUTES pass
+# without another attempt. Covers every password form (the sign-in page, the admin's, the API browser's).
+INSTALLED_APPS.append("axes")
+MIDDLEWARE.append("axes.middleware.AxesMiddleware")  # answers a locked-out sign-in with the page saying so
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_ENABLED = env_bool("SIGNIN_LOCKOUT_ENABLED", True)
+AXES_FAILURE_LIMIT = env_int("SIGNIN_FAILURE_LIMIT", 10, minimum=1)
+SIGNIN_COOLOFF_MINUTES = env_int("SIGNIN_COOLOFF_MINUTES", 15, minimum=1)
+AXES_COOLOFF_TIME = SIGNIN_COOLOFF_MINUTES / 60  # axes reads a float as hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]  # a stranger elsewhere cannot lock a user out
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "audit_service.accounts.throttling.client_address"
+AXES_LOCKOUT_CALLABLE = "audit_service.web.views.signin_locked_out"
 if env_str("CACHE_URL", ""):
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("CACHE_URL", "")}}
 SPECTACULAR_SETTINGS = {

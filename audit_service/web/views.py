@@ -7,9 +7,12 @@ submit and review.
 from __future__ import annotations
 
 import json
+import math
 
+from axes.helpers import get_cool_off
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, JsonResponse
@@ -263,6 +266,20 @@ def flag_review(request, pk, flag_pk):
         messages.error(request, "The review was not saved: " + "; ".join(
             f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
     return redirect(reverse("web:report", args=[audit.pk]) + f"#flag-{flag.pk}")
+
+
+# --------------------------------------------------------------------------- signing in
+
+def signin_locked_out(request, original_response=None, credentials=None):
+    """django-axes' answer to a sign-in from a locked-out user name and address (AXES_LOCKOUT_CALLABLE): the sign-in
+    page again, saying why and for how long. Every attempt while locked out restarts the cool-off, so it is the
+    whole of it."""
+    minutes = max(1, math.ceil(get_cool_off(request).total_seconds() / 60))
+    form = AuthenticationForm(request, initial={"username": (credentials or {}).get("username") or ""})
+    return render(request, "registration/login.html", {
+        "form": form, "next": request.POST.get("next", ""),
+        "lockout": f"too many failed sign-ins; try again in {minutes} minute{'s' if minutes != 1 else ''}",
+    }, status=429)
 
 
 # --------------------------------------------------------------------------- API tokens
