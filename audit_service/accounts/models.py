@@ -5,7 +5,7 @@ import hashlib
 import secrets
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
 
 KEY_PREFIX = "cat_"  # "CLIP audit token": easy to spot in a leaked log or a secret scanner
@@ -48,9 +48,10 @@ class ApiToken(models.Model):
         """A new token and its key; the key exists only in the return value."""
         token = cls(user=user, name=name, expires_at=expires_at, scoped=bool(projects))
         key = token.set_new_key()
-        token.save()
-        if projects:
-            token.projects.set(projects)
+        with transaction.atomic():  # never a scoped token without its projects
+            token.save()
+            if projects:
+                token.projects.set(projects)
         return token, key
 
     def project_scope(self) -> set[int] | None:
