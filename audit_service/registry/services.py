@@ -80,6 +80,10 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.1f} billion" if n >= 1e8 else f"{n:,}"
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def size_model(architecture: str | None, model_config: dict | None):
     """The model's :class:`~workers.engine.loading.ModelSize`, counted from its config (nothing is built), or a
     refusal naming the config key of the wrong type or the setting the model exceeds."""
@@ -113,7 +117,7 @@ def size_model(architecture: str | None, model_config: dict | None):
                                     "does not build models that large", field=field)
     if size.parameters > settings.MODEL_MAX_PARAMETERS:
         raise RegistrationError(
-            f"the model has {_billions(size.parameters)} parameters (about {size.float32_bytes / 1e9:.1f} GB in "
+            f"the model has {_billions(size.parameters)} parameters (about {_bytes(size.float32_bytes)} in "
             f"float32), over the limit of {_billions(settings.MODEL_MAX_PARAMETERS)} (MODEL_MAX_PARAMETERS); "
             "check the config's widths, layers and vocab_size", field=field)
     return size

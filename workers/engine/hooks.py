@@ -45,7 +45,8 @@ def unreachable_token(n_blocks: int, layer: int, token: str, pool_type: str, att
     pooled = _POOLED_TOKEN.get(pool_type)
     if attention_pooled or pooled is None or index != n_blocks - 1 or token == pooled:
         return None
-    picks = (["layer -2"] if n_blocks > 1 else []) + [f"token {pooled}"]
+    earlier = "-2" if layer < 0 else str(n_blocks - 2)  # in the numbering the caller used
+    picks = ([f"layer {earlier}"] if n_blocks > 1 else []) + [f"token {pooled}"]
     what = "spatial tokens do" if token == "spatial" else "CLS token does"
     return (f"layer {layer} with token '{token}': the last block's {what} not reach {_POOLING[pool_type]}, so "
             f"every relevance would be zero and the audit could flag nothing; pick {' or '.join(picks)}")
