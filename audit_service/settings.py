@@ -236,6 +236,11 @@ AUDIT_STALE_AFTER_SECONDS = env_int("AUDIT_STALE_AFTER_SECONDS", 120, minimum=2)
 AUDIT_REQUEUE_QUEUED_AFTER_SECONDS = env_int("AUDIT_REQUEUE_QUEUED_AFTER_SECONDS", 1800, minimum=1)
 AUDIT_REAP_EVERY_SECONDS = env_int("AUDIT_REAP_EVERY_SECONDS", 60, minimum=1)
 AUDIT_STAGE_TIME_LIMIT = env_int("AUDIT_STAGE_TIME_LIMIT", 6 * 3600, minimum=1)  # seconds per engine stage
+# Memory ceiling of one task: the worker process's resident memory (with the model and libraries it keeps), read
+# at the engine's checkpoints; over it the audit fails saying which option to lower, and the process lives on.
+# Celery replaces a pool process still above it after its task (memory the allocator kept).
+WORKER_TASK_MEMORY_MB = env_int("WORKER_TASK_MEMORY_MB", 8192, minimum=256)
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = WORKER_TASK_MEMORY_MB * 1024  # KiB
 CELERY_BEAT_SCHEDULE = {"reap-stale-audits": {"task": "workers.tasks.reap_stale_audits",
                                               "schedule": float(AUDIT_REAP_EVERY_SECONDS)}}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from .data import ImageSet
-from .errors import EngineError
+from .errors import EngineError, checkpoint, reserve
 from .hooks import VisionTail, capture_residual, select_tokens
 
 DEFAULT_SHARD_SIZE = 4096  # images per shard file; a ViT-B/32 all-token shard in fp32 is ~0.6 GB
@@ -126,6 +126,10 @@ class ActivationStore:
         Blocks are fixed ranges of TRAINING_BLOCK images, not the cache's files, so the stream (and the SAE)
         is the same however extraction was sharded.
         """
+        # a batch larger than the cache is filled by cycling it: refused up front when it cannot fit, stoppable
+        # between chunks while it fills
+        reserve(2 * batch_size * self.d_model * 4, f"SAE training batches of {batch_size} vectors (sae.batch_size): "
+                                                   "the buffer and its concatenation")
         gen = torch.Generator().manual_seed(seed)
         blocks = [(lo, min(lo + TRAINING_BLOCK, self.n)) for lo in range(0, self.n, TRAINING_BLOCK)]
         buffer: list[Tensor] = []
@@ -135,6 +139,7 @@ class ActivationStore:
                 lo, hi = blocks[s]
                 order = torch.randperm(hi - lo, generator=gen).numpy() + lo
                 for c in range(0, hi - lo, 1024):
+                    checkpoint()
                     rows = np.sort(order[c:c + 1024])
                     chunk, _ = self.gather(rows)
                     vecs = self.sae_vectors(chunk, gen, tokens_per_image)
@@ -219,6 +224,8 @@ def extract_shard(
         raise EngineError(f"shard {index} ({start}..{start + count}) lies outside the {len(images)} images")
     device = torch.device(device)
     tail = VisionTail(bundle.model.visual, layer, token)
+    reserve(_batch_bytes(bundle.model.visual, min(batch_size, count)),
+            f"a forward pass over {min(batch_size, count)} images (batch_size)")
     folder.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(Subset(images, range(start, start + count)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -235,6 +242,20 @@ def extract_shard(
     return meta
 
 
+def _batch_bytes(visual, n_images: int) -> int:
+    """A lower bound of one forward pass's host memory, fp32: the images' pixels twice (each image and the batch
+    they are stacked into) and the CPU copy of the residual stream the hook captures."""
+    h, w = _pair(getattr(visual, "image_size", 224))
+    grid = getattr(visual, "grid_size", None)
+    tokens = grid[0] * grid[1] + 1 if grid else 1
+    width = getattr(getattr(visual, "transformer", None), "width", 0)
+    return 4 * n_images * (2 * 3 * h * w + tokens * width)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
 def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *, layer: int, cls_only: bool,
                  device: torch.device, dtype: str, cache_dtype: np.dtype,
                  progress: Callable[[int, int], None] | None) -> list[int]:
@@ -245,6 +266,7 @@ def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *,
     done = 0
     with capture_residual(model.visual, layer) as store, torch.inference_mode():
         for pixels, labels in loader:
+            checkpoint()
             pixels = pixels.to(device, non_blocking=True)
             with autocast_context(device, dtype):
                 emb = model.encode_image(pixels)

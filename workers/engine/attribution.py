@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import EngineError
+from .errors import EngineError, checkpoint
 from .heads import Head
 from .hooks import VisionTail, replace_tokens, select_tokens
 from .sae import TopKSAE
@@ -52,6 +52,7 @@ class AttributionMethod:
             positions = torch.arange(activations.shape[0])
         chunks = []
         for lo in range(0, activations.shape[0], batch_size):
+            checkpoint()
             chunk_target = None if target is None else target[lo:lo + batch_size]
             chunks.append(self._attribute(activations[lo:lo + batch_size], chunk_target,
                                           positions[lo:lo + batch_size]))

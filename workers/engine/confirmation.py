@@ -11,6 +11,7 @@ from torch import Tensor
 from .activations import ActivationStore
 from .config import AuditConfig
 from .context import AuditContext
+from .errors import checkpoint
 from .hooks import select_tokens
 from .interventions import shifted_outputs
 from .sae import TopKSAE
@@ -61,11 +62,13 @@ def confirm_shard(ctx: AuditContext, store: ActivationStore, flags: list[dict], 
     stats = [dict.fromkeys(_CONFIRM_COUNTS, 0) for _ in flags]
     with torch.no_grad():
         for lo, acts, _ in store.iter_batches(config.batch_size, start, start + count):
+            checkpoint()
             acts = acts.to(device)
             y = labels[lo:lo + acts.shape[0]].to(device)
             activity = _image_activity(sae, acts, config) > 0  # [b, L]
             base = {h: head(tail(acts)).argmax(1) for h, head in ctx.heads.items()}
             for flag, amount, st in zip(flags, amounts, stats):
+                checkpoint()  # each flag is several forward passes over the batch
                 _count_flag(ctx, flag, amount, acts, y, activity, base[flag["head"]], st)
             if progress:
                 progress(lo - start + acts.shape[0], count)

@@ -18,6 +18,7 @@ from torch import Tensor
 from .activations import ActivationStore, check_cover
 from .attribution import REGISTRY
 from .context import AuditContext
+from .errors import checkpoint, reserve
 from .harm import harm_sums
 from .hooks import select_tokens
 from .interventions import deletion_curves
@@ -193,7 +194,11 @@ class _HeadSums:
         """Deletion curves of the batch's faithfulness images, by every method's ordering."""
         config, sub = self.ctx.config, batch.sub
         acts, y = batch.acts[sub], batch.y[sub]
+        # each curve is computed whole, then padded to faithfulness_steps: [b, steps + 1] a few times over
+        reserve(3 * 4 * acts.shape[0] * (config.faithfulness_steps + 1),
+                f"deletion curves of {acts.shape[0]} images x {config.faithfulness_steps} steps (faithfulness_steps)")
         for name, method in self.methods.items():
+            checkpoint()
             scores = rel[sub] if name == "act_grad" else method.attribute(
                 acts, target=y, positions=batch.positions[sub.cpu()])[:, 0]
             curves = deletion_curves(self.ctx.tail, self.ctx.sae, self.head, acts, y, scores,
@@ -260,15 +265,29 @@ class _ShardSums:
                        heads={h: sums.partial() for h, sums in self.heads.items()})
 
 
+def _reserve_sums(ctx: AuditContext, count: int) -> None:
+    """Refuse, before they are allocated, the running sums whose size an option decides: the deletion curves
+    (faithfulness_steps) and the reference images (n_references), both per latent or class."""
+    config, n_classes, n_latents = ctx.config, ctx.n_classes, ctx.sae.n_latents
+    steps, m = config.faithfulness_steps, config.n_references
+    reserve(4 * len(ctx.heads) * len(REGISTRY) * n_classes * (steps + 1),
+            f"deletion curves of {steps} steps per class and method (faithfulness_steps)")
+    batch = min(config.batch_size, count)
+    # the tracker's values and image indices [L, m], and while it updates, both joined with a batch's [L, m + b]
+    reserve(2 * 12 * n_latents * (m + batch), f"the top {m} reference images of {n_latents} latents (n_references)")
+
+
 def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count: int,
                     progress: Callable[[int, int], None] | None = None) -> Partial:
     """Attribution, reference tracking, activation statistics and deletion curves of images
     [start, start + count): a :class:`Partial`, which :meth:`Partial.merge` joins exactly with other shards'."""
     config, device, labels = ctx.config, ctx.device, store.labels
     faith_mask = _faithfulness_subset(labels, config.faithfulness_max_images, config.seed)
+    _reserve_sums(ctx, count)
     sums = _ShardSums(ctx, count)
     with torch.no_grad():
         for lo, acts, emb in store.iter_batches(config.batch_size, start, start + count):
+            checkpoint()
             b = acts.shape[0]
             y = labels[lo:lo + b].to(device)
             sums.add(_Batch(row=lo - start, acts=acts.to(device), emb=emb.to(device), y=y,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SAEConfig
-from .errors import EngineError
+from .errors import EngineError, checkpoint, reserve
 
 
 class TopKSAE(nn.Module):
@@ -166,6 +166,10 @@ def train_sae(
     which brings dead latents back. Decoder columns stay unit norm (gradient
     parallel to them removed, then renormalized). Deterministic for a seed on CPU.
     """
+    if torch.device(device).type == "cpu":  # on a GPU an allocation too large fails at once, catchably
+        reserve(training_bytes(d_model, n_latents, config.batch_size),
+                f"training an SAE of {n_latents} latents on batches of {config.batch_size} vectors "
+                "(sae.n_latents, sae.batch_size)")
     torch.manual_seed(config.seed)
     sae = TopKSAE(d_model, n_latents, k)
     init_from_sample(sae, init_sample, config.seed)
@@ -177,6 +181,7 @@ def train_sae(
     report_every = max(1, steps // 50)
     it: Iterator[Tensor] = iter(batches)
     for step in range(steps):
+        checkpoint()
         try:
             h = next(it)
         except StopIteration:
@@ -206,6 +211,12 @@ def train_sae(
                 progress(step + 1, steps)
     sae.eval().requires_grad_(False)
     return sae, curve
+
+
+def training_bytes(d_model: int, n_latents: int, batch_size: int) -> int:
+    """A lower bound of what training takes in memory, fp32: the weights with their gradients and Adam's two
+    moments, and per step at least four [batch, n_latents] tensors (pre-activations, codes, their gradients)."""
+    return 4 * (4 * 2 * n_latents * d_model + 4 * batch_size * n_latents)
 
 
 def _aux_loss(sae: TopKSAE, pre: Tensor, err: Tensor, dead: Tensor, aux_k: int) -> Tensor:
@@ -241,6 +252,7 @@ def evaluate_sae(sae: TopKSAE, batches: Iterable[Tensor], device: torch.device |
     sum_h2 = 0.0
     ever = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     for h in batches:
+        checkpoint()
         h = h.to(device, torch.float32)
         values, indices = sae.encode_sparse(h)
         z = torch.zeros(*h.shape[:-1], sae.n_latents, device=device).scatter(-1, indices, values)
