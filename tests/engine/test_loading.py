@@ -1,5 +1,7 @@
 """Loading models, checkpoints and probes: weights round-trip, nothing in a file ever runs, errors say why."""
+import copy
 import json
+import logging
 import os
 import pickle
 import socket
@@ -12,10 +14,15 @@ from safetensors.numpy import save_file as save_numpy_safetensors
 from safetensors.torch import save_file
 
 import workers.engine.loading as loading
+from workers.engine.data import TensorImages
 from workers.engine.errors import EngineError
 from workers.engine.heads import LinearProbe
-from workers.engine.loading import is_offline, load_clip, register_model_config
-from workers.engine.tiny import TINY_VIT, tiny_config
+from workers.engine.hooks import VisionTail, capture_residual, check_token_reaches_output
+from workers.engine.loading import is_offline, load_clip, register_model_config, size_model_config
+from workers.engine.pipeline import run_audit
+from workers.engine.tiny import TINY_VIT, tiny_clip, tiny_config
+
+from .conftest import build_audit_config
 
 EMBED = TINY_VIT["embed_dim"]
 
@@ -288,6 +295,101 @@ def test_an_unreadable_config_file_is_refused(tmp_path):
 
     with pytest.raises(EngineError, match="broken.json is not readable JSON"):
         register_model_config(path)
+
+
+def _text_variant(**text) -> dict:
+    config = copy.deepcopy(TINY_VIT)
+    config["text_cfg"].update(text)
+    return config
+
+
+@pytest.mark.parametrize("config", [
+    TINY_VIT,
+    tiny_config(pool_type="avg", ls_init_value=0.1, no_ln_pre=True, image_size=[32, 48], patch_size=[8, 16]),
+    {**_text_variant(embed_cls=True, proj_bias=True, no_causal_mask=True, mlp_ratio=3.0), "init_logit_bias": -10.0},
+    _text_variant(embed_cls=True),
+    {**_text_variant(embed_cls=True), "custom_text": True},
+], ids=["tiny", "average-pooled", "text-variants", "text-cls-embedding", "custom-text"])
+def test_the_parameter_count_from_a_config_is_the_built_models(config):
+    size = size_model_config(config)
+
+    model = load_clip(model_config=config, allow_random=True).model
+
+    assert size.parameters == sum(p.numel() for p in model.parameters())
+    assert size.buffers == sum(b.numel() for b in model.buffers())
+    assert size.float32_bytes == 4 * (size.parameters + size.buffers)
+
+
+def test_a_config_value_of_the_wrong_type_is_refused_by_the_engine_naming_it():
+    with pytest.raises(EngineError) as err:
+        register_model_config(tiny_config(width="48"))
+
+    assert err.value.message == 'model config: vision_cfg.width must be a whole number of at least 1, got "48"'
+
+
+def test_a_checkpoint_far_smaller_than_its_config_is_refused_before_the_model_is_built(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "tiny.safetensors"
+    save_file(_tensors_only(tiny.model), str(path))
+    built = []
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda name, **kw: built.append(name))
+
+    with pytest.raises(EngineError, match="tiny.safetensors holds 1,664,049 weights but custom-[0-9a-f]{12} has "
+                                          "204,095,457 parameters, so it was not saved from this model"):
+        load_clip(model_config=tiny_config(width=1024, layers=24, head_width=64, image_size=224, patch_size=14),
+                  checkpoint=path)
+
+    assert built == []
+
+
+def test_open_clips_random_init_warning_is_dropped_when_a_checkpoint_follows(tiny, tmp_path, caplog):
+    path = tmp_path / "tiny.safetensors"
+    save_file(_tensors_only(tiny.model), str(path))
+
+    with caplog.at_level(logging.INFO):
+        loaded = load_clip(model_config=TINY_VIT, checkpoint=path)
+
+    assert "initialized randomly" not in caplog.text
+    assert f"{loaded.name}: weights loaded from tiny.safetensors" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_clip(model_config=TINY_VIT, allow_random=True)
+    assert "initialized randomly" in caplog.text  # true there, so still said
+    assert not any(isinstance(f, loading._DropNotice) for f in logging.getLogger().filters)
+
+
+# --------------------------------------------------------------------------- tokens the pooling drops
+
+@pytest.mark.parametrize("pool_type,dropped,kept", [("tok", "spatial", "cls"), ("avg", "cls", "spatial")])
+def test_the_last_blocks_tokens_the_pooling_drops_have_zero_gradient_and_are_refused(images, pool_type, dropped,
+                                                                                    kept):
+    visual = tiny_clip(0, config=tiny_config(pool_type=pool_type)).model.visual
+    with capture_residual(visual, -1) as store, torch.no_grad():
+        visual(images)
+    h = store["h"].clone().requires_grad_(True)  # [batch, tokens, d]
+    VisionTail(visual, -1, "spatial").forward(h).pow(2).sum().backward()
+    dropped_grad = h.grad[:, 1:] if dropped == "spatial" else h.grad[:, 0]
+    kept_grad = h.grad[:, 0] if dropped == "spatial" else h.grad[:, 1:]
+    assert dropped_grad.abs().max() == 0 and kept_grad.abs().max() > 0  # the premise, by construction
+
+    with pytest.raises(EngineError) as err:
+        check_token_reaches_output(visual, -1, dropped)
+
+    assert err.value.message.startswith(f"layer -1 with token '{dropped}': the last block's ")
+    assert err.value.message.endswith(f"so every relevance would be zero and the audit could flag nothing; pick "
+                                      f"layer -2 or token {kept}")
+    check_token_reaches_output(visual, -1, kept)
+    check_token_reaches_output(visual, -2, dropped)
+
+
+def test_run_audit_refuses_a_token_the_pooling_drops_before_any_work(tiny, tmp_path):
+    classes = ["nevus", "melanoma"]
+    dataset = TensorImages(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4), classes)
+    probe = LinearProbe(torch.randn(1, EMBED), torch.zeros(1), classes)
+
+    with pytest.raises(EngineError, match="pick layer -2 or token cls"):
+        run_audit(build_audit_config(layer=-1, token="spatial"), tiny, probe, dataset, workdir=tmp_path)
+
+    assert list(tmp_path.iterdir()) == []  # no activation was extracted, no SAE trained
 
 
 # --------------------------------------------------------------------------- probes

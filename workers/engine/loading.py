@@ -367,7 +367,7 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
         text = (vocab * text_width + positions * text_width + cls_emb
                 + text_layers * _block_parameters(text_width, text_ratio, text_scale)
                 + 2 * text_width + projection)
-        buffers = 0 if t.section.get("no_causal_mask") else context * context
+        buffers = 0 if t.section.get("no_causal_mask") else positions * positions
     logit = 1 + (1 if config.get("init_logit_bias") is not None else 0)
     return ModelSize(parameters=vision + text + logit, buffers=buffers, vision_layers=layers, vision_width=width,
                      image_size=max(image), image_tokens=tokens, text_layers=text_layers, text_width=text_width,
