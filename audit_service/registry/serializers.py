@@ -3,6 +3,7 @@ import json
 from rest_framework import serializers
 
 from .models import ClipModel, Dataset, DatasetPurpose, Probe, TokenType
+from .services import MAX_MODEL_CONFIG_BYTES
 
 
 class JSONUploadField(serializers.JSONField):
@@ -15,17 +16,20 @@ class JSONUploadField(serializers.JSONField):
         return super().get_value(dictionary)
 
     def to_internal_value(self, data):
-        if hasattr(data, "read"):
-            data.seek(0)
-            try:
+        size = getattr(data, "size", None) if hasattr(data, "read") else len(data) if isinstance(data, str) else None
+        if size is not None and size > MAX_MODEL_CONFIG_BYTES:
+            raise serializers.ValidationError(f"{size} bytes of JSON; at most {MAX_MODEL_CONFIG_BYTES} are "
+                                              "accepted here (an open_clip model config is a few hundred)")
+        try:
+            if hasattr(data, "read"):
+                data.seek(0)
                 data = json.loads(data.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise serializers.ValidationError(f"not valid JSON: {exc}") from exc
-        elif isinstance(data, str):
-            try:
+            elif isinstance(data, str):
                 data = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise serializers.ValidationError(f"not valid JSON: {exc}") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise serializers.ValidationError(f"not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise serializers.ValidationError("not valid here: the JSON is nested too deeply") from exc
         return super().to_internal_value(data)
 
 

@@ -18,6 +18,11 @@ from .archives import DatasetRejected, Limits, extract, validate
 from .models import ClipModel, Dataset, DatasetPurpose, Probe
 
 
+# An open_clip model config is a few hundred bytes (the largest built-in one about 1.5 KB); a larger upload is not
+# one, and is refused before it is parsed.
+MAX_MODEL_CONFIG_BYTES = 100_000
+
+
 class RegistrationError(Exception):
     """Input that cannot be registered; the message says what is wrong and what to do."""
 

@@ -7,6 +7,7 @@ from django import forms
 
 from audit_service.audits.models import Verdict
 from audit_service.registry.models import DatasetPurpose, Normalization, TokenType
+from audit_service.registry.services import MAX_MODEL_CONFIG_BYTES
 
 
 def _preselect_single(form, *names) -> None:
@@ -25,17 +26,25 @@ class ModelForm(forms.Form):
                                      help_text="e.g. laion2b_s34b_b79k (needs internet on the workers)")
     model_config = forms.FileField(required=False, help_text="open_clip model config (.json), for custom models")
     checkpoint = forms.FileField(required=False, help_text=".safetensors, .pt or .bin state dict")
-    layer = forms.IntegerField(initial=-1, help_text="Vision transformer block to decompose (-1: the last)")
+    layer = forms.IntegerField(initial=-1, help_text="Vision transformer block to decompose (-1: the last). After "
+                                                     "the last block only the tokens the model pools reach its "
+                                                     "output: the CLS token (most models) or the patch tokens "
+                                                     "(average-pooled ones)")
     token = forms.ChoiceField(choices=TokenType.choices, initial=TokenType.CLS)
 
     def clean_model_config(self):
         upload = self.cleaned_data.get("model_config")
         if not upload:
             return None
+        if upload.size is not None and upload.size > MAX_MODEL_CONFIG_BYTES:
+            raise forms.ValidationError(f"the config is {upload.size} bytes; an open_clip model config is a small "
+                                        f"JSON object (at most {MAX_MODEL_CONFIG_BYTES} bytes here)")
         try:
             value = json.loads(upload.read().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise forms.ValidationError(f"not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise forms.ValidationError("not a model config: its JSON is nested too deeply") from exc
         if not isinstance(value, dict):
             raise forms.ValidationError("the model config must be a JSON object")
         return value
@@ -62,8 +71,9 @@ class ProbeForm(forms.Form):
 
 class DatasetForm(forms.Form):
     name = forms.CharField(max_length=200)
-    archive = forms.FileField(help_text="A .zip or .tar(.gz) with labels.csv (image,label, optional metadata "
-                                        "columns such as 'a ruler' or 'site') and the images, or one folder per "
+    archive = forms.FileField(help_text="A .zip or .tar(.gz) with the images and a comma-separated labels.csv "
+                                        "(image,label, optional metadata columns such as 'a ruler' or 'site'; image "
+                                        "paths relative to the folder that holds labels.csv), or one folder per "
                                         "class")
     purpose = forms.ChoiceField(choices=DatasetPurpose.choices, initial=DatasetPurpose.AUDIT, required=False,
                                 help_text="SAE training: images alone are enough (no labels); such a dataset "

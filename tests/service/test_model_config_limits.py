@@ -5,6 +5,7 @@ import re
 
 import open_clip
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from audit_service.registry.models import ClipModel
@@ -150,6 +151,35 @@ def test_a_config_value_of_the_wrong_type_is_refused_naming_its_key(client_for, 
 
     assert response.status_code == 400
     assert response.json()["model_config"][0].startswith(f"model config: {message}")
+    assert builds == [] and ClipModel.objects.count() == 0
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[" * 20_000 + "]" * 20_000, "not valid here: the JSON is nested too deeply"),
+    (json.dumps({**tiny_config(), "note": "x" * 200_000}), "bytes of JSON; at most 100000 are accepted here"),
+])
+def test_a_config_too_deep_or_too_large_to_be_one_is_refused_before_it_is_parsed(client_for, project, assets, builds,
+                                                                                 text, message):
+    response = client_for("member").post("/api/v1/models/", {
+        "project": project.id, "name": "m", "model_config": SimpleUploadedFile("c.json", text.encode()),
+        "checkpoint": upload(assets["checkpoint"])}, format="multipart")
+
+    assert response.status_code == 400
+    assert message in response.json()["model_config"][0]
+    assert builds == [] and ClipModel.objects.count() == 0
+
+
+def test_the_web_form_refuses_a_config_nested_too_deeply_on_its_field(users, project, assets, builds):
+    client = Client()
+    client.force_login(users["member"])
+
+    page = client.post(f"/projects/{project.pk}/models/new/", {
+        "name": "deep", "layer": -1, "token": "cls", "checkpoint": upload(assets["checkpoint"]),
+        "model_config": SimpleUploadedFile("c.json", ("[" * 20_000 + "]" * 20_000).encode())})
+
+    assert page.status_code == 200
+    field = re.search(rb'id="field-model_config".*?</div>', page.content, re.S).group(0)
+    assert b"nested too deeply" in field
     assert builds == [] and ClipModel.objects.count() == 0
 
 
