@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -137,7 +138,44 @@ def _plan(files: list[tuple[str, int]], limits: Limits) -> set[str]:
     return {name for name, _ in kept}
 
 
+def _zip_entries_over(archive: Path, limit: int) -> bool:
+    """Does the zip's central directory hold more than ``limit`` entries? Counted header by header and stopped
+    past the limit, before zipfile builds its list of every member (which an archive of millions of tiny entries
+    would make take gigabytes). Anything unexpected answers False: ZipFile then reads the archive, reports its
+    corruption, and the count is checked again on its list."""
+    try:
+        with open(archive, "rb") as fp:
+            end = zipfile._EndRecData(fp)
+            if end is None:
+                return False
+            if end[zipfile._ECD_ENTRIES_TOTAL] > limit:
+                return True
+            size, offset = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]
+            prefix = end[zipfile._ECD_LOCATION] - size - offset  # bytes before the zip (a self-extractor's)
+            if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+                prefix -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+            fp.seek(offset + prefix)
+            count = read = 0
+            while read < size:
+                header = fp.read(zipfile.sizeCentralDir)
+                if len(header) != zipfile.sizeCentralDir or header[:4] != zipfile.stringCentralDir:
+                    return False
+                fields = struct.unpack(zipfile.structCentralDir, header)
+                skip = (fields[zipfile._CD_FILENAME_LENGTH] + fields[zipfile._CD_EXTRA_FIELD_LENGTH]
+                        + fields[zipfile._CD_COMMENT_LENGTH])
+                fp.seek(skip, os.SEEK_CUR)
+                read += zipfile.sizeCentralDir + skip
+                count += 1
+                if count > limit:
+                    return True
+    except (OSError, struct.error, AttributeError, IndexError):  # AttributeError: zipfile's internals moved
+        return False
+    return False
+
+
 def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
+    if _zip_entries_over(archive, limits.member_limit):
+        _check_member_count(limits.member_limit + 1, limits)
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
