@@ -222,6 +222,16 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 AUDIT_MAX_ATTEMPTS = env_int("AUDIT_MAX_ATTEMPTS", 3, minimum=1)
+# Upper bounds of audit options, checked when an audit is submitted: the engine's schema types every option and
+# bounds what it can run at all, these bound what this server's workers run. Options that the audited data or
+# model bound more tightly are checked against them too (audits/services.py), and the SAE's training memory is
+# estimated against WORKER_TASK_MEMORY_MB.
+AUDIT_MAX_BATCH_SIZE = env_int("AUDIT_MAX_BATCH_SIZE", 512, minimum=1)  # images per forward pass
+AUDIT_MAX_SAE_LATENTS = env_int("AUDIT_MAX_SAE_LATENTS", 65536, minimum=2)  # also bounds sae.k and sae.aux_k
+AUDIT_MAX_SAE_BATCH_SIZE = env_int("AUDIT_MAX_SAE_BATCH_SIZE", 16384, minimum=1)  # activation vectors per step
+AUDIT_MAX_SAE_STEPS = env_int("AUDIT_MAX_SAE_STEPS", 200_000, minimum=1)  # also bounds sae.dead_after_steps
+AUDIT_MAX_REFERENCES = env_int("AUDIT_MAX_REFERENCES", 128, minimum=2)  # reference images per latent
+AUDIT_MAX_FAITHFULNESS_STEPS = env_int("AUDIT_MAX_FAITHFULNESS_STEPS", 100, minimum=1)  # deletion curve length
 # Images per shard of one audit. An audit of more images is spread over the workers: extraction, attribution
 # and causal confirmation run per shard as separate tasks; the SAE is trained once on the pooled activations.
 AUDIT_SHARD_SIZE = env_int("AUDIT_SHARD_SIZE", 4096, minimum=1)

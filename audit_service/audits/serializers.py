@@ -1,9 +1,17 @@
 import copy
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, api_names
 from .models import STAGE_NAMES, Audit, Flag, Latent, Review
+from .services import options_schema
+
+
+@extend_schema_field(options_schema())
+class AuditOptionsField(serializers.JSONField):
+    """Any JSON here: the service checks it against the options' schema and answers 400 naming the option (a
+    string or a list is refused there too), so the API, the web form and the engine refuse alike."""
 
 
 class AuditSerializer(serializers.ModelSerializer):
@@ -15,7 +23,7 @@ class AuditSerializer(serializers.ModelSerializer):
         source="sae_dataset_id", required=False, allow_null=True,
         help_text="optional: a dataset of the project (e.g. a larger, unlabelled one registered with purpose "
                   "sae_training) whose images train the SAE; attribution, labels and flags still use `dataset`")
-    config = serializers.JSONField(required=False, help_text="audit options (workers.engine.AuditConfig)")
+    config = AuditOptionsField(required=False)
     context = serializers.JSONField(required=False, help_text="free-form facts stored with the audit")
     n_flags = serializers.SerializerMethodField()
     shard_progress = serializers.SerializerMethodField(

@@ -92,9 +92,10 @@ class AuditForm(forms.Form):
                                          help_text="Train the SAE on another dataset of the project, e.g. a "
                                                    "larger unlabelled one; attribution and flags still use the "
                                                    "audited dataset")
-    n_latents = forms.IntegerField(required=False, min_value=2, label="SAE latents",
+    # ranges are the audit options' (the service checks them, as for the API); a refusal shows on these fields
+    n_latents = forms.IntegerField(required=False, label="SAE latents",
                                    help_text="Empty: sized to the data (about 4 x the model width)")
-    k = forms.IntegerField(required=False, min_value=1, label="Active latents per input (k)",
+    k = forms.IntegerField(required=False, label="Active latents per input (k)",
                            help_text="Empty: about n_latents / 32, at most 64")
     expected_concepts = forms.CharField(
         required=False, widget=forms.Textarea(attrs={"rows": 3}),
@@ -138,20 +139,30 @@ class AuditForm(forms.Form):
             raise forms.ValidationError("write a JSON object, e.g. {\"flag_min_share\": 0.03}")
         return value
 
+    # the audit options this form has a field of its own for
+    OPTION_FIELDS = {"sae.n_latents": "n_latents", "sae.k": "k"}
+
     def audit_options(self) -> dict:
         data = self.cleaned_data
         options = dict(data["options"])
-        sae = dict(options.pop("sae", {}) or {})
-        for key in ("n_latents", "k"):
-            if data.get(key) is not None:
-                sae[key] = data[key]
-        if sae:
+        sae = options.pop("sae", {})
+        if isinstance(sae, dict):  # anything else is left for the service to refuse, naming "sae"
+            sae = {**sae, **{key: data[key] for key in ("n_latents", "k") if data.get(key) is not None}}
+        if sae != {}:
             options["sae"] = sae
         if data["expected_concepts"]:
             options["expected_concepts"] = data["expected_concepts"]
         options.setdefault("general_vocabulary", data["general_vocabulary"])
         options.setdefault("causal", data["causal"])
         return options
+
+    def add_error(self, field, error):
+        """A refused option shows on its own field when the form has one and it was filled in."""
+        if field == "options" and isinstance(error, str):
+            for option, name in self.OPTION_FIELDS.items():
+                if error.startswith(f"{option}:") and self.cleaned_data.get(name) is not None:
+                    field = name
+        super().add_error(field, error)
 
 
 class ReviewForm(forms.Form):
