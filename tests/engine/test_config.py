@@ -19,6 +19,22 @@ def build_audit_config(**overrides) -> AuditConfig:
     return AuditConfig(**base)
 
 
+# what an earlier release stored in an audit row (its to_dict)
+STORED_BEFORE = {
+    "layer": -2, "token": "spatial", "spatial_pool": "max", "device": "auto", "dtype": "fp32",
+    "cache_dtype": "float32", "batch_size": 64,
+    "sae": {"n_latents": 256, "k": 8, "lr": 0.001, "batch_size": 256, "steps": 1234, "aux_k": None,
+            "aux_coef": 0.03125, "dead_after_steps": 100, "tokens_per_image": 16, "seed": 0},
+    "n_references": 16,
+    "prompt_templates": ["a photo of {}.", "an image of {}.", "a close-up photo of {}.", "a picture showing {}."],
+    "class_prompts": {}, "expected_concepts": {"melanoma": ["irregular pigment network"]},
+    "artifact_vocabulary": ["a ruler"], "general_vocabulary": True, "label_min_confidence": 0.3, "flag_top_n": 10,
+    "flag_min_share": 0.05, "flag_max_alignment": 0.05, "flag_relative_alignment": 0.5, "flag_class_margin": 0.02,
+    "flag_without_harm": False, "flag_group_similarity": 0.6, "harm_min_gap": 0.2, "harm_min_z": 3.0,
+    "amplification_ratio": 1.5, "faithfulness_steps": 20, "faithfulness_max_images": 256, "top_images_per_flag": 8,
+    "report_top_n": 50, "causal": False, "seed": 11}
+
+
 def test_audit_config_round_trips_through_a_dict_with_the_nested_sae_config():
     cfg = build_audit_config()
     data = cfg.to_dict()
@@ -36,6 +52,9 @@ def test_to_dict_is_json_serialisable_and_survives_a_json_round_trip():
     for cfg in (AuditConfig(), build_audit_config()):
         text = json.dumps(cfg.to_dict())
         assert AuditConfig.from_dict(json.loads(text)) == cfg
+    # what an earlier release stored in an audit row: a worker that picks such an audit up loads it
+    assert AuditConfig.from_dict(STORED_BEFORE).sae == SAEConfig(n_latents=256, k=8, steps=1234)
+    assert AuditConfig.from_dict(STORED_BEFORE).to_dict() == STORED_BEFORE
 
 
 def test_from_dict_of_nothing_gives_the_defaults():
@@ -124,28 +143,6 @@ def test_tuples_of_concepts_round_trip_equal():
 
 # --------------------------------------------------------------------------- types and bounds (issue 17)
 
-# what an earlier release stored in an audit row (its to_dict); a worker that picks such an audit up loads it
-STORED_BEFORE = {
-    "layer": -2, "token": "spatial", "spatial_pool": "max", "device": "auto", "dtype": "fp32",
-    "cache_dtype": "float32", "batch_size": 64,
-    "sae": {"n_latents": 256, "k": 8, "lr": 0.001, "batch_size": 256, "steps": 1234, "aux_k": None,
-            "aux_coef": 0.03125, "dead_after_steps": 100, "tokens_per_image": 16, "seed": 0},
-    "n_references": 16,
-    "prompt_templates": ["a photo of {}.", "an image of {}.", "a close-up photo of {}.", "a picture showing {}."],
-    "class_prompts": {}, "expected_concepts": {"melanoma": ["irregular pigment network"]},
-    "artifact_vocabulary": ["a ruler"], "general_vocabulary": True, "label_min_confidence": 0.3, "flag_top_n": 10,
-    "flag_min_share": 0.05, "flag_max_alignment": 0.05, "flag_relative_alignment": 0.5, "flag_class_margin": 0.02,
-    "flag_without_harm": False, "flag_group_similarity": 0.6, "harm_min_gap": 0.2, "harm_min_z": 3.0,
-    "amplification_ratio": 1.5, "faithfulness_steps": 20, "faithfulness_max_images": 256, "top_images_per_flag": 8,
-    "report_top_n": 50, "causal": False, "seed": 11}
-
-
-def test_a_config_stored_by_an_earlier_release_loads_and_stores_the_same_dict():
-    config = AuditConfig.from_dict(STORED_BEFORE)
-    assert config.sae == SAEConfig(n_latents=256, k=8, steps=1234)
-    assert config.to_dict() == STORED_BEFORE
-
-
 @pytest.mark.parametrize("data, message", [
     ({"causal": "no"}, "causal: must be true or false, got 'no'"),
     ({"general_vocabulary": 1}, "general_vocabulary: must be true or false, got 1"),
@@ -192,7 +189,9 @@ def test_direct_construction_refuses_a_wrong_type_with_an_engine_error_too():
         SAEConfig(batch_size=2.0)
 
 
-def test_a_float_option_takes_an_integer():
+def test_an_integer_option_refuses_a_whole_float_and_a_float_option_takes_an_integer():
+    with pytest.raises(EngineError, match=r"^n_references: must be an integer, got 20.0$"):
+        AuditConfig.from_dict({"n_references": 20.0})
     assert AuditConfig.from_dict({"harm_min_z": 2, "sae": {"lr": 1}}).harm_min_z == 2.0
 
 
