@@ -11,16 +11,18 @@ Three ways to name a model, as the service registers them:
     how the project's own tiny models are registered.
 
 Checkpoints never run code: a pickle that needs more than tensors is refused.
+A custom config is type-checked and sized (:func:`size_model_config`) before
+open_clip builds anything, and a checkpoint is read before its model is built.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import socket
-import math
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -147,10 +149,6 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
                       + ". Check that the architecture (or model config) is the one the checkpoint was saved from.")
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, what: str) -> None:
-    load_state(model, read_checkpoint(path), what=what)
-
-
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
     # Checkpoints saved from older open_clip versions differ in a few harmless ways.
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
@@ -227,6 +225,12 @@ class _Fields:
                                   or not math.isfinite(value)):
             raise self._refuse(key, "a number or null", value)
         return value
+
+    def fraction(self, key: str) -> float:
+        value = self.section.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise self._refuse(key, "a number in [0, 1)", value)
+        return float(value)
 
     def flag(self, key: str) -> bool:
         value = self.section.get(key, False)
@@ -313,10 +317,7 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
     v.choice("pos_embed_type", "learnable", ("learnable", "sin_cos_2d"))
     v.mapping("act_kwargs")
     v.mapping("norm_kwargs")
-    patch_dropout = v.section.get("patch_dropout", 0.0)
-    if isinstance(patch_dropout, bool) or not isinstance(patch_dropout, (int, float)) \
-            or not 0 <= patch_dropout < 1:
-        raise v._refuse("patch_dropout", "a number in [0, 1)", patch_dropout)
+    v.fraction("patch_dropout")
     if head_width > width or width % (width // head_width):
         raise EngineError(f"model config: vision_cfg.width ({width}) must split into heads of "
                           f"vision_cfg.head_width ({head_width}): give a head_width that divides the width")
