@@ -143,6 +143,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["audit_service.accounts.throttling.PerTokenRateThrottle"],
+    "DEFAULT_PARSER_CLASSES": ["audit_service.parsers.JSONParser", "rest_framework.parsers.FormParser",
+                               "rest_framework.parsers.MultiPartParser"],
 }
 # Requests per API token (or per signed-in user, or per anonymous address); counted in the Django cache, so
 # several web processes share one budget only with a shared cache (CACHE_URL=redis://...).

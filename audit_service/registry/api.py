@@ -1,8 +1,9 @@
 from rest_framework import mixins, status, viewsets
 from rest_framework.exceptions import ValidationError
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
+from audit_service.parsers import JSONParser
 from audit_service.projects.models import Project, Role
 from audit_service.projects.permissions import ProjectRolePermission, project_for
 

@@ -251,3 +251,12 @@ def test_a_member_name_with_a_nul_character_is_refused_not_a_server_error(client
                                         {"username": "x\x00y", "role": "viewer"}, format="json")
     assert response.status_code == 400
     assert "NUL character" in str(response.json()["username"])
+
+
+@pytest.mark.parametrize("url", ["/api/v1/audits/", "/api/v1/projects/", "/api/v1/tokens/"])
+def test_a_json_body_nested_too_deeply_is_a_400_not_a_server_error(client_for, project, url):
+    """json.loads raises RecursionError, not ValueError, on ``[[[[...`` a few thousand levels deep."""
+    body = "[" * 100_000 + "]" * 100_000
+    response = client_for("owner").post(url, body, content_type="application/json")
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["detail"]
