@@ -35,6 +35,7 @@ from audit_service.audits.models import Audit, AuditShard, ShardStatus, Status, 
 from workers.engine import pipeline
 from workers.engine.activations import ActivationStore, assemble_store, extract_shard, plan_shards, shard_files
 from workers.engine.config import AuditConfig
+from workers.engine.hooks import check_token_reaches_output
 from workers.engine.loading import resolve_device
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import STAGE_NAMES, STAGES
@@ -61,6 +62,8 @@ def _inputs(audit) -> dict:
         _CACHE.clear()
         bundle, probe, dataset = load_inputs(audit, fetch_images=False)  # images: per shard, in _extract
         config = AuditConfig.from_dict(audit.config)
+        # a model registered before such layer/token pairs were refused: fail before any shard's work
+        check_token_reaches_output(bundle.model.visual, config.layer, config.token)
         device = resolve_device(config.device)
         bundle.model.to(device)
         _CACHE.update(audit=audit.pk, bundle=bundle, probe=probe, config=config, device=device,

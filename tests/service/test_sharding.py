@@ -246,3 +246,17 @@ def test_the_reaper_removes_intermediate_files_a_stopped_worker_left_after_the_r
     assert tasks.reap_stale_audits()["cleaned"] == [audit.pk]
     assert not work.path().exists()
     assert tasks.reap_stale_audits()["cleaned"] == []
+
+
+def test_a_sharded_audit_of_a_token_the_pooling_drops_fails_before_any_shard_work(project, users, registered,
+                                                                                  settings, eager):
+    """Registration refuses such a layer/token pair now; a model registered before must not run for nothing."""
+    settings.AUDIT_SHARD_SIZE = SHARD
+    audit = submit(project, users, registered)
+    audit.config = {**audit.config, "layer": -1, "token": "spatial"}  # the tiny model pools its CLS token
+    audit.save(update_fields=["config"])
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.FAILED
+    assert "spatial tokens do not reach" in audit.error and "pick layer -2 or token cls" in audit.error
+    assert not SharedWork(audit).path().exists()
