@@ -9,6 +9,7 @@ from torch import Tensor
 from .activations import ActivationStore
 from .context import AuditContext
 from .data import ImageSet
+from .errors import checkpoint
 from .loading import ClipBundle
 from .partials import Partial
 from .semantics import (UNLABELLED, ReferenceTracker, Vocabulary, alignment, choose_labels, class_alignments,
@@ -77,6 +78,7 @@ def _embed_references(semantic_model: ClipBundle, images: ImageSet, tracker: Ref
     model = semantic_model.model.to(device)
     with torch.inference_mode():
         for lo in range(0, len(needed), batch_size):
+            checkpoint()
             idx = needed[lo:lo + batch_size]
             pixels = torch.stack([sem_images[i][0] for i in idx]).to(device)
             emb = model.encode_image(pixels).float().cpu()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SAEConfig
+from .config import SAEConfig, sae_training_bytes
 from .errors import EngineError, checkpoint, reserve
 
 
@@ -167,7 +167,7 @@ def train_sae(
     parallel to them removed, then renormalized). Deterministic for a seed on CPU.
     """
     if torch.device(device).type == "cpu":  # on a GPU an allocation too large fails at once, catchably
-        reserve(training_bytes(d_model, n_latents, config.batch_size),
+        reserve(sae_training_bytes(d_model, n_latents, config.batch_size),
                 f"training an SAE of {n_latents} latents on batches of {config.batch_size} vectors "
                 "(sae.n_latents, sae.batch_size)")
     torch.manual_seed(config.seed)
@@ -211,12 +211,6 @@ def train_sae(
                 progress(step + 1, steps)
     sae.eval().requires_grad_(False)
     return sae, curve
-
-
-def training_bytes(d_model: int, n_latents: int, batch_size: int) -> int:
-    """A lower bound of what training takes in memory, fp32: the weights with their gradients and Adam's two
-    moments, and per step at least four [batch, n_latents] tensors (pre-activations, codes, their gradients)."""
-    return 4 * (4 * 2 * n_latents * d_model + 4 * batch_size * n_latents)
 
 
 def _aux_loss(sae: TopKSAE, pre: Tensor, err: Tensor, dead: Tensor, aux_k: int) -> Tensor:
