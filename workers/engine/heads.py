@@ -38,7 +38,8 @@ class LinearProbe(Head):
     by standardization ``(. - mean) / scale`` as scikit-learn's StandardScaler
     does. A binary probe (one weight row, two class names) is expanded to two
     scores ``-s`` and ``+s`` so the argmax gives scikit-learn's prediction and
-    each class has its own evidence to attribute.
+    each class has its own evidence to attribute. Such a probe remembers it
+    came as one row (:attr:`stored_rows`) and is saved as one row again.
     """
 
     def __init__(self, weight, bias, class_names: Sequence[str], normalization: str = "l2",
@@ -53,6 +54,7 @@ class LinearProbe(Head):
             raise EngineError("probe class names must be distinct")
         if len(class_names) < 2:
             raise EngineError("a probe needs at least two classes")
+        one_row = weight.shape[0] == 1 and len(class_names) == 2 and bias.numel() == 1
         if weight.shape[0] == 1 and len(class_names) == 2:
             weight = torch.cat([-weight, weight])
             bias = torch.cat([-bias, bias]) if bias.numel() == 1 else bias
@@ -75,6 +77,7 @@ class LinearProbe(Head):
             raise EngineError("probe scale must be positive")
         self.class_names = class_names
         self.normalization = normalization
+        self.stored_rows = 1 if one_row else weight.shape[0]  # rows of the file it came from (and is saved as)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("mean", mean_t if mean_t is not None else torch.zeros(dim))
@@ -100,11 +103,32 @@ class LinearProbe(Head):
             raise EngineError(f"the probe reads {self.embed_dim}-dimensional embeddings but the model produces "
                               f"{embed_dim}-dimensional ones; train the probe on this model's image embeddings")
 
+    def with_weights(self, weight, bias) -> "LinearProbe":
+        """A probe of this one's format (classes, normalization, mean, scale, stored rows) reading ``weight``
+        [classes, embed_dim] and ``bias`` [classes], given in the expanded form :meth:`forward` uses.
+
+        For a probe stored as one row the rows must be ``[-w, w]`` and ``[-b, b]``; it keeps ``w`` and ``b``.
+        """
+        weight = torch.as_tensor(weight).detach().cpu().float()
+        bias = torch.as_tensor(bias).detach().cpu().float().reshape(-1)
+        if tuple(weight.shape) != tuple(self.weight.shape) or bias.numel() != self.bias.numel():
+            raise EngineError(f"new probe weights must have this probe's shape {list(self.weight.shape)} and "
+                              f"{self.bias.numel()} biases, got {list(weight.shape)} and {bias.numel()}")
+        if self.stored_rows == 1:
+            if not (torch.allclose(weight[0], -weight[1], atol=1e-6) and torch.allclose(bias[0], -bias[1], atol=1e-6)):
+                raise EngineError("a binary probe stored as one row needs new weights of the form [-w, w], [-b, b]")
+            weight, bias = weight[1:], bias[1:]
+        return LinearProbe(weight, bias, self.class_names, self.normalization, self.mean.detach().cpu(),
+                           self.scale.detach().cpu())
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        arrays = {"weight": self.weight.numpy(), "bias": self.bias.numpy(), "mean": self.mean.numpy(),
-                  "scale": self.scale.numpy()}
+        weight, bias = self.weight.detach().cpu(), self.bias.detach().cpu()
+        if self.stored_rows == 1:  # the shape it came in: scikit-learn's coef_ [1, embed_dim] for two classes
+            weight, bias = weight[1:], bias[1:]
+        arrays = {"weight": weight.numpy(), "bias": bias.numpy(), "mean": self.mean.detach().cpu().numpy(),
+                  "scale": self.scale.detach().cpu().numpy()}
         if path.suffix == ".npz":
             np.savez(path, classes=np.array(self.class_names), normalization=np.array(self.normalization), **arrays)
         elif path.suffix == ".safetensors":
