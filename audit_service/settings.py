@@ -153,7 +153,7 @@ API_RATE_PER_USER = env_str("API_RATE_PER_USER", "1200/min")
 API_RATE_ANONYMOUS = env_str("API_RATE_ANONYMOUS", "60/min")
 # --------------------------------------------------------------------------- throttling of anonymous callers
 # Refused calls without a valid key count against API_RATE_ANONYMOUS too (DRF checks credentials before throttles).
-REST_FRAMEWORK["EXCEPTION_HANDLER"] = "audit_service.accounts.throttling.exception_handler"
+REST_FRAMEWORK["EXCEPTION_HANDLER"] = "audit_service.accounts.exceptions.exception_handler"
 # Proxies in front of the web process that append to X-Forwarded-For; 0: callers connect directly and only
 # REMOTE_ADDR tells them apart. The anonymous rate and the sign-in lockout count per caller address.
 TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, minimum=0)

@@ -1,5 +1,4 @@
 from django.conf import settings
-from rest_framework import exceptions, views
 from rest_framework.throttling import SimpleRateThrottle
 
 from .models import ApiToken
@@ -36,7 +35,7 @@ class PerTokenRateThrottle(SimpleRateThrottle):
             self.scope, self.ident = "anon", f"anon-{client_address(request)}"
             self.rate = settings.API_RATE_ANONYMOUS
         self.num_requests, self.duration = self.parse_rate(self.rate)
-        request.rate_counted = True  # read by exception_handler: count each call once
+        request.rate_counted = True  # read by exceptions.exception_handler: count each call once
         return super().allow_request(request, view)
 
     def get_rate(self):
@@ -45,20 +44,3 @@ class PerTokenRateThrottle(SimpleRateThrottle):
     def get_cache_key(self, request, view):
         return f"throttle_{self.ident}"
 
-
-def exception_handler(exc, context):
-    """DRF's handler, after counting a refused call that never reached the throttles against the anonymous rate
-    (REST_FRAMEWORK["EXCEPTION_HANDLER"]). DRF checks credentials and permissions before its throttles, so calls
-    without a key or with a wrong one were never counted: anyone could guess keys at full speed. Over the rate,
-    such a call is answered 429 instead of 401."""
-    request, view = context.get("request"), context.get("view")
-    if request is not None and not getattr(request, "rate_counted", False):
-        try:
-            user = request.user
-        except exceptions.APIException:  # a wrong key: the request is now anonymous
-            user = request.user
-        if not (user and user.is_authenticated):
-            throttle = PerTokenRateThrottle()
-            if not throttle.allow_request(request, view):
-                exc = exceptions.Throttled(throttle.wait())
-    return views.exception_handler(exc, context)

@@ -1,6 +1,9 @@
 """Throttling of callers without valid credentials (issue 17, point 9): API calls refused for a missing or wrong key
 count against the anonymous rate, and wrong passwords on the sign-in page lock that user name out from that
 address for a cool-off (django-axes)."""
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -112,3 +115,15 @@ def test_the_admin_sign_in_is_locked_out_too(users, settings):
         client.post("/admin/login/", {"username": "owner", "password": "wrong"})
     refused = client.post("/admin/login/", {"username": "owner", "password": "pw-owner"})
     assert refused.status_code == 429 and LOCKED in refused.content.decode()
+
+
+def test_the_sign_in_lockout_can_import_its_address_function_before_anything_else_of_the_api():
+    """django-axes' system check imports AXES_CLIENT_IP_CALLABLE first thing; when the throttling module
+    imported rest_framework.views, that was a circular import and `check --deploy` failed (axes.W005)."""
+    code = ("import django; django.setup(); from django.conf import settings; "
+            "from django.utils.module_loading import import_string; "
+            "print(import_string(settings.AXES_CLIENT_IP_CALLABLE).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "audit_service.settings"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "client_address"
