@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from workers.engine.config import AuditConfig, SAEConfig
+from workers.engine.data import TensorImages
+from workers.engine.heads import LinearProbe
 from workers.engine.tiny import tiny_clip
 
 
@@ -15,6 +17,25 @@ def tiny():
 def images():
     """[12, 3, 32, 32] random images."""
     return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+CLASSES = ["nevus", "melanoma"]
+
+
+@pytest.fixture
+def dataset():
+    """48 images of two classes, melanomas with a bright corner: something for a probe to find."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 3, 32, 32, generator=gen)
+    y = torch.tensor([0, 1] * 24)
+    x[y == 1, :, :8, :8] += 2.0
+    return TensorImages(x, y, CLASSES)
+
+
+@pytest.fixture
+def probe():
+    """A random binary probe on the tiny model's 32-wide embedding."""
+    return LinearProbe(torch.randn(1, 32, generator=torch.Generator().manual_seed(4)), torch.zeros(1), CLASSES)
 
 
 def build_audit_config(**overrides) -> AuditConfig:

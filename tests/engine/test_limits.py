@@ -8,19 +8,17 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
-from workers.engine import AuditCancelled, LinearProbe, run_audit
+from workers.engine import AuditCancelled, run_audit
 from workers.engine.activations import ActivationStore, assemble_store, shard_files
 from workers.engine.config import AuditConfig, SAEConfig
-from workers.engine.data import TensorImages
 from workers.engine.errors import EngineError, checkpoint, reserve, watched_by
 from workers.engine.pipeline import fit_sae
 from workers.engine.stages import ENGINE_STAGES
 
 from .conftest import build_audit_config
 
-CLASSES = ["nevus", "melanoma"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TRIPWIRE = 100  # chunks of the cache read after the cancel: far more than a loop that honours it reads
 
 
@@ -48,15 +46,6 @@ class CancelAt:
 
     def reserve(self, nbytes, what):
         pass
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Matrices this small gain nothing from threads, and a busy 2-core CI box makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_store(folder, n: int = 32, d: int = 16) -> ActivationStore:
@@ -111,20 +100,6 @@ def test_a_watch_covers_its_block_only(store, tmp_path):
     checkpoint()  # outside the block nothing stops the work
     sae, metrics = fit_sae(store, AuditConfig(sae=SAEConfig(batch_size=8, steps=5)), tmp_path / "sae", "cpu")
     assert metrics["steps"] == 5
-
-
-@pytest.fixture
-def dataset():
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(48, 3, 32, 32, generator=gen)
-    y = torch.tensor([0, 1] * 24)
-    x[y == 1, :, :8, :8] += 2.0
-    return TensorImages(x, y, CLASSES)
-
-
-@pytest.fixture
-def probe():
-    return LinearProbe(torch.randn(1, 32, generator=torch.Generator().manual_seed(4)), torch.zeros(1), CLASSES)
 
 
 def permissive_config() -> AuditConfig:

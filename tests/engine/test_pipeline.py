@@ -8,23 +8,7 @@ from workers.engine import AuditCancelled, AuditResult, EngineError, LinearProbe
 from workers.engine.data import TensorImages
 from workers.engine.stages import ENGINE_STAGES
 
-from .conftest import assert_same_answer, build_audit_config
-
-CLASSES = ["nevus", "melanoma"]
-
-
-@pytest.fixture
-def dataset():
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(48, 3, 32, 32, generator=gen)
-    y = torch.tensor([0, 1] * 24)
-    x[y == 1, :, :8, :8] += 2.0
-    return TensorImages(x, y, CLASSES)
-
-
-@pytest.fixture
-def probe():
-    return LinearProbe(torch.randn(1, 32, generator=torch.Generator().manual_seed(4)), torch.zeros(1), CLASSES)
+from .conftest import CLASSES, assert_same_answer, build_audit_config
 
 
 def test_an_audit_returns_a_json_ready_result_with_every_section(tiny, probe, dataset, tmp_path):

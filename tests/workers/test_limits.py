@@ -15,7 +15,7 @@ from workers.engine.pipeline import fit_sae
 
 from .conftest import FakeTask
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("one_thread")]
 MB = 2 ** 20
 
 
@@ -23,14 +23,6 @@ MB = 2 ** 20
 def every_checkpoint_looks(settings):
     """Cancellation is looked up at every checkpoint, not once a second, so no test depends on time."""
     settings.AUDIT_PROGRESS_EVERY_SECONDS = 0
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
