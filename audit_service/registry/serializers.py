@@ -1,9 +1,7 @@
-import json
-
 from rest_framework import serializers
 
 from .models import ClipModel, Dataset, DatasetPurpose, Probe, TokenType
-from .services import MAX_MODEL_CONFIG_BYTES
+from .services import RegistrationError, read_json_upload
 
 
 class JSONUploadField(serializers.JSONField):
@@ -16,20 +14,10 @@ class JSONUploadField(serializers.JSONField):
         return super().get_value(dictionary)
 
     def to_internal_value(self, data):
-        size = getattr(data, "size", None) if hasattr(data, "read") else len(data) if isinstance(data, str) else None
-        if size is not None and size > MAX_MODEL_CONFIG_BYTES:
-            raise serializers.ValidationError(f"{size} bytes of JSON; at most {MAX_MODEL_CONFIG_BYTES} are "
-                                              "accepted here (an open_clip model config is a few hundred)")
         try:
-            if hasattr(data, "read"):
-                data.seek(0)
-                data = json.loads(data.read().decode("utf-8"))
-            elif isinstance(data, str):
-                data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise serializers.ValidationError(f"not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise serializers.ValidationError("not valid here: the JSON is nested too deeply") from exc
+            data = read_json_upload(data)
+        except RegistrationError as exc:
+            raise serializers.ValidationError(exc.message) from exc
         return super().to_internal_value(data)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,6 +31,27 @@ class RegistrationError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+def read_json_upload(data):
+    """The JSON value of an uploaded .json file or of text (anything else is returned as it is), refused before
+    it is parsed when too large to be a model config or a class list, and when nested too deeply to parse.
+
+    One reader for the API's upload fields and the web form: raises RegistrationError (its message only).
+    """
+    size = getattr(data, "size", None) if hasattr(data, "read") else len(data) if isinstance(data, str) else None
+    if size is not None and size > MAX_MODEL_CONFIG_BYTES:
+        raise RegistrationError(f"{size} bytes of JSON; at most {MAX_MODEL_CONFIG_BYTES} are accepted here (an "
+                                "open_clip model config is a few hundred)")
+    try:
+        if hasattr(data, "read"):
+            data.seek(0)
+            return json.loads(data.read().decode("utf-8"))
+        return json.loads(data) if isinstance(data, str) else data
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegistrationError(f"not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise RegistrationError("not valid here: the JSON is nested too deeply") from exc
 
 
 def sha256_of(fileobj) -> str:

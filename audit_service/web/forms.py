@@ -7,7 +7,7 @@ from django import forms
 
 from audit_service.audits.models import Verdict
 from audit_service.registry.models import DatasetPurpose, Normalization, TokenType
-from audit_service.registry.services import MAX_MODEL_CONFIG_BYTES
+from audit_service.registry.services import RegistrationError, read_json_upload
 
 
 def _preselect_single(form, *names) -> None:
@@ -36,15 +36,10 @@ class ModelForm(forms.Form):
         upload = self.cleaned_data.get("model_config")
         if not upload:
             return None
-        if upload.size is not None and upload.size > MAX_MODEL_CONFIG_BYTES:
-            raise forms.ValidationError(f"the config is {upload.size} bytes; an open_clip model config is a small "
-                                        f"JSON object (at most {MAX_MODEL_CONFIG_BYTES} bytes here)")
         try:
-            value = json.loads(upload.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise forms.ValidationError(f"not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise forms.ValidationError("not a model config: its JSON is nested too deeply") from exc
+            value = read_json_upload(upload)
+        except RegistrationError as exc:
+            raise forms.ValidationError(exc.message) from exc
         if not isinstance(value, dict):
             raise forms.ValidationError("the model config must be a JSON object")
         return value
