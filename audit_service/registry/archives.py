@@ -115,17 +115,25 @@ def _check_member_count(n_members: int, limits: Limits) -> None:
                               f"together); at most {limits.member_limit} are accepted (MAX_ARCHIVE_MEMBERS)")
 
 
-def _plan(files: list[tuple[str, int]], limits: Limits) -> set[str]:
-    """The files worth extracting, from (safe path, declared size) pairs, or a refusal; nothing is read yet."""
-    kept = [(name, size) for name, size in files if not _ignored(name)]
-    images = [name for name, _ in kept if name.lower().endswith(IMAGE_SUFFIXES)]
-    other = [name for name, _ in kept if not name.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
+def _images_of(names: list[str], limits: Limits) -> list[str]:
+    """The image files among ``names`` (skipped ones left out), or a refusal: a file that is neither an image nor
+    a CSV, or more images than a dataset may hold. Checked on the member list before extraction and again on
+    what was extracted."""
+    images = [name for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
+    other = [name for name in names if not name.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
     if other:
         raise DatasetRejected(f"the archive holds files that are not images: {_list(other)}; "
                               f"accepted image types are {', '.join(IMAGE_SUFFIXES)}")
     if len(images) > limits.max_files:
         raise DatasetRejected(f"the archive holds {len(images)} images; at most {limits.max_files} images "
                               f"are accepted per dataset ({limits.source})")
+    return images
+
+
+def _plan(files: list[tuple[str, int]], limits: Limits) -> set[str]:
+    """The files worth extracting, from (safe path, declared size) pairs, or a refusal; nothing is read yet."""
+    kept = [(name, size) for name, size in files if not _ignored(name)]
+    _images_of([name for name, _ in kept], limits)
     empty = [name for name, size in kept if size == 0 and name.lower().endswith(IMAGE_SUFFIXES)]
     if empty:
         raise DatasetRejected(f"{len(empty)} image{'s are' if len(empty) > 1 else ' is'} empty (0 bytes): "
@@ -389,16 +397,9 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
 
     files = sorted(f for f in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
                    if not _ignored(f))
-    image_files = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    other = [f for f in files if not f.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
-    if other:
-        raise DatasetRejected(f"the archive holds files that are not images: {_list(other)}; "
-                              f"accepted image types are {', '.join(IMAGE_SUFFIXES)}")
+    image_files = _images_of(files, limits)
     if not image_files:
         raise DatasetRejected("the dataset holds no images")
-    if len(image_files) > limits.max_files:
-        raise DatasetRejected(f"the dataset holds {len(image_files)} images; at most {limits.max_files} are accepted "
-                              f"({limits.source})")
     csv_path = _find_labels_csv(root)
     extras: dict[str, dict[str, str]] = {}
     folders: set[str] = set()
