@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .activations import ActivationStore
 from .errors import EngineError, checkpoint
+from .harm import MAX_SLICE_VALUES, column_values
 from .heads import LinearProbe
 from .hooks import VisionTail, select_tokens
 from .interventions import shifted_outputs
@@ -53,7 +54,6 @@ ANCHORS = ("midpoint", "clean")
 CV_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the grid a refit searches when no C is given
 CV_FOLDS = 3
 REDUNDANT_TOL = 1e-3  # a direction whose part outside the earlier ones is below this (unit vectors) adds nothing
-MAX_METADATA_VALUES = 50  # a column with more distinct values is an identifier, not a slice
 
 
 # --------------------------------------------------------------------------- the shortcut's directions
@@ -456,16 +456,15 @@ def compare_probes(old: LinearProbe, new: LinearProbe, embeddings: Tensor, label
 
 def _metadata_indicators(metadata: dict, n: int) -> dict[str, np.ndarray]:
     """Both sides of each metadata column: ``col=1``/``col=0`` for a 0/1 column, ``col=v``/``col!=v`` otherwise
-    (empty cells on neither side; a column with more than MAX_METADATA_VALUES values is skipped)."""
+    (empty cells on neither side; a column with more than MAX_SLICE_VALUES values is skipped)."""
     out = {}
     for column, values in metadata.items():
-        values = np.asarray([str(v).strip() for v in values])
+        values, distinct = column_values(values)
         if len(values) != n:
             raise EngineError(f"metadata column {column!r} has {len(values)} values, expected one per image ({n})")
-        known = values != ""
-        distinct = sorted(set(values[known]))
-        if len(distinct) > MAX_METADATA_VALUES:
+        if len(distinct) > MAX_SLICE_VALUES:
             continue
+        known = values != ""
         if set(distinct) <= {"0", "1"}:
             out[f"{column}=1"], out[f"{column}=0"] = values == "1", values == "0"
         else:

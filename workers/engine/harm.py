@@ -172,7 +172,10 @@ class HarmInputs:
                 "summary": summary(name, tables["probe"], tables["zero_shot"])}
 
 
-def _column(values) -> tuple[np.ndarray, list[str]]:
+MAX_SLICE_VALUES = 50  # a metadata column with more distinct values is an identifier, not a slice
+
+
+def column_values(values) -> tuple[np.ndarray, list[str]]:
     """A metadata column's values as stripped strings, and its distinct non-empty values."""
     values = np.asarray([str(v).strip() for v in values])
     return values, sorted(set(values) - {""})
@@ -182,7 +185,7 @@ def metadata_columns(metadata: dict) -> dict[str, np.ndarray]:
     """Boolean indicators from metadata columns: a 0/1 column as itself, a categorical one as ``column=value``."""
     out = {}
     for column, values in metadata.items():
-        values, distinct = _column(values)
+        values, distinct = column_values(values)
         if set(distinct) <= {"0", "1"}:
             out[column] = values == "1"
         else:
@@ -206,9 +209,9 @@ def slice_accuracy(metadata: dict, predictions: dict, labels: np.ndarray, class_
     """Per metadata column and value: how many images, and each head's accuracy overall and per class."""
     out = {}
     for column, values in metadata.items():
-        values, distinct = _column(values)
-        if len(distinct) > 50:
-            continue  # an identifier, not a slice
+        values, distinct = column_values(values)
+        if len(distinct) > MAX_SLICE_VALUES:
+            continue
         out[column] = {}
         for v in distinct:
             mask = values == v
