@@ -48,18 +48,23 @@ def files_under(root: Path) -> list:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """One entry per call of the method ``owner.name`` from now on (the method still runs)."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 @pytest.fixture
 def member_lists(monkeypatch) -> list:
     """Each time zipfile builds the list of every member (memory in proportion to their number)."""
-    built = []
-    original = zipfile.ZipFile._RealGetContents
-
-    def counting(self):
-        built.append(1)
-        return original(self)
-
-    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", counting)
-    return built
+    return count_calls(monkeypatch, zipfile.ZipFile, "_RealGetContents")
 
 
 @pytest.fixture
@@ -120,14 +125,7 @@ def test_a_tar_over_the_member_limit_is_refused_without_reading_the_members_afte
             info = tarfile.TarInfo(f"nevus/{i}.png")
             info.size = 0
             tf.addfile(info, io.BytesIO(b""))
-    headers = []
-    original = tarfile.TarFile.next
-
-    def counting_next(self):
-        headers.append(1)
-        return original(self)
-
-    monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
+    headers = count_calls(monkeypatch, tarfile.TarFile, "next")
 
     response = post(client_for("member"), project, out.getvalue(), "d.tar.gz")
 
