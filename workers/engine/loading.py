@@ -375,7 +375,6 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
                      context_length=context, embed_dim=embed_dim, pool_type=pool_type)
 
 
-
 def register_model_config(config: dict | str | os.PathLike) -> str:
     """Register an open_clip model config (dict or JSON path) and return its name.
 
@@ -512,7 +511,6 @@ def _random_init_notice_dropped(name: str, *, when: bool):
         yield
     finally:
         root.removeFilter(notice)
-
 
 
 def load_clip(
