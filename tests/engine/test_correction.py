@@ -394,3 +394,15 @@ def test_harm_slices_split_each_flag_and_metadata_column():
     assert not any("latent 30" in name for name in slices)  # only the flags asked for
     with pytest.raises(EngineError, match="latent 7 is not one of the shortcut's latents"):
         harm_slices(shortcut, labels, BINARY, [("melanoma", 7)])
+
+
+def test_the_service_knows_the_engines_methods_and_anchors_by_their_names():
+    from workers.engine.config import ANCHORS, CORRECTION_METHODS, CorrectionOptions
+
+    assert tuple(REGISTRY) == CORRECTION_METHODS
+    assert CorrectionOptions.from_dict({"anchor": "clean"}).anchor == "clean"
+    for bad, words in (({"anchor": "middle"}, "anchor"), ({"C": 0}, "C"), ({"C": "1"}, "C"),
+                       ({"max_clean_drop": 2}, "max_clean_drop"), ({"tolerance": 1}, "tolerance")):
+        with pytest.raises(EngineError, match=words):
+            CorrectionOptions.from_dict(bad)
+    assert set(ANCHORS) == {"midpoint", "clean"}

@@ -206,6 +206,21 @@ class AuditConfig(_DictMixin):
         return templates
 
 
+CORRECTION_METHODS = ("project", "refit")  # workers.engine.correction.REGISTRY's names
+ANCHORS = ("midpoint", "clean")  # where "project" holds the shortcut's coordinate (workers.engine.correction)
+
+
+@_engine_errors
+@dataclass(config=_RULES)
+class CorrectionOptions(_DictMixin):
+    """A correction's options (``workers.engine.correction``)."""
+
+    anchor: Literal[ANCHORS] = "midpoint"  # "project": the point every image's shortcut coordinate is moved to
+    C: _real(gt=0.0, le=1e6) | None = None  # "refit": inverse regularization; None: chosen by cross-validation
+    # the accuracy the correction may cost on images without any chosen latent before its verdict fails
+    max_clean_drop: _Fraction = 0.02
+
+
 # --------------------------------------------------------------------------- server bounds
 
 @dataclasses.dataclass(frozen=True)

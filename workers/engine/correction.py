@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .activations import ActivationStore
+from .config import ANCHORS
 from .errors import EngineError, checkpoint
 from .harm import MAX_SLICE_VALUES, column_values
 from .heads import LinearProbe
@@ -50,7 +51,6 @@ from .hooks import VisionTail, select_tokens
 from .interventions import shifted_outputs
 from .sae import TopKSAE
 
-ANCHORS = ("midpoint", "clean")
 CV_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the grid a refit searches when no C is given
 CV_FOLDS = 3
 REDUNDANT_TOL = 1e-3  # a direction whose part outside the earlier ones is below this (unit vectors) adds nothing

@@ -29,11 +29,28 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 ENGINE_STAGES: tuple[str, ...] = STAGE_NAMES[:-1]
 
 
-def overall_percent(name: str, done: int, total: int) -> float:
-    """Percent of the whole audit when stage ``name`` has done ``done`` of ``total``."""
+# The stages of a correction (a corrected probe, its proof table, then the new probe's audit).
+CORRECTION_STAGES: tuple[Stage, ...] = (
+    Stage("extract", 35, False, "activations of the audited images"),
+    Stage("directions", 20, False, "what each chosen latent adds to the embedding"),
+    Stage("training", 15, False, "embeddings of the probe's training split (refit only)"),
+    Stage("correct", 5, False, "the corrected probe"),
+    Stage("compare", 5, False, "old and new probe on every slice"),
+    Stage("reaudit", 20, False, "the new probe's audit"),
+)
+CORRECTION_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in CORRECTION_STAGES)
+
+
+def overall_percent(name: str, done: int, total: int, stages: tuple[Stage, ...] = STAGES) -> float:
+    """Percent of the whole job (an audit, or a correction with ``stages=CORRECTION_STAGES``) when stage ``name``
+    has done ``done`` of ``total``."""
     before = 0.0
-    for s in STAGES:
+    for s in stages:
         if s.name == name:
             return round(before + s.weight * (done / total if total else 1.0), 2)
         before += s.weight
-    raise KeyError(f"no stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
+    raise KeyError(f"no stage '{name}'; the stages are {', '.join(s.name for s in stages)}")
+
+
+def correction_percent(name: str, done: int, total: int) -> float:
+    return overall_percent(name, done, total, CORRECTION_STAGES)
