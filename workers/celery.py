@@ -13,6 +13,7 @@ app = Celery("clip_audit")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workers"])
 app.autodiscover_tasks(["workers"], related_name="sharded")
+app.autodiscover_tasks(["workers"], related_name="corrections")
 
 
 @app.on_configure.connect

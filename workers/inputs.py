@@ -64,25 +64,36 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
         return target
 
 
+def load_model(clip_model):
+    """The registered model as a ClipBundle."""
+    m = clip_model
+    if m.pretrained_tag:
+        return load_clip(m.architecture, pretrained=m.pretrained_tag)
+    return load_clip(m.architecture or None, checkpoint=local_path(m.checkpoint, m.checkpoint_sha256),
+                     model_config=m.model_config)
+
+
+def load_probe(probe) -> LinearProbe:
+    """The registered probe."""
+    return LinearProbe.load(local_path(probe.file, probe.sha256), class_names=probe.class_names,
+                            normalization=probe.normalization)
+
+
+def dataset_images(dataset, fetch_images: bool = True) -> ImageFiles:
+    """A labelled dataset's images, with its metadata columns (``fetch_images``: see :func:`load_inputs`)."""
+    folder = dataset_folder(dataset, None if fetch_images else [])
+    rows, metadata = dataset_table(dataset)
+    classes = list(dataset.class_names)
+    return ImageFiles([folder / "images" / rel for rel, _ in rows], [classes.index(lab) for _, lab in rows],
+                      classes, ids=[rel for rel, _ in rows], metadata=metadata)
+
+
 def load_inputs(audit, fetch_images: bool = True):
     """(ClipBundle, LinearProbe, ImageFiles) for an audit; the images carry the dataset's metadata columns.
 
     ``fetch_images=False``: with remote storage, download no image yet (see :func:`dataset_folder`'s ``only``).
     """
-    m = audit.clip_model
-    if m.pretrained_tag:
-        bundle = load_clip(m.architecture, pretrained=m.pretrained_tag)
-    else:
-        bundle = load_clip(m.architecture or None, checkpoint=local_path(m.checkpoint, m.checkpoint_sha256),
-                           model_config=m.model_config)
-    probe = LinearProbe.load(local_path(audit.probe.file, audit.probe.sha256), class_names=audit.probe.class_names,
-                             normalization=audit.probe.normalization)
-    folder = dataset_folder(audit.dataset, None if fetch_images else [])
-    rows, metadata = dataset_table(audit.dataset)
-    classes = list(audit.dataset.class_names)
-    images = ImageFiles([folder / "images" / rel for rel, _ in rows], [classes.index(lab) for _, lab in rows],
-                        classes, ids=[rel for rel, _ in rows], metadata=metadata)
-    return bundle, probe, images
+    return load_model(audit.clip_model), load_probe(audit.probe), dataset_images(audit.dataset, fetch_images)
 
 
 SAE_CLASS = "unlabelled"  # the one class of the images an SAE trains on: their labels do not matter

@@ -41,7 +41,8 @@ from workers.engine.sae import TopKSAE
 from workers.engine.stages import STAGE_NAMES, STAGES
 from workers.inputs import dataset_folder, load_inputs, load_sae_images, sae_dataset_facts
 from workers.steps import run_step, stop
-from workers.storage import ARTIFACTS, SharedWork, remove_finished_work_folders, store_with_artifacts
+from workers.storage import (ARTIFACTS, SAE_ARTIFACTS, SharedWork, fetch_sae, remove_finished_work_folders,
+                             store_with_artifacts)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ SHARD_STAGES = tuple(s.name for s in STAGES if s.per_shard)
 # each per-shard stage is joined by the reduce step declared right after it
 REDUCE_AFTER = {name: STAGE_NAMES[STAGE_NAMES.index(name) + 1] for name in SHARD_STAGES}
 WAIT_SECONDS = 2  # how often a reduce step looks again for its stage's unfinished shards
-SAE_FILES = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json")
+SAE_FILES = SAE_ARTIFACTS
 
 
 # --------------------------------------------------------------------------- inputs, cached per worker process
@@ -206,7 +207,7 @@ def _extract(audit, row, progress) -> None:
 
 def _train_sae(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
-    sae_images = load_sae_images(audit)
+    sae_images = None if audit.sae_from_id else load_sae_images(audit)  # a reused SAE needs no training images
     if sae_images is None:
         store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
         train_progress = progress
@@ -216,6 +217,8 @@ def _train_sae(audit, row, progress) -> None:
         folder = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}" / "sae_activations"
         store, train_progress = pipeline.extract_sae_images(c["bundle"], sae_images, folder, c["config"],
                                                             c["device"], progress)
+    if audit.sae_from_id:  # fit_sae finds the earlier audit's SAE in the folder and reuses it
+        fetch_sae(audit.sae_from, work.path("sae"))
     pipeline.fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress)
     for rel in SAE_FILES:
         work.push(rel)

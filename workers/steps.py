@@ -1,4 +1,4 @@
-"""Running one claimed piece of an audit (the whole audit in one task, or one step of a sharded audit): its
+"""Running one claimed piece of a job (a whole audit or correction in one task, or one step of a sharded audit): its
 heartbeat, its progress, cancellation, time limit and memory ceiling, and the one error policy of every task."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import time
 from django.conf import settings
 from django.db import OperationalError, connection
 
-from audit_service.audits.models import Audit, AuditShard, IllegalTransition, Status
+from audit_service.audits.liveness import worker_identity
+from audit_service.audits.models import AuditShard, IllegalTransition, Job, Status
 from workers.engine.errors import AuditCancelled, EngineError, is_gpu_out_of_memory, is_out_of_memory, watched_by
 from workers.engine.stages import overall_percent
 
@@ -61,8 +62,9 @@ class Progress:
     ``write_percent=False`` (one shard of a sharded audit: the shards' rows carry the percent) only checks.
     """
 
-    def __init__(self, audit: Audit, write_percent: bool = True, stage: str = "loading"):
-        self.audit = audit
+    def __init__(self, audit: Job, write_percent: bool = True, stage: str = "loading", percent=overall_percent):
+        self.audit = audit  # the job: an audit, or a correction (``percent``: its stages' weights)
+        self.percent = percent
         self.write_percent = write_percent
         self.last = 0.0  # when the percent was written
         self.polled = 0.0  # when cancellation was looked up
@@ -82,7 +84,7 @@ class Progress:
             return
         self.last = now
         if self.write_percent:
-            self.audit.mark_running(stage, overall_percent(stage, done, total))
+            self.audit.mark_running(stage, self.percent(stage, done, total))
 
     def checkpoint(self) -> None:
         """The engine's long loops call this between their iterations (``workers.engine.errors.checkpoint``)."""
@@ -101,7 +103,7 @@ class Progress:
                               "SAE, a faster worker, or raise the limit")
         if force_poll or now - self.polled >= settings.AUDIT_PROGRESS_EVERY_SECONDS:
             self.polled = now
-            if Audit.objects.filter(pk=self.audit.pk, cancel_requested=True).exists():
+            if self.audit.cancel_was_requested():
                 raise AuditCancelled()
 
     def reserve(self, nbytes: int, what: str) -> None:
@@ -114,7 +116,7 @@ class Progress:
     def out_of_memory(self, what: str, remedy: str = " or raise WORKER_TASK_MEMORY_MB") -> OutOfMemory:
         """The error of a task that ran out of memory: what happened, where, and which option to lower."""
         advice = MEMORY_ADVICE.get(self.stage, "lower sae.batch_size / batch_size")
-        return OutOfMemory(f"the audit {what} at stage '{self.stage}'; {advice}{remedy}")
+        return OutOfMemory(f"the {self.audit.noun} {what} at stage '{self.stage}'; {advice}{remedy}")
 
     def allocation_failed(self, exc: BaseException) -> OutOfMemory:
         """An allocation torch, numpy or Python refused (the machine's or the GPU's memory, not the ceiling)."""
@@ -153,10 +155,10 @@ def release_memory() -> None:
 
 
 class Heartbeat(threading.Thread):
-    """Calls ``claimed.beat()`` (an Audit or an AuditShard) every AUDIT_HEARTBEAT_SECONDS, however long a batch
+    """Calls ``claimed.beat()`` (a job or an AuditShard) every AUDIT_HEARTBEAT_SECONDS, however long a batch
     takes."""
 
-    def __init__(self, claimed: Audit | AuditShard):
+    def __init__(self, claimed: Job | AuditShard):
         super().__init__(name=f"heartbeat-{claimed}", daemon=True)
         self.claimed = claimed
         self.stopped = threading.Event()
@@ -176,7 +178,28 @@ class Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
-def stop(audit: Audit, clean, *, cancelled: bool = False, reason: str = "") -> None:
+def claim_delivery(job: Job | None, noun: str, pk: int) -> bool:
+    """Whether this delivery of a job's task message should run it: the job exists, is not finished, is not run
+    by a live worker, has attempts left (else it is given up), and this worker won the claim."""
+    if job is None:
+        log.warning("%s %s no longer exists; dropping the task", noun, pk)
+        return False
+    if job.is_finished:
+        log.info("%s is already %s; ignoring a duplicate delivery", job, job.status)
+        return False
+    if job.status == Status.RUNNING and not job.is_abandoned():
+        log.info("%s is being run by %s; ignoring a duplicate delivery", job, job.worker_host or "its steps")
+        return False
+    if job.out_of_attempts:
+        job.give_up()
+        return False
+    if not job.claim(worker_identity()):
+        log.info("%s was claimed by another worker meanwhile; ignoring this delivery", job)
+        return False
+    return True
+
+
+def stop(audit: Job, clean, *, cancelled: bool = False, reason: str = "") -> None:
     """Fail or cancel the audit (whichever worker gets there first); ``clean()`` removes its files once it is
     failed or cancelled (not when it moved on meanwhile, e.g. requeued for another attempt)."""
     audit.refresh_from_db()
@@ -189,7 +212,8 @@ def stop(audit: Audit, clean, *, cancelled: bool = False, reason: str = "") -> N
         clean()
 
 
-def run_step(task, audit: Audit, body, clean=lambda: None, row: AuditShard | None = None) -> str:
+def run_step(task, audit: Job, body, clean=lambda: None, row: AuditShard | None = None,
+             percent=overall_percent) -> str:
     """Run ``body(progress)`` for a claimed audit (``row`` None) or a claimed step ``row`` of it, with a heartbeat.
 
     The engine's checkpoints inside ``body`` answer to ``progress`` (cancellation, time limit, memory ceiling).
@@ -201,12 +225,12 @@ def run_step(task, audit: Audit, body, clean=lambda: None, row: AuditShard | Non
     "done", "cancelled" or "failed".
     """
     claimed = row or audit
-    where = f"{row.stage} shard {row.index}" if row else "the audit"
+    where = f"{row.stage} shard {row.index}" if row else f"the {audit.noun}"
     heartbeat = Heartbeat(claimed)
     heartbeat.start()
     # the time limit and cancellation for every step; the percent only where no rows carry it
     progress = Progress(audit, write_percent=row is None or row.stage == "train_sae",
-                        stage=row.stage if row else "loading")
+                        stage=row.stage if row else "loading", percent=percent)
     ran_out = False
     try:
         with watched_by(progress):
@@ -230,10 +254,10 @@ def run_step(task, audit: Audit, body, clean=lambda: None, row: AuditShard | Non
     except Exception as exc:  # a bug or an unexpected input: fail loudly rather than hang
         if is_out_of_memory(exc):
             ran_out = True
-            log.warning("audit %s: %s ran out of memory: %s", audit.pk, where, exc)
+            log.warning("%s: %s ran out of memory: %s", audit, where, exc)
             stop(audit, clean, reason=progress.allocation_failed(exc).message)
             return "failed"
-        log.exception("audit %s: %s failed", audit.pk, where)
+        log.exception("%s: %s failed", audit, where)
         stop(audit, clean, reason=f"internal error{'' if row is None else f' in {where}'}: {type(exc).__name__}: "
                                   f"{exc}")
         return "failed"

@@ -12,7 +12,8 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from audit_service.audits.models import FINISHED, Audit
+from audit_service.audits.models import FINISHED, Audit, Correction
+from workers.engine.errors import EngineError
 from workers.inputs import download
 
 ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz")
@@ -25,6 +26,25 @@ def replace_stored(key: str, path) -> str:
         default_storage.delete(key)
     with open(path, "rb") as fh:
         return default_storage.save(key, File(fh))
+
+
+SAE_ARTIFACTS = ARTIFACTS[:3]  # what reloads an audit's SAE (``TopKSAE.load`` and the metrics it was trained to)
+
+
+def fetch_sae(audit, folder) -> Path:
+    """Copy the SAE a succeeded audit stored into ``folder`` (sae.safetensors, sae.json, metrics.json), where the
+    engine finds a trained SAE and reuses it; returns ``folder``."""
+    folder = Path(folder)
+    artifacts = (audit.result or {}).get("artifacts") or {}
+    missing = [rel for rel in SAE_ARTIFACTS if rel not in artifacts]
+    if missing:
+        raise EngineError(f"audit {audit.pk} kept no SAE ({', '.join(missing)} missing); run it again")
+    for rel in SAE_ARTIFACTS:
+        target = folder / Path(rel).name
+        if not target.exists():
+            with default_storage.open(artifacts[rel], "rb") as src:
+                download(src, target)
+    return folder
 
 
 def save_artifacts(audit, workdir) -> dict:
@@ -58,21 +78,24 @@ def store_with_artifacts(audit, result: dict, workdir, store) -> None:
 
 
 def remove_finished_work_folders() -> list[int]:
-    """Delete this host's scratch folders (AUDIT_WORK_DIR/audit-<id>) of audits that are finished or gone.
+    """Delete this host's scratch folders (AUDIT_WORK_DIR/audit-<id>, correction-<id>) of audits and corrections
+    that are finished or gone; returns the audits' ids.
 
     Workers of a sharded audit keep local copies of what they read from S3; the audit's last step removes
     only its own worker's copy.
     """
-    folders = {}
-    for path in Path(settings.AUDIT_WORK_DIR).glob("audit-*"):
-        pk = path.name.removeprefix("audit-")
-        if pk.isdigit():
-            folders[int(pk)] = path
-    alive = set(Audit.objects.filter(pk__in=folders).exclude(status__in=FINISHED).values_list("pk", flat=True))
-    removed = sorted(pk for pk in folders if pk not in alive)
-    for pk in removed:
-        shutil.rmtree(folders[pk], ignore_errors=True)
-    return removed
+    removed = {}
+    for model, prefix in ((Audit, "audit-"), (Correction, "correction-")):
+        folders = {}
+        for path in Path(settings.AUDIT_WORK_DIR).glob(f"{prefix}*"):
+            pk = path.name.removeprefix(prefix)
+            if pk.isdigit():
+                folders[int(pk)] = path
+        alive = set(model.objects.filter(pk__in=folders).exclude(status__in=FINISHED).values_list("pk", flat=True))
+        removed[model] = sorted(pk for pk in folders if pk not in alive)
+        for pk in removed[model]:
+            shutil.rmtree(folders[pk], ignore_errors=True)
+    return removed[Audit]
 
 
 class SharedWork:

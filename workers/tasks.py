@@ -10,15 +10,15 @@ from django.conf import settings
 from django.db import OperationalError, transaction
 from django.utils import timezone
 
-from audit_service.audits.liveness import worker_identity
-from audit_service.audits.models import Audit, IllegalTransition, Status, store_result
+from audit_service.audits.corrections import enqueue_correction, finish_after_reaudit
+from audit_service.audits.models import FINISHED, REAUDIT_STAGE, Audit, Correction, IllegalTransition, Status, store_result
 from audit_service.audits.services import enqueue
 from workers import sharded
 from workers.engine import run_audit as run_engine
 from workers.engine.config import AuditConfig
 from workers.inputs import load_inputs, load_sae_images, sae_dataset_facts
-from workers.steps import run_step
-from workers.storage import remove_finished_work_folders, remove_leftover_work, store_with_artifacts
+from workers.steps import claim_delivery, run_step
+from workers.storage import fetch_sae, remove_finished_work_folders, remove_leftover_work, store_with_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +28,7 @@ log = logging.getLogger(__name__)
 def run_audit(self, audit_id: int) -> None:
     """Claim the audit (a duplicate delivery is ignored) and run it here, or send its shards to every worker."""
     audit = Audit.objects.filter(pk=audit_id).select_related("clip_model", "probe", "dataset", "sae_dataset").first()
-    if audit is None:
-        log.warning("audit %s no longer exists; dropping the task", audit_id)
-        return
-    if audit.is_finished:
-        log.info("audit %s is already %s; ignoring a duplicate delivery", audit_id, audit.status)
-        return
-    if audit.status == Status.RUNNING and not audit.is_abandoned():
-        log.info("audit %s is being run by %s; ignoring a duplicate delivery", audit_id, audit.worker_host)
-        return
-    if audit.out_of_attempts:
-        audit.give_up()
-        return
-    if not audit.claim(worker_identity()):
-        log.info("audit %s was claimed by another worker meanwhile; ignoring this delivery", audit_id)
+    if not claim_delivery(audit, "audit", audit_id):
         return
     if audit.shards or audit.dataset.n_images > settings.AUDIT_SHARD_SIZE:
         run_step(self, audit, lambda progress: sharded.start(audit))  # one task per shard and step (chords)
@@ -56,8 +43,10 @@ def _run_here(audit: Audit, workdir, progress) -> None:
     """The whole audit in this task: the engine end to end, then its rows and artifacts stored."""
     audit.mark_running("loading", 0.0)
     bundle, probe, images = load_inputs(audit)
+    if audit.sae_from_id:  # the engine finds the earlier audit's SAE in its folder and reuses it
+        fetch_sae(audit.sae_from, workdir / "sae")
     result = run_engine(AuditConfig.from_dict(audit.config), bundle, probe, images, progress, workdir=workdir,
-                        sae_images=load_sae_images(audit))
+                        sae_images=None if audit.sae_from_id else load_sae_images(audit))
     audit.device = result.environment["device"]
     audit.save(update_fields=["device"])
     data = result.to_dict()
@@ -67,36 +56,46 @@ def _run_here(audit: Audit, workdir, progress) -> None:
 
 @shared_task(name="workers.tasks.reap_stale_audits")
 def reap_stale_audits() -> dict:
-    """Requeue (or give up) running audits whose worker is gone; re-send queued audits' lost messages; remove
-    files that stopped workers left.
+    """Requeue (or give up) running audits and corrections whose worker is gone; re-send queued ones' lost
+    messages; finish corrections whose re-audit finished unnoticed; remove files that stopped workers left.
 
-    Runs every AUDIT_REAP_EVERY_SECONDS (Celery beat) and when a worker starts.
+    Runs every AUDIT_REAP_EVERY_SECONDS (Celery beat) and when a worker starts. Returns what it did: audits'
+    ids at the top level, corrections' under "corrections".
     """
     now = timezone.now()
+    done = _reap(Audit, enqueue, now)
+    done["corrections"] = _reap(Correction, enqueue_correction, now)
+    for correction in Correction.objects.filter(status=Status.RUNNING, stage=REAUDIT_STAGE,
+                                                reaudit__status__in=FINISHED):
+        finish_after_reaudit(correction.pk)  # its re-audit's worker stopped before it could tell
+        done["corrections"].setdefault("answered", []).append(correction.pk)
+    done["cleaned"] = remove_leftover_work()
+    if any(v for k, v in done.items() if k != "corrections") or any(done["corrections"].values()):
+        log.warning("reaper: %s", done)
+    remove_finished_work_folders()
+    return done
+
+
+def _reap(model, send, now) -> dict:
     done = {"requeued": [], "failed": [], "resent": []}
-    for audit in Audit.objects.filter(status=Status.RUNNING):
-        if not audit.is_abandoned(now):
+    for job in model.objects.filter(status=Status.RUNNING):
+        if not job.is_abandoned(now):
             continue
         try:
             with transaction.atomic():
-                if audit.out_of_attempts:
-                    audit.give_up()
-                    done["failed"].append(audit.pk)
+                if job.out_of_attempts:
+                    job.give_up()
+                    done["failed"].append(job.pk)
                 else:
-                    log.warning("audit %s: worker %s stopped during %s; requeued (attempt %s of %s used)",
-                                audit.pk, audit.worker_host or "of a shard", audit.stage, audit.attempts,
-                                settings.AUDIT_MAX_ATTEMPTS)
-                    audit.requeue()
-                    transaction.on_commit(lambda pk=audit.pk: enqueue(pk))
-                    done["requeued"].append(audit.pk)
+                    log.warning("%s: worker %s stopped during %s; requeued (attempt %s of %s used)", job,
+                                job.worker_host or "of a shard", job.stage, job.attempts, settings.AUDIT_MAX_ATTEMPTS)
+                    job.requeue()
+                    transaction.on_commit(lambda pk=job.pk: send(pk))
+                    done["requeued"].append(job.pk)
         except IllegalTransition:
             continue  # it moved on meanwhile: finished, or claimed by a worker
     stale_message = now - timedelta(seconds=settings.AUDIT_REQUEUE_QUEUED_AFTER_SECONDS)
-    for audit in Audit.objects.filter(status=Status.QUEUED, enqueued_at__lt=stale_message):
-        enqueue(audit.pk)
-        done["resent"].append(audit.pk)
-    done["cleaned"] = remove_leftover_work()
-    if any(done.values()):
-        log.warning("reaper: %s", done)
-    remove_finished_work_folders()
+    for job in model.objects.filter(status=Status.QUEUED, enqueued_at__lt=stale_message):
+        send(job.pk)
+        done["resent"].append(job.pk)
     return done

@@ -4,7 +4,8 @@ Two audits train two SAEs, so latent 17 of one has nothing to do with latent
 17 of the other. Flags are matched by what their latents mean instead: the
 cosine similarity of their semantic embeddings (the mean embedding of each
 latent's reference images), within the same head and class, one-to-one,
-most similar pairs first, above ``threshold``.
+most similar pairs first, above ``threshold``. Two audits of one SAE (a corrected probe's re-audit reuses the
+original audit's) share their latents, so their flags are matched latent by latent.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import numpy as np
 DEFAULT_THRESHOLD = 0.9
 
 
-def match_flags(baseline: list[dict], current: list[dict], threshold: float = DEFAULT_THRESHOLD) -> dict:
+def match_flags(baseline: list[dict], current: list[dict], threshold: float = DEFAULT_THRESHOLD,
+                same_sae: bool = False) -> dict:
     """``baseline`` / ``current``: dicts with head, class_name, latent, label, share, semantic (unit vector or
-    None), verdict (latest review or None). Returns new / gone / changed / unchanged lists of entries."""
+    None), verdict (latest review or None). Returns new / gone / changed / unchanged lists of entries.
+    ``same_sae``: both audits' latents come from one SAE; a pair is the same latent (similarity 1)."""
     out = {"new": [], "gone": [], "changed": [], "unchanged": []}
     groups = sorted({(f["head"], f["class_name"]) for f in baseline + current})
     for head, class_name in groups:
@@ -24,7 +27,10 @@ def match_flags(baseline: list[dict], current: list[dict], threshold: float = DE
         pairs = []
         for i, a in enumerate(old):
             for j, b in enumerate(new):
-                if a.get("semantic") is not None and b.get("semantic") is not None:
+                if same_sae:
+                    if a["latent"] == b["latent"]:
+                        pairs.append((1.0, i, j))
+                elif a.get("semantic") is not None and b.get("semantic") is not None:
                     sim = float(np.dot(a["semantic"], b["semantic"]))
                     if sim >= threshold:
                         pairs.append((sim, i, j))
@@ -65,10 +71,13 @@ def flag_dicts(audit) -> list[dict]:
 
 def audit_diff(baseline, current, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """The diff of two succeeded audits of one project, with what the numbers can and cannot be trusted for."""
-    result = match_flags(flag_dicts(baseline), flag_dicts(current), threshold)
+    same_sae = (current.sae_from_id == baseline.pk or baseline.sae_from_id == current.pk
+                or (current.sae_from_id is not None and current.sae_from_id == baseline.sae_from_id))
+    result = match_flags(flag_dicts(baseline), flag_dicts(current), threshold, same_sae)
     same_model = baseline.clip_model_id == current.clip_model_id
     result.update({
         "baseline": baseline.pk, "audit": current.pk, "threshold": threshold, "same_model": same_model,
+        "same_sae": same_sae, "matched_by": "latent (one SAE)" if same_sae else "meaning (semantic embedding)",
         "counts": {k: len(result[k]) for k in ("new", "gone", "changed", "unchanged")},
         "note": "" if same_model else (
             "the audits use different models, so their latents' meanings are compared across two embedding "

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from audit_service.projects.models import Project
 from audit_service.registry.models import ClipModel, Dataset, Probe
-from workers.engine.stages import STAGE_NAMES, STAGES, overall_percent
+from workers.engine.stages import STAGE_NAMES, STAGES, correction_percent, overall_percent
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, Confirmation, Head, model_values
 from .liveness import worker_gone
@@ -35,16 +35,13 @@ ALLOWED = {
 }
 
 
-class Audit(models.Model):
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="audits")
-    clip_model = models.ForeignKey(ClipModel, on_delete=models.PROTECT, related_name="audits")
-    probe = models.ForeignKey(Probe, on_delete=models.PROTECT, related_name="audits")
-    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="audits")
-    # a (larger, maybe unlabelled) dataset of the project the SAE is trained on instead of ``dataset``
-    sae_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT,
-                                    related_name="sae_audits")
-    config = models.JSONField(default=dict)  # workers.engine.AuditConfig.to_dict()
-    context = models.JSONField(default=dict, blank=True)  # what the submitter attached, e.g. case-study metrics
+class Job(models.Model):
+    """A job a worker runs (an audit, a correction): its state machine, progress, attempts and heartbeat.
+
+    Every transition is a conditional update (the row moves only from the state this object read), so two
+    workers, the reaper and a user's cancel never overwrite each other.
+    """
+
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     stage = models.CharField(max_length=30, blank=True)
     percent = models.FloatField(default=0.0)  # overall, 0..100
@@ -54,38 +51,48 @@ class Audit(models.Model):
     worker_host = models.CharField(max_length=200, blank=True)
     device = models.CharField(max_length=100, blank=True)
     timings = models.JSONField(default=dict)  # stage -> seconds
-    result = models.JSONField(null=True, blank=True)  # the engine's AuditResult, once succeeded
+    result = models.JSONField(null=True, blank=True)  # what the job found, once succeeded
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)  # when its task message was last sent
-    # dataset shards the audit is spread over (AUDIT_SHARD_SIZE images each); 0: it runs as one task
-    shards = models.PositiveIntegerField(default=0)
+
+    noun = "job"
 
     class Meta:
+        abstract = True
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"audit {self.pk} ({self.status})"
+        return f"{self.noun} {self.pk} ({self.status})"
 
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED
 
+    def _rows(self, **conditions):
+        """This job's row, while ``conditions`` hold (one filter call: the row and the conditions together)."""
+        return type(self)._default_manager.filter(pk=self.pk, **conditions)
+
     # ------------------------------------------------------------------ transitions
     def _move(self, to: str, **fields) -> None:
         """Move to ``to`` only if the row is still where this object thinks it is (conditional update)."""
         if to not in ALLOWED[self.status]:
-            raise IllegalTransition(f"audit {self.pk} is {self.status}; it cannot become {to}")
-        updated = Audit.objects.filter(pk=self.pk, status=self.status).update(status=to, **fields)
+            raise IllegalTransition(f"{self.noun} {self.pk} is {self.status}; it cannot become {to}")
+        updated = self._rows(status=self.status).update(status=to, **fields)
         if not updated:
-            current = Audit.objects.filter(pk=self.pk).values_list("status", flat=True).first()
-            raise IllegalTransition(f"audit {self.pk} changed to {current} meanwhile; it cannot become {to}")
+            current = self._rows().values_list("status", flat=True).first()
+            raise IllegalTransition(f"{self.noun} {self.pk} changed to {current} meanwhile; it cannot become {to}")
         self.status = to
         for key, value in fields.items():
             setattr(self, key, value)
+        if to in FINISHED:
+            self.finished()
+
+    def finished(self) -> None:
+        """Called once the job reached a final state (in the transaction that moved it, if any)."""
 
     def mark_running(self, stage: str, percent: float, *, worker_host: str = "", device: str = "") -> None:
         fields = {"stage": stage, "percent": percent, "heartbeat_at": timezone.now()}
@@ -105,21 +112,21 @@ class Audit(models.Model):
         self._move(Status.FAILED, error=reason[:10000], finished_at=timezone.now())
 
     def cancel(self) -> None:
-        """A queued audit is cancelled at once; a running one is asked to stop between batches."""
+        """A queued job is cancelled at once; a running one is asked to stop between batches."""
         if self.status == Status.QUEUED:
             self._move(Status.CANCELLED, finished_at=timezone.now(), stage="cancelled")
         elif self.status == Status.RUNNING:
-            Audit.objects.filter(pk=self.pk).update(cancel_requested=True)
+            self._rows().update(cancel_requested=True)
             self.cancel_requested = True
         else:
-            raise IllegalTransition(f"audit {self.pk} is {self.status}; only queued or running audits can be "
-                                    "cancelled")
+            raise IllegalTransition(f"{self.noun} {self.pk} is {self.status}; only queued or running "
+                                    f"{self.noun}s can be cancelled")
 
     def confirm_cancelled(self) -> None:
         self._move(Status.CANCELLED, finished_at=timezone.now(), stage="cancelled")
 
     def requeue(self) -> None:
-        """Put a running audit whose worker is gone back in the queue; the next delivery starts a new attempt."""
+        """Put a running job whose worker is gone back in the queue; the next delivery starts a new attempt."""
         self._move(Status.QUEUED, heartbeat_at=None, stage="requeued")
 
     @property
@@ -127,8 +134,8 @@ class Audit(models.Model):
         return self.attempts >= settings.AUDIT_MAX_ATTEMPTS
 
     def give_up(self) -> None:
-        self.fail(f"the audit was started {self.attempts} times and never finished (its workers crashed, were "
-                  "killed or lost the database); it was given up after AUDIT_MAX_ATTEMPTS attempts. Check the "
+        self.fail(f"the {self.noun} was started {self.attempts} times and never finished (its workers crashed, "
+                  "were killed or lost the database); it was given up after AUDIT_MAX_ATTEMPTS attempts. Check the "
                   "workers' logs and memory, then submit it again")
 
     # ------------------------------------------------------------------ the worker that runs it
@@ -136,23 +143,56 @@ class Audit(models.Model):
         """Start the next attempt on ``worker``. Of several deliveries that read this row, one wins: the update
         holds only while status and attempts are what this object read."""
         now = timezone.now()
-        claimed = Audit.objects.filter(pk=self.pk, status=self.status, attempts=self.attempts).update(
+        claimed = self._rows(status=self.status, attempts=self.attempts).update(
             attempts=models.F("attempts") + 1, worker_host=worker, heartbeat_at=now)
         if claimed:
             self.attempts, self.worker_host, self.heartbeat_at = self.attempts + 1, worker, now
         return bool(claimed)
 
     def beat(self) -> None:
-        """The heartbeat of the worker that claimed it (a worker that lost it to another writes nothing; the
-        steps of a sharded audit beat through their rows)."""
+        """The heartbeat of the worker that claimed it (a worker that lost it to another writes nothing)."""
         if self.worker_host:
-            Audit.objects.filter(pk=self.pk, status=Status.RUNNING, worker_host=self.worker_host).update(
+            self._rows(status=Status.RUNNING, worker_host=self.worker_host).update(
                 heartbeat_at=timezone.now())
 
     def release(self) -> None:
         """Let a retried delivery claim it again at once: without a heartbeat it counts as abandoned."""
-        Audit.objects.filter(pk=self.pk).update(heartbeat_at=None)
+        self._rows().update(heartbeat_at=None)
         self.heartbeat_at = None
+
+    def is_abandoned(self, now=None) -> bool:
+        """A running job whose worker is gone: its process on this host died, or its heartbeat stopped."""
+        return self.status == Status.RUNNING and worker_gone(self.worker_host, self.heartbeat_at, now or timezone.now())
+
+    def cancel_was_requested(self) -> bool:
+        return self._rows(cancel_requested=True).exists()
+
+
+class Audit(Job):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="audits")
+    clip_model = models.ForeignKey(ClipModel, on_delete=models.PROTECT, related_name="audits")
+    probe = models.ForeignKey(Probe, on_delete=models.PROTECT, related_name="audits")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="audits")
+    # a (larger, maybe unlabelled) dataset of the project the SAE is trained on instead of ``dataset``
+    sae_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT,
+                                    related_name="sae_audits")
+    # an earlier audit whose SAE this one reuses instead of training one (a corrected probe's re-audit: its
+    # latents are the earlier audit's, so flags compare latent by latent)
+    sae_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="sae_reused_by")
+    config = models.JSONField(default=dict)  # workers.engine.AuditConfig.to_dict()
+    context = models.JSONField(default=dict, blank=True)  # what the submitter attached, e.g. case-study metrics
+    # dataset shards the audit is spread over (AUDIT_SHARD_SIZE images each); 0: it runs as one task
+    shards = models.PositiveIntegerField(default=0)
+
+    noun = "audit"
+
+    class Meta(Job.Meta):
+        pass
+
+    def finished(self) -> None:
+        # a correction waiting for this audit (its re-audit of the corrected probe) finishes with it
+        for correction in Correction.objects.filter(reaudit=self, status=Status.RUNNING):
+            transaction.on_commit(lambda pk=correction.pk: answer_reaudit(pk))
 
     def is_abandoned(self, now=None) -> bool:
         """A running audit whose worker is gone: its process on this host died, or its heartbeat stopped. A
@@ -384,6 +424,68 @@ class Review(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+
+
+REAUDIT_STAGE = "reaudit"  # a correction's last stage: waiting for the new probe's audit
+BEFORE_REAUDIT = correction_percent(REAUDIT_STAGE, 0, 1)  # its percent once that audit is submitted
+
+
+class Correction(Job):
+    """A corrected probe made from an audit's flags: the job that makes it, its proof table and its re-audit.
+
+    The worker measures the chosen flags' latents, writes the new probe (a version of the audited one, registered
+    in the project) and the old-vs-new table, then submits the new probe's audit (``reaudit``, reusing the SAE),
+    and the correction stays running, at stage "reaudit", until that audit finishes: its diff against the
+    original audit is the last part of the result (``answer_reaudit``).
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="corrections")
+    audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="corrections")
+    flags = models.ManyToManyField(Flag, related_name="corrections")
+    method = models.CharField(max_length=20, blank=True)  # as asked ("" : the engine chooses); result says which ran
+    options = models.JSONField(default=dict, blank=True)  # anchor, C, max_clean_drop
+    training_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT,
+                                         related_name="corrections")
+    new_probe = models.OneToOneField(Probe, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="made_by")
+    reaudit = models.OneToOneField(Audit, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="reaudit_of")
+
+    noun = "correction"
+
+    class Meta(Job.Meta):
+        pass
+
+    @property
+    def overall_percent(self) -> float:
+        """Its percent; while the re-audit runs, the re-audit's progress fills the correction's last stage."""
+        if self.waiting_for_reaudit and self.reaudit is not None:
+            return round(BEFORE_REAUDIT + (100.0 - BEFORE_REAUDIT) * self.reaudit.percent / 100.0, 2)
+        return self.percent
+
+    @property
+    def waiting_for_reaudit(self) -> bool:
+        return self.status == Status.RUNNING and self.stage == REAUDIT_STAGE
+
+    def is_abandoned(self, now=None) -> bool:
+        # while its re-audit runs, no worker holds the correction: the re-audit has its own heartbeat and reaper
+        return not self.waiting_for_reaudit and super().is_abandoned(now)
+
+    def cancel(self) -> None:
+        """Cancelling a correction that waits for its re-audit cancels that audit (and the correction with it)."""
+        if self.waiting_for_reaudit and self.reaudit is not None and not self.reaudit.is_finished:
+            self.reaudit.cancel()
+            self._rows().update(cancel_requested=True)
+            self.cancel_requested = True
+            return
+        super().cancel()
+
+
+def answer_reaudit(correction_id: int) -> None:
+    """Finish a correction whose re-audit finished (lazy import: the diff reads these models)."""
+    from .corrections import finish_after_reaudit
+
+    finish_after_reaudit(correction_id)
 
 
 def store_result(audit: Audit, result: dict, timings: dict) -> None:

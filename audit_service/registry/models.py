@@ -75,6 +75,10 @@ class Probe(models.Model):
     class_names = models.JSONField()
     normalization = models.CharField(max_length=10, choices=Normalization.choices, default=Normalization.L2)
     embed_dim = models.PositiveIntegerField()
+    # lineage: a corrected probe is a version of the probe it was made from (audits.Correction.new_probe says
+    # from which audit, flags, method and options)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="versions")
+    version = models.PositiveIntegerField(default=1)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 

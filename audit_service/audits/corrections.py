@@ -1,0 +1,192 @@
+"""Corrections: submitting one, and finishing it once its re-audit finished (the diff and the verdict)."""
+from __future__ import annotations
+
+from celery import current_app
+from django.db import transaction
+from django.utils import timezone
+
+from audit_service.registry.models import DatasetPurpose
+from audit_service.registry.services import RegistrationError
+from workers.engine.config import CORRECTION_METHODS as METHODS
+from workers.engine.config import CorrectionOptions
+from workers.engine.errors import EngineError
+
+from .diff import audit_diff
+from .models import Audit, Correction, Flag, Status, Verdict
+
+RUN_CORRECTION_TASK = "workers.corrections.run_correction"
+SAE_ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json")
+
+
+def busy_jobs(project) -> int:
+    """Audits and corrections of the project that are queued or running (they share its concurrency limit)."""
+    live = [Status.QUEUED, Status.RUNNING]
+    return (Audit.objects.filter(project=project, status__in=live).count()
+            + Correction.objects.filter(project=project, status__in=live).count())
+
+
+def default_flags(audit: Audit) -> list[Flag]:
+    """The audit's probe flags whose latest review calls them a confirmed shortcut."""
+    flags = audit.flags.filter(head="probe").prefetch_related("reviews")
+    return [f for f in flags if f.latest_review and f.latest_review.verdict == Verdict.CONFIRMED_SHORTCUT]
+
+
+def correction_options(options) -> dict:
+    """The correction's options, typed and in range (``CorrectionOptions``), as stored."""
+    try:
+        return CorrectionOptions.from_dict(options).to_dict()
+    except EngineError as exc:
+        raise RegistrationError(exc.message, field="options") from exc
+
+
+def create_correction(*, audit: Audit, user, flag_ids: list | None = None, method: str = "",
+                      options: dict | None = None, training_dataset=None) -> Correction:
+    """Check the request, create the correction and enqueue it once the row is committed.
+
+    ``flag_ids``: probe flags of ``audit`` (None: the ones reviewed as confirmed shortcuts). ``method``:
+    "project", "refit" or "" (refit when a training dataset is given, else project). ``training_dataset``: a
+    labelled dataset of the project, the probe's training split (labels.csv format), for "refit".
+    """
+    if audit.status != Status.SUCCEEDED:
+        raise RegistrationError(f"audit {audit.pk} is {audit.status}; only a succeeded audit can be corrected",
+                                field="audit")
+    artifacts = (audit.result or {}).get("artifacts") or {}
+    if not all(rel in artifacts for rel in SAE_ARTIFACTS):
+        raise RegistrationError(f"audit {audit.pk} kept no SAE (it was stored by an older version); run the audit "
+                                "again, then correct the new one", field="audit")
+    flags = _chosen_flags(audit, flag_ids)
+    if method not in ("", *METHODS):
+        raise RegistrationError(f"method must be one of {', '.join(METHODS)} (or empty: refit when a training "
+                                f"dataset is given, else project), got {method!r}", field="method")
+    options = correction_options(options)
+    _check_training(audit, method, training_dataset, options)
+    running = busy_jobs(audit.project)
+    if running >= audit.project.max_concurrent_audits:
+        raise RegistrationError(f"project '{audit.project.name}' already has {running} audits and corrections "
+                                f"queued or running (limit {audit.project.max_concurrent_audits}); wait for one to "
+                                "finish or cancel one", field="project")
+    with transaction.atomic():
+        correction = Correction.objects.create(project=audit.project, audit=audit, method=method, options=options,
+                                               training_dataset=training_dataset, created_by=user)
+        correction.flags.set(flags)
+        transaction.on_commit(lambda: enqueue_correction(correction.pk))
+    return correction
+
+
+def _chosen_flags(audit: Audit, flag_ids) -> list[Flag]:
+    if flag_ids is None:
+        flags = default_flags(audit)
+        if not flags:
+            raise RegistrationError("no flag chosen and none of this audit's probe flags is reviewed as a confirmed "
+                                    "shortcut; review the flags, or name them (flags: [flag ids])", field="flags")
+        return flags
+    if not isinstance(flag_ids, list) or not flag_ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in flag_ids):
+        raise RegistrationError("flags must be a non-empty list of flag ids (integers) of this audit", field="flags")
+    found = {f.pk: f for f in audit.flags.filter(pk__in=flag_ids)}
+    missing = [i for i in flag_ids if i not in found]
+    if missing:
+        raise RegistrationError(f"flag(s) {', '.join(map(str, missing))} are not flags of audit {audit.pk}",
+                                field="flags")
+    zero_shot = [i for i in flag_ids if found[i].head != "probe"]
+    if zero_shot:
+        raise RegistrationError(f"flag(s) {', '.join(map(str, zero_shot))} are zero-shot flags; a correction "
+                                "changes the probe, so choose probe flags", field="flags")
+    return [found[i] for i in dict.fromkeys(flag_ids)]
+
+
+def _check_training(audit: Audit, method: str, dataset, options: dict) -> None:
+    if dataset is None:
+        if method == "refit":
+            raise RegistrationError("the 'refit' method needs the probe's training split: register it as a "
+                                    "dataset (images with labels.csv) and give it as training_dataset",
+                                    field="training_dataset")
+        if options.get("C") is not None:
+            raise RegistrationError("C is the refit's regularization; it needs a training_dataset",
+                                    field="options")
+        return
+    if method == "project":
+        raise RegistrationError("'project' uses the audit's data only; drop training_dataset or choose 'refit'",
+                                field="training_dataset")
+    if dataset.project_id != audit.project_id:
+        raise RegistrationError("the training dataset belongs to another project", field="training_dataset")
+    if dataset.purpose != DatasetPurpose.AUDIT:
+        raise RegistrationError(f"dataset '{dataset.name}' is unlabelled (registered for SAE training); a refit "
+                                "needs the labels of the probe's training split", field="training_dataset")
+    unknown = sorted(set(dataset.class_names) - set(audit.probe.class_names))
+    missing = sorted(set(audit.probe.class_names) - set(dataset.class_names))
+    if unknown or missing:
+        raise RegistrationError(
+            f"the training dataset's classes must be the probe's ({', '.join(audit.probe.class_names)}): "
+            + "; ".join(part for part in (f"unknown {', '.join(unknown)}" if unknown else "",
+                                          f"missing {', '.join(missing)}" if missing else "") if part),
+            field="training_dataset")
+
+
+def enqueue_correction(correction_id: int) -> None:
+    """Send the correction's task message (by name: the web process loads no worker code)."""
+    Correction.objects.filter(pk=correction_id).update(enqueued_at=timezone.now())
+    current_app.send_task(RUN_CORRECTION_TASK, args=[correction_id])
+
+
+# --------------------------------------------------------------------------- the re-audit's answer
+
+def verdict(correction: Correction, table: dict, diff: dict) -> dict:
+    """Did the correction do its job? The chosen flags gone from the re-audit, no new probe flag, and no more
+    than ``max_clean_drop`` of accuracy lost on the images without any chosen latent."""
+    chosen = [(f.class_name, f.latent) for f in correction.flags.all()]
+    remaining_flags = {(e["class_name"], e["baseline"]["latent"]) for e in diff["changed"] + diff["unchanged"]
+                       if e["head"] == "probe"}
+    remaining = [{"class_name": c, "latent": latent} for c, latent in chosen if (c, latent) in remaining_flags]
+    new = [{"class_name": e["class_name"], "latent": e["current"]["latent"], "label": e["current"]["label"]}
+           for e in diff["new"] if e["head"] == "probe"]
+    clean = table["slices"].get(table.get("clean_slice")) or {}
+    change = clean.get("change")
+    allowed = correction.options["max_clean_drop"]
+    checks = {"flags_removed": not remaining, "no_new_flags": not new,
+              "clean_accuracy_kept": change is None or change >= -allowed - 1e-12}
+    reasons = []
+    if remaining:
+        reasons.append("the re-audit still flags " + ", ".join(f"latent {r['latent']} for {r['class_name']}"
+                                                               for r in remaining))
+    if new:
+        reasons.append("the re-audit flags what the original did not: " +
+                       ", ".join(f"latent {n['latent']} ({n['label']}) for {n['class_name']}" for n in new))
+    if not checks["clean_accuracy_kept"]:
+        reasons.append(f"accuracy on images without any chosen latent fell by {-change:.3f}, more than the "
+                       f"{allowed:.3f} allowed (max_clean_drop)")
+    return {"passed": all(checks.values()), "checks": checks, "remaining": remaining, "new": new,
+            "clean_accuracy_change": change, "max_clean_drop": allowed, "reasons": reasons}
+
+
+def finish_after_reaudit(correction_id: int) -> None:
+    """Finish a correction whose re-audit finished: succeeded with the diff and the verdict, or failed/cancelled
+    with its re-audit. Safe to call more than once (the reaper calls it too)."""
+    with transaction.atomic():
+        correction = Correction.objects.select_for_update().filter(pk=correction_id).select_related(
+            "reaudit", "audit").first()
+        if correction is None or not correction.waiting_for_reaudit or correction.reaudit is None:
+            return
+        reaudit = correction.reaudit
+        if reaudit.status == Status.SUCCEEDED:
+            diff = audit_diff(correction.audit, reaudit)
+            result = dict(correction.result or {})
+            result["reaudit"] = {"audit": reaudit.pk, "diff": diff}
+            result["verdict"] = verdict(correction, result["correction"]["table"], diff)
+            timings = {**correction.timings, "reaudit": _seconds(reaudit)}
+            correction.succeed(result, timings)
+        elif reaudit.status == Status.FAILED:
+            correction.fail(f"the corrected probe's audit (audit {reaudit.pk}) failed: {reaudit.error}; the new "
+                            f"probe '{correction.new_probe.name if correction.new_probe else '?'}' stays registered")
+        elif reaudit.status == Status.CANCELLED:
+            if correction.cancel_requested:
+                correction.confirm_cancelled()
+            else:
+                correction.fail(f"the corrected probe's audit (audit {reaudit.pk}) was cancelled, so the correction "
+                                "is not proven; audit the new probe again to see its flags")
+
+
+def _seconds(audit: Audit) -> float:
+    if audit.started_at and audit.finished_at:
+        return (audit.finished_at - audit.started_at).total_seconds()
+    return 0.0
