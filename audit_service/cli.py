@@ -21,6 +21,14 @@ flag whose harm the audit measured (the class's images without the latent are mi
 with it are called the class, clearly more than under zero-shot) has no review. Review such flags (a benign
 verdict clears them), or pass --no-default-gate to switch it off. Giving either gate option replaces it.
 
+The ``correct`` command makes a corrected probe from an audit's flags and gates on its proof::
+
+    python -m audit_service.cli ... correct --audit 12 --flags melanoma:7 --max-clean-drop 0.02 --out fix/
+
+It waits for the correction and its re-audit, saves the new probe (same format as the old) and the result, prints
+the old-vs-new accuracy table and exits 0 when the chosen flags are gone, clean accuracy held and nothing new is
+flagged; 1 when not; 2, 3, 4 as above (3: the correction failed or was cancelled).
+
 Only ``requests`` is needed: the client does not import Django.
 """
 from __future__ import annotations
@@ -147,16 +155,7 @@ def audit(args, log=print) -> int:
     audit_id = submitted["id"]
     log(f"audit #{audit_id} submitted: {args.url.rstrip('/')}/audits/{audit_id}/")
 
-    deadline = time.monotonic() + args.timeout
-    state = submitted
-    while state["status"] not in ("succeeded", "failed", "cancelled"):
-        if time.monotonic() > deadline:
-            raise Stop(EXIT_UNREACHABLE, f"audit #{audit_id} did not finish within {args.timeout:.0f} s "
-                                         f"(last: {state['status']} {state['stage']} {state['percent']:.0f} %); "
-                                         "it keeps running on the server")
-        time.sleep(args.poll)
-        state = api.call("GET", f"/api/v1/audits/{audit_id}/").json()
-        log(f"  {state['status']:<9} {state['stage'] or '':<12} {state['percent']:5.1f} %")
+    state = wait(api, "audits", submitted, args, log)
     if state["status"] != "succeeded":
         raise Stop(EXIT_AUDIT_FAILED, f"audit #{audit_id} {state['status']}: {state['error'] or 'no reason given'}")
 
@@ -171,6 +170,96 @@ def audit(args, log=print) -> int:
         diff = api.call("GET", f"/api/v1/audits/{audit_id}/diff/", params={"baseline": args.baseline}).json()
         (out / f"audit-{audit_id}-diff.json").write_text(json.dumps(diff, indent=1))
     return gate(summary, flags, args, audit_id, out, log, diff)
+
+
+def wait(api: Api, kind: str, state: dict, args, log) -> dict:
+    """Poll /api/v1/{kind}/{id}/ until the job (an audit or a correction) is finished; its last state."""
+    noun, job_id = kind[:-1], state["id"]
+    deadline = time.monotonic() + args.timeout
+    while state["status"] not in ("succeeded", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            raise Stop(EXIT_UNREACHABLE, f"{noun} #{job_id} did not finish within {args.timeout:.0f} s "
+                                         f"(last: {state['status']} {state['stage']} {state['percent']:.0f} %); "
+                                         "it keeps running on the server")
+        time.sleep(args.poll)
+        state = api.call("GET", f"/api/v1/{kind}/{job_id}/").json()
+        log(f"  {state['status']:<9} {state['stage'] or '':<12} {state['percent']:5.1f} %")
+    return state
+
+
+def _flag_ids(api: Api, audit_id: int, given: str | None) -> list[int] | None:
+    """--flags as ids: each item a flag id, or CLASS:LATENT (a probe flag of that class on that latent)."""
+    if not given:
+        return None
+    items = [item.strip() for item in given.split(",") if item.strip()]
+    wanted = [item for item in items if not item.isdigit()]
+    by_latent = {}
+    if wanted:
+        for flag in api.items(f"/api/v1/audits/{audit_id}/flags/", head="probe"):
+            by_latent[f"{flag['class_name']}:{flag['latent']}"] = flag["id"]
+    ids = []
+    for item in items:
+        if item.isdigit():
+            ids.append(int(item))
+        elif item in by_latent:
+            ids.append(by_latent[item])
+        else:
+            known = ", ".join(sorted(by_latent)) or "none"
+            raise Stop(EXIT_USAGE, f"--flags {item}: not a flag id and no probe flag of audit #{audit_id} is "
+                                   f"CLASS:LATENT {item!r} (its probe flags: {known})")
+    return ids
+
+
+def correct(args, log=print) -> int:
+    """Make a corrected probe from an audit's flags, wait for its proof and re-audit, download it, gate on it."""
+    api = Api(args.url, args.token)
+    options = {"max_clean_drop": args.max_clean_drop, "anchor": args.anchor}
+    if args.C is not None:
+        options["C"] = args.C
+    body = {"flags": _flag_ids(api, args.audit, args.flags), "method": args.method or "", "options": options,
+            "training_dataset": args.training_dataset}
+    submitted = api.call("POST", f"/api/v1/audits/{args.audit}/corrections/", json=body).json()
+    correction_id = submitted["id"]
+    log(f"correction #{correction_id} of audit #{args.audit} submitted (flags {submitted['flags']}): "
+        f"{args.url.rstrip('/')}/corrections/{correction_id}/")
+    state = wait(api, "corrections", submitted, args, log)
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"correction #{correction_id} {state['status']}: "
+                                      f"{state['error'] or 'no reason given'}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"correction-{correction_id}.json").write_text(json.dumps(state, indent=1))
+    probe = api.call("GET", f"/api/v1/probes/{state['new_probe']}/").json()
+    download = api.call("GET", f"/api/v1/probes/{state['new_probe']}/download/")
+    name = download.headers.get("Content-Disposition", "").rpartition("filename=")[2].strip('"') or "probe.npz"
+    (out / name).write_bytes(download.content)
+    return correction_gate(state, probe, out / name, args, log)
+
+
+def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
+    """Print the old-vs-new table and the re-audit's verdict; exit 1 when the chosen flags remain, clean accuracy
+    fell by more than --max-clean-drop, or (without --allow-new-flags) the re-audit flags something new."""
+    result = state["result"]
+    table = result["correction"]["table"]
+    log(f"\ncorrected probe #{probe['id']} '{probe['name']}' (version {probe['version']} of probe "
+        f"#{probe['parent']}) saved to {path}")
+    log(f"method: {result['method']} ({result['reason']})")
+    log(f"{'':<44} {'old':>6} {'new':>6} {'n':>6}")
+    rows = [("overall", table["overall"]), *((f"class {c}", r) for c, r in table["per_class"].items()),
+            *table["slices"].items()]
+    for name, row in rows:
+        if row["n"]:
+            log(f"{name[:44]:<44} {row['old']:6.3f} {row['new']:6.3f} {row['n']:6d}")
+    verdict = result["verdict"]
+    failed = [reason for reason in verdict["reasons"]
+              if not (args.allow_new_flags and reason.startswith("the re-audit flags what the original did not"))]
+    for reason in verdict["reasons"]:
+        log(f"{'FAIL' if reason in failed else 'note'}: {reason}")
+    if failed:
+        log(f"correction #{state['id']}: GATE FAILED")
+        return EXIT_GATE
+    log(f"correction #{state['id']}: passed (re-audit #{result['reaudit']['audit']}: the chosen flags are gone)")
+    return EXIT_PASS
 
 
 def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: dict | None = None) -> int:
@@ -260,6 +349,27 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the audit (default 3600)")
     a.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     a.add_argument("--out", default="clip-audit-report", help="folder for the downloaded report and result")
+    c = sub.add_parser("correct", help="make a corrected probe from an audit's flags; gate on its proof",
+                       description="Make a corrected probe from an audit's flags, wait for its old-vs-new table and "
+                                   "the new probe's re-audit, download the probe. Exit 1 when a chosen flag is still "
+                                   "flagged, accuracy on images without the chosen latents fell by more than "
+                                   "--max-clean-drop, or the re-audit flags something new (see --allow-new-flags).")
+    c.add_argument("--audit", type=int, required=True, help="the succeeded audit whose flags to correct")
+    c.add_argument("--flags", help="comma-separated flag ids or CLASS:LATENT (e.g. melanoma:12); default: the "
+                                   "probe flags reviewed as confirmed shortcuts")
+    c.add_argument("--method", choices=["project", "refit"],
+                   help="default: refit with --training-dataset, else project")
+    c.add_argument("--training-dataset", type=int, metavar="DATASET_ID",
+                   help="a registered dataset (labels.csv) holding the probe's training split, for refit")
+    c.add_argument("--anchor", choices=["midpoint", "clean"], default="midpoint", help="for project (default midpoint)")
+    c.add_argument("--C", type=float, help="the refit's regularization (default: chosen by cross-validation)")
+    c.add_argument("--max-clean-drop", type=float, default=0.02,
+                   help="accuracy the correction may cost on images without the chosen latents (default 0.02)")
+    c.add_argument("--allow-new-flags", action="store_true",
+                   help="do not fail when the re-audit flags latents the original audit did not")
+    c.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    c.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    c.add_argument("--out", default="clip-audit-correction", help="folder for the new probe and the result")
     return p
 
 
@@ -269,7 +379,7 @@ def main(argv=None) -> int:
         print("error: give --url and --token (or CLIP_AUDIT_URL and CLIP_AUDIT_TOKEN)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return audit(args)
+        return correct(args) if args.command == "correct" else audit(args)
     except Stop as stop:
         print(f"error: {stop.message}", file=sys.stderr)
         return stop.code

@@ -5,7 +5,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.routers import DefaultRouter
 
 from audit_service.accounts.api import ApiTokenViewSet
-from audit_service.audits.api import AuditViewSet, FlagViewSet, LatentViewSet
+from audit_service.audits.api import AuditViewSet, CorrectionViewSet, FlagViewSet, LatentViewSet
 from audit_service.projects.api import MembershipViewSet, ProjectViewSet
 from audit_service.registry.api import ClipModelViewSet, DatasetViewSet, ProbeViewSet
 
@@ -15,6 +15,7 @@ router.register("models", ClipModelViewSet, basename="clipmodel")
 router.register("probes", ProbeViewSet, basename="probe")
 router.register("datasets", DatasetViewSet, basename="dataset")
 router.register("audits", AuditViewSet, basename="audit")
+router.register("corrections", CorrectionViewSet, basename="correction")
 router.register("tokens", ApiTokenViewSet, basename="token")
 
 nested = [

@@ -1,4 +1,5 @@
 from django.db.models import F
+from drf_spectacular.utils import extend_schema
 from django.shortcuts import get_object_or_404
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -13,8 +14,10 @@ from audit_service.registry.services import RegistrationError
 
 from . import report
 from .fields import LATENT_FIELDS
-from .models import Audit, Flag, IllegalTransition, Latent, Status
-from .serializers import AuditSerializer, FlagSerializer, LatentSerializer, ReviewSerializer
+from .corrections import create_correction
+from .models import Audit, Correction, Flag, IllegalTransition, Latent, Status
+from .serializers import (AuditSerializer, CorrectionRequestSerializer, CorrectionSerializer, FlagSerializer,
+                          LatentSerializer, ReviewSerializer)
 from .services import create_audit
 
 
@@ -103,6 +106,59 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                          "sae_dataset": r.get("sae_dataset"), "slices": r.get("slices") or {}})
 
 
+    @extend_schema(request=CorrectionRequestSerializer, responses=CorrectionSerializer(many=True),
+                   methods=["POST"], description="Make a corrected probe from this audit's flags (members).")
+    @extend_schema(responses=CorrectionSerializer(many=True), methods=["GET"])
+    @action(detail=True, methods=["get", "post"])
+    def corrections(self, request, pk=None):
+        """GET: this audit's corrections. POST: make a corrected probe from its flags (members); the job corrects
+        the probe, compares old and new, registers the new probe and audits it; follow it at
+        /api/v1/corrections/{id}/."""
+        audit = self.get_object()
+        if request.method == "GET":
+            rows = audit.corrections.select_related("reaudit").prefetch_related("flags")
+            return Response(CorrectionSerializer(rows, many=True).data)
+        project_for(request.user, audit.project_id, Role.MEMBER)
+        serializer = CorrectionRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        training = None
+        if data.get("training_dataset") is not None:
+            training = Dataset.objects.filter(pk=data["training_dataset"], project=audit.project).first()
+            if training is None:
+                raise ValidationError({"training_dataset": ["no such dataset in this project"]})
+        try:
+            correction = create_correction(audit=audit, user=request.user, flag_ids=data.get("flags"),
+                                           method=data.get("method", ""), options=data.get("options"),
+                                           training_dataset=training)
+        except RegistrationError as exc:
+            raise as_validation_error(exc) from exc
+        return Response(CorrectionSerializer(correction).data, status=status.HTTP_201_CREATED)
+
+
+class CorrectionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Corrections of the caller's projects: follow one, cancel it, read its proof and its re-audit's diff."""
+
+    serializer_class = CorrectionSerializer
+    permission_classes = [ProjectRolePermission]
+    filterset_fields = ["project", "audit", "status"]
+    ordering_fields = ["created_at", "finished_at"]
+
+    def get_queryset(self):
+        return (Correction.objects.filter(project__in=Project.objects.for_user(self.request.user))
+                .select_related("project", "reaudit").prefetch_related("flags"))
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        correction = self.get_object()
+        project_for(request.user, correction.project_id, Role.MEMBER)
+        try:
+            correction.cancel()
+        except IllegalTransition as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(self.get_serializer(correction).data)
+
+
 class _AuditChildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     def audit(self) -> Audit:
         audit = get_object_or_404(Audit.objects.filter(project__in=Project.objects.for_user(self.request.user)),
@@ -120,7 +176,7 @@ class FlagViewSet(_AuditChildViewSet):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator has no request
             return Flag.objects.none()
-        return Flag.objects.filter(audit=self.audit()).prefetch_related("reviews")
+        return Flag.objects.filter(audit=self.audit()).prefetch_related("reviews", "corrections")
 
     @action(detail=True, methods=["get", "post"])
     def reviews(self, request, audit_pk=None, pk=None):

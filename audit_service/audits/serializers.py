@@ -4,7 +4,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, api_names
-from .models import STAGE_NAMES, Audit, Flag, Latent, Review
+from .models import STAGE_NAMES, Audit, Correction, Flag, Latent, Review
 from .services import options_schema
 
 
@@ -34,10 +34,18 @@ class AuditSerializer(serializers.ModelSerializer):
         model = Audit
         fields = ["id", "project", "clip_model", "probe", "dataset", "sae_dataset", "config", "context", "status",
                   "stage", "percent", "cancel_requested", "error", "attempts", "worker_host", "device", "timings",
-                  "created_at", "started_at", "finished_at", "n_flags", "shards", "shard_progress"]
+                  "created_at", "started_at", "finished_at", "n_flags", "shards", "shard_progress", "sae_from",
+                  "correction"]
         read_only_fields = [f for f in fields
                             if f not in ("project", "clip_model", "probe", "dataset", "sae_dataset", "config",
                                          "context")]
+
+    sae_from = serializers.IntegerField(source="sae_from_id", read_only=True, allow_null=True,
+                                        help_text="the audit whose SAE this one reused (a corrected probe's re-audit)")
+    correction = serializers.SerializerMethodField(help_text="the correction this audit re-audits (null: none)")
+
+    def get_correction(self, audit) -> int | None:
+        return (audit.context or {}).get("correction")
 
     def get_n_flags(self, audit) -> int | None:
         return audit.flags.count() if audit.status == "succeeded" else None
@@ -93,9 +101,50 @@ class FlagSerializer(ResultRowSerializer):
     # the fields of FLAG_FIELDS that are not one model field each
     latest_review = ReviewSerializer(read_only=True)
     confirmation = ConfirmationSerializer(source="*", read_only=True)
+    corrections = serializers.PrimaryKeyRelatedField(
+        many=True, read_only=True, help_text="corrections made for this flag (/api/v1/corrections/{id}/)")
 
     class Meta:
         model = Flag
         row_fields = FLAG_FIELDS
-        fields = read_only_fields = ["id", "audit", *api_names(FLAG_FIELDS)]
+        fields = read_only_fields = ["id", "audit", *api_names(FLAG_FIELDS), "corrections"]
         extra_kwargs = _help_texts(FLAG_FIELDS)
+
+
+class CorrectionRequestSerializer(serializers.Serializer):
+    """``POST /audits/{id}/corrections/``: what to correct and how."""
+
+    flags = serializers.JSONField(required=False, allow_null=True, help_text=(
+        "ids of the audit's probe flags to correct; omitted: the flags whose latest review is "
+        "'confirmed_shortcut'"))
+    method = serializers.CharField(required=False, allow_blank=True, default="", help_text=(
+        "'project' (the shortcut's directions projected out of the probe's weights; needs only the audit's data) "
+        "or 'refit' (the probe refitted on its training split with the shortcut removed; needs training_dataset); "
+        "empty: refit when training_dataset is given, else project"))
+    training_dataset = serializers.IntegerField(required=False, allow_null=True, help_text=(
+        "a labelled dataset of the project (images with labels.csv): the probe's training split, for 'refit'"))
+    options = serializers.JSONField(required=False, allow_null=True, help_text=(
+        "anchor ('midpoint' or 'clean', for 'project'), C (the refit's regularization), max_clean_drop (the "
+        "accuracy the correction may cost on images without any chosen latent before its verdict fails; 0.02)"))
+
+
+class CorrectionSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id", read_only=True)
+    audit = serializers.IntegerField(source="audit_id", read_only=True)
+    flags = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    training_dataset = serializers.IntegerField(source="training_dataset_id", read_only=True, allow_null=True)
+    new_probe = serializers.IntegerField(source="new_probe_id", read_only=True, allow_null=True,
+                                         help_text="the corrected probe (registered in the project)")
+    reaudit = serializers.IntegerField(source="reaudit_id", read_only=True, allow_null=True,
+                                       help_text="the new probe's audit (same model, data and SAE)")
+    percent = serializers.FloatField(source="overall_percent", read_only=True)
+    result = serializers.JSONField(read_only=True, help_text=(
+        "correction: info (method, reason), table (old vs new probe: overall, per_class, slices), shortcut; "
+        "reaudit: its audit id and diff against the original audit; verdict: passed, checks, reasons"))
+
+    class Meta:
+        model = Correction
+        fields = ["id", "project", "audit", "flags", "method", "options", "training_dataset", "status", "stage",
+                  "percent", "cancel_requested", "error", "attempts", "worker_host", "new_probe", "reaudit",
+                  "result", "timings", "created_at", "started_at", "finished_at"]
+        read_only_fields = fields

@@ -1,4 +1,8 @@
+from pathlib import Path
+
+from django.http import FileResponse
 from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
@@ -61,6 +65,20 @@ class ProbeViewSet(ProjectScopedViewSet):
     model = Probe
     serializer_class = ProbeSerializer
     filterset_fields = ["project", "clip_model"]
+
+    def get_queryset(self):
+        return super().get_queryset().select_related("made_by")
+
+    @action(detail=True, methods=["get"])
+    def download(self, request, pk=None):
+        """The probe's file (.npz or .safetensors), as uploaded or as a correction wrote it."""
+        probe = self.get_object()
+        return FileResponse(probe.file.open("rb"), as_attachment=True, filename=Path(probe.file.name).name)
+
+    def perform_destroy(self, instance):
+        if instance.versions.exists():
+            raise ValidationError({"detail": [f"{instance} has corrected versions; delete those probes first"]})
+        super().perform_destroy(instance)
 
     def register(self, project, data):
         clip_model = ClipModel.objects.filter(pk=data["clip_model_id"], project=project).first()

@@ -45,12 +45,21 @@ class ProbeSerializer(serializers.ModelSerializer):
     file = serializers.FileField(write_only=True)
     class_names = JSONUploadField(required=False)
     normalization = serializers.ChoiceField(choices=["l2", "none"], required=False)
+    parent = serializers.IntegerField(source="parent_id", read_only=True, allow_null=True,
+                                      help_text="the probe this one is a corrected version of (null: uploaded)")
+    version = serializers.IntegerField(read_only=True, help_text="1 for an uploaded probe; its parent's + 1")
+    correction = serializers.SerializerMethodField(
+        help_text="the correction that made this probe (its audit, flags, method and options); null: uploaded")
 
     class Meta:
         model = Probe
         fields = ["id", "project", "clip_model", "name", "file", "sha256", "class_names", "normalization",
-                  "embed_dim", "created_at"]
-        read_only_fields = ["id", "sha256", "embed_dim", "created_at"]
+                  "embed_dim", "parent", "version", "correction", "created_at"]
+        read_only_fields = ["id", "sha256", "embed_dim", "parent", "version", "correction", "created_at"]
+
+    def get_correction(self, probe) -> int | None:
+        made_by = getattr(probe, "made_by", None)  # reverse one-to-one: missing when no correction made it
+        return made_by.pk if made_by is not None else None
 
 
 class DatasetSerializer(serializers.ModelSerializer):

@@ -1,0 +1,250 @@
+"""Corrections through the service: the job, its re-audit, lineage, the API's refusals, cancel and failure."""
+import pytest
+from django.conf import settings
+
+from audit_service.audits.corrections import RUN_CORRECTION_TASK, create_correction, finish_after_reaudit
+from audit_service.audits.models import Audit, Correction, Flag, Latent, Review, Status, Verdict
+from audit_service.audits.services import RUN_AUDIT_TASK, create_audit
+from audit_service.registry.models import Probe
+from audit_service.registry.services import RegistrationError, register_dataset
+from workers import corrections as correction_tasks
+from workers import tasks
+from workers.celery import app as celery_app
+from workers.engine.errors import EngineError
+from workers.engine.heads import LinearProbe
+
+from .conftest import FAST_AUDIT, upload
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def queue(monkeypatch) -> list[tuple[str, int]]:
+    """(task name, id) of every audit and correction message sent; none reaches a broker."""
+    calls = []
+    monkeypatch.setattr(celery_app, "send_task", lambda name, args=None, **kw: calls.append((name, args[0])))
+    return calls
+
+
+@pytest.fixture
+def audited(project, users, registered):
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.SUCCEEDED, audit.error
+    assert audit.flags.filter(head="probe").exists()
+    return audit
+
+
+def probe_flag(audit) -> Flag:
+    return audit.flags.filter(head="probe").order_by("-share").first()
+
+
+def run_correction_and_reaudit(correction, capture):
+    """The correction's task, then its re-audit's task, each with its commit callbacks run as in production."""
+    with capture(execute=True):
+        correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    assert correction.status == Status.RUNNING and correction.stage == "reaudit", correction.error
+    with capture(execute=True):
+        tasks.run_audit.apply(args=[correction.reaudit_id])
+    correction.refresh_from_db()
+    return correction
+
+
+def test_a_correction_writes_a_new_probe_version_proves_it_and_reaudits_it_on_the_same_sae(
+        audited, users, queue, django_capture_on_commit_callbacks):
+    flag = probe_flag(audited)
+    with django_capture_on_commit_callbacks(execute=True):
+        correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk])
+    assert queue == [(RUN_CORRECTION_TASK, correction.pk)] and correction.status == Status.QUEUED
+    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    assert correction.status == Status.SUCCEEDED, correction.error
+    assert (RUN_AUDIT_TASK, correction.reaudit_id) in queue
+
+    # lineage: a version of the audited probe, of its format, registered in the project
+    new = correction.new_probe
+    old = audited.probe
+    assert new.parent == old and new.version == old.version + 1 and new.project == audited.project
+    assert new.made_by == correction and new.class_names == old.class_names
+    assert new.normalization == old.normalization and new.file.name.endswith(".npz")
+    loaded = LinearProbe.load(new.file.path)
+    assert loaded.class_names == old.class_names and loaded.weight.shape == LinearProbe.load(old.file.path).weight.shape
+    assert new.sha256 != old.sha256
+
+    # the proof table: old vs new overall, per class, on the chosen flag's four sides and the clean images
+    result = correction.result
+    table = result["correction"]["table"]
+    assert result["method"] == "project" and "no training split" in result["reason"]
+    assert set(table["per_class"]) == set(old.class_names)
+    sides = [name for name in table["slices"] if f"latent {flag.latent}" in name]
+    assert len(sides) == 4 and table["clean_slice"] in table["slices"]
+    for row in [table["overall"], *table["per_class"].values(), *table["slices"].values()]:
+        assert row["old"] is None or 0.0 <= row["old"] <= 1.0
+
+    # the re-audit: the same model, data and SAE (its latents are the original's), diffed latent by latent
+    reaudit = correction.reaudit
+    assert reaudit.status == Status.SUCCEEDED and reaudit.sae_from == audited and reaudit.probe == new
+    assert list(Latent.objects.filter(audit=reaudit).values_list("latent", "label")) == \
+        list(Latent.objects.filter(audit=audited).values_list("latent", "label"))
+    diff = result["reaudit"]["diff"]
+    assert diff["same_sae"] and diff["baseline"] == audited.pk and diff["audit"] == reaudit.pk
+    verdict = result["verdict"]
+    assert verdict["checks"]["flags_removed"], verdict
+    assert not reaudit.flags.filter(head="probe", class_name=flag.class_name, latent=flag.latent).exists()
+    assert verdict["passed"] == (not verdict["reasons"])
+    assert "reaudit" in correction.timings and not (settings.AUDIT_WORK_DIR / f"correction-{correction.pk}").exists()
+    # the flag links to the correction that answered it
+    assert list(flag.corrections.all()) == [correction]
+
+
+def test_by_default_the_flags_reviewed_as_confirmed_shortcuts_are_corrected(audited, users, queue):
+    with pytest.raises(RegistrationError, match="none of this audit's probe flags is reviewed as a confirmed"):
+        create_correction(audit=audited, user=users["member"])
+    flags = list(audited.flags.filter(head="probe"))
+    Review.objects.create(flag=flags[0], reviewer=users["member"], verdict=Verdict.CONFIRMED_SHORTCUT)
+    if len(flags) > 1:
+        Review.objects.create(flag=flags[1], reviewer=users["member"], verdict=Verdict.BENIGN)
+    correction = create_correction(audit=audited, user=users["member"])
+    assert list(correction.flags.all()) == [flags[0]]
+
+
+def test_bad_requests_are_refused_naming_the_problem_and_leave_no_row(audited, users, project, registered, queue,
+                                                                     client_for):
+    flag = probe_flag(audited)
+    zero_shot = audited.flags.filter(head="zero_shot").first()
+    other = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
+    url = f"/api/v1/audits/{audited.pk}/corrections/"
+    cases = [
+        ({"flags": [999999]}, "flags", "are not flags of audit"),
+        ({"flags": "1"}, "flags", "non-empty list of flag ids"),
+        ({"flags": []}, "flags", "non-empty list of flag ids"),
+        ({"flags": [True]}, "flags", "non-empty list of flag ids"),
+        ({"flags": [flag.pk], "method": "erase"}, "method", "must be one of project, refit"),
+        ({"flags": [flag.pk], "method": "refit"}, "training_dataset", "needs the probe's training split"),
+        ({"flags": [flag.pk], "options": {"anchor": "middle"}}, "options", "anchor"),
+        ({"flags": [flag.pk], "options": {"max_clean_drop": 5}}, "options", "max_clean_drop"),
+        ({"flags": [flag.pk], "options": {"C": 1.0}}, "options", "needs a training_dataset"),
+        ({"flags": [flag.pk], "options": {"tolerance": 1}}, "options", "tolerance"),
+        ({"flags": [flag.pk], "options": "fast"}, "options", "JSON object"),
+        ({"flags": [flag.pk], "training_dataset": 999999}, "training_dataset", "no such dataset"),
+        ({"flags": [flag.pk], "method": "project", "training_dataset": registered["dataset"].pk},
+         "training_dataset", "uses the audit's data only"),
+    ]
+    if zero_shot is not None:
+        cases.append(({"flags": [zero_shot.pk]}, "flags", "zero-shot flags"))
+    client = client_for("member")
+    for body, field, words in cases:
+        response = client.post(url, body, format="json")
+        assert response.status_code == 400, (body, response.content)
+        assert words in " ".join(response.json()[field]), (body, response.json())
+    response = client.post(f"/api/v1/audits/{other.pk}/corrections/", {"flags": [flag.pk]}, format="json")
+    assert response.status_code == 400 and "only a succeeded audit" in response.json()["audit"][0]
+    assert client_for("viewer").post(url, {"flags": [flag.pk]}, format="json").status_code == 403
+    assert client_for("outsider").post(url, {"flags": [flag.pk]}, format="json").status_code == 404
+    assert Correction.objects.count() == 0 and queue == []
+
+
+def test_the_api_makes_lists_and_cancels_a_correction(audited, client_for, queue):
+    flag = probe_flag(audited)
+    client = client_for("member")
+    response = client.post(f"/api/v1/audits/{audited.pk}/corrections/", {"flags": [flag.pk]}, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["status"] == "queued" and body["flags"] == [flag.pk] and body["audit"] == audited.pk
+    assert [c["id"] for c in client.get(f"/api/v1/audits/{audited.pk}/corrections/").json()] == [body["id"]]
+    assert client_for("viewer").get(f"/api/v1/corrections/{body['id']}/").json()["id"] == body["id"]
+    assert client_for("viewer").post(f"/api/v1/corrections/{body['id']}/cancel/").status_code == 403
+    assert client.post(f"/api/v1/corrections/{body['id']}/cancel/").json()["status"] == "cancelled"
+    assert client.post(f"/api/v1/corrections/{body['id']}/cancel/").status_code == 409
+    assert client.get(f"/api/v1/audits/{audited.pk}/flags/{flag.pk}/").json()["corrections"] == [body["id"]]
+
+
+def test_a_refit_uses_the_training_dataset(audited, users, project, assets, queue, django_capture_on_commit_callbacks):
+    training = register_dataset(project=project, user=users["member"], name="probe training split",
+                                archive=upload(assets["dataset"], "train.zip"))
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk],
+                                   training_dataset=training, options={"C": 1.0})
+    with django_capture_on_commit_callbacks(execute=True):
+        correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    assert correction.stage == "reaudit", correction.error
+    info = correction.result["correction"]["info"]
+    assert correction.result["method"] == "refit" and "training split given" in correction.result["reason"]
+    assert info["C"] == 1.0 and info["n_train"] == training.n_images
+
+
+def test_an_engine_error_fails_the_correction_and_leaves_no_probe_or_files(audited, users, queue, monkeypatch):
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
+
+    def broken(*args, **kwargs):
+        (settings.AUDIT_WORK_DIR / f"correction-{correction.pk}" / "half-written").mkdir(parents=True)
+        raise EngineError("latents [3] are active on no image of the split")
+
+    monkeypatch.setattr(correction_tasks, "run_engine", broken)
+    probes = Probe.objects.count()
+    correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    assert correction.status == Status.FAILED and "active on no image" in correction.error
+    assert Probe.objects.count() == probes and correction.new_probe is None and correction.reaudit is None
+    assert not (settings.AUDIT_WORK_DIR / f"correction-{correction.pk}").exists()
+    assert Audit.objects.count() == 1
+
+
+def test_a_failed_registration_removes_the_written_probe_file(audited, users, queue, monkeypatch, media):
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
+    monkeypatch.setattr(correction_tasks.Audit.objects, "create",
+                        lambda **kw: (_ for _ in ()).throw(RuntimeError("database went away")))
+    before = {p for p in media.rglob("*") if p.is_file()}
+    correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    assert correction.status == Status.FAILED and "database went away" in correction.error
+    assert {p for p in media.rglob("*") if p.is_file()} == before
+    assert Probe.objects.filter(parent=audited.probe).count() == 0
+
+
+def test_cancelling_while_the_reaudit_runs_cancels_both(audited, users, queue, django_capture_on_commit_callbacks):
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
+    correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    with django_capture_on_commit_callbacks(execute=True):
+        correction.cancel()  # the re-audit is queued: cancelled at once, and the correction with it
+    correction.refresh_from_db()
+    assert correction.reaudit.status == Status.CANCELLED and correction.status == Status.CANCELLED
+
+
+def test_a_failed_reaudit_fails_the_correction_and_the_reaper_answers_one_it_missed(
+        audited, users, queue, monkeypatch):
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
+    correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    reaudit = correction.reaudit
+    # the re-audit's worker failed it but died before its commit callback told the correction
+    monkeypatch.setattr("audit_service.audits.models.answer_reaudit", lambda pk: None)
+    reaudit.fail("out of memory")
+    assert Correction.objects.get(pk=correction.pk).status == Status.RUNNING
+    done = tasks.reap_stale_audits()
+    assert done["corrections"]["answered"] == [correction.pk]
+    correction.refresh_from_db()
+    assert correction.status == Status.FAILED
+    assert f"audit {reaudit.pk}) failed: out of memory" in correction.error and "stays registered" in correction.error
+    finish_after_reaudit(correction.pk)  # a second answer changes nothing
+    assert Correction.objects.get(pk=correction.pk).status == Status.FAILED
+
+
+def test_probes_show_their_lineage_download_and_keep_their_versions(audited, users, queue, client_for):
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
+    correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    client = client_for("viewer")
+    body = client.get(f"/api/v1/probes/{correction.new_probe_id}/").json()
+    assert body["parent"] == audited.probe_id and body["version"] == 2 and body["correction"] == correction.pk
+    assert client.get(f"/api/v1/probes/{audited.probe_id}/").json()["correction"] is None
+    response = client.get(f"/api/v1/probes/{correction.new_probe_id}/download/")
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == correction.new_probe.file.open("rb").read()
+    assert client_for("outsider").get(f"/api/v1/probes/{correction.new_probe_id}/download/").status_code == 404
+    response = client_for("member").delete(f"/api/v1/probes/{audited.probe_id}/")
+    assert response.status_code == 400
