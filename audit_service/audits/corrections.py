@@ -163,7 +163,8 @@ def finish_after_reaudit(correction_id: int) -> None:
     """Finish a correction whose re-audit finished: succeeded with the diff and the verdict, or failed/cancelled
     with its re-audit. Safe to call more than once (the reaper calls it too)."""
     with transaction.atomic():
-        correction = Correction.objects.select_for_update().filter(pk=correction_id).select_related(
+        # of=self: PostgreSQL locks no row of the nullable side of an outer join (the re-audit)
+        correction = Correction.objects.select_for_update(of=("self",)).filter(pk=correction_id).select_related(
             "reaudit", "audit").first()
         if correction is None or not correction.waiting_for_reaudit or correction.reaudit is None:
             return

@@ -319,7 +319,31 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
         "verdicts": Review._meta.get_field("verdict").choices, "heads": HEADS,
         "config_json": json.dumps(audit.config, indent=2, sort_keys=True),
         "context_json": json.dumps(audit.context, indent=2, sort_keys=True) if audit.context else "",
+        "corrections": [correction_view(c) for c in audit.corrections.select_related("new_probe", "reaudit")
+                        .prefetch_related("flags")],
+        "reaudit_of": getattr(audit, "reaudit_of", None),
     }
+
+
+def correction_view(correction) -> dict:
+    """What the report and the correction's page show of a correction: its flags, the old-vs-new table (rows with
+    old, new, change; the reference column when the table has one), the verdict and the re-audit's diff counts."""
+    result = correction.result or {}
+    table = (result.get("correction") or {}).get("table")
+    rows = []
+    if table:
+        clean = table.get("clean_slice")
+        rows = [{"name": "all images", "kind": "overall", **table["overall"]}]
+        rows += [{"name": f"class {name}", "kind": "class", **row} for name, row in table["per_class"].items()]
+        rows += [{"name": name, "kind": "clean" if name == clean else "slice", **row}
+                 for name, row in table["slices"].items() if row["n"]]
+    reaudit = result.get("reaudit") or {}
+    diff = reaudit.get("diff") or {}
+    return {"correction": correction, "flags": list(correction.flags.all()), "rows": rows,
+            "has_reference": bool(rows) and "reference" in rows[0], "info": (result.get("correction") or {}).get("info"),
+            "method": result.get("method"), "reason": result.get("reason"), "verdict": result.get("verdict"),
+            "diff": diff, "diff_counts": diff.get("counts"),
+            "changed_predictions": table.get("changed_predictions") if table else None}
 
 
 # --------------------------------------------------------------------------- downloads
@@ -344,6 +368,11 @@ def full_json(audit: Audit) -> dict:
         "result": {k: v for k, v in (audit.result or {}).items() if k not in ("flags", "artifacts")},
         "latents": [as_json(LATENT_FIELDS, row) for row in audit.latents.all().iterator(chunk_size=2000)],
         "flags": flags,
+        "corrections": [{"id": c.pk, "status": c.status, "flags": [f.pk for f in c.flags.all()],
+                         "method": c.method, "options": c.options, "error": c.error, "new_probe": c.new_probe_id,
+                         "reaudit": c.reaudit_id, "result": c.result}
+                        for c in audit.corrections.prefetch_related("flags")],
+        "probe_parent": audit.probe.parent_id,
     }
 
 

@@ -19,6 +19,11 @@ urlpatterns = [
     path("audits/<int:pk>/diff/", views.audit_diff, name="diff"),
     path("audits/<int:pk>/download/<str:fmt>", views.audit_download, name="download"),
     path("audits/<int:pk>/flags/<int:flag_pk>/review/", views.flag_review, name="flag_review"),
+    path("audits/<int:pk>/corrections/new/", views.correction_new, name="correction_new"),
+    path("corrections/<int:pk>/", views.correction_detail, name="correction"),
+    path("corrections/<int:pk>/status.json", views.correction_status, name="correction_status"),
+    path("corrections/<int:pk>/cancel/", views.correction_cancel, name="correction_cancel"),
+    path("probes/<int:pk>/download/", views.probe_download, name="probe_download"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_pk>/revoke/", views.token_revoke, name="token_revoke"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from axes.helpers import get_cool_off
 from django.contrib import messages
@@ -15,17 +16,19 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import Http404, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from audit_service.audits import report
-from audit_service.audits.models import Audit, Flag, IllegalTransition, Review, Status
+from audit_service.audits.corrections import create_correction
+from audit_service.audits.models import Audit, Correction, Flag, IllegalTransition, Review, Status, Verdict
 from audit_service.audits.services import create_audit
 from audit_service.projects.models import Project, Role
 from audit_service.registry import services
+from audit_service.registry.models import DatasetPurpose, Probe
 from audit_service.registry.services import RegistrationError
 
 from .forms import AuditForm, DatasetForm, ModelForm, ProbeForm, ReviewForm
@@ -75,7 +78,8 @@ def project_detail(request, pk):
     return render(request, "web/project.html", {
         "project": project, "role": project.role_of(request.user),
         "can_write": project.has_role(request.user, Role.MEMBER),
-        "models": project.clip_models.all(), "probes": project.probes.select_related("clip_model"),
+        "models": project.clip_models.all(),
+        "probes": project.probes.select_related("clip_model", "parent", "made_by").prefetch_related("made_by__flags"),
         "datasets": project.datasets.all(), "audits": audits.get_page(request.GET.get("page")),
     })
 
@@ -209,10 +213,113 @@ def _succeeded(user, pk) -> Audit:
 def audit_report(request, pk):
     audit = _succeeded(request.user, pk)
     context = report.report_context(audit, filters=report.flag_filters(request.GET))
-    context.update(standalone=False, project=audit.project,
-                   can_review=audit.project.has_role(request.user, Role.MEMBER), review_form=ReviewForm(),
+    can_review = audit.project.has_role(request.user, Role.MEMBER)
+    context.update(standalone=False, project=audit.project, can_review=can_review, review_form=ReviewForm(),
                    other_audits=audit.project.audits.filter(status=Status.SUCCEEDED).exclude(pk=audit.pk)[:50])
+    if can_review:
+        context.update(correctable=_correctable(audit), training_datasets=audit.project.datasets.filter(
+            purpose=DatasetPurpose.AUDIT))
     return render(request, "web/report.html", context)
+
+
+def _correctable(audit: Audit) -> list[Flag]:
+    """The audit's probe flags, those reviewed as confirmed shortcuts preselected (the correction's default)."""
+    flags = list(audit.flags.filter(head="probe").prefetch_related("reviews").order_by("class_name", "rank"))
+    for f in flags:
+        latest = f.latest_review
+        f.verdict = latest.get_verdict_display() if latest else ""
+        f.preselected = bool(latest and latest.verdict == Verdict.CONFIRMED_SHORTCUT)
+    return flags
+
+
+# --------------------------------------------------------------------------- corrections
+
+def _correction(user, pk, at_least: str = Role.VIEWER) -> Correction:
+    correction = get_object_or_404(Correction.objects.filter(project__in=Project.objects.for_user(user))
+                                   .select_related("project", "audit", "new_probe", "reaudit"), pk=pk)
+    _project(user, correction.project_id, at_least)
+    return correction
+
+
+@login_required
+@require_POST
+def correction_new(request, pk):
+    """The report's "Make a corrected probe" form."""
+    audit = _audit(request.user, pk, Role.MEMBER)
+    back = reverse("web:report", args=[audit.pk]) + "#corrections"
+    try:
+        flags = [int(v) for v in request.POST.getlist("flags")]
+        drop = float(request.POST.get("max_clean_drop") or 0.02)
+        training_id = request.POST.get("training_dataset") or None
+    except ValueError:
+        messages.error(request, "The correction was not made: the flags and the accuracy drop must be numbers.")
+        return redirect(back)
+    if not flags:
+        messages.error(request, "The correction was not made: tick at least one flag to correct.")
+        return redirect(back)
+    training = None
+    if training_id is not None:
+        training = audit.project.datasets.filter(pk=training_id).first()
+        if training is None:
+            messages.error(request, "The correction was not made: no such training dataset in this project.")
+            return redirect(back)
+    try:
+        correction = create_correction(audit=audit, user=request.user, flag_ids=flags,
+                                       method=request.POST.get("method", ""), training_dataset=training,
+                                       options={"anchor": request.POST.get("anchor", "midpoint"),
+                                                "max_clean_drop": drop})
+    except RegistrationError as exc:
+        messages.error(request, f"The correction was not made: {exc.message}")
+        return redirect(back)
+    return redirect("web:correction", pk=correction.pk)
+
+
+def _correction_progress(correction: Correction) -> dict:
+    now = timezone.now()
+    elapsed = ((correction.finished_at or now) - correction.started_at).total_seconds() if correction.started_at \
+        else None
+    stage = correction.stage
+    if correction.waiting_for_reaudit and correction.reaudit is not None:
+        stage = f"re-audit #{correction.reaudit_id}: {correction.reaudit.stage or correction.reaudit.status}"
+    return {"id": correction.pk, "status": correction.status, "stage": stage,
+            "percent": round(correction.overall_percent, 1), "elapsed_s": elapsed, "remaining_s": None,
+            "finished": correction.is_finished, "cancel_requested": correction.cancel_requested,
+            "error": correction.error, "attempts": correction.attempts, "worker_host": correction.worker_host,
+            "device": correction.device, "shards": None,
+            "report_url": reverse("web:correction", args=[correction.pk]) if correction.is_finished else None}
+
+
+@login_required
+def correction_detail(request, pk):
+    correction = _correction(request.user, pk)
+    return render(request, "web/correction.html", {
+        "correction": correction, "audit": correction.audit, "project": correction.project,
+        "cv": report.correction_view(correction), "progress": _correction_progress(correction),
+        "can_write": correction.project.has_role(request.user, Role.MEMBER), "standalone": False})
+
+
+@login_required
+def correction_status(request, pk):
+    return JsonResponse(_correction_progress(_correction(request.user, pk)))
+
+
+@login_required
+@require_POST
+def correction_cancel(request, pk):
+    correction = _correction(request.user, pk, Role.MEMBER)
+    try:
+        correction.cancel()
+        messages.info(request, "Cancellation requested." if correction.status == Status.RUNNING
+                      else "Correction cancelled.")
+    except IllegalTransition as exc:
+        messages.error(request, str(exc))
+    return redirect("web:correction", pk=correction.pk)
+
+
+@login_required
+def probe_download(request, pk):
+    probe = get_object_or_404(Probe.objects.filter(project__in=Project.objects.for_user(request.user)), pk=pk)
+    return FileResponse(probe.file.open("rb"), as_attachment=True, filename=Path(probe.file.name).name)
 
 
 @login_required

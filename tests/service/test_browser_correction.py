@@ -1,0 +1,93 @@
+"""Making a corrected probe in real headless Chromium, against a live server, a real Celery worker, Redis and
+PostgreSQL: a member reviews a flag as a confirmed shortcut, makes a corrected probe from the report, watches the
+job and its re-audit finish, reads the before/after table and the diff, and downloads the new probe; the report
+and the project page then show the correction. Screenshots go to ``TEST_ARTIFACTS_DIR`` (correction*.png).
+"""
+import re
+import time
+
+import pytest
+
+from audit_service.audits.models import Audit, Correction, Status
+from audit_service.audits.services import create_audit
+
+from .test_browser import ARTIFACTS, OPTIONS, browser, sign_in  # noqa: F401 (browser: the fixture)
+from .test_integration import purge_queues, start_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def wait_for(audit: Audit, seconds: float = 600) -> Audit:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        audit.refresh_from_db()
+        if audit.is_finished:
+            return audit
+        time.sleep(0.5)
+    raise AssertionError(f"audit {audit.pk} did not finish within {seconds} s ({audit.stage} {audit.percent} %)")
+
+
+def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, project, users, registered,  # noqa: F811
+                                                          tmp_path):
+    base = live_server.url
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    purge_queues()
+    worker = start_worker(tmp_path, "correction")
+    try:
+        audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                                      probe=registered["probe"], dataset=registered["dataset"],
+                                      options={**OPTIONS, "general_vocabulary": False}))
+        assert audit.status == Status.SUCCEEDED, audit.error
+        context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        sign_in(page, base, "member")
+        page.goto(f"{base}/audits/{audit.pk}/report/")
+
+        # review the top probe flag as a confirmed shortcut: the correction form preselects it
+        flag = audit.flags.filter(head="probe").order_by("class_name", "rank").first()
+        card = page.locator(f"#flag-{flag.pk}")
+        card.locator("summary").click()
+        card.locator("select[name=verdict]").select_option("confirmed_shortcut")
+        card.locator("button[type=submit]").click()
+        page.wait_for_selector("text=Review saved")
+        form = page.locator("#make-correction")
+        if form.get_attribute("open") is None:
+            form.locator("summary").click()
+        boxes = form.locator("input[name=flags]")
+        checked = [int(boxes.nth(i).get_attribute("value")) for i in range(boxes.count()) if boxes.nth(i).is_checked()]
+        assert checked == [flag.pk]
+        page.screenshot(path=str(ARTIFACTS / "correction-form.png"), full_page=False)
+        page.click("#make-correction-button")
+        page.wait_for_url(re.compile(r".*/corrections/\d+/$"))
+        correction_id = int(re.search(r"/corrections/(\d+)/$", page.url).group(1))
+
+        # the page follows the job and its re-audit, then reloads with the result
+        page.wait_for_selector("#result .correction-table", timeout=600_000)
+        log = (tmp_path / "correction.log").read_text()
+        correction = Correction.objects.get(pk=correction_id)
+        assert correction.status == Status.SUCCEEDED, (correction.error, log[-3000:])
+        assert page.inner_text("#status") == "succeeded"
+        table = page.inner_text("#result .correction-table")
+        assert "all images" in table and f"latent {flag.latent} active" in table and "Old probe" in table
+        assert "flags gone" in page.inner_text("#result .diff-summary")
+        page.screenshot(path=str(ARTIFACTS / "correction.png"), full_page=True)
+
+        with page.expect_download() as info:
+            page.click("#result >> text=Download probe")
+        path = tmp_path / info.value.suggested_filename
+        info.value.save_as(path)
+        assert path.suffix == ".npz" and path.read_bytes() == correction.new_probe.file.open("rb").read()
+
+        # the original report lists the correction and links the reviewed flag to it; the project shows the version
+        page.goto(f"{base}/audits/{audit.pk}/report/")
+        assert f"Correction #{correction_id}" in page.inner_text("#corrections ~ .correction")
+        assert f"Answered by correction #{correction_id}" in page.inner_text(f"#flag-{flag.pk}")
+        page.goto(f"{base}/projects/{project.pk}/")
+        assert f"version 2 of {registered['probe'].name}: correction #{correction_id}" in page.inner_text("#probes")
+        context.close()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        from django.db import connections
+
+        connections.close_all()
