@@ -1,0 +1,164 @@
+"""Ground truth for heatmaps: the artifacts' pixel masks of a case's splits, and how much of a latent's heatmap
+falls on them.
+
+A split written by ``images.write_split`` keeps its masks in ``masks/``. A split cached before masks existed
+gets them back by rendering it again (:func:`regenerate_masks`): ``write_split`` draws every image, in order,
+from one generator seeded by the case, so the same seed and labels.csv give the same images and their masks.
+Every re-rendered image is compared with the stored PNG pixel for pixel, so a wrong seed fails loudly instead of
+writing masks of other images.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .check import split_images
+from .images import ARTIFACTS, mask_path, read_masks, read_split, render_with_masks, samples_of, write_masks
+
+# The generator seed of each split ``build.build_case`` writes, as [case seed, stream]; regenerate_masks checks
+# every image against it, so a change in build.py shows up as a refusal here, not as wrong masks.
+SPLIT_STREAMS = {"audit": 6, "probe-train": 4, "reference-train": 4, "pretrain": 2}
+
+
+def has_masks(folder: str | os.PathLike) -> bool:
+    rows = read_split(Path(folder))
+    return all(mask_path(Path(folder), r["image"]).is_file() for r in rows)
+
+
+def regenerate_masks(folder: str | os.PathLike, rng: np.random.Generator) -> int:
+    """Write the masks of a split written before ``write_split`` wrote them; ``rng`` is the generator the split
+    was rendered from, freshly seeded. Returns the number of images; raises ValueError (and writes nothing) when
+    an image rendered again differs from the stored one."""
+    folder = Path(folder)
+    rows = read_split(folder)
+    found = []
+    for row, sample in zip(rows, samples_of(rows)):
+        img, masks = render_with_masks(sample, rng)
+        with Image.open(folder / row["image"]) as stored:
+            if not np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(img)):
+                raise ValueError(f"{row['image']} of {folder} is not what this generator and seed render, so its "
+                                 "masks cannot be recovered; rebuild the case (delete its folder under the "
+                                 "case-study cache and build it again)")
+        found.append((row["image"], masks))
+    for name, masks in found:
+        write_masks(folder, name, masks)
+    return len(rows)
+
+
+def ensure_masks(case: dict, split: str = "audit") -> Path:
+    """The folder of one of ``case``'s splits, with its masks (regenerated once if it was cached without)."""
+    folder = Path(case["audit_dir"] if split == "audit" else case[f"{split.replace('-', '_')}_dir"])
+    if not has_masks(folder):
+        regenerate_masks(folder, np.random.default_rng([case["config"]["seed"], SPLIT_STREAMS[split]]))
+    return folder
+
+
+def artifact_latents(result, artifact: str) -> list[int]:
+    """The latents an audit names as ``artifact``: labelled "with <artifact>", or in a flag with that label
+    (with every latent its concept is spread over)."""
+    label = f"with {artifact}"
+    latents = {int(entry["latent"]) for entry in _get(result, "latents") if entry["label"] == label}
+    for flag in _get(result, "flags"):
+        if flag["label"] == label:
+            latents.update(int(i) for i in flag.get("concept_latents") or [flag["latent"]])
+    return sorted(latents)
+
+
+def _get(result, key: str):
+    return result[key] if isinstance(result, dict) else getattr(result, key)
+
+
+def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, batch_size: int = 16,
+                          artifacts: tuple[str, ...] = ARTIFACTS) -> dict[str, dict]:
+    """How much of their heatmaps the latents of each artifact put on that artifact's pixels.
+
+    ``result`` is the audit of ``case`` run with ``workdir`` (its SAE is read from ``workdir/sae``), as a result
+    or its dict. For every latent :func:`artifact_latents` gives and each of its reference images that shows the
+    artifact, from the map (``workers.engine.heatmaps.mass_on_mask``):
+
+    - ``mass``: the share of the map's mass on the artifact's pixels;
+    - ``chance``: the artifact's share of the image, what a map spread evenly scores;
+    - ``ideal``: what a map equal to the artifact's coverage of each patch scores, the most a patch-level map
+      can be expected to score (a thin artifact fills no patch, so its ideal is well below 1);
+    - ``peak_on_artifact``: whether the map's largest patch touches the artifact (the pointing game).
+
+    Per artifact: these four as means over the maps, ``n_images`` (maps counted), ``latents``, ``per_latent``
+    (latent -> the same means and count), ``n_without`` (references that do not show the artifact, not counted)
+    and ``n_empty`` (maps without positive mass, not counted). Artifacts without latents are absent.
+    """
+    import torch
+
+    from workers.engine.heatmaps import heatmaps_for, mask_coverage, mass_on_mask
+    from workers.engine.loading import load_clip
+    from workers.engine.sae import TopKSAE
+
+    folder = ensure_masks(case, "audit")
+    config = _get(result, "config")
+    images = split_images(folder)
+    index = {key: i for i, key in enumerate(images.ids)}
+    entries = {int(e["latent"]): e for e in _get(result, "latents")}
+    chosen = {a: artifact_latents(result, a) for a in artifacts}
+    chosen = {a: latents for a, latents in chosen.items() if latents}
+    wanted: dict[int, list[int]] = {}
+    for latents in chosen.values():
+        for latent in latents:
+            wanted[latent] = [index[key] for key in entries[latent]["references"]]
+    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
+    sae = TopKSAE.load(Path(workdir) / "sae")
+    with torch.no_grad():
+        maps = heatmaps_for(bundle, sae, config["layer"], config["token"], images.with_preprocess(bundle.preprocess),
+                            wanted, batch_size=batch_size)
+    masks = {i: read_masks(folder, images.ids[i]) for rows in wanted.values() for i in rows}
+    table = {}
+    for artifact, latents in chosen.items():
+        per_latent, rows_all = {}, []
+        n_without = n_empty = 0
+        for latent in latents:
+            rows = []
+            for i, grid in maps[latent].items():
+                if artifact not in masks[i]:
+                    n_without += 1
+                    continue
+                mask = masks[i][artifact]
+                mass, chance = mass_on_mask(grid, mask)
+                if math.isnan(mass):
+                    n_empty += 1
+                    continue
+                coverage = mask_coverage(mask, grid.shape)
+                peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
+                rows.append((mass, chance, mass_on_mask(coverage, mask)[0], float(coverage[peak] > 0)))
+            per_latent[latent] = _summary(rows)
+            rows_all += rows
+        table[artifact] = {**_summary(rows_all), "latents": latents, "per_latent": per_latent,
+                           "n_without": n_without, "n_empty": n_empty}
+    return table
+
+
+_MEASURES = ("mass", "chance", "ideal", "peak_on_artifact")
+
+
+def _summary(rows: list[tuple[float, ...]]) -> dict:
+    if not rows:
+        return {**dict.fromkeys(_MEASURES), "n_images": 0}
+    means = np.asarray(rows).mean(0)
+    return {**{name: float(v) for name, v in zip(_MEASURES, means)}, "n_images": len(rows)}
+
+
+def format_mass_table(table: dict[str, dict]) -> str:
+    """One line per artifact: mass on the artifact vs chance and ideal, the pointing game, over how many maps,
+    of which latents."""
+    lines = [f"{'artifact':<14} {'mass':>6} {'chance':>7} {'ideal':>6} {'peak on':>8} {'maps':>5}  "
+             "latents (mass each)"]
+    for artifact, row in table.items():
+        each = ", ".join(f"{latent}: {_fmt(v['mass'], 2)}" for latent, v in row["per_latent"].items())
+        lines.append(f"{artifact:<14} {_fmt(row['mass']):>6} {_fmt(row['chance']):>7} {_fmt(row['ideal']):>6} "
+                     f"{_fmt(row['peak_on_artifact'], 2):>8} {row['n_images']:>5}  {each}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
