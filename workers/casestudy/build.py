@@ -96,15 +96,19 @@ def zip_split(folder: Path, out: Path) -> Path:
 
 def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = print) -> dict:
     """Build (or reuse) the case under ``root``; returns its paths and metrics (``case.json``)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from workers.engine.heads import LinearProbe, encode_concepts
+    from workers.engine.heads import encode_concepts
     from workers.engine.loading import load_clip
 
     case_dir = root / f"case-{config.key()}"
     if (case_dir / "case.json").is_file():
-        return json.loads((case_dir / "case.json").read_text())
+        case = json.loads((case_dir / "case.json").read_text())
+        if not Path(case.get("reference_probe", "")).is_file():  # a case cached before it had a reference probe
+            bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
+            test_images, test_rows = _images(Path(case["audit_dir"]))
+            case = _add_reference(case_dir, case, config, bundle, _embed(bundle, test_images), test_rows, log)
+        return case
     config_path, ckpt = _lesion_clip(root / f"model-{config.model_key()}", config, log)
     bundle = load_clip(model_config=config_path, checkpoint=ckpt)
 
@@ -117,15 +121,12 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
     test_rates[config.artifact] = {c: 0.5 for c in CLASSES}
     test_dir = write_split(case_dir / "audit", draw_samples(config.n_audit, np.random.default_rng([config.seed, 5]),
                                                             test_rates), np.random.default_rng([config.seed, 6]))
-    train_images, train_rows = _images(train_dir)
     test_images, test_rows = _images(test_dir)
-    train_emb, test_emb = _embed(bundle, train_images), _embed(bundle, test_images)
+    test_emb = _embed(bundle, test_images)
     classes = sorted(CLASSES)
-    y_train = np.array([classes.index(r["label"]) for r in train_rows])
     y_test = np.array([classes.index(r["label"]) for r in test_rows])
-    clf = LogisticRegression(max_iter=5000, C=1.0).fit(train_emb.numpy(), y_train)
     probe_path = case_dir / "probe.npz"
-    LinearProbe(clf.coef_, clf.intercept_, classes, "l2").save(probe_path)
+    clf = _fit_probe(bundle, train_dir, probe_path)
 
     class_text = encode_concepts(bundle, [CLASS_CONCEPTS[c] for c in classes], [TEMPLATE])
     zs_pred = (test_emb @ class_text.T).argmax(1).numpy()
@@ -144,6 +145,50 @@ def build_case(root: Path, config: CaseConfig, log: Callable[[str], None] = prin
         "metrics": {"zero_shot_class_accuracy": accuracy["zero_shot"]["overall"], "artifact_auroc": auroc,
                     "accuracy": accuracy},
     }
+    return _add_reference(case_dir, case, config, bundle, test_emb, test_rows, log)
+
+
+def _fit_probe(bundle, train_dir: Path, path: Path):
+    """The case's probe recipe (the biased probe and its reference share it): a logistic regression on the
+    L2-normalized embeddings of a training split, saved to ``path``; returns the fitted classifier."""
+    from sklearn.linear_model import LogisticRegression
+
+    from workers.engine.heads import LinearProbe
+
+    images, rows = _images(train_dir)
+    classes = sorted(CLASSES)
+    clf = LogisticRegression(max_iter=5000, C=1.0).fit(_embed(bundle, images).numpy(),
+                                                       np.array([classes.index(r["label"]) for r in rows]))
+    LinearProbe(clf.coef_, clf.intercept_, classes, "l2").save(path)
+    return clf
+
+
+def _add_reference(case_dir: Path, case: dict, config: CaseConfig, bundle, test_emb: torch.Tensor,
+                   test_rows: list[dict], log: Callable[[str], None]) -> dict:
+    """Add the reference probe to ``case`` and write ``case.json``: what a correction is measured against.
+
+    Same model, recipe and number of training images as the probe, but the planted artifact independent of the
+    class: the training split a strength-0 case draws (same generator seeds), so a control's own probe is its
+    reference.
+    """
+    from workers.engine.heads import LinearProbe
+
+    if config.strength == 0:
+        reference_dir, reference_path = Path(case["probe_train_dir"]), Path(case["probe"])
+    else:
+        log(f"Generating the reference probe's training split: '{config.artifact}' independent of the class ...")
+        reference_dir = write_split(case_dir / "reference-train", draw_samples(
+            config.n_probe_train, np.random.default_rng([config.seed, 3]),
+            biased_rates(config.artifact, config.toward, 0.0)), np.random.default_rng([config.seed, 4]))
+        reference_path = case_dir / "reference-probe.npz"
+        _fit_probe(bundle, reference_dir, reference_path)
+    classes = sorted(CLASSES)
+    y_test = np.array([classes.index(r["label"]) for r in test_rows])
+    has = np.array([r[config.artifact] == "1" for r in test_rows])
+    with torch.no_grad():
+        pred = LinearProbe.load(reference_path)(test_emb).argmax(1).numpy()
+    case = {**case, "reference_probe": str(reference_path), "reference_train_dir": str(reference_dir)}
+    case["metrics"]["accuracy"]["reference"] = _accuracy_with_without(pred, y_test, has, classes, config.artifact)
     (case_dir / "case.json").write_text(json.dumps(case, indent=2))
     return case
 
@@ -202,10 +247,15 @@ def format_metrics(case: dict) -> str:
     artifact = case["config"]["artifact"]
     lines = [f"Zero-shot class accuracy of the tiny CLIP: {m['zero_shot_class_accuracy']:.3f}",
              "AUROC of each artifact's text prompt: " + ", ".join(f"{a} {v:.3f}" for a, v in m["artifact_auroc"].items()),
-             f"Test accuracy with and without {artifact} (artifact independent of the class in the test split):",
-             f"  {'class':<10} {'probe with':>11} {'probe w/o':>10} {'zero-shot with':>15} {'zero-shot w/o':>14}"]
+             f"Test accuracy with and without {artifact} (artifact independent of the class in the test split; "
+             f"the reference probe was trained with it independent of the class too):",
+             f"  {'class':<10} {'probe with':>11} {'probe w/o':>10} {'zero-shot with':>15} {'zero-shot w/o':>14} "
+             f"{'reference with':>15} {'reference w/o':>14}"]
     for c in sorted(CLASSES):
-        p, z = m["accuracy"]["probe"]["per_class"][c], m["accuracy"]["zero_shot"]["per_class"][c]
-        lines.append(f"  {c:<10} {p[f'with {artifact}']:>11.3f} {p[f'without {artifact}']:>10.3f} "
-                     f"{z[f'with {artifact}']:>15.3f} {z[f'without {artifact}']:>14.3f}")
+        row = f"  {c:<10}"
+        for head, width in (("probe", 11), ("zero_shot", 15), ("reference", 15)):
+            if head in m["accuracy"]:
+                acc = m["accuracy"][head]["per_class"][c]
+                row += f" {acc[f'with {artifact}']:>{width}.3f} {acc[f'without {artifact}']:>{width - 1}.3f}"
+        lines.append(row)
     return "\n".join(lines)

@@ -1,26 +1,42 @@
-"""Audit the case and check its known answer (used by `manage.py case_study` and the tests)."""
+"""Audit the case and check its known answer; correct the probe's shortcut and check that answer too (used by
+`manage.py case_study`, the benchmark and the tests)."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 from .build import CaseConfig, audit_options, build_case, default_cache
+from .images import CLASSES
+
+MIN_GAP_CLOSED = 0.8  # issue 18: the hurt slices rise at least this share of the way to the reference probe
+# issue 18: overall accuracy must not drop. On the audit split the artifact is independent of the class, so a
+# correction that stops reading it gains there; 0.005 (10 of 2,000 images) only spares images that sit on the
+# decision boundary, and a real loss still fails.
+OVERALL_TOLERANCE = 0.005
 
 
-def audit_case(case: dict, **option_overrides):
-    """Run the engine's audit of a built case on its held-out split (no service involved)."""
-    from workers.engine import AuditConfig, LinearProbe, load_clip, run_audit
+def split_images(folder: str | Path, metadata_columns: tuple[str, ...] = ()):
+    """A split written by the generator (labels.csv and images/) as the engine reads it, with the named columns of
+    labels.csv as metadata (e.g. ``("a ruler",)``: a correction's table then has "melanoma, a ruler=0" rows)."""
     from workers.engine.data import ImageFiles
 
-    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
-    folder = Path(case["audit_dir"])
+    folder = Path(folder)
     with open(folder / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     classes = sorted({r["label"] for r in rows})
-    images = ImageFiles([folder / r["image"] for r in rows], [classes.index(r["label"]) for r in rows], classes,
-                        ids=[r["image"] for r in rows])
+    return ImageFiles([folder / r["image"] for r in rows], [classes.index(r["label"]) for r in rows], classes,
+                      ids=[r["image"] for r in rows], metadata={c: [r[c] for r in rows] for c in metadata_columns})
+
+
+def audit_case(case: dict, *, workdir: str | Path | None = None, **option_overrides):
+    """Run the engine's audit of a built case on its held-out split (no service involved); ``workdir`` keeps the
+    activations and the SAE (a correction needs them)."""
+    from workers.engine import AuditConfig, LinearProbe, load_clip, run_audit
+
+    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
     return run_audit(AuditConfig.from_dict(audit_options(**option_overrides)), bundle,
-                     LinearProbe.load(case["probe"]), images)
+                     LinearProbe.load(case["probe"]), split_images(case["audit_dir"]), workdir=workdir)
 
 
 def known_answer(case: dict, result) -> dict:
@@ -51,3 +67,131 @@ def check_seeds(seeds, strength: float = 0.8, log=print) -> list[dict]:
             f"top probe latents for {case['config']['toward']}: {report['probe_top_latents']}")
         reports.append(report)
     return reports
+
+
+# --------------------------------------------------------------------------- the corrected probe (issue 18)
+
+def _flags(result) -> list[dict]:
+    return result["flags"] if isinstance(result, dict) else result.flags
+
+
+def hurt_slices(case: dict) -> list[str]:
+    """The two slices of the correction's table the planted shortcut hurts: the class it is tied to without the
+    artifact, and the other class with it ("melanoma, a ruler=0", "nevus, a ruler=1")."""
+    cfg = case["config"]
+    other = next(c for c in CLASSES if c != cfg["toward"])
+    return [f"{cfg['toward']}, {cfg['artifact']}=0", f"{other}, {cfg['artifact']}=1"]
+
+
+def artifact_flags(case: dict, result) -> list[tuple[str, int]]:
+    """What a reviewer corrects after reading the audit: (class, latent) for every probe flag labelled as the
+    planted artifact, whatever its class, and every latent its concept is spread over."""
+    label = f"with {case['config']['artifact']}"
+    pairs = [(f["class_name"], int(latent)) for f in _flags(result) if f["head"] == "probe" and f["label"] == label
+             for latent in f.get("concept_latents") or [f["latent"]]]
+    return list(dict.fromkeys(pairs))
+
+
+def _flag_keys(result) -> set[tuple[str, str, int]]:
+    return {(f["head"], f["class_name"], int(latent)) for f in _flags(result)
+            for latent in f.get("concept_latents") or [f["latent"]]}
+
+
+def correct_case(case: dict, workdir: str | Path, *, method: str = "project", anchor: str = "midpoint",
+                 audit=None, flags: list[tuple[str, int]] | None = None, options: dict | None = None) -> dict:
+    """Correct the case's probe for the planted artifact's flags and re-audit it with the same SAE: the figures
+    issue 18 asks for (:func:`recovery_checks` says whether they meet its bar).
+
+    ``audit``: the audit of the case's probe, run with this ``workdir`` (its SAE and activations are read from
+    there); None runs it. ``flags``: (class, latent) pairs to correct; default :func:`artifact_flags`.
+    ``options``: the audit's options, for the audit and the re-audit alike (default: :func:`audit_options`).
+    ``method`` ``refit`` refits on the probe's training split. The reference probe (trained with the artifact
+    independent of the class) is what "the way to go" is measured against.
+
+    Returns plain figures (the hurt slices' and the overall rows of the correction's table, the clean images'
+    change, the re-audit's flags of the artifact, flags new and gone by (head, class, latent), ``seconds`` per
+    step) plus ``after``, the re-audit itself. The re-audit writes into ``workdir`` too (its relevance tables
+    replace the audit's).
+    """
+    from workers.engine import AuditConfig, LinearProbe, load_clip, run_audit
+    from workers.engine.correct_audit import clean_accuracy_change, run_correction
+    from workers.engine.sae import TopKSAE
+
+    cfg = case["config"]
+    config = AuditConfig.from_dict(audit_options() if options is None else options)
+    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
+    probe = LinearProbe.load(case["probe"])
+    # the artifact's column as metadata: the table's slices, and the re-audit's with/without accuracy
+    images = split_images(case["audit_dir"], (cfg["artifact"],))
+    workdir = Path(workdir)
+    seconds = {}
+    if audit is None:
+        started = time.perf_counter()
+        audit = run_audit(config, bundle, probe, images, workdir=workdir)
+        seconds["audit"] = round(time.perf_counter() - started, 1)
+    chosen = artifact_flags(case, audit) if flags is None else [(c, int(latent)) for c, latent in flags]
+    figures = {"seed": cfg["seed"], "artifact": cfg["artifact"], "toward": cfg["toward"], "method": method,
+               "anchor": anchor, "flags": [list(p) for p in chosen], "corrected": bool(chosen), "seconds": seconds}
+    if not chosen:  # nothing flagged as the artifact: nothing to correct, and the bar is not met
+        return figures
+    sae = TopKSAE.load(workdir / "sae", "cpu")
+    started = time.perf_counter()
+    outcome = run_correction(
+        bundle, probe, images, sae, chosen, layer=config.layer, token=config.token, method=method, anchor=anchor,
+        training=split_images(case["probe_train_dir"]) if method == "refit" else None,
+        reference=LinearProbe.load(case["reference_probe"]), batch_size=config.batch_size, device=config.device,
+        seed=config.seed, workdir=workdir)  # the audit's activations are reused: they depend on images and model only
+    seconds["correction"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    # the same SAE, so a latent means the same thing before and after; the same activations (the probe is not in them)
+    after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
+    seconds["reaudit"] = round(time.perf_counter() - started, 1)
+
+    table = outcome.table
+    corrected = {latent for _, latent in chosen}
+    label = f"with {cfg['artifact']}"
+    still = [f for f in after.flags if f["head"] == "probe"
+             and (f["label"] == label or corrected & set(f.get("concept_latents") or [f["latent"]]))]
+    figures.update({
+        "latents": sorted(corrected), "info": outcome.info,
+        "slices": {name: table["slices"].get(name) for name in hurt_slices(case)},
+        "overall": table["overall"], "per_class": table["per_class"],
+        "clean_change": clean_accuracy_change(table),
+        "artifact_flags_after": [{"class_name": f["class_name"], "latent": f["latent"], "label": f["label"],
+                                  "rank": f["rank"], "concept_latents": f.get("concept_latents")} for f in still],
+        "new_flags": sorted(map(list, _flag_keys(after) - _flag_keys(audit))),
+        "gone_flags": sorted(map(list, _flag_keys(audit) - _flag_keys(after))),
+        "after": after,
+    })
+    return figures
+
+
+def recovery_checks(figures: dict, min_gap_closed: float = MIN_GAP_CLOSED,
+                    tolerance: float = OVERALL_TOLERANCE) -> dict[str, bool]:
+    """Issue 18's bar on :func:`correct_case`'s figures: each hurt slice closed at least ``min_gap_closed`` of its
+    gap to the reference probe, overall accuracy did not drop (beyond ``tolerance``), and the re-audit flags the
+    artifact no more (no probe flag with its label or on a corrected latent)."""
+    if not figures.get("corrected"):
+        return {"corrected": False}
+    checks = {f"gap closed on {name}": (row or {}).get("gap_closed") is not None
+              and row["gap_closed"] >= min_gap_closed for name, row in figures["slices"].items()}
+    overall = figures["overall"]
+    checks["overall not lower"] = overall["new"] >= overall["old"] - tolerance
+    checks["not flagged after"] = not figures["artifact_flags_after"]
+    return checks
+
+
+def format_recovery(figures: dict) -> str:
+    """One line: gap closed per hurt slice (old -> new, reference), overall old -> new, still flagged?"""
+    if not figures.get("corrected"):
+        return f"seed {figures['seed']} {figures['method']}: nothing flagged as {figures['artifact']}, no correction"
+    parts = [f"{name}: {_pct(row)} ({row['old']:.2f} -> {row['new']:.2f}, reference {row['reference']:.2f})"
+             for name, row in figures["slices"].items() if row]
+    overall = figures["overall"]
+    return (f"seed {figures['seed']} {figures['method']} latents {figures['latents']}: " + "; ".join(parts)
+            + f"; overall {overall['old']:.3f} -> {overall['new']:.3f}; still flagged after: "
+            + ("yes" if figures["artifact_flags_after"] else "no"))
+
+
+def _pct(row: dict) -> str:
+    return "gap closed n/a" if row.get("gap_closed") is None else f"gap closed {row['gap_closed']:.0%}"
