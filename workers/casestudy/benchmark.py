@@ -6,6 +6,11 @@ For every flag the ground truth says what its latent tracks: the metadata column
 (or, for a latent that fires when an artifact is absent, without) far above their base rate. A flag is
 *precise* when one of those concepts really moves the probe for the flag's class: a with/without accuracy gap
 of at least ``TRUE_GAP`` on the held-out split.
+
+Each planted case's probe is then corrected for the flags that track the planted artifact (issue 18: one
+``project`` correction per case) and re-audited with the same SAE: how much of the way to a probe trained
+without the correlation its two hurt slices went, how its overall accuracy changed, and whether the artifact is
+still flagged.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .build import CaseConfig, build_case, default_cache
+from .check import correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
 
 TRUE_GAP = 0.10  # a concept "moves the probe's accuracy" when a with/without gap is at least this
@@ -40,6 +46,7 @@ class Grid:
     audit_options: dict = field(default_factory=dict)  # overrides on top of the defaults (tests: fast settings)
     sae_seeds: tuple = (0, 1, 2)  # stability: the first planted case of the first seeds audited with these SAE seeds
     stability_cases: int = 1
+    correct: bool = True  # correct each planted case's probe and re-audit it (issue 18's recovery figures)
 
     def cases(self) -> list[CaseConfig]:
         out = []
@@ -178,7 +185,21 @@ def summarize_grid(cases: list[dict]) -> dict:
         "novel_artifact_flags": len(novel),
         "novel_wrong_confident": sum(f["label_correct"] == "wrong" and (f["label_confidence"] or 0) >= 0.5
                                      for f in novel),
+        **_recovery_summary(planted),
     }
+
+
+def _recovery_summary(planted: list[dict]) -> dict:
+    """How many planted cases' corrections met issue 18's bar, and the weakest gap closed (cases that were not
+    corrected count as not meeting it)."""
+    rows = [c["recovery"] for c in planted if c.get("recovery") is not None]
+    if not rows:
+        return {}
+    closed = [g for r in rows for g in (r["gap_closed"] or {}).values() if g is not None]
+    return {"corrected": sum(bool(r["latents"]) for r in rows),
+            "recovery_meets_bar": _ratio(sum(r["meets_bar"] for r in rows), len(rows)),
+            "still_flagged_after_correction": sum(bool(r["still_flagged"]) for r in rows),
+            "min_gap_closed": round(min(closed), 4) if closed else None}
 
 
 def _ratio(k, n) -> float | None:
@@ -229,8 +250,9 @@ def audit_with_truth(case: dict, options: dict, workdir: Path) -> tuple[dict, Ca
     return result, lambda latent: z[:, latent]
 
 
-def audit_and_score(case: dict, options: dict) -> dict:
-    """Audit a case in a scratch folder (removed afterwards) and score it; ``seconds`` is the audit's time."""
+def audit_and_score(case: dict, options: dict, correct: bool = False) -> dict:
+    """Audit a case in a scratch folder (removed afterwards) and score it; ``seconds`` is the audit's time.
+    ``correct``: a planted case's probe is also corrected and re-audited (``recovery``; its own ``seconds``)."""
     import shutil
     import tempfile
 
@@ -239,10 +261,55 @@ def audit_and_score(case: dict, options: dict) -> dict:
         started = time.time()
         result, activity = audit_with_truth(case, options, work)
         scored = score_case(case, result, activity)
+        scored["seconds"] = round(time.time() - started, 1)
+        if correct and not scored["control"]:
+            scored["recovery"] = correct_and_score(case, result, activity, options, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    scored["seconds"] = round(time.time() - started, 1)
     return scored
+
+
+def planted_flags(case: dict, result: dict, activity: Callable[[int], np.ndarray]) -> list[tuple[str, int]]:
+    """(class, latent) for every latent of every probe flag whose concept tracks the planted artifact.
+
+    The ground truth stands in for a reviewer who has looked at the flag's reference images, so an unlabelled
+    flag on an artifact the vocabulary has no word for is corrected too."""
+    rows, artifact = _rows(case), case["config"]["artifact"]
+    pairs = []
+    for f in result["flags"]:
+        latents = f.get("concept_latents") or [f["latent"]]
+        if f["head"] == "probe" and any((artifact, True) == (a, present) for latent in latents
+                                        for a, present, _ in latent_concepts(activity(latent), rows)):
+            pairs += [(f["class_name"], int(latent)) for latent in latents]
+    return list(dict.fromkeys(pairs))
+
+
+def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.ndarray], options: dict,
+                      workdir: Path) -> dict:
+    """Correct the audited probe (``project``) for :func:`planted_flags` and re-audit it with the same SAE
+    (``workdir`` is the audit's): issue 18's recovery figures for one case."""
+    started = time.time()
+    figures = correct_case(case, workdir, audit=result, flags=planted_flags(case, result, activity), options=options)
+    out = {"latents": [latent for _, latent in figures["flags"]], "gap_closed": None, "overall": None,
+           "still_flagged": None, "meets_bar": False}
+    if figures["corrected"]:
+        rows = _rows(case)
+        artifact = case["config"]["artifact"]
+        # the same SAE on the same images: a latent's activity, so what it tracks, is the audit's
+        still = [f for f in figures["after"].flags if f["head"] == "probe"
+                 and any(a == artifact and present for latent in f.get("concept_latents") or [f["latent"]]
+                         for a, present, _ in latent_concepts(activity(latent), rows))]
+        out.update({
+            "gap_closed": {name: (figures["slices"][name] or {}).get("gap_closed") for name in hurt_slices(case)},
+            "slices": {name: figures["slices"][name] for name in hurt_slices(case)},
+            "overall": {k: figures["overall"][k] for k in ("old", "new", "reference", "change")},
+            "clean_change": figures["clean_change"],
+            "still_flagged": bool(still),
+            # issue 18's bar, with "not flagged after" read from the ground truth rather than from labels
+            "meets_bar": all({**recovery_checks(figures), "not flagged after": not still}.values()),
+        })
+    out["seconds"] = round(time.time() - started, 1)
+    return out
 
 
 def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = print) -> dict:
@@ -253,11 +320,11 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         case = build_case(root, cfg, log=lambda line: None)
         # a scored case is kept beside its case, keyed by the audit options and the code that scored it, so an
         # interrupted or extended grid does not audit a case twice
-        cached = Path(case["audit_dir"]).parent / f"benchmark-{_code_key(grid.audit_options)}.json"
+        cached = Path(case["audit_dir"]).parent / f"benchmark-{_code_key(grid.audit_options, grid.correct)}.json"
         if cached.is_file():
             scored = json.loads(cached.read_text())
         else:
-            scored = audit_and_score(case, dict(grid.audit_options))
+            scored = audit_and_score(case, dict(grid.audit_options), grid.correct)
             cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
@@ -294,12 +361,13 @@ def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = prin
     return out
 
 
-def _code_key(options: dict) -> str:
-    """Digest of the audit options and of the engine and benchmark code."""
+def _code_key(options: dict, correct: bool = False) -> str:
+    """Digest of the audit options, whether cases are corrected, and of the engine and benchmark code."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for path in sorted((Path(__file__).parents[1] / "engine").glob("*.py")) + [Path(__file__)]:
+    digest = hashlib.sha256(json.dumps({"options": options, "correct": correct}, sort_keys=True).encode())
+    here = Path(__file__).parent
+    for path in sorted((here.parent / "engine").glob("*.py")) + [Path(__file__), here / "check.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -309,7 +377,18 @@ def format_row(c: dict) -> str:
     flags = "; ".join(f"{f['class'][:3]}#{f['rank']} {f['label'][:14]} [{', '.join(f['concepts'][:2]) or 'none'}]"
                       f"{' ok' if f['precise'] else ' FALSE'}{' C' if f['confirmed'] else ''}" for f in c["flags"])
     recall = "" if c["control"] else f" recall {'yes' if c['recall'] else 'NO'} (gap {c['planted_gap']:.2f})"
-    return f"seed {c['seed']} {what:<24}{recall} flags {c['n_precise']}/{c['n_flags']} precise: {flags}"
+    fix = "" if c.get("recovery") is None else f" | correction: {format_recovery(c['recovery'])}"
+    return f"seed {c['seed']} {what:<24}{recall} flags {c['n_precise']}/{c['n_flags']} precise: {flags}{fix}"
+
+
+def format_recovery(r: dict) -> str:
+    """A correction's figures in a few words: gap closed on each hurt slice, overall change, still flagged?"""
+    if not r["latents"]:
+        return "nothing flagged to correct"
+    closed = " / ".join("n/a" if g is None else f"{g:.0%}" for g in r["gap_closed"].values())
+    return (f"gap closed {closed} ({', '.join(r['gap_closed'])}), overall {r['overall']['old']:.3f} -> "
+            f"{r['overall']['new']:.3f}, still flagged {'YES' if r['still_flagged'] else 'no'}"
+            f"{'' if r['meets_bar'] else ' (below the bar)'}")
 
 
 def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
@@ -347,18 +426,30 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
     lines += ["", f"Flags: {s['n_flags']} on planted cases, {s['n_confirmed']} confirmed. Labels of probe flags: "
               f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
               f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "
-              f"{s['novel_wrong_confident']}.", "", "## Cases", "",
+              f"{s['novel_wrong_confident']}."]
+    if "recovery_meets_bar" in s:
+        lines += ["", f"Correction (issue 18): each planted case's probe corrected (`project`, midpoint anchor) for "
+                  f"the probe flags whose latents track the planted artifact, then re-audited with the same SAE. "
+                  f"{s['corrected']} of {s['n_cases']} cases had such a flag; share meeting the bar (gap to a probe "
+                  f"trained without the correlation closed >= 80 % on the class without the artifact and on the "
+                  f"other class with it, overall accuracy not lower, the artifact no longer flagged): "
+                  f"{s['recovery_meets_bar']}; still flagged after the correction: "
+                  f"{s['still_flagged_after_correction']}; smallest gap closed: {s['min_gap_closed']}."]
+    lines += ["", "## Cases", "",
               "| seed | case | planted gap | recall | probe / zero-shot share of the planted flag | flags "
-              "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | correction | s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in report["cases"]:
         what = "control" if c["control"] else f"{c['artifact']} -> {c['toward']}"
         share = ("" if c["control"] or c["planted_probe_share"] is None
                  else f"{c['planted_probe_share']:.3f} / {c['planted_zero_shot_share']:.3f}")
         flags = "; ".join(f"{f['class']}#{f['rank']} {f['label']} [{', '.join(f['concepts']) or 'none'}] "
                           f"{'ok' if f['precise'] else 'FALSE'}{' C' if f['confirmed'] else ''}" for f in c["flags"])
+        recovery = c.get("recovery")
+        fix = "" if recovery is None else format_recovery(recovery)
+        seconds = c["seconds"] if recovery is None else f"{c['seconds']} + {recovery['seconds']}"
         lines.append(f"| {c['seed']} | {what} | {'' if c['control'] else round(c['planted_gap'], 2)} | "
                      f"{'' if c['control'] else ('yes' if c['recall'] else 'NO')} | {share} | {flags or '-'} | "
-                     f"{c['seconds']} |")
+                     f"{fix} | {seconds} |")
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path
