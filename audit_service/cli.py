@@ -29,6 +29,9 @@ It waits for the correction and its re-audit, saves the new probe (same format a
 the old-vs-new accuracy table and exits 0 when the chosen flags are gone, clean accuracy held and nothing new is
 flagged; 1 when not; 2, 3, 4 as above (3: the correction failed or was cancelled).
 
+The ``explain`` command explains one image with a finished audit (``--image photo.png`` or ``--item
+melanoma/0001.png``) and prints both heads' predictions and the latents for and against each class.
+
 Only ``requests`` is needed: the client does not import Django.
 """
 from __future__ import annotations
@@ -236,6 +239,50 @@ def correct(args, log=print) -> int:
     return correction_gate(state, probe, out / name, args, log)
 
 
+def explain(args, log=print) -> int:
+    """Explain one image (uploaded, or an item of the audited dataset) with a finished audit; print the answer."""
+    if bool(args.image) == bool(args.item):
+        raise Stop(EXIT_USAGE, "give --image PATH (a file to upload) or --item KEY (an image of the audited dataset, "
+                               "its path as in labels.csv)")
+    if args.image and not Path(args.image).is_file():
+        raise Stop(EXIT_USAGE, f"--image {args.image}: no such file")
+    api = Api(args.url, args.token)
+    path = f"/api/v1/audits/{args.audit}/explain/"
+    if args.image:
+        with open(args.image, "rb") as fh:
+            submitted = api.call("POST", path, files={"image": (Path(args.image).name, fh)}).json()
+    else:
+        submitted = api.call("POST", path, json={"item": args.item}).json()
+    log(f"explanation #{submitted['id']} of {args.image or args.item} with audit #{args.audit} submitted")
+    state = wait(api, "explanations", submitted, args, log)
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"explanation #{state['id']} {state['status']}: "
+                                      f"{state['error'] or 'no reason given'}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"explanation-{state['id']}.json").write_text(json.dumps(state, indent=1))
+    print_explanation(state["result"], log)
+    return EXIT_PASS
+
+
+def print_explanation(result: dict, log) -> None:
+    image = result.get("image") or {}
+    if image.get("label"):
+        log(f"true class: {image['label']}")
+    for head, answer in result["heads"].items():
+        probs = ", ".join(f"{c} {p:.2f}" for c, p in answer["probabilities"].items())
+        log(f"\n{head}: predicts {answer['prediction']} ({probs})")
+        for class_name, side in answer["classes"].items():
+            for direction in ("for", "against"):
+                for row in side[direction]:
+                    flag = f"  FLAGGED for {', '.join(row['flagged_for'])}" if row["flagged_for"] else ""
+                    log(f"  {direction:>7} {class_name:<12} latent {row['latent']:<6} relevance "
+                        f"{row['relevance']:+.4f}  {row['label'] or '(no label)'}{flag}")
+        without = answer.get("without_flagged")
+        if without:
+            log(f"  without its flagged latents {without['removed_latents']}: predicts {without['prediction']}")
+
+
 def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
     """Print the old-vs-new table and the re-audit's verdict; exit 1 when the chosen flags remain, clean accuracy
     fell by more than --max-clean-drop, or (without --allow-new-flags) the re-audit flags something new."""
@@ -370,6 +417,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
     c.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     c.add_argument("--out", default="clip-audit-correction", help="folder for the new probe and the result")
+    e = sub.add_parser("explain", help="explain one image with a finished audit",
+                       description="Explain one image with a finished audit: both heads' predictions, the latents "
+                                   "for and against each class, their labels and flags, and the prediction once the "
+                                   "flagged latents are removed.")
+    e.add_argument("--audit", type=int, required=True, help="a succeeded audit")
+    e.add_argument("--image", help="an image file to upload")
+    e.add_argument("--item", help="or: an image of the audited dataset, its path as in labels.csv")
+    e.add_argument("--out", help="folder to save the answer as JSON")
+    e.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    e.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     return p
 
 
@@ -379,7 +436,7 @@ def main(argv=None) -> int:
         print("error: give --url and --token (or CLIP_AUDIT_URL and CLIP_AUDIT_TOKEN)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return correct(args) if args.command == "correct" else audit(args)
+        return {"correct": correct, "explain": explain}.get(args.command, audit)(args)
     except Stop as stop:
         print(f"error: {stop.message}", file=sys.stderr)
         return stop.code

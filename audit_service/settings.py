@@ -220,7 +220,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # everything that runs the model, the SAE or reads activations goes to the gpu queue; the reaper to default
 CELERY_TASK_ROUTES = {"workers.tasks.run_audit": {"queue": "gpu"}, "workers.sharded.*": {"queue": "gpu"},
-                      "workers.corrections.*": {"queue": "gpu"}}
+                      "workers.corrections.*": {"queue": "gpu"}, "workers.explanations.*": {"queue": "gpu"}}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 

@@ -5,7 +5,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.routers import DefaultRouter
 
 from audit_service.accounts.api import ApiTokenViewSet
-from audit_service.audits.api import AuditViewSet, CorrectionViewSet, FlagViewSet, LatentViewSet
+from audit_service.audits.api import AuditViewSet, CorrectionViewSet, ExplanationViewSet, FlagViewSet, LatentViewSet
 from audit_service.projects.api import MembershipViewSet, ProjectViewSet
 from audit_service.registry.api import ClipModelViewSet, DatasetViewSet, ProbeViewSet
 
@@ -16,6 +16,7 @@ router.register("probes", ProbeViewSet, basename="probe")
 router.register("datasets", DatasetViewSet, basename="dataset")
 router.register("audits", AuditViewSet, basename="audit")
 router.register("corrections", CorrectionViewSet, basename="correction")
+router.register("explanations", ExplanationViewSet, basename="explanation")
 router.register("tokens", ApiTokenViewSet, basename="token")
 
 nested = [

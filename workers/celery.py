@@ -14,6 +14,7 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workers"])
 app.autodiscover_tasks(["workers"], related_name="sharded")
 app.autodiscover_tasks(["workers"], related_name="corrections")
+app.autodiscover_tasks(["workers"], related_name="explanations")
 
 
 @app.on_configure.connect

@@ -37,6 +37,7 @@ from workers.engine.activations import ActivationStore, assemble_store, extract_
 from workers.engine.config import AuditConfig
 from workers.engine.hooks import check_token_reaches_output
 from workers.engine.loading import resolve_device
+from workers.engine.explain import flag_image_keys
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import STAGE_NAMES, STAGES
 from workers.inputs import dataset_folder, load_inputs, load_sae_images, sae_dataset_facts
@@ -245,6 +246,9 @@ def _label(audit, row, progress) -> None:
     labelled = pipeline.label_latents(ctx, store, c["images"], merged)
     result, amounts = pipeline.summarize(ctx, store, c["images"], merged, labelled,
                                          work.read_json("sae/metrics.json"), work.path())
+    if c["config"].heatmaps:  # the images the flags' cards show: downloaded alone with remote storage
+        dataset_folder(audit.dataset, only=flag_image_keys(result.flags))
+        pipeline.attach_flag_heatmaps(ctx, c["images"], result.flags, c["config"].batch_size)
     work.push("relevance.npz")
     work.write_json("draft.json", {"result": result.to_dict(), "amounts": amounts})
     if not (c["config"].causal and result.flags):  # nothing to confirm: the confirm shards have no work

@@ -12,7 +12,7 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from audit_service.audits.models import FINISHED, Audit, Correction
+from audit_service.audits.models import FINISHED, Audit, Correction, Explanation
 from workers.engine.errors import EngineError
 from workers.inputs import download
 
@@ -78,14 +78,14 @@ def store_with_artifacts(audit, result: dict, workdir, store) -> None:
 
 
 def remove_finished_work_folders() -> list[int]:
-    """Delete this host's scratch folders (AUDIT_WORK_DIR/audit-<id>, correction-<id>) of audits and corrections
+    """Delete this host's scratch folders (AUDIT_WORK_DIR/audit-<id>, correction-<id>, explanation-<id>) of jobs
     that are finished or gone; returns the audits' ids.
 
     Workers of a sharded audit keep local copies of what they read from S3; the audit's last step removes
     only its own worker's copy.
     """
     removed = {}
-    for model, prefix in ((Audit, "audit-"), (Correction, "correction-")):
+    for model, prefix in ((Audit, "audit-"), (Correction, "correction-"), (Explanation, "explanation-")):
         folders = {}
         for path in Path(settings.AUDIT_WORK_DIR).glob(f"{prefix}*"):
             pk = path.name.removeprefix(prefix)

@@ -11,7 +11,9 @@ from django.db import OperationalError, transaction
 from django.utils import timezone
 
 from audit_service.audits.corrections import enqueue_correction, finish_after_reaudit
-from audit_service.audits.models import FINISHED, REAUDIT_STAGE, Audit, Correction, IllegalTransition, Status, store_result
+from audit_service.audits.explanations import enqueue_explanation
+from audit_service.audits.models import (FINISHED, REAUDIT_STAGE, Audit, Correction, Explanation, IllegalTransition,
+                                        Status, store_result)
 from audit_service.audits.services import enqueue
 from workers import sharded
 from workers.engine import run_audit as run_engine
@@ -60,17 +62,18 @@ def reap_stale_audits() -> dict:
     messages; finish corrections whose re-audit finished unnoticed; remove files that stopped workers left.
 
     Runs every AUDIT_REAP_EVERY_SECONDS (Celery beat) and when a worker starts. Returns what it did: audits'
-    ids at the top level, corrections' under "corrections".
+    ids at the top level, corrections' and explanations' under their names.
     """
     now = timezone.now()
     done = _reap(Audit, enqueue, now)
     done["corrections"] = _reap(Correction, enqueue_correction, now)
+    done["explanations"] = _reap(Explanation, enqueue_explanation, now)
     for correction in Correction.objects.filter(status=Status.RUNNING, stage=REAUDIT_STAGE,
                                                 reaudit__status__in=FINISHED):
         finish_after_reaudit(correction.pk)  # its re-audit's worker stopped before it could tell
         done["corrections"].setdefault("answered", []).append(correction.pk)
     done["cleaned"] = remove_leftover_work()
-    if any(v for k, v in done.items() if k != "corrections") or any(done["corrections"].values()):
+    if any(any(v.values()) if isinstance(v, dict) else v for v in done.values()):
         log.warning("reaper: %s", done)
     remove_finished_work_folders()
     return done

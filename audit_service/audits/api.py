@@ -4,8 +4,10 @@ from django.shortcuts import get_object_or_404
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
+from audit_service.parsers import JSONParser
 from audit_service.projects.models import Project, Role
 from audit_service.projects.permissions import ProjectRolePermission, project_for
 from audit_service.registry.api import as_validation_error
@@ -15,9 +17,11 @@ from audit_service.registry.services import RegistrationError
 from . import report
 from .fields import LATENT_FIELDS
 from .corrections import create_correction
-from .models import Audit, Correction, Flag, IllegalTransition, Latent, Status
-from .serializers import (AuditSerializer, CorrectionRequestSerializer, CorrectionSerializer, FlagSerializer,
-                          LatentSerializer, ReviewSerializer)
+from .explanations import create_explanation
+from .models import Audit, Correction, Explanation, Flag, IllegalTransition, Latent, Status
+from .serializers import (AuditSerializer, CorrectionRequestSerializer, CorrectionSerializer,
+                          ExplanationRequestSerializer, ExplanationSerializer, FlagSerializer, LatentSerializer,
+                          ReviewSerializer)
 from .services import create_audit
 
 
@@ -134,6 +138,38 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         except RegistrationError as exc:
             raise as_validation_error(exc) from exc
         return Response(CorrectionSerializer(correction).data, status=status.HTTP_201_CREATED)
+
+
+    @extend_schema(request={"multipart/form-data": ExplanationRequestSerializer,
+                            "application/json": ExplanationRequestSerializer},
+                   responses=ExplanationSerializer, description=(
+                       "Explain one image with this audit (members): an uploaded `image` or an `item` of the audited "
+                       "dataset. A short job on a worker; follow it at /api/v1/explanations/{id}/."))
+    @action(detail=True, methods=["post"], parser_classes=[MultiPartParser, FormParser, JSONParser])
+    def explain(self, request, pk=None):
+        audit = self.get_object()
+        project_for(request.user, audit.project_id, Role.MEMBER)
+        serializer = ExplanationRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            explanation = create_explanation(audit=audit, user=request.user, image=data.get("image"),
+                                             item=data.get("item", ""))
+        except RegistrationError as exc:
+            raise as_validation_error(exc) from exc
+        return Response(ExplanationSerializer(explanation).data, status=status.HTTP_201_CREATED)
+
+
+class ExplanationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Explanations of single images in the caller's projects."""
+
+    serializer_class = ExplanationSerializer
+    permission_classes = [ProjectRolePermission]
+    filterset_fields = ["project", "audit", "status"]
+
+    def get_queryset(self):
+        return Explanation.objects.filter(project__in=Project.objects.for_user(self.request.user)).select_related(
+            "project")
 
 
 class CorrectionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

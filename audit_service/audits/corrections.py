@@ -13,16 +13,10 @@ from workers.engine.errors import EngineError
 
 from .diff import audit_diff
 from .models import Audit, Correction, Flag, Status, Verdict
+from .services import check_room
 
 RUN_CORRECTION_TASK = "workers.corrections.run_correction"
 SAE_ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json")
-
-
-def busy_jobs(project) -> int:
-    """Audits and corrections of the project that are queued or running (they share its concurrency limit)."""
-    live = [Status.QUEUED, Status.RUNNING]
-    return (Audit.objects.filter(project=project, status__in=live).count()
-            + Correction.objects.filter(project=project, status__in=live).count())
 
 
 def default_flags(audit: Audit) -> list[Flag]:
@@ -60,11 +54,7 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
                                 f"dataset is given, else project), got {method!r}", field="method")
     options = correction_options(options)
     _check_training(audit, method, training_dataset, options)
-    running = busy_jobs(audit.project)
-    if running >= audit.project.max_concurrent_audits:
-        raise RegistrationError(f"project '{audit.project.name}' already has {running} audits and corrections "
-                                f"queued or running (limit {audit.project.max_concurrent_audits}); wait for one to "
-                                "finish or cancel one", field="project")
+    check_room(audit.project)
     with transaction.atomic():
         correction = Correction.objects.create(project=audit.project, audit=audit, method=method, options=options,
                                                training_dataset=training_dataset, created_by=user)

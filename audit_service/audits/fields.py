@@ -199,6 +199,10 @@ FLAG_FIELDS: tuple[Field, ...] = (
     blob("semantic", default=None, api=False),  # the latent's unit semantic embedding, for audit diffs
     blob("metadata_auroc", default={}),
     blob("concept_latents", default=[]),
+    blob("heatmaps", default={}, help=(
+        "image id -> where the latent is active on that image (a grid over the patches, 0..255 scaled to its "
+        "maximum; workers/engine/heatmaps.py says how a CLS latent's map is made), for the flag's reference images "
+        "and most affected images; empty for audits run before heatmaps or with heatmaps off")),
 )
 
 LATENT_FIELDS: tuple[Field, ...] = (

@@ -1,6 +1,8 @@
 """Audits and what they found: latents, flags and reviews of flags."""
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
@@ -387,6 +389,7 @@ class Flag(models.Model):
     closest_concept = models.CharField(max_length=300, blank=True)  # the best concept, also when "unlabelled"
     metadata_auroc = models.JSONField(default=dict, blank=True)  # labels.csv column (or "column=value") -> AUROC
     concept_latents = models.JSONField(default=list, blank=True)  # all latents one concept is spread over
+    heatmaps = models.JSONField(default=dict, blank=True)  # image id -> [rows][cols] 0..255: where it is active
 
     class Meta:
         ordering = ["audit", "head", "class_name", "rank"]
@@ -486,6 +489,30 @@ def answer_reaudit(correction_id: int) -> None:
     from .corrections import finish_after_reaudit
 
     finish_after_reaudit(correction_id)
+
+
+def upload_explained_image(instance, filename: str) -> str:
+    return f"projects/{instance.project_id}/explanations/{uuid.uuid4().hex}/{filename}"
+
+
+class Explanation(Job):
+    """One image explained with a finished audit's SAE: an image of the audited dataset (``item``, its path in
+    labels.csv) or an uploaded one (``image``). A short job on a worker; ``result`` is the engine's
+    ``explain_image`` answer."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="explanations")
+    audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="explanations")
+    image = models.FileField(upload_to=upload_explained_image, blank=True, max_length=500)
+    item = models.CharField(max_length=500, blank=True)
+
+    noun = "explanation"
+
+    class Meta(Job.Meta):
+        pass
+
+    @property
+    def source(self) -> str:
+        return f"dataset image {self.item}" if self.item else f"uploaded image {self.image.name.rsplit('/', 1)[-1]}"
 
 
 def store_result(audit: Audit, result: dict, timings: dict) -> None:

@@ -30,6 +30,7 @@ HEADS = dict(Head.choices)
 METHODS = {"act_grad": "act x grad", "logit_lens": "Logit Lens", "act_logit_lens": "act x Logit Lens",
            "energy": "energy", "random": "random"}
 PROBE_COLOUR, ZERO_SHOT_COLOUR, FLAG_COLOUR = "#2f6fb0", "#d08a2e", "#c0392b"
+REFERENCES_SHOWN = 12  # reference images per flag card: the engine maps these (workers.engine.explain)
 
 
 # --------------------------------------------------------------------------- images
@@ -54,6 +55,40 @@ def _thumbnail(storage_key: str, size: int) -> str | None:
 def thumbnail(audit: Audit, image_key: str, size: int = 112) -> str | None:
     """A data URI of a small JPEG of one of the audit's dataset images (None when it cannot be read)."""
     return _thumbnail(f"{audit.dataset.storage_prefix}/images/{image_key}", size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _heat_overlay(storage_key: str, grid: tuple, size: int) -> str | None:
+    """A data URI of the image's centre square (the crop the model saw: open_clip resizes the short side, then
+    crops the centre) with ``grid`` (rows of 0..255 over the patches) laid over it in the inferno colours."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    try:
+        with default_storage.open(storage_key, "rb") as fh:
+            image = Image.open(fh)
+            image.load()
+    except (OSError, ValueError):
+        return None
+    image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+    heat = np.asarray(Image.fromarray(np.asarray(grid, dtype=np.uint8)).resize((size, size), Image.BILINEAR),
+                      dtype=np.float32) / 255.0
+    colours = colormaps["inferno"](heat)[..., :3]
+    alpha = (0.75 * heat)[..., None]
+    blended = (np.asarray(image, dtype=np.float32) / 255.0) * (1 - alpha) + colours * alpha
+    out = io.BytesIO()
+    Image.fromarray((blended * 255).round().astype(np.uint8)).save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def heat_overlay(storage_key: str, grid, size: int = 112) -> str | None:
+    """The image at ``storage_key`` with a latent's heatmap (an encoded grid) over it; None without a grid."""
+    if not grid:
+        return None
+    return _heat_overlay(storage_key, tuple(tuple(int(v) for v in row) for row in grid), size)
 
 
 def _labels_by_key(audit: Audit) -> dict:
@@ -168,14 +203,18 @@ def deletion_plot(result: dict, head: str, class_name: str) -> str:
 # --------------------------------------------------------------------------- the report
 
 def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> dict:
+    heatmaps = flag.heatmaps or {}
+
     def pictures(keys):
-        return [{"key": k, "label": labels_by_key.get(k, "?"), "src": thumbnail(audit, k) if images else None}
+        return [{"key": k, "label": labels_by_key.get(k, "?"), "src": thumbnail(audit, k) if images else None,
+                 "heat": heat_overlay(f"{audit.dataset.storage_prefix}/images/{k}", heatmaps.get(k))
+                 if images else None}
                 for k in keys]
 
     causal = flag.causal or {}
     return {
         "flag": flag,
-        "references": pictures(flag.references[:12]),
+        "references": pictures(flag.references[:REFERENCES_SHOWN]),
         "top_images": [{**p, "relevance": t["relevance"]}
                        for p, t in zip(pictures([t["image"] for t in flag.top_images]), flag.top_images)],
         "causal": causal,
@@ -344,6 +383,26 @@ def correction_view(correction) -> dict:
             "method": result.get("method"), "reason": result.get("reason"), "verdict": result.get("verdict"),
             "diff": diff, "diff_counts": diff.get("counts"),
             "changed_predictions": table.get("changed_predictions") if table else None}
+
+
+def explanation_view(explanation) -> dict:
+    """What the explanation's page shows: the image, and per head its prediction and, per class, the latents for
+    and against it, each with its heatmap over the image."""
+    result = explanation.result or {}
+    key = (f"{explanation.audit.dataset.storage_prefix}/images/{explanation.item}" if explanation.item
+           else explanation.image.name)
+    maps = result.get("heatmaps") or {}
+    heads = []
+    for head, answer in (result.get("heads") or {}).items():
+        classes = []
+        for name, side in answer["classes"].items():
+            rows = [{**row, "direction": direction, "heat": heat_overlay(key, maps.get(str(row["latent"])), 96)}
+                    for direction in ("for", "against") for row in side[direction]]
+            classes.append({"name": name, "probability": side["probability"], "rows": rows})
+        heads.append({"head": head, "title": HEADS.get(head, head), "prediction": answer["prediction"],
+                      "classes": classes, "without": answer.get("without_flagged")})
+    return {"image": _thumbnail(key, 224) if explanation.item or explanation.image else None,
+            "label": (result.get("image") or {}).get("label"), "heads": heads}
 
 
 # --------------------------------------------------------------------------- downloads

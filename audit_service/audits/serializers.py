@@ -4,7 +4,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, api_names
-from .models import STAGE_NAMES, Audit, Correction, Flag, Latent, Review
+from .models import STAGE_NAMES, Audit, Correction, Explanation, Flag, Latent, Review
 from .services import options_schema
 
 
@@ -148,3 +148,31 @@ class CorrectionSerializer(serializers.ModelSerializer):
                   "percent", "cancel_requested", "error", "attempts", "worker_host", "new_probe", "reaudit",
                   "result", "timings", "created_at", "started_at", "finished_at"]
         read_only_fields = fields
+
+
+class ExplanationRequestSerializer(serializers.Serializer):
+    """``POST /audits/{id}/explain/``: one image to explain, uploaded or from the audited dataset."""
+
+    image = serializers.FileField(required=False, help_text=(
+        "an image file (png, jpg, webp, bmp), checked as a dataset's images are; multipart"))
+    item = serializers.CharField(required=False, allow_blank=True, default="", help_text=(
+        "or: the path of an image of the audited dataset, as in its labels.csv"))
+
+
+class ExplanationSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id", read_only=True)
+    audit = serializers.IntegerField(source="audit_id", read_only=True)
+    image = serializers.SerializerMethodField(help_text="the uploaded image's file name (null: a dataset item)")
+    result = serializers.JSONField(read_only=True, help_text=(
+        "classes; heads.{probe,zero_shot}: prediction, probabilities, per class the top latents for and against "
+        "it (latent, relevance, activation, label, flagged_for), without_flagged (the prediction with the head's "
+        "active flagged latents removed); heatmaps: latent -> grid 0..255; image: item, label, size"))
+
+    class Meta:
+        model = Explanation
+        fields = ["id", "project", "audit", "item", "image", "status", "stage", "percent", "error", "attempts",
+                  "worker_host", "device", "result", "timings", "created_at", "started_at", "finished_at"]
+        read_only_fields = fields
+
+    def get_image(self, explanation) -> str | None:
+        return explanation.image.name.rsplit("/", 1)[-1] if explanation.image else None

@@ -13,7 +13,7 @@ from audit_service.registry.services import RegistrationError
 from workers.engine.config import AuditConfig, Bound, check_bounds, json_schema
 from workers.engine.errors import EngineError
 
-from .models import Audit, Status
+from .models import Audit, Correction, Explanation, Status
 
 RUN_AUDIT_TASK = "workers.tasks.run_audit"
 
@@ -72,17 +72,25 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
                               sae_dataset=sae_dataset)
     except EngineError as exc:
         raise RegistrationError(exc.message, field="config") from exc
-    running = Audit.objects.filter(project=project, status__in=[Status.QUEUED, Status.RUNNING]).count()
-    if running >= project.max_concurrent_audits:
-        raise RegistrationError(f"project '{project.name}' already has {running} audits queued or running "
-                                f"(limit {project.max_concurrent_audits}); wait for one to finish or cancel one",
-                                field="project")
+    check_room(project)
     with transaction.atomic():
         audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
                                      sae_dataset=sae_dataset, config=config.to_dict(), context=context or {},
                                      created_by=user)
         transaction.on_commit(lambda: enqueue(audit.pk))
     return audit
+
+
+def check_room(project) -> None:
+    """Refuse a new job while the project's audits, corrections and explanations that are queued or running
+    fill its ``max_concurrent_audits``."""
+    live = [Status.QUEUED, Status.RUNNING]
+    running = sum(model.objects.filter(project=project, status__in=live).count()
+                  for model in (Audit, Correction, Explanation))
+    if running >= project.max_concurrent_audits:
+        raise RegistrationError(f"project '{project.name}' already has {running} jobs queued or running "
+                                f"(limit {project.max_concurrent_audits}); wait for one to finish or cancel one",
+                                field="project")
 
 
 def audit_config(options, *, clip_model, dataset, sae_dataset=None) -> AuditConfig:

@@ -384,6 +384,24 @@ def _metadata_columns(paths: list[str], extras: dict[str, dict[str, str]]) -> di
     return kept
 
 
+def image_problem(path: Path, name: str, max_pixels: int, root: Path | None = None) -> str | None:
+    """Why the image file at ``path`` (called ``name`` in messages) cannot be used, or None: it must decode and
+    have at most ``max_pixels`` pixels (read from its header, before decoding)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, from the header, before decoding
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                return f"{name} has {w}x{h} pixels, over the limit of {max_pixels}"
+            img.load()
+    except Exception as exc:  # PIL raises many types for broken files
+        text = _without(str(exc), root) if root is not None else str(exc).replace(str(path), name)
+        return f"{name} is not a readable image ({type(exc).__name__}: {text})"
+    return None
+
+
 def validate(root: Path, limits: Limits, require_labels: bool = True) -> ValidatedDataset:
     """Check the extracted files: images decode and are not too large, labels match the files.
 
@@ -393,8 +411,6 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
     Every check is linear in the number of files (sets, not lists, for membership), so an archive at the
     member limit costs seconds, not hours.
     """
-    from PIL import Image
-
     files = sorted(f for f in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
                    if not _ignored(f))
     image_files = _images_of(files, limits)
@@ -421,19 +437,7 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
                                       "images can be registered for SAE training only)")
             labels[f] = parts[-2]
             folders.add(posixpath.dirname(f))
-    bad = []
-    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, from the header, before decoding
-    for f in image_files:
-        path = root / f
-        try:
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > limits.max_image_pixels:
-                    bad.append(f"{f} has {w}x{h} pixels, over the limit of {limits.max_image_pixels}")
-                    continue
-                img.load()
-        except Exception as exc:  # PIL raises many types for broken files
-            bad.append(f"{f} is not a readable image ({type(exc).__name__}: {_without(str(exc), root)})")
+    bad = [problem for f in image_files if (problem := image_problem(root / f, f, limits.max_image_pixels, root))]
     if bad:
         raise DatasetRejected(f"some images cannot be used: {_list(bad)}")
     class_names = sorted(set(labels.values()) - {""})

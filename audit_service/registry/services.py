@@ -95,10 +95,10 @@ def _save_with_file(record, field_file, upload) -> None:
             raise
 
 
-def _check_size(upload, what: str) -> None:
+def check_upload_size(upload, what: str, field: str = "file") -> None:
     if upload.size is not None and upload.size > settings.MAX_UPLOAD_BYTES:
         raise RegistrationError(f"the {what} is {upload.size} bytes, over the upload limit of "
-                                f"{settings.MAX_UPLOAD_BYTES} (MAX_UPLOAD_BYTES)", field="file")
+                                f"{settings.MAX_UPLOAD_BYTES} (MAX_UPLOAD_BYTES)", field=field)
 
 
 # --------------------------------------------------------------------------- models
@@ -188,7 +188,7 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
             raise RegistrationError(f"'{pretrained_tag}' is not a pretrained tag of {architecture}; known tags: "
                                     f"{known}", field="pretrained_tag")
     else:
-        _check_size(checkpoint, "checkpoint")
+        check_upload_size(checkpoint, "checkpoint")
         suffix = Path(checkpoint.name).suffix.lower()
         with tempfile.TemporaryDirectory() as tmp:
             path, sha = _spool(checkpoint, suffix, Path(tmp))
@@ -212,7 +212,7 @@ def register_probe(*, project, user, name: str, clip_model: ClipModel, file, cla
 
     if clip_model.project_id != project.id:
         raise RegistrationError("the model belongs to another project", field="clip_model")
-    _check_size(file, "probe")
+    check_upload_size(file, "probe")
     suffix = Path(file.name).suffix.lower()
     if suffix not in (".npz", ".safetensors"):
         raise RegistrationError(f"probe files must be .npz or .safetensors, got '{suffix or file.name}'", field="file")
@@ -255,7 +255,7 @@ def register_dataset(*, project, user, name: str, archive, purpose: str = Datase
     """
     if purpose not in DatasetPurpose.values:
         raise RegistrationError(f"purpose must be one of {', '.join(DatasetPurpose.values)}", field="purpose")
-    _check_size(archive, "dataset archive")
+    check_upload_size(archive, "dataset archive")
     prefix = f"projects/{project.id}/datasets/{uuid.uuid4().hex}"
     stored: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,9 @@ urlpatterns = [
     path("corrections/<int:pk>/status.json", views.correction_status, name="correction_status"),
     path("corrections/<int:pk>/cancel/", views.correction_cancel, name="correction_cancel"),
     path("probes/<int:pk>/download/", views.probe_download, name="probe_download"),
+    path("audits/<int:pk>/explain/", views.explanation_new, name="explanation_new"),
+    path("explanations/<int:pk>/", views.explanation_detail, name="explanation"),
+    path("explanations/<int:pk>/status.json", views.explanation_status, name="explanation_status"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_pk>/revoke/", views.token_revoke, name="token_revoke"),
 ]

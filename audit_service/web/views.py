@@ -24,7 +24,9 @@ from django.views.decorators.http import require_POST
 
 from audit_service.audits import report
 from audit_service.audits.corrections import create_correction
-from audit_service.audits.models import Audit, Correction, Flag, IllegalTransition, Review, Status, Verdict
+from audit_service.audits.explanations import create_explanation
+from audit_service.audits.models import (Audit, Correction, Explanation, Flag, IllegalTransition, Review, Status,
+                                         Verdict)
 from audit_service.audits.services import create_audit
 from audit_service.projects.models import Project, Role
 from audit_service.registry import services
@@ -218,8 +220,13 @@ def audit_report(request, pk):
                    other_audits=audit.project.audits.filter(status=Status.SUCCEEDED).exclude(pk=audit.pk)[:50])
     if can_review:
         context.update(correctable=_correctable(audit), training_datasets=audit.project.datasets.filter(
-            purpose=DatasetPurpose.AUDIT))
+            purpose=DatasetPurpose.AUDIT),
+            dataset_items=[key for key, _ in services.dataset_labels(audit.dataset)][:EXPLAIN_ITEMS_LISTED])
+    context["explanations"] = audit.explanations.all()[:20]
     return render(request, "web/report.html", context)
+
+
+EXPLAIN_ITEMS_LISTED = 500  # dataset images offered in the explain form's list (any other can be typed)
 
 
 def _correctable(audit: Audit) -> list[Flag]:
@@ -314,6 +321,52 @@ def correction_cancel(request, pk):
     except IllegalTransition as exc:
         messages.error(request, str(exc))
     return redirect("web:correction", pk=correction.pk)
+
+
+# --------------------------------------------------------------------------- explaining one image
+
+@login_required
+@require_POST
+def explanation_new(request, pk):
+    """The report's "Explain one image" form: an upload, or an image of the audited dataset."""
+    audit = _audit(request.user, pk, Role.MEMBER)
+    try:
+        explanation = create_explanation(audit=audit, user=request.user, image=request.FILES.get("image"),
+                                         item=request.POST.get("item", "").strip())
+    except RegistrationError as exc:
+        messages.error(request, f"The image was not explained: {exc.message}")
+        return redirect(reverse("web:report", args=[audit.pk]) + "#explain")
+    return redirect("web:explanation", pk=explanation.pk)
+
+
+def _explanation(user, pk) -> Explanation:
+    explanation = get_object_or_404(Explanation.objects.filter(project__in=Project.objects.for_user(user))
+                                    .select_related("project", "audit__dataset", "audit__probe",
+                                                    "audit__clip_model"), pk=pk)
+    _project(user, explanation.project_id)
+    return explanation
+
+
+def _explanation_progress(explanation: Explanation) -> dict:
+    return {"id": explanation.pk, "status": explanation.status, "stage": explanation.stage,
+            "percent": round(explanation.percent, 1), "elapsed_s": None, "remaining_s": None,
+            "finished": explanation.is_finished, "cancel_requested": False, "error": explanation.error,
+            "attempts": explanation.attempts, "worker_host": explanation.worker_host, "device": explanation.device,
+            "shards": None, "report_url": None}
+
+
+@login_required
+def explanation_detail(request, pk):
+    explanation = _explanation(request.user, pk)
+    return render(request, "web/explanation.html", {
+        "explanation": explanation, "audit": explanation.audit, "project": explanation.project,
+        "progress": _explanation_progress(explanation), "ev": report.explanation_view(explanation),
+        "can_write": False})
+
+
+@login_required
+def explanation_status(request, pk):
+    return JsonResponse(_explanation_progress(_explanation(request.user, pk)))
 
 
 @login_required

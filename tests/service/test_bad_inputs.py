@@ -233,7 +233,7 @@ def test_a_project_cannot_run_more_audits_at_once_than_its_limit(client_for, pro
     assert client.post("/api/v1/audits/", body, format="json").status_code == 201
     refused = client.post("/api/v1/audits/", body, format="json")
     assert refused.status_code == 400
-    assert "already has 1 audits queued or running (limit 1)" in refused.json()["project"][0]
+    assert "already has 1 jobs queued or running (limit 1)" in refused.json()["project"][0]
 
 
 def test_owners_cannot_raise_their_projects_limits_through_the_api(client_for, project):

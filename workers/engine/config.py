@@ -193,6 +193,7 @@ class AuditConfig(_DictMixin):
     faithfulness_steps: _count() = 20  # deletion curve length n = 1..N
     faithfulness_max_images: _count() = 256  # images per class used for deletion curves
     top_images_per_flag: _count(le=TOP_IMAGES_MAX) = 8
+    heatmaps: _Bool = True  # each flag's map of where its latent is active on the images its card shows
     report_top_n: _count(le=SHOWN_MAX) = 50  # latents per class kept in the result's relevance tables
     causal: _Bool = True
     seed: _count(ge=0, le=SEED_MAX) = 0

@@ -23,6 +23,7 @@ from .confirmation import apply_confirmation, confirm_shard, merge_confirmations
 from .context import AuditContext
 from .data import ImageSet
 from .errors import EngineError
+from .explain import attach_flag_heatmaps
 from .heads import LinearProbe
 from .hooks import check_token_reaches_output
 from .labelling import label_latents
@@ -36,7 +37,7 @@ from .summary import summarize
 # The names the sharded workers import from here; their homes are the modules above.
 __all__ = ["run_audit", "prepare_images", "extract_kwargs", "extract_sae_images", "fit_sae", "AuditContext",
            "AuditResult", "attribute_shard", "save_partial", "load_partial", "merge_partials", "label_latents",
-           "summarize", "confirm_shard", "apply_confirmation", "merge_confirmations"]
+           "summarize", "confirm_shard", "apply_confirmation", "merge_confirmations", "attach_flag_heatmaps"]
 save_partial, load_partial, merge_partials = Partial.save, Partial.load, Partial.merge
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,8 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
         merged = Partial.merge(partials)
         labelled = label_latents(ctx, store, images, merged, semantic_model)
         result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, workdir)
+        if config.heatmaps:
+            attach_flag_heatmaps(ctx, images, result.flags, config.batch_size)
     with stages.stage(CONFIRM) as report:
         if config.causal and result.flags:
             stats = [confirm_shard(ctx, store, result.flags, amounts, start, count,

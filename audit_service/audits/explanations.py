@@ -1,0 +1,79 @@
+"""Explaining one image with a finished audit: submitting the short job that does it."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from celery import current_app
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+from django.utils import timezone
+
+from audit_service.registry.archives import IMAGE_SUFFIXES, image_problem
+from audit_service.registry.services import RegistrationError, check_upload_size, dataset_labels
+
+from .corrections import SAE_ARTIFACTS
+from .models import Audit, Explanation, Status
+from .services import check_room
+
+RUN_EXPLANATION_TASK = "workers.explanations.run_explanation"
+
+
+def create_explanation(*, audit: Audit, user, image=None, item: str = "") -> Explanation:
+    """Check the request and enqueue the explanation of ``image`` (an uploaded file) or of ``item`` (an image
+    of the audited dataset, by its path in labels.csv). The upload is checked as a dataset's images are; a
+    refused one leaves no file."""
+    if audit.status != Status.SUCCEEDED:
+        raise RegistrationError(f"audit {audit.pk} is {audit.status}; images are explained with a succeeded audit",
+                                field="audit")
+    artifacts = (audit.result or {}).get("artifacts") or {}
+    if not all(rel in artifacts for rel in SAE_ARTIFACTS):
+        raise RegistrationError(f"audit {audit.pk} kept no SAE (it was stored by an older version); run the audit "
+                                "again and explain images with the new one", field="audit")
+    if bool(image) == bool(item):
+        raise RegistrationError("give either an image file (image) or the path of an image of the audited dataset "
+                                "as in its labels.csv (item), not both", field="item" if image else "image")
+    if item:
+        keys = [key for key, _ in dataset_labels(audit.dataset)]
+        if item not in set(keys):
+            raise RegistrationError(f"dataset '{audit.dataset.name}' has no image '{item}'; give its path as in "
+                                    f"labels.csv, e.g. '{keys[0]}'", field="item")
+    else:
+        _check_image(image)
+    check_room(audit.project)
+    with transaction.atomic():
+        explanation = Explanation(project=audit.project, audit=audit, item=item, created_by=user)
+        if image:
+            explanation.image.save(Path(image.name).name, File(image), save=False)
+        try:
+            explanation.save()
+        except Exception:
+            if explanation.image:
+                explanation.image.delete(save=False)
+            raise
+        transaction.on_commit(lambda: enqueue_explanation(explanation.pk))
+    return explanation
+
+
+def _check_image(upload) -> None:
+    name = Path(upload.name or "image").name
+    if not name.lower().endswith(IMAGE_SUFFIXES):
+        raise RegistrationError(f"'{name}' is not an image file; upload one of {', '.join(IMAGE_SUFFIXES)}",
+                                field="image")
+    check_upload_size(upload, "image", field="image")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        upload.seek(0)
+        with open(path, "wb") as out:
+            for chunk in iter(lambda: upload.read(1 << 20), b""):
+                out.write(chunk)
+        upload.seek(0)
+        problem = image_problem(path, name, settings.MAX_IMAGE_PIXELS)
+    if problem:
+        raise RegistrationError(problem, field="image")
+
+
+def enqueue_explanation(explanation_id: int) -> None:
+    Explanation.objects.filter(pk=explanation_id).update(enqueued_at=timezone.now())
+    current_app.send_task(RUN_EXPLANATION_TASK, args=[explanation_id])

@@ -1,0 +1,89 @@
+"""Heatmaps and the explanation of one image in real headless Chromium, against a live server, a real Celery
+worker, Redis and PostgreSQL: a member turns heatmaps on in the report (and in its offline download, with every
+request blocked), then uploads an image to explain and reads its top latents with their heatmaps. Screenshots go
+to ``TEST_ARTIFACTS_DIR`` (heatmaps*.png, explanation.png).
+"""
+import re
+import shutil
+
+import pytest
+from PIL import Image
+
+from audit_service.audits.models import Explanation, Status
+from audit_service.audits.services import create_audit
+
+from .test_browser import ARTIFACTS, OPTIONS, browser, sign_in  # noqa: F401 (browser: the fixture)
+from .test_browser_correction import wait_for
+from .test_integration import purge_queues, start_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_heatmaps_in_the_report_and_an_uploaded_image_explained(browser, live_server, project, users,  # noqa: F811
+                                                                registered, tmp_path):
+    base = live_server.url
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    purge_queues()
+    worker = start_worker(tmp_path, "heatmaps")
+    try:
+        audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                                      probe=registered["probe"], dataset=registered["dataset"],
+                                      options={**OPTIONS, "general_vocabulary": False}))
+        assert audit.status == Status.SUCCEEDED, audit.error
+        context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        sign_in(page, base, "member")
+        page.goto(f"{base}/audits/{audit.pk}/report/")
+        card = page.locator(".flagcard").first
+        assert card.locator("img.heat").count() > 0
+        assert not card.locator("img.heat").first.is_visible()  # off until switched on
+        page.click("label[for=show-heatmaps]")
+        assert card.locator("img.heat").first.is_visible() and not card.locator("img.plain.has-heat").first.is_visible()
+        widths = card.locator("img.heat").evaluate_all("els => els.map(e => e.naturalWidth)")
+        assert widths and all(w > 0 for w in widths)
+        card.screenshot(path=str(ARTIFACTS / "heatmaps-flag.png"))
+
+        # the offline download carries them and switches them without a script
+        with page.expect_download() as info:
+            page.click("#downloads >> text=HTML report")
+        report = tmp_path / info.value.suggested_filename
+        info.value.save_as(report)
+        offline = browser.new_context(offline=True)
+        requests = []
+        offline.route("**/*", lambda route: (requests.append(route.request.url), route.continue_()
+                                             if route.request.url.startswith("file:") else route.abort()))
+        opened = offline.new_page()
+        opened.goto(report.resolve().as_uri())
+        opened.click("label[for=show-heatmaps]")
+        heat = opened.locator(".flagcard").first.locator("img.heat").first
+        assert heat.is_visible() and heat.evaluate("e => e.naturalWidth") > 0
+        assert [u for u in requests if not u.startswith("file:")] == []
+        opened.locator(".flagcard").first.screenshot(path=str(ARTIFACTS / "heatmaps-offline.png"))
+        shutil.copy(report, ARTIFACTS / "report-heatmaps.html")
+        offline.close()
+
+        # explain an uploaded image
+        upload = tmp_path / "lesion.png"
+        Image.new("RGB", (64, 64), (150, 95, 70)).save(upload)
+        page.goto(f"{base}/audits/{audit.pk}/report/#explain")
+        page.set_input_files("#explain-form input[name=image]", str(upload))
+        page.click("#explain-button")
+        page.wait_for_url(re.compile(r".*/explanations/\d+/$"))
+        explanation_id = int(re.search(r"/explanations/(\d+)/$", page.url).group(1))
+        page.wait_for_selector("#predictions", timeout=300_000)
+        explanation = Explanation.objects.get(pk=explanation_id)
+        assert explanation.status == Status.SUCCEEDED, explanation.error
+        assert "uploaded image lesion.png" in page.inner_text("h1 + p")
+        rows = page.locator(".explain-table tr td.explain-heat img.heat")
+        assert rows.count() > 0 and rows.first.is_visible()
+        assert all(w > 0 for w in rows.evaluate_all("els => els.map(e => e.naturalWidth)"))
+        probe = explanation.result["heads"]["probe"]
+        assert f"{probe['prediction']}" in page.inner_text("#predictions")
+        page.screenshot(path=str(ARTIFACTS / "explanation.png"), full_page=True)
+        context.close()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        from django.db import connections
+
+        connections.close_all()
