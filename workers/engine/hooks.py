@@ -142,6 +142,9 @@ def spliced_sae(visual: nn.Module, layer: int, sae: nn.Module, token: str = "cls
 class VisionTail(nn.Module):
     """The vision tower after block ``layer``: remaining blocks, final LayerNorm, pooling, projection.
 
+    Pooling and LayerNorm are open_clip's own ``_pool``, so every pooling it has (class token, mean of the patch
+    tokens, attention pooler; LayerNorm before or after pooling) is recomputed as the model computes it.
+
     ``tail(h_L)`` equals the model's image embedding for the residual stream
     ``h_L`` [batch, tokens, d]. When nothing after the layer mixes tokens (last
     block, CLS pooling, CLS SAE) the tail needs only the CLS token [batch, d],
@@ -172,9 +175,18 @@ class VisionTail(nn.Module):
         return pooled @ v.proj if v.proj is not None else pooled
 
     def logit_lens(self, directions: Tensor) -> Tensor:
-        """[n, d] residual directions -> [n, embed_dim]: ``proj(ln_post(d))``, skipping the blocks."""
+        """[n, d] residual directions -> [n, embed_dim]: the embedding of a last-block residual stream holding
+        the direction at every token, skipping the blocks.
+
+        With token or average pooling that is ``proj(ln_post(d))``. An attention pooler reads it through its keys
+        and values: every key is the same, so every query attends evenly and gets ``d``'s value vector.
+        """
         v = self.visual
-        out = v.ln_post(directions)
+        if getattr(v, "attn_pool", None) is not None:
+            tokens = directions.unsqueeze(1).expand(-1, 2, -1)  # two tokens: average pooling skips token 0
+            out, _ = v._pool(tokens)
+        else:
+            out = v.ln_post(directions)
         return out @ v.proj if v.proj is not None else out
 
 

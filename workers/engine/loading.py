@@ -10,7 +10,10 @@ Three ways to name a model, as the service registers them:
 (c) a custom model-config JSON (open_clip's format) + checkpoint file; this is
     how the project's own tiny models are registered.
 
-Checkpoints never run code: a pickle that needs more than tensors is refused.
+Which image towers can be loaded, and the reason each other kind is refused, is
+``workers.engine.architectures``; load_clip refuses the others before anything is
+downloaded or built. Checkpoints never run code: a pickle that needs more than
+tensors is refused.
 A custom config is type-checked and sized (:func:`size_model_config`) before
 open_clip builds anything, and a checkpoint is read before its model is built.
 """
@@ -32,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from .architectures import config_refusal, model_refusal, text_refusal
 from .errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -180,7 +184,9 @@ class ModelSize:
     text_width: int
     context_length: int
     embed_dim: int
-    pool_type: str  # how the image tower pools its last block: "tok" (the CLS token) or "avg" (the patches)
+    # how the image tower pools its last block: "tok" (the CLS token), "avg" (the patches) or "attn" (an attention
+    # pooler, which reads every token: hooks.unreachable_token finds no token it drops)
+    pool_type: str
 
     @property
     def float32_bytes(self) -> int:
@@ -283,9 +289,9 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
     """
     if not isinstance(config, dict):
         raise EngineError("a model config must be a JSON object with embed_dim, vision_cfg and text_cfg")
-    if "multimodal_cfg" in config:
-        raise EngineError("model config: multimodal_cfg describes a CoCa model, which pools with attention; only "
-                          "token or average pooling is supported")
+    refusal = config_refusal(config)  # an image tower the engine cannot audit, named before any value is read
+    if refusal:
+        raise EngineError(f"model config: {refusal}")
     top = _Fields(config, "", None if builtin else _TOP_LEVEL_KEYS + ("multimodal_cfg",))
     embed_dim = top.whole("embed_dim", 512)
     for key in ("vision_cfg", "text_cfg"):
@@ -298,14 +304,12 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
 
     open_clip_model = _open_clip().model
     vision_cfg = config["vision_cfg"]
-    if vision_cfg.get("timm_model_name") or "layers" not in vision_cfg or isinstance(vision_cfg.get("layers"), list):
+    if "layers" not in vision_cfg:
         raise EngineError("model config must describe an open_clip VisionTransformer (vision_cfg with an "
                           "integer 'layers'); timm and ResNet towers cannot be audited")
     v = _Fields(vision_cfg, "vision_cfg",
                 None if builtin else tuple(f.name for f in fields(open_clip_model.CLIPVisionCfg)))
-    if v.section.get("attentional_pool"):
-        raise EngineError("model config: vision_cfg.attentional_pool pools with attention (CoCa style); only token "
-                          "or average pooling is supported")
+    attention_pooled = v.flag("attentional_pool")
     layers, width = v.whole("layers", 12), v.whole("width", 768)
     head_width, mlp_ratio = v.whole("head_width", 64), v.number("mlp_ratio", 4.0)
     image, patch = v.pair("image_size", 224), v.pair("patch_size", 16)
@@ -328,11 +332,21 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
     if int(width * mlp_ratio) < 1:
         raise EngineError(f"model config: vision_cfg.mlp_ratio ({mlp_ratio}) leaves the MLP without units")
     tokens = grid[0] * grid[1] + 1
+    pool_dim, pooler = width, 0
+    if attention_pooled:  # open_clip's AttentionalPooler; ln_post and proj then act on its embed_dim-wide output
+        queries, heads = v.whole("attn_pooler_queries", 256), v.whole("attn_pooler_heads", 8)
+        if embed_dim % heads:
+            raise EngineError(f"model config: embed_dim ({embed_dim}) must be divisible by "
+                              f"vision_cfg.attn_pooler_heads ({heads})")
+        pool_dim = embed_dim
+        pooler = (queries * embed_dim + 2 * embed_dim + 2 * width  # queries, ln_q, ln_k
+                  + embed_dim * (embed_dim + 2 * width) + 3 * embed_dim  # q, k, v projections (keys read the width)
+                  + embed_dim * embed_dim + embed_dim)  # out_proj
     vision = (3 * patch[0] * patch[1] * width  # conv1, no bias
               + width + tokens * width  # class and positional embeddings
               + (0 if v.section.get("no_ln_pre") else 2 * width)
               + layers * _block_parameters(width, mlp_ratio, layer_scale)
-              + 2 * width + width * embed_dim)  # ln_post, proj
+              + pooler + 2 * pool_dim + pool_dim * embed_dim)  # ln_post, proj
 
     text_cfg = config["text_cfg"]
     if text_cfg.get("hf_model_name"):
@@ -372,7 +386,8 @@ def size_model_config(config: dict, *, builtin: bool = False) -> ModelSize:
     logit = 1 + (1 if config.get("init_logit_bias") is not None else 0)
     return ModelSize(parameters=vision + text + logit, buffers=buffers, vision_layers=layers, vision_width=width,
                      image_size=max(image), image_tokens=tokens, text_layers=text_layers, text_width=text_width,
-                     context_length=context, embed_dim=embed_dim, pool_type=pool_type)
+                     context_length=context, embed_dim=embed_dim,
+                     pool_type="attn" if attention_pooled else pool_type)
 
 
 def register_model_config(config: dict | str | os.PathLike) -> str:
@@ -488,7 +503,7 @@ def _check_checkpoint_holds(state: dict[str, torch.Tensor], name: str, filename:
     try:
         size = size_model_config(_open_clip().get_model_config(name), builtin=builtin)
     except EngineError:
-        return  # a built-in tower that cannot be sized (timm, ResNet) is refused once built
+        return  # not reached for a tower that cannot be sized (timm, ResNet): load_clip refused it already
     held = sum(t.numel() for t in state.values())
     if 2 * held < size.parameters:
         raise EngineError(f"checkpoint {filename} holds {held:,} weights but {name} has {size.parameters:,} "
@@ -546,6 +561,10 @@ def load_clip(
         raise EngineError("pretrained tags belong to built-in architectures; a custom config needs a checkpoint file")
     if not pretrained and checkpoint is None and not allow_random:
         raise EngineError(f"{name} needs weights: a pretrained tag or a checkpoint file")
+    config = open_clip.get_model_config(name) or {}
+    refusal = config_refusal(config) or text_refusal(config)  # before a download or a build that would be wasted
+    if refusal:
+        raise EngineError(f"{name}: {refusal}")
 
     create_kwargs: dict[str, Any] = {}
     tag_file = None
@@ -566,12 +585,9 @@ def load_clip(
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         # what the config checks above cannot foresee (e.g. act_kwargs a layer does not take) is still a refusal
         raise EngineError(f"open_clip cannot build {name} from its config: {type(exc).__name__}: {exc}") from exc
-    visual = getattr(model, "visual", None)
-    if visual is None or not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
-        raise EngineError(f"{name} has no open_clip VisionTransformer image tower; only ViT towers can be audited")
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") not in VISION_POOL_TYPES:
-        raise EngineError(f"{name} pools with attention (CoCa style) or not at all; only token or average pooling "
-                          "is supported")
+    refusal = model_refusal(model)
+    if refusal:
+        raise EngineError(f"{name}: {refusal}")
     if state is not None:
         load_state(model, state, what=f"architecture {name}")
         log.info("%s: weights loaded from %s", name, Path(weights).name)
