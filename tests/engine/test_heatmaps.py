@@ -221,6 +221,15 @@ def test_a_residual_stream_that_is_not_the_class_token_and_one_token_per_patch_i
         latent_heatmaps(visual, sae, 1, token, pixels, [0])
 
 
+def test_a_caller_in_inference_mode_gets_the_same_cls_maps(wide, pixels):
+    visual = wide.model.visual
+    sae = sae_for(visual, 1, "cls", pixels)
+    maps = latent_heatmaps(visual, sae, 1, "cls", pixels, list(range(24)))
+    with torch.inference_mode():
+        assert torch.equal(latent_heatmaps(visual, sae, 1, "cls", pixels, list(range(24))), maps)
+    assert maps.sum() > 0
+
+
 def test_no_latents_give_no_maps(wide, pixels):
     visual = wide.model.visual
     assert latent_heatmaps(visual, sae_for(visual, 1, "cls", pixels), 1, "cls", pixels, []).shape == (5, 0, *GRID)

@@ -84,9 +84,11 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
     - ``chance``: the artifact's share of the image, what a map spread evenly scores;
     - ``ideal``: what a map equal to the artifact's coverage of each patch scores, the most a patch-level map
       can be expected to score (a thin artifact fills no patch, so its ideal is well below 1);
-    - ``peak_on_artifact``: whether the map's largest patch touches the artifact (the pointing game).
+    - ``peak_on_artifact``: whether the map's largest patch touches the artifact (the pointing game);
+    - ``touched``: the share of the map's mass on the patches the artifact touches at all, however little, and
+      ``touched_chance``, those patches' share of the grid: a coarser reading that credits a whole patch.
 
-    Per artifact: these four as means over the maps, ``n_images`` (maps counted), ``latents``, ``per_latent``
+    Per artifact: these as means over the maps, ``n_images`` (maps counted), ``latents``, ``per_latent``
     (latent -> the same means and count), ``n_without`` (references that do not show the artifact, not counted)
     and ``n_empty`` (maps without positive mass, not counted). Artifacts without latents are absent.
     """
@@ -130,7 +132,9 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
                     continue
                 coverage = mask_coverage(mask, grid.shape)
                 peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
-                rows.append((mass, chance, mass_on_mask(coverage, mask)[0], float(coverage[peak] > 0)))
+                touched = coverage > 0
+                rows.append((mass, chance, mass_on_mask(coverage, mask)[0], float(touched[peak]),
+                             float(grid[touched].sum() / grid.sum()), float(touched.mean())))
             per_latent[latent] = _summary(rows)
             rows_all += rows
         table[artifact] = {**_summary(rows_all), "latents": latents, "per_latent": per_latent,
@@ -138,7 +142,7 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
     return table
 
 
-_MEASURES = ("mass", "chance", "ideal", "peak_on_artifact")
+_MEASURES = ("mass", "chance", "ideal", "peak_on_artifact", "touched", "touched_chance")
 
 
 def _summary(rows: list[tuple[float, ...]]) -> dict:
@@ -149,14 +153,15 @@ def _summary(rows: list[tuple[float, ...]]) -> dict:
 
 
 def format_mass_table(table: dict[str, dict]) -> str:
-    """One line per artifact: mass on the artifact vs chance and ideal, the pointing game, over how many maps,
-    of which latents."""
-    lines = [f"{'artifact':<14} {'mass':>6} {'chance':>7} {'ideal':>6} {'peak on':>8} {'maps':>5}  "
-             "latents (mass each)"]
+    """One line per artifact: mass on the artifact vs chance and ideal, the pointing game, mass on the patches it
+    touches vs their share, over how many maps, of which latents."""
+    lines = [f"{'artifact':<14} {'mass':>6} {'chance':>7} {'ideal':>6} {'peak on':>8} {'touched':>8} {'(share)':>8} "
+             f"{'maps':>5}  latents (mass each)"]
     for artifact, row in table.items():
         each = ", ".join(f"{latent}: {_fmt(v['mass'], 2)}" for latent, v in row["per_latent"].items())
         lines.append(f"{artifact:<14} {_fmt(row['mass']):>6} {_fmt(row['chance']):>7} {_fmt(row['ideal']):>6} "
-                     f"{_fmt(row['peak_on_artifact'], 2):>8} {row['n_images']:>5}  {each}")
+                     f"{_fmt(row['peak_on_artifact'], 2):>8} {_fmt(row['touched']):>8} "
+                     f"{_fmt(row['touched_chance']):>8} {row['n_images']:>5}  {each}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ from .errors import EngineError, checkpoint
 from .hooks import resolve_layer
 
 TOKENS = ("cls", "spatial")
+LATENT_CHUNK = 16  # latents whose gradients one backward pass computes at once: a copy of the block's input each
 
 
 class _Stop(Exception):
@@ -181,10 +182,14 @@ def cls_relevance(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor,
                               "standard attention block, so a CLS SAE's heatmaps cannot be computed for it")
         pre = sae.pre_activations(cls_out)  # [b, n_latents]
         relevance = []
-        for j, latent in enumerate(latents):
-            (grad,) = torch.autograd.grad(pre[:, latent].sum(), x, retain_graph=j < len(latents) - 1)
-            relevance.append((grad * x).sum(-1).detach().float())  # [b, tokens]
-    return torch.stack(relevance, dim=1), active
+        for lo in range(0, len(latents), LATENT_CHUNK):
+            chunk = torch.as_tensor(latents[lo:lo + LATENT_CHUNK], device=pre.device)
+            pick = torch.zeros(len(chunk), *pre.shape, device=pre.device)  # one backward pass per latent, vmapped
+            pick[torch.arange(len(chunk)), :, chunk] = 1.0
+            (grad,) = torch.autograd.grad(pre, x, grad_outputs=pick, is_grads_batched=True,
+                                          retain_graph=lo + LATENT_CHUNK < len(latents))
+            relevance.append((grad * x).sum(-1).detach().float())  # [chunk, b, tokens]
+    return torch.cat(relevance).transpose(0, 1), active
 
 
 def _check_block(block: nn.Module) -> None:
