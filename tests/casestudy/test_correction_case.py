@@ -2,8 +2,10 @@
 
 The bar: melanomas without a ruler and nevi with one rise at least 80 % of the way to a probe trained without
 the correlation (same tiny CLIP, same number of training images and recipe, the ruler independent of the
-class), overall accuracy does not drop, and a re-audit with the same SAE flags no ruler latent. Seed 1 is held
-out: nothing in the correction was chosen by looking at it.
+class), overall accuracy does not drop, and a re-audit with the same SAE flags no ruler latent. The ruler's
+latents are one concept, whose direction is measured within each class (``concept_directions``). Seed 1 is
+held out: the estimate was chosen on seed 0 only. A refit on the probe's training split meets the whole bar on
+both seeds; a projection meets its accuracy parts and leaves a ruler flag (marked below).
 """
 import pytest
 
@@ -31,22 +33,34 @@ def audited(tmp_path_factory):
     return get
 
 
-# Known to fail with the engine's corrections as they are: each flagged latent's direction ("what removing it takes
-# from the features") carries the class signal the SAE folded into the ruler latents, so removing the ruler
-# removes most of what the probe reads of the lesion too (seed 0: melanomas without a ruler 0.08 -> 0.05, project).
-# Strict: the day the engine meets the bar these tests report it, and the marker goes.
-NOT_MET = pytest.mark.xfail(strict=True, raises=AssertionError,
-                             reason="issue 18: the engine's correction does not meet the bar yet")
-
-
-@NOT_MET
-@pytest.mark.parametrize("seed, method", [(0, "project"), (1, "project"), (0, "refit"), (1, "refit")])
-def test_the_corrected_probe_recovers_the_slices_the_ruler_hurt_and_is_no_longer_flagged(audited, seed, method):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_refitted_probe_recovers_the_slices_the_ruler_hurt_and_is_no_longer_flagged(audited, seed):
     case, audit, work = audited(seed)
-    figures = correct_case(case, work, method=method, audit=audit)
+    figures = correct_case(case, work, method="refit", audit=audit)
     assert figures["flags"], "the audit flagged no ruler latent to correct"
     assert recovery_checks(figures) == MET, format_recovery(figures)
-    assert figures["info"]["method"] == method
+    assert figures["info"]["method"] == "refit"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_projected_probe_recovers_the_slices_the_ruler_hurt(audited, seed):
+    case, audit, work = audited(seed)
+    figures = correct_case(case, work, method="project", audit=audit)
+    checks = recovery_checks(figures)
+    assert {k: v for k, v in checks.items() if k != "not flagged after"} == \
+        {k: v for k, v in MET.items() if k != "not flagged after"}, format_recovery(figures)
+
+
+# Projection removes the one direction the concept's regression finds; the re-audit then finds a ruler latent the
+# concept's latents did not hold (seed 0: a nevus "with a ruler" flag), which a refit on the training split does not
+# leave. Strict: the day the engine meets it, this reports it and the marker goes.
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 18: after 'project' the re-audit still flags a ruler latent; 'refit' meets the bar")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_projected_probe_is_no_longer_flagged_for_the_ruler(audited, seed):
+    case, audit, work = audited(seed)
+    figures = correct_case(case, work, method="project", audit=audit)
+    assert recovery_checks(figures)["not flagged after"], format_recovery(figures)
 
 
 def test_a_correction_that_changes_nothing_fails_the_same_checks(audited, monkeypatch):

@@ -405,4 +405,47 @@ def test_the_service_knows_the_engines_methods_and_anchors_by_their_names():
                        ({"max_clean_drop": 2}, "max_clean_drop"), ({"tolerance": 1}, "tolerance")):
         with pytest.raises(EngineError, match=words):
             CorrectionOptions.from_dict(bad)
-    assert set(ANCHORS) == {"midpoint", "clean"}
+    assert set(ANCHORS) == {"mean", "midpoint", "clean"}
+
+
+def test_a_concepts_direction_is_its_within_class_regression_slope_scaled_to_where_it_is_active():
+    """With an identity tail and no normalization the features are the activations: the direction is the mean over
+    classes of Cov_k(x, s) / Var_k(s), times the mean of s where the concept is active, computed here by hand."""
+    from workers.engine.correction import concept_directions
+
+    sae = TopKSAE(DIM, 24, 3)
+    init_from_sample(sae, torch.randn(256, DIM), seed=0)
+    acts = torch.randn(300, DIM)
+    labels = torch.randint(0, 2, (300,), generator=torch.Generator().manual_seed(1))
+    z = sae.encode(acts)
+    order = (z > 0).float().sum(0).argsort()
+    concept = [int(order[-12]), int(order[-11])]  # two latents active on some images, not all
+    probe = LinearProbe(torch.randn(2, DIM), torch.zeros(2), BINARY, "none")
+
+    shortcut = concept_directions(_identity, sae, probe, acts, [concept], labels, batch_size=64)
+
+    x, s = acts.double(), z[:, concept].sum(1).double()
+    slopes = [((x[labels == k] - x[labels == k].mean(0)) * (s[labels == k] - s[labels == k].mean())[:, None]).mean(0)
+              / s[labels == k].var(unbiased=False) for k in (0, 1)]
+    expected = torch.stack(slopes).mean(0) * s[s > 0].mean()
+    assert torch.allclose(shortcut.vectors[0].double(), expected, atol=1e-4)
+    assert shortcut.latents == [concept[0]] and shortcut.concepts == [concept] and shortcut.rank == 1
+    assert shortcut.active_latents == concept and torch.equal(shortcut.active, z[:, concept] > 0)
+    assert torch.allclose(shortcut.mean_center, acts.mean(0), atol=1e-5)
+    assert torch.allclose(shortcut.anchor(), acts.mean(0), atol=1e-5)  # the default anchor: the mean
+    assert shortcut.to_dict()["estimate"] == "regression" and shortcut.n_active == [int((s > 0).sum())]
+    # each latent of the concept keeps its own activity, for the flag's slices
+    assert torch.equal(shortcut.activity(concept[1]), z[:, concept[1]] > 0)
+    with pytest.raises(EngineError, match="labels for"):
+        concept_directions(_identity, sae, probe, acts, [concept], labels[:-1])
+    silent = int(order[0])
+    if int((z[:, silent] > 0).sum()) == 0:
+        with pytest.raises(EngineError, match=rf"the concept of latents \[{silent}\] is active on no image"):
+            concept_directions(_identity, sae, probe, acts, [[silent]], labels)
+
+
+def test_flags_of_one_concept_are_corrected_as_one_concept():
+    from workers.engine.correction import concept_groups
+
+    assert concept_groups([[48, 38, 61], [7], [38, 12], [9, 7]]) == [[48, 38, 61, 12], [7, 9]]
+    assert concept_groups([[3], [3]]) == [[3]]

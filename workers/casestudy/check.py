@@ -97,7 +97,7 @@ def _flag_keys(result) -> set[tuple[str, str, int]]:
             for latent in f.get("concept_latents") or [f["latent"]]}
 
 
-def correct_case(case: dict, workdir: str | Path, *, method: str = "project", anchor: str = "midpoint",
+def correct_case(case: dict, workdir: str | Path, *, method: str = "project", anchor: str | None = None,
                  audit=None, flags: list[tuple[str, int]] | None = None, options: dict | None = None) -> dict:
     """Correct the case's probe for the planted artifact's flags and re-audit it with the same SAE: the figures
     issue 18 asks for (:func:`recovery_checks` says whether they meet its bar).
@@ -138,6 +138,7 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     started = time.perf_counter()
     outcome = run_correction(
         bundle, probe, images, sae, chosen, layer=config.layer, token=config.token, method=method, anchor=anchor,
+        concepts=[list(dict.fromkeys(latent for _, latent in chosen))],  # the planted artifact: one concept
         training=split_images(case["probe_train_dir"]) if method == "refit" else None,
         reference=LinearProbe.load(case["reference_probe"]), batch_size=config.batch_size, device=config.device,
         seed=config.seed, workdir=workdir)  # the audit's activations are reused: they depend on images and model only

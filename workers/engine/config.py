@@ -208,7 +208,8 @@ class AuditConfig(_DictMixin):
 
 
 CORRECTION_METHODS = ("project", "refit")  # workers.engine.correction.REGISTRY's names
-ANCHORS = ("midpoint", "clean")  # where "project" holds the shortcut's coordinate (workers.engine.correction)
+ANCHORS = ("mean", "midpoint", "clean")  # where "project" holds the shortcut's coordinate (workers.engine.correction)
+ESTIMATES = ("regression", "removal")  # how a shortcut's direction is measured (workers.engine.correction)
 
 
 @_engine_errors
@@ -216,7 +217,9 @@ ANCHORS = ("midpoint", "clean")  # where "project" holds the shortcut's coordina
 class CorrectionOptions(_DictMixin):
     """A correction's options (``workers.engine.correction``)."""
 
-    anchor: Literal[ANCHORS] = "midpoint"  # "project": the point every image's shortcut coordinate is moved to
+    anchor: Literal[ANCHORS] = "mean"  # "project": the point every image's shortcut coordinate is moved to
+    # one direction per concept from how features move with it within a class, or one per latent by removing it
+    directions: Literal[ESTIMATES] = "regression"
     C: _real(gt=0.0, le=1e6) | None = None  # "refit": inverse regularization; None: chosen by cross-validation
     # the accuracy the correction may cost on images without any chosen latent before its verdict fails
     max_clean_drop: _Fraction = 0.02

@@ -21,7 +21,9 @@ from typing import Callable, Sequence
 import torch
 
 from .activations import extract_activations
-from .correction import ANCHORS, TrainingSplit, compare_probes, correct_probe, harm_slices, shortcut_directions
+from .config import ESTIMATES
+from .correction import (ANCHORS, TrainingSplit, compare_probes, concept_directions, correct_probe, harm_slices,
+                         shortcut_directions)
 from .data import ImageSet
 from .errors import EngineError
 from .heads import LinearProbe
@@ -51,7 +53,8 @@ class CorrectionOutcome:
 
 def run_correction(bundle: ClipBundle, probe: LinearProbe, images: ImageSet, sae: TopKSAE,
                    flags: Sequence[tuple[str, int]], *, layer: int = -1, token: str = "cls",
-                   method: str | None = None, anchor: str = "midpoint", training: ImageSet | None = None,
+                   method: str | None = None, anchor: str | None = None, training: ImageSet | None = None,
+                   concepts: Sequence[Sequence[int]] | None = None, directions: str = "regression",
                    C: float | None = None, reference: LinearProbe | None = None, batch_size: int = 64,
                    device: str | torch.device = "auto", dtype: str = "fp32", cache_dtype: str = "float32",
                    seed: int = 0, workdir: str | os.PathLike,
@@ -59,6 +62,11 @@ def run_correction(bundle: ClipBundle, probe: LinearProbe, images: ImageSet, sae
     """Correct ``probe`` so that it no longer reads the latents of ``flags`` ((class name, latent) pairs of the
     audit of ``probe`` on ``images`` with ``sae``), and measure old against new on ``images``.
 
+    ``concepts``: the chosen latents grouped by concept (a flag's ``concept_latents``; default: each flag's latent
+    alone). ``directions``: "regression" (one direction per concept, from how the features move with its
+    activation within a class: :func:`~workers.engine.correction.concept_directions`) or "removal" (one per
+    latent, what removing it takes away: :func:`~workers.engine.correction.shortcut_directions`).
+    ``anchor``: None for the mean features of the audited images (the default), or "midpoint" / "clean".
     ``training``: the probe's training split (labelled images); given, the default method is ``refit``.
     ``reference``: a probe to measure how much of the way to it the correction went (e.g. one trained without
     the correlation). ``workdir`` keeps the activation caches. ``progress(stage, done, total)`` reports the
@@ -66,13 +74,19 @@ def run_correction(bundle: ClipBundle, probe: LinearProbe, images: ImageSet, sae
     """
     if not flags:
         raise EngineError("no flag chosen: name at least one (class, latent) to correct")
-    if anchor not in ANCHORS:
+    if anchor is not None and anchor not in ANCHORS:
         raise EngineError(f"unknown anchor {anchor!r}; known: {', '.join(ANCHORS)}")
+    if directions not in ESTIMATES:
+        raise EngineError(f"unknown way to measure directions {directions!r}; known: {', '.join(ESTIMATES)}")
     report = progress or (lambda stage, done, total: None)
     device = resolve_device(device)
     workdir = Path(workdir)
     timings: dict[str, float] = {}
     latents = list(dict.fromkeys(int(latent) for _, latent in flags))
+    concepts = [list(c) for c in concepts] if concepts else [[latent] for latent in latents]
+    missing = [latent for latent in latents if not any(latent in c for c in concepts)]
+    if missing:
+        raise EngineError(f"flagged latents {missing} belong to none of the concepts {concepts}")
     bundle.model.to(device)
     probe = probe.to(device)
     sae = sae.to(device).eval().requires_grad_(False)
@@ -88,7 +102,11 @@ def run_correction(bundle: ClipBundle, probe: LinearProbe, images: ImageSet, sae
     start = time.perf_counter()
     report("directions", 0, 1)
     tail = VisionTail(bundle.model.visual, layer, token)
-    shortcut = shortcut_directions(tail, sae, probe, store, latents, token=token, batch_size=batch_size)
+    if directions == "regression":
+        shortcut = concept_directions(tail, sae, probe, store, concepts, images.labels, token=token,
+                                      batch_size=batch_size)
+    else:
+        shortcut = shortcut_directions(tail, sae, probe, store, latents, token=token, batch_size=batch_size)
     report("directions", 1, 1)
     timings["directions"] = time.perf_counter() - start
 
@@ -119,8 +137,9 @@ def run_correction(bundle: ClipBundle, probe: LinearProbe, images: ImageSet, sae
     timings["compare"] = time.perf_counter() - start
 
     active = shortcut.active.numpy()
+    columns = shortcut.active_latents or shortcut.latents
     facts = {**shortcut.to_dict(), "flags": [[c, int(latent)] for c, latent in flags],
-             "active_images": {str(latent): int(active[:, j].sum()) for j, latent in enumerate(shortcut.latents)},
+             "active_images": {str(latent): int(active[:, j].sum()) for j, latent in enumerate(columns)},
              "clean_images": int((~active.any(1)).sum()), "images": int(len(labels))}
     return CorrectionOutcome(new, info, table, facts, timings)
 

@@ -78,6 +78,12 @@ class ShortcutDirections:
     n_clean: int = 0
     redundant_latents: list[int] = field(default_factory=list)
     active: Tensor | None = None
+    # the columns of ``active`` (default: ``latents``); a concept's direction is named by its lead latent, while
+    # every latent of the concept has its own activity
+    active_latents: list[int] | None = None
+    mean_center: Tensor | None = None  # the mean features of every image measured (the "mean" anchor)
+    concepts: list[list[int]] | None = None  # per direction, the latents it stands for (None: one latent each)
+    estimate: str = "removal"
 
     @property
     def embed_dim(self) -> int:
@@ -107,18 +113,34 @@ class ShortcutDirections:
         basis, redundant = orthonormal_basis(vectors, latents)
         return cls(latents, vectors.float(), basis.float(), clean_center.float(), redundant_latents=redundant)
 
-    def anchor(self, how: str = "midpoint") -> Tensor:
+    def anchor(self, how: str = "mean") -> Tensor:
         """[embed_dim] the point whose coordinate along the shortcut every image is given (see the module doc)."""
         if how not in ANCHORS:
             raise EngineError(f"unknown anchor {how!r}; known: {', '.join(ANCHORS)}")
+        if how == "mean":
+            if self.mean_center is None:
+                raise EngineError("the 'mean' anchor needs the mean features of the measured images; these "
+                                  "directions were given by hand without them: use 'midpoint' or 'clean'")
+            return self.mean_center
         if how == "clean" or not len(self.vectors):
             return self.clean_center
         return self.clean_center + 0.5 * self.vectors.sum(0)
 
+    def activity(self, latent: int):
+        """[images] bool: where ``latent`` was active on the images measured."""
+        columns = self.active_latents if self.active_latents is not None else self.latents
+        if self.active is None:
+            raise EngineError("these shortcut directions were not measured on images, so no latent's activity is "
+                              "known")
+        if latent not in columns:
+            raise EngineError(f"latent {latent} is not one of the shortcut's latents {columns}")
+        return self.active[:, columns.index(latent)]
+
     def to_dict(self) -> dict:
         return {"latents": list(self.latents), "rank": self.rank, "n_active": list(self.n_active),
                 "n_clean": self.n_clean, "redundant_latents": list(self.redundant_latents),
-                "norms": [round(float(v), 6) for v in self.vectors.norm(dim=1)]}
+                "norms": [round(float(v), 6) for v in self.vectors.norm(dim=1)], "estimate": self.estimate,
+                "concepts": self.concepts if self.concepts is not None else [[i] for i in self.latents]}
 
 
 def orthonormal_basis(vectors: Tensor, latents: Sequence[int]) -> tuple[Tensor, list[int]]:
@@ -186,7 +208,8 @@ def shortcut_directions(tail: VisionTail, sae: TopKSAE, probe: LinearProbe, acti
     sums = torch.zeros(len(latents), dim, dtype=torch.float64)
     counts = torch.zeros(len(latents), dtype=torch.long)
     clean_sum = torch.zeros(dim, dtype=torch.float64)
-    n_clean = 0
+    feature_sum = torch.zeros(dim, dtype=torch.float64)
+    n_clean = n_seen = 0
     active_rows: list[Tensor] = []
     chosen = torch.tensor(latents, dtype=torch.long, device=device)
     for acts in _batches(activations, batch_size):
@@ -205,6 +228,8 @@ def shortcut_directions(tail: VisionTail, sae: TopKSAE, probe: LinearProbe, acti
         clean = ~active.any(1)
         clean_sum += features[clean].double().sum(0).cpu()
         n_clean += int(clean.sum())
+        feature_sum += features.double().sum(0).cpu()
+        n_seen += features.shape[0]
         active_rows.append(active.cpu())
     never = [latent for latent, n in zip(latents, counts.tolist()) if n == 0]
     if never:
@@ -216,7 +241,123 @@ def shortcut_directions(tail: VisionTail, sae: TopKSAE, probe: LinearProbe, acti
     vectors = sums / counts.unsqueeze(1).double()
     shortcut = ShortcutDirections.from_vectors(vectors, clean_sum / n_clean, latents)
     shortcut.n_active, shortcut.n_clean = counts.tolist(), n_clean
+    shortcut.mean_center = (feature_sum / n_seen).float()
     shortcut.active = torch.cat(active_rows) if active_rows else torch.zeros(0, len(latents), dtype=torch.bool)
+    return shortcut
+
+
+def concept_groups(latent_sets: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Merge sets of latents that share a latent into one concept each (a flag's ``concept_latents`` are the
+    latents one concept is spread over; two flags of one concept, e.g. for two classes, give one group), in the
+    order they first appear."""
+    groups: list[list[int]] = []
+    for latents in latent_sets:
+        merged = list(dict.fromkeys(int(i) for i in latents))
+        for group in [g for g in groups if set(g) & set(merged)]:
+            groups.remove(group)
+            merged = list(dict.fromkeys(group + merged))
+        groups.append(merged)
+    return groups
+
+
+@torch.no_grad()
+def concept_directions(tail: VisionTail, sae: TopKSAE, probe: LinearProbe, activations: Tensor | ActivationStore,
+                       concepts: Sequence[Sequence[int]], labels, *, token: str = "cls", batch_size: int = 256
+                       ) -> ShortcutDirections:
+    """One direction per concept: how the probe's features move with the concept's activation, within a class.
+
+    For concept ``c`` (its latents ``L_c``) and image ``n``: ``s_n = sum over L_c of z_i`` (summed over the patches
+    of a spatial SAE). Within each class ``k``, the regression slope of the features on ``s``::
+
+        b_k = Cov_k(g(f), s) / Var_k(s)        v_c = mean over classes of b_k  x  mean of s where s > 0
+
+    i.e. what the concept adds to the features where it is active, read from how features and activation vary
+    together among images of one class, so the class signal the SAE mixed into the concept's latents (a
+    "ruler" latent that also fires more on melanomas) is not taken for the concept's direction. Measuring each
+    latent alone by removing it (:func:`shortcut_directions`) gives one direction per latent; when a concept is
+    spread over several latents that also carry the class, those directions span the class signal too and a
+    correction removes the lesion with the ruler (the case study measures both: ``tests/casestudy``).
+
+    ``labels`` [images]: class indices (an :class:`ActivationStore` has them; give them for a tensor). A class
+    whose images all have the same ``s`` (or fewer than 2 images) gives no slope; at least one class must.
+    """
+    concepts = [_checked_latents(sae, c) for c in concepts]
+    if not concepts or any(not c for c in concepts):
+        raise EngineError("name at least one concept, each with at least one latent")
+    all_latents = list(dict.fromkeys(i for c in concepts for i in c))
+    device = sae.b_pre.device
+    labels = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels), dtype=torch.long)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    dim, m = probe.embed_dim, len(concepts)
+    n_k = torch.zeros(n_classes, dtype=torch.float64)
+    x1 = torch.zeros(n_classes, dim, dtype=torch.float64)  # per class: sum of features
+    s1 = torch.zeros(m, n_classes, dtype=torch.float64)  # ... sum of s, of s^2, of features x s
+    s2 = torch.zeros(m, n_classes, dtype=torch.float64)
+    xs = torch.zeros(m, n_classes, dim, dtype=torch.float64)
+    on_sum = torch.zeros(m, dtype=torch.float64)
+    on_n = torch.zeros(m, dtype=torch.long)
+    feature_sum = torch.zeros(dim, dtype=torch.float64)
+    clean_sum = torch.zeros(dim, dtype=torch.float64)
+    n_clean = seen = 0
+    active_rows: list[Tensor] = []
+    chosen = torch.tensor(all_latents, dtype=torch.long, device=device)
+    member = torch.tensor([[i in c for i in all_latents] for c in concepts], dtype=torch.float64)  # [m, latents]
+    for acts in _batches(activations, batch_size):
+        checkpoint()
+        acts = acts.to(device)
+        values, indices = sae.encode_sparse(select_tokens(acts, token))
+        hit = (indices.unsqueeze(-1) == chosen) & (values > 0).unsqueeze(-1)  # [b, (P,) k, latents]
+        per_latent = (hit * values.unsqueeze(-1)).flatten(1, -2).sum(1).double().cpu()  # [b, latents]
+        active = hit.flatten(1, -2).any(1).cpu()  # [b, latents]
+        s = per_latent @ member.T  # [b, m]
+        x = probe.features(tail(acts)).double().cpu()  # [b, dim]
+        y = labels[seen:seen + x.shape[0]]
+        if len(y) != x.shape[0]:
+            raise EngineError(f"{len(labels)} labels for more images than that; give one label per image")
+        seen += x.shape[0]
+        onehot = torch.nn.functional.one_hot(y, n_classes).double()  # [b, classes]
+        n_k += onehot.sum(0)
+        x1 += onehot.T @ x
+        s1 += s.T @ onehot
+        s2 += (s * s).T @ onehot
+        xs += torch.einsum("bm,bk,bd->mkd", s, onehot, x)
+        on = s > 0
+        on_sum += (s * on).sum(0)
+        on_n += on.sum(0)
+        feature_sum += x.sum(0)
+        clean = ~active.any(1)
+        clean_sum += x[clean].sum(0)
+        n_clean += int(clean.sum())
+        active_rows.append(active)
+    if seen != len(labels):
+        raise EngineError(f"{len(labels)} labels for {seen} images; give one label per image")
+    never = [c for c, n in zip(concepts, on_n.tolist()) if n == 0]
+    if never:
+        raise EngineError(f"the concept of latents {never[0]} is active on no image of the split, so its direction "
+                          "cannot be measured")
+    vectors = []
+    for c in range(m):
+        slopes = []
+        for k in range(n_classes):
+            n = float(n_k[k])
+            if n < 2:
+                continue
+            var = float(s2[c, k] / n - (s1[c, k] / n) ** 2)
+            if var <= 1e-12 * max(1.0, float(s2[c, k] / n)):
+                continue
+            slopes.append((xs[c, k] / n - (x1[k] / n) * (s1[c, k] / n)) / var)
+        if not slopes:
+            raise EngineError(f"the concept of latents {concepts[c]} takes the same activation on every image of "
+                              "each class, so how the features move with it cannot be measured")
+        vectors.append(torch.stack(slopes).mean(0) * (on_sum[c] / on_n[c]))
+    if n_clean == 0:  # the clean anchor's center; the default anchor (the mean) does not need clean images
+        clean_sum, n_clean = feature_sum.clone(), seen
+    lead = [c[0] for c in concepts]
+    shortcut = ShortcutDirections.from_vectors(torch.stack(vectors), clean_sum / n_clean, lead)
+    shortcut.n_active, shortcut.n_clean = on_n.tolist(), n_clean
+    shortcut.active = torch.cat(active_rows) if active_rows else torch.zeros(0, len(all_latents), dtype=torch.bool)
+    shortcut.active_latents, shortcut.concepts = all_latents, [list(c) for c in concepts]
+    shortcut.mean_center, shortcut.estimate = (feature_sum / seen).float(), "regression"
     return shortcut
 
 
@@ -276,13 +417,15 @@ class Correction:
     uses_anchor = False  # a refit learns its own intercept, so where the shortcut's coordinate is held is moot
 
     def correct(self, probe: LinearProbe, shortcut: ShortcutDirections, training: TrainingSplit | None = None, *,
-                anchor: str = "midpoint", seed: int = 0) -> tuple[LinearProbe, dict]:
+                anchor: str | None = None, seed: int = 0) -> tuple[LinearProbe, dict]:
         if shortcut.embed_dim != probe.embed_dim:
             raise EngineError(f"the shortcut's directions are {shortcut.embed_dim} wide but the probe reads "
                               f"{probe.embed_dim}-dimensional features; measure them with this probe")
         if self.needs_training and training is None:
             raise EngineError(f"the {self.name!r} correction needs the probe's training split (embeddings and "
                               "labels); without it use 'project'")
+        if anchor is None:  # the mean of the measured images when known (directions given by hand: the midpoint)
+            anchor = "mean" if shortcut.mean_center is not None else "midpoint"
         point = shortcut.anchor(anchor)
         weight, bias, details = self._correct(probe, shortcut, training, point, seed)
         if self.uses_anchor:
@@ -380,7 +523,7 @@ def get_correction(name: str) -> Correction:
 
 
 def correct_probe(probe: LinearProbe, shortcut: ShortcutDirections, method: str | None = None,
-                  training: TrainingSplit | None = None, *, anchor: str = "midpoint", seed: int = 0
+                  training: TrainingSplit | None = None, *, anchor: str | None = None, seed: int = 0
                   ) -> tuple[LinearProbe, dict]:
     """The corrected probe and what was done: ``method`` by name, or (None) ``refit`` when the training split is
     given and ``project`` otherwise; ``info['reason']`` says which and why."""
@@ -499,10 +642,8 @@ def harm_slices(shortcut: ShortcutDirections, labels, class_names: Sequence[str]
     for class_name, latent in flags:
         if class_name not in names:
             raise EngineError(f"flag class {class_name!r} is not a class of the probe ({', '.join(names)})")
-        if latent not in shortcut.latents:
-            raise EngineError(f"latent {latent} is not one of the shortcut's latents {shortcut.latents}")
         own = labels == names.index(class_name)
-        on = active[:, shortcut.latents.index(latent)]
+        on = shortcut.activity(latent).numpy().astype(bool)
         out[f"{class_name}, latent {latent} active"] = own & on
         out[f"{class_name}, latent {latent} inactive"] = own & ~on
         out[f"{others(class_name)}, latent {latent} active"] = ~own & on
