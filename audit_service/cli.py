@@ -216,7 +216,7 @@ def _flag_ids(api: Api, audit_id: int, given: str | None) -> list[int] | None:
 def correct(args, log=print) -> int:
     """Make a corrected probe from an audit's flags, wait for its proof and re-audit, download it, gate on it."""
     api = Api(args.url, args.token)
-    options = {"max_clean_drop": args.max_clean_drop, "anchor": args.anchor}
+    options = {"max_clean_drop": args.max_clean_drop, "anchor": args.anchor, "directions": args.directions}
     if args.C is not None:
         options["C"] = args.C
     body = {"flags": _flag_ids(api, args.audit, args.flags), "method": args.method or "", "options": options,
@@ -408,7 +408,11 @@ def parser() -> argparse.ArgumentParser:
                    help="default: refit with --training-dataset, else project")
     c.add_argument("--training-dataset", type=int, metavar="DATASET_ID",
                    help="a registered dataset (labels.csv) holding the probe's training split, for refit")
-    c.add_argument("--anchor", choices=["midpoint", "clean"], default="midpoint", help="for project (default midpoint)")
+    c.add_argument("--anchor", choices=["mean", "midpoint", "clean"], default="mean",
+                   help="for project: where every image's shortcut coordinate is held (default: the audited images' mean)")
+    c.add_argument("--directions", choices=["regression", "removal"], default="regression",
+                   help="one direction per concept from how features move with it within a class (default), or one "
+                        "per latent by removing it")
     c.add_argument("--C", type=float, help="the refit's regularization (default: chosen by cross-validation)")
     c.add_argument("--max-clean-drop", type=float, default=0.02,
                    help="accuracy the correction may cost on images without the chosen latents (default 0.02)")

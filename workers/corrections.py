@@ -23,6 +23,7 @@ from audit_service.audits.services import enqueue
 from audit_service.registry.models import Probe
 from workers.engine.config import AuditConfig, CorrectionOptions
 from workers.engine.correct_audit import run_correction as run_engine
+from workers.engine.correction import concept_groups
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import correction_percent
 from workers.inputs import dataset_images, load_inputs
@@ -58,9 +59,13 @@ def _correct(correction: Correction, workdir: Path, progress) -> None:
     bundle, probe, images = load_inputs(audit)
     sae = TopKSAE.load(fetch_sae(audit, workdir / "sae"))
     training = dataset_images(correction.training_dataset) if correction.training_dataset else None
-    flags = [(f.class_name, f.latent) for f in correction.flags.order_by("class_name", "rank")]
+    chosen = list(correction.flags.order_by("class_name", "rank"))
+    flags = [(f.class_name, f.latent) for f in chosen]
+    # a flag stands for its concept: every latent the concept is spread over, flags sharing one merged
+    concepts = concept_groups([f.concept_latents or [f.latent] for f in chosen])
     outcome = run_engine(bundle, probe, images, sae, flags, layer=config.layer, token=config.token,
                          method=correction.method or None, anchor=options.anchor, training=training, C=options.C,
+                         concepts=concepts, directions=options.directions,
                          batch_size=config.batch_size, device=config.device, dtype=config.dtype,
                          cache_dtype=config.cache_dtype, seed=config.seed, workdir=workdir, progress=progress)
     path = workdir / f"probe{Path(audit.probe.file.name).suffix.lower() or '.npz'}"

@@ -124,7 +124,8 @@ class CorrectionRequestSerializer(serializers.Serializer):
     training_dataset = serializers.IntegerField(required=False, allow_null=True, help_text=(
         "a labelled dataset of the project (images with labels.csv): the probe's training split, for 'refit'"))
     options = serializers.JSONField(required=False, allow_null=True, help_text=(
-        "anchor ('midpoint' or 'clean', for 'project'), C (the refit's regularization), max_clean_drop (the "
+        "anchor ('mean' (default), 'midpoint' or 'clean', for 'project'), directions ('regression' (default) or "
+        "'removal'), C (the refit's regularization), max_clean_drop (the "
         "accuracy the correction may cost on images without any chosen latent before its verdict fails; 0.02)"))
 
 

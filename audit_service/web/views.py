@@ -273,7 +273,7 @@ def correction_new(request, pk):
     try:
         correction = create_correction(audit=audit, user=request.user, flag_ids=flags,
                                        method=request.POST.get("method", ""), training_dataset=training,
-                                       options={"anchor": request.POST.get("anchor", "midpoint"),
+                                       options={"anchor": request.POST.get("anchor", "mean"),
                                                 "max_clean_drop": drop})
     except RegistrationError as exc:
         messages.error(request, f"The correction was not made: {exc.message}")

@@ -56,8 +56,12 @@ def run_correction_and_reaudit(correction, capture):
 def test_a_correction_writes_a_new_probe_version_proves_it_and_reaudits_it_on_the_same_sae(
         audited, users, queue, django_capture_on_commit_callbacks):
     flag = probe_flag(audited)
+    # "removal": what the latent takes from the features through the real tail, so the projected probe cannot read
+    # it and its flag must go (the default "regression" estimate is proven on the case study: tests/casestudy; on
+    # these 32 random images its within-class slope is noise, and the verdict says so, as the next test shows)
     with django_capture_on_commit_callbacks(execute=True):
-        correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk])
+        correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk],
+                                       options={"directions": "removal"})
     assert queue == [(RUN_CORRECTION_TASK, correction.pk)] and correction.status == Status.QUEUED
     correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
     assert correction.status == Status.SUCCEEDED, correction.error
@@ -97,6 +101,21 @@ def test_a_correction_writes_a_new_probe_version_proves_it_and_reaudits_it_on_th
     assert "reaudit" in correction.timings and not (settings.AUDIT_WORK_DIR / f"correction-{correction.pk}").exists()
     # the flag links to the correction that answered it
     assert list(flag.corrections.all()) == [correction]
+
+
+def test_the_default_estimate_is_one_regression_direction_per_concept_and_its_verdict_is_reported(
+        audited, users, queue, django_capture_on_commit_callbacks):
+    flag = probe_flag(audited)
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk])
+    assert correction.options["directions"] == "regression" and correction.options["anchor"] == "mean"
+    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    assert correction.status == Status.SUCCEEDED, correction.error
+    shortcut = correction.result["correction"]["shortcut"]
+    assert shortcut["estimate"] == "regression"
+    assert shortcut["concepts"] == [flag.concept_latents or [flag.latent]]
+    verdict = correction.result["verdict"]
+    assert verdict["passed"] == all(verdict["checks"].values()) and len(verdict["reasons"]) == \
+        sum(not ok for ok in verdict["checks"].values())
 
 
 def test_by_default_the_flags_reviewed_as_confirmed_shortcuts_are_corrected(audited, users, queue):
