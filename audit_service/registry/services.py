@@ -153,6 +153,9 @@ def size_model(architecture: str | None, model_config: dict | None):
 def register_model(*, project, user, name: str, architecture: str = "", pretrained_tag: str = "",
                    checkpoint=None, model_config: dict | None = None, layer: int = -1,
                    token: str = "cls") -> ClipModel:
+    import open_clip
+
+    from workers.engine.architectures import text_refusal
     from workers.engine.errors import EngineError
     from workers.engine.hooks import unreachable_token
     from workers.engine.loading import load_clip
@@ -179,10 +182,11 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
     unreachable = unreachable_token(n_blocks, layer, token, size.pool_type)
     if unreachable:
         raise RegistrationError(unreachable, field="layer")
+    text = text_refusal(model_config if model_config is not None else open_clip.get_model_config(architecture))
+    if text:  # the text side builds the zero-shot head and the labels (README: "Supported architectures")
+        raise RegistrationError(text, field="model_config" if model_config is not None else "architecture")
     sha = ""
     if pretrained_tag:
-        import open_clip
-
         if not open_clip.get_pretrained_cfg(architecture, pretrained_tag):
             known = ", ".join(open_clip.list_pretrained_tags_by_model(architecture)) or "none"
             raise RegistrationError(f"'{pretrained_tag}' is not a pretrained tag of {architecture}; known tags: "

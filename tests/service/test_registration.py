@@ -235,3 +235,23 @@ def test_an_unknown_dataset_purpose_is_refused(client_for, project, tmp_path):
                                                                "archive": upload(archive), "purpose": "fun"},
                                          format="multipart")
     assert response.status_code == 400 and "purpose" in response.json()
+
+
+@pytest.mark.django_db
+def test_architectures_the_engine_cannot_audit_are_refused_at_registration_naming_the_reason(project, users, assets):
+    """README "Supported architectures": timm towers (SigLIP), ResNets and CoCa are refused before anything is
+    built or downloaded; a model that needs Hugging Face's transformers is refused while it is not installed."""
+    import importlib.util
+
+    from audit_service.registry.models import ClipModel
+    from audit_service.registry.services import RegistrationError, register_model
+
+    cases = [("ViT-B-16-SigLIP", "cls", "timm model"), ("RN50", "cls", "ResNet"), ("coca_ViT-B-32", "cls", "CoCa")]
+    if importlib.util.find_spec("transformers") is None:  # average-pooled: its last layer is read at every patch
+        cases.append(("ViT-L-14-CLIPA", "spatial", "transformers"))
+    for architecture, token, words in cases:
+        with pytest.raises(RegistrationError, match=words) as refused:
+            register_model(project=project, user=users["member"], name=architecture, architecture=architecture,
+                           pretrained_tag="any", token=token)
+        assert refused.value.field == "architecture", architecture
+    assert not ClipModel.objects.exists()
