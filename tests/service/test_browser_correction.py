@@ -56,7 +56,7 @@ def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, 
         boxes = form.locator("input[name=flags]")
         checked = [int(boxes.nth(i).get_attribute("value")) for i in range(boxes.count()) if boxes.nth(i).is_checked()]
         assert checked == [flag.pk]
-        page.screenshot(path=str(ARTIFACTS / "correction-form.png"), full_page=False)
+        form.screenshot(path=str(ARTIFACTS / "correction-form.png"))
         page.click("#make-correction-button")
         page.wait_for_url(re.compile(r".*/corrections/\d+/$"))
         correction_id = int(re.search(r"/corrections/(\d+)/$", page.url).group(1))
