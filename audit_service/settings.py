@@ -107,6 +107,9 @@ STORAGES = {
 }
 # Worker scratch space: activation caches and SAEs of running audits (local disk on each worker).
 AUDIT_WORK_DIR = Path(env_str("AUDIT_WORK_DIR", str(VAR_DIR / "work")))
+# where pretrained tags' and hf-hub: models' weights are cached (downloaded there when online); "" for Hugging
+# Face's own cache (HF_HOME)
+MODEL_CACHE_DIR = env_str("MODEL_CACHE_DIR", "") or None
 
 # --------------------------------------------------------------------------- uploads
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024

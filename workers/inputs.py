@@ -12,7 +12,8 @@ from django.core.files.storage import default_storage
 from audit_service.registry.services import dataset_labels, dataset_table
 from workers.engine.data import ImageFiles
 from workers.engine.heads import LinearProbe
-from workers.engine.loading import load_clip
+from workers.engine.errors import EngineError
+from workers.engine.loading import HF_HUB_PREFIX, load_clip, weights_file
 
 
 def download(src, target: Path) -> None:
@@ -65,10 +66,19 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
 
 
 def load_model(clip_model):
-    """The registered model as a ClipBundle."""
+    """The registered model as a ClipBundle. A pretrained tag's or hf-hub: model's weights come from
+    MODEL_CACHE_DIR and must be the ones the registration recorded."""
     m = clip_model
-    if m.pretrained_tag:
-        return load_clip(m.architecture, pretrained=m.pretrained_tag)
+    if m.pretrained_tag or m.architecture.startswith(HF_HUB_PREFIX):
+        if m.checkpoint_sha256:
+            path = weights_file(m.architecture, m.pretrained_tag, settings.MODEL_CACHE_DIR)
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            if digest != m.checkpoint_sha256:
+                raise EngineError(f"the weights of {m.source} in the model cache ({path}) are not the ones registered "
+                                  f"(SHA-256 {digest[:12]}..., registered {m.checkpoint_sha256[:12]}...): the "
+                                  "repository or the cache changed; register the model again to audit these weights")
+        return load_clip(m.architecture, pretrained=m.pretrained_tag or None, cache_dir=settings.MODEL_CACHE_DIR)
     return load_clip(m.architecture or None, checkpoint=local_path(m.checkpoint, m.checkpoint_sha256),
                      model_config=m.model_config)
 

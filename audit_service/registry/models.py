@@ -52,6 +52,8 @@ class ClipModel(models.Model):
 
     @property
     def source(self) -> str:
+        if self.architecture.startswith("hf-hub:"):
+            return f"{self.architecture} (Hugging Face hub)"
         if self.pretrained_tag:
             return f"{self.architecture} / {self.pretrained_tag}"
         if self.model_config is not None:

@@ -150,29 +150,10 @@ def size_model(architecture: str | None, model_config: dict | None):
     return size
 
 
-def register_model(*, project, user, name: str, architecture: str = "", pretrained_tag: str = "",
-                   checkpoint=None, model_config: dict | None = None, layer: int = -1,
-                   token: str = "cls") -> ClipModel:
-    import open_clip
-
+def _check_layer_and_token(size, layer: int, token: str, config: dict, field: str = "architecture") -> None:
     from workers.engine.architectures import text_refusal
-    from workers.engine.errors import EngineError
     from workers.engine.hooks import unreachable_token
-    from workers.engine.loading import load_clip
 
-    if model_config is not None and architecture:
-        raise RegistrationError("give an architecture name or a model config, not both", field="model_config")
-    if not architecture and model_config is None:
-        raise RegistrationError("name an OpenCLIP architecture (e.g. ViT-B-32) or upload a model config",
-                                field="architecture")
-    if pretrained_tag and checkpoint is not None:
-        raise RegistrationError("give a pretrained tag or a checkpoint file, not both", field="checkpoint")
-    if not pretrained_tag and checkpoint is None:
-        raise RegistrationError("the model needs weights: a pretrained tag or a checkpoint file", field="checkpoint")
-    if pretrained_tag and model_config is not None:
-        raise RegistrationError("pretrained tags belong to built-in architectures; a custom config needs a "
-                                "checkpoint file", field="pretrained_tag")
-    size = size_model(architecture or None, model_config)
     n_blocks = size.vision_layers
     if not -n_blocks <= layer < n_blocks:
         raise RegistrationError(f"layer {layer} does not exist: the vision transformer has {n_blocks} "
@@ -182,15 +163,46 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
     unreachable = unreachable_token(n_blocks, layer, token, size.pool_type)
     if unreachable:
         raise RegistrationError(unreachable, field="layer")
-    text = text_refusal(model_config if model_config is not None else open_clip.get_model_config(architecture))
+    text = text_refusal(config)
     if text:  # the text side builds the zero-shot head and the labels (README: "Supported architectures")
-        raise RegistrationError(text, field="model_config" if model_config is not None else "architecture")
+        raise RegistrationError(text, field=field)
+
+
+def register_model(*, project, user, name: str, architecture: str = "", pretrained_tag: str = "",
+                   checkpoint=None, model_config: dict | None = None, layer: int = -1,
+                   token: str = "cls") -> ClipModel:
+    import open_clip
+
+    from workers.engine.errors import EngineError
+    from workers.engine.loading import HF_HUB_PREFIX, load_clip
+
+    if model_config is not None and architecture:
+        raise RegistrationError("give an architecture name or a model config, not both", field="model_config")
+    if not architecture and model_config is None:
+        raise RegistrationError("name an OpenCLIP architecture (e.g. ViT-B-32) or upload a model config",
+                                field="architecture")
+    if architecture.startswith(HF_HUB_PREFIX):
+        return _register_hub_model(project=project, user=user, name=name, architecture=architecture,
+                                   pretrained_tag=pretrained_tag, checkpoint=checkpoint, layer=layer, token=token)
+    if pretrained_tag and checkpoint is not None:
+        raise RegistrationError("give a pretrained tag or a checkpoint file, not both", field="checkpoint")
+    if not pretrained_tag and checkpoint is None:
+        raise RegistrationError("the model needs weights: a pretrained tag or a checkpoint file", field="checkpoint")
+    if pretrained_tag and model_config is not None:
+        raise RegistrationError("pretrained tags belong to built-in architectures; a custom config needs a "
+                                "checkpoint file", field="pretrained_tag")
+    size = size_model(architecture or None, model_config)
+    n_blocks = size.vision_layers
+    _check_layer_and_token(size, layer, token,
+                           model_config if model_config is not None else open_clip.get_model_config(architecture),
+                           field="model_config" if model_config is not None else "architecture")
     sha = ""
     if pretrained_tag:
         if not open_clip.get_pretrained_cfg(architecture, pretrained_tag):
             known = ", ".join(open_clip.list_pretrained_tags_by_model(architecture)) or "none"
             raise RegistrationError(f"'{pretrained_tag}' is not a pretrained tag of {architecture}; known tags: "
                                     f"{known}", field="pretrained_tag")
+        sha = _weights_digest(architecture, pretrained_tag, field="pretrained_tag")
     else:
         check_upload_size(checkpoint, "checkpoint")
         suffix = Path(checkpoint.name).suffix.lower()
@@ -204,6 +216,44 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
                            checkpoint_sha256=sha, model_config=model_config, layer=layer, token=token,
                            created_by=user, embed_dim=size.embed_dim, n_blocks=n_blocks, width=size.vision_width)
     _save_with_file(clip_model, clip_model.checkpoint, checkpoint)
+    return clip_model
+
+
+def _weights_digest(architecture: str, pretrained_tag: str = "", *, field: str) -> str:
+    """The SHA-256 of the weights a tag or an hf-hub: name resolves to (from MODEL_CACHE_DIR, downloaded when
+    online): the registration records exactly which weights its audits use."""
+    from workers.engine.errors import EngineError
+    from workers.engine.loading import weights_file
+
+    try:
+        path = weights_file(architecture, pretrained_tag, settings.MODEL_CACHE_DIR)
+    except EngineError as exc:
+        raise RegistrationError(exc.message, field=field) from exc
+    with open(path, "rb") as fh:
+        return sha256_of(fh)
+
+
+def _register_hub_model(*, project, user, name: str, architecture: str, pretrained_tag: str, checkpoint,
+                        layer: int, token: str) -> ClipModel:
+    """An open_clip model from the Hugging Face hub (hf-hub:ORG/NAME): its config and weights come from the model
+    cache (downloaded when online); the registration records the weights' digest."""
+    from workers.engine.errors import EngineError
+    from workers.engine.loading import resolve_hf_hub
+
+    if pretrained_tag or checkpoint is not None:
+        raise RegistrationError(f"{architecture} brings its own weights: give no pretrained tag or checkpoint",
+                                field="architecture")
+    try:
+        config, _ = resolve_hf_hub(architecture, settings.MODEL_CACHE_DIR)
+    except EngineError as exc:
+        raise RegistrationError(exc.message, field="architecture") from exc
+    size = size_model(None, config["model_cfg"])
+    _check_layer_and_token(size, layer, token, config["model_cfg"])
+    sha = _weights_digest(architecture, field="architecture")
+    clip_model = ClipModel(project=project, name=name, architecture=architecture, checkpoint_sha256=sha,
+                           layer=layer, token=token, created_by=user, embed_dim=size.embed_dim,
+                           n_blocks=size.vision_layers, width=size.vision_width)
+    clip_model.save()
     return clip_model
 
 

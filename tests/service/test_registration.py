@@ -56,11 +56,18 @@ def test_an_unknown_pretrained_tag_is_refused_with_the_known_ones(client_for, pr
     assert "laion2b_s34b_b79k" in response.json()["pretrained_tag"][0]
 
 
-def test_a_known_pretrained_tag_registers_without_downloading(client_for, project):
+def test_a_pretrained_tag_whose_weights_are_not_cached_is_refused_at_once_offline(client_for, project,
+                                                                                 monkeypatch, tmp_path, settings):
+    """Registration records the weights' digest, so it needs the weights: offline and uncached, it says how to
+    provide them (nothing is downloaded, no row is made)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings.MODEL_CACHE_DIR = str(tmp_path / "models")
     response = client_for("member").post("/api/v1/models/", {
         "project": project.id, "name": "b32", "architecture": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k"})
-    assert response.status_code == 201, response.json()
-    assert response.json()["embed_dim"] == 512 and response.json()["n_blocks"] == 12
+    assert response.status_code == 400, response.json()
+    message = response.json()["pretrained_tag"][0]
+    assert "not in this machine's cache and it is offline" in message and "checkpoint file" in message
+    assert not ClipModel.objects.exists()
 
 
 def test_a_probe_whose_width_does_not_match_the_model_is_refused_clearly(client_for, project, assets, tmp_path,

@@ -1,6 +1,6 @@
 """Loading OpenCLIP models, their checkpoints and linear probes, safely.
 
-Three ways to name a model, as the service registers them:
+Four ways to name a model, as the service registers them:
 
 (a) architecture + pretrained tag (``ViT-B-32`` + ``laion2b_s34b_b79k``): the
     weights come from the local open_clip / Hugging Face cache, or are
@@ -8,7 +8,10 @@ Three ways to name a model, as the service registers them:
 (b) architecture + checkpoint file (``.safetensors`` preferred; ``.pt``/``.bin``
     only through ``torch.load(weights_only=True)``);
 (c) a custom model-config JSON (open_clip's format) + checkpoint file; this is
-    how the project's own tiny models are registered.
+    how the project's own tiny models are registered;
+(d) an open_clip model on the Hugging Face hub, ``hf-hub:ORG/NAME``: its
+    ``open_clip_config.json`` and weights come from the cache, downloaded when
+    online, like a tag's (:func:`resolve_hf_hub`).
 
 Which image towers can be loaded, and the reason each other kind is refused, is
 ``workers.engine.architectures``; load_clip refuses the others before anything is
@@ -484,6 +487,74 @@ def resolve_pretrained(architecture: str, tag: str, cache_dir: str | None = None
         raise EngineError(f"downloading {architecture} / {tag} failed: {exc}", permanent=False) from exc
 
 
+HF_HUB_PREFIX = "hf-hub:"  # an open_clip model published on the Hugging Face hub: "hf-hub:org/name"
+HF_HUB_CONFIG = "open_clip_config.json"
+HF_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _hub_file(repo: str, filename: str, cache_dir: str | None, online: bool) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    if isinstance(found, str) and os.path.isfile(found):
+        return found
+    if not online:
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, filename, cache_dir=cache_dir)
+    except EntryNotFoundError:
+        return None
+
+
+def resolve_hf_hub(name: str, cache_dir: str | None = None) -> tuple[dict, str]:
+    """(open_clip_config.json's content, the local weights file) of ``hf-hub:org/name``: from the cache, else
+    downloaded when online; offline and uncached fails at once, saying how to provide the files."""
+    repo = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise EngineError(f"'{name}' is not a Hugging Face model name: write hf-hub:ORG/NAME")
+    online = None
+    files = {}
+    for filename in (HF_HUB_CONFIG, *HF_HUB_WEIGHTS):
+        found = _hub_file(repo, filename, cache_dir, online=False)
+        if found is None and online is None:
+            online = not is_offline()
+        if found is None and online:
+            try:
+                found = _hub_file(repo, filename, cache_dir, online=True)
+            except Exception as exc:  # network errors are transient: the worker may retry
+                raise EngineError(f"downloading {filename} of {name} failed: {exc}", permanent=False) from exc
+        files[filename] = found
+        if filename != HF_HUB_CONFIG and found:
+            break
+    weights = next((files[f] for f in HF_HUB_WEIGHTS if files.get(f)), None)
+    if files[HF_HUB_CONFIG] is None or weights is None:
+        missing = HF_HUB_CONFIG if files[HF_HUB_CONFIG] is None else " or ".join(HF_HUB_WEIGHTS)
+        where = f"the model cache ({cache_dir})" if cache_dir else "the Hugging Face cache (HF_HOME)"
+        reason = ("this machine is offline (HF_HUB_OFFLINE is set or huggingface.co cannot be reached)" if not online
+                  else f"the repository has no {missing}")
+        raise EngineError(f"{name}: {missing} is not in {where} and {reason}. Download the repository once on a "
+                          "machine with internet (huggingface-cli download ORG/NAME) and copy the cache here, or "
+                          "register the model with a config and checkpoint file")
+    try:
+        config = json.loads(Path(files[HF_HUB_CONFIG]).read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{name}: {HF_HUB_CONFIG} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise EngineError(f"{name}: {HF_HUB_CONFIG} has no model_cfg object, so it is not an open_clip model")
+    return config, weights
+
+
+def weights_file(architecture: str, pretrained: str = "", cache_dir: str | None = None) -> str:
+    """The local file of the weights a registration names (a pretrained tag, or an hf-hub: model): what its
+    digest is taken of."""
+    if architecture.startswith(HF_HUB_PREFIX):
+        return resolve_hf_hub(architecture, cache_dir)[1]
+    return resolve_pretrained(architecture, pretrained, cache_dir)[0]
+
+
 # --------------------------------------------------------------------------- the entry point
 
 class _DropNotice(logging.Filter):
@@ -528,6 +599,13 @@ def _random_init_notice_dropped(name: str, *, when: bool):
         root.removeFilter(notice)
 
 
+def _preprocess_kwargs(cfg: dict) -> dict[str, Any]:
+    """A tag's or a hub model's preprocessing (mean, std, interpolation, resize mode) as
+    ``create_model_and_transforms`` takes it."""
+    return {f"image_{key}": tuple(cfg[key]) if key in ("mean", "std") else cfg[key]
+            for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
+
+
 def load_clip(
     architecture: str | None = None,
     *,
@@ -544,6 +622,15 @@ def load_clip(
     weights); tests and benchmarks use it, registered models never do.
     """
     open_clip = _open_clip()
+    hub_weights = hub_preprocess = None
+    if architecture and architecture.startswith(HF_HUB_PREFIX):
+        if model_config is not None or pretrained or checkpoint is not None:
+            raise EngineError(f"{architecture} brings its own config and weights: give no model config, "
+                              "pretrained tag or checkpoint with it")
+        hub_config, hub_weights = resolve_hf_hub(architecture, cache_dir)
+        model_config, architecture = hub_config["model_cfg"], None
+        hub_preprocess = hub_config.get("preprocess_cfg") or None
+        checkpoint = hub_weights
     if model_config is not None:
         if architecture:
             raise EngineError("give either an architecture name or a model config, not both")
@@ -567,12 +654,13 @@ def load_clip(
         raise EngineError(f"{name}: {refusal}")
 
     create_kwargs: dict[str, Any] = {}
+    if hub_preprocess:
+        create_kwargs.update(_preprocess_kwargs(hub_preprocess))
     tag_file = None
     if pretrained:
         tag_file, tag_cfg = resolve_pretrained(name, pretrained, cache_dir)
         create_kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
-        create_kwargs["force_preprocess_cfg"] = {
-            k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+        create_kwargs.update(_preprocess_kwargs(tag_cfg))
     weights = tag_file or checkpoint
     state = None
     if weights is not None:
