@@ -41,13 +41,7 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
     "project", "refit" or "" (refit when a training dataset is given, else project). ``training_dataset``: a
     labelled dataset of the project, the probe's training split (labels.csv format), for "refit".
     """
-    if audit.status != Status.SUCCEEDED:
-        raise RegistrationError(f"audit {audit.pk} is {audit.status}; only a succeeded audit can be corrected",
-                                field="audit")
-    artifacts = (audit.result or {}).get("artifacts") or {}
-    if not all(rel in artifacts for rel in SAE_ARTIFACTS):
-        raise RegistrationError(f"audit {audit.pk} kept no SAE (it was stored by an older version); run the audit "
-                                "again, then correct the new one", field="audit")
+    require_sae(audit, "only a succeeded audit can be corrected", "correct the new one")
     flags = _chosen_flags(audit, flag_ids)
     if method not in ("", *METHODS):
         raise RegistrationError(f"method must be one of {', '.join(METHODS)} (or empty: refit when a training "
@@ -61,6 +55,17 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
         correction.flags.set(flags)
         transaction.on_commit(lambda: enqueue_correction(correction.pk))
     return correction
+
+
+def require_sae(audit: Audit, unfinished: str, then: str) -> None:
+    """Refuse a job on an audit that has not succeeded (``unfinished`` says why it must have) or kept no SAE
+    (``then``: what to do with the audit run again)."""
+    if audit.status != Status.SUCCEEDED:
+        raise RegistrationError(f"audit {audit.pk} is {audit.status}; {unfinished}", field="audit")
+    artifacts = (audit.result or {}).get("artifacts") or {}
+    if not all(rel in artifacts for rel in SAE_ARTIFACTS):
+        raise RegistrationError(f"audit {audit.pk} kept no SAE (it was stored by an older version); run the audit "
+                                f"again, then {then}", field="audit")
 
 
 def _chosen_flags(audit: Audit, flag_ids) -> list[Flag]:

@@ -13,8 +13,8 @@ from django.utils import timezone
 from audit_service.registry.archives import IMAGE_SUFFIXES, image_problem
 from audit_service.registry.services import RegistrationError, check_upload_size, dataset_labels
 
-from .corrections import SAE_ARTIFACTS
-from .models import Audit, Explanation, Status
+from .corrections import require_sae
+from .models import Audit, Explanation
 from .services import check_room
 
 RUN_EXPLANATION_TASK = "workers.explanations.run_explanation"
@@ -24,13 +24,7 @@ def create_explanation(*, audit: Audit, user, image=None, item: str = "") -> Exp
     """Check the request and enqueue the explanation of ``image`` (an uploaded file) or of ``item`` (an image
     of the audited dataset, by its path in labels.csv). The upload is checked as a dataset's images are; a
     refused one leaves no file."""
-    if audit.status != Status.SUCCEEDED:
-        raise RegistrationError(f"audit {audit.pk} is {audit.status}; images are explained with a succeeded audit",
-                                field="audit")
-    artifacts = (audit.result or {}).get("artifacts") or {}
-    if not all(rel in artifacts for rel in SAE_ARTIFACTS):
-        raise RegistrationError(f"audit {audit.pk} kept no SAE (it was stored by an older version); run the audit "
-                                "again and explain images with the new one", field="audit")
+    require_sae(audit, "images are explained with a succeeded audit", "explain images with the new one")
     if bool(image) == bool(item):
         raise RegistrationError("give either an image file (image) or the path of an image of the audited dataset "
                                 "as in its labels.csv (item), not both", field="item" if image else "image")

@@ -67,6 +67,20 @@ def users(db):
 
 
 @pytest.fixture
+def web(users):
+    """A Django test client signed in as one persona (the web pages' sessions)."""
+    from django.test import Client
+
+    def make(name: str | None) -> Client:
+        client = Client()
+        if name:
+            client.force_login(users[name])
+        return client
+
+    return make
+
+
+@pytest.fixture
 def project(users):
     project = Project.objects.create(name="Dermatology")
     for name, role in (("owner", Role.OWNER), ("member", Role.MEMBER), ("viewer", Role.VIEWER)):

@@ -27,6 +27,23 @@ def wait_for(audit: Audit, seconds: float = 600) -> Audit:
     raise AssertionError(f"audit {audit.pk} did not finish within {seconds} s ({audit.stage} {audit.percent} %)")
 
 
+def audited_by_worker(project, users, registered) -> Audit:
+    """A fast audit of the registered inputs, run by the test's worker to the end."""
+    audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                                  probe=registered["probe"], dataset=registered["dataset"],
+                                  options={**OPTIONS, "general_vocabulary": False}))
+    assert audit.status == Status.SUCCEEDED, audit.error
+    return audit
+
+
+def member_page(browser, base: str):  # noqa: F811 (browser: the fixture's value)
+    """(context, page) of the member, signed in, downloads accepted."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    sign_in(page, base, "member")
+    return context, page
+
+
 def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, project, users, registered,  # noqa: F811
                                                           tmp_path):
     base = live_server.url
@@ -34,13 +51,8 @@ def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, 
     purge_queues()
     worker = start_worker(tmp_path, "correction")
     try:
-        audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
-                                      probe=registered["probe"], dataset=registered["dataset"],
-                                      options={**OPTIONS, "general_vocabulary": False}))
-        assert audit.status == Status.SUCCEEDED, audit.error
-        context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        sign_in(page, base, "member")
+        audit = audited_by_worker(project, users, registered)
+        context, page = member_page(browser, base)
         page.goto(f"{base}/audits/{audit.pk}/report/")
 
         # review the top probe flag as a confirmed shortcut: the correction form preselects it

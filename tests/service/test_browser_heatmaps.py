@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from audit_service.audits.models import Explanation, Status
-from audit_service.audits.services import create_audit
 
-from .test_browser import ARTIFACTS, OPTIONS, browser, sign_in  # noqa: F401 (browser: the fixture)
-from .test_browser_correction import wait_for
+from .test_browser import ARTIFACTS, browser  # noqa: F401 (browser: the fixture)
+from .test_browser_correction import audited_by_worker, member_page
 from .test_integration import purge_queues, start_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -26,13 +25,8 @@ def test_heatmaps_in_the_report_and_an_uploaded_image_explained(browser, live_se
     purge_queues()
     worker = start_worker(tmp_path, "heatmaps")
     try:
-        audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
-                                      probe=registered["probe"], dataset=registered["dataset"],
-                                      options={**OPTIONS, "general_vocabulary": False}))
-        assert audit.status == Status.SUCCEEDED, audit.error
-        context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        sign_in(page, base, "member")
+        audit = audited_by_worker(project, users, registered)
+        context, page = member_page(browser, base)
         page.goto(f"{base}/audits/{audit.pk}/report/")
         card = page.locator(".flagcard").first
         assert card.locator("img.heat").count() > 0

@@ -2,7 +2,6 @@
 import io
 
 import pytest
-from django.test import Client
 from PIL import Image
 
 from audit_service import cli as client
@@ -53,7 +52,7 @@ def test_an_item_of_the_dataset_is_explained_by_a_worker(audited, users, queue, 
     assert explanation.result["image"]["label"] == label and explanation.result["image"]["item"] == item
 
 
-def test_an_uploaded_image_is_explained_and_the_page_shows_it(audited, users, queue):  # noqa: F811
+def test_an_uploaded_image_is_explained_and_the_page_shows_it(audited, users, queue, web):  # noqa: F811
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     explanation = create_explanation(audit=audited, user=users["member"],
@@ -62,15 +61,13 @@ def test_an_uploaded_image_is_explained_and_the_page_shows_it(audited, users, qu
     explanation.refresh_from_db()
     assert explanation.status == Status.SUCCEEDED, explanation.error
     check_answer(explanation.result, audited)
-    viewer = Client()
-    viewer.force_login(users["viewer"])
+    viewer = web("viewer")
     page = viewer.get(f"/explanations/{explanation.pk}/").content.decode()
     assert 'id="predictions"' in page and "explain-table" in page and "uploaded image lesion.png" in page
     rows = sum(len(side["for"]) + len(side["against"]) for answer in explanation.result["heads"].values()
                for side in answer["classes"].values())
     assert rows and page.count('class="heat"') == rows  # every latent row carries its heatmap
-    outsider = Client()
-    outsider.force_login(users["outsider"])
+    outsider = web("outsider")
     assert outsider.get(f"/explanations/{explanation.pk}/").status_code == 404
 
 

@@ -1,7 +1,6 @@
 """Flag heatmaps through the service: made with the audit for the images a card shows, stored on the flags,
 laid over the thumbnails in the report and in its offline download, and off with ``heatmaps: false``."""
 import pytest
-from django.test import Client
 
 from audit_service.audits.models import Status
 from audit_service.audits.services import create_audit
@@ -18,7 +17,7 @@ def shown(flag) -> set[str]:
     return set(flag.references[:REFERENCES_SHOWN]) | {t["image"] for t in flag.top_images}
 
 
-def test_each_flag_has_a_map_for_every_image_its_card_shows_and_the_report_lays_them_over(audited, users):  # noqa: F811
+def test_each_flag_has_a_map_for_every_image_its_card_shows_and_the_report_lays_them_over(audited, web):  # noqa: F811
     flags = list(audited.flags.all())
     assert flags
     for flag in flags:
@@ -28,8 +27,7 @@ def test_each_flag_has_a_map_for_every_image_its_card_shows_and_the_report_lays_
             assert all(0 <= v <= 255 for row in grid for v in row)
         # a latent active on its own reference images has mass there: not every map is empty
         assert any(max(max(row) for row in flag.heatmaps[k]) > 0 for k in flag.references[:REFERENCES_SHOWN])
-    viewer = Client()
-    viewer.force_login(users["viewer"])
+    viewer = web("viewer")
     page = viewer.get(f"/audits/{audited.pk}/report/").content.decode()
     overlays = sum(len(f.references[:REFERENCES_SHOWN]) + len(f.top_images) for f in flags)  # a picture each
     assert 'id="show-heatmaps"' in page and page.count('<img class="heat"') == overlays > 0

@@ -21,17 +21,6 @@ FLAGGING_AUDIT = {**FAST_AUDIT, "flag_max_alignment": 1.0, "flag_min_share": 0.0
 
 
 @pytest.fixture
-def web(users):
-    def make(name: str | None) -> Client:
-        client = Client()
-        if name:
-            client.force_login(users[name])
-        return client
-
-    return make
-
-
-@pytest.fixture
 def finished(project, users, registered):
     audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
                          probe=registered["probe"], dataset=registered["dataset"], options=FLAGGING_AUDIT)

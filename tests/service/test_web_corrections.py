@@ -1,7 +1,6 @@
 """Corrections in the web UI with Django's test client: the report's form and its refusals, the correction's page
 and progress, the report's section (also in the downloaded HTML), the project page's lineage, roles."""
 import pytest
-from django.test import Client
 
 from audit_service.audits.models import Correction, Review, Status, Verdict
 from workers import corrections as correction_tasks
@@ -10,16 +9,6 @@ from workers import tasks
 from .test_corrections import audited, probe_flag, queue  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def web(users):
-    def make(name: str) -> Client:
-        client = Client()
-        client.force_login(users[name])
-        return client
-
-    return make
 
 
 def test_the_report_offers_members_a_correction_with_confirmed_shortcuts_preselected(audited, users, web):  # noqa: F811
