@@ -7,13 +7,14 @@ from rest_framework.routers import DefaultRouter
 from audit_service.accounts.api import ApiTokenViewSet
 from audit_service.audits.api import AuditViewSet, CorrectionViewSet, ExplanationViewSet, FlagViewSet, LatentViewSet
 from audit_service.projects.api import MembershipViewSet, ProjectViewSet
-from audit_service.registry.api import ClipModelViewSet, DatasetViewSet, ProbeViewSet
+from audit_service.registry.api import ClipModelViewSet, DatasetViewSet, ProbeViewSet, SparseAutoencoderViewSet
 
 router = DefaultRouter()
 router.register("projects", ProjectViewSet, basename="project")
 router.register("models", ClipModelViewSet, basename="clipmodel")
 router.register("probes", ProbeViewSet, basename="probe")
 router.register("datasets", DatasetViewSet, basename="dataset")
+router.register("saes", SparseAutoencoderViewSet, basename="sae")
 router.register("audits", AuditViewSet, basename="audit")
 router.register("corrections", CorrectionViewSet, basename="correction")
 router.register("explanations", ExplanationViewSet, basename="explanation")

@@ -123,3 +123,21 @@ def sae_dataset_facts(audit) -> dict | None:
     """What the result says about the dataset its SAE was trained on (None: the audited dataset)."""
     d = audit.sae_dataset
     return None if d is None else {"id": d.pk, "name": d.name, "n_images": d.n_images}
+
+
+def registered_sae_facts(audit) -> dict | None:
+    """What the result says about a registered SAE the audit used instead of training one (None: it trained one)."""
+    s = audit.sae
+    return None if s is None else {"id": s.pk, "name": s.name, "format": s.format, "sha256": s.sha256}
+
+
+def load_registered_sae(sae_record, device="cpu"):
+    """An SAE registered for the model (``registry.SparseAutoencoder``), read from a per-worker local copy."""
+    from workers.engine.sae_formats import load_sae
+
+    folder = settings.AUDIT_WORK_DIR / "cache" / f"sae-{sae_record.sha256}-{sae_record.pk}"
+    for name, key in sae_record.file_keys().items():
+        if not (folder / name).exists():
+            with default_storage.open(key, "rb") as src:
+                download(src, folder / name)
+    return load_sae(folder, sae_record.format, device=device)

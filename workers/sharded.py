@@ -40,7 +40,8 @@ from workers.engine.loading import resolve_device
 from workers.engine.explain import flag_image_keys
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import STAGE_NAMES, STAGES
-from workers.inputs import dataset_folder, load_inputs, load_sae_images, sae_dataset_facts
+from workers.inputs import (dataset_folder, load_inputs, load_registered_sae, load_sae_images, registered_sae_facts,
+                            sae_dataset_facts)
 from workers.steps import run_step, stop
 from workers.storage import (ARTIFACTS, SAE_ARTIFACTS, SharedWork, fetch_sae, remove_finished_work_folders,
                              store_with_artifacts)
@@ -208,7 +209,8 @@ def _extract(audit, row, progress) -> None:
 
 def _train_sae(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
-    sae_images = None if audit.sae_from_id else load_sae_images(audit)  # a reused SAE needs no training images
+    # a reused or registered SAE needs no training images
+    sae_images = None if audit.sae_from_id or audit.sae_id else load_sae_images(audit)
     if sae_images is None:
         store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
         train_progress = progress
@@ -220,7 +222,8 @@ def _train_sae(audit, row, progress) -> None:
                                                             c["device"], progress)
     if audit.sae_from_id:  # fit_sae finds the earlier audit's SAE in the folder and reuses it
         fetch_sae(audit.sae_from, work.path("sae"))
-    pipeline.fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress)
+    registered = load_registered_sae(audit.sae, c["device"]) if audit.sae_id else None  # measured, not trained
+    pipeline.fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress, registered)
     for rel in SAE_FILES:
         work.push(rel)
     if sae_images is not None:
@@ -278,7 +281,7 @@ def _finish(audit, row, progress) -> None:
     for r in rows:  # worker-seconds per engine stage, summed over shards
         timings[r.stage] = timings.get(r.stage, 0.0) + r.seconds
     hosts = sorted({r.worker_host.rpartition(":")[0] for r in rows if r.worker_host})
-    result.update(timings=timings, sae_dataset=sae_dataset_facts(audit))
+    result.update(timings=timings, sae_dataset=sae_dataset_facts(audit), registered_sae=registered_sae_facts(audit))
     result["environment"].update(host=", ".join(hosts), shards=audit.shards,
                                  workers=len({r.worker_host for r in rows if r.worker_host}))
     for rel in ARTIFACTS:

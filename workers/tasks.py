@@ -18,7 +18,8 @@ from audit_service.audits.services import enqueue
 from workers import sharded
 from workers.engine import run_audit as run_engine
 from workers.engine.config import AuditConfig
-from workers.inputs import load_inputs, load_sae_images, sae_dataset_facts
+from workers.inputs import (load_inputs, load_registered_sae, load_sae_images, registered_sae_facts,
+                            sae_dataset_facts)
 from workers.steps import claim_delivery, run_step
 from workers.storage import fetch_sae, remove_finished_work_folders, remove_leftover_work, store_with_artifacts
 
@@ -48,11 +49,13 @@ def _run_here(audit: Audit, workdir, progress) -> None:
     if audit.sae_from_id:  # the engine finds the earlier audit's SAE in its folder and reuses it
         fetch_sae(audit.sae_from, workdir / "sae")
     result = run_engine(AuditConfig.from_dict(audit.config), bundle, probe, images, progress, workdir=workdir,
-                        sae_images=None if audit.sae_from_id else load_sae_images(audit))
+                        sae_images=None if audit.sae_from_id else load_sae_images(audit),
+                        sae=load_registered_sae(audit.sae) if audit.sae_id else None)
     audit.device = result.environment["device"]
     audit.save(update_fields=["device"])
     data = result.to_dict()
     data["sae_dataset"] = sae_dataset_facts(audit)  # which images trained the SAE (None: the dataset)
+    data["registered_sae"] = registered_sae_facts(audit)  # or the SAE registered for the model it used
     store_with_artifacts(audit, data, workdir, lambda stored: store_result(audit, stored, result.timings))
 
 

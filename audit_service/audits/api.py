@@ -11,7 +11,7 @@ from audit_service.parsers import JSONParser
 from audit_service.projects.models import Project, Role
 from audit_service.projects.permissions import ProjectRolePermission, project_for
 from audit_service.registry.api import as_validation_error
-from audit_service.registry.models import ClipModel, Dataset, Probe
+from audit_service.registry.models import ClipModel, Dataset, Probe, SparseAutoencoder
 from audit_service.registry.services import RegistrationError
 
 from . import report
@@ -44,8 +44,9 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         project = project_for(request.user, data["project_id"], Role.MEMBER)
         objects = {}
         for field, model, noun in (("clip_model", ClipModel, "clip model"), ("probe", Probe, "probe"),
-                                   ("dataset", Dataset, "dataset"), ("sae_dataset", Dataset, "dataset")):
-            if data.get(f"{field}_id") is None:  # only sae_dataset is optional (the serializer requires the rest)
+                                   ("dataset", Dataset, "dataset"), ("sae_dataset", Dataset, "dataset"),
+                                   ("sae", SparseAutoencoder, "SAE")):
+            if data.get(f"{field}_id") is None:  # sae_dataset and sae are optional (the serializer requires the rest)
                 continue
             objects[field] = model.objects.filter(pk=data[f"{field}_id"], project=project).first()
             if objects[field] is None:

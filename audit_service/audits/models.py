@@ -8,7 +8,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from audit_service.projects.models import Project
-from audit_service.registry.models import ClipModel, Dataset, Probe
+from audit_service.registry.models import ClipModel, Dataset, Probe, SparseAutoencoder
 from workers.engine.stages import STAGE_NAMES, STAGES, correction_percent, overall_percent
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, Confirmation, Head, model_values
@@ -181,6 +181,8 @@ class Audit(Job):
     # an earlier audit whose SAE this one reuses instead of training one (a corrected probe's re-audit: its
     # latents are the earlier audit's, so flags compare latent by latent)
     sae_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="sae_reused_by")
+    # an SAE trained elsewhere and registered for the model: used instead of training one
+    sae = models.ForeignKey(SparseAutoencoder, null=True, blank=True, on_delete=models.PROTECT, related_name="audits")
     config = models.JSONField(default=dict)  # workers.engine.AuditConfig.to_dict()
     context = models.JSONField(default=dict, blank=True)  # what the submitter attached, e.g. case-study metrics
     # dataset shards the audit is spread over (AUDIT_SHARD_SIZE images each); 0: it runs as one task

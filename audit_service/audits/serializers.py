@@ -23,6 +23,10 @@ class AuditSerializer(serializers.ModelSerializer):
         source="sae_dataset_id", required=False, allow_null=True,
         help_text="optional: a dataset of the project (e.g. a larger, unlabelled one registered with purpose "
                   "sae_training) whose images train the SAE; attribution, labels and flags still use `dataset`")
+    sae = serializers.IntegerField(
+        source="sae_id", required=False, allow_null=True,
+        help_text="optional: an SAE registered for the model (/api/v1/saes/), used instead of training one; its FVU, "
+                  "L0 and dead fraction are measured on the audited images")
     config = AuditOptionsField(required=False)
     context = serializers.JSONField(required=False, help_text="free-form facts stored with the audit")
     n_flags = serializers.SerializerMethodField()
@@ -32,12 +36,12 @@ class AuditSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Audit
-        fields = ["id", "project", "clip_model", "probe", "dataset", "sae_dataset", "config", "context", "status",
+        fields = ["id", "project", "clip_model", "probe", "dataset", "sae_dataset", "sae", "config", "context", "status",
                   "stage", "percent", "cancel_requested", "error", "attempts", "worker_host", "device", "timings",
                   "created_at", "started_at", "finished_at", "n_flags", "shards", "shard_progress", "sae_from",
                   "correction"]
         read_only_fields = [f for f in fields
-                            if f not in ("project", "clip_model", "probe", "dataset", "sae_dataset", "config",
+                            if f not in ("project", "clip_model", "probe", "dataset", "sae_dataset", "sae", "config",
                                          "context")]
 
     sae_from = serializers.IntegerField(source="sae_from_id", read_only=True, allow_null=True,

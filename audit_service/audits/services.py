@@ -44,14 +44,14 @@ def options_schema() -> dict:
 
 
 def create_audit(*, project, user, clip_model, probe, dataset, options: dict | None = None,
-                 context: dict | None = None, sae_dataset=None) -> Audit:
+                 context: dict | None = None, sae_dataset=None, sae=None) -> Audit:
     """Validate the combination and the options, create the audit and enqueue it once the row is committed.
 
     ``sae_dataset``: a dataset of the project (labelled or not) whose images train the SAE instead of
-    ``dataset``'s.
+    ``dataset``'s. ``sae``: an SAE registered for ``clip_model``, used instead of training one.
     """
     for obj, field in ((clip_model, "clip_model"), (probe, "probe"), (dataset, "dataset"),
-                       (sae_dataset, "sae_dataset")):
+                       (sae_dataset, "sae_dataset"), (sae, "sae")):
         if obj is not None and obj.project_id != project.id:
             raise RegistrationError(f"the {field.replace('_', ' ')} belongs to another project", field=field)
     if dataset.purpose == DatasetPurpose.SAE_TRAINING:
@@ -65,6 +65,16 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
     if unknown:
         raise RegistrationError(f"the dataset has classes the probe does not know: {', '.join(unknown)}; "
                                 f"the probe's classes are {', '.join(probe.class_names)}", field="dataset")
+    if sae is not None:
+        if sae.clip_model_id != clip_model.id:
+            raise RegistrationError(f"SAE '{sae.name}' was registered for model '{sae.clip_model.name}', not for "
+                                    f"'{clip_model.name}'", field="sae")
+        if sae_dataset is not None:
+            raise RegistrationError("an audit with a registered SAE trains none, so it takes no sae_dataset",
+                                    field="sae_dataset")
+        if isinstance(options, Mapping) and "sae" in options:
+            raise RegistrationError("the 'sae' options size and train an SAE; an audit with a registered SAE "
+                                    "trains none, so leave them out", field="config")
     if context is not None and not isinstance(context, dict):
         raise RegistrationError("context must be a JSON object", field="context")
     try:
@@ -75,7 +85,7 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
     check_room(project)
     with transaction.atomic():
         audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
-                                     sae_dataset=sae_dataset, config=config.to_dict(), context=context or {},
+                                     sae_dataset=sae_dataset, sae=sae, config=config.to_dict(), context=context or {},
                                      created_by=user)
         transaction.on_commit(lambda: enqueue(audit.pk))
     return audit

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from django.core.files.storage import default_storage
 from django.http import FileResponse
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -12,8 +13,8 @@ from audit_service.projects.models import Project, Role
 from audit_service.projects.permissions import ProjectRolePermission, project_for
 
 from . import services
-from .models import ClipModel, Dataset, Probe
-from .serializers import ClipModelSerializer, DatasetSerializer, ProbeSerializer
+from .models import ClipModel, Dataset, Probe, SparseAutoencoder
+from .serializers import ClipModelSerializer, DatasetSerializer, ProbeSerializer, SparseAutoencoderSerializer
 
 
 def as_validation_error(exc: services.RegistrationError) -> ValidationError:
@@ -101,3 +102,26 @@ class DatasetViewSet(ProjectScopedViewSet):
         if instance.sae_audits.exists():
             raise ValidationError({"detail": [f"{instance} trained the SAE of audits; delete those audits first"]})
         super().perform_destroy(instance)
+
+
+class SparseAutoencoderViewSet(ProjectScopedViewSet):
+    """SAEs trained elsewhere, registered for a model's layer and token; an audit's ``sae`` uses one."""
+
+    model = SparseAutoencoder
+    serializer_class = SparseAutoencoderSerializer
+    filterset_fields = ["project", "clip_model"]
+
+    def register(self, project, data):
+        clip_model = ClipModel.objects.filter(pk=data["clip_model_id"], project=project).first()
+        if clip_model is None:
+            raise services.RegistrationError("no such model in this project", field="clip_model")
+        return services.register_sae(project=project, user=self.request.user, name=data["name"],
+                                     clip_model=clip_model, format=data["format"], config=data["config"],
+                                     weights=data["weights"])
+
+    def perform_destroy(self, instance):
+        if instance.audits.exists():
+            raise ValidationError({"detail": [f"{instance} is used by audits; delete those audits first"]})
+        for key in instance.file_keys().values():
+            default_storage.delete(key)
+        instance.delete()

@@ -123,3 +123,41 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class SAEFormat(models.TextChoices):
+    OURS = "ours", "this service's (sae.json + sae.safetensors)"
+    SAE_LENS = "sae_lens", "SAELens (cfg.json + sae_weights.safetensors)"
+
+
+# the files of each format, under the names the format gives them (config, weights)
+SAE_FILES = {SAEFormat.OURS: ("sae.json", "sae.safetensors"),
+             SAEFormat.SAE_LENS: ("cfg.json", "sae_weights.safetensors")}
+
+
+class SparseAutoencoder(models.Model):
+    """An SAE trained elsewhere, registered for a model's layer and token: an audit may use it instead of training
+    one. Its two files sit under ``storage_prefix`` with the names its format gives them (``SAE_FILES``)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="saes")
+    clip_model = models.ForeignKey(ClipModel, on_delete=models.CASCADE, related_name="saes")
+    name = models.CharField(max_length=200)
+    format = models.CharField(max_length=20, choices=SAEFormat.choices)
+    storage_prefix = models.CharField(max_length=300, unique=True)
+    sha256 = models.CharField(max_length=64, db_index=True)  # of the weights file
+    d_model = models.PositiveIntegerField()
+    n_latents = models.PositiveIntegerField()
+    k = models.PositiveIntegerField()
+    description = models.JSONField(default=dict, blank=True)  # what its config says (hook, model name, ...)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def file_keys(self) -> dict[str, str]:
+        """File name -> storage key."""
+        return {name: f"{self.storage_prefix}/{name}" for name in SAE_FILES[self.format]}

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from .models import ClipModel, Dataset, DatasetPurpose, Probe, TokenType
+from .models import SAEFormat, SparseAutoencoder, ClipModel, Dataset, DatasetPurpose, Probe, TokenType
 from .services import RegistrationError, read_json_upload
 
 
@@ -79,3 +79,21 @@ class DatasetSerializer(serializers.ModelSerializer):
                   "metadata_columns", "total_bytes", "created_at"]
         read_only_fields = ["id", "sha256", "n_images", "class_names", "class_counts", "metadata_columns",
                             "total_bytes", "created_at"]
+
+
+class SparseAutoencoderSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id")
+    clip_model = serializers.IntegerField(source="clip_model_id", help_text=(
+        "the model (and so the layer and token) the SAE was trained on"))
+    format = serializers.ChoiceField(choices=SAEFormat.choices, help_text=(
+        "ours: sae.json + sae.safetensors (a finished audit's artifacts); sae_lens: SAELens' cfg.json + "
+        "sae_weights.safetensors (TopK SAEs)"))
+    config = serializers.FileField(write_only=True, help_text="the format's config file (sae.json or cfg.json)")
+    weights = serializers.FileField(write_only=True, help_text=(
+        "the format's weights file (sae.safetensors or sae_weights.safetensors)"))
+
+    class Meta:
+        model = SparseAutoencoder
+        fields = ["id", "project", "clip_model", "name", "format", "config", "weights", "sha256", "d_model",
+                  "n_latents", "k", "description", "created_at"]
+        read_only_fields = ["id", "sha256", "d_model", "n_latents", "k", "description", "created_at"]

@@ -16,7 +16,7 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from .archives import DatasetRejected, Limits, extract, validate
-from .models import ClipModel, Dataset, DatasetPurpose, Probe
+from .models import SAE_FILES, ClipModel, Dataset, DatasetPurpose, Probe, SparseAutoencoder
 
 
 # An open_clip model config is a few hundred bytes (the largest built-in one about 1.5 KB); a larger upload is not
@@ -255,6 +255,65 @@ def _register_hub_model(*, project, user, name: str, architecture: str, pretrain
                            n_blocks=size.vision_layers, width=size.vision_width)
     clip_model.save()
     return clip_model
+
+
+# --------------------------------------------------------------------------- SAEs trained elsewhere
+
+def register_sae(*, project, user, name: str, clip_model: ClipModel, format: str, config, weights
+                 ) -> SparseAutoencoder:
+    """Register an SAE trained elsewhere (``config`` and ``weights`` uploads, in ``format``) for ``clip_model``'s
+    registered layer and token: it must read that layer's width, and a SAELens config naming another block is
+    refused. The files are stored under the names the format gives them; a refusal stores nothing."""
+    from workers.engine.errors import EngineError
+    from workers.engine.sae_formats import check_fits, describe_sae, load_sae
+
+    if clip_model.project_id != project.id:
+        raise RegistrationError("the model belongs to another project", field="clip_model")
+    if format not in SAE_FILES:
+        raise RegistrationError(f"format must be one of {', '.join(SAE_FILES)}, got {format!r}", field="format")
+    config_name, weights_name = SAE_FILES[format]
+    for upload, what, field in ((config, "SAE config", "config"), (weights, "SAE weights", "weights")):
+        if upload is None:
+            raise RegistrationError(f"upload the {what} ({config_name if field == 'config' else weights_name})",
+                                    field=field)
+        check_upload_size(upload, what, field=field)
+    try:
+        config_text = read_json_upload(config)  # bounded, parsed, "nested too deeply" refused
+    except RegistrationError as exc:
+        raise RegistrationError(f"the SAE config: {exc.message}", field="config") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / config_name).write_text(json.dumps(config_text))
+        path, sha = _spool(weights, ".safetensors", folder)
+        if path.name != weights_name:
+            path.rename(folder / weights_name)
+        try:
+            description = describe_sae(folder, format)
+            check_fits(description, clip_model.width, f"block {clip_model.layer} of model '{clip_model.name}'")
+            wanted = clip_model.layer if clip_model.layer >= 0 else clip_model.n_blocks + clip_model.layer
+            if description.layer is not None and description.layer != wanted:
+                raise EngineError(f"the SAE was trained on block {description.layer} ({description.hook_name}) but "
+                                  f"model '{clip_model.name}' is audited at block {wanted} (layer "
+                                  f"{clip_model.layer}); register the model with layer {description.layer}")
+            sae = load_sae(folder, format)
+        except EngineError as exc:
+            raise RegistrationError(exc.message, field="weights") from exc
+        prefix = f"projects/{project.pk}/saes/{uuid.uuid4().hex}"
+        stored = []
+        try:
+            with transaction.atomic():
+                for file_name in (config_name, weights_name):
+                    with open(folder / file_name, "rb") as fh:
+                        stored.append(default_storage.save(f"{prefix}/{file_name}", File(fh)))
+                record = SparseAutoencoder.objects.create(
+                    project=project, clip_model=clip_model, name=name, format=format, storage_prefix=prefix,
+                    sha256=sha, d_model=sae.d_model, n_latents=sae.n_latents, k=sae.k,
+                    description=description.to_dict(), created_by=user)
+        except Exception:
+            for key in stored:
+                default_storage.delete(key)
+            raise
+    return record
 
 
 # --------------------------------------------------------------------------- probes

@@ -6,7 +6,7 @@ import json
 from django import forms
 
 from audit_service.audits.models import Verdict
-from audit_service.registry.models import DatasetPurpose, Normalization, TokenType
+from audit_service.registry.models import DatasetPurpose, Normalization, SAEFormat, TokenType
 from audit_service.registry.services import RegistrationError, read_json_upload
 
 
@@ -78,6 +78,21 @@ class DatasetForm(forms.Form):
         return self.cleaned_data.get("purpose") or DatasetPurpose.AUDIT
 
 
+class SAEForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    clip_model = forms.ModelChoiceField(queryset=None, label="Model",
+                                        help_text="The model (and its registered layer and token) the SAE was "
+                                                  "trained on")
+    format = forms.ChoiceField(choices=SAEFormat.choices, initial=SAEFormat.SAE_LENS)
+    config = forms.FileField(help_text="sae.json (ours) or cfg.json (SAELens)")
+    weights = forms.FileField(help_text="sae.safetensors (ours) or sae_weights.safetensors (SAELens)")
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["clip_model"].queryset = project.clip_models.all()
+        _preselect_single(self, "clip_model")
+
+
 class AuditForm(forms.Form):
     clip_model = forms.ModelChoiceField(queryset=None, label="Model")
     probe = forms.ModelChoiceField(queryset=None)
@@ -87,6 +102,9 @@ class AuditForm(forms.Form):
                                          help_text="Train the SAE on another dataset of the project, e.g. a "
                                                    "larger unlabelled one; attribution and flags still use the "
                                                    "audited dataset")
+    sae = forms.ModelChoiceField(queryset=None, required=False, label="Registered SAE", empty_label="train one",
+                                 help_text="An SAE trained elsewhere and registered for the model, used instead "
+                                           "of training one (leave the SAE sizes empty)")
     # ranges are the audit options' (the service checks them, as for the API); a refusal shows on these fields
     n_latents = forms.IntegerField(required=False, label="SAE latents",
                                    help_text="Empty: sized to the data (about 4 x the model width)")
@@ -108,6 +126,7 @@ class AuditForm(forms.Form):
         self.fields["probe"].queryset = project.probes.select_related("clip_model")
         self.fields["dataset"].queryset = project.datasets.filter(purpose=DatasetPurpose.AUDIT)
         self.fields["sae_dataset"].queryset = project.datasets.all()
+        self.fields["sae"].queryset = project.saes.select_related("clip_model")
         _preselect_single(self, "clip_model", "probe", "dataset")
 
     def clean_expected_concepts(self):

@@ -10,6 +10,7 @@ urlpatterns = [
     path("projects/<int:pk>/models/new/", views.model_new, name="model_new"),
     path("projects/<int:pk>/probes/new/", views.probe_new, name="probe_new"),
     path("projects/<int:pk>/datasets/new/", views.dataset_new, name="dataset_new"),
+    path("projects/<int:pk>/saes/new/", views.sae_new, name="sae_new"),
     path("projects/<int:pk>/audits/new/", views.audit_new, name="audit_new"),
     path("audits/<int:pk>/", views.audit_detail, name="audit"),
     path("audits/<int:pk>/status.json", views.audit_status, name="audit_status"),

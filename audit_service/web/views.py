@@ -33,7 +33,7 @@ from audit_service.registry import services
 from audit_service.registry.models import DatasetPurpose, Probe
 from audit_service.registry.services import RegistrationError
 
-from .forms import AuditForm, DatasetForm, ModelForm, ProbeForm, ReviewForm
+from .forms import AuditForm, DatasetForm, ModelForm, ProbeForm, ReviewForm, SAEForm
 
 
 def _project(user, pk, at_least: str = Role.VIEWER) -> Project:
@@ -60,6 +60,8 @@ def _apply_error(form, exc: RegistrationError) -> None:
              "sae_dataset": "sae_dataset", "purpose": "purpose", "config": "options"}.get(exc.field or "", None)
     if exc.field == "file":
         field = "file" if "file" in form.fields else ("checkpoint" if "checkpoint" in form.fields else None)
+    elif exc.field in form.fields:  # the form has the service's field under its own name (e.g. an SAE's config)
+        field = exc.field
     form.add_error(field if field in form.fields else None, exc.message)
 
 
@@ -83,12 +85,13 @@ def project_detail(request, pk):
         "models": project.clip_models.all(),
         "probes": project.probes.select_related("clip_model", "parent", "made_by").prefetch_related("made_by__flags"),
         "datasets": project.datasets.all(), "audits": audits.get_page(request.GET.get("page")),
+        "saes": project.saes.select_related("clip_model"),
     })
 
 
 def _register_view(request, pk, form_class, title: str, register, template="web/form.html"):
     project = _project(request.user, pk, Role.MEMBER)
-    kwargs = {"project": project} if form_class in (ProbeForm, AuditForm) else {}
+    kwargs = {"project": project} if form_class in (ProbeForm, AuditForm, SAEForm) else {}
     form = form_class(request.POST or None, request.FILES or None, **kwargs)
     if request.method == "POST" and form.is_valid():
         try:
@@ -142,11 +145,25 @@ def dataset_new(request, pk):
 
 
 @login_required
+def sae_new(request, pk):
+    def register(project, form):
+        d = form.cleaned_data
+        obj = services.register_sae(project=project, user=request.user, name=d["name"], clip_model=d["clip_model"],
+                                    format=d["format"], config=d["config"], weights=d["weights"])
+        messages.success(request, f"SAE '{obj.name}' registered: {obj.n_latents} latents, k = {obj.k}, for "
+                                  f"model '{obj.clip_model.name}'.")
+        return redirect("web:project", pk=project.pk)
+
+    return _register_view(request, pk, SAEForm, "Register an SAE trained elsewhere", register)
+
+
+@login_required
 def audit_new(request, pk):
     def register(project, form):
         d = form.cleaned_data
         audit = create_audit(project=project, user=request.user, clip_model=d["clip_model"], probe=d["probe"],
-                             dataset=d["dataset"], sae_dataset=d["sae_dataset"], options=form.audit_options())
+                             dataset=d["dataset"], sae_dataset=d["sae_dataset"], sae=d["sae"],
+                             options=form.audit_options())
         return redirect("web:audit", pk=audit.pk)
 
     return _register_view(request, pk, AuditForm, "Submit an audit", register)
@@ -195,13 +212,18 @@ def audit_status(request, pk):
 @login_required
 @require_POST
 def audit_cancel(request, pk):
-    audit = _audit(request.user, pk, Role.MEMBER)
+    return _cancel(request, _audit(request.user, pk, Role.MEMBER), "web:audit")
+
+
+def _cancel(request, job, page: str):
+    """Cancel an audit or a correction (a running one is asked to stop) and go back to its page."""
     try:
-        audit.cancel()
-        messages.info(request, "Cancellation requested." if audit.status == Status.RUNNING else "Audit cancelled.")
+        job.cancel()
+        messages.info(request, "Cancellation requested." if job.status == Status.RUNNING
+                      else f"{job.noun.capitalize()} cancelled.")
     except IllegalTransition as exc:
         messages.error(request, str(exc))
-    return redirect("web:audit", pk=audit.pk)
+    return redirect(page, pk=job.pk)
 
 
 def _succeeded(user, pk) -> Audit:
@@ -313,14 +335,7 @@ def correction_status(request, pk):
 @login_required
 @require_POST
 def correction_cancel(request, pk):
-    correction = _correction(request.user, pk, Role.MEMBER)
-    try:
-        correction.cancel()
-        messages.info(request, "Cancellation requested." if correction.status == Status.RUNNING
-                      else "Correction cancelled.")
-    except IllegalTransition as exc:
-        messages.error(request, str(exc))
-    return redirect("web:correction", pk=correction.pk)
+    return _cancel(request, _correction(request.user, pk, Role.MEMBER), "web:correction")
 
 
 # --------------------------------------------------------------------------- explaining one image

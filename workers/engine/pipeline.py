@@ -168,6 +168,9 @@ def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, r
     else:
         sae_metrics = _evaluate(sae.to(device), store, config.sae, device)
         sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
+        # kept with the audit as a trained one is (its artifacts: corrections and explanations reload it)
+        sae.save(folder)
+        (Path(folder) / "metrics.json").write_text(json.dumps(sae_metrics))
     if sae.d_model != store.d_model:
         raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")
     return sae.to(device).eval().requires_grad_(False), sae_metrics
