@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from celery import current_app
 from django.db import transaction
+from django.dispatch import receiver
 from django.utils import timezone
 
 from audit_service.registry.models import DatasetPurpose
@@ -12,7 +13,7 @@ from workers.engine.config import CorrectionOptions
 from workers.engine.errors import EngineError
 
 from .diff import audit_diff
-from .models import Audit, Correction, Flag, Status, Verdict
+from .models import Audit, Correction, Flag, Status, Verdict, audit_finished
 from .services import check_room
 
 RUN_CORRECTION_TASK = "workers.corrections.run_correction"
@@ -152,6 +153,13 @@ def verdict(correction: Correction, table: dict, diff: dict) -> dict:
                        f"{allowed:.3f} allowed (max_clean_drop)")
     return {"passed": all(checks.values()), "checks": checks, "remaining": remaining, "new": new,
             "clean_accuracy_change": change, "max_clean_drop": allowed, "reasons": reasons}
+
+
+@receiver(audit_finished)
+def _answer_waiting_corrections(sender, audit, **kwargs) -> None:
+    """A correction waiting for ``audit`` (its re-audit) finishes once the audit's final state is committed."""
+    for correction in Correction.objects.filter(reaudit=audit, status=Status.RUNNING):
+        transaction.on_commit(lambda pk=correction.pk: finish_after_reaudit(pk))
 
 
 def finish_after_reaudit(correction_id: int) -> None:

@@ -5,6 +5,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models, transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
 from audit_service.projects.models import Project
@@ -13,6 +14,10 @@ from workers.engine.stages import STAGE_NAMES, STAGES, correction_percent, overa
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, Confirmation, Head, model_values
 from .liveness import worker_gone
+
+
+# sent with ``audit=`` once an audit reached a final state (within the transaction that moved it, if any)
+audit_finished = Signal()
 
 
 class IllegalTransition(Exception):
@@ -194,9 +199,8 @@ class Audit(Job):
         pass
 
     def finished(self) -> None:
-        # a correction waiting for this audit (its re-audit of the corrected probe) finishes with it
-        for correction in Correction.objects.filter(reaudit=self, status=Status.RUNNING):
-            transaction.on_commit(lambda pk=correction.pk: answer_reaudit(pk))
+        # e.g. a correction waiting for this audit (its re-audit of the corrected probe) finishes with it
+        audit_finished.send(sender=Audit, audit=self)
 
     def is_abandoned(self, now=None) -> bool:
         """A running audit whose worker is gone: its process on this host died, or its heartbeat stopped. A
@@ -441,7 +445,7 @@ class Correction(Job):
     The worker measures the chosen flags' latents, writes the new probe (a version of the audited one, registered
     in the project) and the old-vs-new table, then submits the new probe's audit (``reaudit``, reusing the SAE),
     and the correction stays running, at stage "reaudit", until that audit finishes: its diff against the
-    original audit is the last part of the result (``answer_reaudit``).
+    original audit is the last part of the result (``corrections.finish_after_reaudit``, on ``audit_finished``).
     """
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="corrections")
@@ -484,13 +488,6 @@ class Correction(Job):
             self.cancel_requested = True
             return
         super().cancel()
-
-
-def answer_reaudit(correction_id: int) -> None:
-    """Finish a correction whose re-audit finished (lazy import: the diff reads these models)."""
-    from .corrections import finish_after_reaudit
-
-    finish_after_reaudit(correction_id)
 
 
 def upload_explained_image(instance, filename: str) -> str:

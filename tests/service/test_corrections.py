@@ -241,7 +241,7 @@ def test_a_failed_reaudit_fails_the_correction_and_the_reaper_answers_one_it_mis
     correction.refresh_from_db()
     reaudit = correction.reaudit
     # the re-audit's worker failed it but died before its commit callback told the correction
-    monkeypatch.setattr("audit_service.audits.models.answer_reaudit", lambda pk: None)
+    monkeypatch.setattr("audit_service.audits.corrections.finish_after_reaudit", lambda pk: None)
     reaudit.fail("out of memory")
     assert Correction.objects.get(pk=correction.pk).status == Status.RUNNING
     done = tasks.reap_stale_audits()
