@@ -33,6 +33,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -315,6 +316,14 @@ def verdict(r: dict) -> list[str]:
                  f"{_versus(best_ours, best_theirs)}.")
     lines.append(f"- Speed, mean over every run: ours trains at {wall:.2f}x SAELens' activations/s and "
                  f"{cpu:.2f}x its activations per CPU second.")
+    better_fvu = best_ours["fvu_held_out"] <= best_theirs["fvu_held_out"]
+    fewer_dead = best_ours["dead_fraction"] <= best_theirs["dead_fraction"]
+    lines.append("- Conclusion: " + (
+        "ours is kept: at its best rate it reconstructs at least as well with no more dead latents."
+        if better_fvu and fewer_dead else
+        "SAELens' trainer reconstructs better at its best rate: adopt what makes the difference."
+        if not better_fvu and not fewer_dead else
+        "neither wins on both FVU and dead latents; see the rows."))
     return lines
 
 
@@ -328,12 +337,14 @@ def perf_section(r: dict) -> str:
     for name, row in r["rows"].items():
         rows.append(f"| {name} | {row['fvu_held_out']:.4f} | {row['fvu_train']:.4f} | {row['dead_fraction']:.1%} "
                     f"| {row['mean_l0']:.1f} | {row['activations_per_s']:,.0f} | {row['cpu_seconds']:.1f} |")
+    threads = f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}"
     return "\n".join([
         PERF_BEGIN,
         "## SAE trainer: ours against SAELens",
         "",
-        f"`{run['command']}` on {run['date'][:10]} ({run['machine']['cpu_count']} CPU cores, {s['threads']} "
-        f"thread(s) per trainer, torch {run['machine']['torch']}, load average {run['load_average'][0]:.1f} at the "
+        *textwrap.wrap(
+        f"`{run['command']}` on {run['date'][:10]} ({run['machine']['cpu_count']} CPU cores, {threads} "
+        f"per trainer, torch {run['machine']['torch']}, load average {run['load_average'][0]:.1f} at the "
         f"start and {run['load_average'][1]:.1f} at the end). Data: every patch token at layer {d['layer']} of "
         f"{where}: {d['n_images']} images x {d['tokens_per_image']} tokens, d_model {d['d_model']}; the last "
         f"tenth of the images ({r['n_held_out']} vectors) held out, {r['n_train']} for training. Both trainers: "
@@ -342,11 +353,12 @@ def perf_section(r: dict) -> str:
         "brackets. Both SAEs scored by our `evaluate_sae` (SAELens' read through `load_sae`; each held-out FVU "
         "also recomputed with SAELens' own forward pass, agreeing to 1e-4). Dead: latents never active on the "
         "training vectors. Activations/s: training vectors per wall-clock second of the training call after a "
-        "2-step warm-up; CPU s: its processor time.",
+        "2-step warm-up; CPU s: its processor time.", 110, break_on_hyphens=False),
         "",
         *rows,
         "",
-        *verdict(r),
+        *(line for item in verdict(r) for line in textwrap.wrap(item, 110, subsequent_indent="  ",
+                                                                 break_on_hyphens=False)),
         PERF_END,
     ])
 
