@@ -232,3 +232,18 @@ def test_an_audit_with_an_imported_sae_gives_the_answer_of_the_same_sae_in_our_f
     assert len(with_ours.flags) >= 3 and with_ours.relevance["probe"]["melanoma"]["top"]
     assert 0 < with_imported.sae["fvu"] < 1 and with_imported.sae["mean_l0"] <= ours.k
     assert_same_answer(with_ours.to_dict(), with_imported.to_dict())
+
+
+def test_an_audit_given_an_sae_of_another_width_is_refused_naming_both_widths(tmp_path):
+    from workers.engine import AuditConfig
+    from workers.engine.data import TensorImages
+    from workers.engine.heads import LinearProbe
+    from workers.engine.tiny import tiny_clip
+
+    bundle = tiny_clip()
+    width = bundle.model.visual.transformer.width
+    images = TensorImages(torch.rand(4, 3, 32, 32), [0, 1, 0, 1], ["a", "b"])
+    probe = LinearProbe(torch.randn(2, bundle.embed_dim), torch.zeros(2), ["a", "b"])
+    with pytest.raises(EngineError, match=rf"the SAE reads {width + 8}-dimensional activations, the layer has {width}"):
+        run_audit(AuditConfig(general_vocabulary=False, causal=False), bundle, probe, images, workdir=tmp_path,
+                  sae=TopKSAE(width + 8, 16, 4))

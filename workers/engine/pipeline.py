@@ -166,6 +166,8 @@ def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, r
     if sae is None:
         sae, sae_metrics = _train_or_load_sae(store, config, folder, device, report)
     else:
+        if sae.d_model != store.d_model:  # before measuring it: a wrong width is the user's input, not a shape bug
+            raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")
         sae_metrics = _evaluate(sae.to(device), store, config.sae, device)
         sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
         # kept with the audit as a trained one is (its artifacts: corrections and explanations reload it)
