@@ -3,11 +3,13 @@
 The full grid is `python manage.py benchmark_flags` (docs/benchmark.md); this keeps the flag rule honest in CI:
 the planted artifact must be the target class's top flag, the flags must be precise, and the control must raise
 no false flag. The same grid audited with a rule that flags on share alone must fail those checks. Each planted
-case also carries its correction's recovery figures (issue 18).
+case also carries its corrections' recovery figures (issue 18) and where its flags' heatmaps lie (issue 19).
 """
+from dataclasses import asdict
+
 import pytest
 
-from workers.casestudy.benchmark import Grid, format_row, run_grid, summarize_grid
+from workers.casestudy.benchmark import Grid, format_row, meets_targets, run_grid, summarize_grid, write_report
 
 FAST = {"faithfulness_max_images": 32, "faithfulness_steps": 5}
 SMALL = dict(seeds=(0,), n_audit=1200, stability_cases=0)
@@ -33,28 +35,58 @@ def test_the_planted_artifacts_are_found_and_the_flags_are_precise(planted):
 def test_every_planted_case_reports_its_corrections_recovery(planted):
     cases = [c for c in planted["cases"] if not c["control"]]
     for case in cases:
-        recovery = case["recovery"]
-        assert recovery["latents"], case["flags"]  # the planted artifact was flagged, so it was corrected
-        assert list(recovery["gap_closed"]) == [f"melanoma, {case['artifact']}=0", f"nevus, {case['artifact']}=1"]
-        assert all(g is not None for g in recovery["gap_closed"].values())
-        assert recovery["overall"]["new"] is not None and isinstance(recovery["still_flagged"], bool)
-    assert planted["summary"]["corrected"] == len(cases)
-    assert all("correction" not in format_row(c) for c in planted["cases"] if c["control"])
+        assert list(case["corrections"]) == ["project", "refit"]
+        for recovery in case["corrections"].values():
+            assert recovery["latents"], case["flags"]  # the planted artifact was flagged, so it was corrected
+            assert list(recovery["gap_closed"]) == [f"melanoma, {case['artifact']}=0",
+                                                    f"nevus, {case['artifact']}=1"]
+            assert all(g is not None for g in recovery["gap_closed"].values())
+            assert recovery["overall"]["new"] is not None and isinstance(recovery["still_flagged"], bool)
+        # two methods, two different probes
+        assert case["corrections"]["project"]["overall"]["new"] != case["corrections"]["refit"]["overall"]["new"] \
+            or case["corrections"]["project"]["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
+    for method in ("project", "refit"):
+        assert planted["summary"]["corrections"][method]["corrected"] == len(cases)
+    assert all("project" not in format_row(c) and "heatmap" not in format_row(c)
+               for c in planted["cases"] if c["control"])
+
+
+@pytest.mark.slow
+def test_the_planted_flags_heatmaps_lie_on_their_artifact_above_chance(planted):
+    for case in (c for c in planted["cases"] if not c["control"]):
+        heatmap = case["heatmap"]
+        # the maps are of the latents the corrections removed: the flags that track the planted artifact
+        assert heatmap["latents"] == sorted(set(case["corrections"]["project"]["latents"]))
+        assert heatmap["n_images"] >= len(heatmap["latents"]), heatmap  # references that show the artifact
+        assert 0 < heatmap["chance"] < heatmap["ideal"] <= 1 and 0 <= heatmap["mass"] <= 1, heatmap
+        assert 0 < heatmap["touched_chance"] < 1 and 0 <= heatmap["touched"] <= 1, heatmap
+    # the ruler's maps find it (as on the case study, tests/casestudy/test_heatmaps_case); the stain's need not:
+    # on the full benchmark they sit at chance, which is what the figure is there to show
+    ruler = next(c for c in planted["cases"] if c["artifact"] == "a ruler")["heatmap"]
+    assert ruler["mass"] >= 2 * ruler["chance"] and ruler["touched"] >= 2 * ruler["touched_chance"], ruler
+    assert planted["summary"]["heatmap"]["cases"] == 2
 
 
 @pytest.mark.slow
 def test_a_rule_that_flags_on_share_alone_fails_the_same_checks():
     wrong = {**FAST, "flag_without_harm": True, "harm_min_gap": 0.01, "harm_min_z": 0.0}
     report = run_grid(Grid(artifacts=("a ruler",), classes=("melanoma",), controls=True, audit_options=wrong,
-                           correct=False, **SMALL), log=lambda line: None)
+                           corrections=(), heatmaps=False, **SMALL), log=lambda line: None)
     control = next(c for c in report["cases"] if c["control"])
     assert report["summary"]["precision"] < 0.8 or [f for f in control["flags"] if not f["precise"]]
 
 
-def _case(recovery: dict | None) -> dict:
-    return {"seed": 0, "control": False, "artifact": "a ruler", "toward": "melanoma", "recall": True,
+def _case(recovery: dict | None = None, refit: dict | None = None, heatmap: dict | None = None,
+          artifact: str = "a ruler") -> dict:
+    corrections = {m: r for m, r in (("project", recovery), ("refit", refit)) if r is not None}
+    case = {"seed": 0, "control": False, "artifact": artifact, "toward": "melanoma", "recall": True,
             "planted_gap": 0.8, "n_flags": 0, "n_precise": 0, "flags": [], "planted_probe_share": None,
-            "planted_zero_shot_share": None, "recovery": recovery}
+            "planted_zero_shot_share": None, "seconds": 90.0}
+    if corrections:
+        case["corrections"] = corrections
+    if heatmap is not None:
+        case["heatmap"] = heatmap
+    return case
 
 
 def _recovery(gap_closed: dict, new: float, still_flagged: bool, meets_bar: bool) -> dict:
@@ -62,23 +94,72 @@ def _recovery(gap_closed: dict, new: float, still_flagged: bool, meets_bar: bool
             "overall": {"old": 0.55, "new": new, "reference": 0.8, "change": new - 0.55}, "seconds": 3.0}
 
 
-def test_a_planted_cases_row_says_how_much_of_the_gap_its_correction_closed():
+def _heatmap(mass: float, chance: float, ideal: float, n_images: int = 40) -> dict:
+    return {"mass": mass, "chance": chance, "ideal": ideal, "peak_on_artifact": 0.9, "touched": 0.8,
+            "touched_chance": 0.25, "n_images": n_images, "latents": [7, 9], "seconds": 4.0}
+
+
+def test_a_planted_cases_row_says_how_much_of_the_gap_each_correction_closed():
     good = _recovery({"melanoma, a ruler=0": 0.93, "nevus, a ruler=1": 0.875}, 0.78, False, True)
-    line = format_row(_case(good))
-    assert "gap closed 93% / 88% (melanoma, a ruler=0, nevus, a ruler=1)" in line
-    assert "overall 0.550 -> 0.780" in line and "still flagged no" in line and "below the bar" not in line
     bad = _recovery({"melanoma, a ruler=0": 0.2, "nevus, a ruler=1": None}, 0.5, True, False)
-    line = format_row(_case(bad))
-    assert "gap closed 20% / n/a" in line and "still flagged YES (below the bar)" in line
+    line = format_row(_case(good, bad))
+    project, refit = line.split(" | project: ")[1].split(" | refit: ")
+    assert "gap closed 93% / 88% (melanoma, a ruler=0, nevus, a ruler=1)" in project
+    assert "overall 0.550 -> 0.780" in project and "still flagged no" in project and "below the bar" not in project
+    assert "gap closed 20% / n/a" in refit and "still flagged YES (below the bar)" in refit
     nothing = {"latents": [], "gap_closed": None, "overall": None, "still_flagged": None, "meets_bar": False,
                "seconds": 0.1}
-    assert "correction: nothing flagged to correct" in format_row(_case(nothing))
+    assert "project: nothing flagged to correct" in format_row(_case(nothing))
+    skipped = {**nothing, "skipped": "the case has no probe training split"}
+    assert "refit: not run: the case has no probe training split" in format_row(_case(nothing, skipped))
 
 
-def test_the_summary_counts_the_corrections_that_meet_the_bar():
+def test_a_planted_cases_row_gives_its_heatmap_mass_against_chance_and_the_ideal():
+    line = format_row(_case(heatmap=_heatmap(0.42, 0.108, 0.517)))
+    assert "heatmap: mass 0.42 (chance 0.11, ideal 0.52, below 0.6), touched 0.80 (share 0.25), 40 maps" in line
+    assert "mass 0.71 (chance 0.11, ideal 0.75, meets 0.6)" in format_row(_case(heatmap=_heatmap(0.71, 0.11, 0.75)))
+    empty = {**_heatmap(None, None, None, 0), "latents": []}
+    assert "heatmap: no map of the artifact (nothing flagged)" in format_row(_case(heatmap=empty))
+    assert "heatmap" not in format_row(_case())
+
+
+def test_the_summary_counts_the_corrections_that_meet_the_bar_per_method():
     good = _recovery({"melanoma, a ruler=0": 0.93, "nevus, a ruler=1": 0.875}, 0.78, False, True)
     bad = _recovery({"melanoma, a ruler=0": 0.2, "nevus, a ruler=1": 0.9}, 0.5, True, False)
-    summary = summarize_grid([_case(good), _case(bad)])
-    assert summary["corrected"] == 2 and summary["recovery_meets_bar"] == 0.5
-    assert summary["still_flagged_after_correction"] == 1 and summary["min_gap_closed"] == 0.2
-    assert "recovery_meets_bar" not in summarize_grid([_case(None)])
+    summary = summarize_grid([_case(good, good), _case(bad, good)])
+    project, refit = summary["corrections"]["project"], summary["corrections"]["refit"]
+    assert project["corrected"] == 2 and project["meets_bar"] == 0.5
+    assert project["still_flagged"] == 1 and project["min_gap_closed"] == 0.2
+    assert refit["meets_bar"] == 1.0 and refit["still_flagged"] == 0 and refit["min_gap_closed"] == 0.875
+    assert "corrections" not in summarize_grid([_case()])
+
+
+def test_the_summary_and_the_report_carry_the_heatmap_mass_per_case_and_per_artifact(tmp_path):
+    cases = [_case(heatmap=_heatmap(0.4, 0.1, 0.5, 30)), _case(heatmap=_heatmap(0.7, 0.2, 0.8, 10)),
+             _case(heatmap=_heatmap(0.3, 0.2, 0.6, 20), artifact="hair"),
+             _case(heatmap={**_heatmap(None, None, None, 0), "latents": []}, artifact="a stain")]
+    summary = summarize_grid(cases)
+    h = summary["heatmap"]
+    assert (h["cases"], h["of"]) == (3, 4)  # a case without maps is not averaged in
+    assert h["mass"] == pytest.approx(0.4667, abs=1e-4) and h["chance"] == pytest.approx(0.1667, abs=1e-4)
+    assert h["mass_over_chance"] == pytest.approx((4 + 3.5 + 1.5) / 3, abs=0.01)
+    assert h["at_target"] == 1 and h["twice_chance"] == 2
+    assert h["per_artifact"]["a ruler"] == pytest.approx(
+        {"cases": 2, "n_images": 40, "mass": 0.55, "chance": 0.15, "ideal": 0.65, "peak_on_artifact": 0.9,
+         "touched": 0.8, "touched_chance": 0.25})
+    assert list(h["per_artifact"]) == ["a ruler", "hair"]
+    met = meets_targets(summary)
+    assert met["heatmap_mass"] is False  # the mean, 0.47, is below 0.6
+    report = {"summary": summary, "met": met, "cases": cases, "stability": [], "seconds": 600.0,
+              "grid": {**asdict(Grid(seeds=(0,), artifacts=("a ruler", "hair", "a stain"), classes=("melanoma",),
+                                     controls=False)), "cases": len(cases)},
+              "machine": {"host": "h", "processor": "x86_64", "python": "3.11"}}
+    md, _ = write_report(report, tmp_path, "python manage.py benchmark_flags --seeds 0")
+    text = md.read_text()
+    assert "| mean share of the planted flags' heatmap mass on the artifact's pixels (chance 0.1667, patch-level " \
+           "ideal 0.6333) | 0.4667 | >= 0.6 | NO |" in text
+    assert "| a ruler | 2 | 0.550 | 0.150 | 0.650 | 0.800 | 0.250 | 40 |" in text
+    assert "area-weighted" in text and "the target 0.6 reached in 1 (not met)" in text
+    assert "mass 0.30 (chance 0.20, ideal 0.60, below 0.6)" in text  # the hair case's row
+    # 150 s a case, so the default grid's 30 cases would take 75 min
+    assert "4 cases, a smaller grid than the default (30 cases" in text and "take about 75 min" in text

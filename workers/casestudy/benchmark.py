@@ -7,10 +7,14 @@ For every flag the ground truth says what its latent tracks: the metadata column
 *precise* when one of those concepts really moves the probe for the flag's class: a with/without accuracy gap
 of at least ``TRUE_GAP`` on the held-out split.
 
-Each planted case's probe is then corrected for the flags that track the planted artifact (issue 18: one
-``project`` correction per case) and re-audited with the same SAE: how much of the way to a probe trained
-without the correlation its two hurt slices went, how its overall accuracy changed, and whether the artifact is
-still flagged.
+Each planted case's probe is then corrected for the flags that track the planted artifact (issue 18: a
+``project`` and a ``refit`` correction per case, the artifact's latents as one concept) and re-audited with the
+same SAE: how much of the way to a probe trained without the correlation its two hurt slices went, how its
+overall accuracy changed, and whether the artifact is still flagged.
+
+Where those flags look (issue 19): the heatmaps of the same latents on their reference images that show the
+artifact, against the artifact's pixel mask: the share of each map's mass on the artifact, what an even map
+scores (chance) and what a map equal to the artifact's coverage of each patch scores (ideal).
 """
 from __future__ import annotations
 
@@ -27,12 +31,18 @@ import numpy as np
 from .build import CaseConfig, build_case, default_cache
 from .check import correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
+from .masks import artifact_heatmap_mass
 
 TRUE_GAP = 0.10  # a concept "moves the probe's accuracy" when a with/without gap is at least this
 PURITY = 0.75  # a latent tracks an artifact when this share of its activation mass falls on images with it ...
 LIFT = 1.3  # ... and that is this many times the artifact's base rate
 TARGETS = {"recall": 0.9, "precision": 0.8, "confirmed_precision": 0.9, "control_flags_per_class": 0.2,
-           "planted_probe_share_above_zero_shot": 1.0}
+           "planted_probe_share_above_zero_shot": 1.0,
+           # issue 19: the share of the planted flags' heatmap mass on the artifact's pixels (mean over cases)
+           "heatmap_mass": 0.6}
+MASS_TARGET = TARGETS["heatmap_mass"]
+# what a heatmap row carries: means over the maps (see masks.artifact_heatmap_mass)
+MASS_FIELDS = ("mass", "chance", "ideal", "peak_on_artifact", "touched", "touched_chance")
 
 
 @dataclass
@@ -46,7 +56,9 @@ class Grid:
     audit_options: dict = field(default_factory=dict)  # overrides on top of the defaults (tests: fast settings)
     sae_seeds: tuple = (0, 1, 2)  # stability: the first planted case of the first seeds audited with these SAE seeds
     stability_cases: int = 1
-    correct: bool = True  # correct each planted case's probe and re-audit it (issue 18's recovery figures)
+    # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures)
+    corrections: tuple = ("project", "refit")
+    heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issue 19)
 
     def cases(self) -> list[CaseConfig]:
         out = []
@@ -186,20 +198,44 @@ def summarize_grid(cases: list[dict]) -> dict:
         "novel_wrong_confident": sum(f["label_correct"] == "wrong" and (f["label_confidence"] or 0) >= 0.5
                                      for f in novel),
         **_recovery_summary(planted),
+        **_heatmap_summary(planted),
     }
 
 
 def _recovery_summary(planted: list[dict]) -> dict:
-    """How many planted cases' corrections met issue 18's bar, and the weakest gap closed (cases that were not
-    corrected count as not meeting it)."""
-    rows = [c["recovery"] for c in planted if c.get("recovery") is not None]
-    if not rows:
+    """Per correction method: how many planted cases' corrections met issue 18's bar, how many still flag the
+    artifact, and the weakest gap closed (cases that were not corrected count as not meeting the bar)."""
+    methods = list(dict.fromkeys(m for c in planted for m in c.get("corrections") or {}))
+    out = {}
+    for method in methods:
+        rows = [c["corrections"][method] for c in planted if method in (c.get("corrections") or {})]
+        closed = [g for r in rows for g in (r["gap_closed"] or {}).values() if g is not None]
+        out[method] = {"cases": len(rows), "corrected": sum(bool(r["latents"]) for r in rows),
+                       "meets_bar": _ratio(sum(r["meets_bar"] for r in rows), len(rows)),
+                       "still_flagged": sum(bool(r["still_flagged"]) for r in rows),
+                       "min_gap_closed": round(min(closed), 4) if closed else None}
+    return {"corrections": out} if out else {}
+
+
+def _heatmap_summary(planted: list[dict]) -> dict:
+    """Means over the planted cases with maps of the planted flags' heatmap mass on the artifact, its chance and
+    ideal; how many cases reach issue 19's target and how many put at least twice chance on the artifact."""
+    rows = [c["heatmap"] for c in planted if (c.get("heatmap") or {}).get("n_images")]
+    if not any("heatmap" in c for c in planted):
         return {}
-    closed = [g for r in rows for g in (r["gap_closed"] or {}).values() if g is not None]
-    return {"corrected": sum(bool(r["latents"]) for r in rows),
-            "recovery_meets_bar": _ratio(sum(r["meets_bar"] for r in rows), len(rows)),
-            "still_flagged_after_correction": sum(bool(r["still_flagged"]) for r in rows),
-            "min_gap_closed": round(min(closed), 4) if closed else None}
+    means = {k: round(float(np.mean([r[k] for r in rows])), 4) if rows else None for k in MASS_FIELDS}
+    per_artifact = {}
+    for artifact in ARTIFACTS:
+        mine = [c["heatmap"] for c in planted if c["artifact"] == artifact and (c.get("heatmap") or {}).get("n_images")]
+        if mine:
+            per_artifact[artifact] = {"cases": len(mine), "n_images": sum(r["n_images"] for r in mine),
+                                      **{k: round(float(np.mean([r[k] for r in mine])), 4) for k in MASS_FIELDS}}
+    return {"heatmap": {
+        "cases": len(rows), "of": len(planted), **means, "per_artifact": per_artifact,
+        "mass_over_chance": round(float(np.mean([r["mass"] / r["chance"] for r in rows])), 2) if rows else None,
+        "at_target": sum(r["mass"] >= MASS_TARGET for r in rows),
+        "twice_chance": sum(r["mass"] >= 2 * r["chance"] for r in rows),
+    }}
 
 
 def _ratio(k, n) -> float | None:
@@ -207,7 +243,9 @@ def _ratio(k, n) -> float | None:
 
 
 def meets_targets(summary: dict) -> dict:
-    return {
+    heatmap = {} if "heatmap" not in summary else {
+        "heatmap_mass": (summary["heatmap"]["mass"] or 0) >= TARGETS["heatmap_mass"]}
+    return {**heatmap,
         "recall": (summary["recall"] or 0) >= TARGETS["recall"],
         "precision": (summary["precision"] or 0) >= TARGETS["precision"],
         "confirmed_precision": summary["confirmed_precision"] is None
@@ -250,9 +288,11 @@ def audit_with_truth(case: dict, options: dict, workdir: Path) -> tuple[dict, Ca
     return result, lambda latent: z[:, latent]
 
 
-def audit_and_score(case: dict, options: dict, correct: bool = False) -> dict:
+def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps: bool = False) -> dict:
     """Audit a case in a scratch folder (removed afterwards) and score it; ``seconds`` is the audit's time.
-    ``correct``: a planted case's probe is also corrected and re-audited (``recovery``; its own ``seconds``)."""
+    For a planted case, ``heatmaps``: the planted flags' heatmap mass (``heatmap``); ``corrections``: the probe
+    corrected with each of these methods and re-audited (``corrections``: method -> figures). Each has its own
+    ``seconds``."""
     import shutil
     import tempfile
 
@@ -262,8 +302,12 @@ def audit_and_score(case: dict, options: dict, correct: bool = False) -> dict:
         result, activity = audit_with_truth(case, options, work)
         scored = score_case(case, result, activity)
         scored["seconds"] = round(time.time() - started, 1)
-        if correct and not scored["control"]:
-            scored["recovery"] = correct_and_score(case, result, activity, options, work)
+        if not scored["control"]:
+            if heatmaps:  # before the corrections: their re-audits write into the same folder
+                scored["heatmap"] = planted_heatmap_mass(case, result, activity, work)
+            if corrections:
+                scored["corrections"] = {method: correct_and_score(case, result, activity, options, work, method)
+                                         for method in corrections}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return scored
@@ -284,14 +328,35 @@ def planted_flags(case: dict, result: dict, activity: Callable[[int], np.ndarray
     return list(dict.fromkeys(pairs))
 
 
-def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.ndarray], options: dict,
-                      workdir: Path) -> dict:
-    """Correct the audited probe (``project``) for :func:`planted_flags` and re-audit it with the same SAE
-    (``workdir`` is the audit's): issue 18's recovery figures for one case."""
+def planted_heatmap_mass(case: dict, result: dict, activity: Callable[[int], np.ndarray], workdir: Path) -> dict:
+    """Where the planted artifact's flagged latents (:func:`planted_flags`) look: the means of
+    :data:`MASS_FIELDS` over their heatmaps on their reference images that show the artifact, ``n_images`` (maps
+    counted), ``latents`` and ``seconds``. Only the planted artifact is measured, so the cost is one map per
+    reference image of those latents. ``workdir`` holds the audit's SAE."""
     started = time.time()
-    figures = correct_case(case, workdir, audit=result, flags=planted_flags(case, result, activity), options=options)
-    out = {"latents": [latent for _, latent in figures["flags"]], "gap_closed": None, "overall": None,
-           "still_flagged": None, "meets_bar": False}
+    artifact = case["config"]["artifact"]
+    latents = sorted({latent for _, latent in planted_flags(case, result, activity)})
+    out = {**dict.fromkeys(MASS_FIELDS), "n_images": 0, "latents": latents}
+    if latents:
+        row = artifact_heatmap_mass(case, result, workdir, latents={artifact: latents})[artifact]
+        out.update({k: row[k] for k in (*MASS_FIELDS, "n_images")})
+    out["seconds"] = round(time.time() - started, 1)
+    return out
+
+
+def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.ndarray], options: dict,
+                      workdir: Path, method: str = "project") -> dict:
+    """Correct the audited probe with ``method`` for :func:`planted_flags` (one concept, the default anchor) and
+    re-audit it with the same SAE (``workdir`` is the audit's): issue 18's recovery figures for one case. A
+    ``refit`` needs the probe's training split; a case without one is ``skipped`` with the reason."""
+    started = time.time()
+    out = {"method": method, "latents": [], "gap_closed": None, "overall": None, "still_flagged": None,
+           "meets_bar": False}
+    if method == "refit" and not Path(case.get("probe_train_dir", "")).is_dir():
+        return {**out, "skipped": "the case has no probe training split", "seconds": 0.0}
+    figures = correct_case(case, workdir, method=method, audit=result, flags=planted_flags(case, result, activity),
+                           options=options)
+    out["latents"] = [latent for _, latent in figures["flags"]]
     if figures["corrected"]:
         rows = _rows(case)
         artifact = case["config"]["artifact"]
@@ -300,6 +365,7 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
                  and any(a == artifact and present for latent in f.get("concept_latents") or [f["latent"]]
                          for a, present, _ in latent_concepts(activity(latent), rows))]
         out.update({
+            "anchor": figures["info"].get("anchor"),
             "gap_closed": {name: (figures["slices"][name] or {}).get("gap_closed") for name in hurt_slices(case)},
             "slices": {name: figures["slices"][name] for name in hurt_slices(case)},
             "overall": {k: figures["overall"][k] for k in ("old", "new", "reference", "change")},
@@ -320,11 +386,12 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         case = build_case(root, cfg, log=lambda line: None)
         # a scored case is kept beside its case, keyed by the audit options and the code that scored it, so an
         # interrupted or extended grid does not audit a case twice
-        cached = Path(case["audit_dir"]).parent / f"benchmark-{_code_key(grid.audit_options, grid.correct)}.json"
+        key = _code_key(grid.audit_options, grid.corrections, grid.heatmaps)
+        cached = Path(case["audit_dir"]).parent / f"benchmark-{key}.json"
         if cached.is_file():
             scored = json.loads(cached.read_text())
         else:
-            scored = audit_and_score(case, dict(grid.audit_options), grid.correct)
+            scored = audit_and_score(case, dict(grid.audit_options), grid.corrections, grid.heatmaps)
             cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
@@ -361,13 +428,15 @@ def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = prin
     return out
 
 
-def _code_key(options: dict, correct: bool = False) -> str:
-    """Digest of the audit options, whether cases are corrected, and of the engine and benchmark code."""
+def _code_key(options: dict, corrections: tuple = (), heatmaps: bool = False) -> str:
+    """Digest of the audit options, the corrections and heatmaps asked for, and of the engine and benchmark code."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({"options": options, "correct": correct}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"options": options, "corrections": list(corrections), "heatmaps": heatmaps},
+                                       sort_keys=True).encode())
     here = Path(__file__).parent
-    for path in sorted((here.parent / "engine").glob("*.py")) + [Path(__file__), here / "check.py"]:
+    for path in sorted((here.parent / "engine").glob("*.py")) + [Path(__file__), here / "check.py",
+                                                                 here / "masks.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -377,18 +446,52 @@ def format_row(c: dict) -> str:
     flags = "; ".join(f"{f['class'][:3]}#{f['rank']} {f['label'][:14]} [{', '.join(f['concepts'][:2]) or 'none'}]"
                       f"{' ok' if f['precise'] else ' FALSE'}{' C' if f['confirmed'] else ''}" for f in c["flags"])
     recall = "" if c["control"] else f" recall {'yes' if c['recall'] else 'NO'} (gap {c['planted_gap']:.2f})"
-    fix = "" if c.get("recovery") is None else f" | correction: {format_recovery(c['recovery'])}"
-    return f"seed {c['seed']} {what:<24}{recall} flags {c['n_precise']}/{c['n_flags']} precise: {flags}{fix}"
+    maps = "" if c.get("heatmap") is None else f" | heatmap: {format_heatmap(c['heatmap'])}"
+    fix = "".join(f" | {method}: {format_recovery(r)}" for method, r in (c.get("corrections") or {}).items())
+    return f"seed {c['seed']} {what:<24}{recall} flags {c['n_precise']}/{c['n_flags']} precise: {flags}{maps}{fix}"
+
+
+def format_heatmap(h: dict) -> str:
+    """The planted flags' heatmap mass in a few words: mass on the artifact vs chance and the patch-level ideal,
+    the mass on the patches it touches vs their share, over how many maps."""
+    if not h["n_images"]:
+        return "no map of the artifact" + ("" if h["latents"] else " (nothing flagged)")
+    return (f"mass {h['mass']:.2f} (chance {h['chance']:.2f}, ideal {h['ideal']:.2f}, "
+            f"{'meets' if h['mass'] >= MASS_TARGET else 'below'} {MASS_TARGET}), touched {h['touched']:.2f} "
+            f"(share {h['touched_chance']:.2f}), {h['n_images']} maps")
 
 
 def format_recovery(r: dict) -> str:
     """A correction's figures in a few words: gap closed on each hurt slice, overall change, still flagged?"""
+    if r.get("skipped"):
+        return f"not run: {r['skipped']}"
     if not r["latents"]:
         return "nothing flagged to correct"
     closed = " / ".join("n/a" if g is None else f"{g:.0%}" for g in r["gap_closed"].values())
     return (f"gap closed {closed} ({', '.join(r['gap_closed'])}), overall {r['overall']['old']:.3f} -> "
             f"{r['overall']['new']:.3f}, still flagged {'YES' if r['still_flagged'] else 'no'}"
             f"{'' if r['meets_bar'] else ' (below the bar)'}")
+
+
+def _heatmap_paragraph(h: dict) -> str:
+    """How to read the heatmap column, with the grid's means."""
+    text = ("Heatmaps (issue 19): for each planted case, the maps of the latents of the flags that track the "
+            "planted artifact, on those latents' reference images that show it. *mass* is the share of a map's "
+            "mass on the artifact's pixels (each patch's value spread over its pixels, so the figure is "
+            "area-weighted); *chance* is the artifact's share of the image, what a map spread evenly scores; "
+            "*ideal* is what a map equal to the artifact's coverage of each patch scores, the most a map at the "
+            "model's patch resolution can be expected to reach (a thin artifact such as a ruler or hair fills no "
+            "patch, so its ideal is well below 1); *touched* is the share of the mass on the patches the artifact "
+            f"touches at all, against those patches' share of the grid. Issue 19's target is a mass of "
+            f"{MASS_TARGET}. ")
+    if not h["cases"]:
+        return text + f"No planted case of the {h['of']} had a map of its artifact."
+    return text + (
+        f"Over the {h['cases']} of {h['of']} planted cases with maps: mean mass {h['mass']:.3f} against chance "
+        f"{h['chance']:.3f} (mass / chance {h['mass_over_chance']}) and ideal {h['ideal']:.3f}; touched "
+        f"{h['touched']:.3f} against {h['touched_chance']:.3f}; at least twice chance in {h['twice_chance']} "
+        f"cases; the target {MASS_TARGET} reached in {h['at_target']} "
+        f"({'met' if h['at_target'] == h['cases'] else 'not met'}).")
 
 
 def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
@@ -408,8 +511,16 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
              f"{report['grid']['strength']}, audited on a held-out split where every artifact is independent of "
              "the class). Controls tie nothing. The audits use only the defaults a user who knows the class names "
              f"gets (overrides: `{json.dumps(report['grid']['audit_options'])}`). "
-             f"Artifacts the built-in vocabulary has no word for: {', '.join(NOVEL_ARTIFACTS)}.", "",
-             "| measure | value | target | met |", "| --- | --- | --- | --- |"]
+             f"Artifacts the built-in vocabulary has no word for: {', '.join(NOVEL_ARTIFACTS)}."]
+    full = len(Grid().cases())
+    if report["grid"]["cases"] < full:
+        g = report["grid"]
+        lines += ["", f"Grid: seeds {list(g['seeds'])}, artifacts {', '.join(g['artifacts'])}, classes "
+                  f"{', '.join(g['classes'])}{', a control per seed' if g['controls'] else ''}: {g['cases']} cases, "
+                  f"a smaller grid than the default ({full} cases: seeds 0 and 1, every artifact tied to each "
+                  f"class, a control per seed), which at this run's pace would take about "
+                  f"{report['seconds'] / g['cases'] * full / 60:.0f} min."]
+    lines += ["", "| measure | value | target | met |", "| --- | --- | --- | --- |"]
     for key, label, target in (
             ("recall", "recall: the planted artifact is the target class's top probe flag", ">= 0.9"),
             ("precision", "precision: probe flags whose concept moves the probe's accuracy (gap >= 0.10)",
@@ -419,6 +530,10 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
             ("planted_probe_share_above_zero_shot", "planted flag's probe share above its zero-shot share",
              "1.0 (every case)")):
         lines.append(f"| {label} | {s[key]} | {target} | {'yes' if met[key] else 'NO'} |")
+    if "heatmap_mass" in met:
+        lines.append(f"| mean share of the planted flags' heatmap mass on the artifact's pixels (chance "
+                     f"{s['heatmap']['chance']}, patch-level ideal {s['heatmap']['ideal']}) | {s['heatmap']['mass']} "
+                     f"| >= {MASS_TARGET} | {'yes' if met['heatmap_mass'] else 'NO'} |")
     lines += ["", "Stability: the same audit with SAE seeds " + "; ".join(
         f"{st['sae_seeds']} on seed {st['seed']} {st['case']}: concept overlap {st['overlap']:.2f} (flagged "
         f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
@@ -427,29 +542,44 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
               f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
               f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "
               f"{s['novel_wrong_confident']}."]
-    if "recovery_meets_bar" in s:
-        lines += ["", f"Correction (issue 18): each planted case's probe corrected (`project`, midpoint anchor) for "
-                  f"the probe flags whose latents track the planted artifact, then re-audited with the same SAE. "
-                  f"{s['corrected']} of {s['n_cases']} cases had such a flag; share meeting the bar (gap to a probe "
-                  f"trained without the correlation closed >= 80 % on the class without the artifact and on the "
-                  f"other class with it, overall accuracy not lower, the artifact no longer flagged): "
-                  f"{s['recovery_meets_bar']}; still flagged after the correction: "
-                  f"{s['still_flagged_after_correction']}; smallest gap closed: {s['min_gap_closed']}."]
+    if "heatmap" in s:
+        lines += ["", _heatmap_paragraph(s["heatmap"])]
+        if s["heatmap"]["per_artifact"]:
+            lines += ["", "| artifact | cases with maps | mass | chance | ideal | touched | touched share | maps |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {a} | {r['cases']} | {r['mass']:.3f} | {r['chance']:.3f} | {r['ideal']:.3f} | "
+                      f"{r['touched']:.3f} | {r['touched_chance']:.3f} | {r['n_images']} |"
+                      for a, r in s["heatmap"]["per_artifact"].items()]
+    methods = list(s.get("corrections", {}))
+    if methods:
+        lines += ["", "Correction (issue 18): each planted case's probe corrected for the probe flags whose latents "
+                  "track the planted artifact (their latents as one concept, its direction measured within each "
+                  "class; `project` with the default anchor, the mean features of the audited images; `refit` on "
+                  "the probe's own training split), then re-audited with the same SAE. The bar: the gap to a probe "
+                  "trained without the correlation closed >= 80 % on the class without the artifact and on the "
+                  "other class with it, overall accuracy not lower, the artifact no longer flagged (read from the "
+                  "ground truth: no probe flag whose latents track it)."]
+        lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected; meeting the bar: {r['meets_bar']}; "
+                  f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
+                  for m, r in s["corrections"].items()]
     lines += ["", "## Cases", "",
               "| seed | case | planted gap | recall | probe / zero-shot share of the planted flag | flags "
-              "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | correction | s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | heatmap of the planted "
+              "flags | " + "".join(f"correction: {m} | " for m in methods) + "s |",
+              "| --- " * (8 + len(methods)) + "|"]
     for c in report["cases"]:
         what = "control" if c["control"] else f"{c['artifact']} -> {c['toward']}"
         share = ("" if c["control"] or c["planted_probe_share"] is None
                  else f"{c['planted_probe_share']:.3f} / {c['planted_zero_shot_share']:.3f}")
         flags = "; ".join(f"{f['class']}#{f['rank']} {f['label']} [{', '.join(f['concepts']) or 'none'}] "
                           f"{'ok' if f['precise'] else 'FALSE'}{' C' if f['confirmed'] else ''}" for f in c["flags"])
-        recovery = c.get("recovery")
-        fix = "" if recovery is None else format_recovery(recovery)
-        seconds = c["seconds"] if recovery is None else f"{c['seconds']} + {recovery['seconds']}"
+        heatmap = c.get("heatmap")
+        corrections = c.get("corrections") or {}
+        fixes = "".join(f"{format_recovery(corrections[m]) if m in corrections else ''} | " for m in methods)
+        seconds = " + ".join(str(x) for x in [c["seconds"], heatmap and heatmap["seconds"],
+                                              *(r["seconds"] for r in corrections.values())] if x is not None)
         lines.append(f"| {c['seed']} | {what} | {'' if c['control'] else round(c['planted_gap'], 2)} | "
                      f"{'' if c['control'] else ('yes' if c['recall'] else 'NO')} | {share} | {flags or '-'} | "
-                     f"{fix} | {seconds} |")
+                     f"{'' if heatmap is None else format_heatmap(heatmap)} | {fixes}{seconds} |")
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path

@@ -73,12 +73,14 @@ def _get(result, key: str):
 
 
 def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, batch_size: int = 16,
-                          artifacts: tuple[str, ...] = ARTIFACTS) -> dict[str, dict]:
+                          artifacts: tuple[str, ...] = ARTIFACTS,
+                          latents: dict[str, list[int]] | None = None) -> dict[str, dict]:
     """How much of their heatmaps the latents of each artifact put on that artifact's pixels.
 
     ``result`` is the audit of ``case`` run with ``workdir`` (its SAE is read from ``workdir/sae``), as a result
-    or its dict. For every latent :func:`artifact_latents` gives and each of its reference images that shows the
-    artifact, from the map (``workers.engine.heatmaps.mass_on_mask``):
+    or its dict. For every latent :func:`artifact_latents` gives (or ``latents`` names: artifact -> latents, e.g.
+    the flags a ground truth ties to it when the audit left them unlabelled; ``artifacts`` is then not read) and
+    each of its reference images that shows the artifact, from the map (``workers.engine.heatmaps.mass_on_mask``):
 
     - ``mass``: the share of the map's mass on the artifact's pixels;
     - ``chance``: the artifact's share of the image, what a map spread evenly scores;
@@ -103,11 +105,12 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
     images = split_images(folder)
     index = {key: i for i, key in enumerate(images.ids)}
     entries = {int(e["latent"]): e for e in _get(result, "latents")}
-    chosen = {a: artifact_latents(result, a) for a in artifacts}
-    chosen = {a: latents for a, latents in chosen.items() if latents}
+    chosen = ({a: sorted({int(i) for i in named}) for a, named in latents.items()} if latents is not None
+              else {a: artifact_latents(result, a) for a in artifacts})
+    chosen = {a: measured for a, measured in chosen.items() if measured}
     wanted: dict[int, list[int]] = {}
-    for latents in chosen.values():
-        for latent in latents:
+    for measured in chosen.values():
+        for latent in measured:
             wanted[latent] = [index[key] for key in entries[latent]["references"]]
     bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
     sae = TopKSAE.load(Path(workdir) / "sae")
@@ -116,10 +119,10 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
                             wanted, batch_size=batch_size)
     masks = {i: read_masks(folder, images.ids[i]) for rows in wanted.values() for i in rows}
     table = {}
-    for artifact, latents in chosen.items():
+    for artifact, measured in chosen.items():
         per_latent, rows_all = {}, []
         n_without = n_empty = 0
-        for latent in latents:
+        for latent in measured:
             rows = []
             for i, grid in maps[latent].items():
                 if artifact not in masks[i]:
@@ -137,7 +140,7 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
                              float(grid[touched].sum() / grid.sum()), float(touched.mean())))
             per_latent[latent] = _summary(rows)
             rows_all += rows
-        table[artifact] = {**_summary(rows_all), "latents": latents, "per_latent": per_latent,
+        table[artifact] = {**_summary(rows_all), "latents": measured, "per_latent": per_latent,
                            "n_without": n_without, "n_empty": n_empty}
     return table
 
