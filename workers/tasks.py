@@ -93,7 +93,7 @@ def _reap(model, send, now) -> dict:
                     job.give_up()
                     done["failed"].append(job.pk)
                 else:
-                    log.warning("%s: worker %s stopped during %s; requeued (attempt %s of %s used)", job,
+                    log.warning("%s %s: worker %s stopped during %s; requeued (attempt %s of %s used)", job.noun, job.pk,
                                 job.worker_host or "of a shard", job.stage, job.attempts, settings.AUDIT_MAX_ATTEMPTS)
                     job.requeue()
                     transaction.on_commit(lambda pk=job.pk: send(pk))

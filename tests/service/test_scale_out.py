@@ -18,8 +18,10 @@ from django.core.files.storage import default_storage
 
 from audit_service.audits.models import Audit, AuditShard, Status
 from audit_service.audits.services import create_audit
+from audit_service.registry.services import dataset_labels
 from tests.engine.conftest import assert_same_answer
 from workers import tasks
+from workers.engine.explain import flag_image_keys
 
 from .conftest import FAST_AUDIT
 from .test_faults import stop, wait
@@ -128,9 +130,14 @@ def test_an_audit_over_three_workers_gives_the_answer_of_one_worker_and_of_one_t
         wait(lambda: not any(k.startswith(f"{prefix}/work/") for k in bucket_keys(prefix)), 60,
              "the intermediate files to be removed", logs)
         by_group = {w.pid: f"w{i}" for i, w in enumerate(workers, 1)}
-        extracted = {name: 0 for name in by_group.values()}  # images each worker extracted
-        for r in AuditShard.objects.filter(audit=audit, stage="extract"):
-            extracted[by_group[os.getpgid(int(r.worker_host.rpartition(":")[2]))]] += r.count
+        keys = [key for key, _ in dataset_labels(audit.dataset)]
+        wanted = {name: set() for name in by_group.values()}  # images each worker needed
+        for r in AuditShard.objects.filter(audit=audit, stage__in=["extract", "label"]):
+            name = by_group[os.getpgid(int(r.worker_host.rpartition(":")[2]))]
+            if r.stage == "extract":
+                wanted[name] |= set(keys[r.start:r.start + r.count])
+            else:  # the label step maps the flags' shown images (their heatmaps)
+                wanted[name] |= set(flag_image_keys(audit.result["flags"]))
     finally:
         for w in workers:
             stop(w)
@@ -147,10 +154,13 @@ def test_an_audit_over_three_workers_gives_the_answer_of_one_worker_and_of_one_t
     keys = bucket_keys(f"projects/{audit.project_id}/audits/{audit.pk}")
     assert sorted(k.rsplit(f"/audits/{audit.pk}/", 1)[1] for k in keys) == [
         "relevance.npz", "sae/metrics.json", "sae/sae.json", "sae/sae.safetensors"]
-    # a worker downloads the images of the shards it extracts, not the dataset (w1 also ran the first audit)
+    # a worker downloads the images of the shards it extracts and, for the label step, those the flags' heatmaps
+    # need; not the dataset (w1 also ran the first audit)
     for name in ("w2", "w3"):
-        cached = [p for p in (tmp_path / f"{name}-scratch" / "cache").glob("dataset-*/images/**/*") if p.is_file()]
-        assert len(cached) == extracted[name], (name, len(cached), extracted)
+        folder = tmp_path / f"{name}-scratch" / "cache"
+        cached = {p.relative_to(next(folder.glob("dataset-*")) / "images").as_posix()
+                  for p in folder.glob("dataset-*/images/**/*") if p.is_file()}
+        assert cached == wanted[name], (name, len(cached), {k: len(v) for k, v in wanted.items()})
     # nothing was written to a media folder: the workers share no disk
     assert not any((tmp_path / f"w{i}-media").exists() and any((tmp_path / f"w{i}-media").iterdir())
                    for i in (1, 2, 3))

@@ -18,7 +18,7 @@ def engine(monkeypatch):
     """The engine of the one-task path, replaced by ``engine.run`` (inputs are not loaded)."""
     state = {"run": None, "workdir": None}
 
-    def run_engine(config, bundle, probe, images, progress, workdir, sae_images):
+    def run_engine(config, bundle, probe, images, progress, workdir, sae_images, sae=None):
         state["workdir"] = workdir
         workdir.mkdir(parents=True)
         (workdir / "activations.npy").write_bytes(b"cache")
