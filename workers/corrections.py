@@ -8,7 +8,6 @@ audit's SAE); the correction then waits, at stage "reaudit", for that audit
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from django.db import OperationalError, transaction
 from audit_service.audits.models import BEFORE_REAUDIT, REAUDIT_STAGE, Audit, Correction, Status
 from audit_service.audits.services import enqueue
 from audit_service.registry.models import Probe
+from audit_service.registry.services import sha256_of
 from workers.engine.config import AuditConfig, CorrectionOptions
 from workers.engine.correct_audit import run_correction as run_engine
 from workers.engine.correction import concept_groups
@@ -85,7 +85,8 @@ def _register_and_reaudit(correction: Correction, path: Path, result: dict, timi
     stored = None
     try:
         with transaction.atomic():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            with open(path, "rb") as fh:
+                digest = sha256_of(fh)
             probe = Probe(project=audit.project, clip_model=audit.clip_model,
                           name=f"{root.name} v{version} (correction {correction.pk})", sha256=digest,
                           class_names=parent.class_names, normalization=parent.normalization,

@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit_service.registry.archives import IMAGE_SUFFIXES, image_problem
-from audit_service.registry.services import RegistrationError, check_upload_size, dataset_labels
+from audit_service.registry.services import RegistrationError, check_upload_size, dataset_labels, spool_upload
 
 from .corrections import require_sae
 from .models import Audit, Explanation
@@ -57,12 +57,7 @@ def _check_image(upload) -> None:
                                 field="image")
     check_upload_size(upload, "image", field="image")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        upload.seek(0)
-        with open(path, "wb") as out:
-            for chunk in iter(lambda: upload.read(1 << 20), b""):
-                out.write(chunk)
-        upload.seek(0)
+        path, _ = spool_upload(upload, Path(name).suffix.lower(), Path(tmp))
         problem = image_problem(path, name, settings.MAX_IMAGE_PIXELS)
     if problem:
         raise RegistrationError(problem, field="image")

@@ -63,7 +63,7 @@ def sha256_of(fileobj) -> str:
     return digest.hexdigest()
 
 
-def _spool(upload, suffix: str, folder: Path) -> tuple[Path, str]:
+def spool_upload(upload, suffix: str, folder: Path) -> tuple[Path, str]:
     """Write an uploaded file to a private temporary path (the engine reads paths); returns it and its sha256.
 
     The hash is taken while copying, so a large checkpoint or archive is read once, not twice.
@@ -207,7 +207,7 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
         check_upload_size(checkpoint, "checkpoint")
         suffix = Path(checkpoint.name).suffix.lower()
         with tempfile.TemporaryDirectory() as tmp:
-            path, sha = _spool(checkpoint, suffix, Path(tmp))
+            path, sha = spool_upload(checkpoint, suffix, Path(tmp))
             try:
                 load_clip(architecture or None, checkpoint=path, model_config=model_config)
             except EngineError as exc:
@@ -284,7 +284,7 @@ def register_sae(*, project, user, name: str, clip_model: ClipModel, format: str
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / config_name).write_text(json.dumps(config_text))
-        path, sha = _spool(weights, ".safetensors", folder)
+        path, sha = spool_upload(weights, ".safetensors", folder)
         if path.name != weights_name:
             path.rename(folder / weights_name)
         try:
@@ -330,7 +330,7 @@ def register_probe(*, project, user, name: str, clip_model: ClipModel, file, cla
     if suffix not in (".npz", ".safetensors"):
         raise RegistrationError(f"probe files must be .npz or .safetensors, got '{suffix or file.name}'", field="file")
     with tempfile.TemporaryDirectory() as tmp:
-        path, sha = _spool(file, suffix, Path(tmp))
+        path, sha = spool_upload(file, suffix, Path(tmp))
         try:
             probe = LinearProbe.load(path, class_names=class_names or None, normalization=normalization or None)
             probe.check_fits(clip_model.embed_dim)
@@ -373,7 +373,7 @@ def register_dataset(*, project, user, name: str, archive, purpose: str = Datase
     stored: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path, sha = _spool(archive, ".upload", tmp)
+        path, sha = spool_upload(archive, ".upload", tmp)
         root = tmp / "files"
         try:
             limits = dataset_limits(project)
