@@ -6,8 +6,10 @@
 
 It registers the model, the probe and the dataset, or reuses the ones the
 project already has with the same content (by SHA-256, so nothing identical is
-uploaded twice), submits the audit, shows its progress, waits, downloads the
-HTML report and the JSON result, prints a one-screen summary and exits with:
+uploaded twice; a dataset given by --dataset-s3 PREFIX or --dataset-folder DIR
+is read where it is, not uploaded, and reused by location), submits the audit,
+shows its progress, waits, downloads the HTML report and the JSON result,
+prints a one-screen summary and exits with:
 
     0  the audit passed every gate
     1  a gate failed (too many unreviewed flags, or too large a share on flags, or, by default, an unreviewed
@@ -72,7 +74,7 @@ class Api:
 
     def call(self, method: str, path: str, **kwargs) -> requests.Response:
         try:
-            response = self.session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
+            response = self.session.request(method, f"{self.url}{path}", **{"timeout": self.timeout, **kwargs})
         except requests.RequestException as exc:
             raise Stop(EXIT_UNREACHABLE, f"cannot reach {self.url}: {exc}") from exc
         if response.status_code in (401, 403):
@@ -119,6 +121,27 @@ def _reuse_or_register(api: Api, kind: str, project: int, sha_field: str, sha: s
     return item
 
 
+def _reference(api: Api, args, log) -> dict:
+    """The project's dataset registered from the same S3 prefix or server folder, or a new registration (the
+    server reads the images there once; workers check them against what it read, so changed data fails the
+    audit with a message to register it again)."""
+    source, location = ("s3", args.dataset_s3) if args.dataset_s3 else ("folder", args.dataset_folder)
+    stored = location.strip().rstrip("/")  # as the server stores it: a prefix without s3://BUCKET/
+    if source == "s3":
+        stored = stored.removeprefix("s3://").partition("/")[2] if stored.startswith("s3://") else stored.strip("/")
+    for item in api.items("/api/v1/datasets/", project=args.project):
+        if (item.get("source"), item.get("location")) == (source, stored) and \
+                args.dataset_layout in ("auto", item.get("layout")):
+            log(f"dataset: reusing #{item['id']} '{item['name']}' ({source} {location})")
+            return item
+    log(f"dataset: registering {source} {location}; the server reads and checks every image once")
+    item = api.call("POST", "/api/v1/datasets/", json={
+        "project": args.project, "name": args.dataset_name, "source": source, "location": location,
+        "layout": args.dataset_layout}, timeout=args.timeout).json()  # it reads every image: allow the time
+    log(f"dataset: registered #{item['id']} '{item['name']}': {item['n_images']} images ({item['layout']})")
+    return item
+
+
 def audit(args, log=print) -> int:
     for name in ("probe", "dataset", "checkpoint", "model_config"):
         path = getattr(args, name)
@@ -149,9 +172,12 @@ def audit(args, log=print) -> int:
     probe = _reuse_or_register(api, "probes", args.project, "sha256", sha256(Path(args.probe)),
                                {"project": args.project, "clip_model": model["id"], "name": args.probe_name},
                                {"file": args.probe}, log)
-    dataset = _reuse_or_register(api, "datasets", args.project, "sha256", sha256(Path(args.dataset)),
-                                 {"project": args.project, "name": args.dataset_name}, {"archive": args.dataset},
-                                 log)
+    if args.dataset:
+        dataset = _reuse_or_register(api, "datasets", args.project, "sha256", sha256(Path(args.dataset)),
+                                     {"project": args.project, "name": args.dataset_name},
+                                     {"archive": args.dataset}, log)
+    else:
+        dataset = _reference(api, args, log)
     submitted = api.call("POST", "/api/v1/audits/", json={
         "project": args.project, "clip_model": model["id"], "probe": probe["id"], "dataset": dataset["id"],
         "config": options, "context": {"submitted_by": "clip-audit cli"}}).json()
@@ -375,7 +401,15 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="register or reuse inputs, run an audit, gate on it")
     a.add_argument("--project", type=int, required=True)
     a.add_argument("--probe", required=True, help=".npz or .safetensors probe")
-    a.add_argument("--dataset", required=True, help="zip or tar of images with labels.csv")
+    where = a.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", help="zip or tar of images with labels.csv (uploaded)")
+    where.add_argument("--dataset-s3", metavar="PREFIX", help="or: images already in the service's bucket under "
+                       "PREFIX (read there, not uploaded)")
+    where.add_argument("--dataset-folder", metavar="DIR", help="or: images in a server folder an admin allowed "
+                       "(DATASET_ROOTS; read there, not uploaded)")
+    a.add_argument("--dataset-layout", choices=["auto", "files", "webdataset"], default="auto",
+                   help="with --dataset-s3/--dataset-folder: image files + labels.csv, WebDataset .tar shards, or "
+                        "auto (shards when every file is a .tar)")
     a.add_argument("--checkpoint", help="model weights (.safetensors preferred)")
     a.add_argument("--model-config", help="open_clip model config (.json) for custom models")
     a.add_argument("--architecture", default="", help="OpenCLIP architecture, e.g. ViT-B-32")

@@ -120,6 +120,11 @@ MAX_DATASET_BYTES = env_int("MAX_DATASET_BYTES", 20 * 1024 ** 3, minimum=1)  # u
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1)
 # Every entry of an archive counts (folders and empty files too), checked before any member is read or written.
 MAX_ARCHIVE_MEMBERS = env_int("MAX_ARCHIVE_MEMBERS", MAX_DATASET_IMAGES + 1000, minimum=1)
+# Server folders a dataset may be registered from by reference (absolute paths, comma-separated; empty: none).
+# Workers copy the images they need from there, so mount each folder at the same path on every worker.
+DATASET_ROOTS = env_list("DATASET_ROOTS", [])
+if any(not Path(root).is_absolute() for root in DATASET_ROOTS):
+    raise ImproperlyConfigured(f"DATASET_ROOTS must list absolute folders, got {','.join(DATASET_ROOTS)}")
 # A model's size, counted from its config before anything is built (the web process builds a model to check a
 # checkpoint; workers build it for every audit). Every open_clip ViT fits the defaults (ViT-e-14: 4.6e9
 # parameters, 56 blocks, width 1792).

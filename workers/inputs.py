@@ -9,6 +9,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.storage import default_storage
 
+from audit_service.registry import references
 from audit_service.registry.services import dataset_labels, dataset_table
 from workers.engine.data import ImageFiles
 from workers.engine.heads import LinearProbe
@@ -42,27 +43,40 @@ def local_path(field_file, sha256: str = "") -> Path:
 
 def dataset_folder(dataset, only: list[str] | None = None) -> Path:
     """A local folder with the dataset's images/: the store's own folder on local storage; with remote storage
-    (S3) a per-worker cache, filled with every image, or with the images in ``only`` (a worker extracting one
-    shard of a sharded audit downloads that shard's images, not the dataset)."""
-    try:
-        return Path(default_storage.path(dataset.storage_prefix))
-    except NotImplementedError:
-        target = settings.AUDIT_WORK_DIR / "cache" / f"dataset-{dataset.sha256}-{dataset.pk}"
-        done = target / ".complete"
-        if done.exists():
-            return target
-        wanted = [rel for rel, _ in dataset_labels(dataset)] if only is None else only
-        missing = [rel for rel in wanted if not (target / "images" / rel).exists()]
-
+    (S3), or for a dataset registered by reference, a per-worker cache, filled with every image, or with the images
+    in ``only`` (a worker extracting one shard of a sharded audit fetches that shard's images, not the dataset;
+    for WebDataset shards, the shards that hold them)."""
+    if not dataset.by_reference:
+        try:
+            return Path(default_storage.path(dataset.storage_prefix))
+        except NotImplementedError:
+            pass
+    target = settings.AUDIT_WORK_DIR / "cache" / f"dataset-{dataset.sha256}-{dataset.pk}"
+    done = target / ".complete"
+    if done.exists():
+        return target
+    wanted = [rel for rel, _ in dataset_labels(dataset)] if only is None else only
+    missing = [rel for rel in wanted if not (target / "images" / rel).exists()]
+    if dataset.by_reference:
+        if missing:
+            try:
+                shards = references.fetch(dataset, target / "images", missing)
+            except references.SourceError as exc:
+                raise EngineError(str(exc)) from exc
+            for shard in shards:  # which shards this worker read, for whoever looks at its cache
+                (target / "shards" / shard).parent.mkdir(parents=True, exist_ok=True)
+                (target / "shards" / shard).touch()
+    else:
         def fetch(rel: str) -> None:
             with default_storage.open(f"{dataset.storage_prefix}/images/{rel}", "rb") as src:
                 download(src, target / "images" / rel)
 
         with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer many small reads in parallel
             list(pool.map(fetch, missing))
-        if only is None:
-            done.touch()
-        return target
+    if only is None:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
+    return target
 
 
 def load_model(clip_model):

@@ -35,16 +35,41 @@ REFERENCES_SHOWN = 12  # reference images per flag card: the engine maps these (
 
 # --------------------------------------------------------------------------- images
 
-@functools.lru_cache(maxsize=4096)
-def _thumbnail(storage_key: str, size: int) -> str | None:
+def image_where(dataset, image_key: str):
+    """Where one of a dataset's images is read from, as ``_load_image`` takes it: the storage key of an uploaded
+    dataset's image, or (dataset id, its digest, image key) for a dataset registered by reference."""
+    if dataset.by_reference:
+        return (dataset.pk, dataset.sha256, image_key)
+    return f"{dataset.storage_prefix}/images/{image_key}"
+
+
+def _load_image(where):
+    """The decoded image at ``where`` (see :func:`image_where`), or None when it cannot be read: a missing or
+    unreadable file shows as a gap, not as a broken report."""
     from PIL import Image
 
+    from audit_service.registry.archives import DatasetRejected
+    from audit_service.registry.models import Dataset
+    from audit_service.registry.references import SourceError, read_image
+
     try:
-        with default_storage.open(storage_key, "rb") as fh:
+        if isinstance(where, tuple):
+            fh = io.BytesIO(read_image(Dataset.objects.get(pk=where[0]), where[2]))
+        else:
+            fh = default_storage.open(where, "rb")
+        with fh:
             image = Image.open(fh)
             image.load()
-    except (OSError, ValueError):
-        return None  # a missing or unreadable file shows as a gap, not as a broken report
+        return image
+    except (OSError, ValueError, KeyError, SourceError, DatasetRejected, Dataset.DoesNotExist):
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(where, size: int) -> str | None:
+    image = _load_image(where)
+    if image is None:
+        return None
     image = image.convert("RGB")
     image.thumbnail((size, size))
     out = io.BytesIO()
@@ -54,21 +79,18 @@ def _thumbnail(storage_key: str, size: int) -> str | None:
 
 def thumbnail(audit: Audit, image_key: str, size: int = 112) -> str | None:
     """A data URI of a small JPEG of one of the audit's dataset images (None when it cannot be read)."""
-    return _thumbnail(f"{audit.dataset.storage_prefix}/images/{image_key}", size)
+    return _thumbnail(image_where(audit.dataset, image_key), size)
 
 
 @functools.lru_cache(maxsize=4096)
-def _heat_overlay(storage_key: str, grid: tuple, size: int) -> str | None:
+def _heat_overlay(where, grid: tuple, size: int) -> str | None:
     """A data URI of the image's centre square (the crop the model saw: open_clip resizes the short side, then
     crops the centre) with ``grid`` (rows of 0..255 over the patches) laid over it in the inferno colours."""
     from matplotlib import colormaps
     from PIL import Image
 
-    try:
-        with default_storage.open(storage_key, "rb") as fh:
-            image = Image.open(fh)
-            image.load()
-    except (OSError, ValueError):
+    image = _load_image(where)
+    if image is None:
         return None
     image = image.convert("RGB")
     side = min(image.size)
@@ -84,11 +106,12 @@ def _heat_overlay(storage_key: str, grid: tuple, size: int) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def heat_overlay(storage_key: str, grid, size: int = 112) -> str | None:
-    """The image at ``storage_key`` with a latent's heatmap (an encoded grid) over it; None without a grid."""
+def heat_overlay(where, grid, size: int = 112) -> str | None:
+    """The image at ``where`` (a storage key, or see :func:`image_where`) with a latent's heatmap (an encoded
+    grid) over it; None without a grid."""
     if not grid:
         return None
-    return _heat_overlay(storage_key, tuple(tuple(int(v) for v in row) for row in grid), size)
+    return _heat_overlay(where, tuple(tuple(int(v) for v in row) for row in grid), size)
 
 
 def _labels_by_key(audit: Audit) -> dict:
@@ -207,7 +230,7 @@ def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> d
 
     def pictures(keys):
         return [{"key": k, "label": labels_by_key.get(k, "?"), "src": thumbnail(audit, k) if images else None,
-                 "heat": heat_overlay(f"{audit.dataset.storage_prefix}/images/{k}", heatmaps.get(k))
+                 "heat": heat_overlay(image_where(audit.dataset, k), heatmaps.get(k))
                  if images else None}
                 for k in keys]
 
@@ -389,7 +412,7 @@ def explanation_view(explanation) -> dict:
     """What the explanation's page shows: the image, and per head its prediction and, per class, the latents for
     and against it, each with its heatmap over the image."""
     result = explanation.result or {}
-    key = (f"{explanation.audit.dataset.storage_prefix}/images/{explanation.item}" if explanation.item
+    key = (image_where(explanation.audit.dataset, explanation.item) if explanation.item
            else explanation.image.name)
     maps = result.get("heatmaps") or {}
     heads = []

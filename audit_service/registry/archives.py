@@ -41,6 +41,7 @@ class Limits:
     # every entry of the archive counts, folders and empty files too (MAX_ARCHIVE_MEMBERS); None: max_files plus
     # room for the folders and a labels file
     max_members: int | None = None
+    where: str = "the archive"  # what holds the files, in messages (a dataset by reference names its prefix/folder)
 
     @property
     def member_limit(self) -> int:
@@ -122,10 +123,10 @@ def _images_of(names: list[str], limits: Limits) -> list[str]:
     images = [name for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
     other = [name for name in names if not name.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
     if other:
-        raise DatasetRejected(f"the archive holds files that are not images: {_list(other)}; "
+        raise DatasetRejected(f"{limits.where} holds files that are not images: {_list(other)}; "
                               f"accepted image types are {', '.join(IMAGE_SUFFIXES)}")
     if len(images) > limits.max_files:
-        raise DatasetRejected(f"the archive holds {len(images)} images; at most {limits.max_files} images "
+        raise DatasetRejected(f"{limits.where} holds {len(images)} images; at most {limits.max_files} images "
                               f"are accepted per dataset ({limits.source})")
     return images
 
@@ -137,11 +138,12 @@ def _plan(files: list[tuple[str, int]], limits: Limits) -> set[str]:
     empty = [name for name, size in kept if size == 0 and name.lower().endswith(IMAGE_SUFFIXES)]
     if empty:
         raise DatasetRejected(f"{len(empty)} image{'s are' if len(empty) > 1 else ' is'} empty (0 bytes): "
-                              f"{_examples(empty)}; an image file cannot be empty, so check how the archive "
-                              "was made")
+                              f"{_examples(empty)}; an image file cannot be empty, so check how "
+                              f"{limits.where} was made")
     total = sum(size for _, size in kept)
     if total > limits.max_total_bytes:
-        raise DatasetRejected(f"the archive unpacks to {total} bytes, over the limit of "
+        raise DatasetRejected(f"{limits.where} {'unpacks' if limits.where == 'the archive' else 'adds up'} to "
+                              f"{total} bytes, over the limit of "
                               f"{limits.max_total_bytes} ({limits.source})")
     return {name for name, _ in kept}
 
@@ -336,37 +338,39 @@ def _inside(path: str) -> str | None:
         return None
 
 
-def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str]) -> str | None:
+def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str], holder: str = "the archive"
+              ) -> str | None:
     """What is wrong between labels.csv and the images, with what to do; None when they match."""
     missing = sorted(set(rows.labels) - images)
     unlabelled = sorted(images - set(rows.labels))
     folder = csv_path.parent.relative_to(root).as_posix()
-    where = "the archive's top folder" if folder == "." else f"'{folder}/'"
+    top = "the archive's top folder" if holder == "the archive" else holder  # a reference: a prefix or folder
+    where = top if folder == "." else f"'{folder}/'"
     parts = []
     if missing:
         n = len(missing)
-        part = (f"{csv_path.name} lists {n} image{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not in the "
-                f"archive: {_examples(missing)}. Paths in {csv_path.name} are read relative to the folder that "
+        part = (f"{csv_path.name} lists {n} image{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not in "
+                f"{holder}: {_examples(missing)}. Paths in {csv_path.name} are read relative to the folder that "
                 f"holds it ({where})")
         written = [rows.written[m] for m in missing]
         by_name: dict[str, list[str]] = {}
         for image in images:
             by_name.setdefault(posixpath.basename(image), []).append(image)
         if folder != "." and all(_inside(w) in images for w in written):
-            part += (f"; these paths are relative to the archive's top folder instead: move {csv_path.name} "
+            part += (f"; these paths are relative to {top} instead: move {csv_path.name} "
                      f"there, or write them relative to '{folder}/'")
         else:
             found = next(((w, by_name[posixpath.basename(w)][0]) for w in written
                           if len(by_name.get(posixpath.basename(w), [])) == 1), None)
             if found:
-                part += f"; e.g. '{found[0]}' is in the archive as '{found[1]}'"
+                part += f"; e.g. '{found[0]}' is in {holder} as '{found[1]}'"
             part += "; correct the paths or add the missing images"
         parts.append(part)
     if unlabelled:
         n = len(unlabelled)
         parts.append(f"{n} image{'s' if n > 1 else ''} without a label: {_examples(unlabelled)}; add a row "
-                     f"(image,label) for each to {csv_path.name} or remove {'them' if n > 1 else 'it'} from the "
-                     "archive")
+                     f"(image,label) for each to {csv_path.name} or remove {'them' if n > 1 else 'it'} from "
+                     f"{holder}")
     return ". ".join(parts) if parts else None
 
 
@@ -384,9 +388,9 @@ def _metadata_columns(paths: list[str], extras: dict[str, dict[str, str]]) -> di
     return kept
 
 
-def image_problem(path: Path, name: str, max_pixels: int, root: Path | None = None) -> str | None:
-    """Why the image file at ``path`` (called ``name`` in messages) cannot be used, or None: it must decode and
-    have at most ``max_pixels`` pixels (read from its header, before decoding)."""
+def image_problem(path, name: str, max_pixels: int, root: Path | None = None) -> str | None:
+    """Why the image file at ``path`` (a path or an open binary file; called ``name`` in messages) cannot be used,
+    or None: it must decode and have at most ``max_pixels`` pixels (read from its header, before decoding)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, from the header, before decoding
@@ -402,17 +406,23 @@ def image_problem(path: Path, name: str, max_pixels: int, root: Path | None = No
     return None
 
 
-def validate(root: Path, limits: Limits, require_labels: bool = True) -> ValidatedDataset:
+def validate(root: Path, limits: Limits, require_labels: bool = True, *, files: list[str] | None = None,
+             image_problems=None, sizes: dict[str, int] | None = None) -> ValidatedDataset:
     """Check the extracted files: images decode and are not too large, labels match the files.
 
     ``require_labels=False`` (a dataset for SAE training): labels are optional. A labels.csv is still checked
     against the files; without one, the images are unlabelled, whatever folders they sit in.
 
+    A dataset whose images are not under ``root`` (one registered by reference: ``root`` then holds its CSV files
+    only) gives their relative paths as ``files``, their ``sizes``, and ``image_problems``: called with the image
+    paths once the labels match them, it returns what :func:`image_problem` says about each unusable one.
+
     Every check is linear in the number of files (sets, not lists, for membership), so an archive at the
     member limit costs seconds, not hours.
     """
-    files = sorted(f for f in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-                   if not _ignored(f))
+    if files is None:
+        files = sorted(f for f in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+                       if not _ignored(f))
     image_files = _images_of(files, limits)
     if not image_files:
         raise DatasetRejected("the dataset holds no images")
@@ -421,7 +431,7 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
     folders: set[str] = set()
     if csv_path is not None:
         rows = _read_labels(csv_path, root, require_labels)
-        problem = _mismatch(csv_path, root, rows, set(image_files))
+        problem = _mismatch(csv_path, root, rows, set(image_files), limits.where)
         if problem:
             raise DatasetRejected(problem)
         labels, extras = rows.labels, rows.extras
@@ -437,7 +447,10 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
                                       "images can be registered for SAE training only)")
             labels[f] = parts[-2]
             folders.add(posixpath.dirname(f))
-    bad = [problem for f in image_files if (problem := image_problem(root / f, f, limits.max_image_pixels, root))]
+    if image_problems is None:
+        bad = [problem for f in image_files if (problem := image_problem(root / f, f, limits.max_image_pixels, root))]
+    else:
+        bad = image_problems(image_files)
     if bad:
         raise DatasetRejected(f"some images cannot be used: {_list(bad)}")
     class_names = sorted(set(labels.values()) - {""})
@@ -459,6 +472,6 @@ def validate(root: Path, limits: Limits, require_labels: bool = True) -> Validat
     for f in image_files:
         if labels[f]:
             counts[labels[f]] += 1
-    total = sum((root / f).stat().st_size for f in image_files)
+    total = sum(sizes[f] if sizes is not None else (root / f).stat().st_size for f in image_files)
     images = sorted(labels.items())
     return ValidatedDataset(root, images, class_names, counts, total, _metadata_columns([p for p, _ in images], extras))

@@ -96,9 +96,25 @@ class DatasetPurpose(models.TextChoices):
     SAE_TRAINING = "sae_training", "SAE training (labels not needed)"
 
 
+class DatasetSource(models.TextChoices):
+    UPLOAD = "upload", "uploaded archive (images stored by the service)"
+    S3 = "s3", "a prefix of the media store's S3 bucket (by reference)"
+    FOLDER = "folder", "a server folder an admin allowed (by reference, DATASET_ROOTS)"
+
+
+class DatasetLayout(models.TextChoices):
+    FILES = "files", "image files (+ labels.csv or one folder per class)"
+    WEBDATASET = "webdataset", "WebDataset .tar shards (a .cls or .json label per sample)"
+
+
 class Dataset(models.Model):
-    """Images, validated and stored under ``storage_prefix`` with a canonical ``labels.csv``
-    (``image,label`` and the metadata columns).
+    """Images, validated, with a canonical ``labels.csv`` (``image,label`` and the metadata columns) under
+    ``storage_prefix``.
+
+    An uploaded dataset's images are stored there too (``images/``). A dataset registered by reference keeps its
+    images where they are (``source`` and ``location``: an S3 prefix or a server folder, in ``layout``), and
+    ``storage_prefix`` holds a ``manifest.json`` beside labels.csv: each file's or shard's size and SHA-256, which
+    workers check when they copy what they need (``registry.references``).
 
     An audit dataset is labelled with at least two classes; an SAE-training dataset may be unlabelled (its
     labels are "", ``class_names`` empty) and only trains an audit's SAE.
@@ -115,6 +131,9 @@ class Dataset(models.Model):
     purpose = models.CharField(max_length=20, choices=DatasetPurpose.choices, default=DatasetPurpose.AUDIT)
     # labels.csv columns kept besides image and label (e.g. "a ruler" 0/1, "site"), in the CSV's order
     metadata_columns = models.JSONField(default=list, blank=True)
+    source = models.CharField(max_length=10, choices=DatasetSource.choices, default=DatasetSource.UPLOAD)
+    location = models.CharField(max_length=1000, blank=True)  # by reference: the S3 key prefix or the folder
+    layout = models.CharField(max_length=20, choices=DatasetLayout.choices, default=DatasetLayout.FILES)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -123,6 +142,19 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def by_reference(self) -> bool:
+        return self.source != DatasetSource.UPLOAD
+
+    @property
+    def where(self) -> str:
+        """Where the images are, in words."""
+        if self.source == DatasetSource.S3:
+            return f"s3 prefix {self.location}/ ({self.get_layout_display()})"
+        if self.source == DatasetSource.FOLDER:
+            return f"folder {self.location} ({self.get_layout_display()})"
+        return "uploaded"
 
 
 class SAEFormat(models.TextChoices):

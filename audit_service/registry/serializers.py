@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
-from .models import SAEFormat, SparseAutoencoder, ClipModel, Dataset, DatasetPurpose, Probe, TokenType
+from .models import (SAEFormat, SparseAutoencoder, ClipModel, Dataset, DatasetLayout, DatasetPurpose, DatasetSource,
+                     Probe, TokenType)
 from .services import RegistrationError, read_json_upload
 
 
@@ -64,7 +65,17 @@ class ProbeSerializer(serializers.ModelSerializer):
 
 class DatasetSerializer(serializers.ModelSerializer):
     project = serializers.IntegerField(source="project_id")
-    archive = serializers.FileField(write_only=True)
+    archive = serializers.FileField(write_only=True, required=False, help_text=(
+        "a .zip or .tar(.gz) of the images (source upload)"))
+    source = serializers.ChoiceField(choices=DatasetSource.choices, default=DatasetSource.UPLOAD, help_text=(
+        "upload: the archive is stored by the service; s3 or folder: the images stay at location and are read "
+        "from there (by reference)"))
+    location = serializers.CharField(required=False, allow_blank=True, max_length=1000, help_text=(
+        "by reference: a prefix of the media store's S3 bucket (datasets/lesions or s3://BUCKET/datasets/lesions), "
+        "or an absolute server folder under DATASET_ROOTS"))
+    layout = serializers.ChoiceField(choices=["auto", *DatasetLayout.values], default="auto", help_text=(
+        "by reference: files (images + labels.csv, or one folder per class), webdataset (.tar shards, a .cls or "
+        ".json label per sample), or auto (webdataset when every file is a .tar)"))
     purpose = serializers.ChoiceField(
         choices=DatasetPurpose.choices, default=DatasetPurpose.AUDIT,
         help_text="audit: labelled images of at least two classes; sae_training: images (labels optional) that "
@@ -75,10 +86,25 @@ class DatasetSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Dataset
-        fields = ["id", "project", "name", "archive", "purpose", "sha256", "n_images", "class_names", "class_counts",
-                  "metadata_columns", "total_bytes", "created_at"]
+        fields = ["id", "project", "name", "archive", "source", "location", "layout", "purpose", "sha256", "n_images",
+                  "class_names", "class_counts", "metadata_columns", "total_bytes", "created_at"]
         read_only_fields = ["id", "sha256", "n_images", "class_names", "class_counts", "metadata_columns",
                             "total_bytes", "created_at"]
+
+    def validate(self, data):
+        if data.get("source", DatasetSource.UPLOAD) == DatasetSource.UPLOAD:
+            if data.get("location"):
+                raise serializers.ValidationError({"source": ["a location is read by reference: give source s3 or "
+                                                              "folder with it"]})
+            if "archive" not in data:
+                raise serializers.ValidationError({"archive": ["upload an archive of the images, or register them "
+                                                               "by reference (source s3 or folder, and location)"]})
+        elif "archive" in data:
+            raise serializers.ValidationError({"archive": ["give an archive to upload or a location to read by "
+                                                           "reference, not both"]})
+        elif not data.get("location"):
+            raise serializers.ValidationError({"location": [f"source {data['source']} needs a location"]})
+        return data
 
 
 class SparseAutoencoderSerializer(serializers.ModelSerializer):

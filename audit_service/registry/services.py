@@ -16,7 +16,7 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from .archives import DatasetRejected, Limits, extract, validate
-from .models import SAE_FILES, ClipModel, Dataset, DatasetPurpose, Probe, SparseAutoencoder
+from .models import SAE_FILES, ClipModel, Dataset, DatasetLayout, DatasetPurpose, Probe, SparseAutoencoder
 
 
 # An open_clip model config is a few hundred bytes (the largest built-in one about 1.5 KB); a larger upload is not
@@ -370,7 +370,6 @@ def register_dataset(*, project, user, name: str, archive, purpose: str = Datase
         raise RegistrationError(f"purpose must be one of {', '.join(DatasetPurpose.values)}", field="purpose")
     check_upload_size(archive, "dataset archive")
     prefix = f"projects/{project.id}/datasets/{uuid.uuid4().hex}"
-    stored: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path, sha = spool_upload(archive, ".upload", tmp)
@@ -381,27 +380,82 @@ def register_dataset(*, project, user, name: str, archive, purpose: str = Datase
             checked = validate(root, limits, require_labels=purpose == DatasetPurpose.AUDIT)
         except DatasetRejected as exc:
             raise RegistrationError(str(exc), field="archive") from exc
-        columns = list(checked.metadata)
+        stored: list[str] = []
         try:
             for rel, _label in checked.images:
                 with open(root / rel, "rb") as fh:
                     stored.append(default_storage.save(f"{prefix}/images/{rel}", File(fh)))
-            buf = io.StringIO()
-            writer = csv.writer(buf)
-            writer.writerow(["image", "label", *columns])
-            for i, ((rel, label), key) in enumerate(zip(checked.images, stored)):
-                writer.writerow([key[len(prefix) + len("/images/"):], label,
-                                 *(checked.metadata[c][i] for c in columns)])
-            stored.append(default_storage.save(f"{prefix}/labels.csv", ContentFile(buf.getvalue().encode())))
-            with transaction.atomic():
-                return Dataset.objects.create(
-                    project=project, name=name, sha256=sha, storage_prefix=prefix, n_images=len(checked.images),
-                    class_names=checked.class_names, class_counts=checked.class_counts,
-                    total_bytes=checked.total_bytes, purpose=purpose, metadata_columns=columns, created_by=user)
+            keys = [key[len(prefix) + len("/images/"):] for key in stored]
+            return _store_dataset(checked, keys, stored, project=project, name=name, sha256=sha, storage_prefix=prefix,
+                                  purpose=purpose, created_by=user)
         except Exception:
             for key in stored:
                 default_storage.delete(key)
             raise
+
+
+def _store_dataset(checked, keys: list[str], stored: list[str], files: dict | None = None, **fields) -> Dataset:
+    """Write the canonical labels.csv (``keys``: the images' ids, in ``checked.images``' order) and ``files``
+    (name -> bytes) under the dataset's storage prefix, then create the row; ``stored`` collects what was written,
+    for the caller to delete when this fails."""
+    prefix, columns = fields["storage_prefix"], list(checked.metadata)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "label", *columns])
+    for i, ((_rel, label), key) in enumerate(zip(checked.images, keys)):
+        writer.writerow([key, label, *(checked.metadata[c][i] for c in columns)])
+    for file_name, data in {"labels.csv": buf.getvalue().encode(), **(files or {})}.items():
+        stored.append(default_storage.save(f"{prefix}/{file_name}", ContentFile(data)))
+    with transaction.atomic():
+        return Dataset.objects.create(n_images=len(checked.images), class_names=checked.class_names,
+                                      class_counts=checked.class_counts, total_bytes=checked.total_bytes,
+                                      metadata_columns=columns, **fields)
+
+
+def register_dataset_by_reference(*, project, user, name: str, source: str, location: str, layout: str = "auto",
+                                  purpose: str = DatasetPurpose.AUDIT) -> Dataset:
+    """Register images that stay where they are: ``source`` "s3" (a prefix of the media store's bucket) or
+    "folder" (under DATASET_ROOTS), ``layout`` "files", "webdataset" or "auto" (shards when every file is a
+    .tar). They are read once, a file or a shard at a time, with an upload's checks and messages; only the
+    canonical labels.csv and the manifest (``registry.references``) are stored. A refusal stores nothing."""
+    from . import references
+
+    if purpose not in DatasetPurpose.values:
+        raise RegistrationError(f"purpose must be one of {', '.join(DatasetPurpose.values)}", field="purpose")
+    if layout not in ("auto", *DatasetLayout.values):
+        raise RegistrationError(f"layout must be auto, {' or '.join(DatasetLayout.values)}, got {layout!r}",
+                                field="layout")
+    require_labels = purpose == DatasetPurpose.AUDIT
+    try:
+        where = references.open_source(source, location)
+        limits = dataset_limits(project)
+        limits.where = where.describe()
+        listing = where.list(limits)
+        if layout == "auto":
+            layout = references.guess_layout(listing)
+        members = None
+        if layout == DatasetLayout.WEBDATASET:
+            checked, objects, members = references.check_shards(where, listing, limits, require_labels)
+        else:
+            checked, objects = references.check_files(where, listing, limits, require_labels)
+    except DatasetRejected as exc:
+        raise RegistrationError(str(exc), field="location") from exc
+    except references.SourceError as exc:
+        raise RegistrationError(f"{exc}; nothing was registered", field="location") from exc
+    manifest = {"source": source, "location": where.location, "layout": layout, "objects": objects,
+                **({"members": members} if members is not None else {})}
+    data = json.dumps(manifest, sort_keys=True).encode()
+    prefix = f"projects/{project.id}/datasets/{uuid.uuid4().hex}"
+    stored: list[str] = []
+    try:
+        return _store_dataset(checked, [rel for rel, _ in checked.images], stored, {"manifest.json": data},
+                              project=project, name=name, sha256=hashlib.sha256(data).hexdigest(),
+                              storage_prefix=prefix, purpose=purpose, created_by=user, source=source,
+                              location=where.location, layout=layout)
+    except Exception:
+        for key in stored:
+            default_storage.delete(key)
+        raise
 
 
 def dataset_table(dataset: Dataset) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:

@@ -6,7 +6,8 @@ import json
 from django import forms
 
 from audit_service.audits.models import Verdict
-from audit_service.registry.models import DatasetPurpose, Normalization, SAEFormat, TokenType
+from audit_service.registry.models import (DatasetLayout, DatasetPurpose, DatasetSource, Normalization, SAEFormat,
+                                           TokenType)
 from audit_service.registry.services import RegistrationError, read_json_upload
 
 
@@ -66,13 +67,39 @@ class ProbeForm(forms.Form):
 
 class DatasetForm(forms.Form):
     name = forms.CharField(max_length=200)
-    archive = forms.FileField(help_text="A .zip or .tar(.gz) with the images and a comma-separated labels.csv "
+    source = forms.ChoiceField(choices=DatasetSource.choices, initial=DatasetSource.UPLOAD, required=False,
+                               label="Where the images are",
+                               help_text="Upload an archive, or register images that already sit in the media "
+                                         "store's bucket or in a server folder an admin allowed: they are read "
+                                         "there, checked once, and never copied through this page")
+    archive = forms.FileField(required=False,
+                              help_text="A .zip or .tar(.gz) with the images and a comma-separated labels.csv "
                                         "(image,label, optional metadata columns such as 'a ruler' or 'site'; image "
                                         "paths relative to the folder that holds labels.csv), or one folder per "
                                         "class")
+    location = forms.CharField(required=False, max_length=1000,
+                               help_text="By reference: the S3 prefix (datasets/lesions) or the server folder "
+                                         "(/data/lesions)")
+    layout = forms.ChoiceField(choices=[("auto", "detect (shards when every file is a .tar)"),
+                                        *DatasetLayout.choices], initial="auto", required=False,
+                               help_text="By reference: image files like an upload's, or WebDataset .tar shards with "
+                                         "a .cls or .json label per sample")
     purpose = forms.ChoiceField(choices=DatasetPurpose.choices, initial=DatasetPurpose.AUDIT, required=False,
                                 help_text="SAE training: images alone are enough (no labels); such a dataset "
                                           "trains an audit's SAE and is never audited itself")
+
+    def clean(self):
+        data = super().clean()
+        data["source"] = data.get("source") or DatasetSource.UPLOAD
+        data["layout"] = data.get("layout") or "auto"
+        if data["source"] == DatasetSource.UPLOAD:
+            if not data.get("archive"):
+                self.add_error("archive", "Choose an archive to upload, or pick where the images already are.")
+        elif data.get("archive"):
+            self.add_error("archive", "Give an archive to upload or a location to read, not both.")
+        elif not data.get("location"):
+            self.add_error("location", "Give the S3 prefix or the server folder that holds the images.")
+        return data
 
     def clean_purpose(self):
         return self.cleaned_data.get("purpose") or DatasetPurpose.AUDIT

@@ -90,7 +90,7 @@ def test_a_member_runs_an_audit_in_the_browser_and_a_viewer_reads_it(browser, li
         page.click("form.stacked button[type=submit]")
         page.wait_for_selector("text=Probe 'melanoma probe' registered")
 
-        page.click("text=Upload a dataset")
+        page.click("text=Add a dataset")
         page.fill("#id_name", "lesions")
         page.set_input_files("#id_archive", str(assets["dataset"]))
         page.click("form.stacked button[type=submit]")
