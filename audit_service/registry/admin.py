@@ -20,6 +20,7 @@ class ProbeAdmin(admin.ModelAdmin):
 
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
-    list_display = ["name", "project", "n_images", "created_at"]
-    list_filter = ["project"]
-    readonly_fields = ["sha256", "storage_prefix", "n_images", "class_names", "class_counts", "total_bytes"]
+    list_display = ["name", "project", "n_images", "source", "layout", "created_at"]
+    list_filter = ["project", "source"]
+    readonly_fields = ["sha256", "storage_prefix", "n_images", "class_names", "class_counts", "total_bytes",
+                       "source", "location", "layout"]

@@ -150,10 +150,11 @@ class Dataset(models.Model):
     @property
     def where(self) -> str:
         """Where the images are, in words."""
+        layout = "WebDataset shards" if self.layout == DatasetLayout.WEBDATASET else "image files"
         if self.source == DatasetSource.S3:
-            return f"s3 prefix {self.location}/ ({self.get_layout_display()})"
+            return f"S3 prefix {self.location}/, {layout}"
         if self.source == DatasetSource.FOLDER:
-            return f"folder {self.location} ({self.get_layout_display()})"
+            return f"folder {self.location}, {layout}"
         return "uploaded"
 
 
