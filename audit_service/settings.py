@@ -125,6 +125,9 @@ MAX_ARCHIVE_MEMBERS = env_int("MAX_ARCHIVE_MEMBERS", MAX_DATASET_IMAGES + 1000, 
 DATASET_ROOTS = env_list("DATASET_ROOTS", [])
 if any(not Path(root).is_absolute() for root in DATASET_ROOTS):
     raise ImproperlyConfigured(f"DATASET_ROOTS must list absolute folders, got {','.join(DATASET_ROOTS)}")
+# Prefixes of the media store's S3 bucket a dataset may be registered from by reference (comma-separated, e.g.
+# datasets/dermatology; empty: none). The service's own projects/ area is never one.
+DATASET_S3_PREFIXES = [p.strip("/") for p in env_list("DATASET_S3_PREFIXES", []) if p.strip("/")]
 # A model's size, counted from its config before anything is built (the web process builds a model to check a
 # checkpoint; workers build it for every audit). Every open_clip ViT fits the defaults (ViT-e-14: 4.6e9
 # parameters, 56 blocks, width 1792).

@@ -1,8 +1,8 @@
 """Datasets registered by reference: images that stay where they already are.
 
-A prefix of the media store's S3 bucket, or a server folder an admin allowed (``DATASET_ROOTS``), holding image
-files with a labels.csv (or one folder per class), or WebDataset ``.tar`` shards whose samples carry their label
-in a ``.cls`` file or a ``.json`` file's ``label``.
+A prefix of the media store's S3 bucket or a server folder, under one an admin allowed (``DATASET_S3_PREFIXES``,
+``DATASET_ROOTS``), holding image files with a labels.csv (or one folder per class), or WebDataset ``.tar`` shards
+whose samples carry their label in a ``.cls`` file or a ``.json`` file's ``label``.
 
 Registration reads the images once, one file or one shard at a time as a stream, with the checks and messages of
 an upload; nothing is copied into the service's store but the canonical labels.csv and ``manifest.json``: each
@@ -71,7 +71,8 @@ class _Hashing(io.RawIOBase):
 # --------------------------------------------------------------------------- where the data is
 
 class S3Source:
-    """A key prefix in the media store's bucket (the service's own ``projects/`` area excluded)."""
+    """A key prefix in the media store's bucket, under one an admin allowed (``DATASET_S3_PREFIXES``; the service's
+    own ``projects/`` area never)."""
 
     kind = "s3"
 
@@ -98,6 +99,13 @@ class S3Source:
         if prefix == SERVICE_AREA or prefix.startswith(f"{SERVICE_AREA}/"):
             raise DatasetRejected(f"'{prefix}/' is where this service keeps its own files; register data stored "
                                   "elsewhere in the bucket")
+        allowed = settings.DATASET_S3_PREFIXES
+        if not allowed:
+            raise DatasetRejected("no S3 prefix is open for datasets by reference: an admin lists the allowed "
+                                  "prefixes of the bucket in DATASET_S3_PREFIXES")
+        if not any(prefix == p or prefix.startswith(f"{p}/") for p in allowed):
+            raise DatasetRejected(f"'{prefix}/' is not under a prefix an admin allowed for datasets "
+                                  f"(DATASET_S3_PREFIXES: {', '.join(f'{p}/' for p in allowed)})")
         # boto3's client (unlike its resources) may be shared by the reading threads
         self.location, self.bucket, self.client = prefix, bucket, default_storage.bucket.meta.client
 

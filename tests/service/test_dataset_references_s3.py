@@ -21,7 +21,7 @@ from audit_service.audits.models import Audit, AuditShard, Status
 from audit_service.audits.services import create_audit
 from audit_service.registry import references
 from audit_service.registry.models import Dataset
-from audit_service.registry.services import dataset_labels, register_dataset_by_reference
+from audit_service.registry.services import RegistrationError, dataset_labels, register_dataset_by_reference
 from tests.engine.conftest import assert_same_answer
 from workers import tasks
 from workers.engine.explain import flag_image_keys
@@ -91,7 +91,15 @@ class ReadSpy:
 
 
 def test_datasets_by_s3_prefix_are_read_once_and_workers_read_only_the_shards_they_need(
-        s3, live_server, project, users, registered, assets, tmp_path, monkeypatch):  # noqa: F811 (the fixture)
+        s3, live_server, project, users, registered, assets, tmp_path, monkeypatch, settings):  # noqa: F811
+    settings.DATASET_S3_PREFIXES = ["shared"]
+    with pytest.raises(RegistrationError, match=r"'other/' is not under a prefix an admin allowed for datasets "
+                                                r"\(DATASET_S3_PREFIXES: shared/\)"):
+        register_dataset_by_reference(project=project, user=users["member"], name="x", source="s3",
+                                      location="other")
+    with pytest.raises(RegistrationError, match="'projects/1/' is where this service keeps its own files"):
+        register_dataset_by_reference(project=project, user=users["member"], name="x", source="s3",
+                                      location="shared/../projects/1")
     files = put_folder(s3, unpack(assets["dataset"], tmp_path / "files"), "shared/lesions")
     shards = put_folder(s3, write_shards(assets["dataset"], tmp_path / "wds", per_shard=8), "shared/lesions-wds")
     assert len(shards) == 4
@@ -110,7 +118,7 @@ def test_datasets_by_s3_prefix_are_read_once_and_workers_read_only_the_shards_th
     # WebDataset shards, registered and audited through the command-line client, audited by two workers
     purge_queues()
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
-    workers = [worker(tmp_path, "w1", s3), worker(tmp_path, "w2", s3)]
+    workers = [worker(tmp_path, name, s3, DATASET_S3_PREFIXES="shared") for name in ("w1", "w2")]
     spy.opened.clear()
     try:
         key = ApiToken.issue(users["member"], "ci")[1]
