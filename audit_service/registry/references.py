@@ -477,12 +477,16 @@ def _changed(dataset, source, name: str) -> SourceError:
 
 
 def _write(target: Path, data_stream) -> None:
+    """``data_stream`` into ``target``, which only ever holds a whole copy (a failed read leaves no file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
-    with open(part, "wb") as out:
-        while chunk := data_stream.read(1 << 20):
-            out.write(chunk)
-    os.replace(part, target)
+    try:
+        with open(part, "wb") as out:
+            while chunk := data_stream.read(1 << 20):
+                out.write(chunk)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
@@ -497,15 +501,17 @@ def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
     objects = manifest["objects"]
     if dataset.layout == "files":
         def copy(name: str) -> None:
-            with source.open(name) as src:
-                reader = _Hashing(src)
-                part = folder / f".{hashlib.sha1(name.encode()).hexdigest()}.{os.getpid()}.part"
-                _write(part, reader)
+            part = folder / f".{hashlib.sha1(name.encode()).hexdigest()}.{os.getpid()}.checking"
+            try:
+                with source.open(name) as src:
+                    reader = _Hashing(src)
+                    _write(part, reader)
                 if reader.hexdigest() != objects[name]["sha256"]:
-                    part.unlink()
                     raise _changed(dataset, source, name)
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, folder / name)
+            finally:
+                part.unlink(missing_ok=True)
 
         with ThreadPoolExecutor(max_workers=READERS) as pool:
             list(pool.map(copy, wanted))

@@ -153,7 +153,7 @@ def test_a_worker_copies_only_the_shards_holding_the_images_it_needs(project, us
     assert sorted(p.name for p in (folder / "shards").iterdir()) == ["shard-0001.tar", "shard-0003.tar"]
 
 
-def test_data_changed_after_registration_stops_the_worker_with_what_changed(project, users, assets, roots):
+def test_data_changed_after_registration_stops_the_worker_with_what_changed(project, users, assets, roots, settings):
     folder = unpack(assets["dataset"], roots / "lesions")
     dataset = by_reference(project, users, folder)
     image = sorted((folder / "images").iterdir())[3]
@@ -161,7 +161,10 @@ def test_data_changed_after_registration_stops_the_worker_with_what_changed(proj
     with pytest.raises(EngineError, match=rf"'images/{image.name}' in the folder .* is not the file registered with "
                                           r"dataset 'lesions by reference' .* register the dataset again"):
         dataset_folder(dataset)
-    assert not (folder / "images" / image.name).with_suffix(".part").exists()
+    # the worker's cache keeps no copy of the changed file, whole or partial
+    cache = next((Path(settings.AUDIT_WORK_DIR) / "cache").glob("dataset-*"))
+    assert not (cache / "images" / "images" / image.name).exists()
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.name.startswith(".")]
 
 
 def test_only_folders_an_admin_allowed_are_read(project, users, assets, tmp_path, settings):
