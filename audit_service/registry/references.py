@@ -185,7 +185,13 @@ class FolderSource:
 
     def list(self, limits: Limits) -> list[tuple[str, int]]:
         out = []
-        for folder, dirs, files in os.walk(self.root):
+
+        def unreadable(exc: OSError):
+            raise DatasetRejected(f"'{Path(exc.filename).relative_to(self.root).as_posix() or '.'}' in "
+                                  f"{self.describe()} cannot be read ({exc.strerror}); the service must be able to "
+                                  "read every file and folder of a dataset")
+
+        for folder, dirs, files in os.walk(self.root, onerror=unreadable):
             here = Path(folder)
             for name in sorted(dirs + files):
                 rel = (here / name).relative_to(self.root).as_posix()

@@ -442,6 +442,9 @@ def register_dataset_by_reference(*, project, user, name: str, source: str, loca
         raise RegistrationError(str(exc), field="location") from exc
     except references.SourceError as exc:
         raise RegistrationError(f"{exc}; nothing was registered", field="location") from exc
+    except OSError as exc:  # a file the listing showed, unreadable to the service
+        raise RegistrationError(f"{exc.filename or 'a file'} cannot be read ({exc.strerror}); the service must be "
+                                "able to read every file of a dataset", field="location") from exc
     manifest = {"source": source, "location": where.location, "layout": layout, "objects": objects,
                 **({"members": members} if members is not None else {})}
     data = json.dumps(manifest, sort_keys=True).encode()

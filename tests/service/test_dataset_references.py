@@ -5,6 +5,7 @@ and stores only labels.csv and a manifest; workers copy what they need and check
 same by S3 prefix, with workers on their own disks, is in test_dataset_references_s3.py.
 """
 import io
+import os
 import json
 import re
 import tarfile
@@ -305,3 +306,17 @@ def test_the_api_and_the_web_form_register_by_reference(project, users, assets, 
         "layout": "auto", "purpose": "audit"}, follow=True)
     assert "Dataset &#x27;by form&#x27; registered" in page.content.decode()
     assert Dataset.objects.get(name="by form").layout == "webdataset"
+
+
+def test_an_unreadable_folder_is_refused_rather_than_skipped(project, users, assets, roots, monkeypatch):
+    folder = unpack(assets["dataset"], roots / "lesions")
+    scandir = os.scandir
+
+    def denied(path="."):  # what a folder the service's user may not list answers (tests run as root here)
+        if Path(path) == folder / "images":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert "'images' in the folder" in refusal(lambda: by_reference(project, users, folder))
+    assert "cannot be read (Permission denied)" in refusal(lambda: by_reference(project, users, folder))
