@@ -171,7 +171,7 @@ class FolderSource:
             raise DatasetRejected(f"'{location}' is not an absolute path; give the folder's full path on the server")
         try:
             real = path.resolve(strict=True)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
             raise DatasetRejected(f"there is no folder '{location}' on the server") from None
         if not any(real == root or real.is_relative_to(root) for root in roots):
             raise DatasetRejected(f"'{location}' is not inside a folder an admin allowed for datasets (DATASET_ROOTS: "

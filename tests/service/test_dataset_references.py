@@ -180,6 +180,9 @@ def test_only_folders_an_admin_allowed_are_read(project, users, assets, tmp_path
             by_reference(project, users, location)
     with pytest.raises(RegistrationError, match="is not an absolute path"):
         by_reference(project, users, "allowed/lesions")
+    for missing in (tmp_path / "allowed" / "nothing", f"{tmp_path}/allowed/\x00"):
+        with pytest.raises(RegistrationError, match="there is no folder"):
+            by_reference(project, users, missing)
     # a link inside an allowed folder would read what lies outside it
     (tmp_path / "allowed" / "lesions").mkdir()
     (tmp_path / "allowed" / "lesions" / "labels.csv").symlink_to(folder / "labels.csv")
