@@ -5,7 +5,8 @@ the correlation (same tiny CLIP, same number of training images and recipe, the 
 class), overall accuracy does not drop, and a re-audit with the same SAE flags no ruler latent. The ruler's
 latents are one concept, whose direction is measured within each class (``concept_directions``). Seed 1 is
 held out: the estimate was chosen on seed 0 only. A refit on the probe's training split meets the whole bar on
-both seeds; a projection meets its accuracy parts and leaves a ruler flag (marked below).
+seed 0 and the accuracy parts on seed 1, where a ruler flag after depends on the machine; a projection meets the
+accuracy parts and leaves a ruler flag (both marked below).
 """
 import pytest
 
@@ -52,19 +53,11 @@ def test_the_refitted_probe_recovers_the_slices_the_ruler_hurt_and_is_no_longer_
     assert figures["info"]["method"] == "refit"
 
 
+@pytest.mark.parametrize("method", ["refit", "project"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_refitted_probe_recovers_the_slices_the_ruler_hurt(audited, seed):
+def test_the_corrected_probe_recovers_the_slices_the_ruler_hurt(audited, seed, method):
     case, audit, work = audited(seed)
-    figures = correct_case(case, work, method="refit", audit=audit)
-    checks = recovery_checks(figures)
-    assert {k: v for k, v in checks.items() if k != "not flagged after"} == \
-        {k: v for k, v in MET.items() if k != "not flagged after"}, format_recovery(figures)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_projected_probe_recovers_the_slices_the_ruler_hurt(audited, seed):
-    case, audit, work = audited(seed)
-    figures = correct_case(case, work, method="project", audit=audit)
+    figures = correct_case(case, work, method=method, audit=audit)
     checks = recovery_checks(figures)
     assert {k: v for k, v in checks.items() if k != "not flagged after"} == \
         {k: v for k, v in MET.items() if k != "not flagged after"}, format_recovery(figures)
@@ -72,9 +65,9 @@ def test_the_projected_probe_recovers_the_slices_the_ruler_hurt(audited, seed):
 
 # Projection removes the one direction the concept's regression finds; the re-audit then finds a ruler latent the
 # concept's latents did not hold (seed 0: a nevus "with a ruler" flag), which a refit on the training split does not
-# leave. Strict: the day the engine meets it, this reports it and the marker goes.
+# leave on seed 0. Strict: the day the engine meets it, this reports it and the marker goes.
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 18: after 'project' the re-audit still flags a ruler latent; 'refit' meets the bar")
+                   reason="issue 18: after 'project' the re-audit still flags a ruler latent")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_projected_probe_is_no_longer_flagged_for_the_ruler(audited, seed):
     case, audit, work = audited(seed)
