@@ -373,7 +373,7 @@ def scan_shard(source, shard: str, limits: Limits, totals: dict, problems: list[
                         continue
                     key, field = _sample_key(name)
                     sample = samples.setdefault(key, _Sample())
-                    if name.lower().endswith(IMAGE_SUFFIXES):
+                    if f".{field}" in IMAGE_SUFFIXES:  # the sample's image (a mask such as .seg.png is not)
                         if sample.image is not None:
                             problems.append(f"sample '{shard}/{key}' has two images ({sample.image}, {name}); "
                                             "give each sample one")

@@ -256,8 +256,8 @@ def png(assets, name="images/nevus-0001.png") -> bytes:
 
 
 def test_webdataset_shards_are_refused_with_what_is_wrong(project, users, assets, roots):
-    ok = {"a.png": png(assets), "a.cls": b"nevus", "b.png": png(assets, "images/melanoma-0001.png"),
-          "b.cls": b"melanoma"}
+    ok = {"a.png": png(assets), "a.cls": b"nevus", "a.seg.png": png(assets),  # a mask: not the sample's image
+          "b.png": png(assets, "images/melanoma-0001.png"), "b.cls": b"melanoma"}
     cases = [
         ({**ok, "c.png": png(assets)}, r"1 image without a label: shard-0000.tar/c.png; give each sample a .cls"),
         ({**ok, "c.png": b"\x89PNG broken"}, r"shard-0000.tar/c.png is not a readable image"),
