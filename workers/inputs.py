@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,17 +16,6 @@ from workers.engine.errors import EngineError
 from workers.engine.loading import HF_HUB_PREFIX, load_clip, weights_file
 
 
-def download(src, target: Path) -> None:
-    """Copy an open stored file to ``target``, atomically (a half-downloaded file never has the final name;
-    the temporary name carries the pid, so processes of one host fetching the same file do not collide)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.{os.getpid()}.download")
-    with open(part, "wb") as out:
-        for chunk in src.chunks():
-            out.write(chunk)
-    os.replace(part, target)
-
-
 def local_path(field_file, sha256: str = "") -> Path:
     """A local path for a stored file: the file itself on disk storage, else a cached download."""
     try:
@@ -37,7 +25,7 @@ def local_path(field_file, sha256: str = "") -> Path:
         target = settings.AUDIT_WORK_DIR / "cache" / key / Path(field_file.name).name
         if not target.exists():
             with field_file.open("rb") as src:
-                download(src, target)
+                references.write_atomically(target, src)
         return target
 
 
@@ -69,7 +57,7 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
     else:
         def fetch(rel: str) -> None:
             with default_storage.open(f"{dataset.storage_prefix}/images/{rel}", "rb") as src:
-                download(src, target / "images" / rel)
+                references.write_atomically(target / "images" / rel, src)
 
         with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer many small reads in parallel
             list(pool.map(fetch, missing))
@@ -153,5 +141,5 @@ def load_registered_sae(sae_record, device="cpu"):
     for name, key in sae_record.file_keys().items():
         if not (folder / name).exists():
             with default_storage.open(key, "rb") as src:
-                download(src, folder / name)
+                references.write_atomically(folder / name, src)
     return load_sae(folder, sae_record.format, device=device)

@@ -13,8 +13,8 @@ from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from audit_service.audits.models import FINISHED, Audit, Correction, Explanation
+from audit_service.registry.references import write_atomically
 from workers.engine.errors import EngineError
-from workers.inputs import download
 
 ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz")
 
@@ -43,7 +43,7 @@ def fetch_sae(audit, folder) -> Path:
         target = folder / Path(rel).name
         if not target.exists():
             with default_storage.open(artifacts[rel], "rb") as src:
-                download(src, target)
+                write_atomically(target, src)
     return folder
 
 
@@ -132,7 +132,7 @@ class SharedWork:
         target = self.path(rel)
         if not (self.shared_disk or target.exists()):
             with default_storage.open(self.key(rel), "rb") as src:
-                download(src, target)
+                write_atomically(target, src)
         return target
 
     def write_json(self, rel: str, data) -> None:

@@ -453,7 +453,9 @@ def validate(root: Path, limits: Limits, require_labels: bool = True, *, files: 
         bad = image_problems(image_files)
     if bad:
         raise DatasetRejected(f"some images cannot be used: {_list(bad)}")
-    class_names = sorted(set(labels.values()) - {""})
+    total = sum(sizes[f] if sizes is not None else (root / f).stat().st_size for f in image_files)
+    checked = checked_dataset(root, labels, extras, total)
+    class_names = checked.class_names
     if require_labels and len(class_names) < 2:
         if csv_path is None:
             where = (f"all {len(image_files)} images sit in '{next(iter(folders))}/'" if len(folders) == 1
@@ -468,10 +470,19 @@ def validate(root: Path, limits: Limits, require_labels: bool = True, *, files: 
                               "image the same label. An audit compares classes, so upload images of at least two "
                               "classes (a single class or unlabelled images can be registered for SAE training "
                               "only)")
+    return checked
+
+
+def checked_dataset(root: Path, labels: dict[str, str], extras: dict[str, dict[str, str]], total_bytes: int
+                    ) -> ValidatedDataset:
+    """The dataset that image path -> label ("" when unlabelled) and image path -> {column: value} (the same
+    columns for every image, or no entries) describe: its classes, images per class, images sorted by path, and
+    the metadata columns worth keeping."""
+    class_names = sorted(set(labels.values()) - {""})
     counts = {c: 0 for c in class_names}
-    for f in image_files:
-        if labels[f]:
-            counts[labels[f]] += 1
-    total = sum(sizes[f] if sizes is not None else (root / f).stat().st_size for f in image_files)
+    for label in labels.values():
+        if label:
+            counts[label] += 1
     images = sorted(labels.items())
-    return ValidatedDataset(root, images, class_names, counts, total, _metadata_columns([p for p, _ in images], extras))
+    return ValidatedDataset(root, images, class_names, counts, total_bytes,
+                            _metadata_columns([p for p, _ in images], extras))

@@ -29,7 +29,7 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 
 from .archives import (IMAGE_SUFFIXES, DatasetRejected, Limits, ValidatedDataset, _check_member_count, _examples,
-                       _ignored, _list, _metadata_columns, _plan, _safe_name, image_problem, validate)
+                       _ignored, _list, _plan, _safe_name, checked_dataset, image_problem, validate)
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -446,20 +446,13 @@ def check_shards(source, listing: list[tuple[str, int]], limits: Limits, require
         raise DatasetRejected(f"some samples cannot be used: {_list(problems)}")
     if not labels:
         raise DatasetRejected(f"the shards of {limits.where} hold no images")
-    class_names = sorted(set(labels.values()) - {""})
-    if require_labels and len(class_names) < 2:
-        raise DatasetRejected(f"the dataset has a single class ({class_names[0]}): every sample's label is the "
-                              "same. An audit compares classes, so register images of at least two classes (a single "
-                              "class or unlabelled images can be registered for SAE training only)")
-    counts = {c: 0 for c in class_names}
-    for label in labels.values():
-        if label:
-            counts[label] += 1
-    images = sorted(labels.items())
-    keys = sorted({k for meta in extras.values() for k in meta})
-    table = {p: {k: extras[p].get(k, "") for k in keys} for p, _ in images}
-    checked = ValidatedDataset(Path("."), images, class_names, counts, totals["bytes"],
-                               _metadata_columns([p for p, _ in images], table))
+    keys = sorted({k for meta in extras.values() for k in meta})  # a sample's .json may lack another's keys
+    checked = checked_dataset(Path("."), labels, {p: {k: meta.get(k, "") for k in keys} for p, meta in extras.items()},
+                              totals["bytes"])
+    if require_labels and len(checked.class_names) < 2:
+        raise DatasetRejected(f"the dataset has a single class ({checked.class_names[0]}): every sample's label is "
+                              "the same. An audit compares classes, so register images of at least two classes (a "
+                              "single class or unlabelled images can be registered for SAE training only)")
     return checked, objects, members
 
 
@@ -482,8 +475,10 @@ def _changed(dataset, source, name: str) -> SourceError:
                        "audit it as it is now")
 
 
-def _write(target: Path, data_stream) -> None:
-    """``data_stream`` into ``target``, which only ever holds a whole copy (a failed read leaves no file)."""
+def write_atomically(target: Path, data_stream) -> None:
+    """``data_stream`` (anything with ``read``) into ``target``, which only ever holds a whole copy: a failed read
+    leaves no file, and the temporary name carries the pid, so processes of one host writing the same file do not
+    collide."""
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
@@ -511,7 +506,7 @@ def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
             try:
                 with source.open(name) as src:
                     reader = _Hashing(src)
-                    _write(part, reader)
+                    write_atomically(part, reader)
                 if reader.hexdigest() != objects[name]["sha256"]:
                     raise _changed(dataset, source, name)
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -535,7 +530,7 @@ def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tf:
                     for member in tf:
                         if member.isfile() and (name := _safe_name(member.name)) in names:
-                            _write(Path(tmp) / name, tf.extractfile(member))
+                            write_atomically(Path(tmp) / name, tf.extractfile(member))
                 reader.drain()
             except (tarfile.TarError, EOFError, zlib.error, DatasetRejected) as exc:
                 raise _changed(dataset, source, shard) from exc
