@@ -95,12 +95,10 @@ class DatasetViewSet(ProjectScopedViewSet):
     serializer_class = DatasetSerializer
 
     def register(self, project, data):
-        if data["source"] != "upload":
-            return services.register_dataset_by_reference(
-                project=project, user=self.request.user, name=data["name"], source=data["source"],
-                location=data["location"], layout=data["layout"], purpose=data.get("purpose", "audit"))
-        return services.register_dataset(project=project, user=self.request.user, name=data["name"],
-                                         archive=data["archive"], purpose=data.get("purpose", "audit"))
+        return services.add_dataset(project=project, user=self.request.user, name=data["name"],
+                                    source=data["source"], archive=data.get("archive"),
+                                    location=data.get("location", ""), layout=data["layout"],
+                                    purpose=data.get("purpose", "audit"))
 
     def perform_destroy(self, instance):
         if instance.sae_audits.exists():

@@ -91,21 +91,6 @@ class DatasetSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "sha256", "n_images", "class_names", "class_counts", "metadata_columns",
                             "total_bytes", "created_at"]
 
-    def validate(self, data):
-        if data.get("source", DatasetSource.UPLOAD) == DatasetSource.UPLOAD:
-            if data.get("location"):
-                raise serializers.ValidationError({"source": ["a location is read by reference: give source s3 or "
-                                                              "folder with it"]})
-            if "archive" not in data:
-                raise serializers.ValidationError({"archive": ["upload an archive of the images, or register them "
-                                                               "by reference (source s3 or folder, and location)"]})
-        elif "archive" in data:
-            raise serializers.ValidationError({"archive": ["give an archive to upload or a location to read by "
-                                                           "reference, not both"]})
-        elif not data.get("location"):
-            raise serializers.ValidationError({"location": [f"source {data['source']} needs a location"]})
-        return data
-
 
 class SparseAutoencoderSerializer(serializers.ModelSerializer):
     project = serializers.IntegerField(source="project_id")

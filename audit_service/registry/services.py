@@ -16,7 +16,8 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from .archives import DatasetRejected, Limits, extract, validate
-from .models import SAE_FILES, ClipModel, Dataset, DatasetLayout, DatasetPurpose, Probe, SparseAutoencoder
+from .models import (SAE_FILES, ClipModel, Dataset, DatasetLayout, DatasetPurpose, DatasetSource, Probe,
+                     SparseAutoencoder)
 
 
 # An open_clip model config is a few hundred bytes (the largest built-in one about 1.5 KB); a larger upload is not
@@ -410,6 +411,25 @@ def _store_dataset(checked, keys: list[str], stored: list[str], files: dict | No
         return Dataset.objects.create(n_images=len(checked.images), class_names=checked.class_names,
                                       class_counts=checked.class_counts, total_bytes=checked.total_bytes,
                                       metadata_columns=columns, **fields)
+
+
+def add_dataset(*, project, user, name: str, source: str = DatasetSource.UPLOAD, archive=None, location: str = "",
+                layout: str = "auto", purpose: str = DatasetPurpose.AUDIT) -> Dataset:
+    """An uploaded ``archive`` (``source`` "upload") or images read where they are (``source`` "s3" or "folder",
+    ``location``, ``layout``): the one entry of the API and the web form, which refuses giving both or neither."""
+    if source == DatasetSource.UPLOAD:
+        if location:
+            raise RegistrationError("a location is read by reference: give source s3 or folder with it",
+                                    field="source")
+        if archive is None:
+            raise RegistrationError("upload an archive of the images, or register them by reference (source s3 or "
+                                    "folder, and location)", field="archive")
+        return register_dataset(project=project, user=user, name=name, archive=archive, purpose=purpose)
+    if archive is not None:
+        raise RegistrationError("give an archive to upload or a location to read by reference, not both",
+                                field="archive")
+    return register_dataset_by_reference(project=project, user=user, name=name, source=source, location=location,
+                                         layout=layout, purpose=purpose)
 
 
 def register_dataset_by_reference(*, project, user, name: str, source: str, location: str, layout: str = "auto",

@@ -92,13 +92,6 @@ class DatasetForm(forms.Form):
         data = super().clean()
         data["source"] = data.get("source") or DatasetSource.UPLOAD
         data["layout"] = data.get("layout") or "auto"
-        if data["source"] == DatasetSource.UPLOAD:
-            if not data.get("archive"):
-                self.add_error("archive", "Choose an archive to upload, or pick where the images already are.")
-        elif data.get("archive"):
-            self.add_error("archive", "Give an archive to upload or a location to read, not both.")
-        elif not data.get("location"):
-            self.add_error("location", "Give the S3 prefix or the server folder that holds the images.")
         return data
 
     def clean_purpose(self):

@@ -56,7 +56,7 @@ def _apply_error(form, exc: RegistrationError) -> None:
     """Show a service's refusal next to the field it is about (or above the form)."""
     field = {"architecture": "architecture", "model_config": "model_config", "checkpoint": "checkpoint",
              "pretrained_tag": "pretrained_tag", "layer": "layer", "token": "token", "file": None,
-             "archive": "archive", "location": "location", "layout": "layout", "clip_model": "clip_model", "probe": "probe", "dataset": "dataset",
+             "archive": "archive", "location": "location", "layout": "layout", "source": "source", "clip_model": "clip_model", "probe": "probe", "dataset": "dataset",
              "sae_dataset": "sae_dataset", "purpose": "purpose", "config": "options"}.get(exc.field or "", None)
     if exc.field == "file":
         field = "file" if "file" in form.fields else ("checkpoint" if "checkpoint" in form.fields else None)
@@ -134,13 +134,9 @@ def probe_new(request, pk):
 def dataset_new(request, pk):
     def register(project, form):
         d = form.cleaned_data
-        if d["source"] == "upload":
-            obj = services.register_dataset(project=project, user=request.user, name=d["name"],
-                                            archive=d["archive"], purpose=d["purpose"])
-        else:
-            obj = services.register_dataset_by_reference(project=project, user=request.user, name=d["name"],
-                                                         source=d["source"], location=d["location"],
-                                                         layout=d["layout"], purpose=d["purpose"])
+        obj = services.add_dataset(project=project, user=request.user, name=d["name"], source=d["source"],
+                                   archive=d["archive"], location=d["location"], layout=d["layout"],
+                                   purpose=d["purpose"])
         classes = f"classes {', '.join(obj.class_names)}" if obj.class_names else "unlabelled"
         columns = f"; metadata columns {', '.join(obj.metadata_columns)}" if obj.metadata_columns else ""
         how = "uploaded" if not obj.by_reference else f"registered, read from its {obj.where}"

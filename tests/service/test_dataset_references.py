@@ -304,6 +304,10 @@ def test_the_api_and_the_web_form_register_by_reference(project, users, assets, 
         "project": project.pk, "name": "x", "archive": upload(assets["dataset"]), "source": "folder",
         "location": str(folder)})
     assert both.status_code == 400 and "not both" in json.dumps(both.json())
+    neither = client_for("member").post("/api/v1/datasets/", {"project": project.pk, "name": "x"}, format="json")
+    assert neither.status_code == 400 and "upload an archive" in neither.json()["archive"][0]
+    empty = web("member").post(reverse("web:dataset_new", args=[project.pk]), {"name": "x", "source": "folder"})
+    assert "give the location" in empty.content.decode()
     page = web("member").post(reverse("web:dataset_new", args=[project.pk]), {
         "name": "by form", "source": "folder", "location": str(write_shards(assets["dataset"], roots / "wds")),
         "layout": "auto", "purpose": "audit"}, follow=True)
