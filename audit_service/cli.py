@@ -335,6 +335,11 @@ def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
     return EXIT_PASS
 
 
+def found_by(flag: dict) -> int:
+    """How many of the audit's dictionaries flag the flag's concept (1 for audits before dictionaries voted)."""
+    return (flag.get("stability") or {}).get("found_by", 1)
+
+
 def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: dict | None = None) -> int:
     """Print the one-screen summary and decide the exit code.
 
@@ -354,6 +359,12 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
             log(f"  GONE  {e['class_name']:<14} '{e['baseline']['label']}' (was share {e['baseline']['share']:.3f})")
     log(f"\naudit #{audit_id}: SAE {summary['sae'].get('n_latents')} latents, FVU {summary['sae'].get('fvu', 0):.3f}")
     failures = []
+    if args.min_found_by is not None:  # flags fewer dictionaries found are shown, but decide nothing
+        weak = [f for f in flags if found_by(f) < args.min_found_by]
+        for f in weak:
+            log(f"  not gated: {f['class_name']} latent {f['latent']} '{f['label']}' found by {found_by(f)} of "
+                f"{(f.get('stability') or {}).get('of', 1)} dictionaries (--min-found-by {args.min_found_by})")
+        flags = [f for f in flags if found_by(f) >= args.min_found_by]
     for name, c in summary["classes"].items():
         log(f"  {name:<14} probe acc {c['probe_accuracy']:.2f}  zero-shot acc {c['zero_shot_accuracy']:.2f}  "
             f"probe flags {c['flags']['probe']}  share on flags {c['probe_share']:.3f} "
@@ -366,8 +377,10 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
     for f in flags[:8]:
         verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
         confirmation = (f.get("confirmation") or {}).get("status") or "confirmation unknown"
+        stability = f.get("stability") or {}
         log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent']:<5} '{f['label']}' "
-            f"({f['category']}) share {f['share']:.3f}  {verdict}, {confirmation}")
+            f"({f['category']}) share {f['share']:.3f}  {verdict}, {confirmation}"
+            + (f", found by {stability['found_by']} of {stability['of']}" if stability else ""))
         if (f.get("harm") or {}).get("summary"):
             log(f"        harm: {f['harm']['summary']}")
     if len(flags) > 8:
@@ -422,6 +435,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--max-unreviewed-flags", type=int, help="fail if more probe flags than this are unreviewed")
     a.add_argument("--max-flag-share", type=float,
                    help="fail if a class puts more than this share of its relevance on flagged latents")
+    a.add_argument("--min-found-by", type=int, metavar="N",
+                   help="gate only on flags that at least N of the audit's dictionaries found (the audit already "
+                        "shows only flags a majority finds; see the option 'dictionaries')")
     a.add_argument("--no-default-gate", action="store_true",
                    help="without --max-unreviewed-flags and --max-flag-share, do not fail on unreviewed probe "
                         "flags with measured harm")

@@ -43,7 +43,7 @@ from workers.engine.stages import STAGE_NAMES, STAGES
 from workers.inputs import (dataset_folder, load_inputs, load_registered_sae, load_sae_images, registered_sae_facts,
                             sae_dataset_facts)
 from workers.steps import run_step, stop
-from workers.storage import (ARTIFACTS, SAE_ARTIFACTS, SharedWork, fetch_sae, remove_finished_work_folders,
+from workers.storage import (ARTIFACTS, SAE_ARTIFACTS, SharedWork, dictionary_artifacts, fetch_sae, remove_finished_work_folders,
                              store_with_artifacts)
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,9 @@ def _train_sae(audit, row, progress) -> None:
         fetch_sae(audit.sae_from, work.path("sae"))
     registered = load_registered_sae(audit.sae, c["device"]) if audit.sae_id else None  # measured, not trained
     pipeline.fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress, registered)
-    for rel in SAE_FILES:
+    for rel in [*SAE_FILES, *dictionary_artifacts(work.path())]:
         work.push(rel)
+    work.write_json("dictionaries.json", dictionary_artifacts(work.path()))
     if sae_images is not None:
         shutil.rmtree(store.folder, ignore_errors=True)
 
@@ -242,13 +243,18 @@ def _attribute(audit, row, progress) -> None:
 
 def _label(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
-    store = _store(audit, work, files=("emb",), indices=range(audit.shards))
+    # the activations too: the other dictionaries read them to vote on the flags
+    store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
     ctx = _context(audit, work)
     merged = pipeline.merge_partials([pipeline.load_partial(work.pull(f"attribution/partial-{i:05d}.npz"))
                                       for i in range(audit.shards)])
     labelled = pipeline.label_latents(ctx, store, c["images"], merged)
+    for rel in work.read_json("dictionaries.json"):
+        work.pull(rel)
+    voters = pipeline.load_others(work.path("sae"), c["config"], c["device"])
+    others = pipeline.flags_of_others(ctx, store, c["images"], voters, vocab=labelled.vocab)
     result, amounts = pipeline.summarize(ctx, store, c["images"], merged, labelled,
-                                         work.read_json("sae/metrics.json"), work.path())
+                                         work.read_json("sae/metrics.json"), work.path(), others)
     if c["config"].heatmaps:  # the images the flags' cards show: downloaded alone with remote storage
         dataset_folder(audit.dataset, only=flag_image_keys(result.flags))
         pipeline.attach_flag_heatmaps(ctx, c["images"], result.flags, c["config"].batch_size)

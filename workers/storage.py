@@ -29,6 +29,13 @@ def replace_stored(key: str, path) -> str:
 
 
 SAE_ARTIFACTS = ARTIFACTS[:3]  # what reloads an audit's SAE (``TopKSAE.load`` and the metrics it was trained to)
+DICTIONARIES = "sae/dictionaries/"  # the other dictionaries that voted on the flags, kept when the audit trained them
+
+
+def dictionary_artifacts(workdir) -> list[str]:
+    """The other dictionaries' files in ``workdir`` (none for an audit with one dictionary or a given SAE)."""
+    folder = Path(workdir) / DICTIONARIES
+    return sorted(p.relative_to(workdir).as_posix() for p in folder.glob("*/*") if p.is_file())
 
 
 def fetch_sae(audit, folder) -> Path:
@@ -39,8 +46,9 @@ def fetch_sae(audit, folder) -> Path:
     missing = [rel for rel in SAE_ARTIFACTS if rel not in artifacts]
     if missing:
         raise EngineError(f"audit {audit.pk} kept no SAE ({', '.join(missing)} missing); run it again")
-    for rel in SAE_ARTIFACTS:
-        target = folder / Path(rel).name
+    # the voting dictionaries too, so an audit that reuses this SAE votes with the same ones instead of training them
+    for rel in [*SAE_ARTIFACTS, *sorted(r for r in artifacts if r.startswith(DICTIONARIES))]:
+        target = folder / rel.removeprefix("sae/")
         if not target.exists():
             with default_storage.open(artifacts[rel], "rb") as src:
                 write_atomically(target, src)
@@ -56,7 +64,7 @@ def save_artifacts(audit, workdir) -> dict:
     prefix = f"projects/{audit.project_id}/audits/{audit.pk}"
     keys = {}
     try:
-        for rel in ARTIFACTS:
+        for rel in [*ARTIFACTS, *dictionary_artifacts(workdir)]:
             keys[rel] = replace_stored(f"{prefix}/{rel}", Path(workdir) / rel)
     except Exception:
         for key in keys.values():

@@ -151,6 +151,11 @@ def review_dict(review) -> dict | None:
             "created_at": review.created_at.isoformat()}
 
 
+def _stability_csv(flag) -> list:
+    found = flag.stability or {}
+    return [str(found.get("found_by", "")), str(found.get("of", ""))]
+
+
 def _latest_review_csv(flag) -> list:
     latest = flag.latest_review
     if latest is None:
@@ -203,6 +208,12 @@ FLAG_FIELDS: tuple[Field, ...] = (
         "image id -> where the latent is active on that image (a grid over the patches, 0..255 scaled to its "
         "maximum; workers/engine/heatmaps.py says how a CLS latent's map is made), for the flag's reference images "
         "and most affected images; empty for audits run before heatmaps or with heatmaps off")),
+    Field("stability", lambda flag: {"stability": flag.get("stability")}, lambda row: row.stability, _stability_csv,
+          columns=("found_by", "dictionaries"), help=(
+              "how many of the audit's dictionaries (SAEs trained with seeds sae.seed, sae.seed + 1, ...) flag the "
+              "same concept for this head and class: found_by, of, and per finding dictionary its index, seed, the "
+              "correlation of its concept's activation with this flag's and its latents; null for audits run "
+              "before dictionaries voted")),
 )
 
 LATENT_FIELDS: tuple[Field, ...] = (

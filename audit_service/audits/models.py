@@ -396,6 +396,9 @@ class Flag(models.Model):
     metadata_auroc = models.JSONField(default=dict, blank=True)  # labels.csv column (or "column=value") -> AUROC
     concept_latents = models.JSONField(default=list, blank=True)  # all latents one concept is spread over
     heatmaps = models.JSONField(default=dict, blank=True)  # image id -> [rows][cols] 0..255: where it is active
+    # how many of the audit's dictionaries flag the same concept (found_by, of, and each finding dictionary);
+    # None for audits run before dictionaries voted
+    stability = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["audit", "head", "class_name", "rank"]

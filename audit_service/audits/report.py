@@ -376,6 +376,7 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
     return {
         "audit": audit, "result": result, "classes": classes, "sae": result["sae"],
         "faithfulness": faithfulness, "slices": slice_tables(result), "sae_dataset": result.get("sae_dataset"),
+        "stability": result.get("stability"),
         "filters": filters, "n_flags": len(all_flags),
         "n_shown": len(flags), "categories": sorted({f.category for f in all_flags}),
         "verdicts": Review._meta.get_field("verdict").choices, "heads": HEADS,

@@ -42,6 +42,7 @@ CLASSES_MAX = 10_000
 VOCABULARY_MAX = 10_000  # artifact concepts (the general vocabulary has 1 000)
 SHOWN_MAX = 10_000  # latents per class in the result's tables, or ranked for flags
 TOP_IMAGES_MAX = 256  # images shown per flag
+DICTIONARIES_MAX = 16  # SAEs one audit trains to vote on its flags
 
 _RULES = ConfigDict(extra="forbid")
 
@@ -187,6 +188,14 @@ class AuditConfig(_DictMixin):
     flag_class_margin: _real(ge=0.0, le=2.0) = 0.02  # ... or exceeding other classes' expected alignment by less
     flag_without_harm: _Bool = False  # also flag latents relied on with no measured harm ("relied on, no harm")
     flag_group_similarity: _Cosine = 0.6  # flagged latents this alike (centred semantic cosine) are one concept
+    # a verdict over several SAEs: this many dictionaries, trained with seeds sae.seed, sae.seed + 1, ...; the first
+    # is the audit's SAE (latents, heatmaps, corrections), the others only vote on its flags
+    dictionaries: _count(le=DICTIONARIES_MAX) = 3
+    # another dictionary finds a flag's concept when a set of its flags for the same head and class has a summed
+    # activation correlating with the concept's at least this much over the audited images ...
+    match_min_correlation: _Fraction = 0.6
+    # ... and a flag is kept when more than this share of the dictionaries find it (0.5: a majority; 0: every flag)
+    flag_min_stability: _real(ge=0.0, lt=1.0) = 0.5
     harm_min_gap: _real(gt=0.0, le=1.0) = 0.20  # harm: a with/without accuracy gap of at least this ...
     harm_min_z: _real(ge=0.0, le=1000.0) = 3.0  # ... significant at this two-proportion z, exceeding the other head's
     amplification_ratio: _real(ge=1.0, le=1000.0) = 1.5  # probe share >= ratio x zero-shot share: amplified

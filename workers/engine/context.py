@@ -28,6 +28,17 @@ class AuditContext:
                         for h, head in self.heads.items()}
         self.keep = min(sae.n_latents, max(2 * sae.k, 32))
 
+    def with_sae(self, sae: TopKSAE) -> "AuditContext":
+        """The same audit read through another dictionary: the same tail and heads, that SAE's methods."""
+        other = object.__new__(AuditContext)
+        other.__dict__.update(self.__dict__)
+        other.sae = sae
+        other.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=self.config.token,
+                                              seed=self.config.seed) for name in REGISTRY}
+                         for h, head in self.heads.items()}
+        other.keep = min(sae.n_latents, max(2 * sae.k, 32))
+        return other
+
     @classmethod
     def build(cls, config, bundle, probe, sae, device) -> "AuditContext":
         bundle.model.to(device)

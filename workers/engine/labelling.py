@@ -35,8 +35,9 @@ class LatentLabels:
 
 
 def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, merged: Partial,
-                  semantic_model: ClipBundle | None = None) -> LatentLabels:
-    """Each latent's semantic embedding, clarity, alignments and label (stage 'label')."""
+                  semantic_model: ClipBundle | None = None, vocab: Vocabulary | None = None) -> LatentLabels:
+    """Each latent's semantic embedding, clarity, alignments and label (stage 'label'). ``vocab``: the
+    vocabulary an earlier call encoded with the same semantic model (the other dictionaries reuse it)."""
     config, class_names = ctx.config, ctx.class_names
     tracker = merged.references()
     if semantic_model is None:
@@ -44,9 +45,10 @@ def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, m
     else:
         image_embeddings = _embed_references(semantic_model, images, tracker, ctx.device, config.batch_size)
     sem, clarity, n_refs = semantic_embeddings(tracker.indices, tracker.values, image_embeddings)
-    vocab = Vocabulary.build(class_names, config.expected_concepts, config.artifact_vocabulary,
-                             config.general_vocabulary)
-    vocab.encode(semantic_model, config.prompt_templates)
+    if vocab is None:
+        vocab = Vocabulary.build(class_names, config.expected_concepts, config.artifact_vocabulary,
+                                 config.general_vocabulary)
+        vocab.encode(semantic_model, config.prompt_templates)
     align = alignment(sem, vocab)  # [L, V]
     has_refs = n_refs > 0
     expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,

@@ -278,11 +278,14 @@ def _reserve_sums(ctx: AuditContext, count: int) -> None:
 
 
 def attribute_shard(ctx: AuditContext, store: ActivationStore, start: int, count: int,
-                    progress: Callable[[int, int], None] | None = None) -> Partial:
+                    progress: Callable[[int, int], None] | None = None, curves: bool = True) -> Partial:
     """Attribution, reference tracking, activation statistics and deletion curves of images
-    [start, start + count): a :class:`Partial`, which :meth:`Partial.merge` joins exactly with other shards'."""
+    [start, start + count): a :class:`Partial`, which :meth:`Partial.merge` joins exactly with other shards'.
+    ``curves`` False leaves the deletion curves out (a voting dictionary needs none)."""
     config, device, labels = ctx.config, ctx.device, store.labels
     faith_mask = _faithfulness_subset(labels, config.faithfulness_max_images, config.seed)
+    if not curves:
+        faith_mask = torch.zeros_like(faith_mask)
     _reserve_sums(ctx, count)
     sums = _ShardSums(ctx, count)
     with torch.no_grad():

@@ -30,12 +30,14 @@ from .labelling import label_latents
 from .loading import ClipBundle, resolve_device
 from .partials import Partial, attribute_shard
 from .result import AuditResult
-from .sae import SAEMetrics, TopKSAE, evaluate_sae, size_sae, train_sae
+from .dictionaries import evaluate, flags_of_others, load_others, train_dictionaries
+from .sae import TopKSAE
 from .stages import ENGINE_STAGES
 from .summary import summarize
 
 # The names the sharded workers import from here; their homes are the modules above.
-__all__ = ["run_audit", "prepare_images", "extract_kwargs", "extract_sae_images", "fit_sae", "AuditContext",
+__all__ = ["run_audit", "prepare_images", "extract_kwargs", "extract_sae_images", "fit_sae", "load_others",
+           "flags_of_others", "AuditContext",
            "AuditResult", "attribute_shard", "save_partial", "load_partial", "merge_partials", "label_latents",
            "summarize", "confirm_shard", "apply_confirmation", "merge_confirmations", "attach_flag_heatmaps"]
 save_partial, load_partial, merge_partials = Partial.save, Partial.load, Partial.merge
@@ -64,33 +66,6 @@ class _Stages:
     def report(self, name, done, total):
         if self.progress:
             self.progress(name, done, total)
-
-
-def _evaluate(sae: TopKSAE, store: ActivationStore, cfg, device) -> dict:
-    """The SAE's quality over one pass of the cache (the same token sample for a trained or a given SAE)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return evaluate_sae(sae, (store.sae_vectors(a, gen, cfg.tokens_per_image)
-                              for _, a, _ in store.iter_batches(1024)), device)
-
-
-def _train_or_load_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, report) -> tuple:
-    if (folder / "sae.json").is_file() and (folder / "metrics.json").is_file():
-        return TopKSAE.load(folder, device), json.loads((folder / "metrics.json").read_text())
-    cfg = config.sae
-    n_vectors = store.n_sae_vectors(cfg.tokens_per_image)
-    n_latents, k, steps = size_sae(store.d_model, n_vectors, cfg)
-    sae, curve = train_sae(
-        store.training_batches(cfg.batch_size, cfg.seed, cfg.tokens_per_image),
-        d_model=store.d_model, n_latents=n_latents, k=k, steps=steps,
-        init_sample=store.sample(min(n_vectors, 16384), cfg.seed, cfg.tokens_per_image),
-        config=cfg, device=device, progress=report)
-    quality = _evaluate(sae, store, cfg, device)
-    metrics = SAEMetrics(**quality, n_latents=n_latents, k=k, steps=steps, n_train_vectors=n_vectors,
-                         loss_curve=[list(p) for p in curve]).to_dict()
-    # metrics.json last: its presence marks a finished SAE, so a resumed audit skips training
-    sae.save(folder)
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    return sae, metrics
 
 
 def run_audit(
@@ -162,13 +137,14 @@ def extract_sae_images(bundle: ClipBundle, sae_images: ImageSet, folder: Path, c
 
 def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, report=None,
             sae: TopKSAE | None = None) -> tuple[TopKSAE, dict]:
-    """Train the SAE on the pooled activations (or evaluate a given one); ready for inference on ``device``."""
+    """Train the audit's dictionaries on the pooled activations (or evaluate a given SAE, which comes alone);
+    returns the first, ready for inference on ``device``, and its metrics."""
     if sae is None:
-        sae, sae_metrics = _train_or_load_sae(store, config, folder, device, report)
+        sae, sae_metrics = train_dictionaries(store, config, folder, device, report)
     else:
         if sae.d_model != store.d_model:  # before measuring it: a wrong width is the user's input, not a shape bug
             raise EngineError(f"the SAE reads {sae.d_model}-dimensional activations, the layer has {store.d_model}")
-        sae_metrics = _evaluate(sae.to(device), store, config.sae, device)
+        sae_metrics = evaluate(sae.to(device), store, config, device)
         sae_metrics.update(n_latents=sae.n_latents, k=sae.k, steps=0)
         # kept with the audit as a trained one is (its artifacts: corrections and explanations reload it)
         sae.save(folder)
@@ -189,6 +165,7 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
     with stages.stage(EXTRACT) as report:
         store = extract_activations(bundle, images, workdir / "activations", shard_size=shard_size,
                                     progress=report, **extract_kwargs(config, device))
+    given = sae is not None
     with stages.stage(TRAIN_SAE) as report:
         sae_store, train_report = store, report
         if sae_images is not None:  # the SAE learns from another set of images; their labels do not matter
@@ -204,7 +181,10 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
     with stages.stage(LABEL):
         merged = Partial.merge(partials)
         labelled = label_latents(ctx, store, images, merged, semantic_model)
-        result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, workdir)
+        # a given SAE comes alone; trained ones were trained with the dictionaries that vote on their flags
+        voters = [] if given else load_others(workdir / "sae", config, device)
+        others = flags_of_others(ctx, store, images, voters, semantic_model, labelled.vocab)
+        result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, workdir, others)
         if config.heatmaps:
             attach_flag_heatmaps(ctx, images, result.flags, config.batch_size)
     with stages.stage(CONFIRM) as report:

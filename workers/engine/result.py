@@ -28,6 +28,9 @@ class AuditResult:
     artifacts: dict = field(default_factory=dict)
     slices: dict = field(default_factory=dict)  # metadata column -> value -> accuracy of both heads
     sae_dataset: dict | None = None  # the dataset the SAE was trained on, when not the audited one
+    # the vote of the audit's dictionaries on its flags (workers.engine.stability): dictionaries, seeds, the rule,
+    # flags dropped and concepts the other dictionaries flag that the audit's SAE does not; None before it existed
+    stability: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,14 +24,17 @@ from .labelling import LatentLabels
 from .partials import Partial
 from .result import SCHEMA_VERSION, AuditResult
 from .semantics import UNLABELLED
+from .stability import concept_activity, hold, single
 
 Tables = dict[str, tuple[Tensor, Tensor]]  # head -> (mean relevance [C, L], share of the positive total [C, L])
 
 
 def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merged: Partial, labelled: LatentLabels,
-              sae_metrics: dict, workdir: Path) -> tuple[AuditResult, list[float]]:
+              sae_metrics: dict, workdir: Path, others: list[tuple] | None = None) -> tuple[AuditResult, list[float]]:
     """Flags, relevance tables, faithfulness, accuracy and latents from the merged partial (stage 'label').
 
+    ``others``: the other dictionaries with their flags (``dictionaries.flags_of_others``), which vote on the
+    flags (``stability.hold``); None or empty: the audit has one dictionary and every flag stands alone.
     Returns the result (flags not yet causally confirmed) and, per flag, the amount confirmation inserts.
     Writes the full relevance tables to ``workdir / relevance.npz``.
     """
@@ -40,7 +43,7 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
     counts = torch.bincount(labels, minlength=len(class_names))
     tables = {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in heads}
     metadata = getattr(images, "metadata", None) or {}
-    flags = _flags(ctx, labels, merged, labelled, tables)
+    flags, stability = _vote(ctx, store, _flags(ctx, labels, merged, labelled, tables), others)
     amounts = _describe_flags(ctx, images, labels, counts, merged, labelled, flags, metadata)
     freq = torch.from_numpy(merged.frequency / store.n)
     _save_relevance(workdir, class_names, tables, labelled, freq)
@@ -61,12 +64,34 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
         faithfulness=_faithfulness(merged, class_names),
         slices=slice_accuracy(metadata, {h: merged.heads[h].predictions for h in heads}, labels.numpy(),
                               class_names),
+        stability=stability,
         timings={},
         environment={"device": str(device), "torch": torch.__version__, "host": platform.node(),
                      "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         artifacts={"relevance": "relevance.npz", "sae": "sae/", "activations": "activations/"},
     )
     return result, amounts
+
+
+def candidate_flags(ctx: AuditContext, store: ActivationStore, merged: Partial, labelled: LatentLabels) -> list[dict]:
+    """The flags the audit's rule raises on ``ctx``'s dictionary, before any vote (what another dictionary
+    brings to the vote)."""
+    counts = torch.bincount(store.labels, minlength=ctx.n_classes)
+    tables = {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in ctx.heads}
+    return _flags(ctx, store.labels, merged, labelled, tables)
+
+
+def _vote(ctx: AuditContext, store: ActivationStore, flags: list[dict], others: list[tuple] | None):
+    """The flags the other dictionaries' vote keeps, and the audit's stability summary."""
+    seeds = [ctx.config.sae.seed + k for k in range(1 + len(others or []))]
+    if not others:
+        return single(flags, seeds[0])
+
+    def activity(sae, some):
+        return concept_activity(sae, store, ctx.config, [f["concept_latents"] for f in some], ctx.device)
+
+    return hold(flags, activity(ctx.sae, flags), [(some, activity(sae, some)) for sae, some in others],
+                ctx.config, seeds)
 
 
 def _flags(ctx: AuditContext, labels: Tensor, merged: Partial, labelled: LatentLabels, tables: Tables) -> list[dict]:
