@@ -55,7 +55,9 @@ def test_to_dict_is_json_serialisable_and_survives_a_json_round_trip():
     # what an earlier release stored in an audit row: a worker that picks such an audit up loads it
     assert AuditConfig.from_dict(STORED_BEFORE).sae == SAEConfig(n_latents=256, k=8, steps=1234)
     # options added since come with their defaults
-    assert AuditConfig.from_dict(STORED_BEFORE).to_dict() == {**STORED_BEFORE, "heatmaps": True}
+    assert AuditConfig.from_dict(STORED_BEFORE).to_dict() == {**STORED_BEFORE, "heatmaps": True, "dictionaries": 3,
+                                                               "match_min_correlation": 0.6,
+                                                               "flag_min_stability": 0.5}
 
 
 def test_from_dict_of_nothing_gives_the_defaults():
