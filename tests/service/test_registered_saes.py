@@ -39,10 +39,10 @@ def sae_lens(audit, tmp_path, block: int) -> dict:
             "weights": SimpleUploadedFile("sae_weights.safetensors", (folder / "sae_weights.safetensors").read_bytes())}
 
 
-def audit_with(audited, users, sae):  # noqa: F811
+def audit_with(audited, users, registered, **options):  # noqa: F811
     audit = create_audit(project=audited.project, user=users["member"], clip_model=audited.clip_model,
-                         probe=audited.probe, dataset=audited.dataset, sae=sae,
-                         options={k: v for k, v in FAST_AUDIT.items() if k != "sae"})
+                         probe=audited.probe, dataset=audited.dataset, sae=registered,
+                         options={**{k: v for k, v in FAST_AUDIT.items() if k != "sae"}, **options})
     tasks.run_audit.apply(args=[audit.pk])
     audit.refresh_from_db()
     assert audit.status == Status.SUCCEEDED, audit.error
@@ -67,7 +67,11 @@ def test_the_same_sae_in_either_format_gives_the_audit_that_trained_it(audited, 
         assert (body["d_model"], body["n_latents"]) == (model.width, audited.result["sae"]["n_latents"])
         registered[fmt] = SparseAutoencoder.objects.get(pk=body["id"])
     with_ours, with_lens = (audit_with(audited, users, registered[f]) for f in ("ours", "sae_lens"))
-    assert flags_of(with_ours) == flags_of(audited) and flags_of(with_lens) == flags_of(with_ours)
+    # a registered SAE comes alone (no other dictionaries vote on its flags): the audit that trained it, alone
+    alone = audit_with(audited, users, None, dictionaries=1, sae=FAST_AUDIT["sae"])
+    assert alone.result["sae"]["n_latents"] == audited.result["sae"]["n_latents"]
+    assert flags_of(with_ours) == flags_of(alone) and flags_of(with_lens) == flags_of(with_ours)
+    assert all(f.stability["found_by"] == f.stability["of"] == 1 for f in with_ours.flags.all())
     labels = [(l.latent, l.label) for l in with_ours.latents.all()]
     assert labels == [(l.latent, l.label) for l in with_lens.latents.all()]
     for audit, fmt in ((with_ours, "ours"), (with_lens, "sae_lens")):
