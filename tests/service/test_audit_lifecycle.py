@@ -71,7 +71,9 @@ def test_the_task_runs_an_audit_and_stores_its_rows(audit):
     from workers.engine.sae import TopKSAE
 
     keys = audit.result["artifacts"]
-    assert set(keys) == {"sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz"}
+    # the audit's SAE, and the other dictionaries that voted on its flags (a reuse of the SAE votes with them)
+    voters = {f"sae/dictionaries/{k}/{name}" for k in (1, 2) for name in ("sae.safetensors", "sae.json", "metrics.json")}
+    assert set(keys) == {"sae/sae.safetensors", "sae/sae.json", "sae/metrics.json", "relevance.npz", *voters}
     assert all(default_storage.exists(k) for k in keys.values())
     sae_dir = settings.MEDIA_ROOT / keys["sae/sae.json"].rsplit("/", 1)[0]
     assert TopKSAE.load(sae_dir).n_latents == audit.result["sae"]["n_latents"]
