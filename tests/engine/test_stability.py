@@ -134,3 +134,35 @@ def test_an_audit_with_one_dictionary_lets_every_flag_stand_alone(tiny, probe, d
     assert result["stability"]["dictionaries"] == 1
     assert all(f["stability"]["found_by"] == 1 and f["stability"]["of"] == 1 for f in result["flags"])
     assert not (tmp_path / "sae" / "dictionaries").exists()
+
+
+def test_a_concept_the_other_dictionaries_flag_is_shown_with_the_audits_own_latents_when_it_holds_them(concepts):
+    rng = np.random.default_rng(6)
+    band_aid = concepts[2]
+    others = [([_flag([11])], np.stack([_noisy(band_aid, rng)], 1)), ([_flag([5])], np.stack([_noisy(band_aid, rng)], 1))]
+    asked = []
+
+    def express(concept, column):
+        asked.append((concept["class_name"], concept["found_by"], round(float(np.corrcoef(column, band_aid)[0, 1]), 1)))
+        return _flag([20, 21], share=0.07), 0.9, ""
+
+    kept, summary = hold([_flag([3])], concepts[0][:, None], others, build_audit_config(), seeds=[0, 1, 2],
+                         express=express)
+    assert asked == [("melanoma", 2, 1.0)] and summary["missed"] == []
+    assert [f["concept_latents"] for f in kept] == [[20, 21]]
+    stability = kept[0]["stability"]
+    assert (stability["found_by"], stability["of"], stability["expressed"]) == (2, 3, True)
+    assert [(d["dictionary"], d.get("flagged", True)) for d in stability["dictionaries"]] == \
+        [(0, False), (1, True), (2, True)]
+
+
+def test_a_concept_the_audits_sae_cannot_hold_stays_missed_with_the_reason(concepts):
+    rng = np.random.default_rng(7)
+    ruler = concepts[0]
+    others = [([_flag([11]), _flag([12])], np.stack([_noisy(ruler, rng), concepts[3]], 1)),
+              ([_flag([5]), _flag([6])], np.stack([_noisy(ruler, rng), _noisy(concepts[3], rng)], 1))]
+    # the audit's SAE holds the second concept only in a latent of the ruler's flag: it cannot be a flag of its own
+    kept, summary = hold([_flag([3])], ruler[:, None], others, build_audit_config(), seeds=[0, 1, 2],
+                         express=lambda concept, column: (_flag([3, 4]), 0.8, ""))
+    assert [f["concept_latents"] for f in kept] == [[3]]
+    assert [m["reason"] for m in summary["missed"]] == ["its latents here are part of a flag already (latents [3])"]

@@ -14,6 +14,8 @@ Pure numpy and torch over activations; no Django.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -37,13 +39,46 @@ def concept_activity(sae: TopKSAE, store: ActivationStore, config: AuditConfig, 
     members = torch.zeros(sae.n_latents, len(concepts), device=device)  # [L, F] 1 where a latent is in a concept
     for f, latents in enumerate(concepts):
         members[list(latents), f] = 1.0
+    for lo, z in _pooled(sae, store, config, device):
+        out[lo:lo + z.shape[0]] = (z @ members).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def best_latents(sae: TopKSAE, store: ActivationStore, config: AuditConfig, target: np.ndarray, device,
+                 candidates: int = 8) -> tuple[float, list[int]]:
+    """The set of ``sae``'s latents whose summed activation correlates best with ``target`` [n images]: the
+    ``candidates`` latents correlating best on their own (one pass over the store), then :func:`best_match`
+    among them (a second pass gathers their activations)."""
+    n, t = store.n, torch.as_tensor(target, dtype=torch.float64)
+    sums = torch.zeros(sae.n_latents, dtype=torch.float64)
+    squares = torch.zeros_like(sums)
+    products = torch.zeros_like(sums)
+    for lo, z in _pooled(sae, store, config, device):
+        z = z.double().cpu()
+        sums += z.sum(0)
+        squares += z.pow(2).sum(0)
+        products += t[lo:lo + z.shape[0]] @ z
+    centred_t = t - t.mean()
+    covariance = products - t.mean() * sums
+    spread = (squares - sums.pow(2) / n).clamp_min(0).sqrt() * centred_t.norm()
+    rho = torch.where(spread > 0, covariance / spread.clamp_min(1e-12), torch.zeros_like(spread))
+    top = rho.topk(min(candidates, sae.n_latents)).indices.tolist()
+    columns = np.zeros((n, len(top)), np.float32)
+    for lo, z in _pooled(sae, store, config, device):
+        columns[lo:lo + z.shape[0]] = z[:, top].cpu().numpy()
+    best, chosen = best_match(target, columns)
+    return best, [top[c] for c in chosen]
+
+
+def _pooled(sae: TopKSAE, store: ActivationStore, config: AuditConfig, device):
+    """(first row, [b, n_latents] activations per image) over the store, pooled as the audit pools them."""
     for lo, acts, _ in store.iter_batches(config.batch_size):
         checkpoint()
         z = sae.encode(select_tokens(acts.to(device), config.token).float())
         if z.ndim == 3:
             z = z.amax(1) if config.spatial_pool == "max" else z.mean(1)
-        out[lo:lo + z.shape[0]] = (z @ members).cpu().numpy()
-    return out
+        yield lo, z
 
 
 def correlations(target: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -108,8 +143,11 @@ def _brief(flag: dict) -> dict:
                                      "share")}
 
 
+Express = Callable[[dict, np.ndarray], "tuple[dict | None, float, str]"]
+
+
 def hold(flags: list[dict], activity: np.ndarray, others: list[tuple[list[dict], np.ndarray]],
-         config: AuditConfig, seeds: list[int]) -> tuple[list[dict], dict]:
+         config: AuditConfig, seeds: list[int], express: Express | None = None) -> tuple[list[dict], dict]:
     """The audit's ``flags`` put to the vote of ``others``: per other dictionary, its flags and their concepts'
     activity [n, its flags].
 
@@ -121,7 +159,10 @@ def hold(flags: list[dict], activity: np.ndarray, others: list[tuple[list[dict],
     Returns the flags kept (each with ``stability``: found_by, of, and per finding dictionary its index, seed,
     the correlation and its latents; re-ranked per head and class) and the audit's ``stability`` summary: the
     dictionaries, the rule, the flags dropped and the concepts more than ``flag_min_stability`` of the
-    dictionaries flag that the audit's SAE does not (``missed``).
+    dictionaries flag that the audit's SAE does not. ``express(concept, activity)`` turns such a concept (one of
+    its flags in another dictionary, and its activation) into a flag of the audit's SAE, with the correlation of
+    the latents it found and, when it cannot (None), the reason: the verdict is then the same whichever
+    dictionary reports it. Those it cannot are listed as ``missed``.
     """
     flags, activity = _merge_repeats(flags, activity, config)
     n_dictionaries = 1 + len(others)
@@ -160,12 +201,26 @@ def hold(flags: list[dict], activity: np.ndarray, others: list[tuple[list[dict],
     kept = [f for f, keep in zip(flags, holds) if keep]
     dropped = [{**_brief(f), "found_by": f["stability"]["found_by"], "of": n_dictionaries}
                for f, keep in zip(flags, holds) if not keep]
+    missed = []
+    for concept in _missed(others, matched, n_dictionaries, config, seeds):
+        column, found = concept.pop("activity"), concept.pop("found")
+        flag, rho, reason = express(concept, column) if express else (None, 0.0, "")
+        taken = flag and {i for f in kept if _same_place(f, flag) for i in f["concept_latents"]}
+        if taken and taken & set(flag["concept_latents"]):
+            flag, reason = None, f"its latents here are part of a flag already (latents {sorted(taken)})"
+        if flag is None:
+            missed.append({**concept, "reason": reason})
+            continue
+        # the audit's SAE holds the concept without flagging it: the dictionaries that flag it decide
+        flag["stability"] = {"found_by": len(found), "of": n_dictionaries, "expressed": True, "dictionaries": [
+            {"dictionary": 0, "seed": seeds[0], "correlation": round(rho, 4), "latents": flag["concept_latents"],
+             "flagged": False}, *found]}
+        kept.append(flag)
     _rerank(kept)
     summary = {
         "dictionaries": n_dictionaries, "seeds": list(seeds[:n_dictionaries]),
         "match_min_correlation": config.match_min_correlation, "flag_min_stability": config.flag_min_stability,
-        "kept": len(kept), "dropped": dropped,
-        "missed": _missed(others, matched, n_dictionaries, config, seeds),
+        "kept": len(kept), "dropped": dropped, "missed": missed,
     }
     return kept, summary
 
@@ -202,21 +257,25 @@ def _join_parts(flags: list[dict], found: list[dict], parts: list[list[int]]) ->
 
 def _missed(others, matched, n_dictionaries: int, config: AuditConfig, seeds: list[int]) -> list[dict]:
     """Concepts that more than ``flag_min_stability`` of all dictionaries flag, none of them the audit's SAE:
-    the other dictionaries' unmatched flags, grouped across dictionaries by the same correlation rule."""
+    the other dictionaries' unmatched flags, grouped across dictionaries by the same correlation rule. Each comes
+    with the activation of its first flag (``activity``) and the flags that make it (``found``)."""
     groups: list[dict] = []
     for k, ((other_flags, other_activity), used) in enumerate(zip(others, matched), start=1):
         for j, flag in enumerate(other_flags):
             if used[j]:
                 continue
             column = other_activity[:, j]
+            rho = {id(g): float(correlations(g["activity"], column[:, None])[0]) for g in groups}
             home = next((g for g in groups if _same_place(flag, g["flag"]) and k not in g["found"]
-                         and correlations(g["activity"], column[:, None])[0] >= config.match_min_correlation), None)
+                         and rho[id(g)] >= config.match_min_correlation), None)
             if home is None:
-                groups.append({"flag": flag, "activity": column, "found": {k: flag}})
-            else:
-                home["found"][k] = flag
+                home = {"flag": flag, "activity": column, "found": {}}
+                groups.append(home)
+            home["found"][k] = {"dictionary": k, "seed": seeds[k], "correlation": round(rho.get(id(home), 1.0), 4),
+                                "latents": list(flag["concept_latents"])}
     return [{**_brief(g["flag"]), "dictionary": min(g["found"]), "found_by": len(g["found"]), "of": n_dictionaries,
-             "seeds": [seeds[k] for k in sorted(g["found"])]}
+             "seeds": [seeds[k] for k in sorted(g["found"])], "activity": g["activity"],
+             "found": [g["found"][k] for k in sorted(g["found"])]}
             for g in groups if len(g["found"]) > config.flag_min_stability * n_dictionaries]
 
 

@@ -17,14 +17,14 @@ from .confirmation import baseline_groups
 from .context import AuditContext
 from .data import ImageSet
 from .errors import checkpoint, reserve
-from .flags import Evidence, find_flags, relevance_tables, select_flags
+from .flags import Evidence, categorize, find_flags, relevance_tables, select_flags
 from .harm import HarmInputs, metadata_auroc, slice_accuracy
 from .interventions import area_under_curve
 from .labelling import LatentLabels
 from .partials import Partial
 from .result import SCHEMA_VERSION, AuditResult
 from .semantics import UNLABELLED
-from .stability import concept_activity, hold, single
+from .stability import best_latents, concept_activity, hold, single
 
 Tables = dict[str, tuple[Tensor, Tensor]]  # head -> (mean relevance [C, L], share of the positive total [C, L])
 
@@ -43,7 +43,8 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
     counts = torch.bincount(labels, minlength=len(class_names))
     tables = {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in heads}
     metadata = getattr(images, "metadata", None) or {}
-    flags, stability = _vote(ctx, store, _flags(ctx, labels, merged, labelled, tables), others)
+    flags, stability = _vote(ctx, store, _flags(ctx, labels, merged, labelled, tables), others,
+                             lambda concept, column: _express(ctx, store, merged, labelled, tables, concept, column))
     amounts = _describe_flags(ctx, images, labels, counts, merged, labelled, flags, metadata)
     freq = torch.from_numpy(merged.frequency / store.n)
     _save_relevance(workdir, class_names, tables, labelled, freq)
@@ -81,8 +82,9 @@ def candidate_flags(ctx: AuditContext, store: ActivationStore, merged: Partial, 
     return _flags(ctx, store.labels, merged, labelled, tables)
 
 
-def _vote(ctx: AuditContext, store: ActivationStore, flags: list[dict], others: list[tuple] | None):
-    """The flags the other dictionaries' vote keeps, and the audit's stability summary."""
+def _vote(ctx: AuditContext, store: ActivationStore, flags: list[dict], others: list[tuple] | None, express=None):
+    """The flags the other dictionaries' vote keeps (and the concepts they agree on that ``express`` finds in this
+    audit's SAE), and the audit's stability summary."""
     seeds = [ctx.config.sae.seed + k for k in range(1 + len(others or []))]
     if not others:
         return single(flags, seeds[0])
@@ -91,7 +93,40 @@ def _vote(ctx: AuditContext, store: ActivationStore, flags: list[dict], others: 
         return concept_activity(sae, store, ctx.config, [f["concept_latents"] for f in some], ctx.device)
 
     return hold(flags, activity(ctx.sae, flags), [(some, activity(sae, some)) for sae, some in others],
-                ctx.config, seeds)
+                ctx.config, seeds, express)
+
+
+def _express(ctx: AuditContext, store: ActivationStore, merged: Partial, labelled: LatentLabels, tables: Tables,
+             concept: dict, column: np.ndarray) -> tuple[dict | None, float, str]:
+    """A concept other dictionaries flag, as a flag of this audit's SAE: its latents whose summed activation
+    matches the concept's (``column``), described as the flag rule describes a candidate (the latent with the
+    largest share leads; shares summed), with its harm; None and the reason when no latents match or they show no
+    measured harm (unless ``flag_without_harm``)."""
+    config = ctx.config
+    rho, latents = best_latents(ctx.sae, store, config, column, ctx.device)
+    latents = [int(i) for i in latents if labelled.labels[i] is not None]  # a latent never active has no meaning
+    if rho < config.match_min_correlation or not latents:
+        return None, rho, f"no set of this SAE's latents matches it (best correlation {rho:.2f})"
+    head, name = concept["head"], concept["class_name"]
+    c = ctx.class_names.index(name)
+    mean, share = tables[head]
+    lead = max(latents, key=lambda i: float(share[c, i]))
+    j = labelled.label_indices[lead]
+    flag = {
+        "head": head, "class_name": name, "latent": lead, "rank": 0, "share": float(share[c, latents].sum()),
+        "mean_relevance": float(mean[c, latents].sum()), "label": labelled.labels[lead],
+        "label_source": labelled.vocab.sources[j], "label_alignment": float(labelled.label_alignment[lead]),
+        "expected_alignment": float(labelled.expected_alignment[c, lead]), "clarity": float(labelled.clarity[lead]),
+        "category": categorize(labelled.labels[lead], j, labelled.vocab, name,
+                               bool(config.expected_concepts.get(name)), float(labelled.name_alignment[c, lead]),
+                               config),
+        "probe_share": float(tables["probe"][1][c, latents].sum()),
+        "zero_shot_share": float(tables["zero_shot"][1][c, latents].sum()), "concept_latents": latents,
+        "harm": HarmInputs(merged, store.labels, ctx.n_classes).evidence(c, lead, head, name=name, config=config),
+    }
+    if not (flag["harm"]["measured"] or config.flag_without_harm):
+        return None, rho, f"its latents here ({', '.join(map(str, latents))}) show no measured harm"
+    return flag, rho, ""
 
 
 def _flags(ctx: AuditContext, labels: Tensor, merged: Partial, labelled: LatentLabels, tables: Tables) -> list[dict]:
