@@ -9,7 +9,8 @@ from dataclasses import asdict
 
 import pytest
 
-from workers.casestudy.benchmark import Grid, format_row, meets_targets, run_grid, summarize_grid, write_report
+from workers.casestudy.benchmark import (Grid, format_row, intervals, meets_targets, run_grid, summarize_grid,
+                                        write_report)
 
 FAST = {"faithfulness_max_images": 32, "faithfulness_steps": 5}
 SMALL = dict(seeds=(0,), n_audit=1200, stability_cases=0)
@@ -161,5 +162,25 @@ def test_the_summary_and_the_report_carry_the_heatmap_mass_per_case_and_per_arti
     assert "| a ruler | 2 | 0.550 | 0.150 | 0.650 | 0.800 | 0.250 | 40 |" in text
     assert "area-weighted" in text and "the target 0.6 reached in 1 (not met)" in text
     assert "mass 0.30 (chance 0.20, ideal 0.60, below 0.6)" in text  # the hair case's row
-    # 150 s a case, so the default grid's 30 cases would take 75 min
-    assert "4 cases, a smaller grid than the default (30 cases" in text and "take about 75 min" in text
+    # 150 s a case, so the default grid's 45 cases would take 112 min
+    assert "4 cases, a smaller grid than the default (45 cases" in text and "take about 112 min" in text
+
+
+def _stability(every: int, anyone: int) -> dict:
+    return {"seed": 0, "case": "a ruler -> melanoma", "sae_seeds": [0, 1, 2], "flagged": [], "every": every,
+            "any": anyone, "overlap": every / anyone}
+
+
+def test_seed_stability_pools_every_planted_case_and_each_figure_carries_an_interval():
+    cases = [_case(artifact="a ruler"), _case(artifact="hair"), _case(artifact="a stain")]
+    stability = [_stability(2, 2), _stability(1, 4), _stability(3, 4)]
+    summary = summarize_grid(cases, stability)
+    assert summary["seed_stability"] == pytest.approx(6 / 10) and summary["stability_cases"] == 3
+    assert meets_targets(summary)["seed_stability"] is False  # 0.6 is below 0.8
+    bounds = intervals(cases, stability, resamples=500)
+    low, high = bounds["seed_stability"]
+    assert low <= 0.6 <= high and low < high  # the cases disagree, so resampling them moves the figure
+    assert low >= 0.25 and high <= 1.0  # no resample pools less than 1 of 4 or more than every concept
+    assert bounds["recall"] == [1.0, 1.0]  # every case recalls its artifact: nothing to move
+    assert summarize_grid(cases)["seed_stability"] is None and "seed_stability" not in meets_targets(
+        summarize_grid(cases))

@@ -36,7 +36,9 @@ from .masks import artifact_heatmap_mass
 TRUE_GAP = 0.10  # a concept "moves the probe's accuracy" when a with/without gap is at least this
 PURITY = 0.75  # a latent tracks an artifact when this share of its activation mass falls on images with it ...
 LIFT = 1.3  # ... and that is this many times the artifact's base rate
-TARGETS = {"recall": 0.9, "precision": 0.8, "confirmed_precision": 0.9, "control_flags_per_class": 0.2,
+TARGETS = {"recall": 0.95, "precision": 0.9, "confirmed_precision": 0.9, "control_flags_per_class": 0.2,
+           # concepts every SAE seed flags / concepts any seed flags, pooled over the planted cases
+           "seed_stability": 0.8,
            "planted_probe_share_above_zero_shot": 1.0,
            # issue 19: the share of the planted flags' heatmap mass on the artifact's pixels (mean over cases)
            "heatmap_mass": 0.6}
@@ -47,15 +49,16 @@ MASS_FIELDS = ("mass", "chance", "ideal", "peak_on_artifact", "touched", "touche
 
 @dataclass
 class Grid:
-    seeds: tuple = (0, 1)
+    seeds: tuple = (0, 1, 2)  # three seeds at least: each headline figure carries a 95 % interval
     artifacts: tuple = ARTIFACTS
     classes: tuple = CLASSES
     controls: bool = True
     strength: float = 0.8
     n_audit: int = 2000
     audit_options: dict = field(default_factory=dict)  # overrides on top of the defaults (tests: fast settings)
-    sae_seeds: tuple = (0, 1, 2)  # stability: the first planted case of the first seeds audited with these SAE seeds
-    stability_cases: int = 1
+    # stability: every planted case audited again with these SAE seeds (the first is the audit above)
+    sae_seeds: tuple = (0, 1, 2)
+    stability_cases: int | None = None  # how many planted cases get that (None: every one; 0: none)
     # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures)
     corrections: tuple = ("project", "refit")
     heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issue 19)
@@ -174,7 +177,9 @@ def _label_correct(label: str, tracked: list[str]) -> str:
     return "wrong"
 
 
-def summarize_grid(cases: list[dict]) -> dict:
+def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> dict:
+    """The headline figures of scored cases; ``stability``: the planted cases' SAE-seed runs
+    (:func:`sae_seed_stability`), pooled as concepts every seed flags over concepts any seed flags."""
     planted = [c for c in cases if not c["control"]]
     controls = [c for c in cases if c["control"]]
     flags = [f for c in planted for f in c["flags"]]
@@ -199,7 +204,46 @@ def summarize_grid(cases: list[dict]) -> dict:
                                      for f in novel),
         **_recovery_summary(planted),
         **_heatmap_summary(planted),
+        "seed_stability": _ratio(sum(s["every"] for s in stability or []), sum(s["any"] for s in stability or []))
+        if stability else None,
+        "stability_cases": len(stability or []),
     }
+
+
+INTERVAL_KEYS = ("recall", "precision", "confirmed_precision", "control_flags_per_class", "seed_stability")
+
+
+def intervals(cases: list[dict], stability: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """A 95 % interval for each headline figure (:data:`INTERVAL_KEYS`): the 2.5th and 97.5th percentiles of the
+    figure over the grid resampled case by case (planted cases, controls and the stability runs each drawn with
+    replacement from their own kind), so one flag more or less moves a figure within its interval."""
+    rng = np.random.default_rng(seed)
+    planted = [c for c in cases if not c["control"]]
+    controls = [c for c in cases if c["control"]]
+    draws: dict[str, list[float]] = {k: [] for k in INTERVAL_KEYS}
+
+    def pick(items):
+        return [items[i] for i in rng.integers(0, len(items), len(items))] if items else []
+
+    for _ in range(resamples):
+        summary = summarize_grid(pick(planted) + pick(controls), pick(stability))
+        for key in INTERVAL_KEYS:
+            if summary[key] is not None:
+                draws[key].append(summary[key])
+    return {k: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)] if v else None
+            for k, v in draws.items()}
+
+
+def model_digests(root: Path, grid: Grid) -> dict:
+    """Per seed: the SHA-256 of the case model's weights, so a rebuild on another machine can be compared."""
+    import hashlib
+
+    out = {}
+    for cfg in grid.cases():
+        if cfg.seed not in out:
+            case = build_case(root, cfg, log=lambda line: None)
+            out[cfg.seed] = hashlib.sha256(Path(case["checkpoint"]).read_bytes()).hexdigest()
+    return out
 
 
 def _recovery_summary(planted: list[dict]) -> dict:
@@ -245,7 +289,9 @@ def _ratio(k, n) -> float | None:
 def meets_targets(summary: dict) -> dict:
     heatmap = {} if "heatmap" not in summary else {
         "heatmap_mass": (summary["heatmap"]["mass"] or 0) >= TARGETS["heatmap_mass"]}
-    return {**heatmap,
+    stability = {} if summary.get("seed_stability") is None else {
+        "seed_stability": summary["seed_stability"] >= TARGETS["seed_stability"]}
+    return {**heatmap, **stability,
         "recall": (summary["recall"] or 0) >= TARGETS["recall"],
         "precision": (summary["precision"] or 0) >= TARGETS["precision"],
         "confirmed_precision": summary["confirmed_precision"] is None
@@ -395,16 +441,12 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
             cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
-    summary = summarize_grid(cases)
-    stability = []
-    for seed in grid.seeds[:grid.stability_cases]:
-        cfg = next((c for c in grid.cases() if c.seed == seed and c.strength > 0), None)
-        if cfg is not None:
-            stability.append(sae_seed_stability(build_case(root, cfg, log=lambda line: None), grid, log))
-    summary["sae_seed_overlap"] = (round(float(np.mean([s["overlap"] for s in stability])), 4)
-                                   if stability else None)
+    planted = [c for c in grid.cases() if c.strength > 0][:grid.stability_cases]
+    stability = [sae_seed_stability(build_case(root, cfg, log=lambda line: None), grid, log) for cfg in planted]
+    summary = summarize_grid(cases, stability)
+    summary["intervals"] = intervals(cases, stability)
     return {"grid": {**asdict(grid), "cases": len(cases)}, "summary": summary, "stability": stability,
-            "targets": TARGETS,
+            "targets": TARGETS, "models": model_digests(root, grid),
             "met": meets_targets(summary), "cases": cases, "seconds": round(time.time() - started, 1),
             "machine": {"host": platform.node(), "python": platform.python_version(),
                         "processor": platform.processor() or platform.machine()}}
@@ -412,18 +454,25 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
 
 def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = print) -> dict:
     """The same audit with several SAE seeds: which concepts (what the flagged latents track) each flags, and the
-    overlap (concepts every seed flags / concepts any seed flags)."""
+    overlap (concepts every seed flags / concepts any seed flags; ``every`` and ``any`` their counts). Each seed's
+    scored audit is kept beside the case like the grid's."""
     flagged = []
     for sae_seed in grid.sae_seeds:
         options = {**grid.audit_options, "sae": {**grid.audit_options.get("sae", {}), "seed": sae_seed}}
-        scored = audit_and_score(case, options)
+        cached = Path(case["audit_dir"]).parent / f"stability-{_code_key(options)}.json"
+        if cached.is_file():
+            scored = json.loads(cached.read_text())
+        else:
+            scored = audit_and_score(case, options)
+            cached.write_text(json.dumps(scored, default=float))
         flagged.append(sorted({f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}"
                                for f in scored["flags"]}))
     every = set.intersection(*map(set, flagged)) if flagged else set()
     anyone = set.union(*map(set, flagged)) if flagged else set()
     cfg = case["config"]
     out = {"seed": cfg["seed"], "case": f"{cfg['artifact']} -> {cfg['toward']}", "sae_seeds": list(grid.sae_seeds),
-           "flagged": flagged, "overlap": round(len(every) / len(anyone), 4) if anyone else 1.0}
+           "flagged": flagged, "every": len(every), "any": len(anyone),
+           "overlap": round(len(every) / len(anyone), 4) if anyone else 1.0}
     log(f"SAE seeds {list(grid.sae_seeds)} on seed {cfg['seed']} {out['case']}: overlap {out['overlap']:.2f} {flagged}")
     return out
 
@@ -517,27 +566,36 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
         g = report["grid"]
         lines += ["", f"Grid: seeds {list(g['seeds'])}, artifacts {', '.join(g['artifacts'])}, classes "
                   f"{', '.join(g['classes'])}{', a control per seed' if g['controls'] else ''}: {g['cases']} cases, "
-                  f"a smaller grid than the default ({full} cases: seeds 0 and 1, every artifact tied to each "
+                  f"a smaller grid than the default ({full} cases: seeds 0, 1 and 2, every artifact tied to each "
                   f"class, a control per seed), which at this run's pace would take about "
                   f"{report['seconds'] / g['cases'] * full / 60:.0f} min."]
-    lines += ["", "| measure | value | target | met |", "| --- | --- | --- | --- |"]
-    for key, label, target in (
-            ("recall", "recall: the planted artifact is the target class's top probe flag", ">= 0.9"),
+    lines += ["", "| measure | value [95 % interval] | target | met |", "| --- | --- | --- | --- |"]
+    bounds = s.get("intervals") or {}
+    rows = [("recall", "recall: the planted artifact is the target class's top probe flag", ">= 0.95"),
             ("precision", "precision: probe flags whose concept moves the probe's accuracy (gap >= 0.10)",
-             ">= 0.8"),
+             ">= 0.9"),
             ("confirmed_precision", "precision of confirmed flags", ">= 0.9"),
             ("control_flags_per_class", "false flags per class on controls", "<= 0.2"),
             ("planted_probe_share_above_zero_shot", "planted flag's probe share above its zero-shot share",
-             "1.0 (every case)")):
-        lines.append(f"| {label} | {s[key]} | {target} | {'yes' if met[key] else 'NO'} |")
+             "1.0 (every case)")]
+    if s.get("seed_stability") is not None:
+        rows.append(("seed_stability", f"seed stability: concepts every SAE seed flags / any flags, over "
+                     f"{s['stability_cases']} planted cases", ">= 0.8"))
+    for key, label, target in rows:
+        interval = f" [{bounds[key][0]}, {bounds[key][1]}]" if bounds.get(key) else ""
+        lines.append(f"| {label} | {s[key]}{interval} | {target} | {'yes' if met[key] else 'NO'} |")
     if "heatmap_mass" in met:
         lines.append(f"| mean share of the planted flags' heatmap mass on the artifact's pixels (chance "
                      f"{s['heatmap']['chance']}, patch-level ideal {s['heatmap']['ideal']}) | {s['heatmap']['mass']} "
                      f"| >= {MASS_TARGET} | {'yes' if met['heatmap_mass'] else 'NO'} |")
-    lines += ["", "Stability: the same audit with SAE seeds " + "; ".join(
+    lines += ["", "Stability: each planted case audited with SAE seeds " + "; ".join(
         f"{st['sae_seeds']} on seed {st['seed']} {st['case']}: concept overlap {st['overlap']:.2f} (flagged "
         f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
         + "."]
+    if report.get("models"):
+        lines += ["", "Case models (SHA-256 of the tiny CLIP's weights per seed; a rebuild elsewhere that differs "
+                  "is a different case): " + "; ".join(f"seed {k}: `{v[:16]}`" for k, v in report["models"].items())
+                  + "."]
     lines += ["", f"Flags: {s['n_flags']} on planted cases, {s['n_confirmed']} confirmed. Labels of probe flags: "
               f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
               f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "
