@@ -7,6 +7,7 @@ case also carries its corrections' recovery figures (issue 18) and where its fla
 """
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from workers.casestudy.benchmark import (Grid, format_row, intervals, meets_targets, run_grid, summarize_grid,
@@ -184,3 +185,28 @@ def test_seed_stability_pools_every_planted_case_and_each_figure_carries_an_inte
     assert bounds["recall"] == [1.0, 1.0]  # every case recalls its artifact: nothing to move
     assert summarize_grid(cases)["seed_stability"] is None and "seed_stability" not in meets_targets(
         summarize_grid(cases))
+
+
+def test_purity_says_which_artifact_a_concept_tracks_and_how_cleanly():
+    from workers.casestudy.benchmark import purity
+    from workers.casestudy.images import ARTIFACTS
+
+    rng = np.random.default_rng(0)
+    rows = [{a: str(int(rng.random() < 0.4)) for a in ARTIFACTS} for _ in range(300)]
+    ruler = np.array([float(r["a ruler"] == "1") for r in rows])
+    clean = purity(ruler * (1 + rng.random(300)), rows)
+    assert clean["purity_artifact"] == "a ruler" and clean["purity"] == 1.0 and clean["next_purity"] < 0.7
+    absent = purity((1 - ruler) * rng.random(300), rows)
+    assert absent["purity_artifact"] == "a ruler (absent)" and absent["purity"] > 0.9
+    hair = np.array([float(r["hair"] == "1") for r in rows])
+    mixed = purity(ruler + hair, rows)  # one latent for two artifacts: neither told apart cleanly
+    assert mixed["purity"] < 0.9 and mixed["next_purity"] > 0.7
+
+
+def test_the_summary_averages_the_flags_purity_against_the_target():
+    cases = [_case(artifact="a ruler"), _case(artifact="hair")]
+    cases[0]["flags"] = [{"precise": True, "confirmed": True, "label_correct": "unlabelled", "novel_artifact": False,
+                          "label_confidence": 0.0, "purity": p} for p in (0.95, 0.75)]
+    summary = summarize_grid(cases)
+    assert summary["purity"] == pytest.approx(0.85)
+    assert meets_targets(summary)["purity"] is False

@@ -39,6 +39,7 @@ LIFT = 1.3  # ... and that is this many times the artifact's base rate
 TARGETS = {"recall": 0.95, "precision": 0.9, "confirmed_precision": 0.9, "control_flags_per_class": 0.2,
            # concepts every SAE seed flags / concepts any seed flags, pooled over the planted cases
            "seed_stability": 0.8,
+           "purity": 0.9,  # mean AUROC of the planted cases' flags for the one artifact each tracks
            "planted_probe_share_above_zero_shot": 1.0,
            # issue 19: the share of the planted flags' heatmap mass on the artifact's pixels (mean over cases)
            "heatmap_mass": 0.6}
@@ -145,6 +146,7 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
             "probe_share": f["probe_share"], "zero_shot_share": f["zero_shot_share"],
             "label_correct": _label_correct(f["label"], tracked),
             "novel_artifact": any(a in NOVEL_ARTIFACTS for a in tracked),
+            **purity(sum(activity(latent) for latent in f.get("concept_latents") or [f["latent"]]), rows),
             # the ablation counts behind the verdict, kept so a confirmation rule can be weighed without
             # auditing again
             "causal": f.get("causal"),
@@ -164,6 +166,25 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
             "planted_zero_shot_share": planted_flag["zero_shot_share"] if planted_flag else None,
         })
     return out
+
+
+def purity(activity: np.ndarray, rows: list[dict]) -> dict:
+    """How cleanly a concept's activation (summed over its latents, per image) tells one artifact apart: its AUROC
+    for each artifact's presence, read as the AUROC for presence or absence, whichever it tracks; ``purity`` is
+    the best, ``purity_artifact`` which one ("a ruler" or "a ruler (absent)"), ``next_purity`` the runner-up
+    (a mixed concept tracks two artifacts about as well)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = {}
+    for a in ARTIFACTS:
+        has = np.array([r[a] == "1" for r in rows])
+        if has.all() or not has.any():
+            continue
+        auroc = float(roc_auc_score(has, activity))
+        scores[a if auroc >= 0.5 else f"{a} (absent)"] = max(auroc, 1 - auroc)
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    return {"purity": round(ranked[0][1], 4) if ranked else None, "purity_artifact": ranked[0][0] if ranked else None,
+            "next_purity": round(ranked[1][1], 4) if len(ranked) > 1 else None}
 
 
 def _label_correct(label: str, tracked: list[str]) -> str:
@@ -206,11 +227,18 @@ def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> di
         **_heatmap_summary(planted),
         "seed_stability": _ratio(sum(s["every"] for s in stability or []), sum(s["any"] for s in stability or []))
         if stability else None,
+        # issue 27: the mean purity (AUROC for the one artifact each tracks) of the planted cases' probe flags
+        "purity": _mean([f.get("purity") for f in flags]),
         "stability_cases": len(stability or []),
     }
 
 
-INTERVAL_KEYS = ("recall", "precision", "confirmed_precision", "control_flags_per_class", "seed_stability")
+INTERVAL_KEYS = ("recall", "precision", "confirmed_precision", "control_flags_per_class", "seed_stability", "purity")
+
+
+def _mean(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(float(np.mean(known)), 4) if known else None
 
 
 def intervals(cases: list[dict], stability: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
@@ -289,8 +317,8 @@ def _ratio(k, n) -> float | None:
 def meets_targets(summary: dict) -> dict:
     heatmap = {} if "heatmap" not in summary else {
         "heatmap_mass": (summary["heatmap"]["mass"] or 0) >= TARGETS["heatmap_mass"]}
-    stability = {} if summary.get("seed_stability") is None else {
-        "seed_stability": summary["seed_stability"] >= TARGETS["seed_stability"]}
+    stability = {key: summary[key] >= TARGETS[key] for key in ("seed_stability", "purity")
+                 if summary.get(key) is not None}
     return {**heatmap, **stability,
         "recall": (summary["recall"] or 0) >= TARGETS["recall"],
         "precision": (summary["precision"] or 0) >= TARGETS["precision"],
@@ -581,6 +609,9 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
     if s.get("seed_stability") is not None:
         rows.append(("seed_stability", f"seed stability: concepts every SAE seed flags / any flags, over "
                      f"{s['stability_cases']} planted cases", ">= 0.8"))
+    if s.get("purity") is not None:
+        rows.append(("purity", "purity: mean AUROC of a planted case's flag for the one artifact it tracks",
+                     ">= 0.9"))
     for key, label, target in rows:
         interval = f" [{bounds[key][0]}, {bounds[key][1]}]" if bounds.get(key) else ""
         lines.append(f"| {label} | {s[key]}{interval} | {target} | {'yes' if met[key] else 'NO'} |")
