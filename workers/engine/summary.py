@@ -41,7 +41,7 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
     config, class_names, heads = ctx.config, ctx.class_names, list(ctx.heads)
     labels = store.labels
     counts = torch.bincount(labels, minlength=len(class_names))
-    tables = {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in heads}
+    tables = _tables(ctx, store, merged)
     metadata = getattr(images, "metadata", None) or {}
     flags, stability = _vote(ctx, store, _flags(ctx, labels, merged, labelled, tables), others,
                              lambda concept, column: _express(ctx, store, merged, labelled, tables, concept, column))
@@ -74,12 +74,15 @@ def summarize(ctx: AuditContext, store: ActivationStore, images: ImageSet, merge
     return result, amounts
 
 
+def _tables(ctx: AuditContext, store: ActivationStore, merged: Partial) -> Tables:
+    counts = torch.bincount(store.labels, minlength=ctx.n_classes)
+    return {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in ctx.heads}
+
+
 def candidate_flags(ctx: AuditContext, store: ActivationStore, merged: Partial, labelled: LatentLabels) -> list[dict]:
     """The flags the audit's rule raises on ``ctx``'s dictionary, before any vote (what another dictionary
     brings to the vote)."""
-    counts = torch.bincount(store.labels, minlength=ctx.n_classes)
-    tables = {h: relevance_tables(torch.from_numpy(merged.heads[h].relevance_sum), counts) for h in ctx.heads}
-    return _flags(ctx, store.labels, merged, labelled, tables)
+    return _flags(ctx, store.labels, merged, labelled, _tables(ctx, store, merged))
 
 
 def _vote(ctx: AuditContext, store: ActivationStore, flags: list[dict], others: list[tuple] | None, express=None):
