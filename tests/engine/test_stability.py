@@ -56,7 +56,8 @@ def test_a_flag_a_majority_finds_is_kept_and_one_found_alone_is_dropped(concepts
         [(0, 0, [3]), (1, 1, [11]), (2, 2, [5])]
     assert all(d["correlation"] >= 0.6 for d in stability["dictionaries"])
     # the stain was flagged for nevus by dictionary 2, not for melanoma: it counts for nothing here
-    assert [(d["latent"], d["found_by"], d["of"]) for d in summary["dropped"]] == [(7, 1, 3)]
+    assert [(d["latent"], d["found_by"], d["of"], d["closest_concept"]) for d in summary["dropped"]] == \
+        [(7, 1, 3, "a ruler")]
     assert summary["dictionaries"] == 3 and summary["kept"] == 1
 
 

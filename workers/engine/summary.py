@@ -125,6 +125,7 @@ def _express(ctx: AuditContext, store: ActivationStore, merged: Partial, labelle
                                config),
         "probe_share": float(tables["probe"][1][c, latents].sum()),
         "zero_shot_share": float(tables["zero_shot"][1][c, latents].sum()), "concept_latents": latents,
+        "closest_concept": labelled.closest_concepts[lead],
         "harm": HarmInputs(merged, store.labels, ctx.n_classes).evidence(c, lead, head, name=name, config=config),
     }
     if not (flag["harm"]["measured"] or config.flag_without_harm):
@@ -148,6 +149,8 @@ def _flags(ctx: AuditContext, labels: Tensor, merged: Partial, labelled: LatentL
         flag["probe_share"] = float(tables["probe"][1][c, flag["latent"]])
         flag["zero_shot_share"] = float(tables["zero_shot"][1][c, flag["latent"]])
         flag["harm"] = harm.evidence(c, flag["latent"], flag["head"], name=flag["class_name"], config=config)
+        # what a flag the vote drops (or another dictionary's flag it misses) is shown with
+        flag["closest_concept"] = labelled.closest_concepts[flag["latent"]]
     predictions = {h: np.asarray(head.predictions) for h, head in merged.heads.items()}
     evidence = Evidence(merged.activity, labels.numpy(), predictions, class_names, config)
     return select_flags(flags, labelled.semantic, config, evidence)
