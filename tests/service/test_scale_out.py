@@ -152,8 +152,10 @@ def test_an_audit_over_three_workers_gives_the_answer_of_one_worker_and_of_one_t
     assert_same_answer(expected, answer(audit))
     # the artifacts are in the bucket, the intermediate files are gone from it
     keys = bucket_keys(f"projects/{audit.project_id}/audits/{audit.pk}")
+    # (the audit's SAE and the two dictionaries that voted on its flags)
+    voters = [f"sae/dictionaries/{k}/{name}" for k in (1, 2) for name in ("metrics.json", "sae.json", "sae.safetensors")]
     assert sorted(k.rsplit(f"/audits/{audit.pk}/", 1)[1] for k in keys) == [
-        "relevance.npz", "sae/metrics.json", "sae/sae.json", "sae/sae.safetensors"]
+        "relevance.npz", *voters, "sae/metrics.json", "sae/sae.json", "sae/sae.safetensors"]
     # a worker downloads the images of the shards it extracts and, for the label step, those the flags' heatmaps
     # need; not the dataset (w1 also ran the first audit)
     for name in ("w2", "w3"):
