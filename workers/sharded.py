@@ -290,7 +290,8 @@ def _finish(audit, row, progress) -> None:
     result.update(timings=timings, sae_dataset=sae_dataset_facts(audit), registered_sae=registered_sae_facts(audit))
     result["environment"].update(host=", ".join(hosts), shards=audit.shards,
                                  workers=len({r.worker_host for r in rows if r.worker_host}))
-    for rel in ARTIFACTS:
+    # the voting dictionaries too: whichever host finishes stores them (dictionaries.json lists what was trained)
+    for rel in [*ARTIFACTS, *work.read_json("dictionaries.json")]:
         work.pull(rel)
 
     def store(data: dict) -> None:
