@@ -23,8 +23,13 @@ class AuditContext:
         zero_shot = ZeroShotHead.build(bundle, self.class_names, config.prompt_templates, config.class_prompts)
         # both heads attributed on one footing: each class's score minus the mean over classes
         self.heads = {"probe": Centred(probe).to(device), "zero_shot": Centred(zero_shot).to(device)}
-        self.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=config.token,
-                                             seed=config.seed) for name in REGISTRY}
+        self._use(sae)
+
+    def _use(self, sae: TopKSAE) -> None:
+        """Read the audit through ``sae``: its attribution methods and how many latents per image are kept."""
+        self.sae = sae
+        self.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=self.config.token,
+                                             seed=self.config.seed) for name in REGISTRY}
                         for h, head in self.heads.items()}
         self.keep = min(sae.n_latents, max(2 * sae.k, 32))
 
@@ -32,11 +37,7 @@ class AuditContext:
         """The same audit read through another dictionary: the same tail and heads, that SAE's methods."""
         other = object.__new__(AuditContext)
         other.__dict__.update(self.__dict__)
-        other.sae = sae
-        other.methods = {h: {name: get_method(name, tail=self.tail, sae=sae, head=head, token=self.config.token,
-                                              seed=self.config.seed) for name in REGISTRY}
-                         for h, head in self.heads.items()}
-        other.keep = min(sae.n_latents, max(2 * sae.k, 32))
+        other._use(sae)
         return other
 
     @classmethod

@@ -25,17 +25,9 @@ from .sae import SAEMetrics, TopKSAE, evaluate_sae, size_sae, train_sae
 from .semantics import Vocabulary
 from .summary import candidate_flags
 
-SAE_FILE_NAMES = ("sae.safetensors", "sae.json", "metrics.json")  # metrics.json last: it marks a finished SAE
-
-
 def other_folders(folder: Path, config: AuditConfig) -> list[Path]:
     """Where dictionaries 1 .. ``config.dictionaries - 1`` are kept."""
     return [Path(folder) / "dictionaries" / str(k) for k in range(1, config.dictionaries)]
-
-
-def other_files(config: AuditConfig, prefix: str = "sae") -> list[str]:
-    """The other dictionaries' files, relative to the audit's work folder (``sae/dictionaries/1/sae.json``, ...)."""
-    return [f"{prefix}/dictionaries/{k}/{name}" for k in range(1, config.dictionaries) for name in SAE_FILE_NAMES]
 
 
 def evaluate(sae: TopKSAE, store: ActivationStore, config: AuditConfig, device) -> dict:
@@ -95,16 +87,14 @@ def load_others(folder: Path, config: AuditConfig, device) -> list[TopKSAE]:
 
 
 def flags_of_others(ctx: AuditContext, store: ActivationStore, images: ImageSet, others: list[TopKSAE],
-                    semantic_model: ClipBundle | None = None, vocab: Vocabulary | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> list[tuple[TopKSAE, list[dict]]]:
+                    semantic_model: ClipBundle | None = None, vocab: Vocabulary | None = None
+                    ) -> list[tuple[TopKSAE, list[dict]]]:
     """Each other dictionary with the flags the audit's rule raises on it: the same attribution (without the
     deletion curves, which only the reported SAE needs), labels and harm, over every audited image."""
     out = []
-    for k, sae in enumerate(others):
+    for sae in others:
         other = ctx.with_sae(sae)
         merged = attribute_shard(other, store, 0, store.n, curves=False)
         labelled = label_latents(other, store, images, merged, semantic_model, vocab=vocab)
         out.append((sae, candidate_flags(other, store, merged, labelled)))
-        if progress:
-            progress(k + 1, len(others))
     return out
