@@ -20,6 +20,7 @@ from workers.engine.context import AuditContext
 from workers.engine.explain import explain_image
 from workers.engine.loading import resolve_device
 from workers.engine.sae import TopKSAE
+from workers.engine.semantics import UNLABELLED
 from workers.inputs import dataset_folder, load_model, load_probe, local_path
 from workers.steps import claim_delivery, run_step
 from workers.storage import fetch_sae
@@ -63,7 +64,9 @@ def _explain(explanation: Explanation, workdir, progress) -> None:
     with Image.open(path) as img:
         pixels = bundle.preprocess(img.convert("RGB"))
     flags = list(audit.flags.values("head", "class_name", "latent", "label"))
-    labels = dict(audit.latents.values_list("latent", "label"))
+    # a latent with no name reads as its likely concept, marked as such, not as a bare "unlabelled"
+    labels = {latent: (f"likely “{closest}” (not named)" if label == UNLABELLED and closest else label)
+              for latent, label, closest in audit.latents.values_list("latent", "label", "closest_concept")}
     result = explain_image(ctx, pixels, flags=flags, labels=labels)
     result["image"] = {"item": explanation.item or None, "label": label, "size": list(pixels.shape[-2:])}
     explanation.device = str(device)

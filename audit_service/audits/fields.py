@@ -151,6 +151,12 @@ def review_dict(review) -> dict | None:
             "created_at": review.created_at.isoformat()}
 
 
+def _evidence_csv(row) -> list:
+    ev = row.label_evidence or {}
+    return [_text(ev.get("runner_up")), _num(ev.get("margin")), "; ".join(ev.get("agreeing") or []),
+            _num(ev.get("resampled"))]
+
+
 def _stability_csv(flag) -> list:
     found = flag.stability or {}
     return [str(found.get("found_by", "")), str(found.get("of", ""))]
@@ -214,6 +220,14 @@ FLAG_FIELDS: tuple[Field, ...] = (
               "same concept for this head and class: found_by, of, and per finding dictionary its index, seed, the "
               "correlation of its concept's activation with this flag's and its latents; null for audits run "
               "before dictionaries voted")),
+    Field("label_evidence", lambda row: {"label_evidence": row.get("label_evidence")},
+          lambda row: row.label_evidence, _evidence_csv, columns=("label_runner_up", "label_margin", "label_agreeing",
+                                                                  "label_resampled"),
+          help=("why the latent is (or is not) named: runner_up, the best concept of another meaning; margin, the "
+                "closest concept's score above it in standard deviations of the latent's scores over the "
+                "vocabulary; agreeing, other phrasings of the same meaning among its top concepts; resampled, the "
+                "share of resamples of its reference images that give the same meaning. null for audits run before "
+                "labels carried evidence")),
 )
 
 LATENT_FIELDS: tuple[Field, ...] = (
@@ -230,6 +244,14 @@ LATENT_FIELDS: tuple[Field, ...] = (
     blob("expected_alignment", help="per class: alignment of the latent with the class's expected concepts"),
     number("label_confidence", default=None),
     text("closest_concept", default=None),
+    Field("label_evidence", lambda row: {"label_evidence": row.get("label_evidence")},
+          lambda row: row.label_evidence, _evidence_csv, columns=("label_runner_up", "label_margin", "label_agreeing",
+                                                                  "label_resampled"),
+          help=("why the latent is (or is not) named: runner_up, the best concept of another meaning; margin, the "
+                "closest concept's score above it in standard deviations of the latent's scores over the "
+                "vocabulary; agreeing, other phrasings of the same meaning among its top concepts; resampled, the "
+                "share of resamples of its reference images that give the same meaning. null for audits run before "
+                "labels carried evidence")),
 )
 
 

@@ -351,6 +351,8 @@ class Latent(models.Model):
     expected_alignment = models.JSONField(default=dict)  # class -> alignment with its expected concepts
     label_confidence = models.FloatField(null=True, blank=True)  # None: an older engine did not say
     closest_concept = models.CharField(max_length=300, blank=True, null=True)  # the best fit, also when "unlabelled"
+    # why the label is (or is not) given: runner_up, margin, agreeing, resampled; None: an older engine did not say
+    label_evidence = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["audit", "latent"]
@@ -399,6 +401,8 @@ class Flag(models.Model):
     # how many of the audit's dictionaries flag the same concept (found_by, of, and each finding dictionary);
     # None for audits run before dictionaries voted
     stability = models.JSONField(null=True, blank=True)
+    # why the label is (or is not) given: runner_up, margin, agreeing, resampled; None: an older engine did not say
+    label_evidence = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["audit", "head", "class_name", "rank"]

@@ -225,6 +225,21 @@ def deletion_plot(result: dict, head: str, class_name: str) -> str:
 
 # --------------------------------------------------------------------------- the report
 
+def label_evidence_text(row) -> str:
+    """One sentence under a latent's label: what stands behind the name, or behind the likely concept when no
+    name is given ("" for rows from engines before labels carried evidence)."""
+    ev = row.label_evidence
+    if not ev or not row.closest_concept:
+        return ""
+    parts = [f"{ev['margin']:.1f} SD above the next concept of another meaning"
+             + (f", “{ev['runner_up']}”" if ev.get("runner_up") else "")]
+    parts.append("also " + ", ".join(f"“{a}”" for a in ev["agreeing"]) if ev.get("agreeing")
+                 else "no other phrasing of it among the closest concepts")
+    parts.append(f"the same meaning in {ev['resampled'] * 100:.0f} % of resamples of its reference images")
+    head = "" if row.label and row.label != "unlabelled" else f"likely “{row.closest_concept}”, not named: "
+    return head + "; ".join(parts) + "."
+
+
 def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> dict:
     heatmaps = flag.heatmaps or {}
 
@@ -241,6 +256,7 @@ def _flag_card(audit: Audit, flag: Flag, labels_by_key: dict, images: bool) -> d
         "top_images": [{**p, "relevance": t["relevance"]}
                        for p, t in zip(pictures([t["image"] for t in flag.top_images]), flag.top_images)],
         "causal": causal,
+        "label_evidence": label_evidence_text(flag),
         "numbers": page_numbers(FLAG_FIELDS, flag),
         "harm": harm_rows(flag.harm),
         "metadata": metadata_hits(flag.metadata_auroc or {}),
@@ -354,6 +370,7 @@ def latent_rows(audit: Audit, page) -> None:
     for row in page:
         row.thumbs = [thumbnail(audit, k, 64) for k in row.references[:4]]
         row.numbers = page_numbers(LATENT_FIELDS, row)
+        row.evidence_text = label_evidence_text(row)
 
 
 def report_context(audit: Audit, *, filters: dict | None = None, images: bool = True) -> dict:

@@ -28,7 +28,7 @@ STORED_BEFORE = {
     "n_references": 16,
     "prompt_templates": ["a photo of {}.", "an image of {}.", "a close-up photo of {}.", "a picture showing {}."],
     "class_prompts": {}, "expected_concepts": {"melanoma": ["irregular pigment network"]},
-    "artifact_vocabulary": ["a ruler"], "general_vocabulary": True, "label_min_confidence": 0.3, "flag_top_n": 10,
+    "artifact_vocabulary": ["a ruler"], "general_vocabulary": True, "label_min_confidence": 0.6, "flag_top_n": 10,
     "flag_min_share": 0.05, "flag_max_alignment": 0.05, "flag_relative_alignment": 0.5, "flag_class_margin": 0.02,
     "flag_without_harm": False, "flag_group_similarity": 0.6, "harm_min_gap": 0.2, "harm_min_z": 3.0,
     "amplification_ratio": 1.5, "faithfulness_steps": 20, "faithfulness_max_images": 256, "top_images_per_flag": 8,

@@ -53,6 +53,8 @@ def build_result(**overrides) -> dict:
     fires on the ruler column), an unlabelled latent for nevus (relied on, no harm) and the ruler under zero-shot
     (not confirmed). Accuracy is sliced by the ruler column; the SAE was trained on a separate dataset."""
     ruler = _flag("probe", "melanoma", 0, 1, "a ruler", label_confidence=0.91, closest_concept="a ruler",
+                  label_evidence={"runner_up": "hair", "margin": 2.5, "agreeing": ["a measuring scale"],
+                                  "resampled": 0.91},
                   harm=_harm(((25, 0.96), (15, 1 / 3), (16, 0.8125), (24, 1 / 48)),
                              ((25, 0.71), (15, 0.74), (16, 0.20), (24, 0.22)), True, RULER_SUMMARY),
                   confirmation={"status": "confirmed", "text": "confirmed shortcut, measured harm: removing it "
@@ -67,6 +69,7 @@ def build_result(**overrides) -> dict:
                   metadata_auroc={"ruler": 0.97, "site=head": 0.61, "site=back": 0.55, "age_over_60": 0.52},
                   concept_latents=[0, 3])
     unlabelled = _flag("probe", "nevus", 1, 1, "unlabelled", label_confidence=0.12, closest_concept="hair",
+                       label_evidence={"runner_up": "kite", "margin": 0.4, "agreeing": [], "resampled": 0.24},
                        harm=_harm(((20, 0.9), (20, 0.88), (20, 0.1), (20, 0.09)),
                                   ((20, 0.8), (20, 0.79), (20, 0.2), (20, 0.2)), False,
                                   "nevus images with and without it: 90% vs 88% called nevus"),
@@ -108,7 +111,8 @@ def build_result(**overrides) -> dict:
     return result
 
 
-NEW_FLAG_KEYS = ("harm", "confirmation", "label_confidence", "closest_concept", "metadata_auroc", "concept_latents")
+NEW_FLAG_KEYS = ("harm", "confirmation", "label_confidence", "closest_concept", "metadata_auroc", "concept_latents",
+                 "label_evidence")
 
 
 def without_new_keys(result: dict) -> dict:
@@ -120,7 +124,7 @@ def without_new_keys(result: dict) -> dict:
     for flag in old["flags"]:
         flag["label"] = flag["closest_concept"]
         for key in NEW_FLAG_KEYS:
-            flag.pop(key)
+            flag.pop(key, None)
         for key in ("flip_rate", "baseline_flip_rate", "others_fixed", "others_called_before", "fix_rate",
                     "baseline_called", "baseline_fixed", "baseline_fix_rate"):
             (flag.get("causal") or {}).pop(key, None)

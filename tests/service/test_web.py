@@ -305,9 +305,14 @@ def test_a_flag_card_shows_the_harm_table_the_confirmation_and_what_the_latent_f
     assert "(similar latents: 6%)" in ruler
     assert "others fixed by removing it <b>9</b> / 13 (similar latents fix 8%)" in ruler
     assert "“a ruler”" in ruler and "(confidence 0.91)" in ruler
+    assert ("2.5 SD above the next concept of another meaning, “hair”; also “a measuring scale”; the same meaning "
+            "in 91 % of resamples of its reference images.") in ruler
 
     unlabelled = flag_card(html, measured.flags.get(head="probe", class_name="nevus"))
-    assert "unlabelled — closest: hair" in unlabelled and "(confidence 0.12)" in unlabelled
+    # an unnamed latent shows what it likely is, and why it is not named
+    assert "likely “hair”, unlabelled" in unlabelled and "(confidence 0.12)" in unlabelled
+    assert ("likely “hair”, not named: 0.4 SD above the next concept of another meaning, “kite”; no other phrasing "
+            "of it among the closest concepts; the same meaning in 24 % of resamples") in unlabelled
     assert "relied on, no measured harm" in unlabelled
     assert "fires on" not in unlabelled and "concept spread" not in unlabelled  # nothing to say, nothing shown
     zero_shot = flag_card(html, measured.flags.get(head="zero_shot"))
@@ -333,7 +338,7 @@ def test_the_downloaded_html_shows_the_same_harm_confirmation_and_slices(web, me
     ruler = flag_card(html, measured.flags.get(head="probe", class_name="melanoma"))
     assert harm_cells(ruler)["Linear probe"][1] == ("33%", "15")
     assert "confirmed shortcut: measured harm" in ruler and RULER_SUMMARY in ruler
-    assert "unlabelled — closest: hair" in html and 'id="slice-ruler"' in html
+    assert "likely “hair”, unlabelled" in html and 'id="slice-ruler"' in html
     assert "<script" not in html
 
 
@@ -357,6 +362,8 @@ def test_the_flags_csv_has_confirmation_measured_harm_and_label_confidence(web, 
         "relied_on_no_harm", "false", "false")
     assert (unlabelled["label"], unlabelled["closest_concept"], unlabelled["label_confidence"]) == (
         "unlabelled", "hair", "0.12")
+    assert [ruler[c] for c in ("label_runner_up", "label_margin", "label_agreeing", "label_resampled")] == [
+        "hair", "2.5", "a measuring scale", "0.91"]
 
 
 def test_a_result_from_before_harm_was_measured_still_stores_renders_and_downloads(web, project, users,

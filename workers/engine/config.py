@@ -180,7 +180,9 @@ class AuditConfig(_DictMixin):
     # None: the built-in artifact list
     artifact_vocabulary: Annotated[tuple[_Text, ...], Field(max_length=VOCABULARY_MAX)] | None = None
     general_vocabulary: _Bool = True  # add the ImageNet class names shipped with open_clip
-    label_min_confidence: _Fraction = 0.3  # below this label probability a latent is reported "unlabelled"
+    # below this label confidence (semantics.label_evidence: the share of resamples of the latent's references that
+    # give the same meaning, at most 0.5 when no second phrasing confirms it) a latent is reported "unlabelled"
+    label_min_confidence: _Fraction = 0.6
     flag_top_n: _count(le=SHOWN_MAX) = 10  # a flag must be among the class's top-n latents by relevance share ...
     flag_min_share: _Fraction = 0.05  # ... and hold at least this share of the class's positive relevance ...
     flag_max_alignment: _Cosine = 0.05  # ... while aligning with the expected concepts below this,

@@ -12,8 +12,8 @@ from .data import ImageSet
 from .errors import checkpoint
 from .loading import ClipBundle
 from .partials import Partial
-from .semantics import (UNLABELLED, ReferenceTracker, Vocabulary, alignment, choose_labels, class_alignments,
-                        label_confidence, semantic_embeddings)
+from .semantics import (UNLABELLED, LabelEvidence, ReferenceTracker, Vocabulary, alignment, choose_labels,
+                        class_alignments, label_evidence, semantic_embeddings)
 
 
 @dataclass
@@ -26,7 +26,8 @@ class LatentLabels:
     vocab: Vocabulary
     labels: list  # [L] label text: None without references, UNLABELLED when no concept describes it well
     closest_concepts: list  # [L] the concept it aligns with best, however weakly (None without references)
-    confidence: Tensor  # [L] the probability CLIP gives the closest concept among the whole vocabulary
+    confidence: Tensor  # [L] how sure the closest concept is (semantics.label_evidence), 0..1
+    evidence: LabelEvidence  # [L] its runner-up, margin, agreeing phrasings and resampled share
     label_indices: list  # [L] the closest concept's index in ``vocab`` (None without references)
     label_alignment: Tensor  # [L] alignment with the closest concept
     expected_alignment: Tensor  # [C, L] alignment with each class's expected concepts
@@ -54,16 +55,14 @@ def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, m
     expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
                                                               config.expected_concepts)  # [C, L] each
     label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
-    scale = float(semantic_model.model.logit_scale.exp().clamp(max=100)) if hasattr(semantic_model.model,
-                                                                                     "logit_scale") else 100.0
-    confidence = label_confidence(align, vocab, expected_alignment, scale)
+    evidence, confidence = label_evidence(align, vocab, expected_alignment, tracker, image_embeddings)
     closest = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
     return LatentLabels(
         tracker=tracker, semantic=sem, clarity=clarity, vocab=vocab,
         # a latent no concept describes well is "unlabelled": its images speak for it, not a confident wrong name
         labels=[None if c is None else (c if confidence[i] >= config.label_min_confidence else UNLABELLED)
                 for i, c in enumerate(closest)],
-        closest_concepts=closest, confidence=confidence,
+        closest_concepts=closest, confidence=confidence, evidence=evidence,
         label_indices=[j if has_refs[i] else None for i, j in enumerate(label_index.tolist())],
         label_alignment=label_alignment, expected_alignment=expected_alignment,
         specific_alignment=specific_alignment,

@@ -23,19 +23,44 @@ ARTIFACT_VOCABULARY: dict[str, str] = {
     "dark corners": "dataset_artifact",
     "a dark vignette around the image": "dataset_artifact",
     "a colour calibration chart": "dataset_artifact",
+    "a chart of coloured squares": "dataset_artifact",
     "gel bubbles": "dataset_artifact",
     "air bubbles": "dataset_artifact",
     "a microscope frame": "dataset_artifact",
+    "a round black frame around the image": "dataset_artifact",
     "a blurry image": "dataset_artifact",
+    "an out-of-focus photo": "dataset_artifact",
     "a watermark": "visual_text",
     "text": "visual_text",
     "typography": "visual_text",
     "printed text": "visual_text",
     "letters and numbers": "visual_text",
     "a logo": "visual_text",
+    "a brand emblem": "visual_text",
 }
 
 UNLABELLED = "unlabelled"  # the label of a latent that no concept of the vocabulary describes well
+MIN_MARGIN = 1.0  # standard deviations: a closest concept that stands out less than this is no evidence
+
+# Phrasings of one meaning in the built-in artifact vocabulary. A label competes with the best concept of another
+# meaning (its synonyms do not count against it), and a name is given only when another phrasing of the same
+# meaning agrees (see label_evidence).
+ARTIFACT_MEANINGS: dict[str, str] = {
+    "a ruler": "ruler", "ruler markings with millimetre ticks": "ruler", "a measuring scale": "ruler",
+    "a band-aid": "band-aid", "an adhesive bandage": "band-aid",
+    "a skin marker ink marking": "ink marking", "purple ink drawn on skin": "ink marking",
+    "hair": "hair", "dark hairs over the skin": "hair",
+    "dark corners": "dark corners", "a dark vignette around the image": "dark corners",
+    "a colour calibration chart": "colour chart", "a chart of coloured squares": "colour chart",
+    "gel bubbles": "bubbles", "air bubbles": "bubbles",
+    "a microscope frame": "microscope frame", "a round black frame around the image": "microscope frame",
+    "a blurry image": "blur", "an out-of-focus photo": "blur",
+    "a watermark": "text", "text": "text", "typography": "text", "printed text": "text",
+    "letters and numbers": "text",
+    "a logo": "logo", "a brand emblem": "logo",
+    # the general vocabulary's (ImageNet's) names of the same things
+    "ruler measuring stick": "ruler", "band-aid": "band-aid", "bubble": "bubbles", "website": "text",
+}
 
 
 def general_vocabulary() -> list[str]:
@@ -84,6 +109,7 @@ class Vocabulary:
     concepts: list[str]
     sources: list[str]  # "expected:<class>", "class", "artifact", "general"
     categories: list[str]  # category a flag gets when labelled with this concept
+    meanings: list[str] = field(default_factory=list)  # what each concept means: its phrasings share one
     embeddings: Tensor | None = None  # [n_concepts, embed_dim], normalized
     empty: Tensor | None = None  # [embed_dim], the empty prompt
     index: dict = field(default_factory=dict)
@@ -91,20 +117,21 @@ class Vocabulary:
     @classmethod
     def build(cls, class_names: Sequence[str], expected: dict, artifacts: dict | Sequence[str] | None,
               general: bool) -> "Vocabulary":
-        concepts, sources, categories = [], [], []
+        concepts, sources, categories, meanings = [], [], [], []
 
-        def add(concept: str, source: str, category: str):
+        def add(concept: str, source: str, category: str, meaning: str | None = None):
             key = concept.strip().lower()
             if key and key not in {c.lower() for c in concepts}:
                 concepts.append(concept.strip())
                 sources.append(source)
                 categories.append(category)
+                meanings.append(meaning or ARTIFACT_MEANINGS.get(key, key))
 
         for name in class_names:
             for concept in expected.get(name, []):
-                add(concept, f"expected:{name}", "other")
+                add(concept, f"expected:{name}", "other", f"class {name}")
         for name in class_names:
-            add(name, "class", "other")
+            add(name, "class", "other", f"class {name}")
         if artifacts is None:
             artifacts = ARTIFACT_VOCABULARY
         if not isinstance(artifacts, dict):
@@ -114,7 +141,7 @@ class Vocabulary:
         if general:
             for concept in general_vocabulary():
                 add(concept, "general", "other")
-        vocab = cls(concepts, sources, categories)
+        vocab = cls(concepts, sources, categories, meanings)
         vocab.index = {c.lower(): i for i, c in enumerate(concepts)}
         return vocab
 
@@ -189,18 +216,94 @@ def _label_scores(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor) 
     return score
 
 
-def label_confidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor, logit_scale: float) -> Tensor:
-    """[n_latents]: the probability CLIP gives the chosen label among the whole vocabulary.
+@dataclass
+class LabelEvidence:
+    """Why a latent gets (or does not get) a name, per latent (L latents)."""
 
-    The latent's references are read as CLIP reads an image in zero-shot
-    classification: a softmax over the concepts' scores at the model's own
-    logit scale. A concept that stands clearly above the rest gets most of the
-    mass; the best of a thousand near-equal guesses ("golf ball" for a
-    sticker the vocabulary has no word for) gets little, and the latent is
-    reported as unlabelled rather than with a confident wrong name.
+    runner_up: list  # [L] the best concept of another meaning than the closest (None without a rival)
+    margin: Tensor  # [L] the closest concept's score above it, in standard deviations of the latent's scores
+    agreeing: list  # [L] other phrasings of the closest concept's meaning among the latent's top concepts
+    resampled: Tensor  # [L] share of resamples of the latent's references whose closest meaning is the same
+
+
+def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor, tracker: "ReferenceTracker",
+                   image_embeddings: Tensor, resamples: int = 64, top: int = 5,
+                   seed: int = 0) -> tuple[LabelEvidence, Tensor]:
+    """Evidence for each latent's closest concept, none of it tied to the semantic model's logit scale (a small
+    model's scores spread over a hundredth of a large one's): the *margin* of the closest concept over the best
+    concept of another meaning, in standard deviations of the latent's scores over the whole vocabulary; the
+    other phrasings of its meaning that are among the latent's ``top`` concepts (*agreeing*: a real ruler latent
+    scores "a ruler" and "a measuring scale" high together; a latent of something the vocabulary has no word for
+    lands near one phrase by chance); and how often a resample of its reference images (``tracker``'s, embedded
+    in ``image_embeddings``) gives the same closest meaning (*resampled*).
+
+    Returns the evidence and the confidence [L]: the resampled share when another phrasing agrees (or the meaning
+    has a single phrasing the user or the artifact vocabulary gave: it was named as a suspect), at most 0.5
+    when nothing confirms the guess (the general vocabulary's names have one phrasing each), and 0 when the
+    margin is under one standard deviation (the closest concept hardly stands out).
     """
-    score = _label_scores(align, vocab, expected_alignment)
-    return torch.softmax(logit_scale * score, dim=1).amax(1)
+    score = _label_scores(align, vocab, expected_alignment)  # [L, V]
+    n_latents = score.shape[0]
+    spread = score.std(1, keepdim=True).clamp_min(1e-12)
+    z = (score - score.mean(1, keepdim=True)) / spread
+    meaning_ids = _meaning_ids(vocab)  # [V]
+    best = z.argmax(1)
+    same = meaning_ids.unsqueeze(0) == meaning_ids[best].unsqueeze(1)  # [L, V]
+    rival_z = z.masked_fill(same, float("-inf"))
+    rival = rival_z.argmax(1)
+    margin = torch.where(torch.isfinite(rival_z.amax(1)), z.gather(1, best[:, None])[:, 0] - rival_z.amax(1),
+                         torch.zeros(n_latents))
+    order = z.argsort(1, descending=True)[:, :top]
+    agreeing = [[vocab.concepts[j] for j in order[i].tolist() if j != int(best[i]) and bool(same[i, j])]
+                for i in range(n_latents)]
+    phrasings = torch.bincount(meaning_ids, minlength=int(meaning_ids.max()) + 1)[meaning_ids[best]]  # [L]
+    resampled = torch.cat([
+        _resampled_agreement(_references(tracker, image_embeddings, lo, lo + 512), vocab,
+                             expected_alignment[:, lo:lo + 512], meaning_ids[best[lo:lo + 512]], resamples, seed)
+        for lo in range(0, n_latents, 512)]) if n_latents else torch.zeros(0)
+    suspect = torch.tensor([vocab.sources[j] != "general" for j in best.tolist()])
+    confirmed = torch.tensor([bool(a) for a in agreeing]) | ((phrasings == 1) & suspect)
+    confidence = torch.where(margin < MIN_MARGIN, torch.zeros(n_latents),
+                             torch.where(confirmed, resampled, resampled.clamp(max=0.5)))
+    evidence = LabelEvidence(
+        runner_up=[vocab.concepts[j] if torch.isfinite(rival_z[i, j]) else None for i, j in enumerate(rival.tolist())],
+        margin=margin, agreeing=agreeing, resampled=resampled)
+    return evidence, confidence
+
+
+def _references(tracker: "ReferenceTracker", image_embeddings: Tensor, lo: int, hi: int) -> Tensor:
+    """[hi - lo, m, E]: latents lo..hi's reference images' normalized embeddings (zero rows for empty slots)."""
+    normed = F.normalize(image_embeddings.float(), dim=-1)
+    valid = (tracker.values[lo:hi] > 0).float().cpu()
+    return normed[tracker.indices[lo:hi].cpu().clamp_min(0)] * valid.unsqueeze(-1)
+
+
+def _meaning_ids(vocab: Vocabulary) -> Tensor:
+    meanings = vocab.meanings or [c.lower() for c in vocab.concepts]
+    ids = {m: i for i, m in enumerate(dict.fromkeys(meanings))}
+    return torch.tensor([ids[m] for m in meanings])
+
+
+def _resampled_agreement(references: Tensor, vocab: Vocabulary, expected_alignment: Tensor, meaning: Tensor,
+                         resamples: int, seed: int) -> Tensor:
+    """[L]: the share of bootstrap resamples of each latent's references whose closest concept has ``meaning``
+    (the class concepts' shared part is the full set's, ``expected_alignment``)."""
+    n_latents, m, _ = references.shape
+    valid = (references.abs().sum(-1) > 0).float()  # [L, m]
+    if m == 0 or n_latents == 0:
+        return torch.zeros(n_latents)
+    meaning_ids = _meaning_ids(vocab)
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.where(valid.sum(1, keepdim=True) > 0, valid, torch.ones_like(valid))  # a latent never active
+    agree = torch.zeros(n_latents)
+    for _ in range(resamples):
+        # draw each latent's references with replacement: multinomial counts over its valid slots
+        picks = torch.multinomial(weights, m, replacement=True, generator=gen)  # [L, m]
+        counts = torch.zeros(n_latents, m).scatter_add_(1, picks, torch.ones(n_latents, m)) * valid
+        emb = (counts.unsqueeze(-1) * references).sum(1) / counts.sum(1, keepdim=True).clamp_min(1)
+        score = _label_scores(alignment(emb, vocab), vocab, expected_alignment)
+        agree += (meaning_ids[score.argmax(1)] == meaning).float()
+    return agree / resamples
 
 
 def choose_labels(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor) -> tuple[Tensor, Tensor]:

@@ -176,6 +176,7 @@ def _describe_flags(ctx: AuditContext, images: ImageSet, labels: Tensor, counts:
                                          config.top_images_per_flag)
         flag["label_confidence"] = float(labelled.confidence[latent])
         flag["closest_concept"] = labelled.closest_concepts[latent]
+        flag["label_evidence"] = label_evidence_of(labelled, latent)
         flag["metadata_auroc"] = metadata_auroc(merged.activity(latent), metadata)
         flag["baseline_groups"] = baseline_groups(class_mean[c], flag["concept_latents"], exclude=[
             i for f in flags if f["class_name"] == flag["class_name"] for i in f["concept_latents"]])
@@ -249,6 +250,17 @@ def _faithfulness(merged: Partial, class_names: list[str]) -> dict:
     return faithfulness
 
 
+def label_evidence_of(labelled: LatentLabels, latent: int) -> dict | None:
+    """What a reviewer reads under a latent's label: the runner-up of another meaning, the margin over it (standard
+    deviations of the latent's scores over the vocabulary), the other phrasings that agree, and the share of
+    resamples of its references that give the same meaning; None for a latent never active."""
+    if labelled.closest_concepts[latent] is None:
+        return None
+    ev = labelled.evidence
+    return {"runner_up": ev.runner_up[latent], "margin": round(float(ev.margin[latent]), 3),
+            "agreeing": list(ev.agreeing[latent]), "resampled": round(float(ev.resampled[latent]), 3)}
+
+
 def _latents(labelled: LatentLabels, merged: Partial, freq: Tensor, ids: list, class_names: list[str]) -> list:
     """One entry per latent: its label and where it came from, alignments, clarity, frequency, references."""
     vocab, labels_text, label_indices = labelled.vocab, labelled.labels, labelled.label_indices
@@ -260,6 +272,7 @@ def _latents(labelled: LatentLabels, merged: Partial, freq: Tensor, ids: list, c
             "label_source": vocab.sources[j] if j is not None else None,
             "label_category": vocab.categories[j] if j is not None and labels_text[i] != UNLABELLED else None,
             "label_confidence": float(labelled.confidence[i]), "closest_concept": labelled.closest_concepts[i],
+            "label_evidence": label_evidence_of(labelled, i),
             "label_alignment": float(labelled.label_alignment[i]) if labels_text[i] is not None else None,
             "clarity": float(labelled.clarity[i]), "frequency": float(freq[i]),
             "max_activation": float(merged.max_activation[i]),
