@@ -13,7 +13,7 @@ from .errors import checkpoint
 from .loading import ClipBundle
 from .partials import Partial
 from .semantics import (UNLABELLED, LabelEvidence, ReferenceTracker, Vocabulary, alignment, choose_labels,
-                        class_alignments, label_evidence, semantic_embeddings)
+                        class_alignments, dataset_alignment, label_evidence, semantic_embeddings)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class LatentLabels:
     confidence: Tensor  # [L] how sure the closest concept is (semantics.label_evidence), 0..1
     evidence: LabelEvidence  # [L] its runner-up, margin, agreeing phrasings and resampled share
     label_indices: list  # [L] the closest concept's index in ``vocab`` (None without references)
-    label_alignment: Tensor  # [L] alignment with the closest concept
+    label_alignment: Tensor  # [L] the best class-specific alignment any concept reaches (the flag rule's yardstick)
     expected_alignment: Tensor  # [C, L] alignment with each class's expected concepts
     specific_alignment: Tensor  # [C, L] the part of it the other classes do not share
     name_alignment: Tensor  # [C, L] alignment with each class's name
@@ -54,8 +54,16 @@ def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, m
     has_refs = n_refs > 0
     expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
                                                               config.expected_concepts)  # [C, L] each
-    label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
-    evidence, confidence = label_evidence(align, vocab, expected_alignment, tracker, image_embeddings)
+    # the flag rule's yardstick: the best (class-specific) alignment any concept reaches
+    _, label_alignment = choose_labels(align, vocab, expected_alignment)
+    # the name: what the references show *more than the audited images at large* (a concept the semantic model
+    # aligns with every image alike, as a small model's text tower does with many names it never saw, names none)
+    baseline = dataset_alignment(image_embeddings, vocab)  # [V]
+    contrast = align - baseline
+    contrast_expected, _ = class_alignments(contrast, vocab, class_names, config.expected_concepts)
+    label_index, _ = choose_labels(contrast, vocab, contrast_expected)
+    evidence, confidence = label_evidence(contrast, vocab, contrast_expected, tracker, image_embeddings,
+                                          baseline=baseline)
     closest = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
     return LatentLabels(
         tracker=tracker, semantic=sem, clarity=clarity, vocab=vocab,

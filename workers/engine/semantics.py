@@ -189,6 +189,16 @@ def alignment(semantic: Tensor, vocab: Vocabulary) -> Tensor:
     return e @ vocab.embeddings.T - (e @ vocab.empty).unsqueeze(1)
 
 
+def dataset_alignment(image_embeddings: Tensor, vocab: Vocabulary) -> Tensor:
+    """[V]: each concept's alignment with the mean normalized embedding of the images (rows that are all zero, images
+    a semantic model did not embed, left out): what every image shows alike, subtracted before a latent is named."""
+    normed = F.normalize(image_embeddings.float(), dim=-1)
+    kept = normed[normed.abs().sum(-1) > 0]
+    if len(kept) == 0:
+        return torch.zeros(len(vocab.concepts))
+    return alignment(kept.mean(0, keepdim=True), vocab)[0]
+
+
 def class_alignments(align: Tensor, vocab: Vocabulary, class_names: Sequence[str],
                      expected: dict) -> tuple[Tensor, Tensor]:
     """Per class and latent: alignment with the class's expected concepts, and the class-specific part of it.
@@ -227,15 +237,16 @@ class LabelEvidence:
 
 
 def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor, tracker: "ReferenceTracker",
-                   image_embeddings: Tensor, resamples: int = 64, top: int = 5,
-                   seed: int = 0) -> tuple[LabelEvidence, Tensor]:
+                   image_embeddings: Tensor, resamples: int = 64, top: int = 5, seed: int = 0,
+                   baseline: Tensor | None = None) -> tuple[LabelEvidence, Tensor]:
     """Evidence for each latent's closest concept, none of it tied to the semantic model's logit scale (a small
     model's scores spread over a hundredth of a large one's): the *margin* of the closest concept over the best
     concept of another meaning, in standard deviations of the latent's scores over the whole vocabulary; the
     other phrasings of its meaning that are among the latent's ``top`` concepts (*agreeing*: a real ruler latent
     scores "a ruler" and "a measuring scale" high together; a latent of something the vocabulary has no word for
     lands near one phrase by chance); and how often a resample of its reference images (``tracker``'s, embedded
-    in ``image_embeddings``) gives the same closest meaning (*resampled*).
+    in ``image_embeddings``) gives the same closest meaning (*resampled*). ``baseline`` [V]: what ``align`` had
+    subtracted (:func:`dataset_alignment`); the resamples subtract it too.
 
     Returns the evidence and the confidence [L]: the resampled share when another phrasing agrees (or the meaning
     has a single phrasing the user or the artifact vocabulary gave: it was named as a suspect), at most 0.5
@@ -259,7 +270,8 @@ def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor,
     phrasings = torch.bincount(meaning_ids, minlength=int(meaning_ids.max()) + 1)[meaning_ids[best]]  # [L]
     resampled = torch.cat([
         _resampled_agreement(_references(tracker, image_embeddings, lo, lo + 512), vocab,
-                             expected_alignment[:, lo:lo + 512], meaning_ids[best[lo:lo + 512]], resamples, seed)
+                             expected_alignment[:, lo:lo + 512], meaning_ids[best[lo:lo + 512]], resamples, seed,
+                             baseline)
         for lo in range(0, n_latents, 512)]) if n_latents else torch.zeros(0)
     suspect = torch.tensor([vocab.sources[j] != "general" for j in best.tolist()])
     confirmed = torch.tensor([bool(a) for a in agreeing]) | ((phrasings == 1) & suspect)
@@ -285,7 +297,7 @@ def _meaning_ids(vocab: Vocabulary) -> Tensor:
 
 
 def _resampled_agreement(references: Tensor, vocab: Vocabulary, expected_alignment: Tensor, meaning: Tensor,
-                         resamples: int, seed: int) -> Tensor:
+                         resamples: int, seed: int, baseline: Tensor | None = None) -> Tensor:
     """[L]: the share of bootstrap resamples of each latent's references whose closest concept has ``meaning``
     (the class concepts' shared part is the full set's, ``expected_alignment``)."""
     n_latents, m, _ = references.shape
@@ -301,7 +313,8 @@ def _resampled_agreement(references: Tensor, vocab: Vocabulary, expected_alignme
         picks = torch.multinomial(weights, m, replacement=True, generator=gen)  # [L, m]
         counts = torch.zeros(n_latents, m).scatter_add_(1, picks, torch.ones(n_latents, m)) * valid
         emb = (counts.unsqueeze(-1) * references).sum(1) / counts.sum(1, keepdim=True).clamp_min(1)
-        score = _label_scores(alignment(emb, vocab), vocab, expected_alignment)
+        align = alignment(emb, vocab)
+        score = _label_scores(align if baseline is None else align - baseline, vocab, expected_alignment)
         agree += (meaning_ids[score.argmax(1)] == meaning).float()
     return agree / resamples
 

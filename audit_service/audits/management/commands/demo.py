@@ -32,6 +32,17 @@ def _file_sha(path) -> str:
         return sha256_of(fh)
 
 
+def _named(flag: dict) -> str:
+    """The flag's name with its confidence and evidence, or what it likely is when it is not named."""
+    ev = flag.get("label_evidence") or {}
+    evidence = (f"; {ev['margin']:.1f} SD above '{ev['runner_up']}'" if ev.get("runner_up") else "") + (
+        f"; also {', '.join(repr(a) for a in ev['agreeing'])}" if ev.get("agreeing") else "")
+    confidence = f"confidence {flag.get('label_confidence') or 0:.2f}{evidence}"
+    if flag["label"] == "unlabelled":
+        return f"likely '{flag.get('closest_concept')}', not named ({confidence})"
+    return f"'{flag['label']}' ({confidence})"
+
+
 class Command(BaseCommand):
     help = "Generate a small case, run a real audit of it through the service and print where to look."
 
@@ -161,8 +172,10 @@ class Command(BaseCommand):
                 self.case["config"]["toward"] else ""
             hits = metadata_hits(f.get("metadata_auroc") or {}, 2)
             auroc = ", ".join(f"{h['name']} (AUROC {h['auroc']:.2f})" for h in hits)
+            stability = f.get("stability") or {}
+            found = f"found by {stability['found_by']} of {stability['of']} dictionaries" if stability else ""
             self.stdout.write(f"  flag: {f['class_name']:<9} rank {f['rank']} latent {f['latent']:<3} "
-                              f"'{f['label']}' (confidence {f.get('label_confidence') or 0:.2f}; fires on {auroc}) "
+                              f"{_named(f)} {found}; fires on {auroc}; "
                               f"share probe {f['probe_share']:.2f} vs zero-shot {f['zero_shot_share']:.2f}{mark}\n"
                               f"        {(f.get('confirmation') or {}).get('text', '')}\n"
                               f"        harm: {(f.get('harm') or {}).get('summary', 'n/a')}")
