@@ -163,8 +163,9 @@ def test_the_summary_and_the_report_carry_the_heatmap_mass_per_case_and_per_arti
     assert "| a ruler | 2 | 0.550 | 0.150 | 0.650 | 0.800 | 0.250 | 40 |" in text
     assert "area-weighted" in text and "the target 0.6 reached in 1 (not met)" in text
     assert "mass 0.30 (chance 0.20, ideal 0.60, below 0.6)" in text  # the hair case's row
-    # 150 s a case, so the default grid's 45 cases would take 112 min
-    assert "4 cases, a smaller grid than the default (45 cases" in text and "take about 112 min" in text
+    # 150 s a case, so the default grid's 51 cases (eight artifacts, two classes, three seeds, three controls)
+    # would take 128 min
+    assert "4 cases, a smaller grid than the default (51 cases" in text and "take about 128 min" in text
 
 
 def _stability(every: int, anyone: int) -> dict:
@@ -210,3 +211,54 @@ def test_the_summary_averages_the_flags_purity_against_the_target():
     summary = summarize_grid(cases)
     assert summary["purity"] == pytest.approx(0.85)
     assert meets_targets(summary)["purity"] is False
+
+
+def test_the_label_figures_count_closest_concepts_on_named_artifacts_and_every_wrong_name():
+    def flag(label, closest, correct, closest_correct):
+        return {"precise": True, "confirmed": False, "label_correct": correct, "novel_artifact": False,
+                "label_confidence": 0.9 if correct != "unlabelled" else 0.1, "label": label,
+                "closest_concept": closest, "closest_correct": closest_correct, "purity": 0.9}
+
+    cases = [_case(artifact="a ruler"), _case(artifact="a stain")]
+    cases[0]["flags"] = [flag("a ruler", "a ruler", "right", True),
+                         flag("unlabelled", "ruler measuring stick", "unlabelled", True),
+                         flag("unlabelled", "golf ball", "unlabelled", False)]
+    cases[1]["flags"] = [flag("unlabelled", "baseball", "unlabelled", None)]  # the vocabulary has no word for it
+    summary = summarize_grid(cases)
+    assert summary["closest_right"] == pytest.approx(2 / 3, abs=1e-4) and summary["named_wrong"] == 0
+    met = meets_targets(summary)
+    assert met["closest_right"] is False and met["named_wrong"] is True
+    cases[1]["flags"] = [flag("a colour calibration chart", "a colour calibration chart", "wrong", None)]
+    assert meets_targets(summarize_grid(cases))["named_wrong"] is False  # one confident wrong name fails it
+
+
+def test_a_name_is_right_in_any_phrasing_of_the_artifacts_meaning():
+    from workers.casestudy.benchmark import _label_correct
+
+    assert _label_correct("ruler measuring stick", ["a ruler"]) == "right"
+    assert _label_correct("dark hairs over the skin", ["hair"]) == "right"
+    assert _label_correct("a dark vignette around the image", ["dark corners"]) == "right"
+    assert _label_correct("hair clip", ["a paper clip"]) == "wrong"
+    assert _label_correct("unlabelled", ["a ruler"]) == "unlabelled"
+    assert _label_correct(None, ["a ruler"]) == "unlabelled"
+
+
+def test_case_model_digests_are_recorded_once_and_a_rebuild_that_differs_is_reported(tmp_path, monkeypatch):
+    from workers.casestudy import benchmark
+
+    weights = {0: tmp_path / "seed0.safetensors", 1: tmp_path / "seed1.safetensors"}
+    for seed, path in weights.items():
+        path.write_bytes(f"weights of seed {seed}".encode())
+    monkeypatch.setattr(benchmark, "build_case", lambda root, cfg, log=None: {"checkpoint": str(weights[cfg.seed])})
+    record = tmp_path / "model_digests.json"
+    grid = Grid(seeds=(0, 1), artifacts=("a ruler",), classes=("melanoma",))
+    first = benchmark.model_digests(tmp_path, grid, recorded=record)
+    assert [m["match"] for m in first.values()] == [None, None]  # nothing recorded yet: recorded now
+    assert benchmark.digest_mismatches(first) == []
+    assert benchmark.model_digests(tmp_path, grid, recorded=record)[0]["match"] is True
+    weights[1].write_bytes(b"another machine's weights")
+    again = benchmark.model_digests(tmp_path, grid, recorded=record)
+    assert (again[0]["match"], again[1]["match"]) == (True, False)
+    [line] = benchmark.digest_mismatches(again)
+    assert line.startswith("seed 1: the case model's SHA-256") and "measure other cases" in line
+    assert again[1]["recorded"] == first[1]["sha256"]  # the record is not overwritten by the mismatch

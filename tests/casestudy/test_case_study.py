@@ -1,7 +1,8 @@
 """The generated skin-lesion case: images with planted artifacts, a tiny CLIP trained from scratch, a biased probe.
 
 The model is trained once per machine (cached under ~/.cache/clip-audit/casestudy), so only the first run on a
-machine pays the two to three minutes of training.
+machine pays the five or so minutes of training (two threads, deterministic algorithms: see
+`pretrain.deterministic`).
 """
 import numpy as np
 import pytest
@@ -34,9 +35,10 @@ def test_the_biased_split_ties_the_ruler_to_melanoma_and_the_held_out_split_does
 
 def test_the_tiny_clip_learned_the_classes_and_every_artifact(case):
     metrics = case["metrics"]
-    # seven artifacts and several phrasings share the 600 steps: seed 0 reaches 0.70 (0.79 with five artifacts)
+    # eight artifacts and several phrasings share the 900 steps: seed 0 reaches 0.82
     assert metrics["zero_shot_class_accuracy"] > 0.65
-    # the two artifacts no audit vocabulary names are learned less well by the tiny CLIP (seed 0: sticker 0.75)
+    # the artifacts no audit vocabulary names may be learned less well by the tiny CLIP (seed 0: paper clip 0.92,
+    # band-aid 0.95 the lowest of the others)
     assert all(auroc > (0.7 if a in images.NOVEL_ARTIFACTS else 0.85)
                for a, auroc in metrics["artifact_auroc"].items()), metrics["artifact_auroc"]
 
@@ -70,3 +72,32 @@ def test_captions_name_the_class_and_the_artifacts():
     assert images.Sample("nevus").partial_caption(False, True) == "a dermoscopy image."
     with pytest.raises(ValueError):
         images.biased_rates("a ruler", "melanoma", 1.5)
+
+
+def test_training_under_deterministic_gives_the_same_weights_bit_for_bit():
+    """The case model's SHA-256 can only be compared across machines when a rebuild is exact: same seeds, a fixed
+    number of threads and deterministic algorithms give the same weights (a few steps on a few images here)."""
+    import hashlib
+
+    import torch
+
+    from workers.casestudy.build import LESION_CLIP
+    from workers.casestudy.images import Sample
+    from workers.casestudy.pretrain import caption_variants, deterministic, train_clip
+    from workers.engine.loading import load_clip
+
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 255, size=(16, 64, 64, 3), dtype=np.uint8)
+    samples = [Sample("melanoma" if i % 2 else "nevus", ["a ruler"] if i % 3 == 0 else []) for i in range(16)]
+
+    def digest():
+        torch.manual_seed(0)
+        bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
+        with deterministic():
+            train_clip(bundle, pictures, caption_variants(samples, 0), steps=3, batch_size=8, seed=0)
+        weights = b"".join(v.contiguous().numpy().tobytes() for v in bundle.model.state_dict().values())
+        return hashlib.sha256(weights).hexdigest()
+
+    threads = torch.get_num_threads()
+    assert digest() == digest()
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()  # restored

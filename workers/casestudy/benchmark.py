@@ -40,6 +40,9 @@ TARGETS = {"recall": 0.95, "precision": 0.9, "confirmed_precision": 0.9, "contro
            # concepts every SAE seed flags / concepts any seed flags, pooled over the planted cases
            "seed_stability": 0.8,
            "purity": 0.9,  # mean AUROC of the planted cases' flags for the one artifact each tracks
+           # the closest concept is the artifact for this share of the flags whose artifact the vocabulary names ...
+           "closest_right": 0.7,
+           "named_wrong": 0,  # ... and no flag is named (confidence >= label_min_confidence) wrongly
            "planted_probe_share_above_zero_shot": 1.0,
            # issue 19: the share of the planted flags' heatmap mass on the artifact's pixels (mean over cases)
            "heatmap_mass": 0.6}
@@ -145,6 +148,10 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
             "confirmed": (f.get("confirmation") or {}).get("status") == "confirmed",
             "probe_share": f["probe_share"], "zero_shot_share": f["zero_shot_share"],
             "label_correct": _label_correct(f["label"], tracked),
+            "closest_concept": f.get("closest_concept"),
+            # the closest concept, named or not, against what the latent tracks (None: nothing the vocabulary names)
+            "closest_correct": (_label_correct(f.get("closest_concept"), tracked) == "right"
+                                if any(a in VOCABULARY_MEANING for a in tracked) else None),
             "novel_artifact": any(a in NOVEL_ARTIFACTS for a in tracked),
             **purity(sum(activity(latent) for latent in f.get("concept_latents") or [f["latent"]]), rows),
             # the ablation counts behind the verdict, kept so a confirmation rule can be weighed without
@@ -187,12 +194,23 @@ def purity(activity: np.ndarray, rows: list[dict]) -> dict:
             "next_purity": round(ranked[1][1], 4) if len(ranked) > 1 else None}
 
 
-def _label_correct(label: str, tracked: list[str]) -> str:
-    """'right' (names an artifact the latent tracks), 'unlabelled', or 'wrong'."""
-    if label == "unlabelled":
+# what each generated artifact means in the built-in vocabulary (semantics.ARTIFACT_MEANINGS); the new artifacts
+# have no word there
+VOCABULARY_MEANING = {"a ruler": "ruler", "a band-aid": "band-aid", "ink marking": "ink marking", "hair": "hair",
+                      "dark corners": "dark corners"}
+
+
+def _label_correct(label: str | None, tracked: list[str]) -> str:
+    """'right' (names, in any phrasing of its meaning, an artifact the latent tracks), 'unlabelled', or 'wrong'."""
+    from workers.engine.semantics import ARTIFACT_MEANINGS
+
+    if label in (None, "unlabelled"):
         return "unlabelled"
+    meaning = ARTIFACT_MEANINGS.get(label.lower())
     words = set(label.lower().replace("-", " ").split())
     for a in tracked:
+        if meaning and meaning == VOCABULARY_MEANING.get(a):
+            return "right"
         if set(a.lower().replace("a ", "", 1).replace("-", " ").split()) <= words:
             return "right"
     return "wrong"
@@ -221,6 +239,11 @@ def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> di
         "labels": {k: sum(f["label_correct"] == k for c in cases for f in c["flags"])
                    for k in ("right", "unlabelled", "wrong")},
         "novel_artifact_flags": len(novel),
+        # issue 27: of the flags whose artifact the vocabulary names, how many have it as their closest concept;
+        # names given with confidence (at or above the default label_min_confidence) that are wrong, any flag
+        "closest_right": _ratio(sum(f.get("closest_correct") is True for f in flags),
+                                sum(f.get("closest_correct") is not None for f in flags)),
+        "named_wrong": sum(f["label_correct"] == "wrong" for c in cases for f in c["flags"]),
         "novel_wrong_confident": sum(f["label_correct"] == "wrong" and (f["label_confidence"] or 0) >= 0.5
                                      for f in novel),
         **_recovery_summary(planted),
@@ -233,7 +256,8 @@ def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> di
     }
 
 
-INTERVAL_KEYS = ("recall", "precision", "confirmed_precision", "control_flags_per_class", "seed_stability", "purity")
+INTERVAL_KEYS = ("recall", "precision", "confirmed_precision", "control_flags_per_class", "seed_stability", "purity",
+                 "closest_right")
 
 
 def _mean(values: list) -> float | None:
@@ -262,16 +286,35 @@ def intervals(cases: list[dict], stability: list[dict], resamples: int = 2000, s
             for k, v in draws.items()}
 
 
-def model_digests(root: Path, grid: Grid) -> dict:
-    """Per seed: the SHA-256 of the case model's weights, so a rebuild on another machine can be compared."""
-    import hashlib
+DIGESTS = Path(__file__).with_name("model_digests.json")  # model key -> the SHA-256 its first build gave
 
+
+def model_digests(root: Path, grid: Grid, recorded: Path = DIGESTS) -> dict:
+    """Per seed: the SHA-256 of the case model's weights, and whether it equals the one ``recorded`` for the same
+    model key (same generator version, seed and training settings). A rebuild elsewhere that differs is a
+    different case, so a mismatch is reported (``match`` False), never ignored; a model key with no record yet
+    is recorded (``match`` None) for the next machine to compare with."""
+    from .build import model_digest
+
+    before = json.loads(recorded.read_text()) if recorded.is_file() else {}
     out = {}
     for cfg in grid.cases():
-        if cfg.seed not in out:
-            case = build_case(root, cfg, log=lambda line: None)
-            out[cfg.seed] = hashlib.sha256(Path(case["checkpoint"]).read_bytes()).hexdigest()
+        if cfg.seed in out:
+            continue
+        digest, key = model_digest(build_case(root, cfg, log=lambda line: None)), cfg.model_key()
+        out[cfg.seed] = {"model_key": key, "sha256": digest, "recorded": before.get(key),
+                         "match": None if key not in before else before[key] == digest}
+    new = {m["model_key"]: m["sha256"] for m in out.values() if m["recorded"] is None}
+    if new:
+        recorded.write_text(json.dumps({**before, **new}, indent=1, sort_keys=True) + "\n")
     return out
+
+
+def digest_mismatches(models: dict) -> list[str]:
+    """What to say of the case models that differ from their recorded build."""
+    return [f"seed {seed}: the case model's SHA-256 {m['sha256'][:16]} differs from the recorded "
+            f"{m['recorded'][:16]} (model key {m['model_key']}): this machine built another model, so its figures "
+            f"measure other cases" for seed, m in models.items() if m["match"] is False]
 
 
 def _recovery_summary(planted: list[dict]) -> dict:
@@ -317,9 +360,10 @@ def _ratio(k, n) -> float | None:
 def meets_targets(summary: dict) -> dict:
     heatmap = {} if "heatmap" not in summary else {
         "heatmap_mass": (summary["heatmap"]["mass"] or 0) >= TARGETS["heatmap_mass"]}
-    stability = {key: summary[key] >= TARGETS[key] for key in ("seed_stability", "purity")
+    stability = {key: summary[key] >= TARGETS[key] for key in ("seed_stability", "purity", "closest_right")
                  if summary.get(key) is not None}
     return {**heatmap, **stability,
+        "named_wrong": summary.get("named_wrong", 0) <= TARGETS["named_wrong"],
         "recall": (summary["recall"] or 0) >= TARGETS["recall"],
         "precision": (summary["precision"] or 0) >= TARGETS["precision"],
         "confirmed_precision": summary["confirmed_precision"] is None
@@ -473,8 +517,11 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
     stability = [sae_seed_stability(build_case(root, cfg, log=lambda line: None), grid, log) for cfg in planted]
     summary = summarize_grid(cases, stability)
     summary["intervals"] = intervals(cases, stability)
+    models = model_digests(root, grid)
+    for line in digest_mismatches(models):
+        log(f"WARNING: {line}")
     return {"grid": {**asdict(grid), "cases": len(cases)}, "summary": summary, "stability": stability,
-            "targets": TARGETS, "models": model_digests(root, grid),
+            "targets": TARGETS, "models": models, "digest_mismatches": digest_mismatches(models),
             "met": meets_targets(summary), "cases": cases, "seconds": round(time.time() - started, 1),
             "machine": {"host": platform.node(), "python": platform.python_version(),
                         "processor": platform.processor() or platform.machine()}}
@@ -612,6 +659,10 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
     if s.get("purity") is not None:
         rows.append(("purity", "purity: mean AUROC of a planted case's flag for the one artifact it tracks",
                      ">= 0.9"))
+    if s.get("closest_right") is not None:
+        rows.append(("closest_right", "closest concept names the artifact, of the flags whose artifact the "
+                     "vocabulary names", ">= 0.7"))
+    rows.append(("named_wrong", "flags named wrongly (confidence >= 0.6), every case", "0"))
     for key, label, target in rows:
         interval = f" [{bounds[key][0]}, {bounds[key][1]}]" if bounds.get(key) else ""
         lines.append(f"| {label} | {s[key]}{interval} | {target} | {'yes' if met[key] else 'NO'} |")
@@ -624,9 +675,12 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
         f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
         + "."]
     if report.get("models"):
-        lines += ["", "Case models (SHA-256 of the tiny CLIP's weights per seed; a rebuild elsewhere that differs "
-                  "is a different case): " + "; ".join(f"seed {k}: `{v[:16]}`" for k, v in report["models"].items())
-                  + "."]
+        lines += ["", "Case models (SHA-256 of the tiny CLIP's weights per seed, built with one thread and "
+                  "deterministic algorithms; a rebuild elsewhere that differs is a different case): " + "; ".join(
+                      f"seed {k}: `{m['sha256'][:16]}` ("
+                      + {True: "as recorded", False: f"DIFFERS from the recorded `{(m['recorded'] or '')[:16]}`",
+                         None: "first build, recorded"}[m["match"]] + ")"
+                      for k, m in report["models"].items()) + "."]
     lines += ["", f"Flags: {s['n_flags']} on planted cases, {s['n_confirmed']} confirmed. Labels of probe flags: "
               f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
               f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_rates, read_split, write_split
 from .images import Sample
-from .pretrain import LESION_CLIP, caption_variants, to_pixels, train_clip
+from .pretrain import LESION_CLIP, caption_variants, deterministic, to_pixels, train_clip
 
-GENERATOR_VERSION = 5  # bump when images, captions or training change: cached cases are rebuilt
+GENERATOR_VERSION = 6  # bump when images, captions or training change: cached cases are rebuilt
 TEMPLATE = "a dermoscopy image {}."  # matches the captions: "a dermoscopy image of a melanoma with a ruler."
 CLASS_CONCEPTS = {"melanoma": "of a melanoma", "nevus": "of a nevus"}
 ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}
@@ -30,7 +30,7 @@ ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}
 class CaseConfig:
     seed: int = 0
     n_pretrain: int = 3000
-    pretrain_steps: int = 600
+    pretrain_steps: int = 900
     batch_size: int = 128
     n_probe_train: int = 800
     n_audit: int = 2000  # the audited dataset: the probe's test split, artifacts independent of the class
@@ -211,13 +211,19 @@ def _lesion_clip(model_dir: Path, config: CaseConfig, log: Callable[[str], None]
     bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
     log(f"Training a tiny OpenCLIP ViT from scratch ({config.pretrain_steps} steps on the CPU) ...")
     samples = [Sample(r["label"], [a for a in ARTIFACTS if r[a] == "1"]) for r in rows]
-    train_clip(bundle, images, caption_variants(samples, config.seed), steps=config.pretrain_steps,
-               batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
+    with deterministic():
+        train_clip(bundle, images, caption_variants(samples, config.seed), steps=config.pretrain_steps,
+                   batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
     config_path.write_text(json.dumps(LESION_CLIP, indent=2))
     save_file({k: v.detach().contiguous().clone() for k, v in bundle.model.state_dict().items()},
               str(ckpt.with_suffix(".part")))
     ckpt.with_suffix(".part").replace(ckpt)
     return config_path, ckpt
+
+
+def model_digest(case: dict) -> str:
+    """The SHA-256 of a case model's weights file: equal on two machines when the rebuild was exact."""
+    return hashlib.sha256(Path(case["checkpoint"]).read_bytes()).hexdigest()
 
 
 def _accuracy_with_without(pred: np.ndarray, y: np.ndarray, has: np.ndarray, classes: list[str],

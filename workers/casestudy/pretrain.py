@@ -1,6 +1,7 @@
 """Training a tiny OpenCLIP model from scratch on the generated pre-training split (CPU is enough)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -51,6 +52,22 @@ def caption_variants(samples, seed: int = 0) -> list[list[str]]:
                     s.partial_caption(True, True, prefix, article), s.partial_caption(True, False, prefix, article),
                     s.partial_caption(False, True, prefix)])
     return out
+
+
+@contextlib.contextmanager
+def deterministic(threads: int = 2):
+    """Torch as a rebuild on another machine runs it: ``threads`` intra-op threads (a reduction split over
+    another number of threads sums in another order) and deterministic algorithms only; restored afterwards.
+    The same code, seeds and CPU kind then give the same weights bit for bit; a model's SHA-256 says whether
+    they did (:func:`workers.casestudy.build.model_digest`)."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def train_clip(bundle, images: np.ndarray, captions: list[list[str]], *, steps: int, batch_size: int = 128,

@@ -37,5 +37,10 @@ class Command(BaseCommand):
         md, js = write_report(report, out, command.strip())
         self.stdout.write(json.dumps(report["summary"], indent=1))
         self.stdout.write(f"targets met: {report['met']}\nwrote {md} and {js}")
+        if report["digest_mismatches"]:
+            raise CommandError("the case models differ from the recorded builds, so these figures measure other "
+                               "cases: " + "; ".join(report["digest_mismatches"]) + " (rebuild with the same "
+                               "code on the same kind of CPU, or record this machine's models as a new reference)",
+                               returncode=1)
         if not all(report["met"].values()):
             raise CommandError("a target was missed (see the table above)", returncode=1)
