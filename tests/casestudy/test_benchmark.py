@@ -163,9 +163,8 @@ def test_the_summary_and_the_report_carry_the_heatmap_mass_per_case_and_per_arti
     assert "| a ruler | 2 | 0.550 | 0.150 | 0.650 | 0.800 | 0.250 | 40 |" in text
     assert "area-weighted" in text and "the target 0.6 reached in 1 (not met)" in text
     assert "mass 0.30 (chance 0.20, ideal 0.60, below 0.6)" in text  # the hair case's row
-    # 150 s a case, so the default grid's 51 cases (eight artifacts, two classes, three seeds, three controls)
-    # would take 128 min
-    assert "4 cases, a smaller grid than the default (51 cases" in text and "take about 128 min" in text
+    # 150 s a case, so the default grid's 45 cases would take 112 min
+    assert "4 cases, a smaller grid than the default (45 cases" in text and "take about 112 min" in text
 
 
 def _stability(every: int, anyone: int) -> dict:
@@ -238,7 +237,7 @@ def test_a_name_is_right_in_any_phrasing_of_the_artifacts_meaning():
     assert _label_correct("ruler measuring stick", ["a ruler"]) == "right"
     assert _label_correct("dark hairs over the skin", ["hair"]) == "right"
     assert _label_correct("a dark vignette around the image", ["dark corners"]) == "right"
-    assert _label_correct("hair clip", ["a paper clip"]) == "wrong"
+    assert _label_correct("hair clip", ["a sticker"]) == "wrong"
     assert _label_correct("unlabelled", ["a ruler"]) == "unlabelled"
     assert _label_correct(None, ["a ruler"]) == "unlabelled"
 

@@ -20,7 +20,7 @@ from .images import ARTIFACTS, CLASSES, biased_rates, draw_samples, independent_
 from .images import Sample
 from .pretrain import LESION_CLIP, caption_variants, deterministic, to_pixels, train_clip
 
-GENERATOR_VERSION = 6  # bump when images, captions or training change: cached cases are rebuilt
+GENERATOR_VERSION = 5  # bump when images, captions or training change: cached cases are rebuilt
 TEMPLATE = "a dermoscopy image {}."  # matches the captions: "a dermoscopy image of a melanoma with a ruler."
 CLASS_CONCEPTS = {"melanoma": "of a melanoma", "nevus": "of a nevus"}
 ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}
@@ -30,7 +30,7 @@ ARTIFACT_CONCEPTS = {a: f"with {a}" for a in ARTIFACTS}
 class CaseConfig:
     seed: int = 0
     n_pretrain: int = 3000
-    pretrain_steps: int = 900
+    pretrain_steps: int = 600
     batch_size: int = 128
     n_probe_train: int = 800
     n_audit: int = 2000  # the audited dataset: the probe's test split, artifacts independent of the class

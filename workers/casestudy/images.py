@@ -3,9 +3,9 @@
 Skin-toned textured background; a lesion whose look depends on its class
 (melanoma: irregular, asymmetric, several dark colours; nevus: round, smooth,
 uniform brown); optional artifacts that are distinct visual concepts: a
-ruler, a band-aid, an ink marking, hair, dark corners, and three that no
-built-in vocabulary names (a sticker, a stain, a paper clip), so an audit
-meets artifacts it has no word for. Every image gets a caption built from its attributes.
+ruler, a band-aid, an ink marking, hair, dark corners, and two that no
+built-in vocabulary names (a sticker, a stain), so an audit meets artifacts
+it has no word for. Every image gets a caption built from its attributes.
 
 Every artifact also leaves a pixel mask, the ground truth of where it lies
 (:func:`render_with_masks`). A split written by :func:`write_split` keeps
@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("melanoma", "nevus")
-ARTIFACTS = ("a ruler", "a band-aid", "ink marking", "hair", "dark corners", "a sticker", "a stain", "a paper clip")
+ARTIFACTS = ("a ruler", "a band-aid", "ink marking", "hair", "dark corners", "a sticker", "a stain")
 # artifacts the audit's built-in artifact vocabulary does not name: labels for them must admit ignorance
-NOVEL_ARTIFACTS = ("a sticker", "a stain", "a paper clip")
+NOVEL_ARTIFACTS = ("a sticker", "a stain")
 SIZE = 64
 _DRAW = 2 * SIZE  # drawn at twice the size, then downsampled: smoother edges
 # artifacts that blend into what lies below them instead of covering it: they hide no other artifact's pixels
@@ -209,27 +209,8 @@ def _stain(img, rng) -> Image.Image:
     return layer.point(lambda v: 255 if v >= 85 else 0)  # at least half the blotches' opacity (170)
 
 
-def _paper_clip(img, rng) -> Image.Image:
-    """A grey wire paper clip (two nested loops of one bent wire) lying at an angle near an edge."""
-    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    length, width = rng.uniform(46, 56), rng.uniform(15, 18)
-    cx = rng.uniform(length / 2 + 4, _DRAW - length / 2 - 4)
-    cy = rng.uniform(14, 28) if rng.random() < 0.5 else _DRAW - rng.uniform(14, 28)
-    grey = (150, 155, 165, 255)
-    x0, y0 = cx - length / 2, cy - width / 2
-    # outer loop, then the inner one, open at the left as a bent wire is
-    draw.rounded_rectangle([x0, y0, x0 + length, y0 + width], radius=width / 2, outline=grey, width=3)
-    draw.rounded_rectangle([x0 + 7, y0 + 4, x0 + length - 9, y0 + width - 4], radius=(width - 8) / 2,
-                           outline=grey, width=3)
-    rotated = layer.rotate(rng.uniform(-35, 35), center=(cx, cy), resample=Image.BILINEAR)
-    img.paste(rotated, (0, 0), rotated)
-    return rotated.getchannel("A").point(lambda v: 255 if v >= 128 else 0)
-
-
 _ARTIFACT_DRAWERS = {"a ruler": _ruler, "a band-aid": _band_aid, "ink marking": _ink, "hair": _hair,
-                     "dark corners": _dark_corners, "a sticker": _sticker, "a stain": _stain,
-                     "a paper clip": _paper_clip}
+                     "dark corners": _dark_corners, "a sticker": _sticker, "a stain": _stain}
 
 
 def render(sample: Sample, rng: np.random.Generator) -> Image.Image:

@@ -13,7 +13,11 @@ from .errors import checkpoint
 from .loading import ClipBundle
 from .partials import Partial
 from .semantics import (UNLABELLED, LabelEvidence, ReferenceTracker, Vocabulary, alignment, choose_labels,
-                        class_alignments, dataset_alignment, label_evidence, semantic_embeddings)
+                        class_alignments, label_evidence, semantic_embeddings, softmax_confidence)
+
+# the flag rule's labels: the closest concept where the semantic model's softmax over the vocabulary gives it at
+# least this probability (they group latents into concepts and set aside a class's own concepts)
+RULE_MIN_PROBABILITY = 0.3
 
 
 @dataclass
@@ -25,11 +29,12 @@ class LatentLabels:
     clarity: Tensor  # [L] how alike its references are
     vocab: Vocabulary
     labels: list  # [L] label text: None without references, UNLABELLED when no concept describes it well
+    rule_labels: list  # [L] the labels the flag rule reads (RULE_MIN_PROBABILITY), same None / UNLABELLED
     closest_concepts: list  # [L] the concept it aligns with best, however weakly (None without references)
     confidence: Tensor  # [L] how sure the closest concept is (semantics.label_evidence), 0..1
     evidence: LabelEvidence  # [L] its runner-up, margin, agreeing phrasings and resampled share
     label_indices: list  # [L] the closest concept's index in ``vocab`` (None without references)
-    label_alignment: Tensor  # [L] the best class-specific alignment any concept reaches (the flag rule's yardstick)
+    label_alignment: Tensor  # [L] alignment with the closest concept
     expected_alignment: Tensor  # [C, L] alignment with each class's expected concepts
     specific_alignment: Tensor  # [C, L] the part of it the other classes do not share
     name_alignment: Tensor  # [C, L] alignment with each class's name
@@ -54,22 +59,21 @@ def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, m
     has_refs = n_refs > 0
     expected_alignment, specific_alignment = class_alignments(align, vocab, class_names,
                                                               config.expected_concepts)  # [C, L] each
-    # the flag rule's yardstick: the best (class-specific) alignment any concept reaches
-    _, label_alignment = choose_labels(align, vocab, expected_alignment)
-    # the name: what the references show *more than the audited images at large* (a concept the semantic model
-    # aligns with every image alike, as a small model's text tower does with many names it never saw, names none)
-    baseline = dataset_alignment(image_embeddings, vocab)  # [V]
-    contrast = align - baseline
-    contrast_expected, _ = class_alignments(contrast, vocab, class_names, config.expected_concepts)
-    label_index, _ = choose_labels(contrast, vocab, contrast_expected)
-    evidence, confidence = label_evidence(contrast, vocab, contrast_expected, tracker, image_embeddings,
-                                          baseline=baseline)
+    # plain alignment: subtracting what the audited images at large align with would name a latent of a frequent
+    # artifact (the planted one is on half the audited images) after a rarer one
+    label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
+    evidence, confidence = label_evidence(align, vocab, expected_alignment, tracker, image_embeddings)
+    scale = float(semantic_model.model.logit_scale.exp().clamp(max=100)) if hasattr(semantic_model.model,
+                                                                                     "logit_scale") else 100.0
+    probability = softmax_confidence(align, vocab, expected_alignment, scale)
     closest = [vocab.concepts[j] if has_refs[i] else None for i, j in enumerate(label_index.tolist())]
     return LatentLabels(
         tracker=tracker, semantic=sem, clarity=clarity, vocab=vocab,
         # a latent no concept describes well is "unlabelled": its images speak for it, not a confident wrong name
         labels=[None if c is None else (c if confidence[i] >= config.label_min_confidence else UNLABELLED)
                 for i, c in enumerate(closest)],
+        rule_labels=[None if c is None else (c if probability[i] >= RULE_MIN_PROBABILITY else UNLABELLED)
+                     for i, c in enumerate(closest)],
         closest_concepts=closest, confidence=confidence, evidence=evidence,
         label_indices=[j if has_refs[i] else None for i, j in enumerate(label_index.tolist())],
         label_alignment=label_alignment, expected_alignment=expected_alignment,

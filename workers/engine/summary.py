@@ -117,10 +117,10 @@ def _express(ctx: AuditContext, store: ActivationStore, merged: Partial, labelle
     j = labelled.label_indices[lead]
     flag = {
         "head": head, "class_name": name, "latent": lead, "rank": 0, "share": float(share[c, latents].sum()),
-        "mean_relevance": float(mean[c, latents].sum()), "label": labelled.labels[lead],
+        "mean_relevance": float(mean[c, latents].sum()), "label": labelled.rule_labels[lead],
         "label_source": labelled.vocab.sources[j], "label_alignment": float(labelled.label_alignment[lead]),
         "expected_alignment": float(labelled.expected_alignment[c, lead]), "clarity": float(labelled.clarity[lead]),
-        "category": categorize(labelled.labels[lead], j, labelled.vocab, name,
+        "category": categorize(labelled.rule_labels[lead], j, labelled.vocab, name,
                                bool(config.expected_concepts.get(name)), float(labelled.name_alignment[c, lead]),
                                config),
         "probe_share": float(tables["probe"][1][c, latents].sum()),
@@ -139,7 +139,8 @@ def _flags(ctx: AuditContext, labels: Tensor, merged: Partial, labelled: LatentL
     config, class_names = ctx.config, ctx.class_names
     flags = []
     for h, (mean, share) in tables.items():
-        flags += find_flags(h, mean, share, class_names, labels=labelled.labels, label_indices=labelled.label_indices,
+        flags += find_flags(h, mean, share, class_names, labels=labelled.rule_labels,
+                            label_indices=labelled.label_indices,
                             label_alignment=labelled.label_alignment, expected_alignment=labelled.expected_alignment,
                             name_alignment=labelled.name_alignment, clarity=labelled.clarity, vocab=labelled.vocab,
                             config=config)
@@ -174,6 +175,7 @@ def _describe_flags(ctx: AuditContext, images: ImageSet, labels: Tensor, counts:
         head = merged.heads[flag["head"]]
         flag["top_images"] = _top_images((head.top_values, head.top_indices), latent, labels, c, images.ids,
                                          config.top_images_per_flag)
+        flag["label"] = labelled.labels[latent]  # the name a reviewer reads (the rule grouped by rule_labels)
         flag["label_confidence"] = float(labelled.confidence[latent])
         flag["closest_concept"] = labelled.closest_concepts[latent]
         flag["label_evidence"] = label_evidence_of(labelled, latent)
