@@ -169,6 +169,15 @@ def _latest_review_csv(flag) -> list:
     return [latest.verdict, latest.note, latest.reviewer.username if latest.reviewer else ""]
 
 
+# a flag's and a latent's: why it is (or is not) named
+LABEL_EVIDENCE = Field(
+    "label_evidence", lambda row: {"label_evidence": row.get("label_evidence")}, lambda row: row.label_evidence,
+    _evidence_csv, columns=("label_runner_up", "label_margin", "label_agreeing", "label_resampled"),
+    help=("why the latent is (or is not) named: runner_up, the best concept of another meaning; margin, the closest "
+          "concept's score above it in standard deviations of the latent's scores over the vocabulary; agreeing, "
+          "other phrasings of the same meaning among its top concepts; resampled, the share of resamples of its "
+          "reference images that give the same meaning. null for audits run before labels carried evidence"))
+
 FLAG_FIELDS: tuple[Field, ...] = (
     text("head"),
     text("class_name"),
@@ -220,14 +229,7 @@ FLAG_FIELDS: tuple[Field, ...] = (
               "same concept for this head and class: found_by, of, and per finding dictionary its index, seed, the "
               "correlation of its concept's activation with this flag's and its latents; null for audits run "
               "before dictionaries voted")),
-    Field("label_evidence", lambda row: {"label_evidence": row.get("label_evidence")},
-          lambda row: row.label_evidence, _evidence_csv, columns=("label_runner_up", "label_margin", "label_agreeing",
-                                                                  "label_resampled"),
-          help=("why the latent is (or is not) named: runner_up, the best concept of another meaning; margin, the "
-                "closest concept's score above it in standard deviations of the latent's scores over the "
-                "vocabulary; agreeing, other phrasings of the same meaning among its top concepts; resampled, the "
-                "share of resamples of its reference images that give the same meaning. null for audits run before "
-                "labels carried evidence")),
+    LABEL_EVIDENCE,
 )
 
 LATENT_FIELDS: tuple[Field, ...] = (
@@ -244,14 +246,7 @@ LATENT_FIELDS: tuple[Field, ...] = (
     blob("expected_alignment", help="per class: alignment of the latent with the class's expected concepts"),
     number("label_confidence", default=None),
     text("closest_concept", default=None),
-    Field("label_evidence", lambda row: {"label_evidence": row.get("label_evidence")},
-          lambda row: row.label_evidence, _evidence_csv, columns=("label_runner_up", "label_margin", "label_agreeing",
-                                                                  "label_resampled"),
-          help=("why the latent is (or is not) named: runner_up, the best concept of another meaning; margin, the "
-                "closest concept's score above it in standard deviations of the latent's scores over the "
-                "vocabulary; agreeing, other phrasings of the same meaning among its top concepts; resampled, the "
-                "share of resamples of its reference images that give the same meaning. null for audits run before "
-                "labels carried evidence")),
+    LABEL_EVIDENCE,
 )
 
 

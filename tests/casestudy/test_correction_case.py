@@ -65,10 +65,13 @@ def test_the_corrected_probe_recovers_the_slices_the_ruler_hurt(audited, seed, m
 
 # Projection removes the one direction the concept's regression finds; the re-audit then finds a ruler latent the
 # concept's latents did not hold (seed 0: a nevus "with a ruler" flag), which a refit on the training split does not
-# leave on seed 0. Strict: the day the engine meets it, this reports it and the marker goes.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 18: after 'project' the re-audit still flags a ruler latent")
-@pytest.mark.parametrize("seed", [0, 1])
+# leave on seed 0. Strict: the day the engine meets it, this reports it and the marker goes. Seed 1 meets it since
+# the case models were rebuilt deterministically (2026-12-06, digests in workers/casestudy/model_digests.json).
+SEED_0_PROJECT_REFLAGGED = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                             reason="issue 18: after 'project' the re-audit still flags a ruler latent")
+
+
+@pytest.mark.parametrize("seed", [pytest.param(0, marks=SEED_0_PROJECT_REFLAGGED), 1])
 def test_the_projected_probe_is_no_longer_flagged_for_the_ruler(audited, seed):
     case, audit, work = audited(seed)
     figures = correct_case(case, work, method="project", audit=audit)

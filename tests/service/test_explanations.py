@@ -24,7 +24,9 @@ def png(size=(48, 40), colour=(180, 120, 90)) -> bytes:
 def check_answer(result: dict, audit) -> None:
     classes = audit.probe.class_names
     assert result["classes"] == classes and set(result["heads"]) == {"probe", "zero_shot"}
-    labels = dict(audit.latents.values_list("latent", "label"))
+    # an unnamed latent reads as its likely concept, marked as not named, never as a bare "unlabelled"
+    labels = {latent: f"likely “{closest}” (not named)" if label == "unlabelled" else label
+              for latent, label, closest in audit.latents.values_list("latent", "label", "closest_concept")}
     flagged = {(f.head, f.latent): f.class_name for f in audit.flags.all()}
     for head, answer in result["heads"].items():
         assert answer["prediction"] in classes

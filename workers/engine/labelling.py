@@ -62,7 +62,8 @@ def label_latents(ctx: AuditContext, store: ActivationStore, images: ImageSet, m
     # plain alignment: subtracting what the audited images at large align with would name a latent of a frequent
     # artifact (the planted one is on half the audited images) after a rarer one
     label_index, label_alignment = choose_labels(align, vocab, expected_alignment)
-    evidence, confidence = label_evidence(align, vocab, expected_alignment, tracker, image_embeddings)
+    evidence, confidence = label_evidence(align, vocab, expected_alignment, tracker, image_embeddings,
+                                          align_fn=lambda e: alignment(e, vocab))
     scale = float(semantic_model.model.logit_scale.exp().clamp(max=100)) if hasattr(semantic_model.model,
                                                                                      "logit_scale") else 100.0
     probability = softmax_confidence(align, vocab, expected_alignment, scale)

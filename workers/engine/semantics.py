@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -238,15 +238,16 @@ class LabelEvidence:
 
 
 def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor, tracker: "ReferenceTracker",
-                   image_embeddings: Tensor, resamples: int = 64, top: int = 5,
-                   seed: int = 0) -> tuple[LabelEvidence, Tensor]:
+                   image_embeddings: Tensor, resamples: int = 64, top: int = 5, seed: int = 0,
+                   align_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[LabelEvidence, Tensor]:
     """Evidence for each latent's closest concept, none of it tied to the semantic model's logit scale (a small
     model's scores spread over a hundredth of a large one's): the *margin* of the closest concept over the best
     concept of another meaning, in standard deviations of the latent's scores over the whole vocabulary; the
     other phrasings of its meaning that are among the latent's ``top`` concepts (*agreeing*: a real ruler latent
     scores "a ruler" and "a measuring scale" high together; a latent of something the vocabulary has no word for
     lands near one phrase by chance); and how often a resample of its reference images (``tracker``'s, embedded
-    in ``image_embeddings``) gives the same closest meaning (*resampled*).
+    in ``image_embeddings``) gives the same closest meaning (*resampled*). ``align_fn`` turns the resampled
+    embeddings [L, E] into alignments [L, V] as ``align`` was made (default: :func:`alignment`).
 
     Returns the evidence and the confidence [L]: the resampled share when another phrasing agrees (or the meaning
     has a single phrasing the user or the artifact vocabulary gave: it was named as a suspect), at most 0.5
@@ -270,7 +271,8 @@ def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor,
     phrasings = torch.bincount(meaning_ids, minlength=int(meaning_ids.max()) + 1)[meaning_ids[best]]  # [L]
     resampled = torch.cat([
         _resampled_agreement(_references(tracker, image_embeddings, lo, lo + 512), vocab,
-                             expected_alignment[:, lo:lo + 512], meaning_ids[best[lo:lo + 512]], resamples, seed)
+                             expected_alignment[:, lo:lo + 512], meaning_ids[best[lo:lo + 512]], resamples, seed,
+                             align_fn or (lambda e: alignment(e, vocab)))
         for lo in range(0, n_latents, 512)]) if n_latents else torch.zeros(0)
     suspect = torch.tensor([vocab.sources[j] != "general" for j in best.tolist()])
     confirmed = torch.tensor([bool(a) for a in agreeing]) | ((phrasings == 1) & suspect)
@@ -296,7 +298,7 @@ def _meaning_ids(vocab: Vocabulary) -> Tensor:
 
 
 def _resampled_agreement(references: Tensor, vocab: Vocabulary, expected_alignment: Tensor, meaning: Tensor,
-                         resamples: int, seed: int) -> Tensor:
+                         resamples: int, seed: int, align_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """[L]: the share of bootstrap resamples of each latent's references whose closest concept has ``meaning``
     (the class concepts' shared part is the full set's, ``expected_alignment``)."""
     n_latents, m, _ = references.shape
@@ -312,7 +314,7 @@ def _resampled_agreement(references: Tensor, vocab: Vocabulary, expected_alignme
         picks = torch.multinomial(weights, m, replacement=True, generator=gen)  # [L, m]
         counts = torch.zeros(n_latents, m).scatter_add_(1, picks, torch.ones(n_latents, m)) * valid
         emb = (counts.unsqueeze(-1) * references).sum(1) / counts.sum(1, keepdim=True).clamp_min(1)
-        score = _label_scores(alignment(emb, vocab), vocab, expected_alignment)
+        score = _label_scores(align_fn(emb), vocab, expected_alignment)
         agree += (meaning_ids[score.argmax(1)] == meaning).float()
     return agree / resamples
 
