@@ -518,10 +518,11 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
     summary = summarize_grid(cases, stability)
     summary["intervals"] = intervals(cases, stability)
     models = model_digests(root, grid)
-    for line in digest_mismatches(models):
+    mismatches = digest_mismatches(models)
+    for line in mismatches:
         log(f"WARNING: {line}")
     return {"grid": {**asdict(grid), "cases": len(cases)}, "summary": summary, "stability": stability,
-            "targets": TARGETS, "models": models, "digest_mismatches": digest_mismatches(models),
+            "targets": TARGETS, "models": models, "digest_mismatches": mismatches,
             "met": meets_targets(summary), "cases": cases, "seconds": round(time.time() - started, 1),
             "machine": {"host": platform.node(), "python": platform.python_version(),
                         "processor": platform.processor() or platform.machine()}}
@@ -675,7 +676,7 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
         f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
         + "."]
     if report.get("models"):
-        lines += ["", "Case models (SHA-256 of the tiny CLIP's weights per seed, built with one thread and "
+        lines += ["", "Case models (SHA-256 of the tiny CLIP's weights per seed, built on two threads with "
                   "deterministic algorithms; a rebuild elsewhere that differs is a different case): " + "; ".join(
                       f"seed {k}: `{m['sha256'][:16]}` ("
                       + {True: "as recorded", False: f"DIFFERS from the recorded `{(m['recorded'] or '')[:16]}`",

@@ -269,8 +269,9 @@ def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor,
     agreeing = [[vocab.concepts[j] for j in order[i].tolist() if j != int(best[i]) and bool(same[i, j])]
                 for i in range(n_latents)]
     phrasings = torch.bincount(meaning_ids, minlength=int(meaning_ids.max()) + 1)[meaning_ids[best]]  # [L]
+    normed = F.normalize(image_embeddings.float(), dim=-1)
     resampled = torch.cat([
-        _resampled_agreement(_references(tracker, image_embeddings, lo, lo + 512), vocab,
+        _resampled_agreement(_references(tracker, normed, lo, lo + 512), vocab, meaning_ids,
                              expected_alignment[:, lo:lo + 512], meaning_ids[best[lo:lo + 512]], resamples, seed,
                              align_fn or (lambda e: alignment(e, vocab)))
         for lo in range(0, n_latents, 512)]) if n_latents else torch.zeros(0)
@@ -284,9 +285,9 @@ def label_evidence(align: Tensor, vocab: Vocabulary, expected_alignment: Tensor,
     return evidence, confidence
 
 
-def _references(tracker: "ReferenceTracker", image_embeddings: Tensor, lo: int, hi: int) -> Tensor:
-    """[hi - lo, m, E]: latents lo..hi's reference images' normalized embeddings (zero rows for empty slots)."""
-    normed = F.normalize(image_embeddings.float(), dim=-1)
+def _references(tracker: "ReferenceTracker", normed: Tensor, lo: int, hi: int) -> Tensor:
+    """[hi - lo, m, E]: latents lo..hi's reference images' embeddings, rows of ``normed`` (the images' normalized
+    embeddings; zero rows for empty slots)."""
     valid = (tracker.values[lo:hi] > 0).float().cpu()
     return normed[tracker.indices[lo:hi].cpu().clamp_min(0)] * valid.unsqueeze(-1)
 
@@ -297,15 +298,15 @@ def _meaning_ids(vocab: Vocabulary) -> Tensor:
     return torch.tensor([ids[m] for m in meanings])
 
 
-def _resampled_agreement(references: Tensor, vocab: Vocabulary, expected_alignment: Tensor, meaning: Tensor,
-                         resamples: int, seed: int, align_fn: Callable[[Tensor], Tensor]) -> Tensor:
+def _resampled_agreement(references: Tensor, vocab: Vocabulary, meaning_ids: Tensor, expected_alignment: Tensor,
+                         meaning: Tensor, resamples: int, seed: int, align_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """[L]: the share of bootstrap resamples of each latent's references whose closest concept has ``meaning``
-    (the class concepts' shared part is the full set's, ``expected_alignment``)."""
+    (``meaning_ids`` [V]: each concept's; the class concepts' shared part is the full set's,
+    ``expected_alignment``)."""
     n_latents, m, _ = references.shape
     valid = (references.abs().sum(-1) > 0).float()  # [L, m]
     if m == 0 or n_latents == 0:
         return torch.zeros(n_latents)
-    meaning_ids = _meaning_ids(vocab)
     gen = torch.Generator().manual_seed(seed)
     weights = torch.where(valid.sum(1, keepdim=True) > 0, valid, torch.ones_like(valid))  # a latent never active
     agree = torch.zeros(n_latents)
