@@ -227,3 +227,37 @@ def test_a_damaged_saved_sae_is_refused_with_a_clear_error(tmp_path, damage):
         (tmp_path / "sae.safetensors").write_bytes((tmp_path / "other" / "sae.safetensors").read_bytes())
     with pytest.raises(EngineError, match="cannot be read"):
         TopKSAE.load(tmp_path)
+
+
+def test_matryoshka_prefixes_are_an_eighth_a_quarter_and_half_of_the_latents():
+    from workers.engine.sae import matryoshka_prefixes
+
+    assert matryoshka_prefixes(256) == [32, 64, 128]
+    assert matryoshka_prefixes(8) == [2, 4]  # a nested dictionary needs two latents at least
+    assert matryoshka_prefixes(3) == []
+
+
+def test_matryoshka_training_makes_its_first_latents_reconstruct_on_their_own(data):
+    """The nested loss is what the variant changes: the first n/8 latents of a Matryoshka SAE explain the data far
+    better alone than the first n/8 of a plain TopK SAE trained the same way, at a similar FVU for the whole."""
+    def fvu(sae, m=None):
+        with torch.no_grad():
+            z = sae.encode(data)
+            if m is not None:
+                z[:, m:] = 0
+            err = (data - sae.decode(z)).pow(2).sum()
+        return float(err / (data - data.mean(0)).pow(2).sum())
+
+    with one_thread():
+        plain, _ = train_sae(shuffled_batches(data), d_model=D_MODEL, n_latents=N_LATENTS, k=K, steps=300,
+                             init_sample=data[:2048], config=SAEConfig(seed=0))
+        nested, _ = train_sae(shuffled_batches(data), d_model=D_MODEL, n_latents=N_LATENTS, k=K, steps=300,
+                              init_sample=data[:2048], config=SAEConfig(seed=0, variant="matryoshka"))
+    first = N_LATENTS // 8
+    assert fvu(nested, first) < 0.8 * fvu(plain, first)
+    assert fvu(nested) < 2 * fvu(plain) + 0.05
+
+
+def test_an_unknown_sae_variant_is_refused_with_the_choices():
+    with pytest.raises(Exception, match="matryoshka"):
+        SAEConfig.from_dict({"variant": "gated"})

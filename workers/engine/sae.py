@@ -179,6 +179,7 @@ def train_sae(
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
     curve: list[tuple[int, float]] = []
     report_every = max(1, steps // 50)
+    prefixes = matryoshka_prefixes(n_latents)
     it: Iterator[Tensor] = iter(batches)
     for step in range(steps):
         checkpoint()
@@ -194,6 +195,8 @@ def train_sae(
         err = h - sae.decode(z)
         mse = err.pow(2).sum(-1).mean() / (sae.input_scale ** 2 * d_model)
         loss = mse
+        if config.variant == "matryoshka":
+            loss = (loss + sum(_prefix_mse(sae, h, z, m) for m in prefixes)) / (1 + len(prefixes))
         dead = since_fired >= config.dead_after_steps
         n_dead = int(dead.sum())
         if n_dead and config.aux_coef > 0:
@@ -211,6 +214,18 @@ def train_sae(
                 progress(step + 1, steps)
     sae.eval().requires_grad_(False)
     return sae, curve
+
+
+def matryoshka_prefixes(n_latents: int) -> list[int]:
+    """The nested dictionaries a Matryoshka SAE trains besides the whole: its first n/8, n/4 and n/2 latents
+    (those with at least two latents)."""
+    return sorted({n_latents // d for d in (8, 4, 2) if 2 <= n_latents // d < n_latents})
+
+
+def _prefix_mse(sae: TopKSAE, h: Tensor, z: Tensor, m: int) -> Tensor:
+    """Normalized MSE of the reconstruction from the first ``m`` latents' codes alone."""
+    recon = sae.b_pre + sae.input_scale * F.linear(z[:, :m], sae.W_dec[:, :m])
+    return (h - recon).pow(2).sum(-1).mean() / (sae.input_scale ** 2 * sae.d_model)
 
 
 def _aux_loss(sae: TopKSAE, pre: Tensor, err: Tensor, dead: Tensor, aux_k: int) -> Tensor:
