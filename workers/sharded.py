@@ -87,17 +87,19 @@ def _context(audit, work: SharedWork):
 
 def _store(audit, work: SharedWork, files: tuple = (), indices=()) -> ActivationStore:
     """The activation cache as this worker sees it: every shard's metadata and labels, and the ``files``
-    ("acts", "emb") of the shards in ``indices``."""
+    ("acts", "emb", "patches" where a shard kept training patch tokens) of the shards in ``indices``."""
     folder = work.path("activations")
     if not (folder / "store.json").is_file():
         metas = [work.read_json(f"activations/{shard_files(i)['done']}") for i in range(audit.shards)]
         for meta in metas:
             work.pull(f"activations/{meta['labels']}")
         assemble_store(folder, metas)
+    store = ActivationStore(folder)
     for i in indices:
         for name in files:
-            work.pull(f"activations/{shard_files(i)[name]}")
-    return ActivationStore(folder)
+            if name != "patches" or store.shards[i].patches:
+                work.pull(f"activations/{shard_files(i)[name]}")
+    return store
 
 
 # --------------------------------------------------------------------------- starting and sending
@@ -203,8 +205,9 @@ def _extract(audit, row, progress) -> None:
     dataset_folder(audit.dataset, only=c["images"].ids[row.start:row.start + row.count])  # S3: this shard's images
     meta = extract_shard(c["bundle"], c["images"], work.path("activations"), row.index, row.start, row.count,
                          progress=progress, **pipeline.extract_kwargs(c["config"], c["device"]))
-    for name in ("acts", "emb", "labels", "done"):  # the done marker last
-        work.push(f"activations/{meta[name]}")
+    for name in ("acts", "emb", "labels", "patches", "done"):  # the done marker last
+        if meta.get(name):  # patches: only a CLS-only cache keeps them for training
+            work.push(f"activations/{meta[name]}")
 
 
 def _train_sae(audit, row, progress) -> None:
@@ -212,7 +215,7 @@ def _train_sae(audit, row, progress) -> None:
     # a reused or registered SAE needs no training images
     sae_images = None if audit.sae_from_id or audit.sae_id else load_sae_images(audit)
     if sae_images is None:
-        store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
+        store = _store(audit, work, files=("acts", "emb", "patches"), indices=range(audit.shards))
         train_progress = progress
     else:
         # the SAE's own dataset is extracted here, by this one worker (only this step reads its activations),

@@ -108,3 +108,49 @@ def test_training_batches_cycle_and_sample_patch_tokens(tiny, images, tmp_path):
     assert shapes == [(50, 48)] * 5
     assert store.n_sae_vectors(4) == 48
     assert np.isfinite(store.sample(20, seed=0, tokens_per_image=4).numpy()).all()
+
+
+def _rows_of(vectors: torch.Tensor) -> set:
+    return {tuple(np.round(v, 4)) for v in vectors.numpy()}
+
+
+def test_a_cls_only_cache_keeps_patch_tokens_for_its_sae_to_train_on(tiny, images, tmp_path):
+    """sae.patch_tokens: the CLS SAE's training vectors are every CLS token and, per image, the patch tokens
+    patch_picks draws, the same as a cache of every token would give; sharding does not change them."""
+    from workers.engine.activations import patch_picks
+
+    data = _dataset(images)
+    store = extract_activations(tiny, data, tmp_path / "cls", layer=-1, token="cls", patch_tokens=3)
+    assert store.item_shape == (48,) and store.patch_tokens == 3
+    assert store.n_sae_vectors(16, patch_tokens=3) == 12 * 4
+    assert store.n_sae_vectors(16) == 12  # patch_tokens 0: the CLS tokens alone
+    full = extract_activations(tiny, data, tmp_path / "all", layer=-1, token="spatial")
+    h = full.read(0, 12)[0]  # [12, 17, 48]
+    expected = torch.cat([h[:, 0]] + [h[i, 1:][patch_picks(i, 16, 3)] for i in range(12)])
+    epoch = torch.cat([next(it) for it in [store.training_batches(12, 0, 16, patch_tokens=3)] for _ in range(4)])
+    assert _rows_of(epoch) == _rows_of(expected)  # one pass over 48 vectors, in batches of 12
+    # sharded: the same kept tokens
+    metas = [extract_shard(tiny, data, tmp_path / "sharded", i, start, count, patch_tokens=3)
+             for i, (start, count) in enumerate(plan_shards(12, 5))]
+    sharded = assemble_store(tmp_path / "sharded", metas)
+    assert torch.allclose(sharded.gather_patches(np.arange(12)), store.gather_patches(np.arange(12)), atol=1e-6)
+    assert len(store.sample(100, seed=0, tokens_per_image=16, patch_tokens=3)) == 48
+
+
+def test_a_cache_without_kept_patch_tokens_trains_on_cls_tokens_alone(tiny, images, tmp_path):
+    store = extract_activations(tiny, _dataset(images), tmp_path / "cls", layer=-1, token="cls")
+    assert store.patch_tokens == 0 and not any(s.patches for s in store.shards)
+    assert not list((tmp_path / "cls").glob("patches-*"))
+    assert store.n_sae_vectors(16, patch_tokens=16) == 12
+    assert next(store.training_batches(12, 0, 16, patch_tokens=16)).shape == (12, 48)
+
+
+def test_a_cls_sae_at_an_earlier_layer_takes_its_patch_tokens_from_the_cache_of_every_token(tiny, images, tmp_path):
+    from workers.engine.activations import patch_picks
+
+    store = extract_activations(tiny, _dataset(images), tmp_path / "l2", layer=-2, token="cls", patch_tokens=3)
+    assert store.item_shape == (17, 48) and store.patch_tokens == 0  # nothing kept apart: every token is there
+    h = store.read(0, 12)[0]
+    expected = torch.cat([h[:, 0]] + [h[i, 1:][patch_picks(i, 16, 3)] for i in range(12)])
+    epoch = torch.cat([next(it) for it in [store.training_batches(12, 0, 16, patch_tokens=3)] for _ in range(4)])
+    assert _rows_of(epoch) == _rows_of(expected)

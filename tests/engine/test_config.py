@@ -40,7 +40,7 @@ def test_audit_config_round_trips_through_a_dict_with_the_nested_sae_config():
     data = cfg.to_dict()
     assert data["sae"] == {"n_latents": 256, "k": 8, "lr": 5e-4, "batch_size": 256, "steps": 1234, "aux_k": 16,
                            "aux_coef": 1.0 / 32.0, "dead_after_steps": 100, "tokens_per_image": 16,
-                           "variant": "topk", "seed": 3}
+                           "patch_tokens": 0, "variant": "topk", "seed": 3}
     assert data["prompt_templates"] == ["a photo of {}.", "a dermoscopy image of {}."]
     assert data["artifact_vocabulary"] == ["a ruler", "hair"]
     back = AuditConfig.from_dict(data)
@@ -57,7 +57,8 @@ def test_to_dict_is_json_serialisable_and_survives_a_json_round_trip():
     assert AuditConfig.from_dict(STORED_BEFORE).sae == SAEConfig(n_latents=256, k=8, steps=1234)
     # options added since come with their defaults
     assert AuditConfig.from_dict(STORED_BEFORE).to_dict() == {**STORED_BEFORE, "heatmaps": True, "dictionaries": 3,
-                                                               "sae": {**STORED_BEFORE["sae"], "variant": "topk"},
+                                                               "sae": {**STORED_BEFORE["sae"], "variant": "topk",
+                                                                       "patch_tokens": 0},
                                                                "match_min_correlation": 0.6,
                                                                "flag_min_stability": 0.5}
 

@@ -112,16 +112,20 @@ def test_asking_for_a_gpu_on_a_machine_without_one_says_so(tiny, probe, dataset,
         run_audit(build_audit_config(device="cuda"), tiny, probe, dataset, workdir=tmp_path)
 
 
-@pytest.mark.parametrize("token,layer", [("cls", -1), ("spatial", -2)])
-def test_one_shard_and_many_shards_give_the_same_answer(tiny, probe, dataset, tmp_path, token, layer):
+@pytest.mark.parametrize("token,layer,patches", [("cls", -1, 0), ("cls", -1, 4), ("spatial", -2, 0)])
+def test_one_shard_and_many_shards_give_the_same_answer(tiny, probe, dataset, tmp_path, token, layer, patches):
     # a random tiny model harms nothing measurably: flags that stand on share alone give the merge something to show
-    config = build_audit_config(token=token, layer=layer, batch_size=16, sae={"tokens_per_image": 4},
-                                flag_without_harm=True)
+    config = build_audit_config(token=token, layer=layer, batch_size=16,
+                                sae={"tokens_per_image": 4, "patch_tokens": patches}, flag_without_harm=True)
     one = run_audit(config, tiny, probe, dataset, workdir=tmp_path / "one")
     many = run_audit(config, tiny, probe, dataset, workdir=tmp_path / "many", shard_size=7)  # 7 shards, last of 6
     assert len(list((tmp_path / "many" / "activations").glob("acts-*.npy"))) == 7
-    assert one.flags or token == "spatial"  # the cls audit has flags to compare
+    # the cls audit has flags to compare (with patch tokens the random model's few flags find no majority: the
+    # dropped ones and every relevance table are still compared)
+    assert one.flags or token == "spatial" or patches
     assert_same_answer(one.to_dict(), many.to_dict())
+    # sae.patch_tokens: a CLS SAE trains on each image's CLS token and that many of its patch tokens
+    assert one.sae["n_train_vectors"] == many.sae["n_train_vectors"] == 48 * (1 + patches if token == "cls" else 4)
 
 
 def test_the_sae_can_be_trained_on_other_unlabelled_images(tiny, probe, dataset, tmp_path):

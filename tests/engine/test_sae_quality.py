@@ -49,3 +49,19 @@ def test_a_concept_split_over_two_latents_is_pure_once_its_latents_are_summed():
     got = measure([split, split], [0.1, 0.1], [1.0, 1.0], has, planted=0)
     assert got["planted"] < 0.8  # either half alone misses half the artifact's images
     assert got["concept_planted"] == 1.0 and got["concept_purity"] == 1.0
+
+
+def test_a_setting_trains_with_its_sae_options_and_reads_codes_back():
+    import torch
+
+    from workers.casestudy.bench_sae_quality import train
+
+    vectors = torch.randn(1024, 16) @ torch.randn(16, 16)
+    for options in ({"n_latents": 32, "k": 4, "steps": 50}, {"n_latents": 32, "k": 4, "steps": 50,
+                                                              "variant": "matryoshka"}):
+        encode, reconstruct, seconds = train(vectors, options, seed=0)
+        with torch.no_grad():
+            z = encode(vectors[:8])
+            assert z.shape == (8, 32) and int((z > 0).sum(1).max()) <= 4
+            assert reconstruct(vectors[:8]).shape == (8, 16)
+        assert seconds > 0

@@ -34,9 +34,9 @@ def eager():
     app.conf.task_always_eager = before
 
 
-def submit(project, users, registered) -> Audit:
+def submit(project, users, registered, options=None) -> Audit:
     return create_audit(project=project, user=users["member"], clip_model=registered["model"],
-                        probe=registered["probe"], dataset=registered["dataset"], options=FAST_AUDIT)
+                        probe=registered["probe"], dataset=registered["dataset"], options=options or FAST_AUDIT)
 
 
 def answer(audit: Audit) -> dict:
@@ -51,8 +51,8 @@ def answer(audit: Audit) -> dict:
     return {**audit.result, "latent_rows": latents, "flag_rows": flags}
 
 
-def one_task_answer(project, users, registered) -> dict:
-    audit = submit(project, users, registered)
+def one_task_answer(project, users, registered, options=None) -> dict:
+    audit = submit(project, users, registered, options)
     tasks.run_audit.apply(args=[audit.pk])
     audit.refresh_from_db()
     assert audit.status == Status.SUCCEEDED and audit.shards == 0
@@ -87,6 +87,23 @@ def test_a_sharded_audit_gives_the_answer_of_one_task(project, users, registered
     work = SharedWork(audit)
     assert not work.path().exists()
     assert not (settings.AUDIT_WORK_DIR / f"audit-{audit.pk}").exists()
+
+
+def test_patch_tokens_kept_for_the_sae_travel_with_their_shards_and_give_the_answer_of_one_task(
+        project, users, registered, settings, eager):
+    """sae.patch_tokens: each extraction shard keeps its images' training patch tokens; the worker that trains
+    the SAE fetches them with the shards, and trains on what one task trains on."""
+    options = {**FAST_AUDIT, "sae": {**FAST_AUDIT.get("sae", {}), "patch_tokens": 3}}
+    expected = one_task_answer(project, users, registered, options)
+    settings.AUDIT_SHARD_SIZE = SHARD
+    audit = submit(project, users, registered, options)
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.SUCCEEDED, audit.error
+    got = answer(audit)
+    n_images = got["dataset"]["n_images"]
+    assert got["sae"]["n_train_vectors"] == expected["sae"]["n_train_vectors"] == 4 * n_images
+    assert_same_answer(expected, got)
 
 
 def test_a_shard_that_fails_for_a_transient_reason_is_retried_alone(project, users, registered, settings, eager,

@@ -49,6 +49,14 @@ SETTINGS = {
     "Matryoshka, 256 latents, k 8": ("audited", {"n_latents": 256, "k": 8, "variant": "matryoshka"}),
     "patch tokens too, 256 latents, k 8": ("patches", {"n_latents": 256, "k": 8}),
     "16 patch tokens per image too, 256 latents, k 8": ("patches16", {"n_latents": 256, "k": 8}),
+    "16 patch tokens per image too, 256 latents, k 8, 600 steps": ("patches16", {"n_latents": 256, "k": 8,
+                                                                               "steps": 600}),
+    "16 patch tokens per image too, 256 latents, k 8, 1200 steps": ("patches16", {"n_latents": 256, "k": 8,
+                                                                                "steps": 1200}),
+    "16 patch tokens per image too, 256 latents, k 8, batch 1024, 1000 steps": (
+        "patches16", {"n_latents": 256, "k": 8, "batch_size": 1024, "steps": 1000}),
+    "16 patch tokens per image too, 256 latents, k 8, batch 1024, 1000 steps, lr 2e-3": (
+        "patches16", {"n_latents": 256, "k": 8, "batch_size": 1024, "steps": 1000, "lr": 2e-3}),
     "16 patch tokens per image too, 64 latents, k 16": ("patches16", {"n_latents": 64, "k": 16}),
     "separate set, 64 latents, k 16": ("separate", {"n_latents": 64, "k": 16}),
     "separate set, 256 latents, k 8": ("separate", {"n_latents": 256, "k": 8}),
@@ -114,7 +122,8 @@ def _batches(vectors: torch.Tensor, batch_size: int, seed: int):
 
 
 def train(vectors: torch.Tensor, options: dict, seed: int):
-    """(encode: [n, d] -> [n, latents], reconstruct: [n, d] -> [n, d], seconds)."""
+    """(encode: [n, d] -> [n, latents], reconstruct: [n, d] -> [n, d], seconds); ``train.last`` keeps our
+    trainer's SAE (the flag-level comparison hands it to an audit)."""
     from workers.engine.config import SAEConfig
     from workers.engine.sae import size_sae, train_sae
 
@@ -126,6 +135,7 @@ def train(vectors: torch.Tensor, options: dict, seed: int):
     if trainer == "ours":
         sae, _ = train_sae(_batches(vectors, cfg.batch_size, seed), d_model=vectors.shape[1], n_latents=n_latents,
                            k=k, steps=steps, init_sample=vectors[:16384], config=cfg)
+        train.last = (sae, steps)
         return sae.encode, lambda h: sae(h)[0], time.perf_counter() - started
     # overcomplete's SAEs on the same vectors, centred and scaled as ours are, Adam at our learning rate
     _import_overcomplete()
@@ -223,6 +233,49 @@ def measure(codes: list[np.ndarray], fvus: list[float], seconds: list[float], ha
             "l0": float(np.mean([(z > 0).sum(1).mean() for z in codes]))}
 
 
+def audit_flags(case: dict, vectors: torch.Tensor, cls: torch.Tensor, options: dict, seeds: list[int]) -> dict:
+    """The case audited with the defaults, its dictionaries (seeds ``seeds``: the audit's SAE first, then the
+    voters) trained by this study's ``options`` on ``vectors`` and placed where the audit reuses finished ones;
+    scored against the ground truth as the benchmark scores it."""
+    import shutil
+    import tempfile
+
+    from workers.engine.sae import SAEMetrics, evaluate_sae
+
+    from .benchmark import audit_with_truth, score_case
+
+    work = Path(tempfile.mkdtemp(prefix="sae-quality-"))
+    try:
+        for i, seed in enumerate(seeds):
+            train(vectors, options, seed)
+            sae, steps = train.last
+            folder = work / "sae" / ("" if i == 0 else f"dictionaries/{i}")
+            sae.save(folder)
+            metrics = SAEMetrics(**evaluate_sae(sae, [cls]), n_latents=sae.n_latents, k=sae.k, steps=steps,
+                                 n_train_vectors=len(vectors))
+            (folder / "metrics.json").write_text(json.dumps(metrics.to_dict()))
+        started = time.perf_counter()
+        result, activity = audit_with_truth(case, {"sae": {"seed": seeds[0]}, "dictionaries": len(seeds)}, work)
+        scored = score_case(case, result, activity)
+        scored["seconds"] = time.perf_counter() - started
+        return scored
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def flag_figures(runs: list[dict]) -> dict:
+    """Over audits of one case with different SAE seeds: the concepts each flags (what the ground truth says its
+    flags track), their overlap (flagged by every audit / by any), flags, precise flags and their purity."""
+    flagged = [{f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}" for f in r["flags"]} for r in runs]
+    every, anyone = set.intersection(*flagged), set.union(*flagged)
+    purities = [f["purity"] for r in runs for f in r["flags"] if f.get("purity") is not None]
+    return {"overlap": len(every) / len(anyone) if anyone else 1.0, "flagged": [sorted(f) for f in flagged],
+            "flags": [r["n_flags"] for r in runs], "precise": [r["n_precise"] for r in runs],
+            "recall": [bool(r.get("recall")) for r in runs],
+            "flag_purity": float(np.mean(purities)) if purities else None,
+            "seconds": float(np.mean([r["seconds"] for r in runs]))}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -231,6 +284,9 @@ def main(argv=None) -> None:
     parser.add_argument("--separate", type=int, default=6000, help="images in the separate unlabelled set")
     parser.add_argument("--only", nargs="*", help="settings to run (default: all)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--flags", action="store_true",
+                        help="also audit the case with each setting's dictionaries (three per audit, one audit per "
+                             "SAE seed) and compare the flags: overlap across seeds, precision, purity")
     args = parser.parse_args(argv)
     from workers.engine.loading import load_clip
 
@@ -268,6 +324,10 @@ def main(argv=None) -> None:
             seconds.append(took)
         results[name] = {"source": source, "options": options, "n_vectors": len(vectors),
                          **measure(codes, fvus, seconds, has, ARTIFACTS.index(args.artifact))}
+        if args.flags and options.get("trainer", "ours") == "ours":
+            runs = [audit_flags(case, vectors, cls, options, [s, s + 1, s + 2]) for s in args.sae_seeds]
+            results[name]["audits"] = flag_figures(runs)
+            print(f"{name}, flags: {json.dumps(results[name]['audits'])}", flush=True)
         print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results[name].items()})}",
               flush=True)
     base = results.get("default", {}).get("seconds") or math.nan
@@ -284,6 +344,20 @@ def main(argv=None) -> None:
               f"{r['purity_min']:.3f} | {r['planted']:.3f} | {r['concept_purity']:.3f} | {r['concept_planted']:.3f} | "
               f"{r['mixed']:.2f} | {r['latent_stability']:.2f} | "
               f"{r['artifact_stability']:.2f} | {r['seconds']:.1f} | {r['seconds'] / base:.2f}x |")
+    if args.flags:
+        print("\n| setting | flagged concepts, every SAE seed / any | overlap | flags per audit | precise | "
+              "planted flag on top | flag purity | audit s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, r in results.items():
+            if "audits" in r:
+                a = r["audits"]
+                every = len(set.intersection(*map(set, a["flagged"])))
+                print(f"| {name} | {every} / {len(set.union(*map(set, a['flagged'])))} | {a['overlap']:.2f} | "
+                      f"{' / '.join(map(str, a['flags']))} | {' / '.join(map(str, a['precise']))} | "
+                      f"{sum(a['recall'])} of {len(a['recall'])} | {a['flag_purity'] or 0:.3f} | {a['seconds']:.0f} |")
+        for name, r in results.items():
+            for seed, found in zip(args.sae_seeds, r.get("audits", {}).get("flagged", [])):
+                print(f"{name}, SAE seed {seed}: {', '.join(found) or 'nothing'}")
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "artifact": args.artifact, "sae_seeds": args.sae_seeds,
                                          "settings": results}, indent=1))

@@ -160,7 +160,8 @@ def score_case(case: dict, result: dict, activity: Callable[[int], np.ndarray]) 
         })
     out = {"seed": cfg["seed"], "artifact": cfg["artifact"] if planted else None,
            "toward": cfg["toward"] if planted else None, "control": not planted, "flags": flags,
-           "n_flags": len(flags), "n_precise": sum(f["precise"] for f in flags)}
+           "n_flags": len(flags), "n_precise": sum(f["precise"] for f in flags),
+           "sae_fvu": (result.get("sae") or {}).get("fvu")}
     if planted:
         target = sorted([f for f in flags if f["class"] == cfg["toward"]], key=lambda f: f["rank"])
         top = target[0] if target else None

@@ -36,6 +36,13 @@ class Shard:
     count: int
     acts: str  # file name of [count, *item_shape] activations
     emb: str  # file name of [count, embed_dim] image embeddings
+    patches: str | None = None  # a CLS-only cache: file name of [count, patch_tokens, d] patch tokens for training
+
+
+def patch_picks(index: int, n_patches: int, take: int) -> np.ndarray:
+    """Which ``take`` of image ``index``'s ``n_patches`` patch tokens an SAE of its CLS token also trains on: drawn
+    from the image's own index, so a sharded and an unsharded extraction keep the same tokens."""
+    return np.sort(np.random.default_rng([index, 2027]).permutation(n_patches)[:take])
 
 
 class ActivationStore:
@@ -53,6 +60,8 @@ class ActivationStore:
         self.token: str = meta["token"]
         self.layer: int = meta["layer"]
         self.shards = [Shard(**s) for s in meta["shards"]]
+        # a CLS-only cache extracted with sae.patch_tokens: that many patch tokens per image, kept for training
+        self.patch_tokens: int = int(meta.get("patch_tokens", 0))
         self.labels = torch.from_numpy(np.load(self.folder / "labels.npy"))
 
     @property
@@ -99,6 +108,15 @@ class ActivationStore:
                 emb[sel] = e[local]
         return torch.from_numpy(acts), torch.from_numpy(emb)
 
+    def gather_patches(self, indices: np.ndarray) -> Tensor:
+        """[len(indices), patch_tokens, d] the training patch tokens a CLS-only cache keeps for these images."""
+        out = np.empty((len(indices), self.patch_tokens, self.d_model), dtype=np.float32)
+        for shard in self.shards:
+            sel = np.nonzero((indices >= shard.start) & (indices < shard.start + shard.count))[0]
+            if len(sel):
+                out[sel] = np.load(self.folder / shard.patches, mmap_mode="r")[indices[sel] - shard.start]
+        return torch.from_numpy(out)
+
     def embeddings(self) -> Tensor:
         """[n, embed_dim] image embeddings (small: one vector per image)."""
         return torch.cat([torch.from_numpy(np.array(np.load(self.folder / s.emb, mmap_mode="r"), dtype=np.float32))
@@ -114,12 +132,37 @@ class ActivationStore:
         pick = torch.rand(b, p, generator=generator).argsort(dim=1)[:, :take]
         return selected.gather(1, pick.unsqueeze(-1).expand(b, take, d)).reshape(b * take, d)
 
-    def n_sae_vectors(self, tokens_per_image: int) -> int:
+    def n_sae_vectors(self, tokens_per_image: int, patch_tokens: int = 0) -> int:
         if self.token == "cls":
-            return self.n
+            return self.n * (1 + self._patches_per_image(patch_tokens))
         return self.n * min(tokens_per_image, self.item_shape[0] - 1)
 
-    def training_batches(self, batch_size: int, seed: int, tokens_per_image: int) -> Iterator[Tensor]:
+    def _patches_per_image(self, patch_tokens: int) -> int:
+        """How many patch tokens per image a CLS SAE trains on besides the CLS token: what the cache keeps (a
+        CLS-only cache) or can give (a cache of every token), at most ``patch_tokens``."""
+        if self.token != "cls" or patch_tokens <= 0:
+            return 0
+        if len(self.item_shape) == 1:
+            return min(patch_tokens, self.patch_tokens)
+        return min(patch_tokens, self.item_shape[0] - 1)
+
+    def training_vectors(self, rows: np.ndarray, acts: Tensor, generator: torch.Generator, tokens_per_image: int,
+                         patch_tokens: int = 0) -> Tensor:
+        """The SAE's training vectors of the images ``rows`` (their activations ``acts``): :meth:`sae_vectors`,
+        and for a CLS SAE each image's kept patch tokens too (``patch_tokens`` per image, 0: CLS alone)."""
+        vectors = self.sae_vectors(acts, generator, tokens_per_image)
+        take = self._patches_per_image(patch_tokens)
+        if not take:
+            return vectors
+        if acts.ndim == 2:  # a CLS-only cache: the patch tokens extraction kept
+            patches = self.gather_patches(rows)[:, :take]
+        else:  # a cache of every token: the same patch tokens extraction would have kept
+            picks = torch.as_tensor(np.stack([patch_picks(int(i), acts.shape[1] - 1, take) for i in rows]))
+            patches = acts[:, 1:].gather(1, picks.unsqueeze(-1).expand(-1, -1, acts.shape[-1]))
+        return torch.cat([vectors, patches.reshape(-1, acts.shape[-1])])
+
+    def training_batches(self, batch_size: int, seed: int, tokens_per_image: int, patch_tokens: int = 0
+                         ) -> Iterator[Tensor]:
         """Endless shuffled SAE training batches [batch_size, d]: blocks of images in random order, rows
         shuffled within.
 
@@ -142,7 +185,7 @@ class ActivationStore:
                     checkpoint()
                     rows = np.sort(order[c:c + 1024])
                     chunk, _ = self.gather(rows)
-                    vecs = self.sae_vectors(chunk, gen, tokens_per_image)
+                    vecs = self.training_vectors(rows, chunk, gen, tokens_per_image, patch_tokens)
                     vecs = vecs[torch.randperm(len(vecs), generator=gen)]
                     buffer.append(vecs)
                     buffered += len(vecs)
@@ -152,14 +195,14 @@ class ActivationStore:
                         rest = allv[batch_size:]
                         buffer, buffered = [rest], len(rest)
 
-    def sample(self, n_vectors: int, seed: int, tokens_per_image: int) -> Tensor:
+    def sample(self, n_vectors: int, seed: int, tokens_per_image: int, patch_tokens: int = 0) -> Tensor:
         """About ``n_vectors`` SAE input vectors drawn from the whole cache (for initialisation)."""
         gen = torch.Generator().manual_seed(seed)
-        per_image = 1 if self.token == "cls" else min(tokens_per_image, self.item_shape[0] - 1)
+        per_image = self.n_sae_vectors(tokens_per_image, patch_tokens) // self.n
         n_images = min(self.n, max(1, math.ceil(n_vectors / per_image)))
         idx = np.sort(torch.randperm(self.n, generator=gen)[:n_images].numpy())
         acts, _ = self.gather(idx)
-        return self.sae_vectors(acts, gen, tokens_per_image)
+        return self.training_vectors(idx, acts, gen, tokens_per_image, patch_tokens)
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -190,7 +233,7 @@ def shard_files(index: int) -> dict[str, str]:
     """The file names one extraction shard writes; ``done`` is written last and marks it complete."""
     name = f"{index:05d}"
     return {"acts": f"acts-{name}.npy", "emb": f"emb-{name}.npy", "labels": f"labels-{name}.npy",
-            "done": f"shard-{name}.json"}
+            "patches": f"patches-{name}.npy", "done": f"shard-{name}.json"}
 
 
 def extract_shard(
@@ -208,13 +251,15 @@ def extract_shard(
     dtype: str = "fp32",
     cache_dtype: str = "float32",
     num_workers: int = 0,
+    patch_tokens: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run the model over images [start, start + count) and write shard ``index`` of the cache to ``folder``.
 
-    Writes the residual stream after ``layer`` (acts), the image embeddings (emb) and the labels; the
-    shard's ``done`` file (its metadata) is written last and atomically. A shard already done is kept.
-    Returns the metadata.
+    Writes the residual stream after ``layer`` (acts), the image embeddings (emb) and the labels; a cache that
+    keeps only the CLS token also keeps ``patch_tokens`` of each image's patch tokens (patches, drawn by
+    :func:`patch_picks`) for its SAE to train on. The shard's ``done`` file (its metadata) is written last and
+    atomically. A shard already done is kept. Returns the metadata.
     """
     folder = Path(folder)
     files = shard_files(index)
@@ -231,12 +276,15 @@ def extract_shard(
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     # temporary names carry the pid: two processes given the same shard never write into one file
     tmp = {key: folder / f".{name}.{os.getpid()}.part" for key, name in files.items()}
-    item_shape = _write_shard(bundle.model, loader, tmp, count, layer=layer, cls_only=tail.cls_only, device=device,
-                              dtype=dtype, cache_dtype=np.dtype(cache_dtype), progress=progress)
-    for key in ("acts", "emb", "labels"):
+    keep = patch_tokens if tail.cls_only else 0
+    item_shape, kept = _write_shard(bundle.model, loader, tmp, count, start=start, layer=layer,
+                                    cls_only=tail.cls_only, patch_tokens=keep, device=device, dtype=dtype,
+                                    cache_dtype=np.dtype(cache_dtype), progress=progress)
+    for key in ("acts", "emb", "labels") + (("patches",) if kept else ()):
         os.replace(tmp[key], folder / files[key])
     meta = {"index": index, "start": start, "count": count, "item_shape": item_shape,
-            "embed_dim": int(bundle.model.visual.output_dim), "token": token, "layer": layer, **files}
+            "embed_dim": int(bundle.model.visual.output_dim), "token": token, "layer": layer, **files,
+            "patches": files["patches"] if kept else None, "patch_tokens": kept}
     tmp["done"].write_text(json.dumps(meta))
     os.replace(tmp["done"], folder / files["done"])
     return meta
@@ -256,12 +304,14 @@ def _pair(size) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
-def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *, layer: int, cls_only: bool,
-                 device: torch.device, dtype: str, cache_dtype: np.dtype,
-                 progress: Callable[[int, int], None] | None) -> list[int]:
-    """Run the model over the loader's ``count`` images into the temporary files ``tmp["acts"]``, ``tmp["emb"]``
-    and ``tmp["labels"]``; returns the shape of one image's activations."""
-    acts_mm = emb_mm = None
+def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *, start: int, layer: int,
+                 cls_only: bool, patch_tokens: int, device: torch.device, dtype: str, cache_dtype: np.dtype,
+                 progress: Callable[[int, int], None] | None) -> tuple[list[int], int]:
+    """Run the model over the loader's ``count`` images (the first is image ``start``) into the temporary files
+    ``tmp["acts"]``, ``tmp["emb"]``, ``tmp["labels"]`` and, for a CLS-only cache with ``patch_tokens``,
+    ``tmp["patches"]``; returns the shape of one image's activations and the patch tokens kept per image."""
+    acts_mm = emb_mm = patches_mm = None
+    kept = 0
     labels_all = np.empty(count, dtype=np.int64)
     done = 0
     with capture_residual(model.visual, layer) as store, torch.inference_mode():
@@ -280,17 +330,28 @@ def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *,
                                                    shape=(count, emb.shape[1]))
             acts_mm[done:done + len(item)] = item
             emb_mm[done:done + len(item)] = emb
+            if cls_only and patch_tokens and h.ndim == 3 and h.shape[1] > 1:
+                kept = min(patch_tokens, h.shape[1] - 1)
+                if patches_mm is None:
+                    patches_mm = np.lib.format.open_memmap(tmp["patches"], mode="w+", dtype=cache_dtype,
+                                                           shape=(count, kept, h.shape[-1]))
+                picks = torch.as_tensor(np.stack([patch_picks(start + done + i, h.shape[1] - 1, kept)
+                                                  for i in range(len(item))]), device=h.device)
+                patches_mm[done:done + len(item)] = h[:, 1:].gather(
+                    1, picks.unsqueeze(-1).expand(-1, -1, h.shape[-1])).float().cpu().numpy()
             labels_all[done:done + len(item)] = labels.numpy()
             done += len(item)
             if progress:
                 progress(done, count)
     acts_mm.flush()
     emb_mm.flush()
+    if patches_mm is not None:
+        patches_mm.flush()
     item_shape = list(acts_mm.shape[1:])
-    del acts_mm, emb_mm
+    del acts_mm, emb_mm, patches_mm
     with open(tmp["labels"], "wb") as fh:
         np.save(fh, labels_all)
-    return item_shape
+    return item_shape, kept
 
 
 def assemble_store(folder: str | os.PathLike, shards: list[dict]) -> ActivationStore:
@@ -305,9 +366,9 @@ def assemble_store(folder: str | os.PathLike, shards: list[dict]) -> ActivationS
         np.save(fh, labels)
     os.replace(part, folder / "labels.npy")
     meta = {"n": expected, "item_shape": first["item_shape"], "embed_dim": first["embed_dim"],
-            "token": first["token"], "layer": first["layer"],
-            "shards": [{"start": m["start"], "count": m["count"], "acts": m["acts"], "emb": m["emb"]}
-                       for m in shards]}
+            "token": first["token"], "layer": first["layer"], "patch_tokens": min(m.get("patch_tokens", 0) for m in shards),
+            "shards": [{"start": m["start"], "count": m["count"], "acts": m["acts"], "emb": m["emb"],
+                        "patches": m.get("patches")} for m in shards]}
     # store.json is written last and atomically: its presence means the cache is complete.
     tmp = folder / f".store.json.{os.getpid()}.part"
     tmp.write_text(json.dumps(meta))
@@ -328,6 +389,7 @@ def extract_activations(
     cache_dtype: str = "float32",
     shard_size: int = DEFAULT_SHARD_SIZE,
     num_workers: int = 0,
+    patch_tokens: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> ActivationStore:
     """Run the model over ``images`` and cache the residual stream after ``layer`` in ``folder``.
@@ -347,5 +409,5 @@ def extract_activations(
         report = (lambda done, total, s=start: progress(s + done, n)) if progress else None
         metas.append(extract_shard(bundle, images, folder, index, start, count, layer=layer, token=token,
                                    batch_size=batch_size, device=device, dtype=dtype, cache_dtype=cache_dtype,
-                                   num_workers=num_workers, progress=report))
+                                   num_workers=num_workers, patch_tokens=patch_tokens, progress=report))
     return assemble_store(folder, metas)

@@ -133,6 +133,9 @@ class SAEConfig(_DictMixin):
     aux_coef: _real(ge=0.0, le=100.0) = 1.0 / 32.0
     dead_after_steps: _count() = 100  # a latent silent for this many steps counts as dead
     tokens_per_image: _count(le=TOKENS_MAX) = 16  # spatial SAEs sample this many patch tokens per image for training
+    # a CLS-token SAE also trains on this many of each image's patch tokens (drawn per image; 0: the CLS tokens
+    # alone); docs/perf.md ("Cleaner dictionaries") measures 16 with 256 latents and k 8
+    patch_tokens: _count(ge=0, le=TOKENS_MAX) = 0
     # "matryoshka": the loss also asks the first n/8, n/4 and n/2 latents to reconstruct on their own (Bussmann et
     # al. 2025; Nabeshima 2024), so broad concepts settle in the first latents instead of being absorbed
     variant: Literal["topk", "matryoshka"] = "topk"

@@ -45,12 +45,12 @@ def train_or_load(store: ActivationStore, config: AuditConfig, folder: Path, dev
     if (folder / "sae.json").is_file() and (folder / "metrics.json").is_file():
         return TopKSAE.load(folder, device), json.loads((folder / "metrics.json").read_text())
     cfg = config.sae
-    n_vectors = store.n_sae_vectors(cfg.tokens_per_image)
+    n_vectors = store.n_sae_vectors(cfg.tokens_per_image, cfg.patch_tokens)
     n_latents, k, steps = size_sae(store.d_model, n_vectors, cfg)
     sae, curve = train_sae(
-        store.training_batches(cfg.batch_size, cfg.seed, cfg.tokens_per_image),
+        store.training_batches(cfg.batch_size, cfg.seed, cfg.tokens_per_image, cfg.patch_tokens),
         d_model=store.d_model, n_latents=n_latents, k=k, steps=steps,
-        init_sample=store.sample(min(n_vectors, 16384), cfg.seed, cfg.tokens_per_image),
+        init_sample=store.sample(min(n_vectors, 16384), cfg.seed, cfg.tokens_per_image, cfg.patch_tokens),
         config=cfg, device=device, progress=report)
     quality = evaluate(sae, store, config, device)
     metrics = SAEMetrics(**quality, n_latents=n_latents, k=k, steps=steps, n_train_vectors=n_vectors,

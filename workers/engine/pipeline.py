@@ -121,7 +121,8 @@ def prepare_images(bundle: ClipBundle, probe: LinearProbe, dataset: ImageSet) ->
 
 def extract_kwargs(config: AuditConfig, device) -> dict:
     return dict(layer=config.layer, token=config.token, batch_size=config.batch_size, device=device,
-                dtype=config.dtype, cache_dtype=config.cache_dtype)
+                dtype=config.dtype, cache_dtype=config.cache_dtype,
+                patch_tokens=config.sae.patch_tokens if config.token == "cls" else 0)
 
 
 def extract_sae_images(bundle: ClipBundle, sae_images: ImageSet, folder: Path, config: AuditConfig, device,
