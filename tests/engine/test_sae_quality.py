@@ -65,3 +65,21 @@ def test_a_setting_trains_with_its_sae_options_and_reads_codes_back():
             assert z.shape == (8, 32) and int((z > 0).sum(1).max()) <= 4
             assert reconstruct(vectors[:8]).shape == (8, 16)
         assert seconds > 0
+
+
+def test_flag_figures_compare_what_each_seeds_flags_track():
+    from workers.casestudy.bench_dictionaries import flag_figures
+
+    def run(flags, seconds, fvu):
+        return {"flags": [{"class": c, "concepts": concepts, "purity": p} for c, concepts, p in flags],
+                "n_flags": len(flags), "n_precise": len(flags) - 1, "recall": bool(flags), "seconds": seconds,
+                "sae_fvu": fvu}
+
+    ruler = ("melanoma", ["a ruler"], 0.9)
+    got = flag_figures([run([ruler, ("nevus", ["a ruler (absent)"], 0.7)], 2.0, 0.05),
+                        run([ruler, ("melanoma", [], None)], 4.0, 0.06)])
+    assert got["every"] == 1 and got["any"] == 3 and got["overlap"] == 1 / 3
+    assert got["flagged"][1] == ["melanoma: a ruler", "melanoma: none"]
+    assert got["flags"] == [2, 2] and got["precise"] == [1, 1] and got["recall"] == [True, True]
+    assert abs(got["flag_purity"] - (0.9 + 0.7 + 0.9) / 3) < 1e-12  # a flag without purity does not count
+    assert got["seconds"] == 3.0 and got["fvu"] == [0.05, 0.06]

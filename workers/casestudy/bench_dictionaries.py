@@ -20,15 +20,33 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark import audit_and_score
+from .benchmark import audit_and_score, flagged_concepts
 from .build import CaseConfig, build_case, default_cache
 
 DEFAULTS = "defaults (3 dictionaries)"
 SETTINGS = {"one dictionary": {"dictionaries": 1}, DEFAULTS: {}}
 
 
-def concepts(scored: dict) -> set[str]:
-    return {f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}" for f in scored["flags"]}
+def flag_figures(runs: list[dict]) -> dict:
+    """Over scored audits of one case with different SAE seeds (each with its ``seconds``): the mean time, the
+    concepts each flags, how many every audit flags and any does and their ratio (the overlap), the flags and
+    precise flags per audit, whether each flagged the planted artifact for its class, the flags' mean purity
+    and each SAE's FVU."""
+    flagged = [flagged_concepts(r) for r in runs]
+    every, anyone = set.intersection(*flagged), set.union(*flagged)
+    purities = [f["purity"] for r in runs for f in r["flags"] if f.get("purity") is not None]
+    return {"seconds": float(np.mean([r["seconds"] for r in runs])),
+            "overlap": len(every) / len(anyone) if anyone else 1.0, "every": len(every), "any": len(anyone),
+            "flagged": [sorted(f) for f in flagged], "flags": [r["n_flags"] for r in runs],
+            "precise": [r["n_precise"] for r in runs], "recall": [bool(r.get("recall")) for r in runs],
+            "flag_purity": float(np.mean(purities)) if purities else None, "fvu": [r.get("sae_fvu") for r in runs]}
+
+
+def print_flagged(rows: dict[str, dict], sae_seeds: list[int]) -> None:
+    """Each setting's flagged concepts (:func:`flag_figures`), one line per SAE seed."""
+    for name, r in rows.items():
+        for sae_seed, found in zip(sae_seeds, r["flagged"]):
+            print(f"{name}, SAE seed {sae_seed}: {', '.join(found) or 'nothing'}")
 
 
 def main(argv=None) -> None:
@@ -46,22 +64,12 @@ def main(argv=None) -> None:
     settings.update({name: json.loads(options) for name, options in args.setting})
     rows = {}
     for name, options in settings.items():
-        seconds, flagged, n_flags, n_precise, recall, purity, fvu = [], [], [], [], [], [], []
+        runs = []
         for sae_seed in args.sae_seeds:
             started = time.perf_counter()
             scored = audit_and_score(case, {**options, "sae": {**options.get("sae", {}), "seed": sae_seed}})
-            seconds.append(time.perf_counter() - started)
-            flagged.append(concepts(scored))
-            n_flags.append(scored["n_flags"])
-            n_precise.append(scored["n_precise"])
-            recall.append(bool(scored.get("recall")))
-            purity += [f["purity"] for f in scored["flags"] if f.get("purity") is not None]
-            fvu.append(scored.get("sae_fvu"))
-        every, anyone = set.intersection(*flagged), set.union(*flagged)
-        rows[name] = {"options": options, "seconds": float(np.mean(seconds)),
-                      "overlap": len(every) / len(anyone) if anyone else 1.0, "every": len(every), "any": len(anyone),
-                      "flagged": [sorted(f) for f in flagged], "flags": n_flags, "precise": n_precise,
-                      "recall": recall, "flag_purity": float(np.mean(purity)) if purity else None, "fvu": fvu}
+            runs.append({**scored, "seconds": time.perf_counter() - started})
+        rows[name] = {"options": options, **flag_figures(runs)}
     base = rows[DEFAULTS]["seconds"]
     print(f"case: seed {args.seed}, {args.artifact} -> melanoma; SAE seeds {args.sae_seeds}")
     print("| setting | audit s (mean) | vs defaults | flagged by every seed / any | seed overlap | flags per audit | "
@@ -72,9 +80,7 @@ def main(argv=None) -> None:
               f"{r['overlap']:.2f} | {' / '.join(map(str, r['flags']))} | {' / '.join(map(str, r['precise']))} | "
               f"{sum(r['recall'])} of {len(r['recall'])} | {r['flag_purity'] or 0:.3f} | "
               f"{' / '.join('-' if v is None else f'{v:.3f}' for v in r['fvu'])} |")
-    for name, r in rows.items():
-        for sae_seed, found in zip(args.sae_seeds, r["flagged"]):
-            print(f"{name}, SAE seed {sae_seed}: {', '.join(found) or 'nothing'}")
+    print_flagged(rows, args.sae_seeds)
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "artifact": args.artifact, "sae_seeds": args.sae_seeds,
                                          "settings": rows}, indent=1))

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bench_dictionaries import flag_figures, print_flagged
 from .build import GENERATOR_VERSION, CaseConfig, build_case, default_cache
 from .images import ARTIFACTS, draw_samples, independent_rates, read_split, write_split
 
@@ -263,19 +264,6 @@ def audit_flags(case: dict, vectors: torch.Tensor, cls: torch.Tensor, options: d
         shutil.rmtree(work, ignore_errors=True)
 
 
-def flag_figures(runs: list[dict]) -> dict:
-    """Over audits of one case with different SAE seeds: the concepts each flags (what the ground truth says its
-    flags track), their overlap (flagged by every audit / by any), flags, precise flags and their purity."""
-    flagged = [{f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}" for f in r["flags"]} for r in runs]
-    every, anyone = set.intersection(*flagged), set.union(*flagged)
-    purities = [f["purity"] for r in runs for f in r["flags"] if f.get("purity") is not None]
-    return {"overlap": len(every) / len(anyone) if anyone else 1.0, "flagged": [sorted(f) for f in flagged],
-            "flags": [r["n_flags"] for r in runs], "precise": [r["n_precise"] for r in runs],
-            "recall": [bool(r.get("recall")) for r in runs],
-            "flag_purity": float(np.mean(purities)) if purities else None,
-            "seconds": float(np.mean([r["seconds"] for r in runs]))}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -351,13 +339,10 @@ def main(argv=None) -> None:
         for name, r in results.items():
             if "audits" in r:
                 a = r["audits"]
-                every = len(set.intersection(*map(set, a["flagged"])))
-                print(f"| {name} | {every} / {len(set.union(*map(set, a['flagged'])))} | {a['overlap']:.2f} | "
+                print(f"| {name} | {a['every']} / {a['any']} | {a['overlap']:.2f} | "
                       f"{' / '.join(map(str, a['flags']))} | {' / '.join(map(str, a['precise']))} | "
                       f"{sum(a['recall'])} of {len(a['recall'])} | {a['flag_purity'] or 0:.3f} | {a['seconds']:.0f} |")
-        for name, r in results.items():
-            for seed, found in zip(args.sae_seeds, r.get("audits", {}).get("flagged", [])):
-                print(f"{name}, SAE seed {seed}: {', '.join(found) or 'nothing'}")
+        print_flagged({name: r["audits"] for name, r in results.items() if "audits" in r}, args.sae_seeds)
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "artifact": args.artifact, "sae_seeds": args.sae_seeds,
                                          "settings": results}, indent=1))

@@ -529,6 +529,12 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
                         "processor": platform.processor() or platform.machine()}}
 
 
+def flagged_concepts(scored: dict) -> set[str]:
+    """What a scored audit's probe flags track, one "<class>: <first concept>" each ("none": nothing the ground
+    truth names): what seed stability compares across audits."""
+    return {f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}" for f in scored["flags"]}
+
+
 def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = print) -> dict:
     """The same audit with several SAE seeds: which concepts (what the flagged latents track) each flags, and the
     overlap (concepts every seed flags / concepts any seed flags; ``every`` and ``any`` their counts). Each seed's
@@ -542,8 +548,7 @@ def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = prin
         else:
             scored = audit_and_score(case, options)
             cached.write_text(json.dumps(scored, default=float))
-        flagged.append(sorted({f"{f['class']}: {f['concepts'][0] if f['concepts'] else 'none'}"
-                               for f in scored["flags"]}))
+        flagged.append(sorted(flagged_concepts(scored)))
     every = set.intersection(*map(set, flagged)) if flagged else set()
     anyone = set.union(*map(set, flagged)) if flagged else set()
     cfg = case["config"]
