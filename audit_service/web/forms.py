@@ -1,8 +1,6 @@
 """Forms of the web UI. They only parse input; the registry and audit services validate it, as for the API."""
 from __future__ import annotations
 
-import json
-
 from django import forms
 
 from audit_service.audits.models import Verdict
@@ -166,9 +164,9 @@ class AuditForm(forms.Form):
         if not text:
             return {}
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise forms.ValidationError(f"not valid JSON: {exc}") from exc
+            value = read_json_upload(text)
+        except RegistrationError as exc:
+            raise forms.ValidationError(exc.message) from None
         if not isinstance(value, dict):
             raise forms.ValidationError("write a JSON object, e.g. {\"flag_min_share\": 0.03}")
         return value

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import jsonsafe
 from .errors import EngineError
 
 NORMALIZATIONS = ("l2", "none")
@@ -213,8 +214,8 @@ def _read_safetensors_probe(path: Path) -> tuple[dict, dict]:
         raise EngineError(f"probe {path.name} is not a readable safetensors file: {exc}") from exc
     if "classes" in file_meta:
         try:
-            classes = json.loads(file_meta["classes"])
-        except json.JSONDecodeError:
+            classes = jsonsafe.loads(file_meta["classes"], what="the probe's classes")
+        except jsonsafe.JSONLimitError:
             classes = None
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise EngineError(f"probe {path.name}: the 'classes' metadata must be a JSON list of "

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .architectures import config_refusal, model_refusal, text_refusal
+from . import jsonsafe
 from .errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -402,8 +403,8 @@ def register_model_config(config: dict | str | os.PathLike) -> str:
     if not isinstance(config, dict):
         path = Path(config)
         try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            config = jsonsafe.loads(path.read_bytes(), what=f"model config {path.name}")
+        except (OSError, jsonsafe.JSONLimitError) as exc:
             raise EngineError(f"model config {path.name} is not readable JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise EngineError("a model config must be a JSON object with embed_dim, vision_cfg and text_cfg")
@@ -509,12 +510,27 @@ def _hub_file(repo: str, filename: str, cache_dir: str | None, online: bool) -> 
         return None
 
 
+def hub_repo(name: str) -> str:
+    """ORG/NAME of ``hf-hub:ORG/NAME``, checked with the hub's own rules for repository ids (letters, digits,
+    ``-``, ``_``, ``.``; no ``..`` or ``--``; at most 96 characters a part) before any path is made of it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
+    try:
+        if repo.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'")
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise EngineError(f"'{name[:200]}' is not a Hugging Face model name ({reason}): write hf-hub:ORG/NAME, "
+                          "e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") from None
+    return repo
+
+
 def resolve_hf_hub(name: str, cache_dir: str | None = None) -> tuple[dict, str]:
     """(open_clip_config.json's content, the local weights file) of ``hf-hub:org/name``: from the cache, else
     downloaded when online; offline and uncached fails at once, saying how to provide the files."""
-    repo = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise EngineError(f"'{name}' is not a Hugging Face model name: write hf-hub:ORG/NAME")
+    repo = hub_repo(name)
     online = None
     files = {}
     for filename in (HF_HUB_CONFIG, *HF_HUB_WEIGHTS):
@@ -539,7 +555,7 @@ def resolve_hf_hub(name: str, cache_dir: str | None = None) -> tuple[dict, str]:
                           "machine with internet (huggingface-cli download ORG/NAME) and copy the cache here, or "
                           "register the model with a config and checkpoint file")
     try:
-        config = json.loads(Path(files[HF_HUB_CONFIG]).read_text())
+        config = jsonsafe.loads(Path(files[HF_HUB_CONFIG]).read_bytes(), what=HF_HUB_CONFIG)
     except (OSError, ValueError) as exc:
         raise EngineError(f"{name}: {HF_HUB_CONFIG} is not valid JSON ({exc})") from exc
     if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
