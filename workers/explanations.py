@@ -11,13 +11,13 @@ import time
 from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError
-from PIL import Image
 
 from audit_service.audits.models import Explanation
 from audit_service.registry.services import dataset_labels
 from workers.engine.config import AuditConfig
 from workers.engine.context import AuditContext
 from workers.engine.explain import explain_image
+from workers.engine.imagefiles import open_image
 from workers.engine.loading import resolve_device
 from workers.engine.sae import TopKSAE
 from workers.engine.semantics import UNLABELLED
@@ -61,7 +61,7 @@ def _explain(explanation: Explanation, workdir, progress) -> None:
         label = dict(dataset_labels(audit.dataset)).get(explanation.item)
     else:
         path = local_path(explanation.image)
-    with Image.open(path) as img:
+    with open_image(path) as img:
         pixels = bundle.preprocess(img.convert("RGB"))
     flags = list(audit.flags.values("head", "class_name", "latent", "label"))
     # a latent with no name reads as its likely concept, marked as such, not as a bare "unlabelled"

@@ -46,11 +46,10 @@ def image_where(dataset, image_key: str):
 def _load_image(where):
     """The decoded image at ``where`` (see :func:`image_where`), or None when it cannot be read: a missing or
     unreadable file shows as a gap, not as a broken report."""
-    from PIL import Image
-
     from audit_service.registry.archives import DatasetRejected
     from audit_service.registry.models import Dataset
     from audit_service.registry.references import SourceError, read_image
+    from workers.engine.imagefiles import open_image
 
     try:
         if isinstance(where, tuple):
@@ -58,7 +57,7 @@ def _load_image(where):
         else:
             fh = default_storage.open(where, "rb")
         with fh:
-            image = Image.open(fh)
+            image = open_image(fh)
             image.load()
         return image
     except (OSError, ValueError, KeyError, SourceError, DatasetRejected, Dataset.DoesNotExist):

@@ -19,12 +19,18 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from workers.engine.imagefiles import SUFFIXES, ImageRefused, open_image
+
+IMAGE_SUFFIXES = SUFFIXES  # the file names a dataset's images may have (their content is checked too)
 MAX_PROBLEMS_LISTED = 5
 MAX_COMPRESSION_RATIO = 200  # a zip member that inflates more than this is treated as a bomb
 # A labels.csv column besides image and label is kept as metadata (e.g. "a ruler" 0/1, "site") when its non-empty
 # values take at most this many distinct values; more (a caption, a patient id) is free text and is dropped.
 MAX_METADATA_VALUES = 20
+# Every metadata column becomes a slice the engine measures and the report shows: a dataset may have this many
+# (labels.csv columns besides image and label, or keys of the WebDataset samples' .json besides label).
+MAX_METADATA_COLUMNS = 32
+MAX_LABEL_CHARS = 200  # characters of a class name, a metadata column's name or one of its values
 RESERVED_COLUMNS = ("image", "label")  # the canonical labels.csv's own columns
 
 
@@ -310,6 +316,7 @@ def _read_labels(csv_path: Path, root: Path, require_labels: bool = True) -> _La
     extra_cols = [f for f in (reader.fieldnames or [])
                   if f is not None and f.strip() and f not in (path_col, label_col)
                   and f.strip().lower() not in RESERVED_COLUMNS]
+    check_metadata_count([f.strip() for f in extra_cols], f"columns in {csv_path.name} besides the image and label")
     folder = posixpath.relpath(str(base), str(root)) if base != root else ""
     rows = _Labels({}, {}, {})
     problems = []
@@ -318,6 +325,15 @@ def _read_labels(csv_path: Path, root: Path, require_labels: bool = True) -> _La
         label = (row.get(label_col) or "").strip() if label_col is not None else ""
         if not rel or (not label and require_labels):
             problems.append(f"line {line}: empty image or label")
+            continue
+        if len(label) > MAX_LABEL_CHARS:
+            problems.append(f"line {line}: a label of {len(label)} characters; a class name may have at most "
+                            f"{MAX_LABEL_CHARS}")
+            continue
+        too_long = next((p for col in extra_cols if (p := metadata_problem(col.strip(), (row.get(col) or "").strip()))),
+                        None)
+        if too_long:
+            problems.append(f"line {line}: {too_long}")
             continue
         path = _safe_name(posixpath.join(folder, rel))
         if path in rows.labels:
@@ -374,6 +390,24 @@ def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str], holde
     return ". ".join(parts) if parts else None
 
 
+def check_metadata_count(columns: list[str], what: str) -> None:
+    """Refuse more than MAX_METADATA_COLUMNS metadata columns (``what`` names where they come from)."""
+    if len(columns) > MAX_METADATA_COLUMNS:
+        raise DatasetRejected(f"{len(columns)} {what} ({_examples(sorted(columns))}); each would become a metadata "
+                              f"column, and a dataset may have at most {MAX_METADATA_COLUMNS}: keep the columns you "
+                              "want audited as slices and drop the rest")
+
+
+def metadata_problem(column: str, value: str) -> str | None:
+    """Why a metadata column's name or value cannot be kept, or None."""
+    if len(column) > MAX_LABEL_CHARS:
+        return f"a metadata column name of {len(column)} characters; at most {MAX_LABEL_CHARS} are accepted"
+    if len(value) > MAX_LABEL_CHARS:
+        return (f"a value of {len(value)} characters in metadata column '{column[:40]}'; at most {MAX_LABEL_CHARS} "
+                "are accepted")
+    return None
+
+
 def _metadata_columns(paths: list[str], extras: dict[str, dict[str, str]]) -> dict[str, list[str]]:
     """The CSV's extra columns worth keeping, as column -> values in ``paths`` order.
 
@@ -391,18 +425,16 @@ def _metadata_columns(paths: list[str], extras: dict[str, dict[str, str]]) -> di
 def image_problem(path, name: str, max_pixels: int, root: Path | None = None) -> str | None:
     """Why the image file at ``path`` (a path or an open binary file; called ``name`` in messages) cannot be used,
     or None: it must decode and have at most ``max_pixels`` pixels (read from its header, before decoding)."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, from the header, before decoding
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             if w * h > max_pixels:
                 return f"{name} has {w}x{h} pixels, over the limit of {max_pixels}"
             img.load()
     except Exception as exc:  # PIL raises many types for broken files
         text = _without(str(exc), root) if root is not None else str(exc).replace(str(path), name)
-        return f"{name} is not a readable image ({type(exc).__name__}: {text})"
+        kind = "" if isinstance(exc, ImageRefused) else f"{type(exc).__name__}: "
+        return f"{name} is not a readable image ({kind}{text})"
     return None
 
 

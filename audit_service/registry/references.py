@@ -28,8 +28,11 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.storage import default_storage
 
-from .archives import (IMAGE_SUFFIXES, DatasetRejected, Limits, ValidatedDataset, _check_member_count, _examples,
-                       _ignored, _list, _plan, _safe_name, checked_dataset, image_problem, validate)
+from workers.engine import jsonsafe
+
+from .archives import (IMAGE_SUFFIXES, MAX_LABEL_CHARS, DatasetRejected, Limits, ValidatedDataset, _check_member_count, _examples,
+                       _ignored, _list, _plan, _safe_name, check_metadata_count, checked_dataset, image_problem,
+                       metadata_problem, validate)
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -169,13 +172,20 @@ class FolderSource:
         path = Path(location.strip())
         if not path.is_absolute():
             raise DatasetRejected(f"'{location}' is not an absolute path; give the folder's full path on the server")
+        outside = DatasetRejected(f"'{location}' is not inside a folder an admin allowed for datasets; ask an admin "
+                                  "which folders are open (DATASET_ROOTS)")
+        # the roots are checked on the path as written before the file system is asked anything, so the answer
+        # for a folder outside them does not depend on whether it exists
+        written = Path(os.path.normpath(path))
+        allowed = roots + [Path(os.path.normpath(r)) for r in settings.DATASET_ROOTS]
+        if not any(written == root or written.is_relative_to(root) for root in allowed):
+            raise outside
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
             raise DatasetRejected(f"there is no folder '{location}' on the server") from None
-        if not any(real == root or real.is_relative_to(root) for root in roots):
-            raise DatasetRejected(f"'{location}' is not inside a folder an admin allowed for datasets (DATASET_ROOTS: "
-                                  f"{', '.join(map(str, roots))})")
+        if not any(real == root or real.is_relative_to(root) for root in roots):  # a link inside leading out
+            raise outside
         if not real.is_dir():
             raise DatasetRejected(f"'{location}' is not a folder")
         self.location, self.root = str(real), real
@@ -246,9 +256,11 @@ def open_source(kind: str, location: str):
 # --------------------------------------------------------------------------- checking it once
 
 def guess_layout(listing: list[tuple[str, int]]) -> str:
-    """"webdataset" when every file (besides hidden ones) is a .tar shard, else "files"."""
+    """"webdataset" when every file (besides hidden ones) is a shard (.tar, or a compressed one, which is then
+    refused by name), else "files"."""
     names = [n for n, _ in listing if not _ignored(n)]
-    return "webdataset" if names and all(n.lower().endswith(SHARD_SUFFIX) for n in names) else "files"
+    return "webdataset" if names and all(n.lower().endswith((SHARD_SUFFIX, *COMPRESSED_SHARDS)) for n in names) \
+        else "files"
 
 
 def _spooled(stream, limit: int):
@@ -301,10 +313,11 @@ def check_files(source, listing: list[tuple[str, int]], limits: Limits, require_
 
 
 class _Sample:
-    __slots__ = ("image", "offset", "size", "label", "meta")
+    __slots__ = ("image", "offset", "size", "sha256", "label", "label_from", "meta")
 
     def __init__(self):
-        self.image, self.offset, self.size, self.label, self.meta = None, 0, 0, None, {}
+        self.image, self.offset, self.size, self.sha256, self.label, self.meta = None, 0, 0, "", None, {}
+        self.label_from = ""  # "cls" once a .cls file gave the label
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -330,12 +343,14 @@ def _label_of(sample: _Sample, field: str, data: bytes, where: str, problems: li
         problems.append(f"{where} is not UTF-8 text")
         return
     if field == "cls":
-        sample.label = text.strip()
+        if sample.label_from == "cls":
+            problems.append(f"{where}: the sample has a second .cls file; give each sample one label")
+        sample.label, sample.label_from = _bounded_label(text.strip(), where, problems), "cls"
         return
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        problems.append(f"{where} is not valid JSON ({exc})")
+        value = jsonsafe.loads(text, what=where)
+    except jsonsafe.JSONLimitError as exc:
+        problems.append(str(exc))
         return
     if not isinstance(value, dict):
         problems.append(f"{where} holds a JSON {type(value).__name__}, not an object")
@@ -343,9 +358,21 @@ def _label_of(sample: _Sample, field: str, data: bytes, where: str, problems: li
     for key, item in value.items():
         if key.strip().lower() in ("label", "class"):
             if sample.label is None and isinstance(item, (str, int)) and not isinstance(item, bool):
-                sample.label = str(item).strip()
+                sample.label = _bounded_label(str(item).strip(), where, problems)
         elif isinstance(item, (str, int, float, bool)):
-            sample.meta[key.strip()] = str(item).strip()
+            problem = metadata_problem(key.strip(), str(item).strip())
+            if problem:
+                problems.append(f"{where}: {problem}")
+            else:
+                sample.meta[key.strip()] = str(item).strip()
+
+
+def _bounded_label(label: str, where: str, problems: list[str]) -> str | None:
+    if len(label) > MAX_LABEL_CHARS:
+        problems.append(f"{where}: a label of {len(label)} characters; a class name may have at most "
+                        f"{MAX_LABEL_CHARS}")
+        return None
+    return label
 
 
 def scan_shard(source, shard: str, limits: Limits, totals: dict, problems: list[str]) -> tuple[dict, dict]:
@@ -393,6 +420,8 @@ def scan_shard(source, shard: str, limits: Limits, totals: dict, problems: list[
                             problems.append(f"{shard}/{name} is empty (0 bytes)")
                             continue
                         with _spooled(tf.extractfile(member), member.size) as copy:
+                            sample.sha256 = hashlib.file_digest(copy, "sha256").hexdigest()
+                            copy.seek(0)
                             problem = image_problem(copy, f"{shard}/{name}", limits.max_image_pixels)
                         if problem:
                             problems.append(problem)
@@ -434,7 +463,7 @@ def check_shards(source, listing: list[tuple[str, int]], limits: Limits, require
                 unlabelled.append(image_id)
             labels[image_id] = sample.label or ""
             extras[image_id] = sample.meta
-            members[image_id] = [shard, sample.offset, sample.size]
+            members[image_id] = [shard, sample.offset, sample.size, sample.sha256]
     if imageless:
         problems.append(f"{len(imageless)} sample{'s have' if len(imageless) > 1 else ' has'} a label but no image "
                         f"({_examples(imageless)}); images are {', '.join(IMAGE_SUFFIXES)}")
@@ -447,6 +476,7 @@ def check_shards(source, listing: list[tuple[str, int]], limits: Limits, require
     if not labels:
         raise DatasetRejected(f"the shards of {limits.where} hold no images")
     keys = sorted({k for meta in extras.values() for k in meta})  # a sample's .json may lack another's keys
+    check_metadata_count(keys, "keys in the samples' .json files besides label")
     checked = checked_dataset(Path("."), labels, {p: {k: meta.get(k, "") for k in keys} for p, meta in extras.items()},
                               totals["bytes"])
     if require_labels and len(checked.class_names) < 2:
@@ -519,7 +549,7 @@ def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
         return []
     by_shard: dict[str, set[str]] = {}
     for image_id in wanted:
-        shard, _, _ = manifest["members"][image_id]
+        shard = manifest["members"][image_id][0]
         by_shard.setdefault(shard, set()).add(image_id[len(shard) + 1:])
 
     def read_shard(shard: str) -> str:
@@ -547,10 +577,25 @@ def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
 
 
 def read_image(dataset, image_id: str) -> bytes:
-    """One image's bytes, for a thumbnail: a file, or the member's bytes read from its shard by range."""
+    """One image's bytes, for a thumbnail or a heatmap's background: a file, or the member's bytes read from its
+    shard by range; checked against the manifest as a worker's copy is, so a page never shows an image that is
+    not the one registered (and audited). Raises SourceError when it changed or is gone."""
     source = open_source(dataset.source, dataset.location)
+    manifest = read_manifest(dataset)
     if dataset.layout == "files":
         with source.open(image_id) as fh:
-            return fh.read()
-    shard, offset, size = read_manifest(dataset)["members"][image_id]
-    return source.read_range(shard, offset, size)
+            data = fh.read(manifest["objects"][image_id]["size"] + 1)
+        if hashlib.sha256(data).hexdigest() != manifest["objects"][image_id]["sha256"]:
+            raise _changed(dataset, source, image_id)
+        return data
+    shard, offset, size, *digest = manifest["members"][image_id]
+    if not digest:  # registered before members carried their digest: the whole shard must be the registered one
+        with source.open(shard) as raw:
+            reader = _Hashing(raw)
+            reader.drain()
+        if reader.hexdigest() != manifest["objects"][shard]["sha256"]:
+            raise _changed(dataset, source, shard)
+    data = source.read_range(shard, offset, size)
+    if digest and hashlib.sha256(data).hexdigest() != digest[0]:
+        raise _changed(dataset, source, shard)
+    return data

@@ -240,8 +240,7 @@ def test_an_unreadable_image_is_named_by_its_path_in_the_archive_not_the_servers
 
     assert response.status_code == 400
     message = response.json()["archive"][0]
-    assert "melanoma/cut.png is not a readable image (UnidentifiedImageError: cannot identify image file " \
-           "'melanoma/cut.png')" in message
+    assert "melanoma/cut.png is not a readable image (not a PNG, JPEG, WebP or BMP image)" in message
     assert tempfile.gettempdir() not in message and "/files/" not in message
 
 

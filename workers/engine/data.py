@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import EngineError
+from .imagefiles import SUFFIXES, open_image
 
 
 def check_metadata(metadata: Mapping[str, Sequence] | None, n: int) -> dict[str, list[str]]:
@@ -113,9 +114,7 @@ class ImageFiles(ImageSet):
         clone.paths = [self.paths[i] for i in idx]
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as img:
+        with open_image(self.paths[i]) as img:
             pixels = self.preprocess(img.convert("RGB"))
         return pixels, int(self.labels[i])
 
@@ -127,7 +126,7 @@ class ImageFiles(ImageSet):
         paths, labels = [], []
         for label, name in enumerate(classes):
             for p in sorted((root / name).iterdir()):
-                if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+                if p.suffix.lower() in SUFFIXES:
                     paths.append(p)
                     labels.append(label)
         return cls(paths, labels, classes, preprocess, ids=[f"{p.parent.name}/{p.name}" for p in paths])
