@@ -74,6 +74,9 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30  # worker and web share one file
+    # a transaction takes the write lock when it begins, so checks made inside one (a project's room for another
+    # job) hold until it commits, as a row lock does on PostgreSQL
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")))
@@ -137,6 +140,9 @@ MODEL_MAX_WIDTH = env_int("MODEL_MAX_WIDTH", 4096, minimum=1)  # per tower
 MODEL_MAX_IMAGE_SIZE = env_int("MODEL_MAX_IMAGE_SIZE", 1024, minimum=1)  # pixels, the longer side
 MODEL_MAX_PATCHES = env_int("MODEL_MAX_PATCHES", 4096, minimum=1)  # tokens per image besides the CLS token
 MODEL_MAX_CONTEXT_LENGTH = env_int("MODEL_MAX_CONTEXT_LENGTH", 1024, minimum=1)  # text tokens
+# Latents of an SAE trained elsewhere, read from its config and checked (with the weights' shapes, from their
+# header) before anything of that width is allocated (2^20: far wider than a CLIP SAE is trained).
+SAE_MAX_LATENTS = env_int("SAE_MAX_LATENTS", 1_048_576, minimum=1)
 
 # --------------------------------------------------------------------------- API
 REST_FRAMEWORK = {

@@ -49,8 +49,8 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
                                 f"dataset is given, else project), got {method!r}", field="method")
     options = correction_options(options)
     _check_training(audit, method, training_dataset, options)
-    check_room(audit.project)
     with transaction.atomic():
+        check_room(audit.project)
         correction = Correction.objects.create(project=audit.project, audit=audit, method=method, options=options,
                                                training_dataset=training_dataset, created_by=user)
         correction.flags.set(flags)

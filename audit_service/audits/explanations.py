@@ -35,8 +35,8 @@ def create_explanation(*, audit: Audit, user, image=None, item: str = "") -> Exp
                                     f"labels.csv, e.g. '{keys[0]}'", field="item")
     else:
         _check_image(image)
-    check_room(audit.project)
     with transaction.atomic():
+        check_room(audit.project)
         explanation = Explanation(project=audit.project, audit=audit, item=item, created_by=user)
         if image:
             explanation.image.save(Path(image.name).name, File(image), save=False)

@@ -38,7 +38,7 @@ def options_schema() -> dict:
     schema = json_schema(server_bounds())
     for fixed in ("layer", "token"):
         schema["properties"][fixed].update(readOnly=True, description="the registered model's; not an option")
-    schema["description"] = ("Audit options (README: 'Audit options and their defaults'); each option is checked "
+    schema["description"] = ("Audit options (docs/options.md: 'Audit options and their defaults'); each option is checked "
                              "against its type and range, and some against the audited dataset and model.")
     return schema
 
@@ -82,8 +82,8 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
                               sae_dataset=sae_dataset)
     except EngineError as exc:
         raise RegistrationError(exc.message, field="config") from exc
-    check_room(project)
     with transaction.atomic():
+        check_room(project)
         audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
                                      sae_dataset=sae_dataset, sae=sae, config=config.to_dict(), context=context or {},
                                      created_by=user)
@@ -93,7 +93,15 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
 
 def check_room(project) -> None:
     """Refuse a new job while the project's audits, corrections and explanations that are queued or running
-    fill its ``max_concurrent_audits``."""
+    fill its ``max_concurrent_audits``.
+
+    Called inside the transaction that creates the job: it locks the project's row first, so requests for the
+    same project count and create one after the other (on PostgreSQL a row lock; SQLite's transactions take
+    the write lock when they begin, ``transaction_mode`` IMMEDIATE in settings) and simultaneous requests
+    cannot all see the same free room."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("check_room must run inside the transaction that creates the job")
+    project = type(project).objects.select_for_update().get(pk=project.pk)
     live = [Status.QUEUED, Status.RUNNING]
     running = sum(model.objects.filter(project=project, status__in=live).count()
                   for model in (Audit, Correction, Explanation))

@@ -5,6 +5,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -13,6 +15,8 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+
+from workers.engine import jsonsafe
 from django.db import transaction
 
 from .archives import DatasetRejected, Limits, extract, validate
@@ -26,12 +30,43 @@ MAX_MODEL_CONFIG_BYTES = 100_000
 
 
 class RegistrationError(Exception):
-    """Input that cannot be registered; the message says what is wrong and what to do."""
+    """Input that cannot be registered; the message says what is wrong and what to do, and never where the server
+    keeps things (see :func:`without_server_paths`): every refusal a user sees passes through here."""
 
     def __init__(self, message: str, field: str | None = None):
+        message = without_server_paths(message)
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+def _server_folders() -> list[str]:
+    """The folders whose paths a message must not show: temporary files, the media store, the code, the Python
+    environment and the model caches, longest first (so the most specific one is replaced)."""
+    import sys
+
+    folders = {tempfile.gettempdir(), str(settings.MEDIA_ROOT), str(settings.BASE_DIR), sys.prefix,
+               sys.base_prefix, settings.MODEL_CACHE_DIR or "", os.environ.get("HF_HOME", "")}
+    folders |= {os.path.realpath(f) for f in folders if f}
+    return sorted((f.rstrip("/") for f in folders if len(f.rstrip("/")) > 1), key=len, reverse=True)
+
+
+def without_server_paths(message: str) -> str:
+    """``message`` with each path under a server folder (:func:`_server_folders`) cut to its file name: "/tmp/
+    tmpab12/images/x.png is not ..." reads "x.png is not ...", a folder itself "a server folder". A path inside
+    the folders open for datasets by reference (DATASET_ROOTS) is one the user gave, and is kept."""
+    given = [os.path.normpath(r) for r in settings.DATASET_ROOTS]
+
+    def cut(match) -> str:
+        path = match.group(0).rstrip("/")
+        if any(path == r or path.startswith(r + "/") for r in given):
+            return match.group(0)
+        return "a server folder" if path in folders else path.rsplit("/", 1)[-1]
+
+    folders = _server_folders()
+    for folder in folders:
+        message = re.sub(re.escape(folder) + r"(?:/[^\s'\",;:()\[\]]*)?", cut, message)
+    return message
 
 
 def read_json_upload(data):
@@ -47,12 +82,10 @@ def read_json_upload(data):
     try:
         if hasattr(data, "read"):
             data.seek(0)
-            return json.loads(data.read().decode("utf-8"))
-        return json.loads(data) if isinstance(data, str) else data
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistrationError(f"not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise RegistrationError("not valid here: the JSON is nested too deeply") from exc
+            return jsonsafe.loads(data.read(), what="the JSON")
+        return jsonsafe.loads(data, what="the JSON") if isinstance(data, str) else data
+    except jsonsafe.JSONLimitError as exc:
+        raise RegistrationError(str(exc)) from None
 
 
 def sha256_of(fileobj) -> str:
@@ -165,7 +198,7 @@ def _check_layer_and_token(size, layer: int, token: str, config: dict, field: st
     if unreachable:
         raise RegistrationError(unreachable, field="layer")
     text = text_refusal(config)
-    if text:  # the text side builds the zero-shot head and the labels (README: "Supported architectures")
+    if text:  # the text side builds the zero-shot head and the labels (docs/engine.md: "Supported architectures")
         raise RegistrationError(text, field=field)
 
 
@@ -263,11 +296,9 @@ def _register_hub_model(*, project, user, name: str, architecture: str, pretrain
 def register_sae(*, project, user, name: str, clip_model: ClipModel, format: str, config, weights
                  ) -> SparseAutoencoder:
     """Register an SAE trained elsewhere (``config`` and ``weights`` uploads, in ``format``) for ``clip_model``'s
-    registered layer and token: it must read that layer's width, and a SAELens config naming another block is
-    refused. The files are stored under the names the format gives them; a refusal stores nothing."""
-    from workers.engine.errors import EngineError
-    from workers.engine.sae_formats import check_fits, describe_sae, load_sae
-
+    registered layer and token: it must read that layer's width, and a SAELens config naming any hook but the
+    residual stream after the audited block is refused. The files are stored under the names the format gives
+    them; a refusal stores nothing."""
     if clip_model.project_id != project.id:
         raise RegistrationError("the model belongs to another project", field="clip_model")
     if format not in SAE_FILES:
@@ -278,27 +309,14 @@ def register_sae(*, project, user, name: str, clip_model: ClipModel, format: str
             raise RegistrationError(f"upload the {what} ({config_name if field == 'config' else weights_name})",
                                     field=field)
         check_upload_size(upload, what, field=field)
-    try:
-        config_text = read_json_upload(config)  # bounded, parsed, "nested too deeply" refused
-    except RegistrationError as exc:
-        raise RegistrationError(f"the SAE config: {exc.message}", field="config") from exc
+    config_value = _read_sae_config(config, config_name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / config_name).write_text(json.dumps(config_text))
+        (folder / config_name).write_text(json.dumps(config_value))
         path, sha = spool_upload(weights, ".safetensors", folder)
         if path.name != weights_name:
             path.rename(folder / weights_name)
-        try:
-            description = describe_sae(folder, format)
-            check_fits(description, clip_model.width, f"block {clip_model.layer} of model '{clip_model.name}'")
-            wanted = clip_model.layer if clip_model.layer >= 0 else clip_model.n_blocks + clip_model.layer
-            if description.layer is not None and description.layer != wanted:
-                raise EngineError(f"the SAE was trained on block {description.layer} ({description.hook_name}) but "
-                                  f"model '{clip_model.name}' is audited at block {wanted} (layer "
-                                  f"{clip_model.layer}); register the model with layer {description.layer}")
-            sae = load_sae(folder, format)
-        except EngineError as exc:
-            raise RegistrationError(exc.message, field="weights") from exc
+        description, sae = _check_sae(folder, format, clip_model)
         prefix = f"projects/{project.pk}/saes/{uuid.uuid4().hex}"
         stored = []
         try:
@@ -315,6 +333,50 @@ def register_sae(*, project, user, name: str, clip_model: ClipModel, format: str
                 default_storage.delete(key)
             raise
     return record
+
+
+def _read_sae_config(upload, config_name: str) -> dict:
+    """The JSON object of an uploaded SAE config, read with the bounded JSON reader: an integer of thousands of
+    digits, NaN or deep nesting is a refusal naming the file, like malformed JSON."""
+    upload.seek(0)
+    data = upload.read(MAX_MODEL_CONFIG_BYTES + 1)
+    upload.seek(0)
+    if len(data) > MAX_MODEL_CONFIG_BYTES:
+        raise RegistrationError(f"the SAE config {config_name} is over {MAX_MODEL_CONFIG_BYTES} bytes, the most "
+                                "accepted (SAELens' cfg.json is a few kilobytes)", field="config")
+    try:
+        value = jsonsafe.loads(data, what=f"the SAE config {config_name}")
+    except jsonsafe.JSONLimitError as exc:
+        raise RegistrationError(str(exc), field="config") from None
+    if not isinstance(value, dict):
+        raise RegistrationError(f"the SAE config {config_name} is not a JSON object", field="config")
+    return value
+
+
+def _check_sae(folder: Path, format: str, clip_model: ClipModel):
+    """(description, SAE) of the files in ``folder``, or a refusal naming the field. Everything the config claims
+    is checked before anything is allocated: its sizes, then the weights' tensor shapes read from the file's
+    header (``check_weights``), the bound on the width, the model's width and audited block; only then are the
+    weights read (and refused when not finite)."""
+    from workers.engine.errors import EngineError
+    from workers.engine.sae_formats import check_fits, check_hook, check_weights, describe_sae, load_sae
+
+    try:
+        description = describe_sae(folder, format)
+    except EngineError as exc:
+        raise RegistrationError(exc.message, field="config") from exc
+    block = clip_model.layer if clip_model.layer >= 0 else clip_model.n_blocks + clip_model.layer
+    try:
+        check_weights(folder, description)
+        if description.n_latents > settings.SAE_MAX_LATENTS:
+            raise RegistrationError(f"the SAE has {description.n_latents} latents, over the limit of "
+                                    f"{settings.SAE_MAX_LATENTS} (SAE_MAX_LATENTS)", field="config")
+        check_fits(description, clip_model.width, f"block {clip_model.layer} of model '{clip_model.name}'")
+        check_hook(description, block, f"the audited layer of model '{clip_model.name}' (layer "
+                                       f"{clip_model.layer})")
+        return description, load_sae(folder, format)
+    except EngineError as exc:
+        raise RegistrationError(exc.message, field="weights") from exc
 
 
 # --------------------------------------------------------------------------- probes

@@ -12,6 +12,8 @@ from schemathesis.checks import not_a_server_error
 
 from audit_service.wsgi import application
 
+from .test_corrections import audited, queue  # noqa: F401 (fixtures)
+
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
 schema = schemathesis.openapi.from_wsgi("/api/v1/schema/?format=json", application)
@@ -108,3 +110,25 @@ def test_a_config_of_a_wrong_type_is_a_400_naming_the_option(case, wrong, member
     message = response.json()["config"][0]
     # an option is named as the API names it; null for the whole config is DRF's own "may not be null"
     assert message.startswith(f"{option}:" if option else ("config must be a JSON object", "This field")), message
+
+
+# --------------------------------------------------------------------------- the doors the last round added
+
+# registering an SAE, a dataset (by upload or by reference), and a correction or an explanation of a real audit
+new_doors = schema.include(path_regex=r"^/api/v1/(saes/|datasets/|audits/\{id\}/(corrections|explain)/)$",
+                           method="POST")
+
+
+@new_doors.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_the_new_doors_answer_generated_requests_without_a_server_error(case, member_key, audited, settings,  # noqa: F811
+                                                                        tmp_path, queue):  # noqa: F811
+    # with the id of a succeeded audit, a folder open for datasets by reference and room for every job, the
+    # generated bodies reach the checks behind the ids
+    settings.DATASET_ROOTS = [str(tmp_path)]
+    audited.project.max_concurrent_audits = 10_000
+    audited.project.save()
+    if case.path_parameters and "id" in case.path_parameters:
+        case.path_parameters["id"] = audited.pk
+    response = case.call(headers={"Authorization": f"Token {member_key}"})
+    case.validate_response(response, checks=[not_a_server_error])
