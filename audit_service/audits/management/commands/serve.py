@@ -17,13 +17,17 @@ class Command(BaseCommand):
     def handle(self, *args, addr, port, workers, **options):
         call_command("migrate", interactive=False, verbosity=0)
         log_dir = settings.VAR_DIR / "logs"
-        worker = processes.start_worker(log_dir / "worker.log", workers)
-        web = processes.start_web(addr, port, log_dir / "web.log")
-        self.stdout.write(f"web: http://{addr}:{port}/  (log {log_dir / 'web.log'})\n"
-                          f"worker: pid {worker.pid}  (log {log_dir / 'worker.log'})\nCtrl-C stops both.")
-        try:
-            web.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            processes.stop(web, worker)
+        started = []
+        # SIGTERM (systemd, docker stop), Ctrl-C and SIGHUP stop the children before we exit, never leave them
+        # running as orphans; a signal that lands between two starts still stops the first child
+        with processes.stop_signals_raise():
+            try:
+                started.append(worker := processes.start_worker(log_dir / "worker.log", workers))
+                started.append(web := processes.start_web(addr, port, log_dir / "web.log"))
+                self.stdout.write(f"web: http://{addr}:{port}/  (log {log_dir / 'web.log'})\n"
+                                  f"worker: pid {worker.pid}  (log {log_dir / 'worker.log'})\nCtrl-C stops both.")
+                web.wait()
+            except processes.Stopped as stopped:
+                self.stdout.write(f"{stopped}: stopping the web server and the worker")
+            finally:
+                processes.stop(*started)
