@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from audit_service import cli as client
+from clip_audit_client import Client
 from audit_service.accounts.models import ApiToken
 from audit_service.audits.models import Audit, Status, store_result
 from audit_service.registry.models import ClipModel, Dataset, Probe
@@ -106,6 +107,20 @@ def test_a_passing_and_a_failing_gate(live_server, project, users, assets, tmp_p
                            out=tmp_path / "third")
         assert code == 0, output
         assert f"against audit #{first.pk}: 0 new, 0 gone" in output and "gate passed" in output
+        # the same call from Python
+        python = Client(live_server.url, key)
+        outcome = python.audit(project=project.pk, model_config=str(assets["config"]),
+                               checkpoint=str(assets["checkpoint"]), probe=str(assets["probe"]),
+                               dataset=str(assets["dataset"]), options=OPTIONS, max_flag_share=1.0, poll=0.5,
+                               out=str(tmp_path / "fourth"))
+        assert outcome.passed and outcome.code == 0
+        assert Audit.objects.get(pk=outcome.id).status == Status.SUCCEEDED
+        assert outcome.summary["audit"] == outcome.id and (tmp_path / "fourth" / f"audit-{outcome.id}.json").is_file()
+        assert (ClipModel.objects.count(), Probe.objects.count(), Dataset.objects.count()) == (1, 1, 1)
+        with pytest.raises(TypeError, match="unknown options colour"):
+            python.audit(project=project.pk, probe="p.npz", dataset="d.zip", colour="red")
+        with pytest.raises(TypeError, match="needs exactly one of dataset, dataset_s3, dataset_folder"):
+            python.audit(project=project.pk, probe="p.npz")
     finally:
         worker.terminate()
         worker.wait(timeout=30)

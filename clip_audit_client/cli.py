@@ -1,0 +1,505 @@
+"""Command-line client for CI pipelines: audit a model + probe on a dataset and gate the build on the result.
+
+    clip-audit --url https://audits.example.org --token "$CLIP_AUDIT_TOKEN" audit \\
+        --project 3 --model-config model.json --checkpoint model.safetensors \\
+        --probe probe.npz --dataset lesions.zip --max-flag-share 0.10 --out audit-report/
+
+It registers the model, the probe and the dataset, or reuses the ones the
+project already has with the same content (by SHA-256, so nothing identical is
+uploaded twice; a dataset given by --dataset-s3 PREFIX or --dataset-folder DIR
+is read where it is, not uploaded, and reused by location), submits the audit,
+shows its progress, waits, downloads the HTML report and the JSON result,
+prints a one-screen summary and exits with:
+
+    0  the audit passed every gate
+    1  a gate failed (too many unreviewed flags, or too large a share on flags, or, by default, an unreviewed
+       flag with measured harm; with --baseline AUDIT_ID only flags that are new against that audit count)
+    2  usage or input error (bad arguments, missing files, input the server refused)
+    3  the audit failed or was cancelled
+    4  the server could not be reached, or the audit did not finish within --timeout
+
+Without --max-unreviewed-flags and --max-flag-share a default gate applies: the build fails while a probe
+flag whose harm the audit measured (the class's images without the latent are missed, or other classes' images
+with it are called the class, clearly more than under zero-shot) has no review. Review such flags (a benign
+verdict clears them), or pass --no-default-gate to switch it off. Giving either gate option replaces it.
+
+The ``correct`` command makes a corrected probe from an audit's flags and gates on its proof::
+
+    clip-audit ... correct --audit 12 --flags melanoma:7 --max-clean-drop 0.02 --out fix/
+
+It waits for the correction and its re-audit, saves the new probe (same format as the old) and the result, prints
+the old-vs-new accuracy table and exits 0 when the chosen flags are gone, clean accuracy held and nothing new is
+flagged; 1 when not; 2, 3, 4 as above (3: the correction failed or was cancelled).
+
+The ``explain`` command explains one image with a finished audit (``--image photo.png`` or ``--item
+melanoma/0001.png``) and prints both heads' predictions and the latents for and against each class.
+
+Only ``requests`` is needed: the client does not import Django or torch. Install it with ``pip install .`` in a
+clone (or ``pip install "clip-audit @ git+URL"``): that gives the ``clip-audit`` command and the Python
+:class:`clip_audit_client.Client`, which makes the same calls.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+EXIT_PASS, EXIT_GATE, EXIT_USAGE, EXIT_AUDIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class Stop(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Api:
+    def __init__(self, url: str, token: str, timeout: float = 60):
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Token {token}"
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, **kwargs) -> requests.Response:
+        try:
+            response = self.session.request(method, f"{self.url}{path}", **{"timeout": self.timeout, **kwargs})
+        except requests.RequestException as exc:
+            raise Stop(EXIT_UNREACHABLE, f"cannot reach {self.url}: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise Stop(EXIT_USAGE, f"{method} {path}: {response.status_code} {_detail(response)} (check --token)")
+        if response.status_code == 404:
+            raise Stop(EXIT_USAGE, f"{method} {path}: not found (check --project and the IDs you passed)")
+        if response.status_code == 400:
+            raise Stop(EXIT_USAGE, f"{method} {path}: the server refused the input: {_detail(response)}")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise Stop(EXIT_UNREACHABLE, f"{method} {path}: {response.status_code} {_detail(response)}")
+        return response
+
+    def items(self, path: str, **params):
+        page = 1
+        while True:
+            body = self.call("GET", path, params={**params, "page": page}).json()
+            yield from body["results"]
+            if not body.get("next"):
+                return
+            page += 1
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return json.dumps(body)[:600]
+
+
+def _reuse_or_register(api: Api, kind: str, project: int, sha_field: str, sha: str, data: dict, files: dict,
+                       log) -> dict:
+    for item in api.items(f"/api/v1/{kind}/", project=project):
+        if item.get(sha_field) == sha:
+            log(f"{kind[:-1]}: reusing #{item['id']} '{item['name']}' (same content)")
+            return item
+    handles = {k: open(v, "rb") for k, v in files.items()}
+    try:
+        item = api.call("POST", f"/api/v1/{kind}/", data=data, files=handles).json()
+    finally:
+        for fh in handles.values():
+            fh.close()
+    log(f"{kind[:-1]}: registered #{item['id']} '{item['name']}'")
+    return item
+
+
+def _reference(api: Api, args, log) -> dict:
+    """The project's dataset registered from the same S3 prefix or server folder, or a new registration (the
+    server reads the images there once; workers check them against what it read, so changed data fails the
+    audit with a message to register it again)."""
+    source, location = ("s3", args.dataset_s3) if args.dataset_s3 else ("folder", args.dataset_folder)
+    stored = location.strip().rstrip("/")  # as the server stores it: a prefix without s3://BUCKET/
+    if source == "s3":
+        stored = stored.removeprefix("s3://").partition("/")[2] if stored.startswith("s3://") else stored.strip("/")
+    for item in api.items("/api/v1/datasets/", project=args.project):
+        if (item.get("source"), item.get("location")) == (source, stored) and \
+                args.dataset_layout in ("auto", item.get("layout")):
+            log(f"dataset: reusing #{item['id']} '{item['name']}' ({source} {location})")
+            return item
+    log(f"dataset: registering {source} {location}; the server reads and checks every image once")
+    item = api.call("POST", "/api/v1/datasets/", json={
+        "project": args.project, "name": args.dataset_name, "source": source, "location": location,
+        "layout": args.dataset_layout}, timeout=args.timeout).json()  # it reads every image: allow the time
+    log(f"dataset: registered #{item['id']} '{item['name']}': {item['n_images']} images ({item['layout']})")
+    return item
+
+
+def audit(args, log=print) -> int:
+    for name in ("probe", "dataset", "checkpoint", "model_config"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise Stop(EXIT_USAGE, f"--{name.replace('_', '-')} {path}: no such file")
+    if args.checkpoint is None and not args.pretrained_tag:
+        raise Stop(EXIT_USAGE, "give --checkpoint (with --model-config or --architecture) or --pretrained-tag")
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        raise Stop(EXIT_USAGE, f"--options is not valid JSON: {exc}") from exc
+    api = Api(args.url, args.token)
+
+    model_data = {"project": args.project, "name": args.model_name, "layer": args.layer}
+    model_files = {}
+    if args.architecture:
+        model_data["architecture"] = args.architecture
+    if args.pretrained_tag:
+        model_data["pretrained_tag"] = args.pretrained_tag
+    if args.model_config:
+        model_files["model_config"] = args.model_config
+    if args.checkpoint:
+        model_files["checkpoint"] = args.checkpoint
+    model = _reuse_or_register(api, "models", args.project, "checkpoint_sha256",
+                               sha256(Path(args.checkpoint)) if args.checkpoint else None, model_data,
+                               model_files, log) if args.checkpoint else \
+        api.call("POST", "/api/v1/models/", data=model_data).json()
+    probe = _reuse_or_register(api, "probes", args.project, "sha256", sha256(Path(args.probe)),
+                               {"project": args.project, "clip_model": model["id"], "name": args.probe_name},
+                               {"file": args.probe}, log)
+    if args.dataset:
+        dataset = _reuse_or_register(api, "datasets", args.project, "sha256", sha256(Path(args.dataset)),
+                                     {"project": args.project, "name": args.dataset_name},
+                                     {"archive": args.dataset}, log)
+    else:
+        dataset = _reference(api, args, log)
+    submitted = api.call("POST", "/api/v1/audits/", json={
+        "project": args.project, "clip_model": model["id"], "probe": probe["id"], "dataset": dataset["id"],
+        "config": options, "context": {"submitted_by": "clip-audit cli"}}).json()
+    audit_id = submitted["id"]
+    log(f"audit #{audit_id} submitted: {args.url.rstrip('/')}/audits/{audit_id}/")
+
+    state = wait(api, "audits", submitted, args, log)
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"audit #{audit_id} {state['status']}: {state['error'] or 'no reason given'}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for fmt, name in (("html", f"audit-{audit_id}-report.html"), ("json", f"audit-{audit_id}.json")):
+        (out / name).write_bytes(api.call("GET", f"/api/v1/audits/{audit_id}/download/{fmt}/").content)
+    summary = api.call("GET", f"/api/v1/audits/{audit_id}/summary/").json()
+    flags = list(api.items(f"/api/v1/audits/{audit_id}/flags/", head="probe"))
+    diff = None
+    if args.baseline is not None:
+        diff = api.call("GET", f"/api/v1/audits/{audit_id}/diff/", params={"baseline": args.baseline}).json()
+        (out / f"audit-{audit_id}-diff.json").write_text(json.dumps(diff, indent=1))
+    args.outcome = {"id": audit_id, "summary": summary, "flags": flags, "diff": diff, "out": out}
+    return gate(summary, flags, args, audit_id, out, log, diff)
+
+
+def wait(api: Api, kind: str, state: dict, args, log) -> dict:
+    """Poll /api/v1/{kind}/{id}/ until the job (an audit or a correction) is finished; its last state."""
+    noun, job_id = kind[:-1], state["id"]
+    deadline = time.monotonic() + args.timeout
+    while state["status"] not in ("succeeded", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            raise Stop(EXIT_UNREACHABLE, f"{noun} #{job_id} did not finish within {args.timeout:.0f} s "
+                                         f"(last: {state['status']} {state['stage']} {state['percent']:.0f} %); "
+                                         "it keeps running on the server")
+        time.sleep(args.poll)
+        state = api.call("GET", f"/api/v1/{kind}/{job_id}/").json()
+        log(f"  {state['status']:<9} {state['stage'] or '':<12} {state['percent']:5.1f} %")
+    return state
+
+
+def _flag_ids(api: Api, audit_id: int, given: str | None) -> list[int] | None:
+    """--flags as ids: each item a flag id, or CLASS:LATENT (a probe flag of that class on that latent)."""
+    if not given:
+        return None
+    items = [item.strip() for item in given.split(",") if item.strip()]
+    wanted = [item for item in items if not item.isdigit()]
+    by_latent = {}
+    if wanted:
+        for flag in api.items(f"/api/v1/audits/{audit_id}/flags/", head="probe"):
+            by_latent[f"{flag['class_name']}:{flag['latent']}"] = flag["id"]
+    ids = []
+    for item in items:
+        if item.isdigit():
+            ids.append(int(item))
+        elif item in by_latent:
+            ids.append(by_latent[item])
+        else:
+            known = ", ".join(sorted(by_latent)) or "none"
+            raise Stop(EXIT_USAGE, f"--flags {item}: not a flag id and no probe flag of audit #{audit_id} is "
+                                   f"CLASS:LATENT {item!r} (its probe flags: {known})")
+    return ids
+
+
+def correct(args, log=print) -> int:
+    """Make a corrected probe from an audit's flags, wait for its proof and re-audit, download it, gate on it."""
+    api = Api(args.url, args.token)
+    options = {"max_clean_drop": args.max_clean_drop, "anchor": args.anchor, "directions": args.directions}
+    if args.C is not None:
+        options["C"] = args.C
+    body = {"flags": _flag_ids(api, args.audit, args.flags), "method": args.method or "", "options": options,
+            "training_dataset": args.training_dataset}
+    submitted = api.call("POST", f"/api/v1/audits/{args.audit}/corrections/", json=body).json()
+    correction_id = submitted["id"]
+    log(f"correction #{correction_id} of audit #{args.audit} submitted (flags {submitted['flags']}): "
+        f"{args.url.rstrip('/')}/corrections/{correction_id}/")
+    state = wait(api, "corrections", submitted, args, log)
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"correction #{correction_id} {state['status']}: "
+                                      f"{state['error'] or 'no reason given'}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"correction-{correction_id}.json").write_text(json.dumps(state, indent=1))
+    probe = api.call("GET", f"/api/v1/probes/{state['new_probe']}/").json()
+    download = api.call("GET", f"/api/v1/probes/{state['new_probe']}/download/")
+    name = download.headers.get("Content-Disposition", "").rpartition("filename=")[2].strip('"') or "probe.npz"
+    (out / name).write_bytes(download.content)
+    args.outcome = {"id": correction_id, "state": state, "probe": probe, "out": out, "probe_file": out / name}
+    return correction_gate(state, probe, out / name, args, log)
+
+
+def explain(args, log=print) -> int:
+    """Explain one image (uploaded, or an item of the audited dataset) with a finished audit; print the answer."""
+    if bool(args.image) == bool(args.item):
+        raise Stop(EXIT_USAGE, "give --image PATH (a file to upload) or --item KEY (an image of the audited dataset, "
+                               "its path as in labels.csv)")
+    if args.image and not Path(args.image).is_file():
+        raise Stop(EXIT_USAGE, f"--image {args.image}: no such file")
+    api = Api(args.url, args.token)
+    path = f"/api/v1/audits/{args.audit}/explain/"
+    if args.image:
+        with open(args.image, "rb") as fh:
+            submitted = api.call("POST", path, files={"image": (Path(args.image).name, fh)}).json()
+    else:
+        submitted = api.call("POST", path, json={"item": args.item}).json()
+    log(f"explanation #{submitted['id']} of {args.image or args.item} with audit #{args.audit} submitted")
+    state = wait(api, "explanations", submitted, args, log)
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"explanation #{state['id']} {state['status']}: "
+                                      f"{state['error'] or 'no reason given'}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"explanation-{state['id']}.json").write_text(json.dumps(state, indent=1))
+    print_explanation(state["result"], log)
+    args.outcome = {"id": state["id"], "state": state, "result": state["result"]}
+    return EXIT_PASS
+
+
+def print_explanation(result: dict, log) -> None:
+    image = result.get("image") or {}
+    if image.get("label"):
+        log(f"true class: {image['label']}")
+    for head, answer in result["heads"].items():
+        probs = ", ".join(f"{c} {p:.2f}" for c, p in answer["probabilities"].items())
+        log(f"\n{head}: predicts {answer['prediction']} ({probs})")
+        for class_name, side in answer["classes"].items():
+            for direction in ("for", "against"):
+                for row in side[direction]:
+                    flag = f"  FLAGGED for {', '.join(row['flagged_for'])}" if row["flagged_for"] else ""
+                    log(f"  {direction:>7} {class_name:<12} latent {row['latent']:<6} relevance "
+                        f"{row['relevance']:+.4f}  {row['label'] or '(no label)'}{flag}")
+        without = answer.get("without_flagged")
+        if without:
+            log(f"  without its flagged latents {without['removed_latents']}: predicts {without['prediction']}")
+
+
+def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
+    """Print the old-vs-new table and the re-audit's verdict; exit 1 when the chosen flags remain, clean accuracy
+    fell by more than --max-clean-drop, or (without --allow-new-flags) the re-audit flags something new."""
+    result = state["result"]
+    table = result["correction"]["table"]
+    log(f"\ncorrected probe #{probe['id']} '{probe['name']}' (version {probe['version']} of probe "
+        f"#{probe['parent']}) saved to {path}")
+    log(f"method: {result['method']} ({result['reason']})")
+    log(f"{'':<44} {'old':>6} {'new':>6} {'n':>6}")
+    rows = [("overall", table["overall"]), *((f"class {c}", r) for c, r in table["per_class"].items()),
+            *table["slices"].items()]
+    for name, row in rows:
+        if row["n"]:
+            log(f"{name[:44]:<44} {row['old']:6.3f} {row['new']:6.3f} {row['n']:6d}")
+    verdict = result["verdict"]
+    failed = [reason for reason in verdict["reasons"]
+              if not (args.allow_new_flags and reason.startswith("the re-audit flags what the original did not"))]
+    for reason in verdict["reasons"]:
+        log(f"{'FAIL' if reason in failed else 'note'}: {reason}")
+    if failed:
+        log(f"correction #{state['id']}: GATE FAILED")
+        return EXIT_GATE
+    log(f"correction #{state['id']}: passed (re-audit #{result['reaudit']['audit']}: the chosen flags are gone)")
+    return EXIT_PASS
+
+
+def found_by(flag: dict) -> int:
+    """How many of the audit's dictionaries flag the flag's concept (1 for audits before dictionaries voted)."""
+    return (flag.get("stability") or {}).get("found_by", 1)
+
+
+def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: dict | None = None) -> int:
+    """Print the one-screen summary and decide the exit code.
+
+    With a baseline diff only *new* probe flags count: flags that match one of the baseline's (by meaning)
+    were there before, and a benign verdict there stays benign.
+    """
+    new_ids = None
+    if diff is not None:
+        new_ids = {e["current"]["id"] for e in diff["new"] if e["head"] == "probe"}
+        log(f"against audit #{diff['baseline']}: {diff['counts']['new']} new, {diff['counts']['gone']} gone, "
+            f"{diff['counts']['changed']} changed, {diff['counts']['unchanged']} unchanged flags"
+            + (f" ({diff['note']})" if diff["note"] else ""))
+        for e in diff["new"]:
+            log(f"  NEW   {e['class_name']:<14} latent {e['current']['latent']:<5} '{e['current']['label']}' "
+                f"share {e['current']['share']:.3f}")
+        for e in diff["gone"]:
+            log(f"  GONE  {e['class_name']:<14} '{e['baseline']['label']}' (was share {e['baseline']['share']:.3f})")
+    log(f"\naudit #{audit_id}: SAE {summary['sae'].get('n_latents')} latents, FVU {summary['sae'].get('fvu', 0):.3f}")
+    failures = []
+    if args.min_found_by is not None:  # flags fewer dictionaries found are shown, but decide nothing
+        weak = [f for f in flags if found_by(f) < args.min_found_by]
+        for f in weak:
+            log(f"  not gated: {f['class_name']} latent {f['latent']} '{f['label']}' found by {found_by(f)} of "
+                f"{(f.get('stability') or {}).get('of', 1)} dictionaries (--min-found-by {args.min_found_by})")
+        flags = [f for f in flags if found_by(f) >= args.min_found_by]
+    for name, c in summary["classes"].items():
+        log(f"  {name:<14} probe acc {c['probe_accuracy']:.2f}  zero-shot acc {c['zero_shot_accuracy']:.2f}  "
+            f"probe flags {c['flags']['probe']}  share on flags {c['probe_share']:.3f} "
+            f"(zero-shot {c['zero_shot_share']:.3f})  with measured harm {c.get('flags_with_measured_harm', 0)}")
+        share = c["probe_share"] if new_ids is None else sum(
+            f["share"] for f in flags if f["id"] in new_ids and f["class_name"] == name)
+        if args.max_flag_share is not None and share > args.max_flag_share + 1e-6:  # float32 sums
+            failures.append(f"class '{name}': {share:.3f} of its relevance is on "
+                            f"{'flagged' if new_ids is None else 'newly flagged'} latents (limit {args.max_flag_share})")
+    for f in flags[:8]:
+        verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
+        confirmation = (f.get("confirmation") or {}).get("status") or "confirmation unknown"
+        stability = f.get("stability") or {}
+        log(f"  flag  {f['class_name']:<14} rank {f['rank']:<2} latent {f['latent']:<5} '{f['label']}' "
+            f"({f['category']}) share {f['share']:.3f}  {verdict}, {confirmation}"
+            + (f", found by {stability['found_by']} of {stability['of']}" if stability else ""))
+        if (f.get("harm") or {}).get("summary"):
+            log(f"        harm: {f['harm']['summary']}")
+    if len(flags) > 8:
+        log(f"  ... and {len(flags) - 8} more probe flags (see the report)")
+    unreviewed = [f for f in flags if not f.get("latest_review") and (new_ids is None or f["id"] in new_ids)]
+    new = "new " if new_ids is not None else ""
+    if args.max_unreviewed_flags is not None and len(unreviewed) > args.max_unreviewed_flags:
+        failures.append(f"{len(unreviewed)} unreviewed {new}flags under the probe (limit {args.max_unreviewed_flags})")
+    if args.max_unreviewed_flags is None and args.max_flag_share is None and not args.no_default_gate:
+        harmful = [f for f in unreviewed if (f.get("harm") or {}).get("measured")]
+        if harmful:
+            which = ", ".join(f"{f['class_name']} latent {f['latent']}" for f in harmful[:5])
+            failures.append(f"{len(harmful)} unreviewed {new}probe flags with measured harm ({which}"
+                            f"{', ...' if len(harmful) > 5 else ''}); review them, or pass --no-default-gate")
+    log(f"  report: {out / f'audit-{audit_id}-report.html'}")
+    if failures:
+        log("GATE FAILED: " + "; ".join(failures))
+        return EXIT_GATE
+    log("gate passed")
+    return EXIT_PASS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clip-audit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes: 0 pass, 1 gate failed, 2 usage/input error, 3 audit failed, "
+                                       "4 server unreachable or timeout")
+    p.add_argument("--url", default=os.environ.get("CLIP_AUDIT_URL"), help="service URL (CLIP_AUDIT_URL)")
+    p.add_argument("--token", default=os.environ.get("CLIP_AUDIT_TOKEN"), help="API token (CLIP_AUDIT_TOKEN)")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audit", help="register or reuse inputs, run an audit, gate on it")
+    a.add_argument("--project", type=int, required=True)
+    a.add_argument("--probe", required=True, help=".npz or .safetensors probe")
+    where = a.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", help="zip or tar of images with labels.csv (uploaded)")
+    where.add_argument("--dataset-s3", metavar="PREFIX", help="or: images already in the service's bucket under "
+                       "PREFIX (read there, not uploaded)")
+    where.add_argument("--dataset-folder", metavar="DIR", help="or: images in a server folder an admin allowed "
+                       "(DATASET_ROOTS; read there, not uploaded)")
+    a.add_argument("--dataset-layout", choices=["auto", "files", "webdataset"], default="auto",
+                   help="with --dataset-s3/--dataset-folder: image files + labels.csv, WebDataset .tar shards, or "
+                        "auto (shards when every file is a .tar)")
+    a.add_argument("--checkpoint", help="model weights (.safetensors preferred)")
+    a.add_argument("--model-config", help="open_clip model config (.json) for custom models")
+    a.add_argument("--architecture", default="", help="OpenCLIP architecture, e.g. ViT-B-32")
+    a.add_argument("--pretrained-tag", default="")
+    a.add_argument("--layer", type=int, default=-1)
+    a.add_argument("--model-name", default="model")
+    a.add_argument("--probe-name", default="probe")
+    a.add_argument("--dataset-name", default="dataset")
+    a.add_argument("--options", help="audit options as JSON, e.g. '{\"sae\": {\"n_latents\": 4096}}'")
+    a.add_argument("--max-unreviewed-flags", type=int, help="fail if more probe flags than this are unreviewed")
+    a.add_argument("--max-flag-share", type=float,
+                   help="fail if a class puts more than this share of its relevance on flagged latents")
+    a.add_argument("--min-found-by", type=int, metavar="N",
+                   help="gate only on flags that at least N of the audit's dictionaries found (the audit already "
+                        "shows only flags a majority finds; see the option 'dictionaries')")
+    a.add_argument("--no-default-gate", action="store_true",
+                   help="without --max-unreviewed-flags and --max-flag-share, do not fail on unreviewed probe "
+                        "flags with measured harm")
+    a.add_argument("--baseline", type=int, metavar="AUDIT_ID",
+                   help="compare with this earlier audit and gate only on new flags (matched by meaning)")
+    a.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the audit (default 3600)")
+    a.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    a.add_argument("--out", default="clip-audit-report", help="folder for the downloaded report and result")
+    c = sub.add_parser("correct", help="make a corrected probe from an audit's flags; gate on its proof",
+                       description="Make a corrected probe from an audit's flags, wait for its old-vs-new table and "
+                                   "the new probe's re-audit, download the probe. Exit 1 when a chosen flag is still "
+                                   "flagged, accuracy on images without the chosen latents fell by more than "
+                                   "--max-clean-drop, or the re-audit flags something new (see --allow-new-flags).")
+    c.add_argument("--audit", type=int, required=True, help="the succeeded audit whose flags to correct")
+    c.add_argument("--flags", help="comma-separated flag ids or CLASS:LATENT (e.g. melanoma:12); default: the "
+                                   "probe flags reviewed as confirmed shortcuts")
+    c.add_argument("--method", choices=["project", "refit"],
+                   help="default: refit with --training-dataset, else project")
+    c.add_argument("--training-dataset", type=int, metavar="DATASET_ID",
+                   help="a registered dataset (labels.csv) holding the probe's training split, for refit")
+    c.add_argument("--anchor", choices=["mean", "midpoint", "clean"], default="mean",
+                   help="for project: where every image's shortcut coordinate is held (default: the audited images' mean)")
+    c.add_argument("--directions", choices=["regression", "removal"], default="regression",
+                   help="one direction per concept from how features move with it within a class (default), or one "
+                        "per latent by removing it")
+    c.add_argument("--C", type=float, help="the refit's regularization (default: chosen by cross-validation)")
+    c.add_argument("--max-clean-drop", type=float, default=0.02,
+                   help="accuracy the correction may cost on images without the chosen latents (default 0.02)")
+    c.add_argument("--allow-new-flags", action="store_true",
+                   help="do not fail when the re-audit flags latents the original audit did not")
+    c.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    c.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    c.add_argument("--out", default="clip-audit-correction", help="folder for the new probe and the result")
+    e = sub.add_parser("explain", help="explain one image with a finished audit",
+                       description="Explain one image with a finished audit: both heads' predictions, the latents "
+                                   "for and against each class, their labels and flags, and the prediction once the "
+                                   "flagged latents are removed.")
+    e.add_argument("--audit", type=int, required=True, help="a succeeded audit")
+    e.add_argument("--image", help="an image file to upload")
+    e.add_argument("--item", help="or: an image of the audited dataset, its path as in labels.csv")
+    e.add_argument("--out", help="folder to save the answer as JSON")
+    e.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    e.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)  # bad usage exits 2 (argparse)
+    if not args.url or not args.token:
+        print("error: give --url and --token (or CLIP_AUDIT_URL and CLIP_AUDIT_TOKEN)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return {"correct": correct, "explain": explain}.get(args.command, audit)(args)
+    except Stop as stop:
+        print(f"error: {stop.message}", file=sys.stderr)
+        return stop.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
