@@ -246,7 +246,7 @@ def test_an_unknown_dataset_purpose_is_refused(client_for, project, tmp_path):
 
 @pytest.mark.django_db
 def test_architectures_the_engine_cannot_audit_are_refused_at_registration_naming_the_reason(project, users, assets):
-    """README "Supported architectures": timm towers (SigLIP), ResNets and CoCa are refused before anything is
+    """docs/engine.md "Supported architectures": timm towers (SigLIP), ResNets and CoCa are refused before anything is
     built or downloaded; a model that needs Hugging Face's transformers is refused while it is not installed."""
     import importlib.util
 

@@ -1,4 +1,4 @@
-"""The attribution engine: pure PyTorch, no Django. See DESIGN.md section 2 for the method.
+"""The attribution engine: pure PyTorch, no Django. See docs/method.md for the method.
 
 The names below load their modules on first use, so reading a light module (``workers.engine.stages``,
 ``workers.engine.errors``) does not import torch.

@@ -9,7 +9,7 @@ placement (``final_ln_after_pool``, ``no_ln_pre``) or its activation (``quick_ge
 recomputes the embedding exactly and act x grad through the tail equals the full backward pass for all of them
 (``tests/engine/test_architectures.py`` checks each kind on random weights).
 
-:data:`ARCHITECTURES` is the table of what is supported and what is refused, one row per kind, as the README shows
+:data:`ARCHITECTURES` is the table of what is supported and what is refused, one row per kind, as docs/engine.md shows
 it. :func:`check_supported` is what registration calls on a built tower with its layer and token;
 :func:`config_refusal` says the same about the image tower from a model config, before anything is built;
 :func:`text_refusal` refuses a text side that needs Hugging Face's ``transformers`` where it is not installed.
@@ -30,7 +30,7 @@ TOKENS = ("cls", "spatial")
 
 @dataclass(frozen=True)
 class Architecture:
-    """One kind of image tower: a row of the README's table."""
+    """One kind of image tower: a row of the table in docs/engine.md."""
 
     key: str  # what the tests and the refusals name the row by
     architectures: str  # open_clip's names for it, or the config keys that make it

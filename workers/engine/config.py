@@ -168,7 +168,7 @@ def sae_training_bytes(d_model: int, n_latents: int, batch_size: int) -> int:
 @_engine_errors
 @dataclass(config=_RULES)
 class AuditConfig(_DictMixin):
-    """Everything that decides an audit's numbers. Defaults are documented in README.md."""
+    """Everything that decides an audit's numbers. Defaults are documented in docs/options.md."""
 
     layer: _count(ge=-LAYER_MAX, le=LAYER_MAX) = -1  # block whose output is decomposed; negative counts from the end
     token: Literal[TOKEN_TYPES] = "cls"  # "cls" or "spatial" (every patch token)

@@ -35,7 +35,7 @@ def _words(text: str) -> set[str]:
 
 def categorize(label: str | None, label_index: int | None, vocab: Vocabulary, class_name: str,
                explicit_expected: bool, name_alignment: float, config: AuditConfig) -> str:
-    """A guess at the kind of shortcut from the latent's label (see DESIGN.md section 2)."""
+    """A guess at the kind of shortcut from the latent's label (see docs/method.md, "Flag categories")."""
     if label_index is None or label == UNLABELLED:
         return "other"
     category = vocab.categories[label_index]
