@@ -30,9 +30,9 @@ from django.core.files.storage import default_storage
 
 from workers.engine import jsonsafe
 
-from .archives import (IMAGE_SUFFIXES, MAX_LABEL_CHARS, DatasetRejected, Limits, ValidatedDataset, _check_member_count, _examples,
-                       _ignored, _list, _plan, _safe_name, check_metadata_count, checked_dataset, image_problem,
-                       metadata_problem, validate)
+from .archives import (IMAGE_SUFFIXES, MAX_LABEL_CHARS, DatasetRejected, Limits, ValidatedDataset,
+                       _check_member_count, _examples, _ignored, _list, _plan, _safe_name, check_metadata_count,
+                       checked_dataset, image_problem, metadata_problem, validate)
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")

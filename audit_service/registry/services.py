@@ -15,9 +15,9 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+from django.db import transaction
 
 from workers.engine import jsonsafe
-from django.db import transaction
 
 from .archives import DatasetRejected, Limits, extract, validate
 from .models import (SAE_FILES, ClipModel, Dataset, DatasetLayout, DatasetPurpose, DatasetSource, Probe,

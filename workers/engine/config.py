@@ -118,16 +118,16 @@ def _adapter(cls) -> TypeAdapter:
 class SAEConfig(_DictMixin):
     """TopK sparse autoencoder training options.
 
-    ``n_latents`` and ``k`` left at None are sized to the data by
-    :func:`workers.engine.sae.size_sae` (about 4 x d_model latents, fewer for
-    small datasets; k ~ n_latents / 32, at most 64 as in the paper).
+    ``n_latents``, ``k`` and ``steps`` left at None are sized to the data by
+    :func:`workers.engine.sae.size_sae`: about one latent per 32 training vectors (a power of two, at least 16,
+    at most 4 x d_model), k = n_latents / 4 within [4, 64], and 30 passes over the data within 600..20 000 steps.
     """
 
     n_latents: _count(ge=2) | None = None
     k: _count() | None = None
     lr: _real(gt=0.0, le=1.0) = 1e-3
     batch_size: _count() = 256
-    # Steps are what training costs; None: enough passes for ~ 3000 steps, at least 5 epochs.
+    # Steps are what training costs; None: 30 passes over the training vectors, at least 600, at most 20 000.
     steps: _count() | None = None
     aux_k: _count() | None = None  # None: 2 * k, the AuxK loss of Gao et al. for dead latents
     aux_coef: _real(ge=0.0, le=100.0) = 1.0 / 32.0

@@ -25,7 +25,9 @@ Methods (one verb, ``correct``, chosen by name from :data:`REGISTRY`):
 - ``refit`` fits a new logistic regression on the user's training split with the shortcut's coordinate replaced
   by the anchor's (so the fit cannot use it), then reads features exactly as above.
 
-The anchor matters for ``project`` only (a refit learns its own intercept). ``midpoint`` (the default) puts every
+The anchor matters for ``project`` only (a refit learns its own intercept). ``mean`` (the default) holds every
+image's shortcut coordinate at the audited images' mean (directions given by hand, without that mean, fall back
+to ``midpoint``). ``midpoint`` puts every
 image halfway between "without the latents" (the mean of the images where none is active) and "with each of them"
 (that mean plus what each latent adds): the point where the shortcut's evidence is neutral when the training data
 tied it to a class symmetrically. ``clean`` is P-ClArC's reference point (every image made to look like the clean
