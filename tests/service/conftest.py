@@ -117,3 +117,12 @@ def registered(project, users, assets):
 # flag_without_harm: the random tiny model harms nothing measurably, and the service tests need flags to store
 FAST_AUDIT = {"sae": {"steps": 150}, "general_vocabulary": False, "faithfulness_max_images": 8,
               "faithfulness_steps": 4, "batch_size": 16, "flag_without_harm": True}
+
+
+@pytest.fixture
+def roots(settings, tmp_path):
+    """A folder an admin allowed for datasets by reference."""
+    root = tmp_path / "shared-data"
+    root.mkdir()
+    settings.DATASET_ROOTS = [str(root)]
+    return root

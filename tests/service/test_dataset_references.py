@@ -73,15 +73,6 @@ def as_upload_keys(result) -> dict:
     return without_site(json.loads(re.sub(r"shard-\d{4}\.tar/", "", json.dumps(result))))
 
 
-@pytest.fixture
-def roots(settings, tmp_path):
-    """A folder an admin allowed for datasets by reference."""
-    root = tmp_path / "shared-data"
-    root.mkdir()
-    settings.DATASET_ROOTS = [str(root)]
-    return root
-
-
 def stored_under(prefix: str) -> list[str]:
     root = Path(default_storage.path(prefix))
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())

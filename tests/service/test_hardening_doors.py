@@ -16,36 +16,17 @@ from audit_service.audits import report
 from audit_service.registry import references
 from audit_service.registry.archives import MAX_LABEL_CHARS, MAX_METADATA_COLUMNS, image_problem
 from audit_service.registry.models import ClipModel, Dataset
-from audit_service.registry.services import RegistrationError, register_dataset, register_dataset_by_reference
+from audit_service.registry.services import register_dataset
 from workers.engine import jsonsafe
 from workers.engine.data import ImageFiles
 from workers.engine.tiny import tiny_config
 
 from .conftest import upload
-from .test_dataset_references import png, shard_with, unpack, write_shards
+from .test_dataset_references import by_reference, png, refusal, shard_with, unpack, write_shards
 
 pytestmark = pytest.mark.django_db
 
 HUGE = "9" * 5000  # over Python's int-string limit (4300 digits): int() of it raises ValueError
-
-
-@pytest.fixture
-def roots(settings, tmp_path):
-    root = tmp_path / "shared-data"
-    root.mkdir()
-    settings.DATASET_ROOTS = [str(root)]
-    return root
-
-
-def by_reference(project, users, location, **kwargs):
-    return register_dataset_by_reference(project=project, user=users["member"], name="by reference",
-                                         source="folder", location=str(location), **kwargs)
-
-
-def refusal(fn) -> str:
-    with pytest.raises(RegistrationError) as caught:
-        fn()
-    return caught.value.message
 
 
 def image_bytes(fmt: str, colour=(200, 40, 40), size=(32, 32), **kwargs) -> bytes:
