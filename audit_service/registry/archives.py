@@ -326,12 +326,8 @@ def _read_labels(csv_path: Path, root: Path, require_labels: bool = True) -> _La
         if not rel or (not label and require_labels):
             problems.append(f"line {line}: empty image or label")
             continue
-        if len(label) > MAX_LABEL_CHARS:
-            problems.append(f"line {line}: a label of {len(label)} characters; a class name may have at most "
-                            f"{MAX_LABEL_CHARS}")
-            continue
-        too_long = next((p for col in extra_cols if (p := metadata_problem(col.strip(), (row.get(col) or "").strip()))),
-                        None)
+        too_long = label_problem(label) or next(
+            (p for col in extra_cols if (p := metadata_problem(col.strip(), (row.get(col) or "").strip()))), None)
         if too_long:
             problems.append(f"line {line}: {too_long}")
             continue
@@ -396,6 +392,13 @@ def check_metadata_count(columns: list[str], what: str) -> None:
         raise DatasetRejected(f"{len(columns)} {what} ({_examples(sorted(columns))}); each would become a metadata "
                               f"column, and a dataset may have at most {MAX_METADATA_COLUMNS}: keep the columns you "
                               "want audited as slices and drop the rest")
+
+
+def label_problem(label: str) -> str | None:
+    """Why a class name cannot be kept, or None."""
+    if len(label) > MAX_LABEL_CHARS:
+        return f"a label of {len(label)} characters; a class name may have at most {MAX_LABEL_CHARS}"
+    return None
 
 
 def metadata_problem(column: str, value: str) -> str | None:

@@ -30,9 +30,9 @@ from django.core.files.storage import default_storage
 
 from workers.engine import jsonsafe
 
-from .archives import (IMAGE_SUFFIXES, MAX_LABEL_CHARS, DatasetRejected, Limits, ValidatedDataset,
-                       _check_member_count, _examples, _ignored, _list, _plan, _safe_name, check_metadata_count,
-                       checked_dataset, image_problem, metadata_problem, validate)
+from .archives import (IMAGE_SUFFIXES, DatasetRejected, Limits, ValidatedDataset, _check_member_count, _examples,
+                       _ignored, _list, _plan, _safe_name, check_metadata_count, checked_dataset, image_problem,
+                       label_problem, metadata_problem, validate)
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -368,9 +368,10 @@ def _label_of(sample: _Sample, field: str, data: bytes, where: str, problems: li
 
 
 def _bounded_label(label: str, where: str, problems: list[str]) -> str | None:
-    if len(label) > MAX_LABEL_CHARS:
-        problems.append(f"{where}: a label of {len(label)} characters; a class name may have at most "
-                        f"{MAX_LABEL_CHARS}")
+    """``label``, or None with the problem noted when it cannot be a class name."""
+    problem = label_problem(label)
+    if problem:
+        problems.append(f"{where}: {problem}")
         return None
     return label
 
