@@ -45,6 +45,14 @@ def patch_picks(index: int, n_patches: int, take: int) -> np.ndarray:
     return np.sort(np.random.default_rng([index, 2027]).permutation(n_patches)[:take])
 
 
+def kept_patches(tokens: Tensor, indices, take: int) -> Tensor:
+    """[b, take, d] the patch tokens :func:`patch_picks` keeps of images ``indices`` (their tokens [b, 1 + p, d],
+    the CLS token first): what extraction writes for a CLS-only cache and what a cache of every token gives."""
+    picks = torch.as_tensor(np.stack([patch_picks(int(i), tokens.shape[1] - 1, take) for i in indices]),
+                            device=tokens.device)
+    return tokens[:, 1:].gather(1, picks.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
 class ActivationStore:
     """A folder of activation shards plus ``store.json``; read in order or at random."""
 
@@ -157,8 +165,7 @@ class ActivationStore:
         if acts.ndim == 2:  # a CLS-only cache: the patch tokens extraction kept
             patches = self.gather_patches(rows)[:, :take]
         else:  # a cache of every token: the same patch tokens extraction would have kept
-            picks = torch.as_tensor(np.stack([patch_picks(int(i), acts.shape[1] - 1, take) for i in rows]))
-            patches = acts[:, 1:].gather(1, picks.unsqueeze(-1).expand(-1, -1, acts.shape[-1]))
+            patches = kept_patches(acts, rows, take)
         return torch.cat([vectors, patches.reshape(-1, acts.shape[-1])])
 
     def training_batches(self, batch_size: int, seed: int, tokens_per_image: int, patch_tokens: int = 0
@@ -335,10 +342,8 @@ def _write_shard(model, loader: DataLoader, tmp: dict[str, Path], count: int, *,
                 if patches_mm is None:
                     patches_mm = np.lib.format.open_memmap(tmp["patches"], mode="w+", dtype=cache_dtype,
                                                            shape=(count, kept, h.shape[-1]))
-                picks = torch.as_tensor(np.stack([patch_picks(start + done + i, h.shape[1] - 1, kept)
-                                                  for i in range(len(item))]), device=h.device)
-                patches_mm[done:done + len(item)] = h[:, 1:].gather(
-                    1, picks.unsqueeze(-1).expand(-1, -1, h.shape[-1])).float().cpu().numpy()
+                patches_mm[done:done + len(item)] = kept_patches(
+                    h, range(start + done, start + done + len(item)), kept).float().cpu().numpy()
             labels_all[done:done + len(item)] = labels.numpy()
             done += len(item)
             if progress:
