@@ -345,31 +345,34 @@ def found_by(flag: dict) -> int:
     return (flag.get("stability") or {}).get("found_by", 1)
 
 
-def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: dict | None = None) -> int:
-    """Print the one-screen summary and decide the exit code.
+def _log_diff(diff: dict, log) -> set:
+    """Log the new and gone flags against the baseline audit; returns the ids of the new probe flags."""
+    new_ids = {e["current"]["id"] for e in diff["new"] if e["head"] == "probe"}
+    log(f"against audit #{diff['baseline']}: {diff['counts']['new']} new, {diff['counts']['gone']} gone, "
+        f"{diff['counts']['changed']} changed, {diff['counts']['unchanged']} unchanged flags"
+        + (f" ({diff['note']})" if diff["note"] else ""))
+    for e in diff["new"]:
+        log(f"  NEW   {e['class_name']:<14} latent {e['current']['latent']:<5} '{e['current']['label']}' "
+            f"share {e['current']['share']:.3f}")
+    for e in diff["gone"]:
+        log(f"  GONE  {e['class_name']:<14} '{e['baseline']['label']}' (was share {e['baseline']['share']:.3f})")
+    return new_ids
 
-    With a baseline diff only *new* probe flags count: flags that match one of the baseline's (by meaning)
-    were there before, and a benign verdict there stays benign.
-    """
-    new_ids = None
-    if diff is not None:
-        new_ids = {e["current"]["id"] for e in diff["new"] if e["head"] == "probe"}
-        log(f"against audit #{diff['baseline']}: {diff['counts']['new']} new, {diff['counts']['gone']} gone, "
-            f"{diff['counts']['changed']} changed, {diff['counts']['unchanged']} unchanged flags"
-            + (f" ({diff['note']})" if diff["note"] else ""))
-        for e in diff["new"]:
-            log(f"  NEW   {e['class_name']:<14} latent {e['current']['latent']:<5} '{e['current']['label']}' "
-                f"share {e['current']['share']:.3f}")
-        for e in diff["gone"]:
-            log(f"  GONE  {e['class_name']:<14} '{e['baseline']['label']}' (was share {e['baseline']['share']:.3f})")
-    log(f"\naudit #{audit_id}: SAE {summary['sae'].get('n_latents')} latents, FVU {summary['sae'].get('fvu', 0):.3f}")
+
+def _gated_flags(flags: list, args, log) -> list:
+    """The flags the gate decides on: with --min-found-by, flags fewer dictionaries found are shown, not gated."""
+    if args.min_found_by is None:
+        return flags
+    weak = [f for f in flags if found_by(f) < args.min_found_by]
+    for f in weak:
+        log(f"  not gated: {f['class_name']} latent {f['latent']} '{f['label']}' found by {found_by(f)} of "
+            f"{(f.get('stability') or {}).get('of', 1)} dictionaries (--min-found-by {args.min_found_by})")
+    return [f for f in flags if found_by(f) >= args.min_found_by]
+
+
+def _class_failures(summary: dict, flags: list, args, new_ids: set | None, log) -> list[str]:
+    """Log each class's line; the classes that put too large a share on (new) flags, as gate failures."""
     failures = []
-    if args.min_found_by is not None:  # flags fewer dictionaries found are shown, but decide nothing
-        weak = [f for f in flags if found_by(f) < args.min_found_by]
-        for f in weak:
-            log(f"  not gated: {f['class_name']} latent {f['latent']} '{f['label']}' found by {found_by(f)} of "
-                f"{(f.get('stability') or {}).get('of', 1)} dictionaries (--min-found-by {args.min_found_by})")
-        flags = [f for f in flags if found_by(f) >= args.min_found_by]
     for name, c in summary["classes"].items():
         log(f"  {name:<14} probe acc {c['probe_accuracy']:.2f}  zero-shot acc {c['zero_shot_accuracy']:.2f}  "
             f"probe flags {c['flags']['probe']}  share on flags {c['probe_share']:.3f} "
@@ -379,6 +382,11 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
         if args.max_flag_share is not None and share > args.max_flag_share + 1e-6:  # float32 sums
             failures.append(f"class '{name}': {share:.3f} of its relevance is on "
                             f"{'flagged' if new_ids is None else 'newly flagged'} latents (limit {args.max_flag_share})")
+    return failures
+
+
+def _log_flags(flags: list, log) -> None:
+    """Log the first eight flags with their verdict, confirmation, stability and harm."""
     for f in flags[:8]:
         verdict = (f.get("latest_review") or {}).get("verdict", "unreviewed")
         confirmation = (f.get("confirmation") or {}).get("status") or "confirmation unknown"
@@ -390,6 +398,11 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
             log(f"        harm: {f['harm']['summary']}")
     if len(flags) > 8:
         log(f"  ... and {len(flags) - 8} more probe flags (see the report)")
+
+
+def _review_failures(flags: list, args, new_ids: set | None) -> list[str]:
+    """Gate failures for unreviewed (new) flags: over --max-unreviewed-flags, or, by default, with measured harm."""
+    failures = []
     unreviewed = [f for f in flags if not f.get("latest_review") and (new_ids is None or f["id"] in new_ids)]
     new = "new " if new_ids is not None else ""
     if args.max_unreviewed_flags is not None and len(unreviewed) > args.max_unreviewed_flags:
@@ -400,6 +413,21 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
             which = ", ".join(f"{f['class_name']} latent {f['latent']}" for f in harmful[:5])
             failures.append(f"{len(harmful)} unreviewed {new}probe flags with measured harm ({which}"
                             f"{', ...' if len(harmful) > 5 else ''}); review them, or pass --no-default-gate")
+    return failures
+
+
+def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: dict | None = None) -> int:
+    """Print the one-screen summary and decide the exit code.
+
+    With a baseline diff only *new* probe flags count: flags that match one of the baseline's (by meaning)
+    were there before, and a benign verdict there stays benign.
+    """
+    new_ids = _log_diff(diff, log) if diff is not None else None
+    log(f"\naudit #{audit_id}: SAE {summary['sae'].get('n_latents')} latents, FVU {summary['sae'].get('fvu', 0):.3f}")
+    flags = _gated_flags(flags, args, log)
+    failures = _class_failures(summary, flags, args, new_ids, log)
+    _log_flags(flags, log)
+    failures += _review_failures(flags, args, new_ids)
     log(f"  report: {out / f'audit-{audit_id}-report.html'}")
     if failures:
         log("GATE FAILED: " + "; ".join(failures))
@@ -408,14 +436,7 @@ def gate(summary: dict, flags: list, args, audit_id: int, out: Path, log, diff: 
     return EXIT_PASS
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clip-audit", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="exit codes: 0 pass, 1 gate failed, 2 usage/input error, 3 audit failed, "
-                                       "4 server unreachable or timeout")
-    p.add_argument("--url", default=os.environ.get("CLIP_AUDIT_URL"), help="service URL (CLIP_AUDIT_URL)")
-    p.add_argument("--token", default=os.environ.get("CLIP_AUDIT_TOKEN"), help="API token (CLIP_AUDIT_TOKEN)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_audit_parser(sub) -> None:
     a = sub.add_parser("audit", help="register or reuse inputs, run an audit, gate on it")
     a.add_argument("--project", type=int, required=True)
     a.add_argument("--probe", required=True, help=".npz or .safetensors probe")
@@ -451,6 +472,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the audit (default 3600)")
     a.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     a.add_argument("--out", default="clip-audit-report", help="folder for the downloaded report and result")
+
+
+def _add_correct_parser(sub) -> None:
     c = sub.add_parser("correct", help="make a corrected probe from an audit's flags; gate on its proof",
                        description="Make a corrected probe from an audit's flags, wait for its old-vs-new table and "
                                    "the new probe's re-audit, download the probe. Exit 1 when a chosen flag is still "
@@ -476,6 +500,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
     c.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     c.add_argument("--out", default="clip-audit-correction", help="folder for the new probe and the result")
+
+
+def _add_explain_parser(sub) -> None:
     e = sub.add_parser("explain", help="explain one image with a finished audit",
                        description="Explain one image with a finished audit: both heads' predictions, the latents "
                                    "for and against each class, their labels and flags, and the prediction once the "
@@ -486,6 +513,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder to save the answer as JSON")
     e.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
     e.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clip-audit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes: 0 pass, 1 gate failed, 2 usage/input error, 3 audit failed, "
+                                       "4 server unreachable or timeout")
+    p.add_argument("--url", default=os.environ.get("CLIP_AUDIT_URL"), help="service URL (CLIP_AUDIT_URL)")
+    p.add_argument("--token", default=os.environ.get("CLIP_AUDIT_TOKEN"), help="API token (CLIP_AUDIT_TOKEN)")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_audit_parser(sub)
+    _add_correct_parser(sub)
+    _add_explain_parser(sub)
     return p
 
 

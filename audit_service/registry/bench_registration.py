@@ -52,29 +52,27 @@ def write_shards(folder: Path, source: Path, rows, per_shard: int) -> None:
                 tf.addfile(info, io.BytesIO(data))
 
 
-def main(argv=None) -> int:
+def _parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", type=int, default=448, help="pixels per side of each JPEG")
     parser.add_argument("--per-shard", type=int, default=500)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-registration-"))
+
+def _setup_django(work: Path) -> None:
+    """Point the service at a throwaway database, media and dataset folder under ``work``, and start Django."""
     os.environ.update(DATABASE_URL=f"sqlite:///{work / 'db.sqlite3'}", CLIP_AUDIT_VAR_DIR=str(work / "var"),
                       DATASET_ROOTS=str(work / "data"), DJANGO_SETTINGS_MODULE="audit_service.settings",
                       STORAGE_BACKEND="local", MEDIA_ROOT=str(work / "media"), LOG_LEVEL="ERROR")
     import django
 
     django.setup()
-    from django.core.files.uploadedfile import SimpleUploadedFile
-    from django.core.management import call_command
 
-    from audit_service.projects.models import Project
-    from audit_service.registry import references
-    from audit_service.registry.services import register_dataset, register_dataset_by_reference
 
-    call_command("migrate", verbosity=0)
-    project = Project.objects.create(name="bench")
+def _write_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, int]:
+    """The same generated images as a folder of files, WebDataset shards and a zip to upload; returns the zip and
+    the images' total bytes."""
     files = work / "data" / "files"
     rows = write_images(files, args.images, args.size)
     write_shards(work / "data" / "shards", files, rows, args.per_shard)
@@ -83,7 +81,12 @@ def main(argv=None) -> int:
         for p in sorted(files.rglob("*")):
             zf.write(p, p.relative_to(files).as_posix())
     total = sum(p.stat().st_size for p in (files / "images").iterdir())
+    return archive, total
 
+
+def _count_open_bytes(references) -> dict[str, int]:
+    """Wrap the folder source's ``open`` to track the bytes of files open at once in the web process; returns the
+    counter ({"now": ..., "max": ...}) it updates."""
     peak = {"now": 0, "max": 0}
     original = references.FolderSource.open
 
@@ -102,6 +105,16 @@ def main(argv=None) -> int:
         return fh
 
     references.FolderSource.open = counting_open
+    return peak
+
+
+def _time_registrations(project, work: Path, archive: Path, peak: dict[str, int]
+                        ) -> tuple[dict[str, float], dict[str, int]]:
+    """Register the upload, the image files and the shards in turn: seconds and most bytes open at once of each."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from audit_service.registry.services import register_dataset, register_dataset_by_reference
+
     timings, peaks = {}, {}
     for how in ("upload", "files", "webdataset"):
         peak.update(now=0, max=0)
@@ -115,6 +128,10 @@ def main(argv=None) -> int:
                                           layout=how)
         timings[how] = time.perf_counter() - start
         peaks[how] = peak["max"]
+    return timings, peaks
+
+
+def _print_results(args: argparse.Namespace, total: int, timings: dict[str, float], peaks: dict[str, int]) -> None:
     print(f"dataset registration, {args.images} JPEGs of {args.size}x{args.size} ({total / 1e6:.1f} MB), "
           f"{args.per_shard} per shard; {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"{'':<34}{'seconds':>9}{'images/s':>10}{'vs upload':>11}{'most bytes open at once':>25}")
@@ -123,6 +140,23 @@ def main(argv=None) -> int:
         held = "-" if how == "upload" else f"{peaks[how] / 1e6:.2f} MB"
         print(f"{label:<34}{timings[how]:>9.1f}{args.images / timings[how]:>10.0f}"
               f"{timings['upload'] / timings[how]:>10.2f}x{held:>25}")
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-registration-"))
+    _setup_django(work)
+    from django.core.management import call_command
+
+    from audit_service.projects.models import Project
+    from audit_service.registry import references
+
+    call_command("migrate", verbosity=0)
+    project = Project.objects.create(name="bench")
+    archive, total = _write_inputs(work, args)
+    peak = _count_open_bytes(references)
+    timings, peaks = _time_registrations(project, work, archive, peak)
+    _print_results(args, total, timings, peaks)
     return 0
 
 

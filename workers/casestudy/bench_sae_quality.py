@@ -264,7 +264,7 @@ def audit_flags(case: dict, vectors: torch.Tensor, cls: torch.Tensor, options: d
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main(argv=None) -> None:
+def _parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--artifact", default="a ruler")
@@ -275,49 +275,46 @@ def main(argv=None) -> None:
     parser.add_argument("--flags", action="store_true",
                         help="also audit the case with each setting's dictionaries (three per audit, one audit per "
                              "SAE seed) and compare the flags: overlap across seeds, precision, purity")
-    args = parser.parse_args(argv)
-    from workers.engine.loading import load_clip
+    return parser.parse_args(argv)
 
-    torch.set_num_threads(2)
-    case = build_case(default_cache(), CaseConfig(seed=args.seed, artifact=args.artifact), log=lambda line: None)
-    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
-    work = Path(case["audit_dir"]).parent / "sae-quality"
-    audited, rows = extract(bundle, Path(case["audit_dir"]), work / "audited", "spatial")
-    cls = audited[:, 0].contiguous()
-    has = np.array([[r[a] == "1" for a in ARTIFACTS] for r in rows])
-    sources = {"audited": lambda: cls,
-               "patches": lambda: torch.cat([cls, audited[:, 1:].reshape(-1, cls.shape[1])]),
-               "patches16": lambda: torch.cat([cls, _sample_patches(audited, 16)]),
-               "separate": lambda: extract(bundle, separate_set(case, args.separate), work / f"separate-{args.separate}",
-                                           "cls")[0]}
-    results = {}
-    for name, (source, options) in SETTINGS.items():
-        if args.only and name not in args.only:
-            continue
-        if options.get("trainer", "ours") != "ours":
-            try:
-                _import_overcomplete()
-            except ImportError as exc:
-                results[name] = {"skipped": f"overcomplete does not import here ({exc})"}
-                print(f"{name}: skipped, overcomplete does not import ({exc})", flush=True)
-                continue
-        vectors = sources[source]()
-        codes, fvus, seconds = [], [], []
-        for sae_seed in args.sae_seeds:
-            encode, reconstruct, took = train(vectors, options, sae_seed)
-            with torch.no_grad():
-                codes.append(encode(cls).numpy())
-                err = (cls - reconstruct(cls)).pow(2).sum()
-                fvus.append(float(err / (cls - cls.mean(0)).pow(2).sum()))
-            seconds.append(took)
-        results[name] = {"source": source, "options": options, "n_vectors": len(vectors),
-                         **measure(codes, fvus, seconds, has, ARTIFACTS.index(args.artifact))}
-        if args.flags and options.get("trainer", "ours") == "ours":
-            runs = [audit_flags(case, vectors, cls, options, [s, s + 1, s + 2]) for s in args.sae_seeds]
-            results[name]["audits"] = flag_figures(runs)
-            print(f"{name}, flags: {json.dumps(results[name]['audits'])}", flush=True)
-        print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results[name].items()})}",
-              flush=True)
+
+def _train_and_read(vectors: torch.Tensor, options: dict, cls: torch.Tensor, sae_seeds: list[int]):
+    """One dictionary per SAE seed trained on ``vectors``: their codes of ``cls``, FVUs and training seconds."""
+    codes, fvus, seconds = [], [], []
+    for sae_seed in sae_seeds:
+        encode, reconstruct, took = train(vectors, options, sae_seed)
+        with torch.no_grad():
+            codes.append(encode(cls).numpy())
+            err = (cls - reconstruct(cls)).pow(2).sum()
+            fvus.append(float(err / (cls - cls.mean(0)).pow(2).sum()))
+        seconds.append(took)
+    return codes, fvus, seconds
+
+
+def _run_setting(name: str, source: str, options: dict, sources: dict, case: dict, cls: torch.Tensor,
+                 has: np.ndarray, args: argparse.Namespace) -> dict:
+    """One setting's figures (printed as they come), or why it was skipped."""
+    if options.get("trainer", "ours") != "ours":
+        try:
+            _import_overcomplete()
+        except ImportError as exc:
+            print(f"{name}: skipped, overcomplete does not import ({exc})", flush=True)
+            return {"skipped": f"overcomplete does not import here ({exc})"}
+    vectors = sources[source]()
+    codes, fvus, seconds = _train_and_read(vectors, options, cls, args.sae_seeds)
+    result = {"source": source, "options": options, "n_vectors": len(vectors),
+              **measure(codes, fvus, seconds, has, ARTIFACTS.index(args.artifact))}
+    if args.flags and options.get("trainer", "ours") == "ours":
+        runs = [audit_flags(case, vectors, cls, options, [s, s + 1, s + 2]) for s in args.sae_seeds]
+        result["audits"] = flag_figures(runs)
+        print(f"{name}, flags: {json.dumps(result['audits'])}", flush=True)
+    print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})}",
+          flush=True)
+    return result
+
+
+def _print_settings(results: dict, args: argparse.Namespace, cls: torch.Tensor) -> None:
+    """The table of every setting's figures, the training time against the default's."""
     base = results.get("default", {}).get("seconds") or math.nan
     print(f"\ncase: seed {args.seed}, {args.artifact} -> melanoma; SAE seeds {args.sae_seeds}; audited images "
           f"{len(cls)}, d_model {cls.shape[1]}")
@@ -332,17 +329,43 @@ def main(argv=None) -> None:
               f"{r['purity_min']:.3f} | {r['planted']:.3f} | {r['concept_purity']:.3f} | {r['concept_planted']:.3f} | "
               f"{r['mixed']:.2f} | {r['latent_stability']:.2f} | "
               f"{r['artifact_stability']:.2f} | {r['seconds']:.1f} | {r['seconds'] / base:.2f}x |")
+
+
+def _print_flags(results: dict, sae_seeds: list[int]) -> None:
+    """The table of the flags each setting's audits raised, and the concepts they flagged."""
+    print("\n| setting | flagged concepts, every SAE seed / any | overlap | flags per audit | precise | "
+          "planted flag on top | flag purity | audit s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        if "audits" in r:
+            a = r["audits"]
+            print(f"| {name} | {a['every']} / {a['any']} | {a['overlap']:.2f} | "
+                  f"{' / '.join(map(str, a['flags']))} | {' / '.join(map(str, a['precise']))} | "
+                  f"{sum(a['recall'])} of {len(a['recall'])} | {a['flag_purity'] or 0:.3f} | {a['seconds']:.0f} |")
+    print_flagged({name: r["audits"] for name, r in results.items() if "audits" in r}, sae_seeds)
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    from workers.engine.loading import load_clip
+
+    torch.set_num_threads(2)
+    case = build_case(default_cache(), CaseConfig(seed=args.seed, artifact=args.artifact), log=lambda line: None)
+    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
+    work = Path(case["audit_dir"]).parent / "sae-quality"
+    audited, rows = extract(bundle, Path(case["audit_dir"]), work / "audited", "spatial")
+    cls = audited[:, 0].contiguous()
+    has = np.array([[r[a] == "1" for a in ARTIFACTS] for r in rows])
+    sources = {"audited": lambda: cls,
+               "patches": lambda: torch.cat([cls, audited[:, 1:].reshape(-1, cls.shape[1])]),
+               "patches16": lambda: torch.cat([cls, _sample_patches(audited, 16)]),
+               "separate": lambda: extract(bundle, separate_set(case, args.separate), work / f"separate-{args.separate}",
+                                           "cls")[0]}
+    results = {name: _run_setting(name, source, options, sources, case, cls, has, args)
+               for name, (source, options) in SETTINGS.items() if not (args.only and name not in args.only)}
+    _print_settings(results, args, cls)
     if args.flags:
-        print("\n| setting | flagged concepts, every SAE seed / any | overlap | flags per audit | precise | "
-              "planted flag on top | flag purity | audit s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, r in results.items():
-            if "audits" in r:
-                a = r["audits"]
-                print(f"| {name} | {a['every']} / {a['any']} | {a['overlap']:.2f} | "
-                      f"{' / '.join(map(str, a['flags']))} | {' / '.join(map(str, a['precise']))} | "
-                      f"{sum(a['recall'])} of {len(a['recall'])} | {a['flag_purity'] or 0:.3f} | {a['seconds']:.0f} |")
-        print_flagged({name: r["audits"] for name, r in results.items() if "audits" in r}, args.sae_seeds)
+        _print_flags(results, args.sae_seeds)
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "artifact": args.artifact, "sae_seeds": args.sae_seeds,
                                          "settings": results}, indent=1))

@@ -632,27 +632,44 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "benchmark.json", folder / "benchmark.md"
     json_path.write_text(json.dumps(report, indent=1, default=float))
-    s, met = report["summary"], report["met"]
-    lines = ["# Known-answer benchmark of the flags", "",
-             f"Command: `{command}`  ", f"Date: {report['date']}  ",
-             f"Machine: {report['machine']['host']} ({report['machine']['processor']}, Python "
-             f"{report['machine']['python']}), {report['seconds'] / 60:.0f} min", "",
-             "Every case is built by the case-study generator (a tiny CLIP trained from scratch per seed, a probe "
-             "trained on a split where one artifact is tied to one class with strength "
-             f"{report['grid']['strength']}, audited on a held-out split where every artifact is independent of "
-             "the class). Controls tie nothing. The audits use only the defaults a user who knows the class names "
-             f"gets (overrides: `{json.dumps(report['grid']['audit_options'])}`). "
-             f"Artifacts the built-in vocabulary has no word for: {', '.join(NOVEL_ARTIFACTS)}."]
+    s = report["summary"]
+    methods = list(s.get("corrections", {}))
+    lines = [*_report_header(report, command), *_report_grid(report), *_report_targets(s, report["met"]),
+             *_report_stability(report), *_report_models(report), *_report_flag_counts(s),
+             *_report_heatmaps(s), *_report_corrections(s), *_report_cases(report["cases"], methods)]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, json_path
+
+
+def _report_header(report: dict, command: str) -> list[str]:
+    """The report's title, the run's command, date and machine, and how the cases are built."""
+    return ["# Known-answer benchmark of the flags", "",
+            f"Command: `{command}`  ", f"Date: {report['date']}  ",
+            f"Machine: {report['machine']['host']} ({report['machine']['processor']}, Python "
+            f"{report['machine']['python']}), {report['seconds'] / 60:.0f} min", "",
+            "Every case is built by the case-study generator (a tiny CLIP trained from scratch per seed, a probe "
+            "trained on a split where one artifact is tied to one class with strength "
+            f"{report['grid']['strength']}, audited on a held-out split where every artifact is independent of "
+            "the class). Controls tie nothing. The audits use only the defaults a user who knows the class names "
+            f"gets (overrides: `{json.dumps(report['grid']['audit_options'])}`). "
+            f"Artifacts the built-in vocabulary has no word for: {', '.join(NOVEL_ARTIFACTS)}."]
+
+
+def _report_grid(report: dict) -> list[str]:
+    """The grid run, when it is smaller than the default one, and how long the default would take."""
     full = len(Grid().cases())
-    if report["grid"]["cases"] < full:
-        g = report["grid"]
-        lines += ["", f"Grid: seeds {list(g['seeds'])}, artifacts {', '.join(g['artifacts'])}, classes "
-                  f"{', '.join(g['classes'])}{', a control per seed' if g['controls'] else ''}: {g['cases']} cases, "
-                  f"a smaller grid than the default ({full} cases: seeds 0, 1 and 2, every artifact tied to each "
-                  f"class, a control per seed), which at this run's pace would take about "
-                  f"{report['seconds'] / g['cases'] * full / 60:.0f} min."]
-    lines += ["", "| measure | value [95 % interval] | target | met |", "| --- | --- | --- | --- |"]
-    bounds = s.get("intervals") or {}
+    g = report["grid"]
+    if g["cases"] >= full:
+        return []
+    return ["", f"Grid: seeds {list(g['seeds'])}, artifacts {', '.join(g['artifacts'])}, classes "
+            f"{', '.join(g['classes'])}{', a control per seed' if g['controls'] else ''}: {g['cases']} cases, "
+            f"a smaller grid than the default ({full} cases: seeds 0, 1 and 2, every artifact tied to each "
+            f"class, a control per seed), which at this run's pace would take about "
+            f"{report['seconds'] / g['cases'] * full / 60:.0f} min."]
+
+
+def _target_rows(s: dict) -> list[tuple[str, str, str]]:
+    """The summary's measures with a target: (key, label, target), the optional ones when measured."""
     rows = [("recall", "recall: the planted artifact is the target class's top probe flag", ">= 0.95"),
             ("precision", "precision: probe flags whose concept moves the probe's accuracy (gap >= 0.10)",
              ">= 0.9"),
@@ -670,66 +687,104 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
         rows.append(("closest_right", "closest concept names the artifact, of the flags whose artifact the "
                      "vocabulary names", ">= 0.7"))
     rows.append(("named_wrong", "flags named wrongly (confidence >= 0.6), every case", "0"))
-    for key, label, target in rows:
+    return rows
+
+
+def _report_targets(s: dict, met: dict) -> list[str]:
+    """The table of measures against their targets, with their 95 % intervals where computed."""
+    lines = ["", "| measure | value [95 % interval] | target | met |", "| --- | --- | --- | --- |"]
+    bounds = s.get("intervals") or {}
+    for key, label, target in _target_rows(s):
         interval = f" [{bounds[key][0]}, {bounds[key][1]}]" if bounds.get(key) else ""
         lines.append(f"| {label} | {s[key]}{interval} | {target} | {'yes' if met[key] else 'NO'} |")
     if "heatmap_mass" in met:
         lines.append(f"| mean share of the planted flags' heatmap mass on the artifact's pixels (chance "
                      f"{s['heatmap']['chance']}, patch-level ideal {s['heatmap']['ideal']}) | {s['heatmap']['mass']} "
                      f"| >= {MASS_TARGET} | {'yes' if met['heatmap_mass'] else 'NO'} |")
-    lines += ["", "Stability: each planted case audited with SAE seeds " + "; ".join(
+    return lines
+
+
+def _report_stability(report: dict) -> list[str]:
+    """The concept overlap of each planted case audited with several SAE seeds."""
+    return ["", "Stability: each planted case audited with SAE seeds " + "; ".join(
         f"{st['sae_seeds']} on seed {st['seed']} {st['case']}: concept overlap {st['overlap']:.2f} (flagged "
         f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
         + "."]
-    if report.get("models"):
-        lines += ["", "Case models (SHA-256 of the tiny CLIP's weights per seed, built on two threads with "
-                  "deterministic algorithms; a rebuild elsewhere that differs is a different case): " + "; ".join(
-                      f"seed {k}: `{m['sha256'][:16]}` ("
-                      + {True: "as recorded", False: f"DIFFERS from the recorded `{(m['recorded'] or '')[:16]}`",
-                         None: "first build, recorded"}[m["match"]] + ")"
-                      for k, m in report["models"].items()) + "."]
-    lines += ["", f"Flags: {s['n_flags']} on planted cases, {s['n_confirmed']} confirmed. Labels of probe flags: "
-              f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
-              f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "
-              f"{s['novel_wrong_confident']}."]
-    if "heatmap" in s:
-        lines += ["", _heatmap_paragraph(s["heatmap"])]
-        if s["heatmap"]["per_artifact"]:
-            lines += ["", "| artifact | cases with maps | mass | chance | ideal | touched | touched share | maps |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-            lines += [f"| {a} | {r['cases']} | {r['mass']:.3f} | {r['chance']:.3f} | {r['ideal']:.3f} | "
-                      f"{r['touched']:.3f} | {r['touched_chance']:.3f} | {r['n_images']} |"
-                      for a, r in s["heatmap"]["per_artifact"].items()]
-    methods = list(s.get("corrections", {}))
-    if methods:
-        lines += ["", "Correction (issue 18): each planted case's probe corrected for the probe flags whose latents "
-                  "track the planted artifact (their latents as one concept, its direction measured within each "
-                  "class; `project` with the default anchor, the mean features of the audited images; `refit` on "
-                  "the probe's own training split), then re-audited with the same SAE. The bar: the gap to a probe "
-                  "trained without the correlation closed >= 80 % on the class without the artifact and on the "
-                  "other class with it, overall accuracy not lower, the artifact no longer flagged (read from the "
-                  "ground truth: no probe flag whose latents track it)."]
-        lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected; meeting the bar: {r['meets_bar']}; "
-                  f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
-                  for m, r in s["corrections"].items()]
-    lines += ["", "## Cases", "",
-              "| seed | case | planted gap | recall | probe / zero-shot share of the planted flag | flags "
-              "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | heatmap of the planted "
-              "flags | " + "".join(f"correction: {m} | " for m in methods) + "s |",
-              "| --- " * (8 + len(methods)) + "|"]
-    for c in report["cases"]:
-        what = "control" if c["control"] else f"{c['artifact']} -> {c['toward']}"
-        share = ("" if c["control"] or c["planted_probe_share"] is None
-                 else f"{c['planted_probe_share']:.3f} / {c['planted_zero_shot_share']:.3f}")
-        flags = "; ".join(f"{f['class']}#{f['rank']} {f['label']} [{', '.join(f['concepts']) or 'none'}] "
-                          f"{'ok' if f['precise'] else 'FALSE'}{' C' if f['confirmed'] else ''}" for f in c["flags"])
-        heatmap = c.get("heatmap")
-        corrections = c.get("corrections") or {}
-        fixes = "".join(f"{format_recovery(corrections[m]) if m in corrections else ''} | " for m in methods)
-        seconds = " + ".join(str(x) for x in [c["seconds"], heatmap and heatmap["seconds"],
-                                              *(r["seconds"] for r in corrections.values())] if x is not None)
-        lines.append(f"| {c['seed']} | {what} | {'' if c['control'] else round(c['planted_gap'], 2)} | "
-                     f"{'' if c['control'] else ('yes' if c['recall'] else 'NO')} | {share} | {flags or '-'} | "
-                     f"{'' if heatmap is None else format_heatmap(heatmap)} | {fixes}{seconds} |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return md_path, json_path
+
+
+def _report_models(report: dict) -> list[str]:
+    """The case models' weight hashes per seed, against the recorded ones."""
+    if not report.get("models"):
+        return []
+    return ["", "Case models (SHA-256 of the tiny CLIP's weights per seed, built on two threads with "
+            "deterministic algorithms; a rebuild elsewhere that differs is a different case): " + "; ".join(
+                f"seed {k}: `{m['sha256'][:16]}` ("
+                + {True: "as recorded", False: f"DIFFERS from the recorded `{(m['recorded'] or '')[:16]}`",
+                   None: "first build, recorded"}[m["match"]] + ")"
+                for k, m in report["models"].items()) + "."]
+
+
+def _report_flag_counts(s: dict) -> list[str]:
+    """How many flags the planted cases got, how many were confirmed and how their labels fared."""
+    return ["", f"Flags: {s['n_flags']} on planted cases, {s['n_confirmed']} confirmed. Labels of probe flags: "
+            f"{s['labels']['right']} right, {s['labels']['unlabelled']} unlabelled, {s['labels']['wrong']} wrong; "
+            f"flags on the new artifacts: {s['novel_artifact_flags']}, of which wrong with confidence >= 0.5: "
+            f"{s['novel_wrong_confident']}."]
+
+
+def _report_heatmaps(s: dict) -> list[str]:
+    """The heatmap paragraph and, where there are maps, the table of heatmap mass per artifact."""
+    if "heatmap" not in s:
+        return []
+    lines = ["", _heatmap_paragraph(s["heatmap"])]
+    if s["heatmap"]["per_artifact"]:
+        lines += ["", "| artifact | cases with maps | mass | chance | ideal | touched | touched share | maps |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {a} | {r['cases']} | {r['mass']:.3f} | {r['chance']:.3f} | {r['ideal']:.3f} | "
+                  f"{r['touched']:.3f} | {r['touched_chance']:.3f} | {r['n_images']} |"
+                  for a, r in s["heatmap"]["per_artifact"].items()]
+    return lines
+
+
+def _report_corrections(s: dict) -> list[str]:
+    """How the correction is run and judged, and per method how many cases it corrected."""
+    if not s.get("corrections", {}):
+        return []
+    lines = ["", "Correction (issue 18): each planted case's probe corrected for the probe flags whose latents "
+             "track the planted artifact (their latents as one concept, its direction measured within each "
+             "class; `project` with the default anchor, the mean features of the audited images; `refit` on "
+             "the probe's own training split), then re-audited with the same SAE. The bar: the gap to a probe "
+             "trained without the correlation closed >= 80 % on the class without the artifact and on the "
+             "other class with it, overall accuracy not lower, the artifact no longer flagged (read from the "
+             "ground truth: no probe flag whose latents track it)."]
+    lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected; meeting the bar: {r['meets_bar']}; "
+              f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
+              for m, r in s["corrections"].items()]
+    return lines
+
+
+def _report_cases(cases: list[dict], methods: list[str]) -> list[str]:
+    """The table of cases, one row each, with a column per correction method."""
+    lines = ["", "## Cases", "",
+             "| seed | case | planted gap | recall | probe / zero-shot share of the planted flag | flags "
+             "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | heatmap of the planted "
+             "flags | " + "".join(f"correction: {m} | " for m in methods) + "s |",
+             "| --- " * (8 + len(methods)) + "|"]
+    return lines + [_report_case_row(c, methods) for c in cases]
+
+
+def _report_case_row(c: dict, methods: list[str]) -> str:
+    """One case's row of the report's table of cases."""
+    what = "control" if c["control"] else f"{c['artifact']} -> {c['toward']}"
+    share = ("" if c["control"] or c["planted_probe_share"] is None
+             else f"{c['planted_probe_share']:.3f} / {c['planted_zero_shot_share']:.3f}")
+    flags = "; ".join(f"{f['class']}#{f['rank']} {f['label']} [{', '.join(f['concepts']) or 'none'}] "
+                      f"{'ok' if f['precise'] else 'FALSE'}{' C' if f['confirmed'] else ''}" for f in c["flags"])
+    heatmap = c.get("heatmap")
+    corrections = c.get("corrections") or {}
+    fixes = "".join(f"{format_recovery(corrections[m]) if m in corrections else ''} | " for m in methods)
+    seconds = " + ".join(str(x) for x in [c["seconds"], heatmap and heatmap["seconds"],
+                                          *(r["seconds"] for r in corrections.values())] if x is not None)
+    return (f"| {c['seed']} | {what} | {'' if c['control'] else round(c['planted_gap'], 2)} | "
+            f"{'' if c['control'] else ('yes' if c['recall'] else 'NO')} | {share} | {flags or '-'} | "
+            f"{'' if heatmap is None else format_heatmap(heatmap)} | {fixes}{seconds} |")

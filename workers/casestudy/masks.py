@@ -96,7 +96,7 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
     """
     import torch
 
-    from workers.engine.heatmaps import heatmaps_for, mask_coverage, mass_on_mask
+    from workers.engine.heatmaps import heatmaps_for
     from workers.engine.loading import load_clip
     from workers.engine.sae import TopKSAE
 
@@ -118,31 +118,42 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
         maps = heatmaps_for(bundle, sae, config["layer"], config["token"], images.with_preprocess(bundle.preprocess),
                             wanted, batch_size=batch_size)
     masks = {i: read_masks(folder, images.ids[i]) for rows in wanted.values() for i in rows}
-    table = {}
-    for artifact, measured in chosen.items():
-        per_latent, rows_all = {}, []
-        n_without = n_empty = 0
-        for latent in measured:
-            rows = []
-            for i, grid in maps[latent].items():
-                if artifact not in masks[i]:
-                    n_without += 1
-                    continue
-                mask = masks[i][artifact]
-                mass, chance = mass_on_mask(grid, mask)
-                if math.isnan(mass):
-                    n_empty += 1
-                    continue
-                coverage = mask_coverage(mask, grid.shape)
-                peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
-                touched = coverage > 0
-                rows.append((mass, chance, mass_on_mask(coverage, mask)[0], float(touched[peak]),
-                             float(grid[touched].sum() / grid.sum()), float(touched.mean())))
-            per_latent[latent] = _summary(rows)
-            rows_all += rows
-        table[artifact] = {**_summary(rows_all), "latents": measured, "per_latent": per_latent,
-                           "n_without": n_without, "n_empty": n_empty}
-    return table
+    return {artifact: _artifact_mass(artifact, measured, maps, masks) for artifact, measured in chosen.items()}
+
+
+def _artifact_mass(artifact: str, measured: list[int], maps: dict, masks: dict) -> dict:
+    """One artifact's figures over the maps of its latents (``maps``: latent -> image -> map) that show it."""
+    from workers.engine.heatmaps import mass_on_mask
+
+    per_latent, rows_all = {}, []
+    n_without = n_empty = 0
+    for latent in measured:
+        rows = []
+        for i, grid in maps[latent].items():
+            if artifact not in masks[i]:
+                n_without += 1
+                continue
+            mask = masks[i][artifact]
+            mass, chance = mass_on_mask(grid, mask)
+            if math.isnan(mass):
+                n_empty += 1
+                continue
+            rows.append(_map_row(grid, mask, mass, chance))
+        per_latent[latent] = _summary(rows)
+        rows_all += rows
+    return {**_summary(rows_all), "latents": measured, "per_latent": per_latent,
+            "n_without": n_without, "n_empty": n_empty}
+
+
+def _map_row(grid: np.ndarray, mask: np.ndarray, mass: float, chance: float) -> tuple[float, ...]:
+    """One map's figures, in the order of ``_MEASURES``, given its ``mass`` and ``chance`` on ``mask``."""
+    from workers.engine.heatmaps import mask_coverage, mass_on_mask
+
+    coverage = mask_coverage(mask, grid.shape)
+    peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    touched = coverage > 0
+    return (mass, chance, mass_on_mask(coverage, mask)[0], float(touched[peak]),
+            float(grid[touched].sum() / grid.sum()), float(touched.mean()))
 
 
 _MEASURES = ("mass", "chance", "ideal", "peak_on_artifact", "touched", "touched_chance")

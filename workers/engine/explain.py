@@ -90,37 +90,43 @@ def explain_image(ctx: AuditContext, pixels: Tensor, *, flags: Sequence[dict] = 
     out: dict = {"classes": list(ctx.class_names), "heads": {}}
     shown: set[int] = set()
     for head_name, centred in ctx.heads.items():
-        raw = centred.head
-        with torch.no_grad():
-            scores = raw(ctx.tail(acts))[0]
-        probs = scores.softmax(-1)
-        relevance = ctx.methods[head_name]["act_grad"].attribute(acts)[0]  # [classes, n_latents]
-        per_class = {}
-        for c, name in enumerate(ctx.class_names):
-            row = relevance[c]
-            order = torch.argsort(row, descending=True)
-            top_for = [int(i) for i in order[:top_n] if row[i] > 0]
-            top_against = [int(i) for i in torch.flip(order, [0])[:top_n] if row[i] < 0]
-            shown.update(top_for + top_against)
-            per_class[name] = {
-                "score": float(scores[c]), "probability": float(probs[c]),
-                "for": [_latent_row(i, row, activation, labels, flagged.get(head_name, {})) for i in top_for],
-                "against": [_latent_row(i, row, activation, labels, flagged.get(head_name, {}))
-                            for i in top_against]}
-        active_flags = sorted(i for i in flagged.get(head_name, {}) if activation[i] > 0)
-        without = None
-        if active_flags:
-            after = shifted_outputs(ctx.tail, sae, raw, acts, active_flags, token=config.token)[0]
-            without = {"removed_latents": active_flags, "prediction": ctx.class_names[int(after.argmax())],
-                       "probabilities": {n: float(p) for n, p in zip(ctx.class_names, after.softmax(-1))}}
-            shown.update(active_flags)
-        out["heads"][head_name] = {"prediction": ctx.class_names[int(probs.argmax())],
-                                   "probabilities": {n: float(p) for n, p in zip(ctx.class_names, probs)},
-                                   "classes": per_class, "without_flagged": without}
+        out["heads"][head_name] = _explain_head(ctx, head_name, centred.head, acts, activation, labels,
+                                                flagged.get(head_name, {}), top_n, shown)
     latents = sorted(shown)
     maps = latent_heatmaps(visual, sae, config.layer, config.token, pixels, latents) if latents else None
     out["heatmaps"] = {str(i): encode_map(maps[0, j].numpy()) for j, i in enumerate(latents)} if latents else {}
     return out
+
+
+def _explain_head(ctx: AuditContext, head_name: str, raw, acts: Tensor, activation: Tensor, labels: dict,
+                  flagged: dict[int, list[str]], top_n: int, shown: set[int]) -> dict:
+    """One head's part of :func:`explain_image` (``raw``: the head; ``flagged``: its flagged latents -> classes);
+    adds the latents it shows to ``shown``."""
+    with torch.no_grad():
+        scores = raw(ctx.tail(acts))[0]
+    probs = scores.softmax(-1)
+    relevance = ctx.methods[head_name]["act_grad"].attribute(acts)[0]  # [classes, n_latents]
+    per_class = {}
+    for c, name in enumerate(ctx.class_names):
+        row = relevance[c]
+        order = torch.argsort(row, descending=True)
+        top_for = [int(i) for i in order[:top_n] if row[i] > 0]
+        top_against = [int(i) for i in torch.flip(order, [0])[:top_n] if row[i] < 0]
+        shown.update(top_for + top_against)
+        per_class[name] = {
+            "score": float(scores[c]), "probability": float(probs[c]),
+            "for": [_latent_row(i, row, activation, labels, flagged) for i in top_for],
+            "against": [_latent_row(i, row, activation, labels, flagged) for i in top_against]}
+    active_flags = sorted(i for i in flagged if activation[i] > 0)
+    without = None
+    if active_flags:
+        after = shifted_outputs(ctx.tail, ctx.sae, raw, acts, active_flags, token=ctx.config.token)[0]
+        without = {"removed_latents": active_flags, "prediction": ctx.class_names[int(after.argmax())],
+                   "probabilities": {n: float(p) for n, p in zip(ctx.class_names, after.softmax(-1))}}
+        shown.update(active_flags)
+    return {"prediction": ctx.class_names[int(probs.argmax())],
+            "probabilities": {n: float(p) for n, p in zip(ctx.class_names, probs)},
+            "classes": per_class, "without_flagged": without}
 
 
 def _latent_row(i: int, relevance: Tensor, activation: Tensor, labels: dict, flagged: dict) -> dict:

@@ -183,37 +183,53 @@ def train_sae(
     it: Iterator[Tensor] = iter(batches)
     for step in range(steps):
         checkpoint()
-        try:
-            h = next(it)
-        except StopIteration:
-            raise EngineError("the activation iterator ran dry before SAE training finished") from None
-        h = h.to(device, torch.float32, non_blocking=True)
-        pre = sae.pre_activations(h)
-        values, indices = pre.topk(k, dim=-1)
-        values = values.relu()
-        z = torch.zeros_like(pre).scatter(-1, indices, values)
-        err = h - sae.decode(z)
-        mse = err.pow(2).sum(-1).mean() / (sae.input_scale ** 2 * d_model)
-        loss = mse
-        if config.variant == "matryoshka":
-            loss = (loss + sum(_prefix_mse(sae, h, z, m) for m in prefixes)) / (1 + len(prefixes))
-        dead = since_fired >= config.dead_after_steps
-        n_dead = int(dead.sum())
-        if n_dead and config.aux_coef > 0:
-            aux = _aux_loss(sae, pre, err, dead, min(aux_k, n_dead))
-            loss = loss + config.aux_coef * torch.nan_to_num(aux, nan=0.0)
+        h = _next_batch(it).to(device, torch.float32, non_blocking=True)
+        loss, mse, indices, values = _training_loss(sae, h, since_fired, prefixes, aux_k, config)
         _descend(sae, opt, loss)
-        with torch.no_grad():
-            fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
-            fired[indices[values > 0]] = True
-            since_fired += 1
-            since_fired[fired] = 0
+        _mark_fired(since_fired, indices, values)
         if step % report_every == 0 or step == steps - 1:
             curve.append((step, mse.item()))
             if progress:
                 progress(step + 1, steps)
     sae.eval().requires_grad_(False)
     return sae, curve
+
+
+def _next_batch(it: Iterator[Tensor]) -> Tensor:
+    try:
+        return next(it)
+    except StopIteration:
+        raise EngineError("the activation iterator ran dry before SAE training finished") from None
+
+
+def _training_loss(sae: TopKSAE, h: Tensor, since_fired: Tensor, prefixes: list[int], aux_k: int,
+                   config: SAEConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One batch's loss (normalized MSE, the Matryoshka prefixes' when asked, AuxK on the dead latents), its
+    normalized MSE, and the indices and values of the TopK latents."""
+    pre = sae.pre_activations(h)
+    values, indices = pre.topk(sae.k, dim=-1)
+    values = values.relu()
+    z = torch.zeros_like(pre).scatter(-1, indices, values)
+    err = h - sae.decode(z)
+    mse = err.pow(2).sum(-1).mean() / (sae.input_scale ** 2 * sae.d_model)
+    loss = mse
+    if config.variant == "matryoshka":
+        loss = (loss + sum(_prefix_mse(sae, h, z, m) for m in prefixes)) / (1 + len(prefixes))
+    dead = since_fired >= config.dead_after_steps
+    n_dead = int(dead.sum())
+    if n_dead and config.aux_coef > 0:
+        aux = _aux_loss(sae, pre, err, dead, min(aux_k, n_dead))
+        loss = loss + config.aux_coef * torch.nan_to_num(aux, nan=0.0)
+    return loss, mse, indices, values
+
+
+def _mark_fired(since_fired: Tensor, indices: Tensor, values: Tensor) -> None:
+    """Steps since each latent last fired: reset for the latents active in this batch, one more for the others."""
+    with torch.no_grad():
+        fired = torch.zeros(since_fired.shape[0], dtype=torch.bool, device=since_fired.device)
+        fired[indices[values > 0]] = True
+        since_fired += 1
+        since_fired[fired] = 0
 
 
 def matryoshka_prefixes(n_latents: int) -> list[int]:

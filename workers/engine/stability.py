@@ -170,28 +170,8 @@ def hold(flags: list[dict], activity: np.ndarray, others: list[tuple[list[dict],
              for f in flags]
     matched = [np.zeros(len(other_flags), bool) for other_flags, _ in others]
     together: dict[tuple[int, int], set[int]] = {}  # two of the audit's flags -> dictionaries that see one concept
-    for k, (other_flags, other_activity) in enumerate(others, start=1):
-        def record(i: int, rho: float, picked: list[int]) -> None:
-            matched[k - 1][picked] = True
-            if k not in found[i] or rho > found[i][k]["correlation"]:
-                found[i][k] = {"dictionary": k, "seed": seeds[k], "correlation": round(rho, 4), "latents": sorted(
-                    {int(x) for j in picked for x in other_flags[j]["concept_latents"]})}
-
-        for i, flag in enumerate(flags):
-            same = [j for j, g in enumerate(other_flags) if _same_place(flag, g)]
-            rho, chosen = best_match(activity[:, i], other_activity[:, same])
-            if same and rho >= config.match_min_correlation:
-                record(i, rho, [same[c] for c in chosen])
-        for j, other in enumerate(other_flags):
-            same = [i for i, f in enumerate(flags) if _same_place(f, other)]
-            rho, chosen = best_match(other_activity[:, j], activity[:, same])
-            if same and rho >= config.match_min_correlation:
-                for c in chosen:
-                    record(same[c], rho, [j])
-                for a in chosen:
-                    for b in chosen:
-                        if same[a] < same[b]:
-                            together.setdefault((same[a], same[b]), set()).add(k)
+    for k, other in enumerate(others, start=1):
+        _vote(k, other, flags, activity, config, seeds, found, matched[k - 1], together)
     # parts of one concept by the vote of the other dictionaries (one dictionary's mixed latent joins nothing)
     parts = [list(pair) for pair, by in together.items() if len(by) > config.flag_min_stability * len(others)]
     flags, found = _join_parts(flags, found, parts)
@@ -201,6 +181,53 @@ def hold(flags: list[dict], activity: np.ndarray, others: list[tuple[list[dict],
     kept = [f for f, keep in zip(flags, holds) if keep]
     dropped = [{**_brief(f), "found_by": f["stability"]["found_by"], "of": n_dictionaries}
                for f, keep in zip(flags, holds) if not keep]
+    missed = _express_missed(kept, others, matched, config, seeds, express)
+    _rerank(kept)
+    summary = {
+        "dictionaries": n_dictionaries, "seeds": list(seeds[:n_dictionaries]),
+        "match_min_correlation": config.match_min_correlation, "flag_min_stability": config.flag_min_stability,
+        "kept": len(kept), "dropped": dropped, "missed": missed,
+    }
+    return kept, summary
+
+
+def _vote(k: int, other: tuple[list[dict], np.ndarray], flags: list[dict], activity: np.ndarray,
+          config: AuditConfig, seeds: list[int], found: list[dict], matched: np.ndarray,
+          together: dict[tuple[int, int], set[int]]) -> None:
+    """Dictionary ``k``'s vote (``other``: its flags and their activity) on the audit's ``flags``: records in
+    ``found`` the flags it finds (with the correlation and its latents), in ``matched`` its own flags that match
+    one, and in ``together`` the pairs of the audit's flags it sees as one concept."""
+    other_flags, other_activity = other
+
+    def record(i: int, rho: float, picked: list[int]) -> None:
+        matched[picked] = True
+        if k not in found[i] or rho > found[i][k]["correlation"]:
+            found[i][k] = {"dictionary": k, "seed": seeds[k], "correlation": round(rho, 4), "latents": sorted(
+                {int(x) for j in picked for x in other_flags[j]["concept_latents"]})}
+
+    for i, flag in enumerate(flags):
+        same = [j for j, g in enumerate(other_flags) if _same_place(flag, g)]
+        rho, chosen = best_match(activity[:, i], other_activity[:, same])
+        if same and rho >= config.match_min_correlation:
+            record(i, rho, [same[c] for c in chosen])
+    for j, other_flag in enumerate(other_flags):
+        same = [i for i, f in enumerate(flags) if _same_place(f, other_flag)]
+        rho, chosen = best_match(other_activity[:, j], activity[:, same])
+        if same and rho >= config.match_min_correlation:
+            for c in chosen:
+                record(same[c], rho, [j])
+            for a in chosen:
+                for b in chosen:
+                    if same[a] < same[b]:
+                        together.setdefault((same[a], same[b]), set()).add(k)
+
+
+def _express_missed(kept: list[dict], others: list[tuple[list[dict], np.ndarray]], matched: list[np.ndarray],
+                    config: AuditConfig, seeds: list[int], express: Express | None) -> list[dict]:
+    """The concepts the other dictionaries flag that the audit's SAE does not: each that ``express`` turns into
+    a flag of the audit's SAE, not already part of a kept flag, is appended to ``kept``; the others are returned,
+    each with the reason."""
+    n_dictionaries = 1 + len(others)
     missed = []
     for concept in _missed(others, matched, n_dictionaries, config, seeds):
         column, found = concept.pop("activity"), concept.pop("found")
@@ -216,13 +243,7 @@ def hold(flags: list[dict], activity: np.ndarray, others: list[tuple[list[dict],
             {"dictionary": 0, "seed": seeds[0], "correlation": round(rho, 4), "latents": flag["concept_latents"],
              "flagged": False}, *found]}
         kept.append(flag)
-    _rerank(kept)
-    summary = {
-        "dictionaries": n_dictionaries, "seeds": list(seeds[:n_dictionaries]),
-        "match_min_correlation": config.match_min_correlation, "flag_min_stability": config.flag_min_stability,
-        "kept": len(kept), "dropped": dropped, "missed": missed,
-    }
-    return kept, summary
+    return missed
 
 
 def _join_parts(flags: list[dict], found: list[dict], parts: list[list[int]]) -> tuple[list[dict], list[dict]]:
