@@ -27,7 +27,8 @@ from workers.engine.errors import EngineError
 from workers.engine.heads import LinearProbe
 from workers.engine.heatmaps import latent_heatmaps
 from workers.engine.hooks import VisionTail, capture_residual, has_hooks, select_tokens, spliced_sae
-from workers.engine.loading import load_clip, register_model_config, size_model_config
+from workers.engine.loading import load_clip
+from workers.engine.model_config import register_model_config, size_model_config
 from workers.engine.pipeline import run_audit
 from workers.engine.sae import TopKSAE, init_from_sample
 from workers.engine.tiny import tiny_clip, tiny_config

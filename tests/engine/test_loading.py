@@ -13,12 +13,15 @@ import torch
 from safetensors.numpy import save_file as save_numpy_safetensors
 from safetensors.torch import save_file
 
+import workers.engine.hub as hub
 import workers.engine.loading as loading
 from workers.engine.data import TensorImages
 from workers.engine.errors import EngineError
 from workers.engine.heads import LinearProbe
 from workers.engine.hooks import VisionTail, capture_residual, check_token_reaches_output
-from workers.engine.loading import is_offline, load_clip, register_model_config, size_model_config
+from workers.engine.hub import is_offline
+from workers.engine.loading import load_clip
+from workers.engine.model_config import register_model_config, size_model_config
 from workers.engine.pipeline import run_audit
 from workers.engine.tiny import TINY_VIT, tiny_clip, tiny_config
 
@@ -174,7 +177,7 @@ def test_an_uncached_pretrained_tag_fails_fast_when_hf_is_switched_offline(tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setattr(open_clip, "download_pretrained", _never_called("open_clip.download_pretrained"))
-    monkeypatch.setattr(loading.socket, "create_connection", _never_called("socket.create_connection"))
+    monkeypatch.setattr(hub.socket, "create_connection", _never_called("socket.create_connection"))
 
     assert is_offline()
     with pytest.raises(EngineError, match="offline") as err:
@@ -190,7 +193,7 @@ def test_an_uncached_pretrained_tag_fails_when_hf_cannot_be_reached(tmp_path, mo
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     closed = ("127.0.0.1", _closed_port())
-    monkeypatch.setattr(loading, "_OFFLINE_PROBE_HOST", closed)
+    monkeypatch.setattr(hub, "_OFFLINE_PROBE_HOST", closed)
     monkeypatch.setattr(open_clip, "download_pretrained", _never_called("open_clip.download_pretrained"))
     contacted = []
     real_connect = socket.create_connection
@@ -199,7 +202,7 @@ def test_an_uncached_pretrained_tag_fails_when_hf_cannot_be_reached(tmp_path, mo
         contacted.append(tuple(address))
         return real_connect(address, *args, **kwargs)
 
-    monkeypatch.setattr(loading.socket, "create_connection", recording_connect)
+    monkeypatch.setattr(hub.socket, "create_connection", recording_connect)
 
     assert is_offline()
     with pytest.raises(EngineError, match="offline") as err:
