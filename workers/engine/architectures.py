@@ -118,7 +118,7 @@ def _hf_reason(what: str, source: str) -> str:
 
 def config_refusal(config: dict) -> str | None:
     """Why the image tower a model config describes cannot be audited; None when it can, as far as the kind of
-    tower shows. The config's values are typed by ``loading.size_model_config`` (pool_type 'none' is refused there
+    tower shows. The config's values are typed by ``model_config.size_model_config`` (pool_type 'none' is refused there
     as a value outside 'tok', 'avg'); a layer and token by :func:`hooks.unreachable_token` or
     :func:`check_supported`."""
     if "multimodal_cfg" in config:

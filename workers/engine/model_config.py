@@ -139,10 +139,6 @@ def _block_parameters(width: int, mlp_ratio: float, layer_scale: bool) -> int:
     return 2 * 2 * width + attention + mlp + (2 * width if layer_scale else 0)
 
 
-def _tower_name(where: str) -> str:
-    return "image" if where == "vision_cfg" else "text"
-
-
 @dataclass(frozen=True)
 class _VisionTower:
     """What :func:`size_model_config` learns of the image tower."""
