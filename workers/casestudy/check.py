@@ -114,7 +114,8 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     replace the audit's).
     """
     from workers.engine import AuditConfig, LinearProbe, load_clip, run_audit
-    from workers.engine.correct_audit import clean_accuracy_change, run_correction
+    from workers.engine.config import CorrectionOptions
+    from workers.engine.correct_audit import AuditedInputs, run_correction
     from workers.engine.sae import TopKSAE
 
     cfg = case["config"]
@@ -136,24 +137,32 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
         return figures
     sae = TopKSAE.load(workdir / "sae", "cpu")
     started = time.perf_counter()
+    audited = AuditedInputs(bundle, probe, images, sae, chosen,
+                            concepts=[list(dict.fromkeys(latent for _, latent in chosen))])  # the artifact: one concept
     outcome = run_correction(
-        bundle, probe, images, sae, chosen, layer=config.layer, token=config.token, method=method, anchor=anchor,
-        concepts=[list(dict.fromkeys(latent for _, latent in chosen))],  # the planted artifact: one concept
+        audited, config, CorrectionOptions(**({"anchor": anchor} if anchor is not None else {})), method=method,
         training=split_images(case["probe_train_dir"]) if method == "refit" else None,
-        reference=LinearProbe.load(case["reference_probe"]), batch_size=config.batch_size, device=config.device,
-        seed=config.seed, workdir=workdir)  # the audit's activations are reused: they depend on images and model only
+        reference=LinearProbe.load(case["reference_probe"]),
+        workdir=workdir)  # the audit's activations are reused: they depend on images and model only
     seconds["correction"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     # the same SAE, so a latent means the same thing before and after; the same activations (the probe is not in them)
     after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
     seconds["reaudit"] = round(time.perf_counter() - started, 1)
+    figures.update(_recovery_figures(case, chosen, outcome, audit, after))
+    return figures
+
+
+def _recovery_figures(case: dict, chosen: list[tuple[str, int]], outcome, audit, after) -> dict:
+    """What :func:`correct_case` reports of a correction (``outcome``) and its re-audit (``after``)."""
+    from workers.engine.correct_audit import clean_accuracy_change
 
     table = outcome.table
     corrected = {latent for _, latent in chosen}
-    label = f"with {cfg['artifact']}"
+    label = f"with {case['config']['artifact']}"
     still = [f for f in after.flags if f["head"] == "probe"
              and (f["label"] == label or corrected & set(f.get("concept_latents") or [f["latent"]]))]
-    figures.update({
+    return {
         "latents": sorted(corrected), "info": outcome.info,
         "slices": {name: table["slices"].get(name) for name in hurt_slices(case)},
         "overall": table["overall"], "per_class": table["per_class"],
@@ -163,8 +172,7 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
         "new_flags": sorted(map(list, _flag_keys(after) - _flag_keys(audit))),
         "gone_flags": sorted(map(list, _flag_keys(audit) - _flag_keys(after))),
         "after": after,
-    })
-    return figures
+    }
 
 
 def recovery_checks(figures: dict, min_gap_closed: float = MIN_GAP_CLOSED,
