@@ -235,9 +235,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-# everything that runs the model, the SAE or reads activations goes to the gpu queue; the reaper to default
-CELERY_TASK_ROUTES = {"workers.tasks.run_audit": {"queue": "gpu"}, "workers.sharded.*": {"queue": "gpu"},
-                      "workers.corrections.*": {"queue": "gpu"}, "workers.explanations.*": {"queue": "gpu"}}
+# everything that runs the model, the SAE or reads activations goes to the gpu queue: every job kind's task and a
+# sharded audit's steps (audits.jobs.route); the reaper to default
+CELERY_TASK_ROUTES = ("audit_service.audits.jobs.route",)
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 

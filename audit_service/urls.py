@@ -5,7 +5,8 @@ from rest_framework.permissions import AllowAny
 from rest_framework.routers import DefaultRouter
 
 from audit_service.accounts.api import ApiTokenViewSet
-from audit_service.audits.api import AuditViewSet, CorrectionViewSet, ExplanationViewSet, FlagViewSet, LatentViewSet
+from audit_service.audits.api import JOB_VIEWSETS, FlagViewSet, LatentViewSet, job_viewset
+from audit_service.audits.jobs import kinds
 from audit_service.projects.api import MembershipViewSet, ProjectViewSet
 from audit_service.registry.api import ClipModelViewSet, DatasetViewSet, ProbeViewSet, SparseAutoencoderViewSet
 
@@ -15,9 +16,8 @@ router.register("models", ClipModelViewSet, basename="clipmodel")
 router.register("probes", ProbeViewSet, basename="probe")
 router.register("datasets", DatasetViewSet, basename="dataset")
 router.register("saes", SparseAutoencoderViewSet, basename="sae")
-router.register("audits", AuditViewSet, basename="audit")
-router.register("corrections", CorrectionViewSet, basename="correction")
-router.register("explanations", ExplanationViewSet, basename="explanation")
+for kind in kinds():  # every job kind (audits.jobs): /api/v1/<kind>s/
+    router.register(kind.plural, JOB_VIEWSETS.get(kind.name) or job_viewset(kind), basename=kind.name)
 router.register("tokens", ApiTokenViewSet, basename="token")
 
 nested = [

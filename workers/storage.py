@@ -12,7 +12,8 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from audit_service.audits.models import FINISHED, Audit, Correction, Explanation
+from audit_service.audits.jobs import job_kind, kinds
+from audit_service.audits.models import FINISHED, Audit
 from audit_service.registry.references import write_atomically
 from workers.engine.errors import EngineError
 
@@ -93,15 +94,16 @@ def remove_finished_work_folders() -> list[int]:
     only its own worker's copy.
     """
     removed = {}
-    for model, prefix in ((Audit, "audit-"), (Correction, "correction-"), (Explanation, "explanation-")):
+    for kind in kinds():  # AUDIT_WORK_DIR/<kind>-<id>
         folders = {}
-        for path in Path(settings.AUDIT_WORK_DIR).glob(f"{prefix}*"):
-            pk = path.name.removeprefix(prefix)
+        for path in Path(settings.AUDIT_WORK_DIR).glob(f"{kind.work_prefix}*"):
+            pk = path.name.removeprefix(kind.work_prefix)
             if pk.isdigit():
                 folders[int(pk)] = path
-        alive = set(model.objects.filter(pk__in=folders).exclude(status__in=FINISHED).values_list("pk", flat=True))
-        removed[model] = sorted(pk for pk in folders if pk not in alive)
-        for pk in removed[model]:
+        alive = set(kind.model.objects.filter(pk__in=folders).exclude(status__in=FINISHED)
+                    .values_list("pk", flat=True))
+        removed[kind.model] = sorted(pk for pk in folders if pk not in alive)
+        for pk in removed[kind.model]:
             shutil.rmtree(folders[pk], ignore_errors=True)
     return removed[Audit]
 
@@ -119,7 +121,7 @@ class SharedWork:
             self.root = Path(default_storage.path(self.prefix))
             self.shared_disk = True
         except NotImplementedError:
-            self.root = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}" / "work"
+            self.root = job_kind("audit").workdir(audit.pk) / "work"
             self.shared_disk = False
 
     def path(self, rel: str = "") -> Path:
@@ -165,7 +167,7 @@ class SharedWork:
             shutil.rmtree(self.root, ignore_errors=True)
         else:
             _delete_tree(self.prefix)
-        shutil.rmtree(settings.AUDIT_WORK_DIR / f"audit-{self.audit_id}", ignore_errors=True)
+        shutil.rmtree(job_kind("audit").workdir(self.audit_id), ignore_errors=True)
 
 
 def _delete_tree(prefix: str) -> None:

@@ -10,14 +10,12 @@ from django.conf import settings
 from django.db import OperationalError, transaction
 from django.utils import timezone
 
-from audit_service.audits.corrections import enqueue_correction, finish_after_reaudit
-from audit_service.audits.explanations import enqueue_explanation
-from audit_service.audits.models import (FINISHED, REAUDIT_STAGE, Audit, Correction, Explanation, IllegalTransition,
-                                        Status, store_result)
-from audit_service.audits.services import enqueue
+from audit_service.audits.jobs import JobKind, job_kind, kinds
+from audit_service.audits.models import Audit, IllegalTransition, Status, store_result
 from workers import sharded
 from workers.engine import run_audit as run_engine
 from workers.engine.config import AuditConfig
+from workers.engine.stages import LOADING
 from workers.inputs import (load_inputs, load_registered_sae, load_sae_images, registered_sae_facts,
                             sae_dataset_facts)
 from workers.steps import claim_delivery, run_step
@@ -36,7 +34,7 @@ def run_audit(self, audit_id: int) -> None:
     if audit.shards or audit.dataset.n_images > settings.AUDIT_SHARD_SIZE:
         run_step(self, audit, lambda progress: sharded.start(audit))  # one task per shard and step (chords)
         return
-    workdir = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}"
+    workdir = job_kind("audit").workdir(audit.pk)
     if run_step(self, audit, lambda progress: _run_here(audit, workdir, progress),
                 clean=lambda: shutil.rmtree(workdir, ignore_errors=True)) == "done":
         shutil.rmtree(workdir, ignore_errors=True)
@@ -44,7 +42,7 @@ def run_audit(self, audit_id: int) -> None:
 
 def _run_here(audit: Audit, workdir, progress) -> None:
     """The whole audit in this task: the engine end to end, then its rows and artifacts stored."""
-    audit.mark_running("loading", 0.0)
+    audit.mark_running(LOADING, 0.0)
     bundle, probe, images = load_inputs(audit)
     if audit.sae_from_id:  # the engine finds the earlier audit's SAE in its folder and reuses it
         fetch_sae(audit.sae_from, workdir / "sae")
@@ -61,20 +59,23 @@ def _run_here(audit: Audit, workdir, progress) -> None:
 
 @shared_task(name="workers.tasks.reap_stale_audits")
 def reap_stale_audits() -> dict:
-    """Requeue (or give up) running audits and corrections whose worker is gone; re-send queued ones' lost
-    messages; finish corrections whose re-audit finished unnoticed; remove files that stopped workers left.
+    """Requeue (or give up) running jobs of every kind whose worker is gone; re-send queued ones' lost messages;
+    do each kind's own part (``JobKind.reap``: e.g. finish corrections whose re-audit finished unnoticed); remove
+    files that stopped workers left.
 
     Runs every AUDIT_REAP_EVERY_SECONDS (Celery beat) and when a worker starts. Returns what it did: audits'
-    ids at the top level, corrections' and explanations' under their names.
+    ids at the top level, other kinds' under their plural ("corrections", "explanations").
     """
     now = timezone.now()
-    done = _reap(Audit, enqueue, now)
-    done["corrections"] = _reap(Correction, enqueue_correction, now)
-    done["explanations"] = _reap(Explanation, enqueue_explanation, now)
-    for correction in Correction.objects.filter(status=Status.RUNNING, stage=REAUDIT_STAGE,
-                                                reaudit__status__in=FINISHED):
-        finish_after_reaudit(correction.pk)  # its re-audit's worker stopped before it could tell
-        done["corrections"].setdefault("answered", []).append(correction.pk)
+    done = {}
+    for kind in kinds():
+        found = _reap(kind, now)
+        if kind.reap is not None:
+            found.update(kind.reap())
+        if kind.model is Audit:
+            done.update(found)
+        else:
+            done[kind.plural] = found
     done["cleaned"] = remove_leftover_work()
     if any(any(v.values()) if isinstance(v, dict) else v for v in done.values()):
         log.warning("reaper: %s", done)
@@ -82,9 +83,9 @@ def reap_stale_audits() -> dict:
     return done
 
 
-def _reap(model, send, now) -> dict:
+def _reap(kind: JobKind, now) -> dict:
     done = {"requeued": [], "failed": [], "resent": []}
-    for job in model.objects.filter(status=Status.RUNNING):
+    for job in kind.model.objects.filter(status=Status.RUNNING):
         if not job.is_abandoned(now):
             continue
         try:
@@ -96,12 +97,12 @@ def _reap(model, send, now) -> dict:
                     log.warning("%s %s: worker %s stopped during %s; requeued (attempt %s of %s used)", job.noun, job.pk,
                                 job.worker_host or "of a shard", job.stage, job.attempts, settings.AUDIT_MAX_ATTEMPTS)
                     job.requeue()
-                    transaction.on_commit(lambda pk=job.pk: send(pk))
+                    kind.enqueue_on_commit(job.pk)
                     done["requeued"].append(job.pk)
         except IllegalTransition:
             continue  # it moved on meanwhile: finished, or claimed by a worker
     stale_message = now - timedelta(seconds=settings.AUDIT_REQUEUE_QUEUED_AFTER_SECONDS)
-    for job in model.objects.filter(status=Status.QUEUED, enqueued_at__lt=stale_message):
-        send(job.pk)
+    for job in kind.model.objects.filter(status=Status.QUEUED, enqueued_at__lt=stale_message):
+        kind.enqueue(job.pk)
         done["resent"].append(job.pk)
     return done

@@ -1,7 +1,7 @@
 from django.db.models import F
 from drf_spectacular.utils import extend_schema
 from django.shortcuts import get_object_or_404
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, MultiPartParser
@@ -16,26 +16,60 @@ from audit_service.registry.services import RegistrationError
 
 from . import report
 from .fields import LATENT_FIELDS
-from .corrections import create_correction
-from .explanations import create_explanation
-from .models import Audit, Correction, Explanation, Flag, IllegalTransition, Latent, Status
+from .corrections import CORRECTION, create_correction
+from .explanations import EXPLANATION, create_explanation
+from .jobs import JOB_FIELDS, JobKind
+from .models import Audit, Flag, IllegalTransition, Latent, Status
 from .serializers import (AuditSerializer, CorrectionRequestSerializer, CorrectionSerializer,
                           ExplanationRequestSerializer, ExplanationSerializer, FlagSerializer, LatentSerializer,
                           ReviewSerializer)
-from .services import create_audit
+from .services import AUDIT, create_audit
 
 
-class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
-                   viewsets.GenericViewSet):
-    """Audits of the caller's projects: submit, follow progress, cancel, read results."""
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """The jobs of one kind (``kind``, audits.jobs) in the caller's projects: list, follow, cancel (members)."""
 
-    serializer_class = AuditSerializer
+    kind: JobKind
     permission_classes = [ProjectRolePermission]
-    filterset_fields = ["project", "status", "probe", "clip_model", "dataset"]
+    filterset_fields = ["project", "status"]
     ordering_fields = ["created_at", "finished_at"]
 
     def get_queryset(self):
-        return Audit.objects.filter(project__in=Project.objects.for_user(self.request.user)).select_related("project")
+        return self.kind.for_user(self.request.user)
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel it: a queued job at once, a running one is asked to stop (409 when it is finished)."""
+        job = self.get_object()
+        project_for(request.user, job.project_id, Role.MEMBER)
+        try:
+            job.cancel()
+        except IllegalTransition as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(self.get_serializer(job).data)
+
+
+def job_serializer(kind: JobKind) -> type[serializers.ModelSerializer]:
+    """A read-only serializer of a kind's jobs: the fields every job has and the kind's own (``kind.fields``)."""
+    fields = [*JOB_FIELDS, *kind.fields]
+    meta = type("Meta", (), {"model": kind.model, "fields": fields, "read_only_fields": fields})
+    return type(f"{kind.model.__name__}Serializer", (serializers.ModelSerializer,), {
+        "Meta": meta, "project": serializers.IntegerField(source="project_id", read_only=True)})
+
+
+def job_viewset(kind: JobKind) -> type[JobViewSet]:
+    """The API of a kind that declares nothing more: list, read and cancel its jobs."""
+    return type(f"{kind.model.__name__}ViewSet", (JobViewSet,), {
+        "kind": kind, "serializer_class": job_serializer(kind), "__doc__": f"{kind.plural.capitalize()} of the "
+                                                                           "caller's projects: follow, cancel."})
+
+
+class AuditViewSet(mixins.CreateModelMixin, JobViewSet):
+    """Audits of the caller's projects: submit, follow progress, cancel, read results."""
+
+    kind = AUDIT
+    serializer_class = AuditSerializer
+    filterset_fields = ["project", "status", "probe", "clip_model", "dataset"]
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
@@ -57,15 +91,6 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         except RegistrationError as exc:
             raise as_validation_error(exc) from exc
         return Response(self.get_serializer(audit).data, status=status.HTTP_201_CREATED)
-
-    @action(detail=True, methods=["post"])
-    def cancel(self, request, pk=None):
-        audit = self.get_object()
-        try:
-            audit.cancel()
-        except IllegalTransition as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(self.get_serializer(audit).data)
 
     @action(detail=True, methods=["get"], url_path=r"download/(?P<fmt>html|json|latents\.csv|flags\.csv)")
     def download(self, request, pk=None, fmt=None):
@@ -161,39 +186,27 @@ class AuditViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         return Response(ExplanationSerializer(explanation).data, status=status.HTTP_201_CREATED)
 
 
-class ExplanationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """Explanations of single images in the caller's projects."""
+class ExplanationViewSet(JobViewSet):
+    """Explanations of single images in the caller's projects: follow one, cancel it, read its answer."""
 
+    kind = EXPLANATION
     serializer_class = ExplanationSerializer
-    permission_classes = [ProjectRolePermission]
     filterset_fields = ["project", "audit", "status"]
 
-    def get_queryset(self):
-        return Explanation.objects.filter(project__in=Project.objects.for_user(self.request.user)).select_related(
-            "project")
 
-
-class CorrectionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class CorrectionViewSet(JobViewSet):
     """Corrections of the caller's projects: follow one, cancel it, read its proof and its re-audit's diff."""
 
+    kind = CORRECTION
     serializer_class = CorrectionSerializer
-    permission_classes = [ProjectRolePermission]
     filterset_fields = ["project", "audit", "status"]
-    ordering_fields = ["created_at", "finished_at"]
 
     def get_queryset(self):
-        return (Correction.objects.filter(project__in=Project.objects.for_user(self.request.user))
-                .select_related("project", "reaudit").prefetch_related("flags"))
+        return super().get_queryset().prefetch_related("flags")
 
-    @action(detail=True, methods=["post"])
-    def cancel(self, request, pk=None):
-        correction = self.get_object()
-        project_for(request.user, correction.project_id, Role.MEMBER)
-        try:
-            correction.cancel()
-        except IllegalTransition as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(self.get_serializer(correction).data)
+
+# the kinds whose API declares more than list, read and cancel (job_viewset serves the others)
+JOB_VIEWSETS = {"audit": AuditViewSet, "correction": CorrectionViewSet, "explanation": ExplanationViewSet}
 
 
 class _AuditChildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

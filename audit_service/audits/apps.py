@@ -1,4 +1,10 @@
+from importlib import import_module
+
 from django.apps import AppConfig
+
+# the modules that declare the job kinds (audits.jobs), in the order the kinds are listed: importing one registers
+# its kind (corrections' also connects the receiver that finishes a correction when its re-audit finishes)
+JOB_MODULES = ("services", "corrections", "explanations")
 
 
 class AuditsConfig(AppConfig):
@@ -6,4 +12,5 @@ class AuditsConfig(AppConfig):
     label = "audits"
 
     def ready(self) -> None:
-        from . import corrections  # noqa: F401 (its receiver finishes corrections when their re-audit finishes)
+        for module in JOB_MODULES:
+            import_module(f"{self.name}.{module}")

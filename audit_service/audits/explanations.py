@@ -4,20 +4,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from celery import current_app
 from django.conf import settings
 from django.core.files import File
 from django.db import transaction
-from django.utils import timezone
 
 from audit_service.registry.archives import IMAGE_SUFFIXES, image_problem
-from audit_service.registry.services import RegistrationError, check_upload_size, dataset_labels, spool_upload
+from audit_service.registry.services import RegistrationError, check_upload_size, spool_upload
 
 from .corrections import require_sae
+from .jobs import JobKind, check_room, register
 from .models import Audit, Explanation
-from .services import check_room
 
-RUN_EXPLANATION_TASK = "workers.explanations.run_explanation"
+EXPLANATION = register(JobKind("explanation", Explanation, "workers.explanations.run_explanation",
+                               fields=("audit", "item", "image", "result")))
 
 
 def create_explanation(*, audit: Audit, user, image=None, item: str = "") -> Explanation:
@@ -29,7 +28,7 @@ def create_explanation(*, audit: Audit, user, image=None, item: str = "") -> Exp
         raise RegistrationError("give either an image file (image) or the path of an image of the audited dataset "
                                 "as in its labels.csv (item), not both", field="item" if image else "image")
     if item:
-        keys = [key for key, _ in dataset_labels(audit.dataset)]
+        keys = [key for key, _ in audit.dataset.labels()]
         if item not in set(keys):
             raise RegistrationError(f"dataset '{audit.dataset.name}' has no image '{item}'; give its path as in "
                                     f"labels.csv, e.g. '{keys[0]}'", field="item")
@@ -46,7 +45,7 @@ def create_explanation(*, audit: Audit, user, image=None, item: str = "") -> Exp
             if explanation.image:
                 explanation.image.delete(save=False)
             raise
-        transaction.on_commit(lambda: enqueue_explanation(explanation.pk))
+        EXPLANATION.enqueue_on_commit(explanation.pk)
     return explanation
 
 
@@ -61,8 +60,3 @@ def _check_image(upload) -> None:
         problem = image_problem(path, name, settings.MAX_IMAGE_PIXELS)
     if problem:
         raise RegistrationError(problem, field="image")
-
-
-def enqueue_explanation(explanation_id: int) -> None:
-    Explanation.objects.filter(pk=explanation_id).update(enqueued_at=timezone.now())
-    current_app.send_task(RUN_EXPLANATION_TASK, args=[explanation_id])

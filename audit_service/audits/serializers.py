@@ -175,8 +175,8 @@ class ExplanationSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Explanation
-        fields = ["id", "project", "audit", "item", "image", "status", "stage", "percent", "error", "attempts",
-                  "worker_host", "device", "result", "timings", "created_at", "started_at", "finished_at"]
+        fields = ["id", "project", "audit", "item", "image", "status", "stage", "percent", "cancel_requested", "error",
+                  "attempts", "worker_host", "device", "result", "timings", "created_at", "started_at", "finished_at"]
         read_only_fields = fields
 
     def get_image(self, explanation) -> str | None:

@@ -1,5 +1,7 @@
 from django.urls import path
 
+from audit_service.audits.jobs import kinds
+
 from . import views
 
 app_name = "web"
@@ -13,8 +15,6 @@ urlpatterns = [
     path("projects/<int:pk>/saes/new/", views.sae_new, name="sae_new"),
     path("projects/<int:pk>/audits/new/", views.audit_new, name="audit_new"),
     path("audits/<int:pk>/", views.audit_detail, name="audit"),
-    path("audits/<int:pk>/status.json", views.audit_status, name="audit_status"),
-    path("audits/<int:pk>/cancel/", views.audit_cancel, name="audit_cancel"),
     path("audits/<int:pk>/report/", views.audit_report, name="report"),
     path("audits/<int:pk>/latents/", views.audit_latents, name="latents"),
     path("audits/<int:pk>/diff/", views.audit_diff, name="diff"),
@@ -22,12 +22,20 @@ urlpatterns = [
     path("audits/<int:pk>/flags/<int:flag_pk>/review/", views.flag_review, name="flag_review"),
     path("audits/<int:pk>/corrections/new/", views.correction_new, name="correction_new"),
     path("corrections/<int:pk>/", views.correction_detail, name="correction"),
-    path("corrections/<int:pk>/status.json", views.correction_status, name="correction_status"),
-    path("corrections/<int:pk>/cancel/", views.correction_cancel, name="correction_cancel"),
     path("probes/<int:pk>/download/", views.probe_download, name="probe_download"),
     path("audits/<int:pk>/explain/", views.explanation_new, name="explanation_new"),
     path("explanations/<int:pk>/", views.explanation_detail, name="explanation"),
-    path("explanations/<int:pk>/status.json", views.explanation_status, name="explanation_status"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_pk>/revoke/", views.token_revoke, name="token_revoke"),
 ]
+
+# every job kind (audits.jobs): its progress as JSON, cancelling it, and a page where it has none of its own
+_PAGES = {p.name for p in urlpatterns}
+for _kind in kinds():
+    _args = {"kind": _kind.name}
+    urlpatterns += [
+        path(f"{_kind.plural}/<int:pk>/status.json", views.job_status, _args, name=f"{_kind.name}_status"),
+        path(f"{_kind.plural}/<int:pk>/cancel/", views.job_cancel, _args, name=f"{_kind.name}_cancel"),
+    ]
+    if _kind.name not in _PAGES:
+        urlpatterns.append(path(f"{_kind.plural}/<int:pk>/", views.job_detail, _args, name=_kind.name))

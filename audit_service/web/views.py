@@ -19,12 +19,12 @@ from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from audit_service.audits import report
 from audit_service.audits.corrections import create_correction
 from audit_service.audits.explanations import create_explanation
+from audit_service.audits.jobs import job_kind, kind_of
 from audit_service.audits.models import (Audit, Correction, Explanation, Flag, IllegalTransition, Review, Status,
                                          Verdict)
 from audit_service.audits.services import create_audit
@@ -173,28 +173,51 @@ def audit_new(request, pk):
 
 # --------------------------------------------------------------------------- audits
 
-def _progress(audit: Audit) -> dict:
-    """Status, stage, percent, elapsed and estimated remaining seconds: what the progress bar shows."""
-    now = timezone.now()
-    elapsed = remaining = None
-    if audit.started_at:
-        elapsed = ((audit.finished_at or now) - audit.started_at).total_seconds()
-        if audit.status == Status.RUNNING and audit.percent > 1:
-            remaining = elapsed * (100.0 - audit.percent) / audit.percent
-    stage, worker = audit.stage, audit.worker_host
-    shards = None
-    if audit.shards:  # spread over workers: which step, how many of its shards are done, who runs them
-        shards = audit.progress()
-        if audit.status == Status.RUNNING and stage in shards:
-            stage = f"{stage} ({shards[stage]['done']}/{shards[stage]['total']} shards)"
-            worker = ", ".join(audit.running_workers())
-        elif audit.is_finished:
-            worker = f"{audit.shards} shards"
-    return {"id": audit.pk, "status": audit.status, "stage": stage, "percent": round(audit.percent, 1),
-            "elapsed_s": elapsed, "remaining_s": remaining, "finished": audit.is_finished,
-            "cancel_requested": audit.cancel_requested, "error": audit.error, "attempts": audit.attempts,
-            "worker_host": worker, "device": audit.device, "shards": shards,
-            "report_url": reverse("web:report", args=[audit.pk]) if audit.status == Status.SUCCEEDED else None}
+def _progress(job) -> dict:
+    """What a job's progress bar shows (``Job.progress_view``), with the page of its result once it succeeded."""
+    kind = kind_of(job)
+    done = {"audit": "web:report"}.get(kind.name, f"web:{kind.name}")
+    return {**job.progress_view(),
+            "report_url": reverse(done, args=[job.pk]) if job.status == Status.SUCCEEDED else None}
+
+
+def _job(user, kind_name: str, pk: int, at_least: str = Role.VIEWER):
+    kind = job_kind(kind_name)
+    job = get_object_or_404(kind.for_user(user), pk=pk)
+    _project(user, job.project_id, at_least)
+    return job
+
+
+@login_required
+def job_detail(request, pk, kind: str):
+    """The page of a job of a kind that has no page of its own: its progress, cancel and result as JSON."""
+    job = _job(request.user, kind, pk)
+    return render(request, "web/job.html", {
+        "job": job, "project": job.project, "noun": job.noun, "progress": _progress(job),
+        "status_url": reverse(f"web:{kind}_status", args=[job.pk]),
+        "cancel_url": reverse(f"web:{kind}_cancel", args=[job.pk]),
+        "result_json": json.dumps(job.result, indent=2, sort_keys=True) if job.result else "",
+        "can_write": job.project.has_role(request.user, Role.MEMBER)})
+
+
+@login_required
+def job_status(request, pk, kind: str):
+    """A job's progress as JSON (``/<kind>s/<id>/status.json``), for any kind: its page polls it."""
+    return JsonResponse(_progress(_job(request.user, kind, pk)))
+
+
+@login_required
+@require_POST
+def job_cancel(request, pk, kind: str):
+    """Cancel a job of any kind (a queued one at once, a running one is asked to stop) and go back to its page."""
+    job = _job(request.user, kind, pk, Role.MEMBER)
+    try:
+        job.cancel()
+        messages.info(request, "Cancellation requested." if job.status == Status.RUNNING
+                      else f"{job.noun.capitalize()} cancelled.")
+    except IllegalTransition as exc:
+        messages.error(request, str(exc))
+    return redirect(f"web:{kind}", pk=job.pk)
 
 
 @login_required
@@ -204,28 +227,6 @@ def audit_detail(request, pk):
         "audit": audit, "project": audit.project, "progress": _progress(audit),
         "config_json": json.dumps(audit.config, indent=2, sort_keys=True),
         "can_write": audit.project.has_role(request.user, Role.MEMBER)})
-
-
-@login_required
-def audit_status(request, pk):
-    return JsonResponse(_progress(_audit(request.user, pk)))
-
-
-@login_required
-@require_POST
-def audit_cancel(request, pk):
-    return _cancel(request, _audit(request.user, pk, Role.MEMBER), "web:audit")
-
-
-def _cancel(request, job, page: str):
-    """Cancel an audit or a correction (a running one is asked to stop) and go back to its page."""
-    try:
-        job.cancel()
-        messages.info(request, "Cancellation requested." if job.status == Status.RUNNING
-                      else f"{job.noun.capitalize()} cancelled.")
-    except IllegalTransition as exc:
-        messages.error(request, str(exc))
-    return redirect(page, pk=job.pk)
 
 
 def _succeeded(user, pk) -> Audit:
@@ -245,7 +246,7 @@ def audit_report(request, pk):
     if can_review:
         context.update(correctable=_correctable(audit), training_datasets=audit.project.datasets.filter(
             purpose=DatasetPurpose.AUDIT),
-            dataset_items=[key for key, _ in services.dataset_labels(audit.dataset)][:EXPLAIN_ITEMS_LISTED])
+            dataset_items=[key for key, _ in audit.dataset.labels()][:EXPLAIN_ITEMS_LISTED])
     context["explanations"] = audit.explanations.all()[:20]
     return render(request, "web/report.html", context)
 
@@ -305,39 +306,13 @@ def correction_new(request, pk):
     return redirect("web:correction", pk=correction.pk)
 
 
-def _correction_progress(correction: Correction) -> dict:
-    now = timezone.now()
-    elapsed = ((correction.finished_at or now) - correction.started_at).total_seconds() if correction.started_at \
-        else None
-    stage = correction.stage
-    if correction.waiting_for_reaudit and correction.reaudit is not None:
-        stage = f"re-audit #{correction.reaudit_id}: {correction.reaudit.stage or correction.reaudit.status}"
-    return {"id": correction.pk, "status": correction.status, "stage": stage,
-            "percent": round(correction.overall_percent, 1), "elapsed_s": elapsed, "remaining_s": None,
-            "finished": correction.is_finished, "cancel_requested": correction.cancel_requested,
-            "error": correction.error, "attempts": correction.attempts, "worker_host": correction.worker_host,
-            "device": correction.device, "shards": None,
-            "report_url": reverse("web:correction", args=[correction.pk]) if correction.is_finished else None}
-
-
 @login_required
 def correction_detail(request, pk):
     correction = _correction(request.user, pk)
     return render(request, "web/correction.html", {
         "correction": correction, "audit": correction.audit, "project": correction.project,
-        "cv": report.correction_view(correction), "progress": _correction_progress(correction),
+        "cv": report.correction_view(correction), "progress": _progress(correction),
         "can_write": correction.project.has_role(request.user, Role.MEMBER), "standalone": False})
-
-
-@login_required
-def correction_status(request, pk):
-    return JsonResponse(_correction_progress(_correction(request.user, pk)))
-
-
-@login_required
-@require_POST
-def correction_cancel(request, pk):
-    return _cancel(request, _correction(request.user, pk, Role.MEMBER), "web:correction")
 
 
 # --------------------------------------------------------------------------- explaining one image
@@ -364,26 +339,13 @@ def _explanation(user, pk) -> Explanation:
     return explanation
 
 
-def _explanation_progress(explanation: Explanation) -> dict:
-    return {"id": explanation.pk, "status": explanation.status, "stage": explanation.stage,
-            "percent": round(explanation.percent, 1), "elapsed_s": None, "remaining_s": None,
-            "finished": explanation.is_finished, "cancel_requested": False, "error": explanation.error,
-            "attempts": explanation.attempts, "worker_host": explanation.worker_host, "device": explanation.device,
-            "shards": None, "report_url": None}
-
-
 @login_required
 def explanation_detail(request, pk):
     explanation = _explanation(request.user, pk)
     return render(request, "web/explanation.html", {
         "explanation": explanation, "audit": explanation.audit, "project": explanation.project,
-        "progress": _explanation_progress(explanation), "ev": report.explanation_view(explanation),
-        "can_write": False})
-
-
-@login_required
-def explanation_status(request, pk):
-    return JsonResponse(_explanation_progress(_explanation(request.user, pk)))
+        "progress": _progress(explanation), "ev": report.explanation_view(explanation),
+        "can_write": explanation.project.has_role(request.user, Role.MEMBER)})
 
 
 @login_required

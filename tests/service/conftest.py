@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from audit_service.audits.services import RUN_AUDIT_TASK
+from audit_service.audits.services import AUDIT
 from audit_service.projects.models import Membership, Project, Role
 from tests.support import synthetic
 from workers.celery import app as celery_app
@@ -37,7 +37,7 @@ def sent(monkeypatch) -> list[int]:
     send_task = celery_app.send_task
 
     def send_or_record(name, args=None, kwargs=None, **options):
-        if name != RUN_AUDIT_TASK:
+        if name != AUDIT.task:
             return send_task(name, args, kwargs, **options)
         calls.append(args[0])
 

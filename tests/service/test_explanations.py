@@ -5,9 +5,8 @@ import pytest
 from PIL import Image
 
 from audit_service import cli as client
-from audit_service.audits.explanations import RUN_EXPLANATION_TASK, create_explanation
+from audit_service.audits.explanations import EXPLANATION, create_explanation
 from audit_service.audits.models import Explanation, Status
-from audit_service.registry.services import dataset_labels
 from workers import explanations as explanation_tasks
 
 from .test_corrections import audited, queue  # noqa: F401 (fixtures)
@@ -43,10 +42,10 @@ def check_answer(result: dict, audit) -> None:
 
 
 def test_an_item_of_the_dataset_is_explained_by_a_worker(audited, users, queue, django_capture_on_commit_callbacks):  # noqa: F811
-    item, label = dataset_labels(audited.dataset)[0]
+    item, label = audited.dataset.labels()[0]
     with django_capture_on_commit_callbacks(execute=True):
         explanation = create_explanation(audit=audited, user=users["member"], item=item)
-    assert queue == [(RUN_EXPLANATION_TASK, explanation.pk)]
+    assert queue == [(EXPLANATION.task, explanation.pk)]
     explanation_tasks.run_explanation.apply(args=[explanation.pk])
     explanation.refresh_from_db()
     assert explanation.status == Status.SUCCEEDED, explanation.error
@@ -83,7 +82,7 @@ def test_bad_requests_are_refused_and_leave_no_row_or_file(audited, users, proje
     cases = [
         ({"item": "nope/missing.png"}, "item", "has no image 'nope/missing.png'"),
         ({}, "image", "give either an image file"),
-        ({"item": dataset_labels(audited.dataset)[0][0], "image": upload_file("a.png", png())}, "item",
+        ({"item": audited.dataset.labels()[0][0], "image": upload_file("a.png", png())}, "item",
          "not both"),
         ({"image": upload_file("notes.txt", b"hello")}, "image", "not an image file"),
         ({"image": upload_file("broken.png", b"\x89PNG\r\n\x1a\n garbage")}, "image", "is not a readable image"),
@@ -111,7 +110,7 @@ def upload_file(name, content):
 
 
 def test_the_api_explains_an_item_and_serves_the_answer(audited, client_for, queue):  # noqa: F811
-    item = dataset_labels(audited.dataset)[0][0]
+    item = audited.dataset.labels()[0][0]
     response = client_for("member").post(f"/api/v1/audits/{audited.pk}/explain/", {"item": item}, format="json")
     assert response.status_code == 201, response.content
     body = response.json()
@@ -126,7 +125,7 @@ def test_the_api_explains_an_item_and_serves_the_answer(audited, client_for, que
 def test_an_engine_failure_fails_the_explanation_with_its_message(audited, users, queue, monkeypatch):  # noqa: F811
     from workers.engine.errors import EngineError
 
-    explanation = create_explanation(audit=audited, user=users["member"], item=dataset_labels(audited.dataset)[0][0])
+    explanation = create_explanation(audit=audited, user=users["member"], item=audited.dataset.labels()[0][0])
     monkeypatch.setattr(explanation_tasks, "explain_image",
                         lambda *a, **k: (_ for _ in ()).throw(EngineError("the layer has no patch tokens")))
     explanation_tasks.run_explanation.apply(args=[explanation.pk])
@@ -150,3 +149,27 @@ def test_the_client_prints_an_answer():
     with pytest.raises(client.Stop, match="give --image PATH"):
         client.explain(args, lines.append)
 
+
+
+def test_explanations_are_cancelled_queued_at_once_and_running_between_loading_and_explaining(
+        audited, users, queue, client_for, monkeypatch):  # noqa: F811
+    import types
+
+    item = audited.dataset.labels()[0][0]
+    queued = create_explanation(audit=audited, user=users["member"], item=item)
+    assert client_for("viewer").post(f"/api/v1/explanations/{queued.pk}/cancel/").status_code == 403
+    assert client_for("member").post(f"/api/v1/explanations/{queued.pk}/cancel/").json()["status"] == "cancelled"
+    assert client_for("member").post(f"/api/v1/explanations/{queued.pk}/cancel/").status_code == 409
+
+    running = create_explanation(audit=audited, user=users["member"], item=item)
+    build = explanation_tasks.AuditContext.build
+
+    def build_then_cancel(*args, **kwargs):  # the user cancels while the worker loads the model
+        body = client_for("member").post(f"/api/v1/explanations/{running.pk}/cancel/").json()
+        assert body["status"] == "running" and body["cancel_requested"] is True
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(explanation_tasks, "AuditContext", types.SimpleNamespace(build=build_then_cancel))
+    explanation_tasks.run_explanation.apply(args=[running.pk])
+    running.refresh_from_db()
+    assert running.status == Status.CANCELLED and running.result is None
