@@ -9,7 +9,6 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 
 from audit_service.registry import references
-from audit_service.registry.services import dataset_labels, dataset_table
 from workers.engine.data import ImageFiles
 from workers.engine.heads import LinearProbe
 from workers.engine.errors import EngineError
@@ -43,7 +42,7 @@ def dataset_folder(dataset, only: list[str] | None = None) -> Path:
     done = target / ".complete"
     if done.exists():
         return target
-    wanted = [rel for rel, _ in dataset_labels(dataset)] if only is None else only
+    wanted = [rel for rel, _ in dataset.labels()] if only is None else only
     missing = [rel for rel in wanted if not (target / "images" / rel).exists()]
     if dataset.by_reference:
         if missing:
@@ -94,7 +93,7 @@ def load_probe(probe) -> LinearProbe:
 def dataset_images(dataset, fetch_images: bool = True) -> ImageFiles:
     """A labelled dataset's images, with its metadata columns (``fetch_images``: see :func:`load_inputs`)."""
     folder = dataset_folder(dataset, None if fetch_images else [])
-    rows, metadata = dataset_table(dataset)
+    rows, metadata = dataset.table()
     classes = list(dataset.class_names)
     return ImageFiles([folder / "images" / rel for rel, _ in rows], [classes.index(lab) for _, lab in rows],
                       classes, ids=[rel for rel, _ in rows], metadata=metadata)
@@ -117,7 +116,7 @@ def load_sae_images(audit):
     if audit.sae_dataset_id is None:
         return None
     folder = dataset_folder(audit.sae_dataset)
-    keys = [rel for rel, _ in dataset_labels(audit.sae_dataset)]
+    keys = [rel for rel, _ in audit.sae_dataset.labels()]
     return ImageFiles([folder / "images" / rel for rel in keys], [0] * len(keys), [SAE_CLASS], ids=keys)
 
 

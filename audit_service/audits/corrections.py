@@ -1,22 +1,20 @@
 """Corrections: submitting one, and finishing it once its re-audit finished (the diff and the verdict)."""
 from __future__ import annotations
 
-from celery import current_app
 from django.db import transaction
 from django.dispatch import receiver
-from django.utils import timezone
 
 from audit_service.registry.models import DatasetPurpose
-from audit_service.registry.services import RegistrationError
+from audit_service.registry.services import RegistrationError, add_probe_version
 from workers.engine.config import CORRECTION_METHODS as METHODS
 from workers.engine.config import CorrectionOptions
 from workers.engine.errors import EngineError
 
 from .diff import audit_diff
-from .models import Audit, Correction, Flag, Status, Verdict, audit_finished
-from .services import check_room
+from .jobs import JobKind, check_room, register
+from .services import create_reaudit
+from .models import FINISHED, REAUDIT_STAGE, Audit, Correction, Flag, Status, Verdict, audit_finished
 
-RUN_CORRECTION_TASK = "workers.corrections.run_correction"
 SAE_ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json")
 
 
@@ -54,7 +52,7 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
         correction = Correction.objects.create(project=audit.project, audit=audit, method=method, options=options,
                                                training_dataset=training_dataset, created_by=user)
         correction.flags.set(flags)
-        transaction.on_commit(lambda: enqueue_correction(correction.pk))
+        CORRECTION.enqueue_on_commit(correction.pk)
     return correction
 
 
@@ -117,12 +115,6 @@ def _check_training(audit: Audit, method: str, dataset, options: dict) -> None:
             + "; ".join(part for part in (f"unknown {', '.join(unknown)}" if unknown else "",
                                           f"missing {', '.join(missing)}" if missing else "") if part),
             field="training_dataset")
-
-
-def enqueue_correction(correction_id: int) -> None:
-    """Send the correction's task message (by name: the web process loads no worker code)."""
-    Correction.objects.filter(pk=correction_id).update(enqueued_at=timezone.now())
-    current_app.send_task(RUN_CORRECTION_TASK, args=[correction_id])
 
 
 # --------------------------------------------------------------------------- the re-audit's answer
@@ -188,6 +180,42 @@ def finish_after_reaudit(correction_id: int) -> None:
             else:
                 correction.fail(f"the corrected probe's audit (audit {reaudit.pk}) was cancelled, so the correction "
                                 "is not proven; audit the new probe again to see its flags")
+
+
+def reaudit_corrected_probe(correction: Correction, path, result: dict, timings: dict) -> Audit:
+    """The correction's last step: register the corrected probe at ``path`` as the next version of the audited
+    probe, submit its re-audit (same model, data and SAE) and let the correction wait for it with its result so
+    far. One transaction: a failure leaves no probe, no audit and no file."""
+    audit, probe = correction.audit, None
+    try:
+        with transaction.atomic():
+            probe = add_probe_version(audit.probe, path, note=f"correction {correction.pk}",
+                                      user=correction.created_by)
+            reaudit = create_reaudit(audit, probe, context={"correction": correction.pk, "corrects_audit": audit.pk},
+                                     user=correction.created_by)
+            correction.wait_for_reaudit(probe, reaudit, result, timings)
+    except Exception:
+        if probe is not None:
+            probe.file.storage.delete(probe.file.name)
+        raise
+    return reaudit
+
+
+def answer_finished_reaudits() -> dict[str, list[int]]:
+    """The reaper's part for corrections: finish those whose re-audit finished while no one was told (its
+    worker stopped before it could)."""
+    answered = []
+    for correction in Correction.objects.filter(status=Status.RUNNING, stage=REAUDIT_STAGE,
+                                                reaudit__status__in=FINISHED):
+        finish_after_reaudit(correction.pk)
+        answered.append(correction.pk)
+    return {"answered": answered} if answered else {}
+
+
+CORRECTION = register(JobKind(
+    "correction", Correction, "workers.corrections.run_correction", related=("project", "reaudit"),
+    fields=("audit", "flags", "method", "options", "training_dataset", "new_probe", "reaudit", "result"),
+    reap=answer_finished_reaudits))
 
 
 def _seconds(audit: Audit) -> float:

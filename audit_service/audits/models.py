@@ -174,6 +174,32 @@ class Job(models.Model):
     def cancel_was_requested(self) -> bool:
         return self._rows(cancel_requested=True).exists()
 
+    # ------------------------------------------------------------------ what its progress bar shows
+    @property
+    def overall_percent(self) -> float:
+        """The percent a reader sees (a kind whose work goes on in another job counts that job's in)."""
+        return self.percent
+
+    def shown_stage(self) -> tuple[str, str]:
+        """The stage and the worker(s) as a reader should see them."""
+        return self.stage, self.worker_host
+
+    def progress_view(self, now=None) -> dict:
+        """Status, stage, percent, elapsed and estimated remaining seconds, attempts and worker: what a progress
+        bar shows, for a job of any kind."""
+        now = now or timezone.now()
+        elapsed = remaining = None
+        percent = self.overall_percent
+        if self.started_at:
+            elapsed = ((self.finished_at or now) - self.started_at).total_seconds()
+            if self.status == Status.RUNNING and percent > 1:
+                remaining = elapsed * (100.0 - percent) / percent
+        stage, worker = self.shown_stage()
+        return {"id": self.pk, "kind": self.noun, "status": self.status, "stage": stage, "percent": round(percent, 1),
+                "elapsed_s": elapsed, "remaining_s": remaining, "finished": self.is_finished,
+                "cancel_requested": self.cancel_requested, "error": self.error, "attempts": self.attempts,
+                "worker_host": worker, "device": self.device, "shards": None}
+
 
 class Audit(Job):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="audits")
@@ -216,6 +242,21 @@ class Audit(Job):
             return any(row.is_abandoned(now) for row in running)
         last = self.heartbeat_at or self.started_at
         return last is None or (now - last).total_seconds() > settings.AUDIT_REQUEUE_QUEUED_AFTER_SECONDS
+
+    def shown_stage(self) -> tuple[str, str]:
+        """Spread over workers: which step, how many of its shards are done, who runs them."""
+        stage, worker = self.stage, self.worker_host
+        if self.shards:
+            shards = self.progress()
+            if self.status == Status.RUNNING and stage in shards:
+                stage = f"{stage} ({shards[stage]['done']}/{shards[stage]['total']} shards)"
+                worker = ", ".join(self.running_workers())
+            elif self.is_finished:
+                worker = f"{self.shards} shards"
+        return stage, worker
+
+    def progress_view(self, now=None) -> dict:
+        return {**super().progress_view(now), "shards": self.progress()}
 
     # ------------------------------------------------------------------ an audit spread over shards
     def run_as_shards(self, plan: list[tuple[int, int]]) -> str:
@@ -478,6 +519,22 @@ class Correction(Job):
         if self.waiting_for_reaudit and self.reaudit is not None:
             return round(BEFORE_REAUDIT + (100.0 - BEFORE_REAUDIT) * self.reaudit.percent / 100.0, 2)
         return self.percent
+
+    def wait_for_reaudit(self, probe, reaudit, result: dict, timings: dict) -> None:
+        """Its own work done: keep the corrected ``probe``, the result so far, and wait (stage "reaudit", no
+        worker holds it) for ``reaudit``, the new probe's audit."""
+        self.refresh_from_db(fields=["status"])
+        self.mark_running(REAUDIT_STAGE, BEFORE_REAUDIT)
+        fields = dict(new_probe=probe, reaudit=reaudit, result=result, timings=timings, worker_host="",
+                      heartbeat_at=None)
+        self._rows(status=Status.RUNNING).update(**fields)
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def shown_stage(self) -> tuple[str, str]:
+        if self.waiting_for_reaudit and self.reaudit is not None:
+            return f"re-audit #{self.reaudit_id}: {self.reaudit.stage or self.reaudit.status}", self.worker_host
+        return super().shown_stage()
 
     @property
     def waiting_for_reaudit(self) -> bool:

@@ -114,9 +114,7 @@ def heat_overlay(where, grid, size: int = 112) -> str | None:
 
 
 def _labels_by_key(audit: Audit) -> dict:
-    from audit_service.registry.services import dataset_labels
-
-    return dict(dataset_labels(audit.dataset))
+    return dict(audit.dataset.labels())
 
 
 # --------------------------------------------------------------------------- plots

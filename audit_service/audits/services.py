@@ -3,19 +3,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from audit_service.registry.models import DatasetPurpose
 from audit_service.registry.services import RegistrationError
 from workers.engine.config import AuditConfig, Bound, check_bounds, json_schema
 from workers.engine.errors import EngineError
 
-from .models import Audit, Correction, Explanation, Status
+from .jobs import JobKind, check_room, register
+from .models import Audit
 
-RUN_AUDIT_TASK = "workers.tasks.run_audit"
+AUDIT = register(JobKind("audit", Audit, "workers.tasks.run_audit", related=("project",)))
 
 # The audit options whose upper bound this server sets, and the setting that holds it.
 OPTION_BOUNDS = {
@@ -87,28 +86,20 @@ def create_audit(*, project, user, clip_model, probe, dataset, options: dict | N
         audit = Audit.objects.create(project=project, clip_model=clip_model, probe=probe, dataset=dataset,
                                      sae_dataset=sae_dataset, sae=sae, config=config.to_dict(), context=context or {},
                                      created_by=user)
-        transaction.on_commit(lambda: enqueue(audit.pk))
+        AUDIT.enqueue_on_commit(audit.pk)
     return audit
 
 
-def check_room(project) -> None:
-    """Refuse a new job while the project's audits, corrections and explanations that are queued or running
-    fill its ``max_concurrent_audits``.
+def create_reaudit(audit: Audit, probe, *, context: dict, user) -> Audit:
+    """An audit of ``probe`` (a new version of ``audit``'s) with ``audit``'s model, data, options and SAE (its
+    latents are the earlier audit's, so flags compare latent by latent), enqueued once committed.
 
-    Called inside the transaction that creates the job: it locks the project's row first, so requests for the
-    same project count and create one after the other (on PostgreSQL a row lock; SQLite's transactions take
-    the write lock when they begin, ``transaction_mode`` IMMEDIATE in settings) and simultaneous requests
-    cannot all see the same free room."""
-    if not transaction.get_connection().in_atomic_block:
-        raise RuntimeError("check_room must run inside the transaction that creates the job")
-    project = type(project).objects.select_for_update().get(pk=project.pk)
-    live = [Status.QUEUED, Status.RUNNING]
-    running = sum(model.objects.filter(project=project, status__in=live).count()
-                  for model in (Audit, Correction, Explanation))
-    if running >= project.max_concurrent_audits:
-        raise RegistrationError(f"project '{project.name}' already has {running} jobs queued or running "
-                                f"(limit {project.max_concurrent_audits}); wait for one to finish or cancel one",
-                                field="project")
+    No room check: it runs for a job that already holds the project's room (a correction waiting for it)."""
+    reaudit = Audit.objects.create(project=audit.project, clip_model=audit.clip_model, probe=probe,
+                                   dataset=audit.dataset, sae_dataset=audit.sae_dataset, sae_from=audit,
+                                   config=audit.config, context=context, created_by=user)
+    AUDIT.enqueue_on_commit(reaudit.pk)
+    return reaudit
 
 
 def audit_config(options, *, clip_model, dataset, sae_dataset=None) -> AuditConfig:
@@ -167,13 +158,3 @@ def _check_sae_memory(config: AuditConfig, d_model: int) -> None:
                       f"{config.sae.batch_size}) takes about {need // 2 ** 20} MiB with Adam's states, more "
                       f"than a worker's {settings.WORKER_TASK_MEMORY_MB} MiB per task (WORKER_TASK_MEMORY_MB); "
                       "lower sae.n_latents or sae.batch_size")
-
-
-def enqueue(audit_id: int) -> None:
-    """Send the audit's task message and remember when (the reaper re-sends messages a broker lost).
-
-    The task is sent by name: the web process loads no worker code, and CELERY_TASK_ROUTES routes the name to
-    the gpu queue.
-    """
-    Audit.objects.filter(pk=audit_id).update(enqueued_at=timezone.now())
-    current_app.send_task(RUN_AUDIT_TASK, args=[audit_id])

@@ -65,7 +65,7 @@ class ValidatedDataset:
     metadata: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _safe_name(name: str) -> str:
+def safe_member_name(name: str) -> str:
     """A member name as a safe relative POSIX path, or a refusal."""
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise DatasetRejected(f"archive member '{name}' has an absolute path; archives must hold relative paths")
@@ -75,18 +75,19 @@ def _safe_name(name: str) -> str:
     return norm
 
 
-def _ignored(path: str) -> bool:
+def is_ignored(path: str) -> bool:
     """macOS resource forks and hidden files ride along in archives made by hand; they are skipped, not refused."""
     return any(part.startswith(("__MACOSX", ".")) for part in path.split("/"))
 
 
-def _list(problems: list[str]) -> str:
+def problem_list(problems: list[str]) -> str:
+    """'a; b; c; and 13 more': the first problems of a long list."""
     shown = "; ".join(problems[:MAX_PROBLEMS_LISTED])
     more = len(problems) - MAX_PROBLEMS_LISTED
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def _examples(names: list[str]) -> str:
+def some_names(names: list[str]) -> str:
     """'a, b, c and 13 more': a few names of a long list."""
     shown = ", ".join(names[:MAX_PROBLEMS_LISTED])
     more = len(names) - MAX_PROBLEMS_LISTED
@@ -116,7 +117,7 @@ def extract(archive: Path, dest: Path, limits: Limits) -> None:
         raise DatasetRejected("the upload is neither a zip nor a tar archive; upload a .zip or .tar.gz of images")
 
 
-def _check_member_count(n_members: int, limits: Limits) -> None:
+def check_member_count(n_members: int, limits: Limits) -> None:
     if n_members > limits.member_limit:
         raise DatasetRejected(f"the archive holds more than {limits.member_limit} members (files and folders "
                               f"together); at most {limits.member_limit} are accepted (MAX_ARCHIVE_MEMBERS)")
@@ -129,7 +130,7 @@ def _images_of(names: list[str], limits: Limits) -> list[str]:
     images = [name for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
     other = [name for name in names if not name.lower().endswith(IMAGE_SUFFIXES + (".csv",))]
     if other:
-        raise DatasetRejected(f"{limits.where} holds files that are not images: {_list(other)}; "
+        raise DatasetRejected(f"{limits.where} holds files that are not images: {problem_list(other)}; "
                               f"accepted image types are {', '.join(IMAGE_SUFFIXES)}")
     if len(images) > limits.max_files:
         raise DatasetRejected(f"{limits.where} holds {len(images)} images; at most {limits.max_files} images "
@@ -137,14 +138,14 @@ def _images_of(names: list[str], limits: Limits) -> list[str]:
     return images
 
 
-def _plan(files: list[tuple[str, int]], limits: Limits) -> set[str]:
+def plan_extraction(files: list[tuple[str, int]], limits: Limits) -> set[str]:
     """The files worth extracting, from (safe path, declared size) pairs, or a refusal; nothing is read yet."""
-    kept = [(name, size) for name, size in files if not _ignored(name)]
+    kept = [(name, size) for name, size in files if not is_ignored(name)]
     _images_of([name for name, _ in kept], limits)
     empty = [name for name, size in kept if size == 0 and name.lower().endswith(IMAGE_SUFFIXES)]
     if empty:
         raise DatasetRejected(f"{len(empty)} image{'s are' if len(empty) > 1 else ' is'} empty (0 bytes): "
-                              f"{_examples(empty)}; an image file cannot be empty, so check how "
+                              f"{some_names(empty)}; an image file cannot be empty, so check how "
                               f"{limits.where} was made")
     total = sum(size for _, size in kept)
     if total > limits.max_total_bytes:
@@ -191,17 +192,17 @@ def _zip_entries_over(archive: Path, limit: int) -> bool:
 
 def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
     if _zip_entries_over(archive, limits.member_limit):
-        _check_member_count(limits.member_limit + 1, limits)
+        check_member_count(limits.member_limit + 1, limits)
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
         raise DatasetRejected(f"the zip archive is corrupt: {exc}") from exc
     with zf:
         infos = zf.infolist()
-        _check_member_count(len(infos), limits)
+        check_member_count(len(infos), limits)
         members = []
         for m in infos:
-            name = _safe_name(m.filename)
+            name = safe_member_name(m.filename)
             if m.is_dir():
                 continue
             mode = m.external_attr >> 16
@@ -212,7 +213,7 @@ def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
                 raise DatasetRejected(f"archive member '{m.filename}' inflates {m.file_size // m.compress_size}x; "
                                       "this looks like a decompression bomb and was refused")
             members.append((m, name))
-        wanted = _plan([(name, m.file_size) for m, name in members], limits)
+        wanted = plan_extraction([(name, m.file_size) for m, name in members], limits)
         written = 0
         for m, name in members:
             if name not in wanted:
@@ -243,19 +244,19 @@ def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
             # one header at a time, so an archive of too many members is refused before it is all read
             while (m := tf.next()) is not None:
                 members.append(m)
-                _check_member_count(len(members), limits)
+                check_member_count(len(members), limits)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DatasetRejected(f"the tar archive is corrupt or truncated: {exc}") from exc
         files = []
         for m in members:
-            name = _safe_name(m.name)
+            name = safe_member_name(m.name)
             if m.issym() or m.islnk():
                 raise DatasetRejected(f"archive member '{m.name}' is a link; links are not accepted")
             if m.isdev() or m.isfifo():
                 raise DatasetRejected(f"archive member '{m.name}' is a device or pipe; only files are accepted")
             if m.isfile():
                 files.append((m, name))
-        wanted = _plan([(name, m.size) for m, name in files], limits)
+        wanted = plan_extraction([(name, m.size) for m, name in files], limits)
         try:
             tf.extractall(dest, members=[m for m, name in files if name in wanted], filter="data")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -263,7 +264,7 @@ def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
 
 
 def _find_labels_csv(root: Path) -> Path | None:
-    csvs = sorted(p for p in root.rglob("*.csv") if p.is_file() and not _ignored(p.relative_to(root).as_posix()))
+    csvs = sorted(p for p in root.rglob("*.csv") if p.is_file() and not is_ignored(p.relative_to(root).as_posix()))
     if not csvs:
         return None
     for preferred in ("labels.csv", "metadata.csv"):
@@ -331,7 +332,7 @@ def _read_labels(csv_path: Path, root: Path, require_labels: bool = True) -> _La
         if too_long:
             problems.append(f"line {line}: {too_long}")
             continue
-        path = _safe_name(posixpath.join(folder, rel))
+        path = safe_member_name(posixpath.join(folder, rel))
         if path in rows.labels:
             problems.append(f"line {line}: '{rel}' is listed twice")
             continue
@@ -339,13 +340,13 @@ def _read_labels(csv_path: Path, root: Path, require_labels: bool = True) -> _La
         rows.written[path] = rel
         rows.extras[path] = {col.strip(): (row.get(col) or "").strip() for col in extra_cols}
     if problems:
-        raise DatasetRejected(f"{csv_path.name} has problems: {_list(problems)}")
+        raise DatasetRejected(f"{csv_path.name} has problems: {problem_list(problems)}")
     return rows
 
 
 def _inside(path: str) -> str | None:
     try:
-        return _safe_name(path)
+        return safe_member_name(path)
     except DatasetRejected:
         return None
 
@@ -362,7 +363,7 @@ def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str], holde
     if missing:
         n = len(missing)
         part = (f"{csv_path.name} lists {n} image{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not in "
-                f"{holder}: {_examples(missing)}. Paths in {csv_path.name} are read relative to the folder that "
+                f"{holder}: {some_names(missing)}. Paths in {csv_path.name} are read relative to the folder that "
                 f"holds it ({where})")
         written = [rows.written[m] for m in missing]
         by_name: dict[str, list[str]] = {}
@@ -380,7 +381,7 @@ def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str], holde
         parts.append(part)
     if unlabelled:
         n = len(unlabelled)
-        parts.append(f"{n} image{'s' if n > 1 else ''} without a label: {_examples(unlabelled)}; add a row "
+        parts.append(f"{n} image{'s' if n > 1 else ''} without a label: {some_names(unlabelled)}; add a row "
                      f"(image,label) for each to {csv_path.name} or remove {'them' if n > 1 else 'it'} from "
                      f"{holder}")
     return ". ".join(parts) if parts else None
@@ -389,7 +390,7 @@ def _mismatch(csv_path: Path, root: Path, rows: _Labels, images: set[str], holde
 def check_metadata_count(columns: list[str], what: str) -> None:
     """Refuse more than MAX_METADATA_COLUMNS metadata columns (``what`` names where they come from)."""
     if len(columns) > MAX_METADATA_COLUMNS:
-        raise DatasetRejected(f"{len(columns)} {what} ({_examples(sorted(columns))}); each would become a metadata "
+        raise DatasetRejected(f"{len(columns)} {what} ({some_names(sorted(columns))}); each would become a metadata "
                               f"column, and a dataset may have at most {MAX_METADATA_COLUMNS}: keep the columns you "
                               "want audited as slices and drop the rest")
 
@@ -441,6 +442,50 @@ def image_problem(path, name: str, max_pixels: int, root: Path | None = None) ->
     return None
 
 
+def _labels_from_folders(image_files: list[str]) -> tuple[dict[str, str], set[str]]:
+    """Each image's class as the name of the folder it sits in (image path -> label), and those folders; a
+    refusal for an image that is not inside a class folder."""
+    labels: dict[str, str] = {}
+    folders: set[str] = set()
+    for f in image_files:
+        parts = f.split("/")
+        if len(parts) < 2:
+            raise DatasetRejected(f"'{f}' is not inside a class folder; put each image in a folder named after "
+                                  "its class, or add a labels.csv with columns image,label (unlabelled "
+                                  "images can be registered for SAE training only)")
+        labels[f] = parts[-2]
+        folders.add(posixpath.dirname(f))
+    return labels, folders
+
+
+def _check_images(root: Path, image_files: list[str], limits: Limits, image_problems=None) -> None:
+    """Refuse the dataset when some of its images cannot be used (see :func:`validate`'s ``image_problems``)."""
+    if image_problems is None:
+        bad = [problem for f in image_files if (problem := image_problem(root / f, f, limits.max_image_pixels, root))]
+    else:
+        bad = image_problems(image_files)
+    if bad:
+        raise DatasetRejected(f"some images cannot be used: {problem_list(bad)}")
+
+
+def _refuse_single_class(csv_path: Path | None, image_files: list[str], folders: set[str],
+                         class_names: list[str]) -> None:
+    """The refusal of a labelled dataset of a single class, saying where that one class came from."""
+    if csv_path is None:
+        where = (f"all {len(image_files)} images sit in '{next(iter(folders))}/'" if len(folders) == 1
+                 else f"every image sits in a folder named '{class_names[0]}'")
+        example = f"{next(iter(folders))}/" if len(folders) == 1 else ""
+        raise DatasetRejected(
+            f"the dataset has a single class ({class_names[0]}): without a labels.csv an image's class is the "
+            f"name of the folder it sits in, and {where}. An audit compares classes: give each class its own "
+            f"folder (e.g. {example}nevus/a.png, {example}melanoma/b.png), or add a labels.csv with columns "
+            "image,label (a single class or unlabelled images can be registered for SAE training only)")
+    raise DatasetRejected(f"the dataset has a single class ({class_names[0]}): {csv_path.name} gives every "
+                          "image the same label. An audit compares classes, so upload images of at least two "
+                          "classes (a single class or unlabelled images can be registered for SAE training "
+                          "only)")
+
+
 def validate(root: Path, limits: Limits, require_labels: bool = True, *, files: list[str] | None = None,
              image_problems=None, sizes: dict[str, int] | None = None) -> ValidatedDataset:
     """Check the extracted files: images decode and are not too large, labels match the files.
@@ -457,7 +502,7 @@ def validate(root: Path, limits: Limits, require_labels: bool = True, *, files: 
     """
     if files is None:
         files = sorted(f for f in (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-                       if not _ignored(f))
+                       if not is_ignored(f))
     image_files = _images_of(files, limits)
     if not image_files:
         raise DatasetRejected("the dataset holds no images")
@@ -473,38 +518,12 @@ def validate(root: Path, limits: Limits, require_labels: bool = True, *, files: 
     elif not require_labels:
         labels = {f: "" for f in image_files}
     else:
-        labels = {}
-        for f in image_files:
-            parts = f.split("/")
-            if len(parts) < 2:
-                raise DatasetRejected(f"'{f}' is not inside a class folder; put each image in a folder named after "
-                                      "its class, or add a labels.csv with columns image,label (unlabelled "
-                                      "images can be registered for SAE training only)")
-            labels[f] = parts[-2]
-            folders.add(posixpath.dirname(f))
-    if image_problems is None:
-        bad = [problem for f in image_files if (problem := image_problem(root / f, f, limits.max_image_pixels, root))]
-    else:
-        bad = image_problems(image_files)
-    if bad:
-        raise DatasetRejected(f"some images cannot be used: {_list(bad)}")
+        labels, folders = _labels_from_folders(image_files)
+    _check_images(root, image_files, limits, image_problems)
     total = sum(sizes[f] if sizes is not None else (root / f).stat().st_size for f in image_files)
     checked = checked_dataset(root, labels, extras, total)
-    class_names = checked.class_names
-    if require_labels and len(class_names) < 2:
-        if csv_path is None:
-            where = (f"all {len(image_files)} images sit in '{next(iter(folders))}/'" if len(folders) == 1
-                     else f"every image sits in a folder named '{class_names[0]}'")
-            example = f"{next(iter(folders))}/" if len(folders) == 1 else ""
-            raise DatasetRejected(
-                f"the dataset has a single class ({class_names[0]}): without a labels.csv an image's class is the "
-                f"name of the folder it sits in, and {where}. An audit compares classes: give each class its own "
-                f"folder (e.g. {example}nevus/a.png, {example}melanoma/b.png), or add a labels.csv with columns "
-                "image,label (a single class or unlabelled images can be registered for SAE training only)")
-        raise DatasetRejected(f"the dataset has a single class ({class_names[0]}): {csv_path.name} gives every "
-                              "image the same label. An audit compares classes, so upload images of at least two "
-                              "classes (a single class or unlabelled images can be registered for SAE training "
-                              "only)")
+    if require_labels and len(checked.class_names) < 2:
+        _refuse_single_class(csv_path, image_files, folders, checked.class_names)
     return checked
 
 

@@ -1,9 +1,12 @@
 """What a project registers before an audit: CLIP models, linear probes, datasets."""
 from __future__ import annotations
 
+import csv
+import io
 import uuid
 
 from django.conf import settings
+from django.core.files.storage import default_storage
 from django.db import models
 
 from audit_service.projects.models import Project
@@ -156,6 +159,20 @@ class Dataset(models.Model):
         if self.source == DatasetSource.FOLDER:
             return f"folder {self.location}, {layout}"
         return "uploaded"
+
+    def table(self) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+        """From the stored labels.csv: (image key relative to the dataset's images/ folder, label) pairs, and
+        metadata column -> one value per image in the same order."""
+        with default_storage.open(f"{self.storage_prefix}/labels.csv", "rb") as fh:
+            rows = list(csv.reader(io.StringIO(fh.read().decode())))
+        header, body = rows[0], rows[1:]
+        where = {c: header.index(c) for c in self.metadata_columns if c in header}
+        metadata = {c: [r[i] for r in body] for c, i in where.items()}
+        return [(r[0], r[1]) for r in body], metadata
+
+    def labels(self) -> list[tuple[str, str]]:
+        """(image key relative to the dataset's images/ folder, label) pairs from the stored labels.csv."""
+        return self.table()[0]
 
 
 class SAEFormat(models.TextChoices):

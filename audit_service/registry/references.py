@@ -30,9 +30,9 @@ from django.core.files.storage import default_storage
 
 from workers.engine import jsonsafe
 
-from .archives import (IMAGE_SUFFIXES, DatasetRejected, Limits, ValidatedDataset, _check_member_count, _examples,
-                       _ignored, _list, _plan, _safe_name, check_metadata_count, checked_dataset, image_problem,
-                       label_problem, metadata_problem, validate)
+from .archives import (IMAGE_SUFFIXES, DatasetRejected, Limits, ValidatedDataset, check_member_count,
+                       check_metadata_count, checked_dataset, image_problem, is_ignored, label_problem, metadata_problem,
+                       plan_extraction, problem_list, safe_member_name, some_names, validate)
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -96,7 +96,7 @@ class S3Source:
             raise DatasetRejected(f"name the prefix in bucket '{bucket}' that holds the dataset (e.g. "
                                   "datasets/lesions)")
         try:
-            prefix = _safe_name(prefix)
+            prefix = safe_member_name(prefix)
         except DatasetRejected as exc:
             raise DatasetRejected(f"'{location}' is not a usable prefix: {exc}") from exc
         if prefix == SERVICE_AREA or prefix.startswith(f"{SERVICE_AREA}/"):
@@ -138,8 +138,8 @@ class S3Source:
                     name = obj["Key"][len(self.location) + 1:]
                     if not name or name.endswith("/"):  # a "folder" marker some tools write
                         continue
-                    out.append((_safe_name(name), obj["Size"]))
-                    _check_member_count(len(out), limits)
+                    out.append((safe_member_name(name), obj["Size"]))
+                    check_member_count(len(out), limits)
             return out
 
         found = self._call("the listing", walk)
@@ -205,7 +205,7 @@ class FolderSource:
             here = Path(folder)
             for name in sorted(dirs + files):
                 rel = (here / name).relative_to(self.root).as_posix()
-                if _ignored(rel):
+                if is_ignored(rel):
                     continue
                 info = os.lstat(here / name)
                 if stat.S_ISLNK(info.st_mode):
@@ -215,14 +215,14 @@ class FolderSource:
                 elif not stat.S_ISDIR(info.st_mode):
                     raise DatasetRejected(f"'{rel}' in {self.describe()} is a device or pipe; only files are "
                                           "accepted")
-                _check_member_count(len(out), limits)
-            dirs[:] = [d for d in dirs if not _ignored(d)]
+                check_member_count(len(out), limits)
+            dirs[:] = [d for d in dirs if not is_ignored(d)]
         if not out:
             raise DatasetRejected(f"{self.describe()} holds no files")
         return sorted(out)
 
     def _path(self, name: str) -> Path:
-        path = self.root / _safe_name(name)
+        path = self.root / safe_member_name(name)
         if not path.resolve().is_relative_to(self.root):  # a folder replaced by a link since the listing
             raise SourceError(f"'{name}' now leads outside {self.describe()}")
         return path
@@ -258,7 +258,7 @@ def open_source(kind: str, location: str):
 def guess_layout(listing: list[tuple[str, int]]) -> str:
     """"webdataset" when every file (besides hidden ones) is a shard (.tar, or a compressed one, which is then
     refused by name), else "files"."""
-    names = [n for n, _ in listing if not _ignored(n)]
+    names = [n for n, _ in listing if not is_ignored(n)]
     return "webdataset" if names and all(n.lower().endswith((SHARD_SUFFIX, *COMPRESSED_SHARDS)) for n in names) \
         else "files"
 
@@ -279,7 +279,7 @@ def check_files(source, listing: list[tuple[str, int]], limits: Limits, require_
     """Image files (+ CSV labels) by reference: the listing is checked as an archive's member list is; the CSV
     files are read; then every image is read once, hashed and decoded, a few at a time. Returns what
     :func:`archives.validate` returns and the manifest's ``objects``."""
-    kept = _plan(listing, limits)
+    kept = plan_extraction(listing, limits)
     sizes = {name: size for name, size in listing if name in kept}
     objects: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -391,13 +391,13 @@ def scan_shard(source, shard: str, limits: Limits, totals: dict, problems: list[
                         raise DatasetRejected(f"shard '{shard}' holds more than {limits.member_limit} members; at "
                                               f"most {limits.member_limit} are accepted per shard "
                                               "(MAX_ARCHIVE_MEMBERS)")
-                    name = _safe_name(member.name)
+                    name = safe_member_name(member.name)
                     where = f"'{shard}/{member.name}'"
                     if member.issym() or member.islnk():
                         raise DatasetRejected(f"shard member {where} is a link; links are not accepted")
                     if member.isdev() or member.isfifo():
                         raise DatasetRejected(f"shard member {where} is a device or pipe; only files are accepted")
-                    if not member.isfile() or _ignored(name):
+                    if not member.isfile() or is_ignored(name):
                         continue
                     key, field = _sample_key(name)
                     sample = samples.setdefault(key, _Sample())
@@ -441,14 +441,14 @@ def check_shards(source, listing: list[tuple[str, int]], limits: Limits, require
                  ) -> tuple[ValidatedDataset, dict, dict]:
     """WebDataset shards by reference, read one after the other. Returns the checked dataset (image ids
     ``SHARD/MEMBER``), the manifest's ``objects`` (per shard) and ``members`` (id -> shard, offset, size)."""
-    names = [n for n, _ in listing if not _ignored(n)]
+    names = [n for n, _ in listing if not is_ignored(n)]
     compressed = [n for n in names if n.lower().endswith(COMPRESSED_SHARDS)]
     if compressed:
-        raise DatasetRejected(f"compressed shards are not read by reference ({_examples(compressed)}): store them as "
+        raise DatasetRejected(f"compressed shards are not read by reference ({some_names(compressed)}): store them as "
                               "plain .tar, WebDataset's usual form, so workers can read single images")
     other = [n for n in names if not n.lower().endswith(SHARD_SUFFIX)]
     if other:
-        raise DatasetRejected(f"{limits.where} holds files that are not WebDataset shards (.tar): {_list(other)}")
+        raise DatasetRejected(f"{limits.where} holds files that are not WebDataset shards (.tar): {problem_list(other)}")
     totals, problems = {"images": 0, "bytes": 0}, []
     objects, members, labels, extras = {}, {}, {}, {}
     unlabelled, imageless = [], []
@@ -467,13 +467,13 @@ def check_shards(source, listing: list[tuple[str, int]], limits: Limits, require
             members[image_id] = [shard, sample.offset, sample.size, sample.sha256]
     if imageless:
         problems.append(f"{len(imageless)} sample{'s have' if len(imageless) > 1 else ' has'} a label but no image "
-                        f"({_examples(imageless)}); images are {', '.join(IMAGE_SUFFIXES)}")
+                        f"({some_names(imageless)}); images are {', '.join(IMAGE_SUFFIXES)}")
     if unlabelled:
         problems.append(f"{len(unlabelled)} image{'s' if len(unlabelled) > 1 else ''} without a label: "
-                        f"{_examples(unlabelled)}; give each sample a .cls file or a .json with \"label\" (unlabelled "
+                        f"{some_names(unlabelled)}; give each sample a .cls file or a .json with \"label\" (unlabelled "
                         "images can be registered for SAE training only)")
     if problems:
-        raise DatasetRejected(f"some samples cannot be used: {_list(problems)}")
+        raise DatasetRejected(f"some samples cannot be used: {problem_list(problems)}")
     if not labels:
         raise DatasetRejected(f"the shards of {limits.where} hold no images")
     keys = sorted({k for meta in extras.values() for k in meta})  # a sample's .json may lack another's keys
@@ -560,7 +560,7 @@ def fetch(dataset, folder: Path, wanted: list[str]) -> list[str]:
             try:
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tf:
                     for member in tf:
-                        if member.isfile() and (name := _safe_name(member.name)) in names:
+                        if member.isfile() and (name := safe_member_name(member.name)) in names:
                             write_atomically(Path(tmp) / name, tf.extractfile(member))
                 reader.drain()
             except (tarfile.TarError, EOFError, zlib.error, DatasetRejected) as exc:

@@ -18,6 +18,8 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from workers.engine import jsonsafe
+from workers.engine import registration as engine
+from workers.engine.errors import EngineError
 
 from .archives import DatasetRejected, Limits, extract, validate
 from .models import (SAE_FILES, ClipModel, Dataset, DatasetLayout, DatasetPurpose, DatasetSource, Probe,
@@ -146,20 +148,15 @@ def _bytes(n: int) -> str:
 
 
 def size_model(architecture: str | None, model_config: dict | None):
-    """The model's :class:`~workers.engine.loading.ModelSize`, counted from its config (nothing is built), or a
-    refusal naming the config key of the wrong type or the setting the model exceeds."""
-    import open_clip
-
-    from workers.engine.errors import EngineError
-    from workers.engine.loading import size_model_config
-
+    """The model's :class:`~workers.engine.model_config.ModelSize`, counted from its config (nothing is built),
+    or a refusal naming the config key of the wrong type or the setting the model exceeds."""
     field = "model_config" if model_config is not None else "architecture"
     if model_config is None:
-        model_config = open_clip.get_model_config(architecture)
+        model_config = engine.model_config_of(architecture)
         if model_config is None:
             raise RegistrationError(f"unknown OpenCLIP architecture '{architecture}'", field="architecture")
     try:
-        size = size_model_config(model_config, builtin=field == "architecture")
+        size = engine.size_model(model_config, builtin=field == "architecture")
     except EngineError as exc:
         message = exc.message if field == "model_config" else f"architecture {architecture}: {exc.message}"
         raise RegistrationError(message, field=field) from exc
@@ -185,37 +182,21 @@ def size_model(architecture: str | None, model_config: dict | None):
 
 
 def _check_layer_and_token(size, layer: int, token: str, config: dict, field: str = "architecture") -> None:
-    from workers.engine.architectures import text_refusal
-    from workers.engine.hooks import unreachable_token
-
-    n_blocks = size.vision_layers
-    if not -n_blocks <= layer < n_blocks:
-        raise RegistrationError(f"layer {layer} does not exist: the vision transformer has {n_blocks} "
-                                f"blocks (use 0..{n_blocks - 1} or -1..-{n_blocks})", field="layer")
-    if token not in ("cls", "spatial"):
-        raise RegistrationError("token must be 'cls' or 'spatial'", field="token")
-    unreachable = unreachable_token(n_blocks, layer, token, size.pool_type)
-    if unreachable:
-        raise RegistrationError(unreachable, field="layer")
-    text = text_refusal(config)
-    if text:  # the text side builds the zero-shot head and the labels (docs/engine.md: "Supported architectures")
-        raise RegistrationError(text, field=field)
+    refusal = engine.layer_and_token_refusal(size, layer, token, config)
+    if refusal:  # the text side builds the zero-shot head and the labels (docs/engine.md: "Supported architectures")
+        at, message = refusal
+        raise RegistrationError(message, field=field if at == "config" else at)
 
 
 def register_model(*, project, user, name: str, architecture: str = "", pretrained_tag: str = "",
                    checkpoint=None, model_config: dict | None = None, layer: int = -1,
                    token: str = "cls") -> ClipModel:
-    import open_clip
-
-    from workers.engine.errors import EngineError
-    from workers.engine.loading import HF_HUB_PREFIX, load_clip
-
     if model_config is not None and architecture:
         raise RegistrationError("give an architecture name or a model config, not both", field="model_config")
     if not architecture and model_config is None:
         raise RegistrationError("name an OpenCLIP architecture (e.g. ViT-B-32) or upload a model config",
                                 field="architecture")
-    if architecture.startswith(HF_HUB_PREFIX):
+    if engine.is_hub_name(architecture):
         return _register_hub_model(project=project, user=user, name=name, architecture=architecture,
                                    pretrained_tag=pretrained_tag, checkpoint=checkpoint, layer=layer, token=token)
     if pretrained_tag and checkpoint is not None:
@@ -228,14 +209,13 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
     size = size_model(architecture or None, model_config)
     n_blocks = size.vision_layers
     _check_layer_and_token(size, layer, token,
-                           model_config if model_config is not None else open_clip.get_model_config(architecture),
+                           model_config if model_config is not None else engine.model_config_of(architecture),
                            field="model_config" if model_config is not None else "architecture")
     sha = ""
     if pretrained_tag:
-        if not open_clip.get_pretrained_cfg(architecture, pretrained_tag):
-            known = ", ".join(open_clip.list_pretrained_tags_by_model(architecture)) or "none"
-            raise RegistrationError(f"'{pretrained_tag}' is not a pretrained tag of {architecture}; known tags: "
-                                    f"{known}", field="pretrained_tag")
+        refusal = engine.pretrained_tag_refusal(architecture, pretrained_tag)
+        if refusal:
+            raise RegistrationError(refusal, field="pretrained_tag")
         sha = _weights_digest(architecture, pretrained_tag, field="pretrained_tag")
     else:
         check_upload_size(checkpoint, "checkpoint")
@@ -243,7 +223,7 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
         with tempfile.TemporaryDirectory() as tmp:
             path, sha = spool_upload(checkpoint, suffix, Path(tmp))
             try:
-                load_clip(architecture or None, checkpoint=path, model_config=model_config)
+                engine.check_checkpoint(architecture or None, path, model_config)
             except EngineError as exc:
                 raise RegistrationError(exc.message, field="checkpoint") from exc
     clip_model = ClipModel(project=project, name=name, architecture=architecture, pretrained_tag=pretrained_tag,
@@ -256,11 +236,8 @@ def register_model(*, project, user, name: str, architecture: str = "", pretrain
 def _weights_digest(architecture: str, pretrained_tag: str = "", *, field: str) -> str:
     """The SHA-256 of the weights a tag or an hf-hub: name resolves to (from MODEL_CACHE_DIR, downloaded when
     online): the registration records exactly which weights its audits use."""
-    from workers.engine.errors import EngineError
-    from workers.engine.loading import weights_file
-
     try:
-        path = weights_file(architecture, pretrained_tag, settings.MODEL_CACHE_DIR)
+        path = engine.weights_file(architecture, pretrained_tag, settings.MODEL_CACHE_DIR)
     except EngineError as exc:
         raise RegistrationError(exc.message, field=field) from exc
     with open(path, "rb") as fh:
@@ -271,18 +248,15 @@ def _register_hub_model(*, project, user, name: str, architecture: str, pretrain
                         layer: int, token: str) -> ClipModel:
     """An open_clip model from the Hugging Face hub (hf-hub:ORG/NAME): its config and weights come from the model
     cache (downloaded when online); the registration records the weights' digest."""
-    from workers.engine.errors import EngineError
-    from workers.engine.loading import resolve_hf_hub
-
     if pretrained_tag or checkpoint is not None:
         raise RegistrationError(f"{architecture} brings its own weights: give no pretrained tag or checkpoint",
                                 field="architecture")
     try:
-        config, _ = resolve_hf_hub(architecture, settings.MODEL_CACHE_DIR)
+        config = engine.hub_model_config(architecture, settings.MODEL_CACHE_DIR)
     except EngineError as exc:
         raise RegistrationError(exc.message, field="architecture") from exc
-    size = size_model(None, config["model_cfg"])
-    _check_layer_and_token(size, layer, token, config["model_cfg"])
+    size = size_model(None, config)
+    _check_layer_and_token(size, layer, token, config)
     sha = _weights_digest(architecture, field="architecture")
     clip_model = ClipModel(project=project, name=name, architecture=architecture, checkpoint_sha256=sha,
                            layer=layer, token=token, created_by=user, embed_dim=size.embed_dim,
@@ -354,38 +328,23 @@ def _read_sae_config(upload, config_name: str) -> dict:
 
 
 def _check_sae(folder: Path, format: str, clip_model: ClipModel):
-    """(description, SAE) of the files in ``folder``, or a refusal naming the field. Everything the config claims
-    is checked before anything is allocated: its sizes, then the weights' tensor shapes read from the file's
-    header (``check_weights``), the bound on the width, the model's width and audited block; only then are the
-    weights read (and refused when not finite)."""
-    from workers.engine.errors import EngineError
-    from workers.engine.sae_formats import check_fits, check_hook, check_weights, describe_sae, load_sae
-
-    try:
-        description = describe_sae(folder, format)
-    except EngineError as exc:
-        raise RegistrationError(exc.message, field="config") from exc
+    """(description, SAE) of the files in ``folder``, or a refusal naming the field (``engine.check_sae``: every
+    size the config claims is checked before anything is allocated)."""
     block = clip_model.layer if clip_model.layer >= 0 else clip_model.n_blocks + clip_model.layer
+    target = engine.SAETarget(
+        width=clip_model.width, block=block, where=f"block {clip_model.layer} of model '{clip_model.name}'",
+        layer_name=f"the audited layer of model '{clip_model.name}' (layer {clip_model.layer})",
+        max_latents=settings.SAE_MAX_LATENTS)
     try:
-        check_weights(folder, description)
-        if description.n_latents > settings.SAE_MAX_LATENTS:
-            raise RegistrationError(f"the SAE has {description.n_latents} latents, over the limit of "
-                                    f"{settings.SAE_MAX_LATENTS} (SAE_MAX_LATENTS)", field="config")
-        check_fits(description, clip_model.width, f"block {clip_model.layer} of model '{clip_model.name}'")
-        check_hook(description, block, f"the audited layer of model '{clip_model.name}' (layer "
-                                       f"{clip_model.layer})")
-        return description, load_sae(folder, format)
-    except EngineError as exc:
-        raise RegistrationError(exc.message, field="weights") from exc
+        return engine.check_sae(folder, format, target)
+    except engine.SAERefused as exc:
+        raise RegistrationError(exc.message, field=exc.field) from exc
 
 
 # --------------------------------------------------------------------------- probes
 
 def register_probe(*, project, user, name: str, clip_model: ClipModel, file, class_names: list | None = None,
                    normalization: str | None = None) -> Probe:
-    from workers.engine.errors import EngineError
-    from workers.engine.heads import LinearProbe
-
     if clip_model.project_id != project.id:
         raise RegistrationError("the model belongs to another project", field="clip_model")
     check_upload_size(file, "probe")
@@ -395,8 +354,8 @@ def register_probe(*, project, user, name: str, clip_model: ClipModel, file, cla
     with tempfile.TemporaryDirectory() as tmp:
         path, sha = spool_upload(file, suffix, Path(tmp))
         try:
-            probe = LinearProbe.load(path, class_names=class_names or None, normalization=normalization or None)
-            probe.check_fits(clip_model.embed_dim)
+            probe = engine.check_probe(path, class_names=class_names, normalization=normalization,
+                                       embed_dim=clip_model.embed_dim)
         except EngineError as exc:
             raise RegistrationError(exc.message, field="file") from exc
     record = Probe(project=project, clip_model=clip_model, name=name, sha256=sha,
@@ -404,6 +363,31 @@ def register_probe(*, project, user, name: str, clip_model: ClipModel, file, cla
                    created_by=user)
     _save_with_file(record, record.file, file)
     return record
+
+
+def add_probe_version(parent: Probe, path: Path, *, note: str, user) -> Probe:
+    """Register the probe file at ``path`` (made from ``parent``, e.g. corrected) as the next version of
+    ``parent``: the same model, classes and normalization, named "<first version's name> v<n> (<note>)".
+
+    Called inside the caller's transaction. The file is stored before the row and removed if the row is not
+    written; a caller whose transaction fails later removes ``probe.file`` itself."""
+    root = parent
+    while root.parent_id:
+        root = root.parent
+    version = parent.version + 1  # a version of the probe it was made from (several corrections: siblings)
+    with open(path, "rb") as fh:
+        digest = sha256_of(fh)
+    probe = Probe(project=parent.project, clip_model=parent.clip_model, name=f"{root.name} v{version} ({note})",
+                  sha256=digest, class_names=parent.class_names, normalization=parent.normalization,
+                  embed_dim=parent.embed_dim, parent=parent, version=version, created_by=user)
+    with open(path, "rb") as fh:
+        probe.file.save(path.name, File(fh), save=False)
+    try:
+        probe.save()
+    except Exception:
+        probe.file.storage.delete(probe.file.name)
+        raise
+    return probe
 
 
 # --------------------------------------------------------------------------- datasets
@@ -541,19 +525,3 @@ def register_dataset_by_reference(*, project, user, name: str, source: str, loca
         for key in stored:
             default_storage.delete(key)
         raise
-
-
-def dataset_table(dataset: Dataset) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-    """From the stored labels.csv: (image key relative to the dataset's images/ folder, label) pairs, and
-    metadata column -> one value per image in the same order."""
-    with default_storage.open(f"{dataset.storage_prefix}/labels.csv", "rb") as fh:
-        rows = list(csv.reader(io.StringIO(fh.read().decode())))
-    header, body = rows[0], rows[1:]
-    where = {c: header.index(c) for c in dataset.metadata_columns if c in header}
-    metadata = {c: [r[i] for r in body] for c, i in where.items()}
-    return [(r[0], r[1]) for r in body], metadata
-
-
-def dataset_labels(dataset: Dataset) -> list[tuple[str, str]]:
-    """(image key relative to the dataset's images/ folder, label) pairs from the stored labels.csv."""
-    return dataset_table(dataset)[0]

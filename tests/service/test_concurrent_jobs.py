@@ -14,7 +14,6 @@ from django.db import connections
 from rest_framework.test import APIClient
 
 from audit_service.audits.models import Audit, Correction, Explanation, Status
-from audit_service.registry.services import dataset_labels
 
 from .test_corrections import audited, probe_flag, queue  # noqa: F401 (fixtures)
 
@@ -74,7 +73,7 @@ def test_simultaneous_jobs_never_exceed_the_projects_room(audited, users, projec
     assert Correction.objects.count() == LIMIT
     Correction.objects.update(status=Status.CANCELLED)
 
-    item = dataset_labels(audited.dataset)[0][0]
+    item = audited.dataset.labels()[0][0]
     codes = at_once(member, "post", f"/api/v1/audits/{audited.pk}/explain/", {"item": item})
 
     assert codes == [201] * LIMIT + [400] * (AT_ONCE - LIMIT), codes

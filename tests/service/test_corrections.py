@@ -2,9 +2,10 @@
 import pytest
 from django.conf import settings
 
-from audit_service.audits.corrections import RUN_CORRECTION_TASK, create_correction, finish_after_reaudit
-from audit_service.audits.models import Audit, Correction, Flag, Latent, Review, Status, Verdict
-from audit_service.audits.services import RUN_AUDIT_TASK, create_audit
+from audit_service.audits import corrections
+from audit_service.audits.corrections import CORRECTION, create_correction, finish_after_reaudit
+from audit_service.audits.models import Audit, Correction, Flag, Latent, Review, Status, Verdict, audit_finished
+from audit_service.audits.services import AUDIT, create_audit
 from audit_service.registry.models import Probe
 from audit_service.registry.services import RegistrationError, register_dataset
 from workers import corrections as correction_tasks
@@ -62,10 +63,10 @@ def test_a_correction_writes_a_new_probe_version_proves_it_and_reaudits_it_on_th
     with django_capture_on_commit_callbacks(execute=True):
         correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk],
                                        options={"directions": "removal"})
-    assert queue == [(RUN_CORRECTION_TASK, correction.pk)] and correction.status == Status.QUEUED
+    assert queue == [(CORRECTION.task, correction.pk)] and correction.status == Status.QUEUED
     correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
     assert correction.status == Status.SUCCEEDED, correction.error
-    assert (RUN_AUDIT_TASK, correction.reaudit_id) in queue
+    assert (AUDIT.task, correction.reaudit_id) in queue
 
     # lineage: a version of the audited probe, of its format, registered in the project
     new = correction.new_probe
@@ -214,7 +215,7 @@ def test_an_engine_error_fails_the_correction_and_leaves_no_probe_or_files(audit
 
 def test_a_failed_registration_removes_the_written_probe_file(audited, users, queue, monkeypatch, media):
     correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
-    monkeypatch.setattr(correction_tasks.Audit.objects, "create",
+    monkeypatch.setattr(Audit.objects, "create",
                         lambda **kw: (_ for _ in ()).throw(RuntimeError("database went away")))
     before = {p for p in media.rglob("*") if p.is_file()}
     correction_tasks.run_correction.apply(args=[correction.pk])
@@ -241,8 +242,11 @@ def test_a_failed_reaudit_fails_the_correction_and_the_reaper_answers_one_it_mis
     correction.refresh_from_db()
     reaudit = correction.reaudit
     # the re-audit's worker failed it but died before its commit callback told the correction
-    monkeypatch.setattr("audit_service.audits.corrections.finish_after_reaudit", lambda pk: None)
-    reaudit.fail("out of memory")
+    audit_finished.disconnect(corrections._answer_waiting_corrections)
+    try:
+        reaudit.fail("out of memory")
+    finally:
+        audit_finished.connect(corrections._answer_waiting_corrections)
     assert Correction.objects.get(pk=correction.pk).status == Status.RUNNING
     done = tasks.reap_stale_audits()
     assert done["corrections"]["answered"] == [correction.pk]

@@ -21,7 +21,7 @@ from audit_service.audits.models import Audit, AuditShard, Status
 from audit_service.audits.services import create_audit
 from audit_service.registry import references
 from audit_service.registry.models import Dataset
-from audit_service.registry.services import RegistrationError, dataset_labels, register_dataset_by_reference
+from audit_service.registry.services import RegistrationError, register_dataset_by_reference
 from tests.engine.conftest import assert_same_answer
 from workers import tasks
 from workers.engine.explain import flag_image_keys
@@ -146,7 +146,7 @@ def test_datasets_by_s3_prefix_are_read_once_and_workers_read_only_the_shards_th
     assert sorted(bucket_keys(by_shards.storage_prefix)) == [f"{by_shards.storage_prefix}/{name}"
                                                              for name in ("labels.csv", "manifest.json")]
     # each worker copied the images its steps needed, out of the shards holding them, and no other shard
-    ids = [image_id for image_id, _ in dataset_labels(by_shards)]
+    ids = [image_id for image_id, _ in by_shards.labels()]
     wanted = {name: set() for name in by_group.values()}
     for name, r in rows:
         wanted[name] |= set(ids[r.start:r.start + r.count]) if r.stage == "extract" else \

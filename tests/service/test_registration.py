@@ -108,9 +108,8 @@ def test_a_dataset_archive_is_counted_validated_and_stored(client_for, project, 
     assert body["n_images"] == 10
     assert body["class_counts"] == {"melanoma": 5, "nevus": 5}
     dataset = Dataset.objects.get()
-    from audit_service.registry.services import dataset_labels
 
-    assert len(dataset_labels(dataset)) == 10
+    assert len(dataset.labels()) == 10
 
 
 def test_a_single_class_dataset_is_refused_and_leaves_nothing(client_for, project, tmp_path, media):
@@ -166,8 +165,6 @@ def expected_metadata(n: int = 24) -> dict:
 def test_metadata_columns_of_labels_csv_are_kept_and_free_text_is_dropped(client_for, project, tmp_path):
     from django.core.files.storage import default_storage
 
-    from audit_service.registry.services import dataset_table
-
     archive = _metadata_zip(tmp_path / "d.zip")
     response = client_for("member").post("/api/v1/datasets/", {"project": project.id, "name": "d",
                                                                "archive": upload(archive)}, format="multipart")
@@ -180,7 +177,7 @@ def test_metadata_columns_of_labels_csv_are_kept_and_free_text_is_dropped(client
         lines = fh.read().decode().splitlines()
     assert lines[0] == "image,label,a ruler,site"
     assert lines[1] == "images/000.png,nevus,1,back" and lines[3] == "images/002.png,nevus,0,"
-    rows, metadata = dataset_table(dataset)
+    rows, metadata = dataset.table()
     assert [rel for rel, _ in rows] == [f"images/{i:03d}.png" for i in range(24)]
     assert metadata == expected_metadata()
     listed = client_for("viewer").get(f"/api/v1/datasets/{dataset.pk}/").json()
@@ -231,9 +228,8 @@ def test_an_unlabelled_archive_registers_only_for_sae_training(client_for, proje
     body = response.json()
     assert (body["purpose"], body["n_images"], body["class_names"], body["class_counts"]) == (
         "sae_training", 6, [], {})
-    from audit_service.registry.services import dataset_labels
 
-    assert dataset_labels(Dataset.objects.get()) == [(f"{folder}img-{i:03d}.png", "") for i in range(6)]
+    assert Dataset.objects.get().labels() == [(f"{folder}img-{i:03d}.png", "") for i in range(6)]
 
 
 def test_an_unknown_dataset_purpose_is_refused(client_for, project, tmp_path):

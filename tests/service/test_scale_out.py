@@ -18,7 +18,6 @@ from django.core.files.storage import default_storage
 
 from audit_service.audits.models import Audit, AuditShard, Status
 from audit_service.audits.services import create_audit
-from audit_service.registry.services import dataset_labels
 from tests.engine.conftest import assert_same_answer
 from workers import tasks
 from workers.engine.explain import flag_image_keys
@@ -130,7 +129,7 @@ def test_an_audit_over_three_workers_gives_the_answer_of_one_worker_and_of_one_t
         wait(lambda: not any(k.startswith(f"{prefix}/work/") for k in bucket_keys(prefix)), 60,
              "the intermediate files to be removed", logs)
         by_group = {w.pid: f"w{i}" for i, w in enumerate(workers, 1)}
-        keys = [key for key, _ in dataset_labels(audit.dataset)]
+        keys = [key for key, _ in audit.dataset.labels()]
         wanted = {name: set() for name in by_group.values()}  # images each worker needed
         for r in AuditShard.objects.filter(audit=audit, stage__in=["extract", "label"]):
             name = by_group[os.getpgid(int(r.worker_host.rpartition(":")[2]))]
