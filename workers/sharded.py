@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from functools import partial
 
 from celery import chord, group, shared_task
 from django.conf import settings
 from django.db import OperationalError, transaction
 
+from audit_service.audits.jobs import job_kind
 from audit_service.audits.liveness import worker_identity
 from audit_service.audits.models import Audit, AuditShard, ShardStatus, Status, store_result
 from workers.engine import pipeline
@@ -37,9 +39,11 @@ from workers.engine.activations import ActivationStore, assemble_store, extract_
 from workers.engine.config import AuditConfig
 from workers.engine.hooks import check_token_reaches_output
 from workers.engine.loading import resolve_device
-from workers.engine.explain import flag_image_keys
+from workers.engine.data import ImageSet
+from workers.engine.heads import LinearProbe
+from workers.engine.loading import ClipBundle
 from workers.engine.sae import TopKSAE
-from workers.engine.stages import STAGE_NAMES, STAGES
+from workers.engine.stages import ATTRIBUTE, CONFIRM, EXTRACT, FINISH, LABEL, STAGE_NAMES, STAGES, TRAIN_SAE
 from workers.inputs import (dataset_folder, load_inputs, load_registered_sae, load_sae_images, registered_sae_facts,
                             sae_dataset_facts)
 from workers.steps import run_step, stop
@@ -56,12 +60,27 @@ SAE_FILES = SAE_ARTIFACTS
 
 
 # --------------------------------------------------------------------------- inputs, cached per worker process
-_CACHE: dict = {}
+@dataclass
+class Inputs:
+    """What every step of one audit reads: model, probe, config, device and the prepared images; its SAE's
+    attribution context once the SAE exists (``context``)."""
+
+    audit_id: int
+    bundle: ClipBundle
+    probe: LinearProbe
+    config: AuditConfig
+    device: object
+    images: ImageSet
+    ctx: pipeline.AuditContext | None = None
 
 
-def _inputs(audit) -> dict:
-    """Model, probe, prepared images, config and device of an audit, loaded once per worker process."""
-    if _CACHE.get("audit") != audit.pk:
+_CACHE: dict[str, Inputs] = {}
+
+
+def _inputs(audit) -> Inputs:
+    """The audit's inputs, loaded once per worker process (the last audit's are kept)."""
+    cached = _CACHE.get("inputs")
+    if cached is None or cached.audit_id != audit.pk:
         _CACHE.clear()
         bundle, probe, dataset = load_inputs(audit, fetch_images=False)  # images: per shard, in _extract
         config = AuditConfig.from_dict(audit.config)
@@ -69,20 +88,20 @@ def _inputs(audit) -> dict:
         check_token_reaches_output(bundle.model.visual, config.layer, config.token)
         device = resolve_device(config.device)
         bundle.model.to(device)
-        _CACHE.update(audit=audit.pk, bundle=bundle, probe=probe, config=config, device=device,
-                      images=pipeline.prepare_images(bundle, probe, dataset))
-    return _CACHE
+        _CACHE["inputs"] = Inputs(audit.pk, bundle, probe, config, device,
+                                  pipeline.prepare_images(bundle, probe, dataset))
+    return _CACHE["inputs"]
 
 
-def _context(audit, work: SharedWork):
+def _context(audit, work: SharedWork) -> pipeline.AuditContext:
     """The attribution context (SAE, heads, methods) once the SAE exists."""
     c = _inputs(audit)
-    if "ctx" not in c:
+    if c.ctx is None:
         for rel in SAE_FILES:
             work.pull(rel)
-        sae = TopKSAE.load(work.path("sae"), c["device"]).eval().requires_grad_(False)
-        c["ctx"] = pipeline.AuditContext.build(c["config"], c["bundle"], c["probe"], sae, c["device"])
-    return c["ctx"]
+        sae = TopKSAE.load(work.path("sae"), c.device).eval().requires_grad_(False)
+        c.ctx = pipeline.AuditContext.build(c.config, c.bundle, c.probe, sae, c.device)
+    return c.ctx
 
 
 def _store(audit, work: SharedWork, files: tuple = (), indices=()) -> ActivationStore:
@@ -200,11 +219,13 @@ def _reduce(task, audit_id: int, attempt: int, step: str, body) -> str:
 
 
 # --------------------------------------------------------------------------- the step bodies
+# Each runs one step of a stage with the engine's body of that stage (workers.engine.pipeline), reading and writing
+# the hand-offs between stages in the shared work folder.
 def _extract(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
-    dataset_folder(audit.dataset, only=c["images"].ids[row.start:row.start + row.count])  # S3: this shard's images
-    meta = extract_shard(c["bundle"], c["images"], work.path("activations"), row.index, row.start, row.count,
-                         progress=progress, **pipeline.extract_kwargs(c["config"], c["device"]))
+    dataset_folder(audit.dataset, only=c.images.ids[row.start:row.start + row.count])  # S3: this shard's images
+    meta = extract_shard(c.bundle, c.images, work.path("activations"), row.index, row.start, row.count,
+                         progress=progress, **pipeline.extract_kwargs(c.config, c.device))
     for name in ("acts", "emb", "labels", "patches", "done"):  # the done marker last
         if meta.get(name):  # patches: only a CLS-only cache keeps them for training
             work.push(f"activations/{meta[name]}")
@@ -214,24 +235,21 @@ def _train_sae(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
     # a reused or registered SAE needs no training images
     sae_images = None if audit.sae_from_id or audit.sae_id else load_sae_images(audit)
-    if sae_images is None:
-        store = _store(audit, work, files=("acts", "emb", "patches"), indices=range(audit.shards))
-        train_progress = progress
-    else:
-        # the SAE's own dataset is extracted here, by this one worker (only this step reads its activations),
-        # into its scratch folder (a new attempt on the same host resumes from the finished extraction shards)
-        folder = settings.AUDIT_WORK_DIR / f"audit-{audit.pk}" / "sae_activations"
-        store, train_progress = pipeline.extract_sae_images(c["bundle"], sae_images, folder, c["config"],
-                                                            c["device"], progress)
-    if audit.sae_from_id:  # fit_sae finds the earlier audit's SAE in the folder and reuses it
+    # the SAE's own dataset is extracted by this one worker (only this step reads its activations) into its
+    # scratch folder (a new attempt on the same host resumes from the finished extraction shards)
+    scratch = job_kind("audit").workdir(audit.pk) / "sae_activations"
+    store = None if sae_images is not None else _store(audit, work, files=("acts", "emb", "patches"),
+                                                       indices=range(audit.shards))
+    if audit.sae_from_id:  # train_stage finds the earlier audit's SAE in the folder and reuses it
         fetch_sae(audit.sae_from, work.path("sae"))
-    registered = load_registered_sae(audit.sae, c["device"]) if audit.sae_id else None  # measured, not trained
-    pipeline.fit_sae(store, c["config"], work.path("sae"), c["device"], train_progress, registered)
+    registered = load_registered_sae(audit.sae, c.device) if audit.sae_id else None  # measured, not trained
+    pipeline.train_stage(c.bundle, store, c.config, work.path("sae"), c.device, progress, sae=registered,
+                         sae_images=sae_images, scratch=scratch)
     for rel in [*SAE_FILES, *dictionary_artifacts(work.path())]:
         work.push(rel)
     work.write_json("dictionaries.json", dictionary_artifacts(work.path()))
     if sae_images is not None:
-        shutil.rmtree(store.folder, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _attribute(audit, row, progress) -> None:
@@ -248,44 +266,37 @@ def _label(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
     # the activations too: the other dictionaries read them to vote on the flags
     store = _store(audit, work, files=("acts", "emb"), indices=range(audit.shards))
-    ctx = _context(audit, work)
-    merged = pipeline.merge_partials([pipeline.load_partial(work.pull(f"attribution/partial-{i:05d}.npz"))
-                                      for i in range(audit.shards)])
-    labelled = pipeline.label_latents(ctx, store, c["images"], merged)
+    partials = [pipeline.load_partial(work.pull(f"attribution/partial-{i:05d}.npz")) for i in range(audit.shards)]
     for rel in work.read_json("dictionaries.json"):
         work.pull(rel)
-    voters = pipeline.load_others(work.path("sae"), c["config"], c["device"])
-    others = pipeline.flags_of_others(ctx, store, c["images"], voters, vocab=labelled.vocab)
-    result, amounts = pipeline.summarize(ctx, store, c["images"], merged, labelled,
-                                         work.read_json("sae/metrics.json"), work.path(), others)
-    if c["config"].heatmaps:  # the images the flags' cards show: downloaded alone with remote storage
-        dataset_folder(audit.dataset, only=flag_image_keys(result.flags))
-        pipeline.attach_flag_heatmaps(ctx, c["images"], result.flags, c["config"].batch_size)
+    voters = pipeline.load_others(work.path("sae"), c.config, c.device)
+    # the images the flags' cards show: downloaded alone with remote storage
+    draft = pipeline.label_stage(_context(audit, work), store, c.images, partials, work.read_json("sae/metrics.json"),
+                                 work.path(), voters=voters,
+                                 fetch_images=lambda keys: dataset_folder(audit.dataset, only=keys))
     work.push("relevance.npz")
-    work.write_json("draft.json", {"result": result.to_dict(), "amounts": amounts})
-    if not (c["config"].causal and result.flags):  # nothing to confirm: the confirm shards have no work
-        audit.skip("confirm")
+    work.write_json("draft.json", draft.to_dict())
+    if not draft.needs_confirmation(c.config):  # the confirm shards have no work
+        audit.skip(CONFIRM)
 
 
 def _confirm(audit, row, progress) -> None:
     work = SharedWork(audit)
-    draft = work.read_json("draft.json")
+    draft = pipeline.Draft.from_dict(work.read_json("draft.json"))
     store = _store(audit, work, files=("acts", "emb"), indices=[row.index])
-    stats = pipeline.confirm_shard(_context(audit, work), store, draft["result"]["flags"], draft["amounts"],
+    stats = pipeline.confirm_shard(_context(audit, work), store, draft.result.flags, draft.amounts,
                                    row.start, row.count, progress)
     work.write_json(f"confirm/stats-{row.index:05d}.json", stats)
 
 
 def _finish(audit, row, progress) -> None:
     c, work = _inputs(audit), SharedWork(audit)
-    draft = work.read_json("draft.json")
-    result = draft["result"]
+    draft = pipeline.Draft.from_dict(work.read_json("draft.json"))
     stats = None
-    if c["config"].causal and result["flags"]:
-        stats = pipeline.merge_confirmations([work.read_json(f"confirm/stats-{i:05d}.json")
-                                              for i in range(audit.shards)])
-    pipeline.apply_confirmation(result["flags"], stats, draft["amounts"], c["config"])
-    rows = list(audit.shard_steps.exclude(stage="finish"))
+    if draft.needs_confirmation(c.config):
+        stats = [work.read_json(f"confirm/stats-{i:05d}.json") for i in range(audit.shards)]
+    result = pipeline.confirm_stage(draft, stats, c.config).to_dict()
+    rows = list(audit.shard_steps.exclude(stage=FINISH))
     timings = {}
     for r in rows:  # worker-seconds per engine stage, summed over shards
         timings[r.stage] = timings.get(r.stage, 0.0) + r.seconds
@@ -321,38 +332,38 @@ _REDUCE_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, ma
 @shared_task(name="workers.sharded.extract_shard", **_SHARD_OPTIONS)
 def extract_shard_task(self, audit_id: int, index: int) -> str:
     """Extract the activations of one shard of images and write them to the media store."""
-    return _run_step(self, audit_id, "extract", index, _extract)
+    return _run_step(self, audit_id, EXTRACT, index, _extract)
 
 
 @shared_task(name="workers.sharded.attribute_shard", **_SHARD_OPTIONS)
 def attribute_shard_task(self, audit_id: int, index: int) -> str:
     """Attribution, reference tracking and deletion curves of one shard; a partial for the reduce step."""
-    return _run_step(self, audit_id, "attribute", index, _attribute)
+    return _run_step(self, audit_id, ATTRIBUTE, index, _attribute)
 
 
 @shared_task(name="workers.sharded.confirm_shard", **_SHARD_OPTIONS)
 def confirm_shard_task(self, audit_id: int, index: int) -> str:
     """Ablation and insertion counts of every flag on one shard."""
-    return _run_step(self, audit_id, "confirm", index, _confirm)
+    return _run_step(self, audit_id, CONFIRM, index, _confirm)
 
 
 @shared_task(name="workers.sharded.train_sae", **_REDUCE_OPTIONS)
 def train_sae_task(self, audit_id: int, attempt: int) -> str:
     """Join the activation shards and train the SAE once on the pooled activations."""
-    return _reduce(self, audit_id, attempt, "train_sae", _train_sae)
+    return _reduce(self, audit_id, attempt, TRAIN_SAE, _train_sae)
 
 
 @shared_task(name="workers.sharded.label", **_REDUCE_OPTIONS)
 def label_task(self, audit_id: int, attempt: int) -> str:
     """Merge the attribution partials; label latents; find flags."""
-    return _reduce(self, audit_id, attempt, "label", _label)
+    return _reduce(self, audit_id, attempt, LABEL, _label)
 
 
 @shared_task(name="workers.sharded.finish", **_REDUCE_OPTIONS)
 def finish_task(self, audit_id: int, attempt: int) -> str:
     """Sum the confirmation counts, store the result and the artifacts, remove the intermediate files."""
-    return _reduce(self, audit_id, attempt, "finish", _finish)
+    return _reduce(self, audit_id, attempt, FINISH, _finish)
 
 
-SHARD_TASKS = {"extract": extract_shard_task, "attribute": attribute_shard_task, "confirm": confirm_shard_task}
-REDUCE_TASKS = {"train_sae": train_sae_task, "label": label_task, "finish": finish_task}
+SHARD_TASKS = {EXTRACT: extract_shard_task, ATTRIBUTE: attribute_shard_task, CONFIRM: confirm_shard_task}
+REDUCE_TASKS = {TRAIN_SAE: train_sae_task, LABEL: label_task, FINISH: finish_task}

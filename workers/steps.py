@@ -17,16 +17,12 @@ from django.db import OperationalError, connection
 from audit_service.audits.liveness import worker_identity
 from audit_service.audits.models import AuditShard, IllegalTransition, Job, Status
 from workers.engine.errors import AuditCancelled, EngineError, is_gpu_out_of_memory, is_out_of_memory, watched_by
-from workers.engine.stages import overall_percent
+from workers.engine.stages import LOADING, STAGE_BY_NAME, memory_advice, overall_percent
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 30  # after a transient engine error
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # what sizes each stage's memory: the message of a task that ran out of it says what to lower
-MEMORY_ADVICE = {"loading": "use a smaller model", "extract": "lower batch_size",
-                 "train_sae": "lower sae.batch_size or sae.n_latents",
-                 "attribute": "lower batch_size, faithfulness_steps or n_references",
-                 "label": "lower faithfulness_steps or n_references", "confirm": "lower batch_size"}
 
 
 class OutOfMemory(EngineError):
@@ -62,8 +58,8 @@ class Progress:
     ``write_percent=False`` (one shard of a sharded audit: the shards' rows carry the percent) only checks.
     """
 
-    def __init__(self, audit: Job, write_percent: bool = True, stage: str = "loading", percent=overall_percent):
-        self.audit = audit  # the job: an audit, or a correction (``percent``: its stages' weights)
+    def __init__(self, job: Job, write_percent: bool = True, stage: str = LOADING, percent=overall_percent):
+        self.job = job  # the job: an job, or a correction (``percent``: its stages' weights)
         self.percent = percent
         self.write_percent = write_percent
         self.last = 0.0  # when the percent was written
@@ -84,7 +80,7 @@ class Progress:
             return
         self.last = now
         if self.write_percent:
-            self.audit.mark_running(stage, self.percent(stage, done, total))
+            self.job.mark_running(stage, self.percent(stage, done, total))
 
     def checkpoint(self) -> None:
         """The engine's long loops call this between their iterations (``workers.engine.errors.checkpoint``)."""
@@ -103,7 +99,7 @@ class Progress:
                               "SAE, a faster worker, or raise the limit")
         if force_poll or now - self.polled >= settings.AUDIT_PROGRESS_EVERY_SECONDS:
             self.polled = now
-            if self.audit.cancel_was_requested():
+            if self.job.cancel_was_requested():
                 raise AuditCancelled()
 
     def reserve(self, nbytes: int, what: str) -> None:
@@ -115,8 +111,8 @@ class Progress:
 
     def out_of_memory(self, what: str, remedy: str = " or raise WORKER_TASK_MEMORY_MB") -> OutOfMemory:
         """The error of a task that ran out of memory: what happened, where, and which option to lower."""
-        advice = MEMORY_ADVICE.get(self.stage, "lower sae.batch_size / batch_size")
-        return OutOfMemory(f"the {self.audit.noun} {what} at stage '{self.stage}'; {advice}{remedy}")
+        advice = memory_advice(self.stage)
+        return OutOfMemory(f"the {self.job.noun} {what} at stage '{self.stage}'; {advice}{remedy}")
 
     def allocation_failed(self, exc: BaseException) -> OutOfMemory:
         """An allocation torch, numpy or Python refused (the machine's or the GPU's memory, not the ceiling)."""
@@ -199,51 +195,51 @@ def claim_delivery(job: Job | None, noun: str, pk: int) -> bool:
     return True
 
 
-def stop(audit: Job, clean, *, cancelled: bool = False, reason: str = "") -> None:
-    """Fail or cancel the audit (whichever worker gets there first); ``clean()`` removes its files once it is
+def stop(job: Job, clean, *, cancelled: bool = False, reason: str = "") -> None:
+    """Fail or cancel the job (whichever worker gets there first); ``clean()`` removes its files once it is
     failed or cancelled (not when it moved on meanwhile, e.g. requeued for another attempt)."""
-    audit.refresh_from_db()
+    job.refresh_from_db()
     try:
-        if not audit.is_finished:
-            audit.confirm_cancelled() if cancelled else audit.fail(reason)
+        if not job.is_finished:
+            job.confirm_cancelled() if cancelled else job.fail(reason)
     except IllegalTransition:
-        audit.refresh_from_db()
-    if audit.status in (Status.FAILED, Status.CANCELLED):
+        job.refresh_from_db()
+    if job.status in (Status.FAILED, Status.CANCELLED):
         clean()
 
 
-def run_step(task, audit: Job, body, clean=lambda: None, row: AuditShard | None = None,
+def run_step(task, job: Job, body, clean=lambda: None, row: AuditShard | None = None,
              percent=overall_percent) -> str:
-    """Run ``body(progress)`` for a claimed audit (``row`` None) or a claimed step ``row`` of it, with a heartbeat.
+    """Run ``body(progress)`` for a claimed job (``row`` None) or a claimed step ``row`` of it, with a heartbeat.
 
     The engine's checkpoints inside ``body`` answer to ``progress`` (cancellation, time limit, memory ceiling).
-    Cancelled: the audit is cancelled. A permanent EngineError fails it with the engine's message; a transient
-    one retries the task (the audit or row released for the retry), and fails it once the task's retries are
+    Cancelled: the job is cancelled. A permanent EngineError fails it with the engine's message; a transient
+    one retries the task (the job or row released for the retry), and fails it once the task's retries are
     used up. A database error releases it and is raised again (the tasks autoretry it). An allocation that
     failed (CPU or GPU) fails it saying which option to lower, and the memory is given back so that this
-    process takes its next task. Anything else is a bug: the audit fails with "internal error". Returns
+    process takes its next task. Anything else is a bug: the job fails with "internal error". Returns
     "done", "cancelled" or "failed".
     """
-    claimed = row or audit
-    where = f"{row.stage} shard {row.index}" if row else f"the {audit.noun}"
+    claimed = row or job
+    where = f"{row.stage} shard {row.index}" if row else f"the {job.noun}"
     heartbeat = Heartbeat(claimed)
     heartbeat.start()
     # the time limit and cancellation for every step; the percent only where no rows carry it
-    progress = Progress(audit, write_percent=row is None or row.stage == "train_sae",
-                        stage=row.stage if row else "loading", percent=percent)
+    progress = Progress(job, write_percent=row is None or not STAGE_BY_NAME[row.stage].per_shard,
+                        stage=row.stage if row else LOADING, percent=percent)
     ran_out = False
     try:
         with watched_by(progress):
             body(progress)
     except AuditCancelled:
-        stop(audit, clean, cancelled=True)
+        stop(job, clean, cancelled=True)
         return "cancelled"
     except EngineError as exc:
         ran_out = isinstance(exc, OutOfMemory)
         if exc.permanent:
-            stop(audit, clean, reason=exc.message)
+            stop(job, clean, reason=exc.message)
         elif task.request.retries >= task.max_retries:
-            stop(audit, clean, reason=f"{exc.message} ({where} failed {task.max_retries + 1} times)")
+            stop(job, clean, reason=f"{exc.message} ({where} failed {task.max_retries + 1} times)")
         else:
             claimed.release()
             raise task.retry(exc=exc, countdown=RETRY_SECONDS)
@@ -254,11 +250,11 @@ def run_step(task, audit: Job, body, clean=lambda: None, row: AuditShard | None 
     except Exception as exc:  # a bug or an unexpected input: fail loudly rather than hang
         if is_out_of_memory(exc):
             ran_out = True
-            log.warning("%s: %s ran out of memory: %s", audit, where, exc)
-            stop(audit, clean, reason=progress.allocation_failed(exc).message)
+            log.warning("%s: %s ran out of memory: %s", job, where, exc)
+            stop(job, clean, reason=progress.allocation_failed(exc).message)
             return "failed"
-        log.exception("%s: %s failed", audit, where)
-        stop(audit, clean, reason=f"internal error{'' if row is None else f' in {where}'}: {type(exc).__name__}: "
+        log.exception("%s: %s failed", job, where)
+        stop(job, clean, reason=f"internal error{'' if row is None else f' in {where}'}: {type(exc).__name__}: "
                                   f"{exc}")
         return "failed"
     finally:

@@ -2,7 +2,10 @@
 
 The stages run here in the order ``workers.engine.stages`` declares; each stage's work lives in its own module:
 activations (extract), sae (train_sae), partials (attribute), labelling and summary (label), confirmation (confirm).
-The sharded workers call the same functions stage by stage.
+The stage bodies are written once, here: ``train_stage``, ``attribute_shard`` (one shard), ``label_stage``,
+``confirm_shard`` (one shard) and ``confirm_stage``. ``run_audit`` runs them in one process, shard after shard;
+the sharded workers (``workers.sharded``) run the same bodies on many, handing over the typed values between
+stages through files (the activation store, the SAE's folder, ``Partial``, ``Draft``).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +27,7 @@ from .confirmation import apply_confirmation, confirm_shard, merge_confirmations
 from .context import AuditContext
 from .data import ImageSet
 from .errors import EngineError
-from .explain import attach_flag_heatmaps
+from .explain import attach_flag_heatmaps, flag_image_keys
 from .heads import LinearProbe
 from .hooks import check_token_reaches_output
 from .labelling import label_latents
@@ -36,10 +40,9 @@ from .stages import ENGINE_STAGES
 from .summary import summarize
 
 # The names the sharded workers import from here; their homes are the modules above.
-__all__ = ["run_audit", "prepare_images", "extract_kwargs", "extract_sae_images", "fit_sae", "load_others",
-           "flags_of_others", "AuditContext",
-           "AuditResult", "attribute_shard", "save_partial", "load_partial", "merge_partials", "label_latents",
-           "summarize", "confirm_shard", "apply_confirmation", "merge_confirmations", "attach_flag_heatmaps"]
+__all__ = ["run_audit", "prepare_images", "extract_kwargs", "train_stage", "load_others", "AuditContext", "Draft",
+           "AuditResult", "attribute_shard", "save_partial", "load_partial", "label_stage", "confirm_shard",
+           "confirm_stage"]
 save_partial, load_partial, merge_partials = Partial.save, Partial.load, Partial.merge
 
 log = logging.getLogger(__name__)
@@ -155,6 +158,60 @@ def fit_sae(store: ActivationStore, config: AuditConfig, folder: Path, device, r
     return sae.to(device).eval().requires_grad_(False), sae_metrics
 
 
+def train_stage(bundle: ClipBundle, store: ActivationStore | None, config: AuditConfig, folder: Path, device,
+                report=None, *, sae: TopKSAE | None = None, sae_images: ImageSet | None = None,
+                scratch: Path | None = None, shard_size: int | None = None) -> tuple[TopKSAE, dict]:
+    """The train_sae stage: the audit's dictionaries trained on ``store`` (the audited images' activations), or
+    on ``sae_images``' activations extracted into ``scratch`` first (another set of images; their labels do not
+    matter), or a given ``sae`` measured. Writes them to ``folder``; returns the first and its metrics."""
+    if sae_images is not None:
+        store, report = extract_sae_images(bundle, sae_images, scratch, config, device, report, shard_size=shard_size)
+    return fit_sae(store, config, folder, device, report, sae)
+
+
+@dataclass
+class Draft:
+    """The label stage's hand-off to confirmation: the result with its flags not yet confirmed, and per flag
+    the amount confirmation inserts."""
+
+    result: AuditResult
+    amounts: list[float]
+
+    def needs_confirmation(self, config: AuditConfig) -> bool:
+        return bool(config.causal and self.result.flags)
+
+    def to_dict(self) -> dict:
+        return {"result": self.result.to_dict(), "amounts": self.amounts}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Draft":
+        return cls(AuditResult.from_dict(data["result"]), data["amounts"])
+
+
+def label_stage(ctx: AuditContext, store: ActivationStore, images: ImageSet, partials: list[Partial],
+                sae_metrics: dict, folder: Path, *, voters: list, semantic_model: ClipBundle | None = None,
+                fetch_images: Callable[[list[str]], None] | None = None) -> Draft:
+    """The label stage: the attribution partials merged, latents labelled, flags found and put to the vote of
+    the other dictionaries (``voters``, ``load_others``), the flags' heatmaps drawn (after
+    ``fetch_images(keys)`` where the images are remote). Writes the relevance tables to ``folder``."""
+    merged = Partial.merge(partials)
+    labelled = label_latents(ctx, store, images, merged, semantic_model)
+    others = flags_of_others(ctx, store, images, voters, semantic_model, labelled.vocab)
+    result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, folder, others)
+    if ctx.config.heatmaps:
+        if fetch_images is not None:
+            fetch_images(flag_image_keys(result.flags))
+        attach_flag_heatmaps(ctx, images, result.flags, ctx.config.batch_size)
+    return Draft(result, amounts)
+
+
+def confirm_stage(draft: Draft, stats: list[dict] | None, config: AuditConfig) -> AuditResult:
+    """The confirm stage's reduction: the shards' ablation and insertion counts (``confirm_shard``; None when
+    the draft needs no confirmation) summed and applied to the flags."""
+    merged = merge_confirmations(stats) if draft.needs_confirmation(config) else None
+    apply_confirmation(draft.result.flags, merged, draft.amounts, config)
+    return draft.result
+
 
 def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model, sae, shard_size, sae_images=None):
     bundle.model.to(device)
@@ -168,11 +225,9 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
                                     progress=report, **extract_kwargs(config, device))
     given = sae is not None
     with stages.stage(TRAIN_SAE) as report:
-        sae_store, train_report = store, report
-        if sae_images is not None:  # the SAE learns from another set of images; their labels do not matter
-            sae_store, train_report = extract_sae_images(bundle, sae_images, workdir / "sae_activations", config,
-                                                         device, report, shard_size=shard_size)
-        sae, sae_metrics = fit_sae(sae_store, config, workdir / "sae", device, train_report, sae)
+        sae, sae_metrics = train_stage(bundle, store, config, workdir / "sae", device, report, sae=sae,
+                                       sae_images=sae_images, scratch=workdir / "sae_activations",
+                                       shard_size=shard_size)
     ctx = AuditContext.build(config, bundle, probe, sae, device)
     shards = plan_shards(store.n, shard_size)
     with stages.stage(ATTRIBUTE) as report:
@@ -180,21 +235,16 @@ def _run(config, bundle, probe, dataset, stages, device, workdir, semantic_model
                                     progress=lambda done, total, s=start: report(s + done, store.n))
                     for start, count in shards]
     with stages.stage(LABEL):
-        merged = Partial.merge(partials)
-        labelled = label_latents(ctx, store, images, merged, semantic_model)
         # a given SAE comes alone; trained ones were trained with the dictionaries that vote on their flags
         voters = [] if given else load_others(workdir / "sae", config, device)
-        others = flags_of_others(ctx, store, images, voters, semantic_model, labelled.vocab)
-        result, amounts = summarize(ctx, store, images, merged, labelled, sae_metrics, workdir, others)
-        if config.heatmaps:
-            attach_flag_heatmaps(ctx, images, result.flags, config.batch_size)
+        draft = label_stage(ctx, store, images, partials, sae_metrics, workdir, voters=voters,
+                            semantic_model=semantic_model)
     with stages.stage(CONFIRM) as report:
-        if config.causal and result.flags:
-            stats = [confirm_shard(ctx, store, result.flags, amounts, start, count,
+        stats = None
+        if draft.needs_confirmation(config):
+            stats = [confirm_shard(ctx, store, draft.result.flags, draft.amounts, start, count,
                                    progress=lambda done, total, s=start: report(s + done, store.n))
                      for start, count in shards]
-            apply_confirmation(result.flags, merge_confirmations(stats), amounts, config)
-        else:
-            apply_confirmation(result.flags, None, amounts, config)
+        result = confirm_stage(draft, stats, config)
     result.timings = dict(stages.timings)
     return result
