@@ -98,7 +98,7 @@ def test_a_cancel_request_stops_the_worker_between_batches(audit, monkeypatch):
 
     def cancel_when_attributing(self, stage, done, total):
         if stage == "attribute":
-            Audit.objects.filter(pk=self.audit.pk).update(cancel_requested=True)
+            Audit.objects.filter(pk=self.job.pk).update(cancel_requested=True)
         return original(self, stage, done, total)
 
     monkeypatch.setattr(steps.Progress, "__call__", cancel_when_attributing)
