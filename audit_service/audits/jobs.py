@@ -29,7 +29,7 @@ from audit_service.registry.services import RegistrationError
 
 from .models import Job, Status
 
-GPU_QUEUE = {"queue": "gpu"}
+GPU_QUEUE = "gpu"
 SHARD_TASKS = "workers.sharded."  # the steps of an audit spread over shards run on the gpu queue too
 
 # the fields of every job, as the API shows them (a kind adds its own: ``JobKind.fields``)
@@ -128,5 +128,5 @@ def check_room(project) -> None:
 def route(name, args, kwargs, options, task=None, **kw):
     """Celery's task router (CELERY_TASK_ROUTES): the jobs' tasks and the shards' steps run on the gpu queue."""
     if name.startswith(SHARD_TASKS) or any(name == k.task for k in kinds()):
-        return GPU_QUEUE
+        return {"queue": GPU_QUEUE}  # a new dict each time: Celery adds the message's options to it
     return None

@@ -19,7 +19,7 @@ from workers import tasks
 from workers.celery import app as celery_app
 from workers.storage import remove_finished_work_folders
 
-from .jobkind_example import INSPECTION, Inspection, create_inspection, run_inspection
+from .jobkind_example import create_inspection, declare, forget, run_inspection
 
 
 def _reload_urls() -> None:
@@ -34,17 +34,17 @@ def _reload_urls() -> None:
 @pytest.fixture
 def kind(transactional_db):
     """The example kind declared, its table made, the URLs read again; all undone afterwards."""
-    with connection.schema_editor() as editor:
-        editor.create_model(Inspection)
-    jobs.register(INSPECTION)
-    _reload_urls()
+    declared = declare()
     try:
-        yield INSPECTION
+        with connection.schema_editor() as editor:
+            editor.create_model(declared.model)
+        _reload_urls()
+        yield declared
     finally:
-        jobs._KINDS.pop(INSPECTION.name, None)
+        forget()
         _reload_urls()
         with connection.schema_editor() as editor:
-            editor.delete_model(Inspection)
+            editor.delete_model(declared.model)
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_the_room_check_counts_the_new_kind_with_the_others(kind, project, users
     create_inspection(project=project, user=users["member"])
     with pytest.raises(RegistrationError, match="already has 1 jobs queued or running"):
         create_inspection(project=project, user=users["member"])
-    assert Inspection.objects.count() == 1
+    assert kind.model.objects.count() == 1
 
 
 def test_the_api_and_the_pages_cancel_the_new_kind(kind, project, users, messages, client_for, web):
@@ -95,18 +95,18 @@ def test_the_api_and_the_pages_cancel_the_new_kind(kind, project, users, message
     assert client_for("member").post(f"/api/v1/inspections/{first.pk}/cancel/").status_code == 409
     response = web("member").post(f"/inspections/{second.pk}/cancel/")
     assert response.status_code == 302 and response.url == f"/inspections/{second.pk}/"
-    assert Inspection.objects.get(pk=second.pk).status == Status.CANCELLED
+    assert kind.model.objects.get(pk=second.pk).status == Status.CANCELLED
 
 
 def test_the_reaper_requeues_and_resends_the_new_kind_and_its_scratch_folder_is_swept(kind, project, users,
                                                                                       messages):
     stale = timezone.now() - timedelta(seconds=settings.AUDIT_STALE_AFTER_SECONDS + 60)
-    lost = Inspection.objects.create(project=project, status=Status.RUNNING, stage="counting", attempts=1,
+    lost = kind.model.objects.create(project=project, status=Status.RUNNING, stage="counting", attempts=1,
                                      worker_host="gpu-7:1", started_at=stale, heartbeat_at=stale)
-    queued = Inspection.objects.create(project=project, enqueued_at=timezone.now() - timedelta(days=1))
+    queued = kind.model.objects.create(project=project, enqueued_at=timezone.now() - timedelta(days=1))
     done = tasks.reap_stale_audits()
     assert done["inspections"]["requeued"] == [lost.pk] and done["inspections"]["resent"] == [queued.pk]
-    assert Inspection.objects.get(pk=lost.pk).status == Status.QUEUED
+    assert kind.model.objects.get(pk=lost.pk).status == Status.QUEUED
     assert (kind.task, queued.pk) in messages
 
     folder = kind.workdir(queued.pk)
@@ -114,7 +114,7 @@ def test_the_reaper_requeues_and_resends_the_new_kind_and_its_scratch_folder_is_
     folder.mkdir(parents=True)
     remove_finished_work_folders()
     assert folder.is_dir()  # still queued: its scratch stays
-    Inspection.objects.get(pk=queued.pk).cancel()
+    kind.model.objects.get(pk=queued.pk).cancel()
     remove_finished_work_folders()
     assert not folder.exists()
 
@@ -124,4 +124,4 @@ def test_every_kind_of_the_service_is_declared_once_and_can_be_cancelled():
     for k in jobs.kinds():
         assert jobs.job_kind(k.name) is k and jobs.route(k.task, [], {}, {}) == {"queue": "gpu"}
     with pytest.raises(ValueError, match="declared twice"):
-        jobs.register(jobs.JobKind("audit", Inspection, "elsewhere"))
+        jobs.register(jobs.JobKind("audit", jobs.job_kind("explanation").model, "elsewhere"))
