@@ -38,10 +38,9 @@ from workers.engine import pipeline
 from workers.engine.activations import ActivationStore, assemble_store, extract_shard, plan_shards, shard_files
 from workers.engine.config import AuditConfig
 from workers.engine.hooks import check_token_reaches_output
-from workers.engine.loading import resolve_device
 from workers.engine.data import ImageSet
 from workers.engine.heads import LinearProbe
-from workers.engine.loading import ClipBundle
+from workers.engine.loading import ClipBundle, resolve_device
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import ATTRIBUTE, CONFIRM, EXTRACT, FINISH, LABEL, STAGE_NAMES, STAGES, TRAIN_SAE
 from workers.inputs import (dataset_folder, load_inputs, load_registered_sae, load_sae_images, registered_sae_facts,
@@ -63,7 +62,7 @@ SAE_FILES = SAE_ARTIFACTS
 @dataclass
 class Inputs:
     """What every step of one audit reads: model, probe, config, device and the prepared images; its SAE's
-    attribution context once the SAE exists (``context``)."""
+    attribution context once the SAE exists (``ctx``, set by ``_context``)."""
 
     audit_id: int
     bundle: ClipBundle
