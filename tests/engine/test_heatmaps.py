@@ -98,7 +98,7 @@ def test_a_cls_map_is_what_attention_moves_from_each_patch_into_the_cls_token(wi
     latents = list(range(sae.n_latents))
     relevance, active = cls_relevance(visual, sae, 1, pixels, latents)
     assert torch.allclose(relevance.transpose(1, 2), expected, atol=1e-4 * expected.abs().max())
-    maps = latent_heatmaps(visual, sae, 1, "cls", pixels, latents)
+    maps = latent_heatmaps(visual, sae, 1, "cls", pixels, latents, method="block")
     kept = expected[:, 1:].clamp_min(0).transpose(1, 2) * active.unsqueeze(-1)
     assert torch.allclose(maps, kept.reshape(maps.shape), atol=1e-4 * expected.abs().max())
     assert maps.sum() > 0
@@ -157,7 +157,7 @@ def test_a_latent_the_topk_did_not_select_has_a_map_of_zeros(wide, pixels):
     visual = wide.model.visual
     sae = sae_for(visual, 2, "cls", pixels, n_latents=24, k=2)
     z = sae.encode(residual(visual, 2, pixels)[:, 0])
-    maps = latent_heatmaps(visual, sae, 2, "cls", pixels, list(range(24)))
+    maps = latent_heatmaps(visual, sae, 2, "cls", pixels, list(range(24)), method="block")
     relevance, _ = cls_relevance(visual, sae, 2, pixels, list(range(24)))
     inactive = z == 0
     assert inactive.any() and (~inactive).any()

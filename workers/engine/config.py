@@ -21,6 +21,9 @@ from .errors import EngineError
 
 TOKEN_TYPES = ("cls", "spatial")
 SPATIAL_POOLS = ("max", "mean")
+# how a CLS latent's heatmap is made (workers.engine.heatmaps.METHODS holds the same names), and cells per patch side
+HEATMAP_METHODS = ("attnlrp", "conservative", "block", "attnlrp-pixels", "encoder", "occlusion")
+HEATMAP_CELLS_MAX = 16
 DTYPES = ("fp32", "bf16", "fp16")
 CACHE_DTYPES = ("float32", "float16")
 
@@ -211,6 +214,9 @@ class AuditConfig(_DictMixin):
     faithfulness_max_images: _count() = 256  # images per class used for deletion curves
     top_images_per_flag: _count(le=TOP_IMAGES_MAX) = 8
     heatmaps: _Bool = True  # each flag's map of where its latent is active on the images its card shows
+    heatmap_method: Literal[HEATMAP_METHODS] = "attnlrp"  # how a CLS latent's map is made (docs/heatmaps.md)
+    heatmap_cells: _count(le=HEATMAP_CELLS_MAX) = 2  # cells per patch side of a map traced to the pixels
+    heatmap_blocks: _count(le=LAYER_MAX) = 3  # blocks "attnlrp" and "conservative" trace a CLS latent back through
     report_top_n: _count(le=SHOWN_MAX) = 50  # latents per class kept in the result's relevance tables
     causal: _Bool = True
     seed: _count(ge=0, le=SEED_MAX) = 0

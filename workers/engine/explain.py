@@ -38,7 +38,8 @@ def attach_flag_heatmaps(ctx: AuditContext, images: ImageSet, flags: list[dict],
     config = ctx.config
     maps = heatmaps_for(ctx.bundle, ctx.sae, config.layer, config.token, images,
                         {latent: sorted(rows) for latent, rows in wanted.items()}, device=ctx.device,
-                        batch_size=batch_size)
+                        batch_size=batch_size, method=config.heatmap_method, cells=config.heatmap_cells,
+                        blocks=config.heatmap_blocks)
     for flag in flags:
         per_image = maps.get(int(flag["latent"]), {})
         flag["heatmaps"] = {images.ids[i]: encode_map(grid) for i, grid in sorted(per_image.items())}
@@ -93,8 +94,11 @@ def explain_image(ctx: AuditContext, pixels: Tensor, *, flags: Sequence[dict] = 
         out["heads"][head_name] = _explain_head(ctx, head_name, centred.head, acts, activation, labels,
                                                 flagged.get(head_name, {}), top_n, shown)
     latents = sorted(shown)
-    maps = latent_heatmaps(visual, sae, config.layer, config.token, pixels, latents) if latents else None
+    maps = (latent_heatmaps(visual, sae, config.layer, config.token, pixels, latents, method=config.heatmap_method,
+                            cells=config.heatmap_cells, blocks=config.heatmap_blocks) if latents else None)
     out["heatmaps"] = {str(i): encode_map(maps[0, j].numpy()) for j, i in enumerate(latents)} if latents else {}
+    out["heatmap_options"] = {"heatmap_method": config.heatmap_method, "heatmap_blocks": config.heatmap_blocks,
+                              "heatmap_cells": config.heatmap_cells}
     return out
 
 

@@ -38,20 +38,23 @@ lies on a region of the image is :func:`mass_on_mask`.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import HEATMAP_CELLS_MAX, AuditConfig
 from .errors import EngineError, checkpoint
 from .hooks import resolve_layer
+from .lrp import LATENT_CHUNK, block_forward, check_block, tower_relevance
 
 TOKENS = ("cls", "spatial")
-LATENT_CHUNK = 16  # latents whose gradients one backward pass computes at once: a copy of the block's input each
+DEFAULT_METHOD = AuditConfig.__dataclass_fields__["heatmap_method"].default
+DEFAULT_CELLS = AuditConfig.__dataclass_fields__["heatmap_cells"].default
+DEFAULT_BLOCKS = AuditConfig.__dataclass_fields__["heatmap_blocks"].default
+CELLS_MAX = HEATMAP_CELLS_MAX  # cells per patch side: a finer map than the model's pixels says nothing more
 
 
 class _Stop(Exception):
@@ -63,10 +66,11 @@ def _batch_first(visual: nn.Module, x: Tensor) -> Tensor:
 
 
 @contextmanager
-def _block_io(visual: nn.Module, index: int) -> Iterator[dict]:
-    """Within the block, a forward pass stores block ``index``'s input (``'x'``) and output (``'h'``), batch
-    first, and stops with :class:`_Stop` right after that block."""
-    block = visual.transformer.resblocks[index]
+def _block_io(visual: nn.Module, index: int, first: int | None = None) -> Iterator[dict]:
+    """Within the block, a forward pass stores the input of block ``first`` (default ``index``) as ``'x'`` and
+    block ``index``'s output as ``'h'``, batch first, and stops with :class:`_Stop` right after block ``index``."""
+    blocks = visual.transformer.resblocks
+    block, start = blocks[index], blocks[index if first is None else first]
     store: dict = {}
 
     def before(_module, args, kwargs):
@@ -77,7 +81,7 @@ def _block_io(visual: nn.Module, index: int) -> Iterator[dict]:
         store["h"] = _batch_first(visual, output)
         raise _Stop
 
-    handles = [block.register_forward_pre_hook(before, with_kwargs=True), block.register_forward_hook(after)]
+    handles = [start.register_forward_pre_hook(before, with_kwargs=True), block.register_forward_hook(after)]
     try:
         yield store
     finally:
@@ -85,9 +89,10 @@ def _block_io(visual: nn.Module, index: int) -> Iterator[dict]:
             handle.remove()
 
 
-def _run_block(visual: nn.Module, index: int, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """(input, output) of block ``index`` [batch, tokens, d], without running the blocks after it."""
-    with _block_io(visual, index) as store, torch.no_grad():
+def _run_block(visual: nn.Module, index: int, pixels: Tensor, first: int | None = None) -> tuple[Tensor, Tensor]:
+    """(input of block ``first``, default ``index``; output of block ``index``) [batch, tokens, d], without
+    running the blocks after it."""
+    with _block_io(visual, index, first) as store, torch.no_grad():
         try:
             visual(pixels)
         except _Stop:
@@ -118,29 +123,55 @@ def _check_latents(sae: nn.Module, latents: Sequence[int]) -> list[int]:
 
 
 def latent_heatmaps(visual: nn.Module, sae: nn.Module, layer: int, token: str, pixels: Tensor,
-                    latents: Sequence[int], *, batch_size: int = 16) -> Tensor:
+                    latents: Sequence[int], *, batch_size: int = 16, method: str = DEFAULT_METHOD,
+                    cells: int = DEFAULT_CELLS, blocks: int = DEFAULT_BLOCKS) -> Tensor:
     """Maps of ``latents`` on the images ``pixels`` [n, 3, H, W] (the model's preprocessing applied):
-    [n, len(latents), grid_h, grid_w], float, >= 0, on the CPU (see the module doc for what a map is).
+    [n, len(latents), rows, cols], float, >= 0, on the CPU (see the module doc for what a map is).
 
+    ``method`` names how a CLS latent's map is made (:data:`METHODS`); a spatial SAE's map is its activation
+    whatever the method. ``cells``: cells per patch side for the methods traced to the pixels (the grid is
+    then ``grid_h * cells`` x ``grid_w * cells``; a patch-level method ignores it). ``blocks``: how many
+    blocks "attnlrp" and "conservative" trace the relevance back through (module doc).
     ``visual`` is ``bundle.model.visual``; the images run on its device, where ``sae`` must be too.
     """
     if token not in TOKENS:
         raise EngineError(f"token must be one of {', '.join(TOKENS)}, got {token!r}")
+    check_method(method, cells, blocks)
     index = resolve_layer(visual, layer)
     latents = _check_latents(sae, latents)
     device = next(visual.parameters()).device
-    gh, gw = _grid(visual)
+    rows, cols = map_shape(visual, token, method, cells)
     if pixels.ndim != 4:
         raise EngineError(f"pixels must be [n, 3, H, W], got shape {list(pixels.shape)}")
     if not latents:
-        return torch.zeros(pixels.shape[0], 0, gh, gw)
+        return torch.zeros(pixels.shape[0], 0, rows, cols)
     out = []
     for lo in range(0, pixels.shape[0], batch_size):
         checkpoint()
         batch = pixels[lo:lo + batch_size].to(device)
-        maps = (_spatial_maps if token == "spatial" else _cls_maps)(visual, sae, index, batch, latents)
-        out.append(maps.reshape(*maps.shape[:2], gh, gw).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, len(latents), gh, gw)
+        if token == "spatial":
+            maps = _spatial_maps(visual, sae, index, batch, latents)
+        else:
+            maps = METHODS[method](visual, sae, index, batch, latents, cells=cells, blocks=blocks)
+        out.append(maps.reshape(*maps.shape[:2], rows, cols).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, len(latents), rows, cols)
+
+
+def check_method(method: str, cells: int = DEFAULT_CELLS, blocks: int = DEFAULT_BLOCKS) -> None:
+    """Refuse an unknown method, a cell count outside 1..:data:`CELLS_MAX` or a block count below 1."""
+    if method not in METHODS:
+        raise EngineError(f"heatmap method must be one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= CELLS_MAX:
+        raise EngineError(f"heatmap cells per patch side must be a whole number from 1 to {CELLS_MAX}, got {cells!r}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise EngineError(f"heatmap blocks must be a whole number >= 1, got {blocks!r}")
+
+
+def map_shape(visual: nn.Module, token: str, method: str, cells: int) -> tuple[int, int]:
+    """(rows, cols) of a map: the patch grid, times ``cells`` for a method traced to the pixels."""
+    gh, gw = _grid(visual)
+    scale = cells if token == "cls" and method in PIXEL_METHODS else 1
+    return gh * scale, gw * scale
 
 
 def _spatial_maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int]) -> Tensor:
@@ -152,34 +183,124 @@ def _spatial_maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor,
     return z[..., latents].transpose(1, 2)
 
 
-def _cls_maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int]) -> Tensor:
-    """[b, L, patches]: each latent's CLS map (module doc), zero where the latent is inactive."""
-    relevance, active = cls_relevance(visual, sae, index, pixels, latents)
-    return relevance[:, :, 1:].clamp_min(0) * active.unsqueeze(-1)
-
-
-def cls_relevance(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int]
-                  ) -> tuple[Tensor, Tensor]:
-    """Signed gradient x input of each latent's pre-activation at every token entering block ``index`` (CLS
-    first), attention weights and LayerNorm scales fixed: ([b, L, tokens], active [b, L] as 0/1 floats).
-
-    :func:`latent_heatmaps` keeps the patch tokens' positive part where the latent is active.
-    """
-    block = visual.transformer.resblocks[index]
-    _check_block(block)
-    x, h = _run_block(visual, index, pixels)
-    _check_tokens(visual, x)
+def _active(sae: nn.Module, cls: Tensor, latents: list[int]) -> Tensor:
+    """[b, L] 0/1: whether each latent is active on each image's CLS token."""
     with torch.no_grad():
-        values, indices = sae.encode_sparse(h[:, 0].float())
-        z = torch.zeros(h.shape[0], sae.n_latents, device=h.device).scatter(-1, indices, values)
-        active = (z[:, latents] > 0).float()
+        values, indices = sae.encode_sparse(cls.float())
+        z = torch.zeros(cls.shape[0], sae.n_latents, device=cls.device).scatter(-1, indices, values)
+        return (z[:, latents] > 0).float()
+
+
+def _token_maps(rule: str, fixed_blocks: int | None = None):
+    def maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int],
+             cells: int = 1, blocks: int = DEFAULT_BLOCKS) -> Tensor:
+        """[b, L, patches]: the relevance of the patch tokens entering the earliest of the ``blocks`` blocks
+        that end at block ``index`` (module doc) under ``rule``, positive part, zero where the latent is
+        inactive."""
+        relevance, active = cls_relevance(visual, sae, index, pixels, latents, rule, fixed_blocks or blocks)
+        return relevance[:, :, 1:].clamp_min(0) * active.unsqueeze(-1)
+    return maps
+
+
+def _encoder_maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int],
+                  **_options) -> Tensor:
+    """[b, L, patches]: method "encoder": the CLS latent's encoder read at every patch token of the same layer
+    (its pre-activation, positive part), zero where the latent is inactive on the CLS token."""
+    _, h = _run_block(visual, index, pixels)
+    _check_tokens(visual, h)
+    active = _active(sae, h[:, 0], latents)
+    with torch.no_grad():
+        pre = sae.pre_activations(h[:, 1:].float())[..., latents]  # [b, patches, L]
+    return pre.clamp_min(0).transpose(1, 2) * active.unsqueeze(-1)
+
+
+def _pixel_maps(rule: str):
+    def maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int],
+             cells: int = 1, **_options) -> Tensor:
+        """[b, L, cells]: the latent's relevance at the pixels (``lrp.tower_relevance``), summed over each of
+        ``cells`` x ``cells`` cells per patch (a pixel a cell border cuts counts in proportion), positive part;
+        zero where the latent is inactive."""
+        _, h = _run_block(visual, index, pixels)
+        _check_tokens(visual, h)
+        active = _active(sae, h[:, 0], latents)
+        relevance = tower_relevance(visual, sae, index, pixels, latents, h[:, 0], rule)  # [b, L, H, W]
+        gh, gw = _grid(visual)
+        pooled = pool_to_cells(relevance, gh * cells, gw * cells)
+        return pooled.clamp_min(0).reshape(*pooled.shape[:2], -1) * active.unsqueeze(-1)
+    return maps
+
+
+def pool_to_cells(relevance: Tensor, rows: int, cols: int) -> Tensor:
+    """[..., H, W] -> [..., rows, cols]: each cell the sum of the pixels in it, a pixel that a cell border cuts
+    shared between the cells by area (so the total is kept whatever the cell count)."""
+    height, width = relevance.shape[-2:]
+    down = torch.as_tensor(_cell_overlap(rows, height) * (height / rows), dtype=relevance.dtype)
+    across = torch.as_tensor(_cell_overlap(cols, width) * (width / cols), dtype=relevance.dtype)
+    return torch.einsum("rh,...hw,cw->...rc", down.to(relevance.device), relevance, across.to(relevance.device))
+
+
+def _occlusion_maps(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int],
+                    cells: int = 1, **_options) -> Tensor:
+    """[b, L, cells]: method "occlusion": how much each latent's pre-activation drops when one cell of the image
+    (``cells`` x ``cells`` per patch) is painted over with the image's mean colour, positive part; zero where
+    the latent is inactive. One forward pass (up to block ``index``) per image and cell."""
+    _, h = _run_block(visual, index, pixels)
+    _check_tokens(visual, h)
+    active = _active(sae, h[:, 0], latents)
+    gh, gw = _grid(visual)
+    rows, cols = gh * cells, gw * cells
+    b, _, height, width = pixels.shape
+    edges_r = [round(r * height / rows) for r in range(rows + 1)]
+    edges_c = [round(c * width / cols) for c in range(cols + 1)]
+    fill = pixels.mean((2, 3), keepdim=True)  # [b, 3, 1, 1]
+    with torch.no_grad():
+        base = sae.pre_activations(h[:, 0].float())[:, latents]  # [b, L]
+        drops = torch.zeros(b, len(latents), rows * cols, device=pixels.device)
+        order = [(r, c) for r in range(rows) for c in range(cols)]
+        step = max(1, 256 // b)
+        for lo in range(0, len(order), step):
+            chunk = order[lo:lo + step]
+            occluded = pixels.unsqueeze(1).repeat(1, len(chunk), 1, 1, 1)
+            for j, (r, c) in enumerate(chunk):
+                occluded[:, j, :, edges_r[r]:edges_r[r + 1], edges_c[c]:edges_c[c + 1]] = fill
+            _, hh = _run_block(visual, index, occluded.reshape(-1, *pixels.shape[1:]))
+            pre = sae.pre_activations(hh[:, 0].float())[:, latents].reshape(b, len(chunk), len(latents))
+            drops[:, :, lo:lo + len(chunk)] = (base.unsqueeze(1) - pre).transpose(1, 2)
+    return drops.clamp_min(0) * active.unsqueeze(-1)
+
+
+METHODS = {"attnlrp": _token_maps("attnlrp"), "conservative": _token_maps("fixed"), "block": _token_maps("fixed", 1),
+           "attnlrp-pixels": _pixel_maps("attnlrp"), "encoder": _encoder_maps, "occlusion": _occlusion_maps}
+PIXEL_METHODS = ("attnlrp-pixels", "occlusion")
+
+
+def cls_relevance(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor, latents: list[int],
+                  rule: str = "fixed", blocks: int = 1) -> tuple[Tensor, Tensor]:
+    """Signed gradient x input of each latent's pre-activation at every token entering block
+    ``index - blocks + 1`` (CLS first; block 0 when ``blocks`` reaches further back), the blocks from there to
+    ``index`` re-run with LayerNorm scales fixed and the attention under ``rule`` (``lrp.ATTENTION_RULES``:
+    "fixed", its weights fixed; "attnlrp", AttnLRP's rules): ([b, L, tokens], active [b, L] as 0/1 floats).
+
+    The token methods keep the patch tokens' positive part where the latent is active.
+    """
+    first = max(0, index - blocks + 1)
+    chain = [visual.transformer.resblocks[i] for i in range(first, index + 1)]
+    for block in chain:
+        check_block(block)
+    x, h = _run_block(visual, index, pixels, first)
+    _check_tokens(visual, x)
+    active = _active(sae, h[:, 0], latents)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.clone().requires_grad_(True)
-        cls_out = _frozen_cls_output(block, x).float()
-        # the re-run must be the block: a variant this code does not know would give other numbers
+        out = x
+        for i, block in enumerate(chain):
+            out = block_forward(block, out, rule, cls_only=i == len(chain) - 1)
+        cls_out = out[:, 0].float()
+        # the re-run must be the blocks: a variant this code does not know would give other numbers
         if not torch.allclose(cls_out.detach(), h[:, 0].float(), rtol=1e-3, atol=1e-4 * (1 + h.abs().max().item())):
-            raise EngineError(f"block {index} of the vision transformer computes something other than open_clip's "
-                              "standard attention block, so a CLS SAE's heatmaps cannot be computed for it")
+            raise EngineError(f"blocks {first}..{index} of the vision transformer compute something other than "
+                              "open_clip's standard attention block, so a CLS SAE's heatmaps cannot be computed "
+                              "for them")
         pre = sae.pre_activations(cls_out)  # [b, n_latents]
         relevance = []
         for lo in range(0, len(latents), LATENT_CHUNK):
@@ -192,52 +313,14 @@ def cls_relevance(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor,
     return torch.cat(relevance).transpose(0, 1), active
 
 
-def _check_block(block: nn.Module) -> None:
-    attn = getattr(block, "attn", None)
-    standard = (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.bias_k is None
-                and not attn.add_zero_attn and not hasattr(block, "ln_1_kv")
-                and all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
-    if not standard:
-        raise EngineError(f"heatmaps of a CLS SAE need open_clip's standard attention block (ResidualAttentionBlock "
-                          f"with nn.MultiheadAttention); this model's block is a {type(block).__name__}. A spatial "
-                          "SAE (token 'spatial') gives maps for any block")
-
-
-def _frozen_layer_norm(ln: nn.Module, x: Tensor) -> Tensor:
-    """LayerNorm with its scale (the standard deviation) held fixed: linear in ``x`` apart from the bias."""
-    mean = x.mean(-1, keepdim=True)
-    std = (x.var(-1, keepdim=True, unbiased=False) + ln.eps).sqrt().detach()
-    y = (x - mean) / std
-    if ln.weight is not None:
-        y = y * ln.weight
-    return y + ln.bias if ln.bias is not None else y
-
-
-def _frozen_cls_output(block: nn.Module, x: Tensor) -> Tensor:
-    """The block's output at the CLS token [b, d] from its input ``x`` [b, tokens, d], with the CLS token's
-    attention weights and every LayerNorm scale detached (the same value as the block's own output)."""
-    attn: nn.MultiheadAttention = block.attn
-    b, t, d = x.shape
-    heads = attn.num_heads
-    y = _frozen_layer_norm(block.ln_1, x)
-    w, bias = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(y[:, :1], w[:d], None if bias is None else bias[:d])  # the CLS token's query alone
-    k = F.linear(y, w[d:2 * d], None if bias is None else bias[d:2 * d])
-    v = F.linear(y, w[2 * d:], None if bias is None else bias[2 * d:])
-    q, k, v = (m.reshape(b, -1, heads, d // heads).transpose(1, 2) for m in (q, k, v))  # [b, heads, n, hd]
-    weights = ((q @ k.transpose(-1, -2)) / math.sqrt(d // heads)).softmax(-1).detach()  # [b, heads, 1, tokens]
-    mixed = (weights @ v).transpose(1, 2).reshape(b, d)
-    r = x[:, 0] + block.ls_1(attn.out_proj(mixed))
-    return r + block.ls_2(block.mlp(_frozen_layer_norm(block.ln_2, r)))
-
-
 def heatmaps_for(bundle, sae: nn.Module, layer: int, token: str, images, wanted: dict[int, list[int]], *,
-                 device: str | torch.device = "cpu", batch_size: int = 16) -> dict[int, dict[int, np.ndarray]]:
+                 device: str | torch.device = "cpu", batch_size: int = 16, method: str = DEFAULT_METHOD,
+                 cells: int = DEFAULT_CELLS, blocks: int = DEFAULT_BLOCKS) -> dict[int, dict[int, np.ndarray]]:
     """Maps of the wanted (latent, image) pairs: ``wanted[latent]`` lists indices into ``images`` (an ImageSet
     with the model's preprocessing); returns latent -> {image index -> [grid_h, grid_w] float32 map}.
 
     Each image needed runs once, in batches, for all the latents wanted on it. The model and the SAE are moved
-    to ``device``.
+    to ``device``. ``method``, ``cells`` and ``blocks`` as in :func:`latent_heatmaps`.
     """
     device = torch.device(device)
     bundle.model.to(device)
@@ -256,7 +339,8 @@ def heatmaps_for(bundle, sae: nn.Module, layer: int, token: str, images, wanted:
         rows = order[lo:lo + batch_size]
         latents = sorted(set().union(*(per_image[i] for i in rows)))
         pixels = torch.stack([images[i][0] for i in rows])
-        grids = latent_heatmaps(visual, sae, layer, token, pixels, latents, batch_size=batch_size).numpy()
+        grids = latent_heatmaps(visual, sae, layer, token, pixels, latents, batch_size=batch_size, method=method,
+                                cells=cells, blocks=blocks).numpy()
         for r, i in enumerate(rows):
             for j, latent in enumerate(latents):
                 if latent in per_image[i]:
