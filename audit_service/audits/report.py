@@ -21,7 +21,7 @@ from django.core.files.storage import default_storage
 
 from .fields import (FLAG_FIELDS, LATENT_FIELDS, Head, as_json, csv_header, csv_row, harm_cells, page_columns,
                      page_numbers, review_dict)
-from .models import Audit, Flag, Review
+from .models import Audit, Flag, Review, Status
 
 # of the downloaded JSON; bump when its layout changes. 2: a latent's "alignment" is "label_alignment", as a
 # flag's is; flags carry "latest_review"
@@ -391,6 +391,7 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
         "audit": audit, "result": result, "classes": classes, "sae": result["sae"],
         "faithfulness": faithfulness, "slices": slice_tables(result), "sae_dataset": result.get("sae_dataset"),
         "stability": result.get("stability"),
+        "heatmap_method": heatmap_method_of(audit.config),
         "filters": filters, "n_flags": len(all_flags),
         "n_shown": len(flags), "categories": sorted({f.category for f in all_flags}),
         "verdicts": Review._meta.get_field("verdict").choices, "heads": HEADS,
@@ -423,24 +424,57 @@ def correction_view(correction) -> dict:
             "changed_predictions": table.get("changed_predictions") if table else None}
 
 
+def heatmap_method_of(config: dict | None) -> str:
+    """How an audit's heatmaps were made, in words ("attnlrp, traced back 3 blocks"); audits run before the
+    option existed used "block"."""
+    config = config or {}
+    method = config.get("heatmap_method", "block")
+    if method in ("attnlrp", "conservative"):
+        return f"{method}, traced back {config.get('heatmap_blocks', 3)} blocks"
+    if method in ("attnlrp-pixels", "occlusion"):
+        return f"{method}, {config.get('heatmap_cells', 2)} cells per patch side"
+    return method
+
+
+GALLERY_SIZE = 6  # latents an explanation shows as large maps next to the image
+GALLERY_PX = 224  # the side of those maps: the model's crop at a size a reviewer can read
+
+
 def explanation_view(explanation) -> dict:
-    """What the explanation's page shows: the image, and per head its prediction and, per class, the latents for
-    and against it, each with its heatmap over the image."""
+    """What the explanation's page shows: the image, per head its prediction and, per class, the latents for
+    and against it, each with its heatmap over the image; and ``gallery``, the latents with the largest
+    relevance as large maps beside the image."""
     result = explanation.result or {}
     key = (image_where(explanation.audit.dataset, explanation.item) if explanation.item
            else explanation.image.name)
     maps = result.get("heatmaps") or {}
-    heads = []
+    heads, strongest = [], {}
     for head, answer in (result.get("heads") or {}).items():
         classes = []
         for name, side in answer["classes"].items():
             rows = [{**row, "direction": direction, "heat": heat_overlay(key, maps.get(str(row["latent"])), 96)}
                     for direction in ("for", "against") for row in side[direction]]
             classes.append({"name": name, "probability": side["probability"], "rows": rows})
+            for row in rows:
+                seen = strongest.get(row["latent"])
+                if seen is None or abs(row["relevance"]) > abs(seen["relevance"]):
+                    strongest[row["latent"]] = {**row, "head": HEADS.get(head, head), "class_name": name}
         heads.append({"head": head, "title": HEADS.get(head, head), "prediction": answer["prediction"],
                       "classes": classes, "without": answer.get("without_flagged")})
-    return {"image": _thumbnail(key, 224) if explanation.item or explanation.image else None,
-            "label": (result.get("image") or {}).get("label"), "heads": heads}
+    shown = sorted((r for r in strongest.values() if maps.get(str(r["latent"]))),
+                   key=lambda r: -abs(r["relevance"]))[:GALLERY_SIZE]
+    gallery = [{**r, "large": heat_overlay(key, maps[str(r["latent"])], GALLERY_PX)} for r in shown]
+    return {"image": _thumbnail(key, GALLERY_PX) if explanation.item or explanation.image else None,
+            "label": (result.get("image") or {}).get("label"), "heads": heads, "gallery": gallery,
+            # an explanation made after the audit says how its own maps were made
+            "method": heatmap_method_of(result.get("heatmap_options") or explanation.audit.config)}
+
+
+def explanations_for_report(audit: Audit) -> list[dict]:
+    """The audit's succeeded explanations, newest first, as the offline report shows them: each one's image,
+    predictions and large maps (:func:`explanation_view`)."""
+    done = audit.explanations.filter(status=Status.SUCCEEDED).order_by("-pk")[:20]
+    return [{"explanation": e, "ev": explanation_view(e)} for e in done]
 
 
 # --------------------------------------------------------------------------- downloads
@@ -519,7 +553,8 @@ def download_response(audit: Audit, fmt: str):
     stem = f"audit-{audit.pk}"
     if fmt == "html":
         context = report_context(audit)
-        context.update(standalone=True, project=audit.project, can_review=False)
+        context.update(standalone=True, project=audit.project, can_review=False,
+                       explained=explanations_for_report(audit))
         response = HttpResponse(render_to_string("web/report.html", context), content_type="text/html; charset=utf-8")
         name = f"{stem}-report.html"
     elif fmt == "json":

@@ -57,15 +57,19 @@ def test_every_planted_case_reports_its_corrections_recovery(planted):
 def test_the_planted_flags_heatmaps_lie_on_their_artifact_above_chance(planted):
     for case in (c for c in planted["cases"] if not c["control"]):
         heatmap = case["heatmap"]
-        # the maps are of the latents the corrections removed: the flags that track the planted artifact
-        assert heatmap["latents"] == sorted(set(case["corrections"]["project"]["latents"]))
+        # the maps are of the corrected latents (the flags that track the planted artifact) that track it
+        assert heatmap["latents"] and set(heatmap["latents"]) <= set(case["corrections"]["project"]["latents"])
         assert heatmap["n_images"] >= len(heatmap["latents"]), heatmap  # references that show the artifact
         assert 0 < heatmap["chance"] < heatmap["ideal"] <= 1 and 0 <= heatmap["mass"] <= 1, heatmap
         assert 0 < heatmap["touched_chance"] < 1 and 0 <= heatmap["touched"] <= 1, heatmap
-    # the ruler's maps find it (as on the case study, tests/casestudy/test_heatmaps_case); the stain's need not:
-    # on the full benchmark they sit at chance, which is what the figure is there to show
+        # every method side by side on the same maps' latents and images, the default first, and its ceiling
+        assert list(heatmap["methods"])[:2] == ["attnlrp, 3 blocks", "attnlrp, 1 block"]
+        assert heatmap["method"] == "attnlrp, 3 blocks" and heatmap["mass"] == heatmap["methods"]["attnlrp, 3 blocks"]["mass"]
+        assert "attnlrp, 3 blocks on the artifact's direction" in heatmap["methods"]
+        assert len({m["n_images"] for label, m in heatmap["methods"].items() if "direction" not in label}) == 1
+    # the ruler's maps find it, pointing at it far more often than not; the stain's need not be as good
     ruler = next(c for c in planted["cases"] if c["artifact"] == "a ruler")["heatmap"]
-    assert ruler["mass"] >= 2 * ruler["chance"] and ruler["touched"] >= 2 * ruler["touched_chance"], ruler
+    assert ruler["mass"] >= 2 * ruler["chance"] and ruler["peak_on_artifact"] >= 0.6, ruler
     assert planted["summary"]["heatmap"]["cases"] == 2
 
 
@@ -96,9 +100,14 @@ def _recovery(gap_closed: dict, new: float, still_flagged: bool, meets_bar: bool
             "overall": {"old": 0.55, "new": new, "reference": 0.8, "change": new - 0.55}, "seconds": 3.0}
 
 
-def _heatmap(mass: float, chance: float, ideal: float, n_images: int = 40) -> dict:
-    return {"mass": mass, "chance": chance, "ideal": ideal, "peak_on_artifact": 0.9, "touched": 0.8,
-            "touched_chance": 0.25, "n_images": n_images, "latents": [7, 9], "seconds": 4.0}
+def _heatmap(mass: float, chance: float, ideal: float, n_images: int = 40, other: tuple | None = None) -> dict:
+    """A planted case's heatmap figures: the default method's, and ``other`` = (mass, pointing) of "block"."""
+    row = {"mass": mass, "chance": chance, "ideal": ideal, "peak_on_artifact": 0.9, "touched": 0.8,
+           "touched_chance": 0.25, "n_images": n_images, "seconds_per_map": 0.004}
+    methods = {"attnlrp, 3 blocks": dict(row)}
+    if other:
+        methods["block"] = {**row, "mass": other[0], "peak_on_artifact": other[1], "seconds_per_map": 0.002}
+    return {**row, "latents": [7, 9], "seconds": 4.0, "method": "attnlrp, 3 blocks", "methods": methods}
 
 
 def test_a_planted_cases_row_says_how_much_of_the_gap_each_correction_closed():
@@ -118,8 +127,8 @@ def test_a_planted_cases_row_says_how_much_of_the_gap_each_correction_closed():
 
 def test_a_planted_cases_row_gives_its_heatmap_mass_against_chance_and_the_ideal():
     line = format_row(_case(heatmap=_heatmap(0.42, 0.108, 0.517)))
-    assert "heatmap: mass 0.42 (chance 0.11, ideal 0.52, below 0.6), touched 0.80 (share 0.25), 40 maps" in line
-    assert "mass 0.71 (chance 0.11, ideal 0.75, meets 0.6)" in format_row(_case(heatmap=_heatmap(0.71, 0.11, 0.75)))
+    assert "heatmap: attnlrp, 3 blocks: mass 0.42 (chance 0.11, ideal 0.52, 81% of it), peak on it 0.90, 40 maps" \
+        in line
     empty = {**_heatmap(None, None, None, 0), "latents": []}
     assert "heatmap: no map of the artifact (nothing flagged)" in format_row(_case(heatmap=empty))
     assert "heatmap" not in format_row(_case())
@@ -136,33 +145,44 @@ def test_the_summary_counts_the_corrections_that_meet_the_bar_per_method():
     assert "corrections" not in summarize_grid([_case()])
 
 
-def test_the_summary_and_the_report_carry_the_heatmap_mass_per_case_and_per_artifact(tmp_path):
-    cases = [_case(heatmap=_heatmap(0.4, 0.1, 0.5, 30)), _case(heatmap=_heatmap(0.7, 0.2, 0.8, 10)),
-             _case(heatmap=_heatmap(0.3, 0.2, 0.6, 20), artifact="hair"),
+def test_the_summary_and_the_report_carry_the_heatmap_methods_side_by_side_per_artifact(tmp_path):
+    cases = [_case(heatmap=_heatmap(0.4, 0.1, 0.5, 30, other=(0.2, 0.5))),
+             _case(heatmap=_heatmap(0.7, 0.2, 0.8, 10, other=(0.3, 0.4))),
+             _case(heatmap=_heatmap(0.3, 0.2, 0.6, 20, other=(0.5, 1.0)), artifact="hair"),
              _case(heatmap={**_heatmap(None, None, None, 0), "latents": []}, artifact="a stain")]
     summary = summarize_grid(cases)
     h = summary["heatmap"]
     assert (h["cases"], h["of"]) == (3, 4)  # a case without maps is not averaged in
     assert h["mass"] == pytest.approx(0.4667, abs=1e-4) and h["chance"] == pytest.approx(0.1667, abs=1e-4)
-    assert h["mass_over_chance"] == pytest.approx((4 + 3.5 + 1.5) / 3, abs=0.01)
-    assert h["at_target"] == 1 and h["twice_chance"] == 2
+    assert h["method"] == "attnlrp, 3 blocks" and list(h["methods"]) == ["attnlrp, 3 blocks", "block"]
     assert h["per_artifact"]["a ruler"] == pytest.approx(
         {"cases": 2, "n_images": 40, "mass": 0.55, "chance": 0.15, "ideal": 0.65, "peak_on_artifact": 0.9,
-         "touched": 0.8, "touched_chance": 0.25})
+         "touched": 0.8, "touched_chance": 0.25, "seconds_per_map": 0.004})
     assert list(h["per_artifact"]) == ["a ruler", "hair"]
+    # per artifact: ruler 0.55 / 0.65, hair 0.3 / 0.6; both at least twice chance? ruler 3.7x, hair 1.5x
+    assert h["mass_over_ideal"] == pytest.approx((0.55 / 0.65 + 0.5) / 2, abs=1e-4)
+    assert h["twice_chance"] == 0.5 and h["pointing"] == pytest.approx(0.9)
+    block = h["methods"]["block"]
+    assert block["per_artifact"]["a ruler"]["mass"] == pytest.approx(0.25)
+    assert block["pointing"] == pytest.approx((0.45 + 1.0) / 2)
     met = meets_targets(summary)
-    assert met["heatmap_mass"] is False  # the mean, 0.47, is below 0.6
+    assert met["heatmap_mass_over_ideal"] is False and met["heatmap_twice_chance"] is False
+    assert met["heatmap_pointing"] is True
     report = {"summary": summary, "met": met, "cases": cases, "stability": [], "seconds": 600.0,
               "grid": {**asdict(Grid(seeds=(0,), artifacts=("a ruler", "hair", "a stain"), classes=("melanoma",),
                                      controls=False)), "cases": len(cases)},
               "machine": {"host": "h", "processor": "x86_64", "python": "3.11"}}
     md, _ = write_report(report, tmp_path, "python manage.py benchmark_flags --seeds 0")
     text = md.read_text()
-    assert "| mean share of the planted flags' heatmap mass on the artifact's pixels (chance 0.1667, patch-level " \
-           "ideal 0.6333) | 0.4667 | >= 0.6 | NO |" in text
-    assert "| a ruler | 2 | 0.550 | 0.150 | 0.650 | 0.800 | 0.250 | 40 |" in text
-    assert "area-weighted" in text and "the target 0.6 reached in 1 (not met)" in text
-    assert "mass 0.30 (chance 0.20, ideal 0.60, below 0.6)" in text  # the hair case's row
+    assert "| heatmap mass on the artifact / patch-level ideal, mean over artifacts (attnlrp, 3 blocks) | 0.6731 " \
+           "| >= 0.8 | NO |" in text
+    assert "| pointing game: maps whose largest cell touches the artifact, mean over artifacts (attnlrp, 3 blocks) " \
+           "| 0.9 | >= 0.9 | yes |" in text
+    assert "| a ruler | attnlrp, 3 blocks | 2 | 40 | 0.550 | 0.150 | 0.650 | 0.85 | 3.7 | 0.90 | 4.0 |" in text
+    assert "| a ruler | block | 2 | 40 | 0.250 | 0.150 | 0.650 | 0.38 | 1.7 | 0.45 | 2.0 |" in text
+    assert "| attnlrp, 3 blocks (default) | 0.67 | 0.50 | 0.90 | 4.0 |" in text
+    assert "area-weighted" in text
+    assert "mass 0.30 (chance 0.20, ideal 0.60, 50% of it)" in text  # the hair case's row
     # 150 s a case, so the default grid's 45 cases would take 112 min
     assert "4 cases, a smaller grid than the default (45 cases" in text and "take about 112 min" in text
 

@@ -100,3 +100,19 @@ def test_training_under_deterministic_gives_the_same_weights_bit_for_bit():
     threads = torch.get_num_threads()
     assert digest() == digest()
     assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()  # restored
+
+
+def test_a_finer_patch_is_a_case_of_its_own_and_the_default_keeps_its_cached_key():
+    """Issue 30's resolution option: a 4 px patch gives a 16 x 16 grid and its own model and case keys; the
+    default 8 px patch keeps the keys cases were cached under before the option existed."""
+    from workers.casestudy.build import GENERATOR_VERSION, LESION_CLIP, _digest, lesion_clip_config
+
+    default, fine = CaseConfig(), CaseConfig(patch_size=4)
+    old = {"seed": 0, "n_pretrain": 3000, "pretrain_steps": 600, "batch_size": 128, "n_probe_train": 800,
+           "n_audit": 2000, "artifact": "a ruler", "toward": "melanoma", "strength": 0.8}
+    assert default.key() == _digest({"v": GENERATOR_VERSION, **old, "clip": LESION_CLIP})
+    assert default.clip_config() == LESION_CLIP
+    assert fine.clip_config()["vision_cfg"]["patch_size"] == 4 and LESION_CLIP["vision_cfg"]["patch_size"] == 8
+    assert fine.key() != default.key() and fine.model_key() != default.model_key()
+    with pytest.raises(ValueError, match="the patch size must divide the 64 px image, got 5"):
+        lesion_clip_config(5)

@@ -1,5 +1,5 @@
 """Ground truth for heatmaps: the generator's artifact masks, and how much of the artifact latents' heatmaps lies
-on them in the seed-0 case (issue 19).
+on them in the seed-0 case (issues 19 and 30).
 
 The mask tests are fast; the case's are slow (the case is built once per machine, the audit takes a minute).
 """
@@ -11,9 +11,9 @@ import pytest
 from scipy import ndimage
 
 from workers.casestudy import images
+from workers.casestudy.check import audit_case
 from workers.casestudy.images import ARTIFACTS, TRANSLUCENT, Sample, read_masks, render, render_with_masks
 
-ISSUE_TARGET = 0.6  # issue 19: the ruler latents' heatmaps put at least this share of their mass on the ruler
 
 
 def _with_and_without(artifact: str, seed: int):
@@ -111,25 +111,30 @@ def test_the_masks_of_a_split_cached_without_them_are_rendered_again_from_its_se
 
 @pytest.fixture(scope="module")
 def measured(case, tmp_path_factory):
-    """The case's audit (CLS SAE after the last block, its SAE kept) and the mass table of every artifact."""
+    """The case's audit (CLS SAE after the last block, its SAE kept), the mass table of every artifact with the
+    audit's default heatmap method and with the one used before it ("block"), and the ruler's figures for a
+    detector that means only the ruler (``masks.direction_heatmap_mass``) with the default method."""
     import time
 
-    from workers.casestudy.check import audit_case
-    from workers.casestudy.masks import artifact_heatmap_mass, format_mass_table
+    from workers.casestudy.masks import artifact_heatmap_mass, direction_heatmap_mass, format_mass_table
+    from workers.engine.heatmaps import DEFAULT_BLOCKS, DEFAULT_CELLS, DEFAULT_METHOD
 
     workdir = tmp_path_factory.mktemp("audit")
     started = time.perf_counter()
     result = audit_case(case, workdir=workdir)
     audited = time.perf_counter() - started
     table = artifact_heatmap_mass(case, result, workdir)
+    old = artifact_heatmap_mass(case, result, workdir, method="block")
+    ceiling = direction_heatmap_mass(case, result, workdir, "a ruler", method=DEFAULT_METHOD, cells=DEFAULT_CELLS,
+                                     blocks=DEFAULT_BLOCKS)
     print(f"\naudit {audited:.0f} s, heatmaps {time.perf_counter() - started - audited:.0f} s\n"
-          + format_mass_table(table))
-    return result, table
+          + format_mass_table(table) + "\nblock:\n" + format_mass_table(old))
+    return result, table, old, ceiling
 
 
 @pytest.mark.slow
 def test_the_ruler_latents_put_their_heatmaps_on_the_ruler_well_above_chance(measured):
-    result, table = measured
+    result, table, _, _ = measured
     ruler = table["a ruler"]
     flagged = {int(latent) for f in result.flags if f["label"] == "with a ruler"
                for latent in f.get("concept_latents") or [f["latent"]]}
@@ -137,22 +142,36 @@ def test_the_ruler_latents_put_their_heatmaps_on_the_ruler_well_above_chance(mea
     assert ruler["n_images"] >= 8 * len(ruler["latents"])  # most references show the ruler
     # a map spread evenly scores the ruler's area; twice that is a map that found it
     assert ruler["mass"] >= 2 * ruler["chance"], ruler
-    # the best a patch-level map can do is the ruler's own coverage of the patches (ideal); it gets half the way
-    assert ruler["mass"] - ruler["chance"] >= 0.5 * (ruler["ideal"] - ruler["chance"]), ruler
 
 
 @pytest.mark.slow
-def test_on_the_patches_the_ruler_touches_the_ruler_latents_reach_the_issues_target(measured):
-    """The target read per patch: a patch the ruler crosses counts whole (the area-weighted reading is below)."""
-    _, table = measured
+def test_the_case_studys_ruler_holds_its_figure(measured):
+    """Issue 30 measured the seed-0 case's ruler latents with the default method at 0.69 of the patch-level
+    ideal, the largest cell on the ruler in 0.67 of the maps (docs/heatmaps.md); a change that loses a tenth of
+    either fails here."""
+    _, table, _, _ = measured
     ruler = table["a ruler"]
-    assert ruler["touched"] >= ISSUE_TARGET and ruler["touched"] >= 2 * ruler["touched_chance"], ruler
+    assert ruler["mass"] / ruler["ideal"] >= 0.6 and ruler["peak_on_artifact"] >= 0.6, ruler
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not reached on the seed-0 case: the ruler is a 6 px band over 8 px patches, "
-                                       "so even a map proportional to the ruler's own coverage of each patch "
-                                       "(ideal) puts only about half its mass on it")
-def test_the_ruler_latents_reach_the_issues_target_mass(measured):
-    _, table = measured
-    assert table["a ruler"]["mass"] >= ISSUE_TARGET, table["a ruler"]
+def test_the_default_method_puts_more_of_the_maps_on_the_artifacts_than_the_one_before(measured):
+    """Over the seven artifacts (the band-aid, sticker and stain latents' maps lay elsewhere with "block")."""
+    _, table, old, _ = measured
+    assert set(table) == set(old) == set(ARTIFACTS)
+
+    def mean_ratio(t):
+        return np.mean([row["mass"] / row["ideal"] for row in t.values()])
+
+    assert mean_ratio(table) >= mean_ratio(old) + 0.1, (mean_ratio(table), mean_ratio(old))
+    assert sum(row["mass"] >= 2 * row["chance"] for row in table.values()) >= 6
+
+
+@pytest.mark.slow
+def test_a_detector_that_means_only_the_ruler_meets_the_issues_targets_with_the_same_method(measured):
+    """The targets of issue 30 (mass >= 0.8 of the ideal, pointing >= 0.9) are met by the default method when
+    what it explains means the ruler alone: what keeps the latents below them is their mixing, not the map."""
+    _, _, _, ceiling = measured
+    assert ceiling["n_images"] >= 40
+    assert ceiling["mass"] >= 0.8 * ceiling["ideal"] and ceiling["peak_on_artifact"] >= 0.9, ceiling
+    assert ceiling["mass"] >= 2 * ceiling["chance"], ceiling

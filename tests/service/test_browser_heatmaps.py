@@ -1,7 +1,8 @@
 """Heatmaps and the explanation of one image in real headless Chromium, against a live server, a real Celery
 worker, Redis and PostgreSQL: a member turns heatmaps on in the report (and in its offline download, with every
-request blocked), then uploads an image to explain and reads its top latents with their heatmaps. Screenshots go
-to ``TEST_ARTIFACTS_DIR`` (heatmaps*.png, explanation.png).
+request blocked), then uploads an image to explain, reads its top latents with their heatmaps and their large maps
+beside the image, and finds them in the offline report. Screenshots go to ``TEST_ARTIFACTS_DIR`` (heatmaps*.png,
+explanation*.png).
 """
 import re
 import shutil
@@ -74,6 +75,30 @@ def test_heatmaps_in_the_report_and_an_uploaded_image_explained(browser, live_se
         probe = explanation.result["heads"]["probe"]
         assert f"{probe['prediction']}" in page.inner_text("#predictions")
         page.screenshot(path=str(ARTIFACTS / "explanation.png"), full_page=True)
+
+        # the large maps beside the image, readable at the model's crop size
+        gallery = page.locator(".explain-gallery figure.gallery-map img")
+        assert gallery.count() > 0 and gallery.first.is_visible()
+        assert set(gallery.evaluate_all("els => els.map(e => e.naturalWidth)")) == {224}
+        shown = gallery.count()
+        page.locator(".explain-gallery").screenshot(path=str(ARTIFACTS / "explanation-maps.png"))
+
+        # the offline report carries the finished explanation with its maps
+        page.goto(f"{base}/audits/{audit.pk}/report/")
+        with page.expect_download() as info:
+            page.click("#downloads >> text=HTML report")
+        again = tmp_path / "again.html"
+        info.value.save_as(again)
+        offline = browser.new_context(offline=True)
+        opened = offline.new_page()
+        opened.goto(again.resolve().as_uri())
+        section = opened.locator("#explained")
+        assert f"Explanation #{explanation_id}" in opened.inner_text("body")
+        assert section.is_visible()
+        maps = opened.locator(".explain-gallery figure.gallery-map img")
+        assert maps.count() == shown and maps.first.evaluate("e => e.naturalWidth") == 224
+        opened.locator(".explain-gallery").first.screenshot(path=str(ARTIFACTS / "explanation-offline.png"))
+        offline.close()
         context.close()
     finally:
         worker.terminate()

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from audit_service import cli as client
+from audit_service.audits import report
 from audit_service.audits.explanations import EXPLANATION, create_explanation
 from audit_service.audits.models import Explanation, Status
 from workers import explanations as explanation_tasks
@@ -68,6 +69,17 @@ def test_an_uploaded_image_is_explained_and_the_page_shows_it(audited, users, qu
     rows = sum(len(side["for"]) + len(side["against"]) for answer in explanation.result["heads"].values()
                for side in answer["classes"].values())
     assert rows and page.count('class="heat"') == rows  # every latent row carries its heatmap
+    # the strongest latents again as large maps beside the image, at most GALLERY_SIZE, each once
+    latents = {r["latent"] for answer in explanation.result["heads"].values() for side in answer["classes"].values()
+               for r in side["for"] + side["against"]}
+    assert page.count('class="gallery-map"') == min(len(latents), report.GALLERY_SIZE)
+    assert page.count('width="224" height="224"') == min(len(latents), report.GALLERY_SIZE) + 1  # + the image
+    assert explanation.result["heatmap_options"]["heatmap_method"] == "attnlrp"
+    assert "(heatmaps by attnlrp, traced back 3 blocks;" in page  # how its maps were made
+    # the offline report carries the finished explanation with the same maps
+    offline = report.download_response(audited, "html").content.decode()
+    assert f"Explanation #{explanation.pk}: uploaded image lesion.png" in offline
+    assert offline.count('class="gallery-map"') == min(len(latents), report.GALLERY_SIZE)
     outsider = web("outsider")
     assert outsider.get(f"/explanations/{explanation.pk}/").status_code == 404
 

@@ -31,7 +31,7 @@ import numpy as np
 from .build import CaseConfig, build_case, default_cache
 from .check import correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
-from .masks import artifact_heatmap_mass
+from .masks import artifact_heatmap_mass, direction_heatmap_mass
 
 TRUE_GAP = 0.10  # a concept "moves the probe's accuracy" when a with/without gap is at least this
 PURITY = 0.75  # a latent tracks an artifact when this share of its activation mass falls on images with it ...
@@ -44,9 +44,15 @@ TARGETS = {"recall": 0.95, "precision": 0.9, "confirmed_precision": 0.9, "contro
            "closest_right": 0.7,
            "named_wrong": 0,  # ... and no flag is named (confidence >= label_min_confidence) wrongly
            "planted_probe_share_above_zero_shot": 1.0,
-           # issue 19: the share of the planted flags' heatmap mass on the artifact's pixels (mean over cases)
-           "heatmap_mass": 0.6}
-MASS_TARGET = TARGETS["heatmap_mass"]
+           # issue 30, with the adopted heatmap method over the planted artifacts: the mean over artifacts of the
+           # maps' mass on the artifact over the patch-level ideal; the share of artifacts whose maps put at least
+           # twice chance on them; the share of maps whose largest cell touches the artifact (pointing game)
+           "heatmap_mass_over_ideal": 0.8, "heatmap_twice_chance": 1.0, "heatmap_pointing": 0.9}
+# the heatmap methods the benchmark measures side by side: (method, cells per patch side, blocks traced back);
+# the audit's default first
+HEATMAP_METHODS = (("attnlrp", 1, 3), ("attnlrp", 1, 1), ("attnlrp", 1, 2), ("attnlrp", 1, 4), ("conservative", 1, 3),
+                   ("block", 1, 1), ("attnlrp-pixels", 1, 1), ("attnlrp-pixels", 4, 1), ("encoder", 1, 1),
+                   ("occlusion", 1, 1))
 # what a heatmap row carries: means over the maps (see masks.artifact_heatmap_mass)
 MASS_FIELDS = ("mass", "chance", "ideal", "peak_on_artifact", "touched", "touched_chance")
 
@@ -65,15 +71,18 @@ class Grid:
     stability_cases: int | None = None  # how many planted cases get that (None: every one; 0: none)
     # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures)
     corrections: tuple = ("project", "refit")
-    heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issue 19)
+    heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issues 19 and 30)
+    heatmap_methods: tuple = HEATMAP_METHODS  # each measured on the same maps' latents and images (issue 30)
+    patch_size: int = 8  # the case models' patch in pixels: 4 makes thin artifacts fill whole patches
 
     def cases(self) -> list[CaseConfig]:
         out = []
         for seed in self.seeds:
-            out += [CaseConfig(seed=seed, artifact=a, toward=c, strength=self.strength, n_audit=self.n_audit)
+            out += [CaseConfig(seed=seed, artifact=a, toward=c, strength=self.strength, n_audit=self.n_audit,
+                               patch_size=self.patch_size)
                     for a in self.artifacts for c in self.classes]
             if self.controls:
-                out.append(CaseConfig(seed=seed, strength=0.0, n_audit=self.n_audit))
+                out.append(CaseConfig(seed=seed, strength=0.0, n_audit=self.n_audit, patch_size=self.patch_size))
         return out
 
 
@@ -300,10 +309,11 @@ def model_digests(root: Path, grid: Grid, recorded: Path = DIGESTS) -> dict:
     before = json.loads(recorded.read_text()) if recorded.is_file() else {}
     out = {}
     for cfg in grid.cases():
-        if cfg.seed in out:
+        name = cfg.seed if cfg.patch_size == 8 else f"{cfg.seed} (patch {cfg.patch_size})"
+        if name in out:
             continue
         digest, key = model_digest(build_case(root, cfg, log=lambda line: None)), cfg.model_key()
-        out[cfg.seed] = {"model_key": key, "sha256": digest, "recorded": before.get(key),
+        out[name] = {"model_key": key, "sha256": digest, "recorded": before.get(key),
                          "match": None if key not in before else before[key] == digest}
     new = {m["model_key"]: m["sha256"] for m in out.values() if m["recorded"] is None}
     if new:
@@ -334,24 +344,46 @@ def _recovery_summary(planted: list[dict]) -> dict:
 
 
 def _heatmap_summary(planted: list[dict]) -> dict:
-    """Means over the planted cases with maps of the planted flags' heatmap mass on the artifact, its chance and
-    ideal; how many cases reach issue 19's target and how many put at least twice chance on the artifact."""
-    rows = [c["heatmap"] for c in planted if (c.get("heatmap") or {}).get("n_images")]
+    """The planted flags' heatmap figures: for the first method (the audit's default) the means over the planted
+    cases with maps and per artifact, as before; and per method (``methods``) per artifact the means over its
+    cases, and over the artifacts issue 30's three figures: the mean of mass / patch-level ideal, the share of
+    artifacts at least twice chance, the mean pointing game; with the mean time per map."""
     if not any("heatmap" in c for c in planted):
         return {}
+    rows = [c["heatmap"] for c in planted if (c.get("heatmap") or {}).get("n_images")]
     means = {k: round(float(np.mean([r[k] for r in rows])), 4) if rows else None for k in MASS_FIELDS}
+    labels = list(dict.fromkeys(m for c in planted for m in (c.get("heatmap") or {}).get("methods") or {}))
+    methods = {label: _method_summary(planted, label) for label in labels}
+    first = methods[labels[0]] if labels else _method_summary(planted, None)
+    return {"heatmap": {
+        "cases": len(rows), "of": len(planted), **means, "per_artifact": first["per_artifact"],
+        "method": labels[0] if labels else None,
+        **{k: first[k] for k in ("mass_over_ideal", "twice_chance", "pointing")},
+        "mass_over_chance": round(float(np.mean([r["mass"] / r["chance"] for r in rows])), 2) if rows else None,
+        "methods": methods,
+    }}
+
+
+def _method_summary(planted: list[dict], label: str | None) -> dict:
+    """One heatmap method's figures per artifact (means over its cases with maps) and over the artifacts."""
+    def row(c):
+        h = c.get("heatmap") or {}
+        return (h.get("methods") or {}).get(label) if label else h
+
     per_artifact = {}
     for artifact in ARTIFACTS:
-        mine = [c["heatmap"] for c in planted if c["artifact"] == artifact and (c.get("heatmap") or {}).get("n_images")]
+        mine = [row(c) for c in planted if c["artifact"] == artifact and (row(c) or {}).get("n_images")]
         if mine:
             per_artifact[artifact] = {"cases": len(mine), "n_images": sum(r["n_images"] for r in mine),
-                                      **{k: round(float(np.mean([r[k] for r in mine])), 4) for k in MASS_FIELDS}}
-    return {"heatmap": {
-        "cases": len(rows), "of": len(planted), **means, "per_artifact": per_artifact,
-        "mass_over_chance": round(float(np.mean([r["mass"] / r["chance"] for r in rows])), 2) if rows else None,
-        "at_target": sum(r["mass"] >= MASS_TARGET for r in rows),
-        "twice_chance": sum(r["mass"] >= 2 * r["chance"] for r in rows),
-    }}
+                                      **{k: round(float(np.mean([r[k] for r in mine])), 4) for k in MASS_FIELDS},
+                                      "seconds_per_map": _mean([r.get("seconds_per_map") for r in mine])}
+    ratios = [a["mass"] / a["ideal"] for a in per_artifact.values()]
+    return {"per_artifact": per_artifact,
+            "mass_over_ideal": round(float(np.mean(ratios)), 4) if ratios else None,
+            "twice_chance": _ratio(sum(a["mass"] >= 2 * a["chance"] for a in per_artifact.values()),
+                                   len(per_artifact)),
+            "pointing": _mean([a["peak_on_artifact"] for a in per_artifact.values()]),
+            "seconds_per_map": _mean([a["seconds_per_map"] for a in per_artifact.values()])}
 
 
 def _ratio(k, n) -> float | None:
@@ -359,8 +391,11 @@ def _ratio(k, n) -> float | None:
 
 
 def meets_targets(summary: dict) -> dict:
-    heatmap = {} if "heatmap" not in summary else {
-        "heatmap_mass": (summary["heatmap"]["mass"] or 0) >= TARGETS["heatmap_mass"]}
+    h = summary.get("heatmap")
+    heatmap = {} if not h else {
+        "heatmap_mass_over_ideal": (h["mass_over_ideal"] or 0) >= TARGETS["heatmap_mass_over_ideal"],
+        "heatmap_twice_chance": (h["twice_chance"] or 0) >= TARGETS["heatmap_twice_chance"],
+        "heatmap_pointing": (h["pointing"] or 0) >= TARGETS["heatmap_pointing"]}
     stability = {key: summary[key] >= TARGETS[key] for key in ("seed_stability", "purity", "closest_right")
                  if summary.get(key) is not None}
     return {**heatmap, **stability,
@@ -407,9 +442,10 @@ def audit_with_truth(case: dict, options: dict, workdir: Path) -> tuple[dict, Ca
     return result, lambda latent: z[:, latent]
 
 
-def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps: bool = False) -> dict:
+def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps: tuple = ()) -> dict:
     """Audit a case in a scratch folder (removed afterwards) and score it; ``seconds`` is the audit's time.
-    For a planted case, ``heatmaps``: the planted flags' heatmap mass (``heatmap``); ``corrections``: the probe
+    For a planted case, ``heatmaps`` ((method, cells, blocks) triples): the planted flags' heatmap mass with each
+    (``heatmap``, :func:`planted_heatmap_mass`); ``corrections``: the probe
     corrected with each of these methods and re-audited (``corrections``: method -> figures). Each has its own
     ``seconds``."""
     import shutil
@@ -423,7 +459,7 @@ def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps
         scored["seconds"] = round(time.time() - started, 1)
         if not scored["control"]:
             if heatmaps:  # before the corrections: their re-audits write into the same folder
-                scored["heatmap"] = planted_heatmap_mass(case, result, activity, work)
+                scored["heatmap"] = planted_heatmap_mass(case, result, activity, work, heatmaps)
             if corrections:
                 scored["corrections"] = {method: correct_and_score(case, result, activity, options, work, method)
                                          for method in corrections}
@@ -447,20 +483,53 @@ def planted_flags(case: dict, result: dict, activity: Callable[[int], np.ndarray
     return list(dict.fromkeys(pairs))
 
 
-def planted_heatmap_mass(case: dict, result: dict, activity: Callable[[int], np.ndarray], workdir: Path) -> dict:
-    """Where the planted artifact's flagged latents (:func:`planted_flags`) look: the means of
-    :data:`MASS_FIELDS` over their heatmaps on their reference images that show the artifact, ``n_images`` (maps
-    counted), ``latents`` and ``seconds``. Only the planted artifact is measured, so the cost is one map per
-    reference image of those latents. ``workdir`` holds the audit's SAE."""
+def method_label(method: str, cells: int, blocks: int) -> str:
+    """How a heatmap method is named in the benchmark's tables: "attnlrp, 2 blocks" (traced back through two
+    blocks), "attnlrp-pixels x4" (4 cells per patch side)."""
+    from workers.engine.heatmaps import PIXEL_METHODS
+
+    if method in ("attnlrp", "conservative"):
+        return f"{method}, {blocks} block{'s' if blocks > 1 else ''}"
+    return f"{method} x{cells}" if method in PIXEL_METHODS and cells > 1 else method
+
+
+def heatmap_latents(case: dict, result: dict, activity: Callable[[int], np.ndarray]) -> list[int]:
+    """The latents of :func:`planted_flags` that themselves track the planted artifact (fire with it): a flag's
+    concept may group latents of other artifacts, whose maps have no reason to fall on this one."""
+    rows, artifact = _rows(case), case["config"]["artifact"]
+    return sorted({latent for _, latent in planted_flags(case, result, activity)
+                   if any((artifact, True) == (a, present) for a, present, _ in latent_concepts(activity(latent), rows))})
+
+
+def planted_heatmap_mass(case: dict, result: dict, activity: Callable[[int], np.ndarray], workdir: Path,
+                         methods: tuple = HEATMAP_METHODS) -> dict:
+    """Where the planted artifact's flagged latents (:func:`heatmap_latents`) look, with each of ``methods``
+    ((method, cells, blocks); the first is the one the flat figures give): per method (``methods``: label ->
+    figures) the means of :data:`MASS_FIELDS` over their heatmaps on their reference images that show the
+    artifact, ``n_images`` (maps counted) and ``seconds_per_map``; also ``latents``, ``method`` (the first
+    method's label) and ``seconds``. One more entry, "<first> on the artifact's direction", maps a detector
+    that means the artifact alone (``masks.direction_heatmap_mass``) with the first method: its ceiling on the
+    case. ``workdir`` holds the audit's SAE and activations."""
     started = time.time()
     artifact = case["config"]["artifact"]
-    latents = sorted({latent for _, latent in planted_flags(case, result, activity)})
-    out = {**dict.fromkeys(MASS_FIELDS), "n_images": 0, "latents": latents}
-    if latents:
-        row = artifact_heatmap_mass(case, result, workdir, latents={artifact: latents})[artifact]
-        out.update({k: row[k] for k in (*MASS_FIELDS, "n_images")})
-    out["seconds"] = round(time.time() - started, 1)
-    return out
+    latents = heatmap_latents(case, result, activity)
+    per_method = {}
+    for method, cells, blocks in methods:
+        row = {**dict.fromkeys(MASS_FIELDS), "n_images": 0, "seconds_per_map": None}
+        if latents:
+            measured = artifact_heatmap_mass(case, result, workdir, latents={artifact: latents}, method=method,
+                                             cells=cells, blocks=blocks)[artifact]
+            row.update({k: measured[k] for k in (*MASS_FIELDS, "n_images", "seconds_per_map")})
+        per_method[method_label(method, cells, blocks)] = row
+    first = method_label(*methods[0])
+    if latents:  # the first method's ceiling on this case: a detector that means the artifact alone
+        method, cells, blocks = methods[0]
+        ceiling = direction_heatmap_mass(case, result, workdir, artifact, method=method, cells=cells, blocks=blocks)
+        if ceiling is not None:
+            per_method[f"{first} on the artifact's direction"] = {
+                k: ceiling[k] for k in (*MASS_FIELDS, "n_images", "seconds_per_map")}
+    return {**per_method[first], "latents": latents, "method": first, "methods": per_method,
+            "seconds": round(time.time() - started, 1)}
 
 
 def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.ndarray], options: dict,
@@ -505,12 +574,12 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         case = build_case(root, cfg, log=lambda line: None)
         # a scored case is kept beside its case, keyed by the audit options and the code that scored it, so an
         # interrupted or extended grid does not audit a case twice
-        key = _code_key(grid.audit_options, grid.corrections, grid.heatmaps)
+        key = _code_key(grid.audit_options, grid.corrections, _heatmap_specs(grid))
         cached = Path(case["audit_dir"]).parent / f"benchmark-{key}.json"
         if cached.is_file():
             scored = json.loads(cached.read_text())
         else:
-            scored = audit_and_score(case, dict(grid.audit_options), grid.corrections, grid.heatmaps)
+            scored = audit_and_score(case, dict(grid.audit_options), grid.corrections, _heatmap_specs(grid))
             cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
@@ -559,12 +628,16 @@ def sae_seed_stability(case: dict, grid: Grid, log: Callable[[str], None] = prin
     return out
 
 
-def _code_key(options: dict, corrections: tuple = (), heatmaps: bool = False) -> str:
+def _heatmap_specs(grid: Grid) -> tuple:
+    return tuple((m, int(c), int(b)) for m, c, b in grid.heatmap_methods) if grid.heatmaps else ()
+
+
+def _code_key(options: dict, corrections: tuple = (), heatmaps: tuple = ()) -> str:
     """Digest of the audit options, the corrections and heatmaps asked for, and of the engine and benchmark code."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({"options": options, "corrections": list(corrections), "heatmaps": heatmaps},
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"options": options, "corrections": list(corrections),
+                                        "heatmaps": [list(h) for h in heatmaps]}, sort_keys=True).encode())
     here = Path(__file__).parent
     for path in sorted((here.parent / "engine").glob("*.py")) + [Path(__file__), here / "check.py",
                                                                  here / "masks.py"]:
@@ -583,13 +656,12 @@ def format_row(c: dict) -> str:
 
 
 def format_heatmap(h: dict) -> str:
-    """The planted flags' heatmap mass in a few words: mass on the artifact vs chance and the patch-level ideal,
-    the mass on the patches it touches vs their share, over how many maps."""
+    """The planted flags' heatmap figures with the first method, in a few words: mass on the artifact vs chance
+    and the patch-level ideal, the pointing game, over how many maps."""
     if not h["n_images"]:
         return "no map of the artifact" + ("" if h["latents"] else " (nothing flagged)")
-    return (f"mass {h['mass']:.2f} (chance {h['chance']:.2f}, ideal {h['ideal']:.2f}, "
-            f"{'meets' if h['mass'] >= MASS_TARGET else 'below'} {MASS_TARGET}), touched {h['touched']:.2f} "
-            f"(share {h['touched_chance']:.2f}), {h['n_images']} maps")
+    return (f"{h.get('method', 'block')}: mass {h['mass']:.2f} (chance {h['chance']:.2f}, ideal {h['ideal']:.2f}, "
+            f"{h['mass'] / h['ideal']:.0%} of it), peak on it {h['peak_on_artifact']:.2f}, {h['n_images']} maps")
 
 
 def format_recovery(r: dict) -> str:
@@ -605,24 +677,28 @@ def format_recovery(r: dict) -> str:
 
 
 def _heatmap_paragraph(h: dict) -> str:
-    """How to read the heatmap column, with the grid's means."""
-    text = ("Heatmaps (issue 19): for each planted case, the maps of the latents of the flags that track the "
-            "planted artifact, on those latents' reference images that show it. *mass* is the share of a map's "
-            "mass on the artifact's pixels (each patch's value spread over its pixels, so the figure is "
-            "area-weighted); *chance* is the artifact's share of the image, what a map spread evenly scores; "
-            "*ideal* is what a map equal to the artifact's coverage of each patch scores, the most a map at the "
-            "model's patch resolution can be expected to reach (a thin artifact such as a ruler or hair fills no "
-            "patch, so its ideal is well below 1); *touched* is the share of the mass on the patches the artifact "
-            f"touches at all, against those patches' share of the grid. Issue 19's target is a mass of "
-            f"{MASS_TARGET}. ")
+    """How to read the heatmap figures, with the grid's means for the first method."""
+    text = ("Heatmaps (issue 30): for each planted case, the maps of the flagged latents that track the planted "
+            "artifact, on those latents' reference images that show it, made by each method below from the same "
+            "audit. *mass* is the share of a map's mass on the artifact's pixels (each cell's value spread over its "
+            "pixels, so the figure is area-weighted); *chance* is the artifact's share of the image, what a map "
+            "spread evenly scores; *ideal* is what a map equal to the artifact's coverage of each patch scores, "
+            "the most a map at the model's patch resolution can be expected to reach (a thin artifact such as a "
+            "ruler or hair fills no patch, so its ideal is well below 1; a finer map can pass it); *pointing* is "
+            "the share of maps whose largest cell touches the artifact. Targets, with the adopted method, over "
+            "the artifacts: mean mass / ideal >= 0.8, every artifact at least twice chance, pointing >= 0.9. "
+            "The rows \"... on the artifact's direction\" map, with the default method, a detector that means the "
+            "artifact alone (a logistic regression of its presence on the audited layer's CLS activations, in "
+            "place of a latent, on the 48 images it scores highest): what the method reaches when the latent is "
+            "pure. The gap between those rows and the latents' is the latents' mixing of concepts, not the "
+            "method's. ")
     if not h["cases"]:
         return text + f"No planted case of the {h['of']} had a map of its artifact."
     return text + (
-        f"Over the {h['cases']} of {h['of']} planted cases with maps: mean mass {h['mass']:.3f} against chance "
-        f"{h['chance']:.3f} (mass / chance {h['mass_over_chance']}) and ideal {h['ideal']:.3f}; touched "
-        f"{h['touched']:.3f} against {h['touched_chance']:.3f}; at least twice chance in {h['twice_chance']} "
-        f"cases; the target {MASS_TARGET} reached in {h['at_target']} "
-        f"({'met' if h['at_target'] == h['cases'] else 'not met'}).")
+        f"With the audit's default method ({h['method']}), over the {h['cases']} of {h['of']} planted cases with "
+        f"maps: mean mass {h['mass']:.3f} against chance {h['chance']:.3f} (mass / chance {h['mass_over_chance']}) "
+        f"and ideal {h['ideal']:.3f}; per artifact, mass / ideal {h['mass_over_ideal']:.2f} on average, twice "
+        f"chance for {h['twice_chance']:.0%} of the artifacts, pointing {h['pointing']:.2f}.")
 
 
 def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
@@ -697,10 +773,16 @@ def _report_targets(s: dict, met: dict) -> list[str]:
     for key, label, target in _target_rows(s):
         interval = f" [{bounds[key][0]}, {bounds[key][1]}]" if bounds.get(key) else ""
         lines.append(f"| {label} | {s[key]}{interval} | {target} | {'yes' if met[key] else 'NO'} |")
-    if "heatmap_mass" in met:
-        lines.append(f"| mean share of the planted flags' heatmap mass on the artifact's pixels (chance "
-                     f"{s['heatmap']['chance']}, patch-level ideal {s['heatmap']['ideal']}) | {s['heatmap']['mass']} "
-                     f"| >= {MASS_TARGET} | {'yes' if met['heatmap_mass'] else 'NO'} |")
+    if "heatmap_mass_over_ideal" in met:
+        h = s["heatmap"]
+        for key, label, value, target in (
+                ("heatmap_mass_over_ideal", "heatmap mass on the artifact / patch-level ideal, mean over artifacts",
+                 h["mass_over_ideal"], ">= 0.8"),
+                ("heatmap_twice_chance", "artifacts whose maps put at least twice chance on them", h["twice_chance"],
+                 "1.0 (every one)"),
+                ("heatmap_pointing", "pointing game: maps whose largest cell touches the artifact, mean over "
+                 "artifacts", h["pointing"], ">= 0.9")):
+            lines.append(f"| {label} ({h['method']}) | {value} | {target} | {'yes' if met[key] else 'NO'} |")
     return lines
 
 
@@ -733,17 +815,38 @@ def _report_flag_counts(s: dict) -> list[str]:
 
 
 def _report_heatmaps(s: dict) -> list[str]:
-    """The heatmap paragraph and, where there are maps, the table of heatmap mass per artifact."""
+    """The heatmap paragraph and the side-by-side table: per artifact and method, mass, ideal, mass / ideal,
+    mass / chance, pointing and time per map; then each method over the artifacts."""
     if "heatmap" not in s:
         return []
-    lines = ["", _heatmap_paragraph(s["heatmap"])]
-    if s["heatmap"]["per_artifact"]:
-        lines += ["", "| artifact | cases with maps | mass | chance | ideal | touched | touched share | maps |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {a} | {r['cases']} | {r['mass']:.3f} | {r['chance']:.3f} | {r['ideal']:.3f} | "
-                  f"{r['touched']:.3f} | {r['touched_chance']:.3f} | {r['n_images']} |"
-                  for a, r in s["heatmap"]["per_artifact"].items()]
+    h = s["heatmap"]
+    lines = ["", _heatmap_paragraph(h)]
+    if not h["methods"]:
+        return lines
+    lines += ["", "| artifact | method | cases | maps | mass | chance | ideal | mass / ideal | mass / chance | pointing "
+              "| ms per map |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for artifact in ARTIFACTS:
+        for label, m in h["methods"].items():
+            r = m["per_artifact"].get(artifact)
+            if r:
+                lines.append(f"| {artifact} | {label} | {r['cases']} | {r['n_images']} | {r['mass']:.3f} | "
+                             f"{r['chance']:.3f} | {r['ideal']:.3f} | {r['mass'] / r['ideal']:.2f} | "
+                             f"{r['mass'] / r['chance']:.1f} | {r['peak_on_artifact']:.2f} | "
+                             f"{_ms(r['seconds_per_map'])} |")
+    lines += ["", "| method | mass / ideal (mean over artifacts) | artifacts at least twice chance | pointing | "
+              "ms per map |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {label}{' (default)' if label == h['method'] else ''} | {_fmt2(m['mass_over_ideal'])} | "
+              f"{_fmt2(m['twice_chance'])} | {_fmt2(m['pointing'])} | {_ms(m['seconds_per_map'])} |"
+              for label, m in h["methods"].items()]
     return lines
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _fmt2(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _report_corrections(s: dict) -> list[str]:

@@ -37,13 +37,31 @@ class CaseConfig:
     artifact: str = "a ruler"  # the planted shortcut ...
     toward: str = "melanoma"  # ... correlated with this class in the probe's training split
     strength: float = 0.8  # 0: no correlation; 1: the artifact appears in every melanoma and no nevus
+    # the tiny CLIP's patch in pixels: 8 gives 8 x 8 patches of a 64 px image; 4 gives 16 x 16, so that thin
+    # artifacts (a ruler, hair, ink) fill whole patches and a patch-level heatmap can lie on them (issue 30)
+    patch_size: int = 8
+
+    def clip_config(self) -> dict:
+        """The tiny CLIP's open_clip config for this case."""
+        return lesion_clip_config(self.patch_size)
 
     def model_key(self) -> str:
         parts = {k: getattr(self, k) for k in ("seed", "n_pretrain", "pretrain_steps", "batch_size")}
-        return _digest({"v": GENERATOR_VERSION, **parts, "clip": LESION_CLIP})
+        return _digest({"v": GENERATOR_VERSION, **parts, "clip": self.clip_config()})
 
     def key(self) -> str:
-        return _digest({"v": GENERATOR_VERSION, **asdict(self), "clip": LESION_CLIP})
+        fields = asdict(self)
+        if self.patch_size == LESION_CLIP["vision_cfg"]["patch_size"]:
+            del fields["patch_size"]  # the cases built before the option keep their keys (and caches)
+        return _digest({"v": GENERATOR_VERSION, **fields, "clip": self.clip_config()})
+
+
+def lesion_clip_config(patch_size: int) -> dict:
+    """The case study's tiny CLIP (``pretrain.LESION_CLIP``) with another patch size."""
+    if patch_size < 1 or LESION_CLIP["vision_cfg"]["image_size"] % patch_size:
+        raise ValueError(f"the patch size must divide the {LESION_CLIP['vision_cfg']['image_size']} px image, got "
+                         f"{patch_size}")
+    return {**LESION_CLIP, "vision_cfg": {**LESION_CLIP["vision_cfg"], "patch_size": patch_size}}
 
 
 def _digest(obj) -> str:
@@ -208,13 +226,13 @@ def _lesion_clip(model_dir: Path, config: CaseConfig, log: Callable[[str], None]
         [config.seed, 1]), independent_rates(0.3)), np.random.default_rng([config.seed, 2]))
     images, rows = _images(pre_dir)
     torch.manual_seed(config.seed)
-    bundle = load_clip(model_config=LESION_CLIP, allow_random=True)
+    bundle = load_clip(model_config=config.clip_config(), allow_random=True)
     log(f"Training a tiny OpenCLIP ViT from scratch ({config.pretrain_steps} steps on the CPU) ...")
     samples = [Sample(r["label"], [a for a in ARTIFACTS if r[a] == "1"]) for r in rows]
     with deterministic():
         train_clip(bundle, images, caption_variants(samples, config.seed), steps=config.pretrain_steps,
                    batch_size=config.batch_size, seed=config.seed, progress=_bar(log))
-    config_path.write_text(json.dumps(LESION_CLIP, indent=2))
+    config_path.write_text(json.dumps(config.clip_config(), indent=2))
     save_file({k: v.detach().contiguous().clone() for k, v in bundle.model.state_dict().items()},
               str(ckpt.with_suffix(".part")))
     ckpt.with_suffix(".part").replace(ckpt)

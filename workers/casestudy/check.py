@@ -58,10 +58,10 @@ def known_answer(case: dict, result) -> dict:
             "flag": best, "probe_top_latents": top}
 
 
-def check_seeds(seeds, strength: float = 0.8, log=print) -> list[dict]:
+def check_seeds(seeds, strength: float = 0.8, log=print, patch_size: int = 8) -> list[dict]:
     reports = []
     for seed in seeds:
-        case = build_case(default_cache(), CaseConfig(seed=seed, strength=strength), log=log)
+        case = build_case(default_cache(), CaseConfig(seed=seed, strength=strength, patch_size=patch_size), log=log)
         report = known_answer(case, audit_case(case))
         log(f"seed {seed} strength {strength}: {'PASS' if report['passed'] else 'FAIL'} {report['checks']} "
             f"top probe latents for {case['config']['toward']}: {report['probe_top_latents']}")

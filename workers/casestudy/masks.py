@@ -74,7 +74,8 @@ def _get(result, key: str):
 
 def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, batch_size: int = 16,
                           artifacts: tuple[str, ...] = ARTIFACTS,
-                          latents: dict[str, list[int]] | None = None) -> dict[str, dict]:
+                          latents: dict[str, list[int]] | None = None, method: str | None = None,
+                          cells: int | None = None, blocks: int | None = None) -> dict[str, dict]:
     """How much of their heatmaps the latents of each artifact put on that artifact's pixels.
 
     ``result`` is the audit of ``case`` run with ``workdir`` (its SAE is read from ``workdir/sae``), as a result
@@ -85,18 +86,23 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
     - ``mass``: the share of the map's mass on the artifact's pixels;
     - ``chance``: the artifact's share of the image, what a map spread evenly scores;
     - ``ideal``: what a map equal to the artifact's coverage of each patch scores, the most a patch-level map
-      can be expected to score (a thin artifact fills no patch, so its ideal is well below 1);
-    - ``peak_on_artifact``: whether the map's largest patch touches the artifact (the pointing game);
+      can be expected to score (a thin artifact fills no patch, so its ideal is well below 1); always at the
+      model's patch grid, also for a finer map;
+    - ``peak_on_artifact``: whether the map's largest cell touches the artifact (the pointing game);
     - ``touched``: the share of the map's mass on the patches the artifact touches at all, however little, and
       ``touched_chance``, those patches' share of the grid: a coarser reading that credits a whole patch.
 
     Per artifact: these as means over the maps, ``n_images`` (maps counted), ``latents``, ``per_latent``
     (latent -> the same means and count), ``n_without`` (references that do not show the artifact, not counted)
-    and ``n_empty`` (maps without positive mass, not counted). Artifacts without latents are absent.
+    and ``n_empty`` (maps without positive mass, not counted), ``seconds_per_map`` (the maps' wall time over
+    their number). Artifacts without latents are absent. ``method``, ``cells`` and ``blocks``: how the maps
+    are made (``workers.engine.heatmaps.latent_heatmaps``; by default the audit's own options).
     """
+    import time
+
     import torch
 
-    from workers.engine.heatmaps import heatmaps_for
+    from workers.engine.heatmaps import DEFAULT_BLOCKS, DEFAULT_CELLS, DEFAULT_METHOD, heatmaps_for
     from workers.engine.loading import load_clip
     from workers.engine.sae import TopKSAE
 
@@ -114,15 +120,69 @@ def artifact_heatmap_mass(case: dict, result, workdir: str | os.PathLike, *, bat
             wanted[latent] = [index[key] for key in entries[latent]["references"]]
     bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
     sae = TopKSAE.load(Path(workdir) / "sae")
+    method = method or config.get("heatmap_method", DEFAULT_METHOD)
+    cells = cells or config.get("heatmap_cells", DEFAULT_CELLS)
+    blocks = blocks or config.get("heatmap_blocks", DEFAULT_BLOCKS)
+    started = time.perf_counter()
     with torch.no_grad():
         maps = heatmaps_for(bundle, sae, config["layer"], config["token"], images.with_preprocess(bundle.preprocess),
-                            wanted, batch_size=batch_size)
+                            wanted, batch_size=batch_size, method=method, cells=cells, blocks=blocks)
+    per_map = (time.perf_counter() - started) / max(1, sum(len(rows) for rows in wanted.values()))
     masks = {i: read_masks(folder, images.ids[i]) for rows in wanted.values() for i in rows}
-    return {artifact: _artifact_mass(artifact, measured, maps, masks) for artifact, measured in chosen.items()}
+    patches = tuple(int(g) for g in bundle.model.visual.grid_size)
+    return {artifact: {**_artifact_mass(artifact, measured, maps, masks, patches), "seconds_per_map": per_map}
+            for artifact, measured in chosen.items()}
 
 
-def _artifact_mass(artifact: str, measured: list[int], maps: dict, masks: dict) -> dict:
-    """One artifact's figures over the maps of its latents (``maps``: latent -> image -> map) that show it."""
+def direction_heatmap_mass(case: dict, result, workdir: str | os.PathLike, artifact: str, *, method: str,
+                           cells: int, blocks: int, n_images: int = 48) -> dict | None:
+    """The same figures as :func:`artifact_heatmap_mass` for a detector that means only ``artifact``: a logistic
+    regression of the artifact's presence on the audited layer's CLS activations (``workdir/activations``), put
+    in place of a latent (a one-latent SAE whose encoder is the regression) and mapped on the ``n_images``
+    audited images it scores highest. What the method reaches with a pure detector is the ceiling a latent that
+    means the artifact alone would give; the gap to the latents' own figure is the latents' mixing, not the
+    method's. None for a spatial SAE's audit (its maps are its activations)."""
+    import time
+
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from workers.engine.activations import ActivationStore
+    from workers.engine.heatmaps import latent_heatmaps
+    from workers.engine.hooks import select_tokens
+    from workers.engine.loading import load_clip
+    from workers.engine.sae import TopKSAE
+
+    config = _get(result, "config")
+    if config["token"] != "cls":
+        return None
+    folder = ensure_masks(case, "audit")
+    images = split_images(folder)
+    store = ActivationStore(Path(workdir) / "activations")
+    cls = select_tokens(store.read(0, store.n)[0], "cls").float().numpy()
+    present = np.array([artifact in read_masks(folder, key) for key in images.ids])
+    fit = LogisticRegression(max_iter=2000).fit(cls, present)
+    detector = TopKSAE(cls.shape[1], 1, 1)
+    with torch.no_grad():
+        detector.W_enc[0] = torch.as_tensor(fit.coef_[0], dtype=torch.float32)
+        detector.b_enc[0] = float(fit.intercept_[0])
+    top = np.argsort(-(cls @ fit.coef_[0]))[:n_images]
+    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
+    preprocessed = images.with_preprocess(bundle.preprocess)
+    pixels = torch.stack([preprocessed[int(i)][0] for i in top])
+    started = time.perf_counter()
+    grids = latent_heatmaps(bundle.model.visual, detector.requires_grad_(False), config["layer"], "cls", pixels, [0],
+                            method=method, cells=cells, blocks=blocks)[:, 0].numpy()
+    per_map = (time.perf_counter() - started) / len(top)
+    maps = {0: {int(i): grid for i, grid in zip(top, grids)}}
+    masks = {int(i): read_masks(folder, images.ids[int(i)]) for i in top}
+    patches = tuple(int(g) for g in bundle.model.visual.grid_size)
+    return {**_artifact_mass(artifact, [0], maps, masks, patches), "seconds_per_map": per_map}
+
+
+def _artifact_mass(artifact: str, measured: list[int], maps: dict, masks: dict, patches: tuple[int, int]) -> dict:
+    """One artifact's figures over the maps of its latents (``maps``: latent -> image -> map) that show it;
+    ``patches`` is the model's patch grid, where the ideal is measured."""
     from workers.engine.heatmaps import mass_on_mask
 
     per_latent, rows_all = {}, []
@@ -138,21 +198,24 @@ def _artifact_mass(artifact: str, measured: list[int], maps: dict, masks: dict) 
             if math.isnan(mass):
                 n_empty += 1
                 continue
-            rows.append(_map_row(grid, mask, mass, chance))
+            rows.append(_map_row(grid, mask, mass, chance, patches))
         per_latent[latent] = _summary(rows)
         rows_all += rows
     return {**_summary(rows_all), "latents": measured, "per_latent": per_latent,
             "n_without": n_without, "n_empty": n_empty}
 
 
-def _map_row(grid: np.ndarray, mask: np.ndarray, mass: float, chance: float) -> tuple[float, ...]:
-    """One map's figures, in the order of ``_MEASURES``, given its ``mass`` and ``chance`` on ``mask``."""
+def _map_row(grid: np.ndarray, mask: np.ndarray, mass: float, chance: float,
+             patches: tuple[int, int]) -> tuple[float, ...]:
+    """One map's figures, in the order of ``_MEASURES``, given its ``mass`` and ``chance`` on ``mask``; the ideal
+    at the patch grid ``patches``, the rest at the map's own grid."""
     from workers.engine.heatmaps import mask_coverage, mass_on_mask
 
     coverage = mask_coverage(mask, grid.shape)
     peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
     touched = coverage > 0
-    return (mass, chance, mass_on_mask(coverage, mask)[0], float(touched[peak]),
+    ideal = mass_on_mask(mask_coverage(mask, patches), mask)[0]
+    return (mass, chance, ideal, float(touched[peak]),
             float(grid[touched].sum() / grid.sum()), float(touched.mean()))
 
 

@@ -23,14 +23,22 @@ class Command(BaseCommand):
         parser.add_argument("--n-audit", type=int, default=2000, help="images in each held-out (audited) split")
         parser.add_argument("--options", default="{}", help="JSON audit options on top of the defaults")
         parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for benchmark.md/.json")
+        parser.add_argument("--patch-size", type=int, default=8, choices=(4, 8),
+                            help="the case models' patch in pixels (4: thin artifacts fill whole patches; its own "
+                                 "tiny CLIP per seed, trained on the first run)")
+        parser.add_argument("--no-corrections", action="store_true", help="skip the corrections and re-audits")
+        parser.add_argument("--no-stability", action="store_true", help="skip the audits with other SAE seeds")
 
-    def handle(self, *args, seeds, artifacts, classes, no_controls, n_audit, options, out, **kwargs):
+    def handle(self, *args, seeds, artifacts, classes, no_controls, n_audit, options, out, patch_size,
+               no_corrections, no_stability, **kwargs):
         try:
             overrides = json.loads(options)
         except json.JSONDecodeError as exc:
             raise CommandError(f"--options is not JSON: {exc}") from exc
         grid = Grid(seeds=tuple(seeds), artifacts=tuple(artifacts), classes=tuple(classes),
-                    controls=not no_controls, n_audit=n_audit, audit_options=overrides)
+                    controls=not no_controls, n_audit=n_audit, audit_options=overrides, patch_size=patch_size,
+                    corrections=() if no_corrections else Grid.corrections,
+                    stability_cases=0 if no_stability else None)
         self.stdout.write(f"{len(grid.cases())} cases; the first run on a machine trains one tiny CLIP per seed")
         report = run_grid(grid, log=self.stdout.write)
         command = "python manage.py benchmark_flags " + " ".join(sys.argv[2:])
