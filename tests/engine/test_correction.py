@@ -324,9 +324,9 @@ def test_a_latent_active_on_no_image_is_an_engine_error_naming_it():
 def test_an_unknown_method_is_an_engine_error_naming_the_known_ones(problems):
     case = problems[(2, False)]
 
-    with pytest.raises(EngineError, match="unknown correction method 'erase'; known: project, refit"):
+    with pytest.raises(EngineError, match="unknown correction method 'erase'; known: project, refit, reweight"):
         correct_probe(case["probe"], case["directions"], "erase")
-    assert sorted(REGISTRY) == ["project", "refit"]
+    assert sorted(REGISTRY) == ["project", "refit", "reweight"]
 
 
 def test_directions_of_the_wrong_width_are_an_engine_error_naming_both_widths(problems):

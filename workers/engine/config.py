@@ -230,7 +230,7 @@ class AuditConfig(_DictMixin):
         return templates
 
 
-CORRECTION_METHODS = ("project", "refit")  # workers.engine.correction.REGISTRY's names
+CORRECTION_METHODS = ("project", "refit", "reweight")  # workers.engine.correction.REGISTRY's names
 ANCHORS = ("mean", "midpoint", "clean")  # where "project" holds the shortcut's coordinate (workers.engine.correction)
 ESTIMATES = ("regression", "removal")  # how a shortcut's direction is measured (workers.engine.correction)
 
@@ -243,7 +243,8 @@ class CorrectionOptions(_DictMixin):
     anchor: Literal[ANCHORS] = "mean"  # "project": the point every image's shortcut coordinate is moved to
     # one direction per concept from how features move with it within a class, or one per latent by removing it
     directions: Literal[ESTIMATES] = "regression"
-    C: _real(gt=0.0, le=1e6) | None = None  # "refit": inverse regularization; None: chosen by cross-validation
+    # "refit", "reweight": the new fit's inverse regularization; None: chosen by cross-validation
+    C: _real(gt=0.0, le=1e6) | None = None
     # the accuracy the correction may cost on images without any chosen latent before its verdict fails
     max_clean_drop: _Fraction = 0.02
 

@@ -6,13 +6,19 @@
 
 The audited images' activations are extracted once; each chosen latent's direction is measured on them through the
 real tail (:mod:`workers.engine.directions`); the probe is corrected by ``project`` or, with the probe's training
-split, ``refit`` (:func:`~workers.engine.correction.correct_probe`); old and new probe are compared overall, per
-class and on every slice the chosen flags hurt (:func:`~workers.engine.proof.harm_slices`) plus the "clean" images,
-on which none of the chosen latents is active. Re-auditing the new probe is the service's next step (an ordinary
-audit that reuses the SAE).
+split, ``refit`` or ``reweight`` (:func:`~workers.engine.correction.correct_probe`); old and new probe are compared
+overall, per class and on every slice the chosen flags hurt (:func:`~workers.engine.proof.harm_slices`) plus the
+"clean" images, on which none of the chosen latents is active. Re-auditing the new probe is the service's next step
+(an ordinary audit that reuses the SAE).
+
+With the training split the SAE also reads its images, and the outcome shows the data behind the shortcut
+(:func:`training_data`): how often each class's training images have the concept, the imbalance a probe learnt
+it from, and the images that have it (:func:`training_data_csv`).
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import time
 from contextlib import contextmanager
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .activations import ActivationStore, extract_activations
@@ -27,9 +34,9 @@ from .config import ANCHORS, ESTIMATES, AuditConfig, CorrectionOptions
 from .correction import TrainingSplit, correct_probe
 from .data import ImageSet
 from .directions import ShortcutDirections, concept_directions, shortcut_directions
-from .errors import EngineError
+from .errors import EngineError, checkpoint
 from .heads import LinearProbe
-from .hooks import VisionTail
+from .hooks import VisionTail, select_tokens
 from .loading import ClipBundle, resolve_device
 from .pipeline import prepare_images
 from .proof import compare_probes, harm_slices
@@ -42,16 +49,19 @@ CLEAN_SLICE = "images without any chosen latent"  # the slice whose accuracy a c
 class CorrectionOutcome:
     """The corrected probe, what was done (``info``: method, reason, anchor, C...), the proof table
     (:func:`~workers.engine.proof.compare_probes`), the shortcut's directions (``shortcut``: latents, rank,
-    images each is active on) and each stage's seconds."""
+    images each is active on), each stage's seconds and, when the probe's training split was given, the data
+    behind the shortcut (``training_data``: :func:`training_data`; None without it)."""
 
     probe: LinearProbe
     info: dict
     table: dict
     shortcut: dict
     timings: dict
+    training_data: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"info": self.info, "table": self.table, "shortcut": self.shortcut, "timings": self.timings}
+        return {"info": self.info, "table": self.table, "shortcut": self.shortcut, "timings": self.timings,
+                "training_data": self.training_data}
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,12 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     how the features move with its activation within a class: :func:`~workers.engine.directions.concept_directions`)
     or "removal" (one per latent, what removing it takes away:
     :func:`~workers.engine.directions.shortcut_directions`); ``anchor``: "mean" (the mean features of the audited
-    images), "midpoint" or "clean"; ``C``: the refit's inverse regularization (needs ``training``).
-    ``method``: "project" or "refit"; None: ``refit`` when ``training`` (the probe's training split, labelled
-    images) is given, ``project`` otherwise. ``reference``: a probe to measure how much of the way to it the
-    correction went (e.g. one trained without the correlation). ``workdir`` keeps the activation caches.
+    images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``).
+    ``method``: "project", "refit" or "reweight" (the last two need ``training``, the probe's training split:
+    labelled images); None: ``refit`` when ``training`` is given, ``project`` otherwise. With ``training`` the
+    outcome also carries the data behind the shortcut (:func:`training_data`, on the flags' latents).
+    ``reference``: a probe to measure how much of the way to it the correction went (e.g. one trained without the
+    correlation). ``workdir`` keeps the activation caches.
     ``progress(stage, done, total)`` reports the stages of ``workers.engine.stages.CORRECTION_STAGES``.
     """
     options = CorrectionOptions() if options is None else options
@@ -99,7 +111,7 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
         run.report("directions", 0, 1)
         shortcut = _measure(run, store, options.directions, concepts, latents, images.labels)
         run.report("directions", 1, 1)
-    split = _training_split(run, training, options.C)
+    split = _training_split(run, training, options.C, latents)
     with run.timed("correct"):
         run.report("correct", 0, 1)
         new, info = correct_probe(run.probe.cpu(), shortcut, method, split, anchor=options.anchor, seed=config.seed)
@@ -112,7 +124,8 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
         table = compare_probes(run.probe, new, store.embeddings(), labels, slices, reference)
         table["clean_slice"] = CLEAN_SLICE
         run.report("compare", 1, 1)
-    return CorrectionOutcome(new, info, table, _facts(shortcut, audited.flags, len(labels)), run.timings)
+    data = None if split is None else {"latents": latents, **training_data(split, run.probe.class_names)}
+    return CorrectionOutcome(new, info, table, _facts(shortcut, audited.flags, len(labels)), run.timings, data)
 
 
 @dataclass
@@ -181,15 +194,102 @@ def _measure(run: _Run, store: ActivationStore, directions: str, concepts: list[
     return shortcut_directions(tail, run.sae, run.probe, store, latents, token=token, batch_size=batch_size)
 
 
-def _training_split(run: _Run, training: ImageSet | None, C: float | None) -> TrainingSplit | None:
-    """The probe's training split as a refit reads it (its embeddings and labels), or None when not given."""
+def _training_split(run: _Run, training: ImageSet | None, C: float | None, latents: list[int]
+                    ) -> TrainingSplit | None:
+    """The probe's training split as a refit reads it (its embeddings and labels) and as the SAE sees it (where
+    the chosen ``latents`` are active, how strongly, on which image), or None when not given."""
     if training is None:
         if C is not None:
             raise EngineError("C sets the refit's regularization; it needs the probe's training split")
         return None
     with run.timed("training"):
-        store = run.extract(prepare_images(run.bundle, run.probe, training), "training", "training")
-        return TrainingSplit(store.embeddings(), training.remap(run.probe.class_names).labels.numpy(), C)
+        images = prepare_images(run.bundle, run.probe, training)
+        store = run.extract(images, "training", "training")
+        activation = _concept_activation(run, store, latents)
+        return TrainingSplit(store.embeddings(), images.labels.numpy(), C, concept_active=activation > 0,
+                             activation=activation, ids=list(images.ids))
+
+
+@torch.no_grad()
+def _concept_activation(run: _Run, store: ActivationStore, latents: list[int]) -> np.ndarray:
+    """[images] the summed activation of ``latents`` on each image of ``store``, read at the audit's token (a
+    spatial SAE's latent counts with its largest activation over the patches), float64."""
+    chosen = torch.tensor(latents, dtype=torch.long, device=run.device)
+    sums = []
+    for _, acts, _ in store.iter_batches(run.config.batch_size):
+        checkpoint()
+        # the k active latents only: a dense [batch, patches, latents] code of a wide spatial SAE is gigabytes
+        values, indices = run.sae.encode_sparse(select_tokens(acts.to(run.device), run.config.token))
+        hit = (indices.unsqueeze(-1) == chosen) & (values > 0).unsqueeze(-1)  # [b, (P,) k, latents]
+        per_latent = (hit * values.unsqueeze(-1)).sum(-2)  # [b, (P,) latents]
+        if per_latent.ndim == 3:
+            per_latent = per_latent.amax(1)
+        sums.append(per_latent.sum(-1).double().cpu())
+    return torch.cat(sums).numpy() if sums else np.zeros(0)
+
+
+def training_data(split: TrainingSplit, class_names: Sequence[str]) -> dict:
+    """The data behind the shortcut: how the concept (the chosen latents, :attr:`TrainingSplit.concept_active`)
+    is spread over the classes of the probe's training split, which the probe learnt it from.
+
+    ``classes``: per class its images, how many have the concept and how many not, and the share that have it.
+    ``imbalance``: per class the concept's rate among its images against among the other classes' (difference and
+    ratio; ratio None where the others never have it): a class whose rate is higher is the one a probe learns to
+    read the concept as evidence for, ``points_to`` (the largest difference; None when the rates are equal or the
+    concept is on no image). ``rows``: the images with the concept (image id, class, summed activation), strongest
+    first (in image order when the activation was not measured).
+    """
+    if split.concept_active is None:
+        raise EngineError("the training split does not say where the concept is active; extract it with the "
+                          "audit's SAE first")
+    y = split.label_indices(class_names)
+    present = np.asarray(split.concept_active, dtype=bool).reshape(-1)
+    if len(present) != len(y):
+        raise EngineError(f"the training split has {len(y)} images but concept_active says {len(present)}")
+    ids = [str(i) for i in split.ids] if split.ids is not None else [str(i) for i in range(len(y))]
+    activation = None if split.activation is None else np.asarray(split.activation, dtype=np.float64).reshape(-1)
+    if len(ids) != len(y) or (activation is not None and len(activation) != len(y)):
+        raise EngineError(f"the training split has {len(y)} images but not as many ids and activations")
+    n_class = np.bincount(y, minlength=len(class_names))
+    n_with = np.bincount(y[present], minlength=len(class_names))
+    classes, imbalance = {}, {}
+    for k, name in enumerate(class_names):
+        rate_in = _rate(n_with[k], n_class[k])
+        rate_out = _rate(n_with.sum() - n_with[k], n_class.sum() - n_class[k])
+        known = rate_in is not None and rate_out is not None
+        classes[name] = {"images": int(n_class[k]), "with": int(n_with[k]), "without": int(n_class[k] - n_with[k]),
+                         "share_with": _rounded(rate_in)}
+        imbalance[name] = {"rate_in_class": _rounded(rate_in), "rate_in_others": _rounded(rate_out),
+                           "difference": _rounded(rate_in - rate_out) if known else None,
+                           "ratio": _rounded(rate_in / rate_out) if known and rate_out else None}
+    differences = {name: row["difference"] for name, row in imbalance.items() if row["difference"] is not None}
+    leader = max(differences, key=differences.get) if differences else None
+    order = np.flatnonzero(present)
+    if activation is not None:
+        order = order[np.argsort(-activation[order], kind="stable")]
+    rows = [{"image": ids[i], "class": class_names[y[i]],
+             "activation": None if activation is None else round(float(activation[i]), 6)} for i in order]
+    return {"images": int(len(y)), "with_concept": int(present.sum()), "classes": classes, "imbalance": imbalance,
+            "points_to": leader if leader is not None and differences[leader] > 0 else None, "rows": rows}
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return float(part) / float(whole) if whole else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def training_data_csv(data: dict) -> str:
+    """The rows of :func:`training_data` (the training images that have the concept) as CSV text, with the
+    header ``image,class,activation``."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", "class", "activation"])
+    for row in data.get("rows", []):
+        writer.writerow([row["image"], row["class"], "" if row["activation"] is None else row["activation"]])
+    return out.getvalue()
 
 
 def _facts(shortcut: ShortcutDirections, flags: Sequence[tuple[str, int]], n_images: int) -> dict:

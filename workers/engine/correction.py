@@ -11,12 +11,12 @@ This module holds the second step; the first is :mod:`workers.engine.directions`
 
 The probe reads ``x = g(f)``: the embedding after its normalization and standardization, where its weight acts.
 Every direction here lives in that space. With ``U`` [k, embed_dim] an orthonormal basis of the shortcut's
-directions and ``P = U^T U``, both corrections end as the same kind of probe::
+directions and ``P = U^T U``, ``project`` and ``refit`` end as the same kind of probe::
 
     W' = W (I - P)          b' = b + W P a
 
 i.e. the old probe applied to ``x - P (x - a)``: every image's coordinate along the shortcut replaced by the one
-of an anchor point ``a``. The new probe reads nothing along ``U`` (``W' U^T = 0``) and is a plain
+of an anchor point ``a``. The new probe reads nothing along ``U`` (``W' U^T = 0``). Every method's probe is a plain
 :class:`~workers.engine.heads.LinearProbe` of the old one's format (classes, normalization, mean, scale, one row
 for a binary probe that came as one row), so it saves to ``.npz``/``.safetensors`` and drops in where the old one
 ran.
@@ -27,6 +27,11 @@ Methods (one verb, ``correct``, chosen by name from :data:`REGISTRY`):
   subspace; it needs only the audit's data.
 - ``refit`` fits a new logistic regression on the user's training split with the shortcut's coordinate replaced
   by the anchor's (so the fit cannot use it), then reads features exactly as above.
+- ``reweight`` fits a new logistic regression on the training split as it is, nothing projected out, with the
+  images weighted so that the concept is as frequent in every class (:func:`balancing_weights`): it removes the
+  correlation the probe learnt the shortcut from instead of the direction it reads it along. It needs to know on
+  which training images the concept is active (:attr:`TrainingSplit.concept_active`); its probe may still read
+  the shortcut's direction where that helps tell the classes apart once the concept no longer does.
 
 The anchor matters for ``project`` only (a refit learns its own intercept). ``mean`` (the default) holds every
 image's shortcut coordinate at the audited images' mean (directions given by hand, without that mean, fall back
@@ -55,9 +60,10 @@ from .heads import LinearProbe
 from .proof import compare_probes, gap_closed, harm_slices
 
 __all__ = [
-    "ANCHORS", "CV_CS", "CV_FOLDS", "REDUNDANT_TOL", "REGISTRY", "Correction", "Projection", "Refit",
-    "ShortcutDirections", "TrainingSplit", "compare_probes", "concept_directions", "concept_groups", "correct_probe",
-    "gap_closed", "get_correction", "harm_slices", "orthonormal_basis", "shortcut_directions",
+    "ANCHORS", "CV_CS", "CV_FOLDS", "REDUNDANT_TOL", "REGISTRY", "Correction", "Projection", "Refit", "Reweight",
+    "ShortcutDirections", "TrainingSplit", "balancing_weights", "compare_probes", "concept_directions",
+    "concept_groups", "correct_probe", "gap_closed", "get_correction", "harm_slices", "orthonormal_basis",
+    "shortcut_directions",
 ]
 
 CV_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the grid a refit searches when no C is given
@@ -68,11 +74,19 @@ CV_FOLDS = 3
 class TrainingSplit:
     """The probe's training split: raw image embeddings [n, embed_dim] (the model's output, before the probe's
     normalization) and labels (class indices, or class names as in labels.csv). ``C``: the probe's inverse
-    regularization strength when known; otherwise a refit picks it by cross-validation."""
+    regularization strength when known; otherwise a refit picks it by cross-validation.
+
+    What the audit's SAE sees on these images, when measured: ``concept_active`` [n] bool, whether any of the
+    chosen latents is active on the image (``reweight`` balances it across the classes); ``activation`` [n] float,
+    their summed activation; ``ids`` [n], the images' names (the rows of the data behind the shortcut).
+    """
 
     embeddings: Tensor
     labels: Sequence
     C: float | None = None
+    concept_active: np.ndarray | None = None
+    activation: np.ndarray | None = None
+    ids: Sequence[str] | None = None
 
     def label_indices(self, class_names: Sequence[str]) -> np.ndarray:
         labels = list(self.labels.tolist() if hasattr(self.labels, "tolist") else self.labels)
@@ -165,55 +179,146 @@ class Refit(Correction):
     def _correct(self, probe, shortcut, training, point, seed):
         from sklearn.linear_model import LogisticRegression
 
-        emb = torch.as_tensor(training.embeddings).detach().float().cpu()
-        if emb.ndim != 2 or emb.shape[1] != probe.embed_dim:
-            raise EngineError(f"training embeddings must be [images, {probe.embed_dim}] (the probe's width), got "
-                              f"shape {list(emb.shape)}")
-        y = training.label_indices(probe.class_names)
-        counts = np.bincount(y, minlength=len(probe.class_names))
-        missing = [name for name, n in zip(probe.class_names, counts) if n == 0]
-        if missing:
-            raise EngineError(f"the training split has no image of class(es) {', '.join(missing)}")
-        with torch.no_grad():
-            x = probe.features(emb.to(probe.mean.device)).double().cpu()
+        x, y, counts = _training_features(probe, training)
         p = _projector(shortcut)
         x = (x - (x - point.double()) @ p).numpy()  # the shortcut's coordinate held at the anchor's
-        folds = min(CV_FOLDS, int(counts.min()))
-        if training.C is not None:
-            c, how = float(training.C), "given"
-        elif folds >= 2:
-            c, how = _cross_validated_c(x, y, folds, seed), f"{folds}-fold cross-validation (log loss) over {list(CV_CS)}"
-        else:
-            c, how = 1.0, "scikit-learn's default (too few images per class to cross-validate)"
+        c, how = _regularization(x, y, counts, training.C, seed)
         clf = LogisticRegression(C=c, max_iter=5000).fit(x, y)
-        coef = torch.as_tensor(clf.coef_, dtype=torch.float64)
-        intercept = torch.as_tensor(clf.intercept_, dtype=torch.float64)
-        if coef.shape[0] == 1:  # binary: scikit-learn's one row reads class 1 against class 0
-            # one stored row keeps scikit-learn's row; two rows split its logit so that softmax gives its probability
-            half = 1.0 if probe.stored_rows == 1 else 0.5
-            coef = torch.cat([-half * coef, half * coef])
-            intercept = torch.cat([-half * intercept, half * intercept])
-        weight, bias = _read_off(coef, intercept, shortcut, point)
+        weight, bias = _read_off(*_probe_rows(clf, probe), shortcut, point)
         return weight, bias, {"n_train": int(len(y)), "C": c, "C_from": how}
 
 
-def _cross_validated_c(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    """The C of :data:`CV_CS` with the lowest held-out log loss (the smallest C on a tie: the simpler probe)."""
+class Reweight(Correction):
+    """A logistic regression fitted on the training split as it is, each image weighted so that the concept is
+    independent of the class (:func:`balancing_weights`).
+
+    The probe learnt the shortcut because the concept came with one class more often than with the others; under
+    these weights it comes with every class equally often, so it no longer tells the classes apart and the fit has
+    no reason to read it. Nothing is projected out: what the concept's direction shares with the classes' own
+    signal stays readable. Same features, C (chosen on the weighted log loss) and solver as ``refit``.
+    """
+
+    name = "reweight"
+    needs_training = True
+
+    def _correct(self, probe, shortcut, training, point, seed):
+        from sklearn.linear_model import LogisticRegression
+
+        x, y, counts = _training_features(probe, training)
+        if training.concept_active is None:
+            raise EngineError("the 'reweight' correction needs to know on which training images the concept is "
+                              "active (the training split's concept_active)")
+        present = np.asarray(training.concept_active, dtype=bool).reshape(-1)
+        if len(present) != len(y):
+            raise EngineError(f"the training split has {len(y)} images but concept_active says {len(present)}")
+        if present.all() or not present.any():
+            raise EngineError(f"the concept is active on {'every' if present.any() else 'no'} image of the "
+                              "training split: there is nothing to balance, so reweighting would change nothing")
+        sample_weight, cells = balancing_weights(y, present, len(probe.class_names))
+        x = x.numpy()
+        c, how = _regularization(x, y, counts, training.C, seed, sample_weight)
+        clf = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=sample_weight)
+        weight, bias = _probe_rows(clf, probe)
+        weighted = np.zeros((len(probe.class_names), 2))
+        np.add.at(weighted, (y, present.astype(np.int64)), sample_weight)
+        names = probe.class_names
+        return weight, bias, {
+            "n_train": int(len(y)), "C": c, "C_from": how, "concept_images": int(present.sum()),
+            "counts_before": {name: {"with": int(row[1]), "without": int(row[0])} for name, row in zip(names, cells)},
+            "counts_after": {name: {"with": round(float(row[1]), 6), "without": round(float(row[0]), 6)}
+                             for name, row in zip(names, weighted)},
+            "empty_cells": [{"class": names[k], "concept": "with" if p else "without"}
+                            for k, p in zip(*np.nonzero(cells == 0))],
+            "weight_share_after": _weight_share(weight, shortcut, names),
+        }
+
+
+def balancing_weights(labels: np.ndarray, present: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image weights under which the concept's presence is independent of the class, and the cells' counts.
+
+    Cell (k, p): the ``n_kp`` images of class ``k`` with the concept present (p = 1) or absent (p = 0); ``n_k``
+    images of class ``k``, ``n_p`` with presence ``p``, ``n`` in all. Every image of a cell weighs
+    ``(n_k n_p / n) / n_kp``, so the cell's weighted count is ``n_k n_p / n``: the counts factorize, each class
+    keeps its size and the concept its overall frequency, and the weights average 1 (a C keeps its meaning). An
+    empty cell has no image to carry its weight: its class keeps the concept's absence (or presence) as evidence,
+    and the caller reports it. Returns (weights [n] float64, counts [n_classes, 2] int, column p).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    column = np.asarray(present, dtype=bool).astype(np.int64)
+    counts = np.zeros((n_classes, 2), dtype=np.int64)
+    np.add.at(counts, (labels, column), 1)
+    n = counts.sum()
+    target = np.outer(counts.sum(1), counts.sum(0)) / max(int(n), 1)  # n_k n_p / n
+    per_image = np.divide(target, counts, out=np.zeros_like(target), where=counts > 0)
+    return per_image[labels, column], counts
+
+
+def _training_features(probe: LinearProbe, training: TrainingSplit) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """The training split as the probe reads it: features [n, embed_dim] float64, class indices [n] and the
+    images per class; refused when the embeddings are not the probe's width or a class has no image."""
+    emb = torch.as_tensor(training.embeddings).detach().float().cpu()
+    if emb.ndim != 2 or emb.shape[1] != probe.embed_dim:
+        raise EngineError(f"training embeddings must be [images, {probe.embed_dim}] (the probe's width), got "
+                          f"shape {list(emb.shape)}")
+    y = training.label_indices(probe.class_names)
+    counts = np.bincount(y, minlength=len(probe.class_names))
+    missing = [name for name, n in zip(probe.class_names, counts) if n == 0]
+    if missing:
+        raise EngineError(f"the training split has no image of class(es) {', '.join(missing)}")
+    with torch.no_grad():
+        x = probe.features(emb.to(probe.mean.device)).double().cpu()
+    return x, y, counts
+
+
+def _regularization(x: np.ndarray, y: np.ndarray, counts: np.ndarray, given: float | None, seed: int,
+                    sample_weight: np.ndarray | None = None) -> tuple[float, str]:
+    """(C, where it came from): as given, else cross-validated, else scikit-learn's default when a class has too
+    few images to hold some out."""
+    folds = min(CV_FOLDS, int(counts.min()))
+    if given is not None:
+        return float(given), "given"
+    if folds >= 2:
+        loss = "log loss" if sample_weight is None else "weighted log loss"
+        return (_cross_validated_c(x, y, folds, seed, sample_weight),
+                f"{folds}-fold cross-validation ({loss}) over {list(CV_CS)}")
+    return 1.0, "scikit-learn's default (too few images per class to cross-validate)"
+
+
+def _probe_rows(clf, probe: LinearProbe) -> tuple[Tensor, Tensor]:
+    """A fitted scikit-learn classifier's weight and bias as rows of ``probe``'s layout, float64."""
+    coef = torch.as_tensor(clf.coef_, dtype=torch.float64)
+    intercept = torch.as_tensor(clf.intercept_, dtype=torch.float64)
+    if coef.shape[0] == 1:  # binary: scikit-learn's one row reads class 1 against class 0
+        # one stored row keeps scikit-learn's row; two rows split its logit so that softmax gives its probability
+        half = 1.0 if probe.stored_rows == 1 else 0.5
+        coef = torch.cat([-half * coef, half * coef])
+        intercept = torch.cat([-half * intercept, half * intercept])
+    return coef, intercept
+
+
+def _cross_validated_c(x: np.ndarray, y: np.ndarray, folds: int, seed: int,
+                       sample_weight: np.ndarray | None = None) -> float:
+    """The C of :data:`CV_CS` with the lowest held-out log loss (the smallest C on a tie: the simpler probe); with
+    ``sample_weight``, fitted and scored under the weights."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedKFold
+
+    def weights(rows):
+        return None if sample_weight is None else sample_weight[rows]
 
     splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
     losses = []
     for c in CV_CS:
         checkpoint()
-        losses.append(np.mean([log_loss(y[test], LogisticRegression(C=c, max_iter=5000).fit(x[train], y[train])
-                                        .predict_proba(x[test]), labels=np.arange(int(y.max()) + 1))
+        losses.append(np.mean([log_loss(y[test], LogisticRegression(C=c, max_iter=5000)
+                                        .fit(x[train], y[train], sample_weight=weights(train)).predict_proba(x[test]),
+                                        sample_weight=weights(test), labels=np.arange(int(y.max()) + 1))
                                for train, test in splits]))
     return float(CV_CS[int(np.argmin(losses))])
 
 
-REGISTRY: dict[str, type[Correction]] = {cls.name: cls for cls in (Projection, Refit)}
+REGISTRY: dict[str, type[Correction]] = {cls.name: cls for cls in (Projection, Refit, Reweight)}
 
 
 def get_correction(name: str) -> Correction:
