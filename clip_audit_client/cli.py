@@ -244,6 +244,9 @@ def _flag_ids(api: Api, audit_id: int, given: str | None) -> list[int] | None:
 
 def correct(args, log=print) -> int:
     """Make a corrected probe from an audit's flags, wait for its proof and re-audit, download it, gate on it."""
+    if getattr(args, "training_data", None) and not args.training_dataset:
+        raise Stop(EXIT_USAGE, "--training-data lists the training images that have the concept: give the probe's "
+                               "training split with --training-dataset")
     api = Api(args.url, args.token)
     options = {"max_clean_drop": args.max_clean_drop, "anchor": args.anchor, "directions": args.directions}
     if args.C is not None:
@@ -265,6 +268,11 @@ def correct(args, log=print) -> int:
     download = api.call("GET", f"/api/v1/probes/{state['new_probe']}/download/")
     name = download.headers.get("Content-Disposition", "").rpartition("filename=")[2].strip('"') or "probe.npz"
     (out / name).write_bytes(download.content)
+    if getattr(args, "training_data", None):
+        listing = api.call("GET", f"/api/v1/corrections/{correction_id}/training-data/")
+        Path(args.training_data).write_bytes(listing.content)
+        lines = max(0, len(listing.content.splitlines()) - 1)
+        log(f"training images with the concept: {args.training_data} ({lines} images)")
     args.outcome = {"id": correction_id, "state": state, "probe": probe, "out": out, "probe_file": out / name}
     return correction_gate(state, probe, out / name, args, log)
 
@@ -483,16 +491,22 @@ def _add_correct_parser(sub) -> None:
     c.add_argument("--audit", type=int, required=True, help="the succeeded audit whose flags to correct")
     c.add_argument("--flags", help="comma-separated flag ids or CLASS:LATENT (e.g. melanoma:12); default: the "
                                    "probe flags reviewed as confirmed shortcuts")
-    c.add_argument("--method", choices=["project", "refit"],
-                   help="default: refit with --training-dataset, else project")
+    c.add_argument("--method", choices=["project", "refit", "reweight"],
+                   help="default: refit with --training-dataset, else project; reweight: refit on the training "
+                        "split weighted so that the concept is as common in every class")
     c.add_argument("--training-dataset", type=int, metavar="DATASET_ID",
-                   help="a registered dataset (labels.csv) holding the probe's training split, for refit")
+                   help="a registered dataset (labels.csv) holding the probe's training split, for refit and "
+                        "reweight")
+    c.add_argument("--training-data", type=Path, metavar="FILE",
+                   help="save the training images on which the concept is active (image, class, activation) as "
+                        "CSV (needs --training-dataset)")
     c.add_argument("--anchor", choices=["mean", "midpoint", "clean"], default="mean",
                    help="for project: where every image's shortcut coordinate is held (default: the audited images' mean)")
     c.add_argument("--directions", choices=["regression", "removal"], default="regression",
                    help="one direction per concept from how features move with it within a class (default), or one "
                         "per latent by removing it")
-    c.add_argument("--C", type=float, help="the refit's regularization (default: chosen by cross-validation)")
+    c.add_argument("--C", type=float, help="the regularization of refit and reweight (default: chosen by "
+                                           "cross-validation)")
     c.add_argument("--max-clean-drop", type=float, default=0.02,
                    help="accuracy the correction may cost on images without the chosen latents (default 0.02)")
     c.add_argument("--allow-new-flags", action="store_true",

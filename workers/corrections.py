@@ -61,5 +61,19 @@ def _correct(correction: Correction, workdir: Path, progress) -> None:
                          method=correction.method or None, training=training, workdir=workdir, progress=progress)
     path = workdir / f"probe{Path(audit.probe.file.name).suffix.lower() or '.npz'}"
     outcome.probe.save(path)
-    result = {"correction": outcome.to_dict(), "method": outcome.info["method"], "reason": outcome.info["reason"]}
+    result = {"correction": _kept(outcome.to_dict()), "method": outcome.info["method"],
+              "reason": outcome.info["reason"]}
     reaudit_corrected_probe(correction, path, result, outcome.timings)  # the new probe's rows: the domain's
+
+
+TRAINING_ROWS_MAX = 20_000  # training images with the concept a correction's result keeps (strongest first)
+
+
+def _kept(outcome: dict) -> dict:
+    """The outcome as stored: the data behind the shortcut keeps its :data:`TRAINING_ROWS_MAX` strongest images
+    (``rows_kept`` says so when it had more), so a large training split does not make the row huge."""
+    data = outcome.get("training_data")
+    if data and len(data.get("rows") or []) > TRAINING_ROWS_MAX:
+        outcome = {**outcome, "training_data": {**data, "rows": data["rows"][:TRAINING_ROWS_MAX],
+                                                "rows_kept": TRAINING_ROWS_MAX}}
+    return outcome

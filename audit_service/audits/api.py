@@ -204,6 +204,12 @@ class CorrectionViewSet(JobViewSet):
     def get_queryset(self):
         return super().get_queryset().prefetch_related("flags")
 
+    @action(detail=True, methods=["get"], url_path="training-data")
+    def training_data(self, request, pk=None):
+        """The probe's training images on which the corrected concept is active (image, class, activation),
+        strongest first; a correction made with a training split (refit, reweight) has them once it ran."""
+        return report.training_response(self.get_object())
+
 
 # the kinds whose API declares more than list, read and cancel (job_viewset serves the others)
 JOB_VIEWSETS = {"audit": AuditViewSet, "correction": CorrectionViewSet, "explanation": ExplanationViewSet}

@@ -16,6 +16,7 @@ from .services import create_reaudit
 from .models import FINISHED, REAUDIT_STAGE, Audit, Correction, Flag, Status, Verdict, audit_finished
 
 SAE_ARTIFACTS = ("sae/sae.safetensors", "sae/sae.json", "sae/metrics.json")
+TRAINED = ("refit", "reweight")  # the methods that fit a new probe on the probe's training split
 
 
 def default_flags(audit: Audit) -> list[Flag]:
@@ -37,8 +38,9 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
     """Check the request, create the correction and enqueue it once the row is committed.
 
     ``flag_ids``: probe flags of ``audit`` (None: the ones reviewed as confirmed shortcuts). ``method``:
-    "project", "refit" or "" (refit when a training dataset is given, else project). ``training_dataset``: a
-    labelled dataset of the project, the probe's training split (labels.csv format), for "refit".
+    "project", "refit", "reweight" or "" (refit when a training dataset is given, else project).
+    ``training_dataset``: a labelled dataset of the project, the probe's training split (labels.csv format), for
+    "refit" and "reweight".
     """
     require_sae(audit, "only a succeeded audit can be corrected", "correct the new one")
     flags = _chosen_flags(audit, flag_ids)
@@ -91,22 +93,23 @@ def _chosen_flags(audit: Audit, flag_ids) -> list[Flag]:
 
 def _check_training(audit: Audit, method: str, dataset, options: dict) -> None:
     if dataset is None:
-        if method == "refit":
-            raise RegistrationError("the 'refit' method needs the probe's training split: register it as a "
+        if method in TRAINED:
+            raise RegistrationError(f"the '{method}' method needs the probe's training split: register it as a "
                                     "dataset (images with labels.csv) and give it as training_dataset",
                                     field="training_dataset")
         if options.get("C") is not None:
-            raise RegistrationError("C is the refit's regularization; it needs a training_dataset",
-                                    field="options")
+            raise RegistrationError("C is the regularization of a refit or a reweighted fit; it needs a "
+                                    "training_dataset", field="options")
         return
     if method == "project":
-        raise RegistrationError("'project' uses the audit's data only; drop training_dataset or choose 'refit'",
-                                field="training_dataset")
+        raise RegistrationError("'project' uses the audit's data only; drop training_dataset or choose 'refit' or "
+                                "'reweight'", field="training_dataset")
     if dataset.project_id != audit.project_id:
         raise RegistrationError("the training dataset belongs to another project", field="training_dataset")
     if dataset.purpose != DatasetPurpose.AUDIT:
-        raise RegistrationError(f"dataset '{dataset.name}' is unlabelled (registered for SAE training); a refit "
-                                "needs the labels of the probe's training split", field="training_dataset")
+        raise RegistrationError(f"dataset '{dataset.name}' is unlabelled (registered for SAE training); a refit or "
+                                "a reweighted fit needs the labels of the probe's training split",
+                                field="training_dataset")
     unknown = sorted(set(dataset.class_names) - set(audit.probe.class_names))
     missing = sorted(set(audit.probe.class_names) - set(dataset.class_names))
     if unknown or missing:

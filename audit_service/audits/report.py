@@ -418,6 +418,7 @@ def correction_view(correction) -> dict:
     reaudit = result.get("reaudit") or {}
     diff = reaudit.get("diff") or {}
     return {"correction": correction, "flags": list(correction.flags.all()), "rows": rows,
+            "training": training_view((result.get("correction") or {}).get("training_data")),
             "has_reference": bool(rows) and "reference" in rows[0], "info": (result.get("correction") or {}).get("info"),
             "method": result.get("method"), "reason": result.get("reason"), "verdict": result.get("verdict"),
             "diff": diff, "diff_counts": diff.get("counts"),
@@ -438,6 +439,54 @@ def heatmap_method_of(config: dict | None) -> str:
 
 GALLERY_SIZE = 6  # latents an explanation shows as large maps next to the image
 GALLERY_PX = 224  # the side of those maps: the model's crop at a size a reviewer can read
+
+
+TRAINING_ROWS_SHOWN = 12  # training images with the concept a correction's card lists (the CSV has them all)
+
+
+def training_view(data: dict | None) -> dict | None:
+    """The data behind the shortcut as a correction's card shows it: per class the training images with and
+    without the concept, the rate in the class against the others, and the images with the strongest
+    activation; None when the correction had no training split."""
+    if not data:
+        return None
+    imbalance = data.get("imbalance") or {}
+    classes = [{"name": name, **row, **{f"imbalance_{k}": v for k, v in (imbalance.get(name) or {}).items()}}
+               for name, row in (data.get("classes") or {}).items()]
+    return {"classes": classes, "points_to": data.get("points_to"), "images": data.get("images"),
+            "with_concept": data.get("with_concept"), "latents": data.get("latents"),
+            "top": (data.get("rows") or [])[:TRAINING_ROWS_SHOWN], "rows_kept": data.get("rows_kept"),
+            "rows_total": len(data.get("rows") or [])}
+
+
+def training_csv(correction) -> Iterator[str]:
+    """The training images on which the corrected concept is active (image, class, activation), strongest first:
+    for relabelling or rebalancing the probe's training split."""
+    data = ((correction.result or {}).get("correction") or {}).get("training_data") or {}
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["image", "class", "activation"])
+    yield out.getvalue()
+    for row in data.get("rows") or []:
+        out.seek(0)
+        out.truncate()
+        writer.writerow([row["image"], row["class"], row["activation"]])
+        yield out.getvalue()
+
+
+def training_response(correction):
+    """:func:`training_csv` as a download, or a 409 that says why there is none."""
+    from django.http import JsonResponse, StreamingHttpResponse
+
+    data = ((correction.result or {}).get("correction") or {}).get("training_data")
+    if not data:
+        why = ("it was made without the probe's training split (give training_dataset, with method refit or "
+               "reweight)" if correction.training_dataset_id is None else f"it is {correction.status} and has not "
+                                                                            "read the training split yet")
+        return JsonResponse({"detail": f"correction {correction.pk} has no training data: {why}"}, status=409)
+    response = StreamingHttpResponse(training_csv(correction), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="correction-{correction.pk}-training-data.csv"'
+    return response
 
 
 def explanation_view(explanation) -> dict:

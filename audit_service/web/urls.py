@@ -22,6 +22,7 @@ urlpatterns = [
     path("audits/<int:pk>/flags/<int:flag_pk>/review/", views.flag_review, name="flag_review"),
     path("audits/<int:pk>/corrections/new/", views.correction_new, name="correction_new"),
     path("corrections/<int:pk>/", views.correction_detail, name="correction"),
+    path("corrections/<int:pk>/training-data.csv", views.correction_training_data, name="correction_training_data"),
     path("probes/<int:pk>/download/", views.probe_download, name="probe_download"),
     path("audits/<int:pk>/explain/", views.explanation_new, name="explanation_new"),
     path("explanations/<int:pk>/", views.explanation_detail, name="explanation"),

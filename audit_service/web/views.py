@@ -315,6 +315,12 @@ def correction_detail(request, pk):
         "can_write": correction.project.has_role(request.user, Role.MEMBER), "standalone": False})
 
 
+@login_required
+def correction_training_data(request, pk):
+    """The training images on which the corrected concept is active, as CSV (viewers too)."""
+    return report.training_response(_correction(request.user, pk))
+
+
 # --------------------------------------------------------------------------- explaining one image
 
 @login_required

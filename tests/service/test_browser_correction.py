@@ -1,7 +1,8 @@
 """Making a corrected probe in real headless Chromium, against a live server, a real Celery worker, Redis and
 PostgreSQL: a member reviews a flag as a confirmed shortcut, makes a corrected probe from the report, watches the
-job and its re-audit finish, reads the before/after table and the diff, and downloads the new probe; the report
-and the project page then show the correction. Screenshots go to ``TEST_ARTIFACTS_DIR`` (correction*.png).
+job and its re-audit finish, reads the before/after table, the diff and the training images behind the shortcut
+(a reweighted fit on the probe's training split), downloads that list and the new probe; the report and the project
+page then show the correction. Screenshots go to ``TEST_ARTIFACTS_DIR`` (correction*.png).
 """
 import re
 import time
@@ -68,6 +69,9 @@ def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, 
         boxes = form.locator("input[name=flags]")
         checked = [int(boxes.nth(i).get_attribute("value")) for i in range(boxes.count()) if boxes.nth(i).is_checked()]
         assert checked == [flag.pk]
+        # reweighted on the probe's training split (the registered dataset stands in for it)
+        form.locator("select[name=method]").select_option("reweight")
+        form.locator("select[name=training_dataset]").select_option(str(registered["dataset"].pk))
         form.screenshot(path=str(ARTIFACTS / "correction-form.png"))
         page.click("#make-correction-button")
         page.wait_for_url(re.compile(r".*/corrections/\d+/$"))
@@ -82,6 +86,19 @@ def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, 
         table = page.inner_text("#result .correction-table")
         assert "all images" in table and f"latent {flag.latent} active" in table and "Old probe" in table
         assert "flags gone" in page.inner_text("#result .diff-summary")
+        assert correction.result["method"] == "reweight" and "Method: reweight" in page.inner_text("#result")
+        # the data behind the shortcut: per class counts on the page, the whole list as CSV
+        data = correction.result["correction"]["training_data"]
+        training = page.inner_text("#result .training-data")
+        assert f"{data['with_concept']} have the corrected concept" in training
+        assert all(name in page.inner_text("#result .training-table") for name in data["classes"])
+        page.locator("#result .training-data").screenshot(path=str(ARTIFACTS / "correction-training-data.png"))
+        with page.expect_download() as info:
+            page.click("#result >> text=Download the list (CSV)")
+        listing = tmp_path / info.value.suggested_filename
+        info.value.save_as(listing)
+        lines = listing.read_text().splitlines()
+        assert lines[0] == "image,class,activation" and len(lines) == len(data["rows"]) + 1
         page.screenshot(path=str(ARTIFACTS / "correction.png"), full_page=True)
 
         with page.expect_download() as info:

@@ -53,6 +53,22 @@ def test_the_client_corrects_a_flag_downloads_the_probe_and_exits_on_the_verdict
         saved = out / Path(correction.new_probe.file.name).name
         assert saved.read_bytes() == correction.new_probe.file.open("rb").read()
         assert json.loads((out / f"correction-{correction.pk}.json").read_text())["id"] == correction.pk
+
+        # reweighted on the probe's training split (here the audited dataset stands in for it), with its list
+        code, output = correct(live_server.url, key, "--audit", audit.pk, "--flags", f"{flag.class_name}:{flag.latent}",
+                               "--training-data", tmp_path / "list.csv")
+        assert code == 2 and "give the probe's training split with --training-dataset" in output
+        listing = tmp_path / "list.csv"
+        code, output = correct(live_server.url, key, "--audit", audit.pk, "--flags", f"{flag.class_name}:{flag.latent}",
+                               "--method", "reweight", "--training-dataset", audit.dataset_id, "--training-data",
+                               listing, "--out", tmp_path / "fix2")
+        reweighted = Correction.objects.latest("pk")
+        assert reweighted.status == Status.SUCCEEDED and reweighted.result["method"] == "reweight", \
+            (reweighted.error, output)
+        rows = reweighted.result["correction"]["training_data"]["rows"]
+        lines = listing.read_text().splitlines()
+        assert lines[0] == "image,class,activation" and len(lines) == len(rows) + 1 > 1
+        assert f"training images with the concept: {listing} ({len(rows)} images)" in output
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -142,8 +142,9 @@ def test_bad_requests_are_refused_naming_the_problem_and_leave_no_row(audited, u
         ({"flags": "1"}, "flags", "non-empty list of flag ids"),
         ({"flags": []}, "flags", "non-empty list of flag ids"),
         ({"flags": [True]}, "flags", "non-empty list of flag ids"),
-        ({"flags": [flag.pk], "method": "erase"}, "method", "must be one of project, refit"),
+        ({"flags": [flag.pk], "method": "erase"}, "method", "must be one of project, refit, reweight"),
         ({"flags": [flag.pk], "method": "refit"}, "training_dataset", "needs the probe's training split"),
+        ({"flags": [flag.pk], "method": "reweight"}, "training_dataset", "'reweight' method needs the probe's"),
         ({"flags": [flag.pk], "options": {"anchor": "middle"}}, "options", "anchor"),
         ({"flags": [flag.pk], "options": {"max_clean_drop": 5}}, "options", "max_clean_drop"),
         ({"flags": [flag.pk], "options": {"C": 1.0}}, "options", "needs a training_dataset"),
@@ -194,6 +195,45 @@ def test_a_refit_uses_the_training_dataset(audited, users, project, assets, queu
     info = correction.result["correction"]["info"]
     assert correction.result["method"] == "refit" and "training split given" in correction.result["reason"]
     assert info["C"] == 1.0 and info["n_train"] == training.n_images
+
+
+def test_a_reweighted_fit_lists_the_data_behind_the_shortcut(audited, users, project, assets, queue, client_for, web,
+                                                            django_capture_on_commit_callbacks):
+    training = register_dataset(project=project, user=users["member"], name="probe training split",
+                                archive=upload(assets["dataset"], "train.zip"))
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk],
+                                   method="reweight", training_dataset=training)
+    with django_capture_on_commit_callbacks(execute=True):
+        correction_tasks.run_correction.apply(args=[correction.pk])
+    correction.refresh_from_db()
+    assert correction.stage == "reaudit", correction.error
+    assert correction.result["method"] == "reweight"
+    info = correction.result["correction"]["info"]
+    assert info["n_train"] == training.n_images and set(info["counts_before"]) == set(audited.probe.class_names)
+    data = correction.result["correction"]["training_data"]
+    labels = dict(training.labels())
+    assert data["images"] == training.n_images
+    assert data["with_concept"] == len(data["rows"]) == sum(c["with"] for c in data["classes"].values()) > 0
+    assert all(labels[r["image"]] == r["class"] for r in data["rows"])  # each image with its own class
+    activations = [r["activation"] for r in data["rows"]]
+    assert activations == sorted(activations, reverse=True) and activations[-1] > 0
+    # the list as CSV, through the API and the page, for viewers too
+    listing = client_for("viewer").get(f"/api/v1/corrections/{correction.pk}/training-data/")
+    assert listing.status_code == 200 and listing["Content-Type"].startswith("text/csv")
+    lines = b"".join(listing.streaming_content).decode().splitlines()
+    assert lines[0] == "image,class,activation" and len(lines) == len(data["rows"]) + 1
+    assert lines[1].split(",")[:2] == [data["rows"][0]["image"], data["rows"][0]["class"]]
+    page = web("viewer").get(f"/corrections/{correction.pk}/").content.decode()
+    assert "The data behind the shortcut" in page and "Download the list (CSV)" in page
+    assert f"of the probe's {training.n_images} training images, {data['with_concept']} have" in page
+    assert web("viewer").get(f"/corrections/{correction.pk}/training-data.csv").status_code == 200
+    assert web("outsider").get(f"/corrections/{correction.pk}/training-data.csv").status_code == 404
+
+
+def test_a_correction_without_a_training_split_has_no_training_data_and_says_why(audited, users, queue, client_for):
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk])
+    answer = client_for("viewer").get(f"/api/v1/corrections/{correction.pk}/training-data/")
+    assert answer.status_code == 409 and "made without the probe's training split" in answer.json()["detail"]
 
 
 def test_an_engine_error_fails_the_correction_and_leaves_no_probe_or_files(audited, users, queue, monkeypatch):
