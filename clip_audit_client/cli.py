@@ -341,6 +341,10 @@ def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
               if not (args.allow_new_flags and reason.startswith("the re-audit flags what the original did not"))]
     for reason in verdict["reasons"]:
         log(f"{'FAIL' if reason in failed else 'note'}: {reason}")
+    for part in verdict.get("meets") or []:
+        log(f"meets: {part}")
+    for left in verdict.get("remains") or []:
+        log(f"remains: {left}")
     if failed:
         log(f"correction #{state['id']}: GATE FAILED")
         return EXIT_GATE

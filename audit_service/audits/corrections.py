@@ -122,13 +122,26 @@ def _check_training(audit: Audit, method: str, dataset, options: dict) -> None:
 
 # --------------------------------------------------------------------------- the re-audit's answer
 
+SLICE_GAP = 0.10  # a hurt slice is still hurt while its accuracy trails its counterpart's by this much or more
+
+
 def verdict(correction: Correction, table: dict, diff: dict) -> dict:
-    """Did the correction do its job? The chosen flags gone from the re-audit, no new probe flag, and no more
-    than ``max_clean_drop`` of accuracy lost on the images without any chosen latent."""
-    chosen = [(f.class_name, f.latent) for f in correction.flags.all()]
-    remaining_flags = {(e["class_name"], e["baseline"]["latent"]) for e in diff["changed"] + diff["unchanged"]
-                       if e["head"] == "probe"}
-    remaining = [{"class_name": c, "latent": latent} for c, latent in chosen if (c, latent) in remaining_flags]
+    """Did the correction do its job, and what remains when it did not?
+
+    It passes when the chosen flags are gone from the re-audit, no new probe flag appears, and no more than
+    ``max_clean_drop`` of accuracy is lost on the images without any chosen latent. Besides these ``checks`` it
+    reports, without failing on them: ``concept_remaining``, other latents of a chosen flag's concept the
+    re-audit still flags; ``slices``, for each chosen flag the two slices its shortcut hurts (its class without
+    the latent, the other images with it) against their counterparts, old and new gap, and whether each is still
+    hurt (a gap of :data:`SLICE_GAP` or more). In words: ``reasons``, why it failed (what the gate fails on);
+    ``meets``, the parts of the bar it meets; ``remains``, what is left of the shortcut either way."""
+    chosen = list(correction.flags.all())
+    still = {(e["class_name"], e["baseline"]["latent"]) for e in diff["changed"] + diff["unchanged"]
+             if e["head"] == "probe"}
+    remaining = [{"class_name": f.class_name, "latent": f.latent} for f in chosen if (f.class_name, f.latent) in still]
+    concept_remaining = [{"class_name": f.class_name, "latent": latent, "flag_latent": f.latent}
+                         for f in chosen for latent in (f.concept_latents or []) if latent != f.latent
+                         and (f.class_name, latent) in still]
     new = [{"class_name": e["class_name"], "latent": e["current"]["latent"], "label": e["current"]["label"]}
            for e in diff["new"] if e["head"] == "probe"]
     clean = table["slices"].get(table.get("clean_slice")) or {}
@@ -136,6 +149,60 @@ def verdict(correction: Correction, table: dict, diff: dict) -> dict:
     allowed = correction.options["max_clean_drop"]
     checks = {"flags_removed": not remaining, "no_new_flags": not new,
               "clean_accuracy_kept": change is None or change >= -allowed - 1e-12}
+    slices = hurt_slices(chosen, table)
+    return {"passed": all(checks.values()), "checks": checks, "remaining": remaining, "new": new,
+            "concept_remaining": concept_remaining, "slices": slices,
+            "meets": _meets(checks, concept_remaining, slices), "remains": _remains(concept_remaining, slices),
+            "clean_accuracy_change": change, "max_clean_drop": allowed,
+            "reasons": _verdict_reasons(remaining, new, checks, change, allowed)}
+
+
+def hurt_slices(flags, table: dict) -> list[dict]:
+    """Per chosen flag (class k, latent l) the two slices its shortcut hurts, each against its counterpart:
+    k's images without l against k's with it, and the other images with l against those without it; old and
+    new accuracy of both, the gap (counterpart minus hurt slice) before and after, and ``still_hurt``."""
+    rows = table.get("slices") or {}
+    out = []
+    for f in flags:
+        other = _other_side(rows, f.class_name, f.latent)
+        for hurt, counterpart in ((f"{f.class_name}, latent {f.latent} inactive", f"{f.class_name}, latent {f.latent} active"),
+                                  (f"{other}, latent {f.latent} active", f"{other}, latent {f.latent} inactive")):
+            a, b = rows.get(hurt) or {}, rows.get(counterpart) or {}
+            old, new = _gap(b.get("old"), a.get("old")), _gap(b.get("new"), a.get("new"))
+            out.append({"slice": hurt, "counterpart": counterpart, "n": a.get("n"), "old": a.get("old"),
+                        "new": a.get("new"), "gap_before": old, "gap_after": new,
+                        "still_hurt": new is not None and new >= SLICE_GAP})
+    return out
+
+
+def _other_side(rows: dict, class_name: str, latent: int) -> str:
+    """How the proof table names the images of the other classes for this flag ("nevus", or "not melanoma")."""
+    suffix = f", latent {latent} active"
+    for name in rows:
+        if name.endswith(suffix) and name != f"{class_name}{suffix}":
+            return name[:-len(suffix)]
+    return f"not {class_name}"
+
+
+def _gap(counterpart, hurt):
+    return None if counterpart is None or hurt is None else round(counterpart - hurt, 6)
+
+
+def _meets(checks: dict, concept_remaining: list, slices: list) -> list[str]:
+    """The parts of the bar the correction meets, in words."""
+    said = {"flags_removed": "the chosen flags are gone", "no_new_flags": "nothing new is flagged",
+            "clean_accuracy_kept": "accuracy on the images without the chosen latents is kept"}
+    meets = [said[k] for k, ok in checks.items() if ok]
+    if checks["flags_removed"] and not concept_remaining:
+        meets.append("no other latent of the chosen concepts is flagged")
+    measured = [s for s in slices if s["gap_after"] is not None]
+    if measured and not any(s["still_hurt"] for s in measured):
+        meets.append(f"no hurt slice trails its counterpart by {SLICE_GAP} or more")
+    return meets
+
+
+def _verdict_reasons(remaining, new, checks, change, allowed) -> list[str]:
+    """Why the correction failed, one sentence per failed check (what a CI gate fails on)."""
     reasons = []
     if remaining:
         reasons.append("the re-audit still flags " + ", ".join(f"latent {r['latent']} for {r['class_name']}"
@@ -146,8 +213,22 @@ def verdict(correction: Correction, table: dict, diff: dict) -> dict:
     if not checks["clean_accuracy_kept"]:
         reasons.append(f"accuracy on images without any chosen latent fell by {-change:.3f}, more than the "
                        f"{allowed:.3f} allowed (max_clean_drop)")
-    return {"passed": all(checks.values()), "checks": checks, "remaining": remaining, "new": new,
-            "clean_accuracy_change": change, "max_clean_drop": allowed, "reasons": reasons}
+    return reasons
+
+
+def _remains(concept_remaining: list, slices: list) -> list[str]:
+    """What is left of the shortcut, passed or not: other latents of its concept still flagged, slices still
+    hurt."""
+    out = []
+    if concept_remaining:
+        out.append("other latents of the chosen concepts are still flagged: " + ", ".join(
+            f"latent {r['latent']} (with latent {r['flag_latent']}) for {r['class_name']}" for r in concept_remaining))
+    for s in slices:
+        if s["still_hurt"]:
+            was = "" if s["gap_before"] is None else f" (the gap was {s['gap_before']:.3f})"
+            out.append(f"still hurt: {s['slice']} at {s['new']:.3f}, {s['gap_after']:.3f} below {s['counterpart']}"
+                       f"{was}")
+    return out
 
 
 @receiver(audit_finished)

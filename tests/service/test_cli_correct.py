@@ -101,3 +101,15 @@ def test_the_correction_gate_follows_the_verdict(reasons, allow_new, code):
     assert ("GATE FAILED" in text) == (code == 1)
     for reason in reasons:
         assert reason in text
+
+
+def test_the_gate_prints_what_the_correction_meets_and_what_remains_without_failing_on_it():
+    args = client.parser().parse_args(["--url", "u", "--token", "t", "correct", "--audit", "1"])
+    answer = state()
+    answer["result"]["verdict"].update(meets=["the chosen flags are gone"], remains=[
+        "still hurt: melanoma, latent 3 inactive at 0.700, 0.200 below melanoma, latent 3 active"])
+    lines = []
+    probe = {"id": 3, "name": "probe v2", "version": 2, "parent": 1}
+    assert client.correction_gate(answer, probe, Path("probe.npz"), args, lines.append) == 0
+    assert "meets: the chosen flags are gone" in lines
+    assert "remains: still hurt: melanoma, latent 3 inactive at 0.700, 0.200 below melanoma, latent 3 active" in lines

@@ -311,3 +311,51 @@ def test_probes_show_their_lineage_download_and_keep_their_versions(audited, use
     assert client_for("outsider").get(f"/api/v1/probes/{correction.new_probe_id}/download/").status_code == 404
     response = client_for("member").delete(f"/api/v1/probes/{audited.probe_id}/")
     assert response.status_code == 400
+
+
+def _entry(class_name, latent, label="a ruler", head="probe"):
+    flag = {"latent": latent, "label": label}
+    return {"head": head, "class_name": class_name, "baseline": flag, "current": flag}
+
+
+def test_the_verdict_says_what_it_meets_and_what_remains_of_the_shortcut(audited, users, queue):
+    """A correction of melanoma's latent 7 (its concept also spread over latent 9): the re-audit no longer flags
+    7 but still flags 9; melanomas without 7 are still missed far more often than melanomas with it, while the
+    nevi with 7 now fare like those without. The gate's checks pass; the verdict still says what remains."""
+    flag = probe_flag(audited)
+    flag.class_name, flag.latent, flag.concept_latents = "melanoma", 7, [7, 9]
+    flag.save()
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk])
+
+    def row(old, new, n=20):
+        return {"n": n, "old": old, "new": new, "change": new - old}
+
+    table = {"clean_slice": "clean", "slices": {
+        "melanoma, latent 7 active": row(0.95, 0.90), "melanoma, latent 7 inactive": row(0.50, 0.70),
+        "nevus, latent 7 active": row(0.40, 0.85), "nevus, latent 7 inactive": row(0.90, 0.90),
+        "clean": row(0.80, 0.80)}}
+    diff = {"changed": [], "unchanged": [_entry("melanoma", 9)], "new": [], "gone": [_entry("melanoma", 7)]}
+    answer = corrections.verdict(correction, table, diff)
+    assert answer["passed"] and answer["reasons"] == []
+    assert answer["concept_remaining"] == [{"class_name": "melanoma", "latent": 9, "flag_latent": 7}]
+    hurt = {s["slice"]: s for s in answer["slices"]}
+    assert set(hurt) == {"melanoma, latent 7 inactive", "nevus, latent 7 active"}
+    assert hurt["melanoma, latent 7 inactive"]["gap_before"] == pytest.approx(0.45)
+    assert hurt["melanoma, latent 7 inactive"]["gap_after"] == pytest.approx(0.20)
+    assert hurt["melanoma, latent 7 inactive"]["still_hurt"] and not hurt["nevus, latent 7 active"]["still_hurt"]
+    assert "the chosen flags are gone" in answer["meets"] and "nothing new is flagged" in answer["meets"]
+    assert not any("other latent of the chosen concepts" in m or "no hurt slice" in m for m in answer["meets"])
+    assert answer["remains"] == [
+        "other latents of the chosen concepts are still flagged: latent 9 (with latent 7) for melanoma",
+        "still hurt: melanoma, latent 7 inactive at 0.700, 0.200 below melanoma, latent 7 active (the gap was 0.450)"]
+
+    # once the concept is gone and the gap closed, the verdict says so
+    table["slices"]["melanoma, latent 7 inactive"] = row(0.50, 0.88)
+    answer = corrections.verdict(correction, table, {**diff, "unchanged": []})
+    assert answer["remains"] == [] and "no other latent of the chosen concepts is flagged" in answer["meets"]
+    assert "no hurt slice trails its counterpart by 0.1 or more" in answer["meets"]
+    # a failed check is a reason (the gate's), and stays out of what it meets
+    table["slices"]["clean"] = row(0.80, 0.70)
+    answer = corrections.verdict(correction, table, {**diff, "unchanged": [_entry("melanoma", 7)]})
+    assert not answer["passed"] and answer["reasons"][0] == "the re-audit still flags latent 7 for melanoma"
+    assert "the chosen flags are gone" not in answer["meets"] and len(answer["reasons"]) == 2
