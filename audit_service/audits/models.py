@@ -180,11 +180,12 @@ class Job(models.Model):
         """The percent a reader sees (a kind whose work goes on in another job counts that job's in)."""
         return self.percent
 
-    def shown_stage(self) -> tuple[str, str]:
-        """The stage and the worker(s) as a reader should see them."""
+    def shown_stage(self, **known) -> tuple[str, str]:
+        """The stage and the worker(s) as a reader should see them (``known``: what the caller already read,
+        that a kind would otherwise read again)."""
         return self.stage, self.worker_host
 
-    def progress_view(self, now=None) -> dict:
+    def progress_view(self, now=None, **known) -> dict:
         """Status, stage, percent, elapsed and estimated remaining seconds, attempts and worker: what a progress
         bar shows, for a job of any kind."""
         now = now or timezone.now()
@@ -194,7 +195,7 @@ class Job(models.Model):
             elapsed = ((self.finished_at or now) - self.started_at).total_seconds()
             if self.status == Status.RUNNING and percent > 1:
                 remaining = elapsed * (100.0 - percent) / percent
-        stage, worker = self.shown_stage()
+        stage, worker = self.shown_stage(**known)
         return {"id": self.pk, "kind": self.noun, "status": self.status, "stage": stage, "percent": round(percent, 1),
                 "elapsed_s": elapsed, "remaining_s": remaining, "finished": self.is_finished,
                 "cancel_requested": self.cancel_requested, "error": self.error, "attempts": self.attempts,
@@ -243,11 +244,12 @@ class Audit(Job):
         last = self.heartbeat_at or self.started_at
         return last is None or (now - last).total_seconds() > settings.AUDIT_REQUEUE_QUEUED_AFTER_SECONDS
 
-    def shown_stage(self) -> tuple[str, str]:
-        """Spread over workers: which step, how many of its shards are done, who runs them."""
+    def shown_stage(self, progress: dict | None = None, **known) -> tuple[str, str]:
+        """Spread over workers: which step, how many of its shards are done, who runs them (``progress``: the
+        shard progress when the caller has read it)."""
         stage, worker = self.stage, self.worker_host
         if self.shards:
-            shards = self.progress()
+            shards = self.progress() if progress is None else progress
             if self.status == Status.RUNNING and stage in shards:
                 stage = f"{stage} ({shards[stage]['done']}/{shards[stage]['total']} shards)"
                 worker = ", ".join(self.running_workers())
@@ -255,8 +257,9 @@ class Audit(Job):
                 worker = f"{self.shards} shards"
         return stage, worker
 
-    def progress_view(self, now=None) -> dict:
-        return {**super().progress_view(now), "shards": self.progress()}
+    def progress_view(self, now=None, **known) -> dict:
+        shards = self.progress()  # read once: the stage shown counts its shards too
+        return {**super().progress_view(now, progress=shards), "shards": shards}
 
     # ------------------------------------------------------------------ an audit spread over shards
     def run_as_shards(self, plan: list[tuple[int, int]]) -> str:
@@ -531,10 +534,10 @@ class Correction(Job):
         for key, value in fields.items():
             setattr(self, key, value)
 
-    def shown_stage(self) -> tuple[str, str]:
+    def shown_stage(self, **known) -> tuple[str, str]:
         if self.waiting_for_reaudit and self.reaudit is not None:
             return f"re-audit #{self.reaudit_id}: {self.reaudit.stage or self.reaudit.status}", self.worker_host
-        return super().shown_stage()
+        return super().shown_stage(**known)
 
     @property
     def waiting_for_reaudit(self) -> bool:

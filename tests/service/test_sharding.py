@@ -230,6 +230,12 @@ def test_progress_of_a_sharded_audit_counts_shards_in_the_api_and_on_the_page(pr
     page.force_login(users["viewer"])
     progress = page.get(reverse("web:audit_status", args=[audit.pk])).json()
     assert progress["stage"] == "extract (3/5 shards)"
+    # a status poll reads the shard rows once, for the stage shown and the shard counts alike
+    read = []
+    real = Audit.progress
+    monkeypatch.setattr(Audit, "progress", lambda self: read.append(1) or real(self))
+    view = Audit.objects.get(pk=audit.pk).progress_view()
+    assert len(read) == 1 and view["stage"] == "extract (3/5 shards)" and view["shards"]["extract"]["done"] == 3
 
 
 def test_a_shard_that_keeps_failing_for_a_transient_reason_fails_the_audit_after_its_retries(
