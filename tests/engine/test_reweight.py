@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from workers.engine.config import AuditConfig, CorrectionOptions
-from workers.engine.correct_audit import AuditedInputs, run_correction, training_data, training_data_csv
-from workers.engine.correction import TrainingSplit, balancing_weights, correct_probe
+from workers.engine.correct_audit import (AuditedInputs, presence_threshold, run_correction, training_data,
+                                         training_data_csv)
+from workers.engine.correction import TrainingSplit, balancing_weights, correct_probe, propensity_weights
 from workers.engine.data import TensorImages
 from workers.engine.errors import EngineError
 from workers.engine.heads import LinearProbe
@@ -301,7 +302,7 @@ def test_run_correction_reweights_and_returns_the_data_behind_the_shortcut(tiny,
     data = outcome.training_data
     assert outcome.to_dict()["training_data"] == data and data["latents"] == [latent]
     expected = code[40:, latent].double().numpy()  # what the SAE reads on the training images, computed here
-    has = expected > 0
+    has = expected > presence_threshold(expected)
     for k, name in enumerate(BINARY):
         mine = training_y.numpy() == k
         assert data["classes"][name] == {"images": 30, "with": int((has & mine).sum()),
@@ -339,3 +340,46 @@ def test_without_a_training_split_the_outcome_has_no_training_data(tiny, tmp_pat
     with pytest.raises(EngineError, match="'reweight' correction needs the probe's training split"):
         run_correction(AuditedInputs(tiny, probe, TensorImages(px, y, BINARY), sae, [("melanoma", latent)]),
                        AuditConfig(batch_size=16, device="cpu"), method="reweight", workdir=tmp_path / "again")
+
+
+def test_presence_is_the_natural_break_of_the_activation_not_any_activation():
+    """A TopK SAE keeps k latents on, so a concept is weakly on most images: presence splits the activations
+    where the two groups differ most (Otsu), among the images where it is on at all."""
+    rng = np.random.default_rng(0)
+    weak, strong = rng.uniform(0.05, 0.8, 300), rng.uniform(3.0, 6.0, 100)
+    activation = np.concatenate([np.zeros(50), weak, strong])
+    threshold = presence_threshold(activation)
+    assert 0.8 <= threshold < 3.0
+    assert (activation > threshold).sum() == 100
+    assert presence_threshold(np.array([0.0, 0.0, 2.0, 2.0])) == 0.0  # one distinct value: nothing to split
+    assert presence_threshold(np.zeros(5)) == 0.0
+
+
+def test_propensity_weights_make_the_activation_say_nothing_about_the_class():
+    """The class-conditional mean activation differs fourfold before; under the weights the two classes'
+    weighted means are close, the weights average 1 and no image outweighs fifty times its class prior."""
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 400)
+    activation = np.where(rng.random(800) < np.where(y == 1, 0.8, 0.2), rng.uniform(2, 5, 800), 0.0)
+    before = [activation[y == k].mean() for k in (0, 1)]
+    w = propensity_weights(y, activation, 2)
+    after = [np.average(activation[y == k], weights=w[y == k]) for k in (0, 1)]
+    assert before[1] > 3 * before[0]
+    assert abs(after[1] - after[0]) < 0.15 * max(after)
+    assert w.mean() == pytest.approx(1.0) and w.min() > 0
+    assert w.max() <= 50 * 1.0 / w.mean() + 1e-9
+
+
+def test_with_the_activation_a_reweight_weighs_by_propensity_and_says_so(problems):
+    """Given the concept's activation (as run_correction passes it), reweight uses the propensity weights and
+    leans on the artifact less than the plain probe; given only presence, the cells' weights."""
+    case = problems[(2, False)]
+    x, y, has = _tied_split(case)
+    activation = has * 3.0 + np.random.default_rng(2).uniform(0, 0.5, len(has))
+    _, info = correct_probe(case["probe"], case["directions"], "reweight",
+                            TrainingSplit(x, y, C=1.0, concept_active=has, activation=activation))
+    assert info["weighting"] == "propensity"
+    assert info["weight_share_after"]["melanoma"] < 0.5 * info["weight_share_removed"]["melanoma"]
+    _, info = correct_probe(case["probe"], case["directions"], "reweight", TrainingSplit(x, y, C=1.0,
+                                                                                         concept_active=has))
+    assert info["weighting"] == "cells"

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .build import CaseConfig, build_case, default_cache
-from .check import correct_case, hurt_slices, recovery_checks
+from .check import TRAINED, correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
 from .masks import artifact_heatmap_mass, direction_heatmap_mass
 
@@ -70,7 +70,7 @@ class Grid:
     sae_seeds: tuple = (0, 1, 2)
     stability_cases: int | None = None  # how many planted cases get that (None: every one; 0: none)
     # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures)
-    corrections: tuple = ("project", "refit")
+    corrections: tuple = ("project", "refit", "reweight")
     heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issues 19 and 30)
     heatmap_methods: tuple = HEATMAP_METHODS  # each measured on the same maps' latents and images (issue 30)
     patch_size: int = 8  # the case models' patch in pixels: 4 makes thin artifacts fill whole patches
@@ -536,11 +536,12 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
                       workdir: Path, method: str = "project") -> dict:
     """Correct the audited probe with ``method`` for :func:`planted_flags` (one concept, the default anchor) and
     re-audit it with the same SAE (``workdir`` is the audit's): issue 18's recovery figures for one case. A
-    ``refit`` needs the probe's training split; a case without one is ``skipped`` with the reason."""
+    ``refit`` and ``reweight`` need the probe's training split; a case without one is ``skipped`` with the
+    reason."""
     started = time.time()
     out = {"method": method, "latents": [], "gap_closed": None, "overall": None, "still_flagged": None,
            "meets_bar": False}
-    if method == "refit" and not Path(case.get("probe_train_dir", "")).is_dir():
+    if method in TRAINED and not Path(case.get("probe_train_dir", "")).is_dir():
         return {**out, "skipped": "the case has no probe training split", "seconds": 0.0}
     figures = correct_case(case, workdir, method=method, audit=result, flags=planted_flags(case, result, activity),
                            options=options)
@@ -856,7 +857,8 @@ def _report_corrections(s: dict) -> list[str]:
     lines = ["", "Correction (issue 18): each planted case's probe corrected for the probe flags whose latents "
              "track the planted artifact (their latents as one concept, its direction measured within each "
              "class; `project` with the default anchor, the mean features of the audited images; `refit` on "
-             "the probe's own training split), then re-audited with the same SAE. The bar: the gap to a probe "
+             "the probe's own training split; `reweight` on that split weighted so the concept is as common "
+             "in every class), then re-audited with the same SAE. The bar: the gap to a probe "
              "trained without the correlation closed >= 80 % on the class without the artifact and on the "
              "other class with it, overall accuracy not lower, the artifact no longer flagged (read from the "
              "ground truth: no probe flag whose latents track it)."]

@@ -71,6 +71,8 @@ def check_seeds(seeds, strength: float = 0.8, log=print, patch_size: int = 8) ->
 
 # --------------------------------------------------------------------------- the corrected probe (issue 18)
 
+TRAINED = ("refit", "reweight")  # the correction methods that read the probe's training split
+
 def _flags(result) -> list[dict]:
     return result["flags"] if isinstance(result, dict) else result.flags
 
@@ -105,8 +107,8 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     ``audit``: the audit of the case's probe, run with this ``workdir`` (its SAE and activations are read from
     there); None runs it. ``flags``: (class, latent) pairs to correct; default :func:`artifact_flags`.
     ``options``: the audit's options, for the audit and the re-audit alike (default: :func:`audit_options`).
-    ``method`` ``refit`` refits on the probe's training split. The reference probe (trained with the artifact
-    independent of the class) is what "the way to go" is measured against.
+    ``method`` ``refit`` and ``reweight`` fit on the probe's training split. The reference probe (trained with
+    the artifact independent of the class) is what "the way to go" is measured against.
 
     Returns plain figures (the hurt slices' and the overall rows of the correction's table, the clean images'
     change, the re-audit's flags of the artifact, flags new and gone by (head, class, latent), ``seconds`` per
@@ -141,7 +143,7 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
                             concepts=[list(dict.fromkeys(latent for _, latent in chosen))])  # the artifact: one concept
     outcome = run_correction(
         audited, config, CorrectionOptions(**({"anchor": anchor} if anchor is not None else {})), method=method,
-        training=split_images(case["probe_train_dir"]) if method == "refit" else None,
+        training=split_images(case["probe_train_dir"]) if method in TRAINED else None,
         reference=LinearProbe.load(case["reference_probe"]),
         workdir=workdir)  # the audit's activations are reused: they depend on images and model only
     seconds["correction"] = round(time.perf_counter() - started, 1)
