@@ -37,7 +37,7 @@ def test_the_planted_artifacts_are_found_and_the_flags_are_precise(planted):
 def test_every_planted_case_reports_its_corrections_recovery(planted):
     cases = [c for c in planted["cases"] if not c["control"]]
     for case in cases:
-        assert list(case["corrections"]) == ["project", "refit"]
+        assert list(case["corrections"]) == ["project", "refit", "reweight"]
         for recovery in case["corrections"].values():
             assert recovery["latents"], case["flags"]  # the planted artifact was flagged, so it was corrected
             assert list(recovery["gap_closed"]) == [f"melanoma, {case['artifact']}=0",
@@ -47,7 +47,7 @@ def test_every_planted_case_reports_its_corrections_recovery(planted):
         # two methods, two different probes
         assert case["corrections"]["project"]["overall"]["new"] != case["corrections"]["refit"]["overall"]["new"] \
             or case["corrections"]["project"]["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
-    for method in ("project", "refit"):
+    for method in ("project", "refit", "reweight"):
         assert planted["summary"]["corrections"][method]["corrected"] == len(cases)
     assert all("project" not in format_row(c) and "heatmap" not in format_row(c)
                for c in planted["cases"] if c["control"])

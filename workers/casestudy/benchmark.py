@@ -543,8 +543,13 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
            "meets_bar": False}
     if method in TRAINED and not Path(case.get("probe_train_dir", "")).is_dir():
         return {**out, "skipped": "the case has no probe training split", "seconds": 0.0}
-    figures = correct_case(case, workdir, method=method, audit=result, flags=planted_flags(case, result, activity),
-                           options=options)
+    from workers.engine.errors import EngineError
+
+    try:
+        figures = correct_case(case, workdir, method=method, audit=result,
+                               flags=planted_flags(case, result, activity), options=options)
+    except EngineError as exc:  # e.g. a concept on every training image: nothing for reweight to balance
+        return {**out, "skipped": exc.message, "seconds": round(time.time() - started, 1)}
     out["latents"] = [latent for _, latent in figures["flags"]]
     if figures["corrected"]:
         rows = _rows(case)
