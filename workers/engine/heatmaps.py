@@ -1,26 +1,31 @@
-"""Where in an image a latent is active: one map per image and latent over the model's patch grid.
+"""Where in an image a latent is active: one map per image and latent over the model's patch grid (or finer).
 
-A map is a grid [grid_h, grid_w] of non-negative numbers, one per patch, row by row as the patch embedding lays the
-patches out; its units are the latent's own (activation, or activation explained by each patch).
+A map is a grid of non-negative numbers, one per patch (``cells`` x ``cells`` per patch for the methods that reach
+the pixels), row by row as the patch embedding lays the patches out; its units are the latent's own (activation,
+or the part of the latent's evidence each cell holds).
 
 **Spatial SAE** (``token="spatial"``): the map is the latent's activation at each patch token of the decomposed
-layer, read directly; nothing is attributed.
+layer, read directly; nothing is attributed, whatever the method.
 
-**CLS SAE** (``token="cls"``): the latent reads only the CLS token, so its map says which patch tokens the CLS
-token took the latent's activation from in the decomposed block. It is gradient x input of the latent's
-pre-activation ``p_i`` with respect to the patch tokens of the residual stream entering that block (the tokens
-the CLS token attends to there), summed over channels, positive part:
+**CLS SAE** (``token="cls"``): the latent reads only the CLS token, so its map says which patch tokens (or
+pixels) the latent's evidence came from. How is :data:`METHODS`' choice (``AuditConfig.heatmap_method``):
 
-    map_i[j] = max(0, sum_c x_j,c * d p_i / d x_j,c)    (j a patch token, computed with the rules below)
+- ``attnlrp`` (the default): the blocks ending at the decomposed one (``blocks`` of them) are re-run from the
+  tokens entering the first with AttnLRP's rules (:mod:`workers.engine.lrp`, Achtibat et al. 2024, on which
+  Dreyer et al. 2025 build), and the map is gradient x input of the latent's pre-activation ``p_i`` at those
+  patch tokens, summed over channels, positive part::
 
-with the block's attention weights and its LayerNorms' scales held fixed (detached), as in conservative
-propagation for transformers (Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative
-Propagation"; AttnLRP, Achtibat et al. 2024, on which Dreyer et al. 2025 build). Without that rule gradient x
-input at this point is zero up to LayerNorm's epsilon: every path from a patch token into the block starts with
-LayerNorm, which does not change when its input is scaled, so the gradient is orthogonal to the token
-(Euler's theorem). With it, a patch's share is what the attention moves from its value vector into the CLS token,
-weighted by how the latent reads the CLS token (through the block's MLP, by its gradient): were the MLP absent,
-the shares of all tokens plus the biases' would add up to the pre-activation exactly.
+      map_i[j] = max(0, sum_c x_j,c * d p_i / d x_j,c)    (j a patch token entering block L - blocks + 1)
+
+- ``conservative``: the same with the attention weights held fixed (Ali et al. 2022); ``block`` is it through
+  the decomposed block alone, the method before this option existed. Without LayerNorm's scale held fixed
+  gradient x input there is zero up to LayerNorm's epsilon: every path from a token into a block starts with
+  LayerNorm, which does not change when its input is scaled, so the gradient is orthogonal to the token.
+- ``attnlrp-pixels``: the rules through every block and the patch embedding, to the pixels, pooled into cells.
+- ``encoder``: the latent's encoder read at each patch token of the same layer.
+- ``occlusion``: how much the pre-activation drops when a cell is painted over with the image's mean colour.
+
+The benchmark measures them side by side (``workers.casestudy.benchmark``, docs/heatmaps.md).
 
 The pre-activation rather than the activation: TopK and ReLU pass the gradient through unchanged where the
 latent is active, so for an active latent both give the same map; an image where the latent is inactive (TopK
@@ -28,10 +33,10 @@ did not select it, or its value is 0) gets a map of zeros: there is no activatio
 pre-activation's evidence there would show a concept the SAE says is absent.
 
 Only open_clip's standard attention block (``ResidualAttentionBlock`` with ``nn.MultiheadAttention``) can be
-re-run with fixed attention weights; a CLS map of another block type is refused with an EngineError (a spatial
-SAE's maps need no such re-run). open_clip's ViTs always prepend a class token, with ``pool_type`` "tok" or
-"avg" alike, and the maps rely on it (token 0 the class token, then one token per patch); a residual stream laid
-out otherwise is refused.
+re-run with the rules; a CLS map of another block type is refused with an EngineError (a spatial SAE's maps need
+no such re-run), and every re-run is compared with the model's own output. open_clip's ViTs always prepend a
+class token, with ``pool_type`` "tok" or "avg" alike, and the maps rely on it (token 0 the class token, then one
+token per patch); a residual stream laid out otherwise is refused.
 
 Maps travel in a JSON result as uint8 grids scaled by their own maximum (:func:`encode_map`); how much of a map
 lies on a region of the image is :func:`mass_on_mask`.
