@@ -506,7 +506,7 @@ def planted_heatmap_mass(case: dict, result: dict, activity: Callable[[int], np.
     """Where the planted artifact's flagged latents (:func:`heatmap_latents`) look, with each of ``methods``
     ((method, cells, blocks); the first is the one the flat figures give): per method (``methods``: label ->
     figures) the means of :data:`MASS_FIELDS` over their heatmaps on their reference images that show the
-    artifact, ``n_images`` (maps counted) and ``seconds_per_map``; also ``latents``, ``method`` (the first
+    artifact, ``n_images`` (maps counted), ``n_empty`` (maps without mass, not counted) and ``seconds_per_map``; also ``latents``, ``method`` (the first
     method's label) and ``seconds``. One more entry, "<first> on the artifact's direction", maps a detector
     that means the artifact alone (``masks.direction_heatmap_mass``) with the first method: its ceiling on the
     case. ``workdir`` holds the audit's SAE and activations."""
@@ -515,11 +515,11 @@ def planted_heatmap_mass(case: dict, result: dict, activity: Callable[[int], np.
     latents = heatmap_latents(case, result, activity)
     per_method = {}
     for method, cells, blocks in methods:
-        row = {**dict.fromkeys(MASS_FIELDS), "n_images": 0, "seconds_per_map": None}
+        row = {**dict.fromkeys(MASS_FIELDS), "n_images": 0, "n_empty": 0, "seconds_per_map": None}
         if latents:
             measured = artifact_heatmap_mass(case, result, workdir, latents={artifact: latents}, method=method,
                                              cells=cells, blocks=blocks)[artifact]
-            row.update({k: measured[k] for k in (*MASS_FIELDS, "n_images", "seconds_per_map")})
+            row.update({k: measured[k] for k in (*MASS_FIELDS, "n_images", "n_empty", "seconds_per_map")})
         per_method[method_label(method, cells, blocks)] = row
     first = method_label(*methods[0])
     if latents:  # the first method's ceiling on this case: a detector that means the artifact alone
@@ -527,7 +527,7 @@ def planted_heatmap_mass(case: dict, result: dict, activity: Callable[[int], np.
         ceiling = direction_heatmap_mass(case, result, workdir, artifact, method=method, cells=cells, blocks=blocks)
         if ceiling is not None:
             per_method[f"{first} on the artifact's direction"] = {
-                k: ceiling[k] for k in (*MASS_FIELDS, "n_images", "seconds_per_map")}
+                k: ceiling[k] for k in (*MASS_FIELDS, "n_images", "n_empty", "seconds_per_map")}
     return {**per_method[first], "latents": latents, "method": first, "methods": per_method,
             "seconds": round(time.time() - started, 1)}
 
