@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .config import HEATMAP_CELLS_MAX, AuditConfig
 from .errors import EngineError, checkpoint
 from .hooks import resolve_layer
-from .lrp import LATENT_CHUNK, block_forward, check_block, tower_relevance
+from .lrp import block_forward, check_block, gradient_x_input, tower_relevance
 
 TOKENS = ("cls", "spatial")
 DEFAULT_METHOD = AuditConfig.__dataclass_fields__["heatmap_method"].default
@@ -306,16 +306,8 @@ def cls_relevance(visual: nn.Module, sae: nn.Module, index: int, pixels: Tensor,
             raise EngineError(f"blocks {first}..{index} of the vision transformer compute something other than "
                               "open_clip's standard attention block, so a CLS SAE's heatmaps cannot be computed "
                               "for them")
-        pre = sae.pre_activations(cls_out)  # [b, n_latents]
-        relevance = []
-        for lo in range(0, len(latents), LATENT_CHUNK):
-            chunk = torch.as_tensor(latents[lo:lo + LATENT_CHUNK], device=pre.device)
-            pick = torch.zeros(len(chunk), *pre.shape, device=pre.device)  # one backward pass per latent, vmapped
-            pick[torch.arange(len(chunk)), :, chunk] = 1.0
-            (grad,) = torch.autograd.grad(pre, x, grad_outputs=pick, is_grads_batched=True,
-                                          retain_graph=lo + LATENT_CHUNK < len(latents))
-            relevance.append((grad * x).sum(-1).detach().float())  # [chunk, b, tokens]
-    return torch.cat(relevance).transpose(0, 1), active
+        relevance = gradient_x_input(sae.pre_activations(cls_out), x, latents, dim=2)  # [b, L, tokens]
+    return relevance, active
 
 
 def heatmaps_for(bundle, sae: nn.Module, layer: int, token: str, images, wanted: dict[int, list[int]], *,

@@ -161,13 +161,18 @@ def tower_relevance(visual: nn.Module, sae: nn.Module, index: int, pixels: Tenso
             raise EngineError(f"blocks 0..{index} of the vision transformer compute something other than open_clip's "
                               "standard layout (patch embedding, class token, positions, attention blocks), so "
                               "their relevance cannot be traced to the pixels")
-        pre = sae.pre_activations(cls_out)  # [b, n_latents]
-        out = []
-        for lo in range(0, len(latents), LATENT_CHUNK):
-            chunk = torch.as_tensor(list(latents[lo:lo + LATENT_CHUNK]), device=pre.device)
-            pick = torch.zeros(len(chunk), *pre.shape, device=pre.device)
-            pick[torch.arange(len(chunk)), :, chunk] = 1.0
-            (grad,) = torch.autograd.grad(pre, x, grad_outputs=pick, is_grads_batched=True,
-                                          retain_graph=lo + LATENT_CHUNK < len(latents))
-            out.append((grad * x).sum(2).detach().float())  # [chunk, b, H, W]
+        return gradient_x_input(sae.pre_activations(cls_out), x, latents, dim=1)  # [b, L, H, W]
+
+
+def gradient_x_input(pre: Tensor, x: Tensor, latents: Sequence[int], dim: int) -> Tensor:
+    """[b, L, ...]: gradient x input of each latent's pre-activation ``pre`` [b, n_latents] at ``x`` [b, ...],
+    summed over ``x``'s axis ``dim`` (channels), one vmapped backward pass per :data:`LATENT_CHUNK` latents."""
+    out = []
+    for lo in range(0, len(latents), LATENT_CHUNK):
+        chunk = torch.as_tensor(list(latents[lo:lo + LATENT_CHUNK]), device=pre.device)
+        pick = torch.zeros(len(chunk), *pre.shape, device=pre.device)
+        pick[torch.arange(len(chunk)), :, chunk] = 1.0
+        (grad,) = torch.autograd.grad(pre, x, grad_outputs=pick, is_grads_batched=True,
+                                      retain_graph=lo + LATENT_CHUNK < len(latents))
+        out.append((grad * x).sum(dim + 1).detach().float())  # [chunk, b, ...]
     return torch.cat(out).transpose(0, 1)
