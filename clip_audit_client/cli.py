@@ -249,6 +249,8 @@ def correct(args, log=print) -> int:
                                "training split with --training-dataset")
     api = Api(args.url, args.token)
     options = {"max_clean_drop": args.max_clean_drop, "anchor": args.anchor, "directions": args.directions}
+    if args.rounds is not None:
+        options["rounds"] = args.rounds
     if args.C is not None:
         options["C"] = args.C
     body = {"flags": _flag_ids(api, args.audit, args.flags), "method": args.method or "", "options": options,
@@ -336,6 +338,7 @@ def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
     for name, row in rows:
         if row["n"]:
             log(f"{name[:44]:<44} {row['old']:6.3f} {row['new']:6.3f} {row['n']:6d}")
+    _log_rounds(result.get("rounds") or [], log)
     verdict = result["verdict"]
     failed = [reason for reason in verdict["reasons"]
               if not (args.allow_new_flags and reason.startswith("the re-audit flags what the original did not"))]
@@ -350,6 +353,26 @@ def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
         return EXIT_GATE
     log(f"correction #{state['id']}: passed (re-audit #{result['reaudit']['audit']}: the chosen flags are gone)")
     return EXIT_PASS
+
+
+def _log_rounds(rounds: list, log) -> None:
+    """One line per round (when there was more than one): latents corrected, overall old -> new, hurt slices'
+    gaps before -> after, its re-audit and what it still found tracking the concept."""
+    if len(rounds) < 2:
+        return
+    for r in rounds:
+        overall = r["table"]["overall"]
+        gaps = "; ".join(f"{s['slice']} gap {_num(s['gap_before'])} -> {_num(s['gap_after'])}"
+                         for s in r.get("slices") or [])
+        added = [latent for group in r.get("added") or [] for latent in group]
+        log(f"round {r['round']}: latents {', '.join(str(i) for c in r['concepts'] for i in c)}; overall "
+            f"{overall['old']:.3f} -> {overall['new']:.3f}; {gaps}; re-audit #{r['audit']} "
+            f"{'passed' if r['passed'] else 'not passed'}"
+            + (f"; still tracking the concept: latents {', '.join(map(str, added))}" if added else ""))
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def found_by(flag: dict) -> int:
@@ -511,6 +534,9 @@ def _add_correct_parser(sub) -> None:
                         "per latent by removing it")
     c.add_argument("--C", type=float, help="the regularization of refit and reweight (default: chosen by "
                                            "cross-validation)")
+    c.add_argument("--rounds", type=int, metavar="N",
+                   help="correct, re-audit and correct again for the latents the re-audit still flags that track "
+                        "the concept, at most N rounds (1 to 5; default: the server's, 3)")
     c.add_argument("--max-clean-drop", type=float, default=0.02,
                    help="accuracy the correction may cost on images without the chosen latents (default 0.02)")
     c.add_argument("--allow-new-flags", action="store_true",

@@ -22,6 +22,7 @@ from workers.engine.config import AuditConfig, CorrectionOptions
 from workers.engine.correct_audit import AuditedInputs
 from workers.engine.correct_audit import run_correction as run_engine
 from workers.engine.correction import concept_groups
+from workers.engine.rounds import grown_concepts
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import LOADING, correction_percent
 from workers.inputs import dataset_images, load_inputs
@@ -55,15 +56,20 @@ def _correct(correction: Correction, workdir: Path, progress) -> None:
     training = dataset_images(correction.training_dataset) if correction.training_dataset else None
     chosen = list(correction.flags.order_by("class_name", "rank"))
     flags = [(f.class_name, f.latent) for f in chosen]
-    # a flag stands for its concept: every latent the concept is spread over, flags sharing one merged
-    concepts = concept_groups([f.concept_latents or [f.latent] for f in chosen])
+    rounds = (correction.result or {}).get("rounds") or []
+    if rounds:  # a later round: the last round's concepts with the latents its re-audit found tracking them
+        concepts = grown_concepts(rounds[-1]["concepts"], rounds[-1]["added"])
+    else:  # a flag stands for its concept: every latent the concept is spread over, flags sharing one merged
+        concepts = concept_groups([f.concept_latents or [f.latent] for f in chosen])
+    # every round corrects the audited probe afresh (not the last round's), so each proof table is against it
     outcome = run_engine(AuditedInputs(bundle, probe, images, sae, flags, concepts), config, options,
                          method=correction.method or None, training=training, workdir=workdir, progress=progress)
     path = workdir / f"probe{Path(audit.probe.file.name).suffix.lower() or '.npz'}"
     outcome.probe.save(path)
     result = {"correction": _kept(outcome.to_dict()), "method": outcome.info["method"],
-              "reason": outcome.info["reason"]}
-    reaudit_corrected_probe(correction, path, result, outcome.timings)  # the new probe's rows: the domain's
+              "reason": outcome.info["reason"], "rounds": rounds}
+    timings = {stage: correction.timings.get(stage, 0.0) + seconds for stage, seconds in outcome.timings.items()}
+    reaudit_corrected_probe(correction, path, result, {**correction.timings, **timings})  # the domain's rows
 
 
 TRAINING_ROWS_MAX = 20_000  # training images with the concept a correction's result keeps (strongest first)

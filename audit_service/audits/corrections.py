@@ -8,6 +8,7 @@ from audit_service.registry.models import DatasetPurpose
 from audit_service.registry.services import RegistrationError, add_probe_version
 from workers.engine.config import CORRECTION_METHODS as METHODS
 from workers.engine.config import CorrectionOptions
+from workers.engine.rounds import next_round_latents
 from workers.engine.errors import EngineError
 
 from .diff import audit_diff
@@ -125,7 +126,7 @@ def _check_training(audit: Audit, method: str, dataset, options: dict) -> None:
 SLICE_GAP = 0.10  # a hurt slice is still hurt while its accuracy trails its counterpart's by this much or more
 
 
-def verdict(correction: Correction, table: dict, diff: dict) -> dict:
+def verdict(correction: Correction, table: dict, diff: dict, tracking: list | None = None) -> dict:
     """Did the correction do its job, and what remains when it did not?
 
     It passes when the chosen flags are gone from the re-audit, no new probe flag appears, and no more than
@@ -142,6 +143,8 @@ def verdict(correction: Correction, table: dict, diff: dict) -> dict:
     concept_remaining = [{"class_name": f.class_name, "latent": latent, "flag_latent": f.latent}
                          for f in chosen for latent in (f.concept_latents or []) if latent != f.latent
                          and (f.class_name, latent) in still]
+    concept_remaining += _still_tracking(tracking or [], diff, {(r["class_name"], r["latent"]) for r in
+                                                                [*remaining, *concept_remaining]})
     new = [{"class_name": e["class_name"], "latent": e["current"]["latent"], "label": e["current"]["label"]}
            for e in diff["new"] if e["head"] == "probe"]
     clean = table["slices"].get(table.get("clean_slice")) or {}
@@ -155,6 +158,23 @@ def verdict(correction: Correction, table: dict, diff: dict) -> dict:
             "meets": _meets(checks, concept_remaining, slices), "remains": _remains(concept_remaining, slices),
             "clean_accuracy_change": change, "max_clean_drop": allowed,
             "reasons": _verdict_reasons(remaining, new, checks, change, allowed)}
+
+
+def _still_tracking(tracking: list, diff: dict, known: set) -> list[dict]:
+    """The re-audit's probe flags on latents that track a corrected concept (``tracking``: the correction's
+    ``tracking_latents``) or belong to it, other than ``known`` (class, latent) pairs already reported."""
+    out = []
+    for e in diff["changed"] + diff["unchanged"] + diff["new"]:
+        latent = e["current"]["latent"]
+        if e["head"] != "probe" or (e["class_name"], latent) in known:
+            continue
+        for entry in tracking:
+            share = entry["latents"].get(str(latent))
+            if latent in entry["concept"] or share is not None:
+                out.append({"class_name": e["class_name"], "latent": latent, "flag_latent": None,
+                            "concept": entry["concept"], "share": share})
+                break
+    return out
 
 
 def hurt_slices(flags, table: dict) -> list[dict]:
@@ -222,13 +242,21 @@ def _remains(concept_remaining: list, slices: list) -> list[str]:
     out = []
     if concept_remaining:
         out.append("other latents of the chosen concepts are still flagged: " + ", ".join(
-            f"latent {r['latent']} (with latent {r['flag_latent']}) for {r['class_name']}" for r in concept_remaining))
+            f"latent {r['latent']} ({_with(r)}) for {r['class_name']}" for r in concept_remaining))
     for s in slices:
         if s["still_hurt"]:
             was = "" if s["gap_before"] is None else f" (the gap was {s['gap_before']:.3f})"
             out.append(f"still hurt: {s['slice']} at {s['new']:.3f}, {s['gap_after']:.3f} below {s['counterpart']}"
                        f"{was}")
     return out
+
+
+def _with(row: dict) -> str:
+    if row.get("flag_latent") is not None:
+        return f"with latent {row['flag_latent']}"
+    if row.get("share") is None:
+        return "part of the corrected concept"
+    return f"tracks the corrected concept: {row['share']:.0%} of its activation on its images"
 
 
 @receiver(audit_finished)
@@ -249,12 +277,7 @@ def finish_after_reaudit(correction_id: int) -> None:
             return
         reaudit = correction.reaudit
         if reaudit.status == Status.SUCCEEDED:
-            diff = audit_diff(correction.audit, reaudit)
-            result = dict(correction.result or {})
-            result["reaudit"] = {"audit": reaudit.pk, "diff": diff}
-            result["verdict"] = verdict(correction, result["correction"]["table"], diff)
-            timings = {**correction.timings, "reaudit": _seconds(reaudit)}
-            correction.succeed(result, timings)
+            _answer_round(correction, reaudit)
         elif reaudit.status == Status.FAILED:
             correction.fail(f"the corrected probe's audit (audit {reaudit.pk}) failed: {reaudit.error}; the new "
                             f"probe '{correction.new_probe.name if correction.new_probe else '?'}' stays registered")
@@ -266,6 +289,43 @@ def finish_after_reaudit(correction_id: int) -> None:
                                 "is not proven; audit the new probe again to see its flags")
 
 
+def _answer_round(correction: Correction, reaudit: Audit) -> None:
+    """The round's re-audit succeeded: its diff and verdict, and the round's record. When the re-audit still
+    flags latents that track a corrected concept (``next_round_latents``) and rounds are left, they join the
+    concept and the correction goes back in the queue for the next round; otherwise it succeeds."""
+    diff = audit_diff(correction.audit, reaudit)
+    result = dict(correction.result or {})
+    tracking = (result["correction"].get("shortcut") or {}).get("tracking") or []
+    result["reaudit"] = {"audit": reaudit.pk, "diff": diff}
+    result["verdict"] = verdict(correction, result["correction"]["table"], diff, tracking)
+    added = next_round_latents(tracking, flagged_latents(reaudit))
+    result["rounds"] = [*(result.get("rounds") or []), _round_record(correction, result, added)]
+    timings = {**correction.timings, "reaudit": correction.timings.get("reaudit", 0.0) + _seconds(reaudit)}
+    if any(added) and len(result["rounds"]) < correction.options.get("rounds", 1):
+        correction.next_round(result, timings)
+        CORRECTION.enqueue_on_commit(correction.pk)
+    else:
+        correction.succeed(result, timings)
+
+
+def flagged_latents(audit: Audit) -> list[int]:
+    """The latents an audit flags for the probe: each probe flag's latent and the latents of its concept."""
+    return list(dict.fromkeys(int(latent) for f in audit.flags.filter(head="probe").order_by("class_name", "rank")
+                              for latent in [f.latent, *(f.concept_latents or [])]))
+
+
+def _round_record(correction: Correction, result: dict, added: list[list[int]]) -> dict:
+    """One round as the proof shows it: the concepts it corrected, its probe and re-audit, the proof table, the
+    verdict in short and the latents its re-audit found still tracking each concept (the next round's)."""
+    shortcut = result["correction"].get("shortcut") or {}
+    v = result["verdict"]
+    return {"round": len(result.get("rounds") or []) + 1, "concepts": shortcut.get("concepts") or [],
+            "probe": correction.new_probe_id, "audit": result["reaudit"]["audit"],
+            "table": result["correction"]["table"], "passed": v["passed"], "checks": v["checks"],
+            "meets": v["meets"], "remains": v["remains"], "reasons": v["reasons"], "slices": v["slices"],
+            "counts": result["reaudit"]["diff"]["counts"], "added": added}
+
+
 def reaudit_corrected_probe(correction: Correction, path, result: dict, timings: dict) -> Audit:
     """The correction's last step: register the corrected probe at ``path`` as the next version of the audited
     probe, submit its re-audit (same model, data and SAE) and let the correction wait for it with its result so
@@ -273,9 +333,11 @@ def reaudit_corrected_probe(correction: Correction, path, result: dict, timings:
     audit, probe = correction.audit, None
     try:
         with transaction.atomic():
-            probe = add_probe_version(audit.probe, path, note=f"correction {correction.pk}",
+            round_ = len(result.get("rounds") or []) + 1
+            note = f"correction {correction.pk}" + (f", round {round_}" if round_ > 1 else "")
+            probe = add_probe_version(audit.probe, path, note=note,
                                       user=correction.created_by)
-            reaudit = create_reaudit(audit, probe, context={"correction": correction.pk, "corrects_audit": audit.pk},
+            reaudit = create_reaudit(audit, probe, context={"correction": correction.pk, "corrects_audit": audit.pk, "round": round_},
                                      user=correction.created_by)
             correction.wait_for_reaudit(probe, reaudit, result, timings)
     except Exception:

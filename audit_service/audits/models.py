@@ -534,9 +534,24 @@ class Correction(Job):
         for key, value in fields.items():
             setattr(self, key, value)
 
+    def next_round(self, result: dict, timings: dict) -> None:
+        """Its re-audit still flags latents that track the corrected concept: back in the queue (stage "round
+        N") for another round, with the rounds so far in ``result``; a new round is a new job's delivery, so its
+        attempts start again."""
+        stage = f"round {len(result.get('rounds') or []) + 1}"
+        self._move(Status.QUEUED, stage=stage, result=result, timings=timings, attempts=0, heartbeat_at=None,
+                   worker_host="")
+
+    @property
+    def round(self) -> int:
+        """The round it is in (or ended with): 1 + the rounds whose re-audit asked for another."""
+        rounds = (self.result or {}).get("rounds") or []
+        return len(rounds) + (0 if self.status == Status.SUCCEEDED else 1)
+
     def shown_stage(self, **known) -> tuple[str, str]:
         if self.waiting_for_reaudit and self.reaudit is not None:
-            return f"re-audit #{self.reaudit_id}: {self.reaudit.stage or self.reaudit.status}", self.worker_host
+            shown = f"round {self.round}, re-audit #{self.reaudit_id}: {self.reaudit.stage or self.reaudit.status}"
+            return shown, self.worker_host
         return super().shown_stage(**known)
 
     @property

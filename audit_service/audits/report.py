@@ -421,8 +421,25 @@ def correction_view(correction) -> dict:
             "training": training_view((result.get("correction") or {}).get("training_data")),
             "has_reference": bool(rows) and "reference" in rows[0], "info": (result.get("correction") or {}).get("info"),
             "method": result.get("method"), "reason": result.get("reason"), "verdict": result.get("verdict"),
-            "diff": diff, "diff_counts": diff.get("counts"),
+            "diff": diff, "diff_counts": diff.get("counts"), "rounds": rounds_view(result.get("rounds")),
             "changed_predictions": table.get("changed_predictions") if table else None}
+
+
+def rounds_view(rounds: list | None) -> list[dict]:
+    """A correction's rounds as its card lists them (only when there was more than one, or one that asked for
+    another): per round the latents it corrected, overall accuracy old and new, each hurt slice's gap before and
+    after, its re-audit, whether it passed, and the latents its re-audit found still tracking the concept."""
+    rounds = rounds or []
+    if len(rounds) < 2 and not any(any(r.get("added") or []) for r in rounds):
+        return []
+    out = []
+    for r in rounds:
+        overall = (r.get("table") or {}).get("overall") or {}
+        out.append({"round": r["round"], "latents": [i for c in r.get("concepts") or [] for i in c],
+                    "old": overall.get("old"), "new": overall.get("new"), "audit": r.get("audit"),
+                    "passed": r.get("passed"), "slices": r.get("slices") or [],
+                    "added": [i for a in r.get("added") or [] for i in a], "remains": r.get("remains") or []})
+    return out
 
 
 def heatmap_method_of(config: dict | None) -> str:

@@ -282,9 +282,11 @@ def correction_new(request, pk):
     try:
         flags = [int(v) for v in request.POST.getlist("flags")]
         drop = float(request.POST.get("max_clean_drop") or 0.02)
+        rounds = int(request.POST.get("rounds") or 3)
         training_id = request.POST.get("training_dataset") or None
     except ValueError:
-        messages.error(request, "The correction was not made: the flags and the accuracy drop must be numbers.")
+        messages.error(request, "The correction was not made: the flags, the accuracy drop and the rounds must be "
+                                "numbers.")
         return redirect(back)
     if not flags:
         messages.error(request, "The correction was not made: tick at least one flag to correct.")
@@ -299,7 +301,7 @@ def correction_new(request, pk):
         correction = create_correction(audit=audit, user=request.user, flag_ids=flags,
                                        method=request.POST.get("method", ""), training_dataset=training,
                                        options={"anchor": request.POST.get("anchor", "mean"),
-                                                "max_clean_drop": drop})
+                                                "max_clean_drop": drop, "rounds": rounds})
     except RegistrationError as exc:
         messages.error(request, f"The correction was not made: {exc.message}")
         return redirect(back)

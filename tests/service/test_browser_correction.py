@@ -120,3 +120,58 @@ def test_a_member_makes_a_corrected_probe_from_the_report(browser, live_server, 
         from django.db import connections
 
         connections.close_all()
+
+
+def test_a_correction_in_rounds_shows_each_round_on_its_page(browser, live_server, project, users, registered,  # noqa: F811
+                                                             monkeypatch):
+    """Two rounds run through the real tasks (in this process; every other latent made to track the corrected
+    concept, so the first re-audit's other probe flags join it), then read in the browser: the rounds table with
+    each round's latents, accuracy, hurt slices' gaps, re-audit and the latents it added."""
+    from workers import corrections as correction_tasks
+    from workers import tasks
+    from workers.celery import app as celery_app
+    from workers.engine import correct_audit
+
+    from audit_service.audits.corrections import create_correction
+
+    sent = []
+    monkeypatch.setattr(celery_app, "send_task", lambda name, args=None, **kw: sent.append((name, args[0])))
+    monkeypatch.setattr(correct_audit, "tracking_latents", lambda run, store, concepts: [
+        {"concept": list(c), "images_with": 1, "share_needed": 0.8,
+         "latents": {str(i): 0.9 for i in range(run.sae.n_latents) if i not in c}} for c in concepts])
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=registered["dataset"],
+                         options={**OPTIONS, "general_vocabulary": False})
+    tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.SUCCEEDED, audit.error
+    flag = audit.flags.filter(head="probe").order_by("-share").first()
+    correction = create_correction(audit=audit, user=users["member"], flag_ids=[flag.pk],
+                                   options={"directions": "removal", "rounds": 2})
+    for _ in range(2):
+        correction_tasks.run_correction.apply(args=[correction.pk])
+        correction.refresh_from_db()
+        assert correction.stage == "reaudit", correction.error
+        tasks.run_audit.apply(args=[correction.reaudit_id])
+        correction.refresh_from_db()
+        if correction.is_finished:
+            break
+    assert correction.status == Status.SUCCEEDED, correction.error
+    rounds = correction.result["rounds"]
+    assert len(rounds) == 2, "the first re-audit flagged nothing else, so no second round ran"
+
+    context, page = member_page(browser, live_server.url)
+    page.goto(f"{live_server.url}/corrections/{correction.pk}/")
+    table = page.locator("#result .rounds-table")
+    rows = table.locator("tr.round")
+    assert rows.count() == 2
+    first, second = rows.nth(0).inner_text(), rows.nth(1).inner_text()
+    added = ", ".join(str(i) for i in rounds[0]["added"][0])
+    assert "corrected in round 2" in first and added in first and f"audit #{rounds[0]['audit']}" in first
+    assert second.startswith("2") and added in second and f"audit #{correction.reaudit_id}" in second
+    table.screenshot(path=str(ARTIFACTS / "correction-rounds.png"))
+    page.screenshot(path=str(ARTIFACTS / "correction-rounds-page.png"), full_page=True)
+    context.close()
+    from django.db import connections
+
+    connections.close_all()

@@ -113,3 +113,28 @@ def test_the_gate_prints_what_the_correction_meets_and_what_remains_without_fail
     assert client.correction_gate(answer, probe, Path("probe.npz"), args, lines.append) == 0
     assert "meets: the chosen flags are gone" in lines
     assert "remains: still hurt: melanoma, latent 3 inactive at 0.700, 0.200 below melanoma, latent 3 active" in lines
+
+
+def test_the_gate_prints_one_line_per_round_and_sends_the_rounds_asked_for():
+    args = client.parser().parse_args(["--url", "u", "--token", "t", "correct", "--audit", "1", "--rounds", "2"])
+    assert args.rounds == 2
+    answer = state()
+    row = {"old": 0.8, "new": 0.85, "n": 40}
+    gap = {"slice": "melanoma, latent 3 inactive", "gap_before": 0.45, "gap_after": 0.2}
+    answer["result"]["rounds"] = [
+        {"round": 1, "concepts": [[3]], "table": {"overall": row}, "slices": [gap], "audit": 8, "passed": False,
+         "added": [[11]]},
+        {"round": 2, "concepts": [[3, 11]], "table": {"overall": row}, "slices": [{**gap, "gap_after": None}],
+         "audit": 9, "passed": True, "added": [[]]}]
+    lines = []
+    probe = {"id": 3, "name": "probe v2", "version": 2, "parent": 1}
+    assert client.correction_gate(answer, probe, Path("probe.npz"), args, lines.append) == 0
+    assert ("round 1: latents 3; overall 0.800 -> 0.850; melanoma, latent 3 inactive gap 0.450 -> 0.200; "
+            "re-audit #8 not passed; still tracking the concept: latents 11") in lines
+    assert "round 2: latents 3, 11; overall 0.800 -> 0.850; melanoma, latent 3 inactive gap 0.450 -> -; " \
+           "re-audit #9 passed" in lines
+    # one round prints no round lines
+    answer["result"]["rounds"] = answer["result"]["rounds"][:1]
+    lines = []
+    client.correction_gate(answer, probe, Path("probe.npz"), args, lines.append)
+    assert not any(line.startswith("round ") for line in lines)

@@ -148,6 +148,8 @@ def test_bad_requests_are_refused_naming_the_problem_and_leave_no_row(audited, u
         ({"flags": [flag.pk], "options": {"anchor": "middle"}}, "options", "anchor"),
         ({"flags": [flag.pk], "options": {"max_clean_drop": 5}}, "options", "max_clean_drop"),
         ({"flags": [flag.pk], "options": {"C": 1.0}}, "options", "needs a training_dataset"),
+        ({"flags": [flag.pk], "options": {"rounds": 0}}, "options", "rounds"),
+        ({"flags": [flag.pk], "options": {"rounds": 6}}, "options", "rounds"),
         ({"flags": [flag.pk], "options": {"tolerance": 1}}, "options", "tolerance"),
         ({"flags": [flag.pk], "options": "fast"}, "options", "JSON object"),
         ({"flags": [flag.pk], "training_dataset": 999999}, "training_dataset", "no such dataset"),
@@ -359,3 +361,72 @@ def test_the_verdict_says_what_it_meets_and_what_remains_of_the_shortcut(audited
     answer = corrections.verdict(correction, table, {**diff, "unchanged": [_entry("melanoma", 7)]})
     assert not answer["passed"] and answer["reasons"][0] == "the re-audit still flags latent 7 for melanoma"
     assert "the chosen flags are gone" not in answer["meets"] and len(answer["reasons"]) == 2
+
+    # a latent the re-audit flags that tracks the corrected concept is what remains of it too
+    tracking = [{"concept": [7, 9], "latents": {"12": 0.93}}]
+    diff = {"changed": [], "unchanged": [], "new": [_entry("nevus", 12), _entry("nevus", 30)], "gone": []}
+    answer = corrections.verdict(correction, table, diff, tracking)
+    assert answer["concept_remaining"] == [{"class_name": "nevus", "latent": 12, "flag_latent": None,
+                                            "concept": [7, 9], "share": 0.93}]
+    assert answer["remains"][0] == ("other latents of the chosen concepts are still flagged: latent 12 (tracks the "
+                                    "corrected concept: 93% of its activation on its images) for nevus")
+
+
+def test_a_correction_goes_on_in_rounds_while_its_reaudit_flags_latents_that_track_the_concept(
+        audited, users, queue, monkeypatch, web, client_for, django_capture_on_commit_callbacks):
+    """Every other latent is made to track the corrected concept, so each re-audit's other probe flags join it
+    and the original probe is corrected again, until the rounds (2) run out."""
+    from workers.engine import correct_audit
+
+    def everything_tracks(run, store, concepts):
+        return [{"concept": list(c), "images_with": 1, "share_needed": 0.8,
+                 "latents": {str(i): 0.9 for i in range(run.sae.n_latents) if i not in c}} for c in concepts]
+
+    monkeypatch.setattr(correct_audit, "tracking_latents", everything_tracks)
+    flag = probe_flag(audited)
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk],
+                                   options={"directions": "removal", "rounds": 2})
+    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    first_reaudit, first_probe = correction.reaudit_id, correction.new_probe_id
+    [first] = correction.result["rounds"]
+    flagged = corrections.flagged_latents(Audit.objects.get(pk=first_reaudit))
+    concept = flag.concept_latents or [flag.latent]
+    expected = [latent for latent in flagged if latent not in concept]
+    assert expected, "the re-audit flags nothing else, so this test shows no second round"
+    assert first["round"] == 1 and first["concepts"] == [concept] and first["added"] == [expected]
+    assert first["audit"] == first_reaudit and first["probe"] == first_probe and "overall" in first["table"]
+    # back in the queue for round 2, its task sent again
+    assert correction.status == Status.QUEUED and correction.stage == "round 2" and correction.attempts == 0
+    assert queue[-1] == (CORRECTION.task, correction.pk) and correction.round == 2
+
+    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    assert correction.status == Status.SUCCEEDED, correction.error
+    assert [r["round"] for r in correction.result["rounds"]] == [1, 2] and correction.round == 2
+    second = correction.result["rounds"][1]
+    assert second["concepts"] == [concept + expected] and second["audit"] == correction.reaudit_id != first_reaudit
+    assert correction.result["correction"]["shortcut"]["concepts"] == [concept + expected]
+    assert correction.result["verdict"]["passed"] == second["passed"]
+    # each round's probe is a version of the audited one; the correction's is the last round's
+    assert correction.new_probe_id == second["probe"] != first_probe
+    assert Probe.objects.get(pk=first_probe).parent == audited.probe == correction.new_probe.parent
+    assert correction.new_probe.name.endswith(f"(correction {correction.pk}, round 2)")
+    assert Audit.objects.get(pk=correction.reaudit_id).context["round"] == 2
+
+    # the page shows each round; the API gives them in the result
+    page = web("viewer").get(f"/corrections/{correction.pk}/").content.decode()
+    assert page.count('<tr class="round">') == 2 and f'href="/audits/{first_reaudit}/"' in page
+    assert f"latent{'s' if len(expected) > 1 else ''} {', '.join(map(str, expected))}: corrected in round 2" in page
+    body = client_for("viewer").get(f"/api/v1/corrections/{correction.pk}/").json()
+    assert [r["round"] for r in body["result"]["rounds"]] == [1, 2]
+
+
+def test_one_round_stops_after_its_reaudit_whatever_it_still_flags(audited, users, queue, monkeypatch,
+                                                                  django_capture_on_commit_callbacks):
+    from workers.engine import correct_audit
+
+    monkeypatch.setattr(correct_audit, "tracking_latents", lambda run, store, concepts: [
+        {"concept": list(c), "latents": {str(i): 0.9 for i in range(run.sae.n_latents)}} for c in concepts])
+    correction = create_correction(audit=audited, user=users["member"], flag_ids=[probe_flag(audited).pk],
+                                   options={"rounds": 1})
+    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    assert correction.status == Status.SUCCEEDED and len(correction.result["rounds"]) == 1

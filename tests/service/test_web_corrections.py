@@ -30,7 +30,9 @@ def test_the_form_refuses_bad_input_with_a_message_and_makes_nothing(audited, we
                         ({"flags": ["x"]}, "must be numbers"),
                         ({"flags": [str(flag.pk)], "method": "refit"}, "needs the probe&#x27;s training split"),
                         ({"flags": [str(flag.pk)], "training_dataset": "999999"}, "no such training dataset"),
-                        ({"flags": [str(flag.pk)], "max_clean_drop": "3"}, "max_clean_drop")):
+                        ({"flags": [str(flag.pk)], "max_clean_drop": "3"}, "max_clean_drop"),
+                        ({"flags": [str(flag.pk)], "rounds": "9"}, "rounds"),
+                        ({"flags": [str(flag.pk)], "rounds": "two"}, "must be numbers")):
         response = web("member").post(url, data, follow=True)
         assert words in response.content.decode(), (data, words)
     assert web("viewer").post(url, {"flags": [str(flag.pk)]}).status_code == 403
@@ -44,10 +46,11 @@ def test_a_correction_made_on_the_page_shows_its_result_in_the_page_the_report_a
     with django_capture_on_commit_callbacks(execute=True):
         response = web("member").post(f"/audits/{audited.pk}/corrections/new/",
                                       {"flags": [str(flag.pk)], "method": "", "anchor": "midpoint",
-                                       "max_clean_drop": "0.05"})
+                                       "max_clean_drop": "0.05", "rounds": "1"})
     correction = Correction.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/corrections/{correction.pk}/"
-    assert correction.options == {"anchor": "midpoint", "directions": "regression", "C": None, "max_clean_drop": 0.05}
+    assert correction.options == {"anchor": "midpoint", "directions": "regression", "C": None, "max_clean_drop": 0.05,
+                                  "rounds": 1}
     status = web("viewer").get(f"/corrections/{correction.pk}/status.json").json()
     assert status["status"] == "queued" and not status["finished"]
 
@@ -55,7 +58,7 @@ def test_a_correction_made_on_the_page_shows_its_result_in_the_page_the_report_a
         correction_tasks.run_correction.apply(args=[correction.pk])
     correction.refresh_from_db()
     status = web("viewer").get(f"/corrections/{correction.pk}/status.json").json()
-    assert status["stage"].startswith(f"re-audit #{correction.reaudit_id}") and 80 <= status["percent"] < 100
+    assert status["stage"].startswith(f"round 1, re-audit #{correction.reaudit_id}") and 80 <= status["percent"] < 100
     with django_capture_on_commit_callbacks(execute=True):
         tasks.run_audit.apply(args=[correction.reaudit_id])
     correction.refresh_from_db()

@@ -337,6 +337,7 @@ def _recovery_summary(planted: list[dict]) -> dict:
         rows = [c["corrections"][method] for c in planted if method in (c.get("corrections") or {})]
         closed = [g for r in rows for g in (r["gap_closed"] or {}).values() if g is not None]
         out[method] = {"cases": len(rows), "corrected": sum(bool(r["latents"]) for r in rows),
+                       "more_than_one_round": sum(len(r.get("rounds") or []) > 1 for r in rows),
                        "meets_bar": _ratio(sum(r["meets_bar"] for r in rows), len(rows)),
                        "still_flagged": sum(bool(r["still_flagged"]) for r in rows),
                        "min_gap_closed": round(min(closed), 4) if closed else None}
@@ -565,6 +566,10 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
             "overall": {k: figures["overall"][k] for k in ("old", "new", "reference", "change")},
             "clean_change": figures["clean_change"],
             "still_flagged": bool(still),
+            # each round: the latents corrected, those its re-audit found still tracking them, the gaps closed
+            "rounds": [{"round": r["round"], "latents": r["latents"], "added": r["added"],
+                        "gap_closed": {name: (r["slices"][name] or {}).get("gap_closed") for name in hurt_slices(case)},
+                        "overall_new": r["overall"]["new"]} for r in figures.get("rounds") or []],
             # issue 18's bar, with "not flagged after" read from the ground truth rather than from labels
             "meets_bar": all({**recovery_checks(figures), "not flagged after": not still}.values()),
         })
@@ -676,10 +681,16 @@ def format_recovery(r: dict) -> str:
         return f"not run: {r['skipped']}"
     if not r["latents"]:
         return "nothing flagged to correct"
-    closed = " / ".join("n/a" if g is None else f"{g:.0%}" for g in r["gap_closed"].values())
+    closed = _closed(r["gap_closed"])
+    rounds = r.get("rounds") or []
+    first = f"; round 1 of {len(rounds)}: gap closed {_closed(rounds[0]['gap_closed'])}" if len(rounds) > 1 else ""
     return (f"gap closed {closed} ({', '.join(r['gap_closed'])}), overall {r['overall']['old']:.3f} -> "
             f"{r['overall']['new']:.3f}, still flagged {'YES' if r['still_flagged'] else 'no'}"
-            f"{'' if r['meets_bar'] else ' (below the bar)'}")
+            f"{'' if r['meets_bar'] else ' (below the bar)'}{first}")
+
+
+def _closed(gaps: dict) -> str:
+    return " / ".join("n/a" if g is None else f"{g:.0%}" for g in gaps.values())
 
 
 def _heatmap_paragraph(h: dict) -> str:
@@ -867,7 +878,12 @@ def _report_corrections(s: dict) -> list[str]:
              "trained without the correlation closed >= 80 % on the class without the artifact and on the "
              "other class with it, overall accuracy not lower, the artifact no longer flagged (read from the "
              "ground truth: no probe flag whose latents track it)."]
-    lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected; meeting the bar: {r['meets_bar']}; "
+    lines[-1] += (" Each correction runs in rounds (at most the default 3): after each re-audit the flagged "
+                  "latents that track the corrected concept (most of their activation on the images that show it, "
+                  "read from the SAE, not the ground truth) join it and the audited probe is corrected again; the "
+                  "figures are the last round's, and a case that took more than one round also gives round 1's.")
+    lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected ({r.get('more_than_one_round', 0)} in "
+              f"more than one round); meeting the bar: {r['meets_bar']}; "
               f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
               for m, r in s["corrections"].items()]
     return lines

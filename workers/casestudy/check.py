@@ -100,7 +100,8 @@ def _flag_keys(result) -> set[tuple[str, str, int]]:
 
 
 def correct_case(case: dict, workdir: str | Path, *, method: str = "project", anchor: str | None = None,
-                 audit=None, flags: list[tuple[str, int]] | None = None, options: dict | None = None) -> dict:
+                 audit=None, flags: list[tuple[str, int]] | None = None, options: dict | None = None,
+                 rounds: int | None = None) -> dict:
     """Correct the case's probe for the planted artifact's flags and re-audit it with the same SAE: the figures
     issue 18 asks for (:func:`recovery_checks` says whether they meet its bar).
 
@@ -108,20 +109,24 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     there); None runs it. ``flags``: (class, latent) pairs to correct; default :func:`artifact_flags`.
     ``options``: the audit's options, for the audit and the re-audit alike (default: :func:`audit_options`).
     ``method`` ``refit`` and ``reweight`` fit on the probe's training split. The reference probe (trained with
-    the artifact independent of the class) is what "the way to go" is measured against.
+    the artifact independent of the class) is what "the way to go" is measured against. ``rounds`` (default: the
+    correction options' ``rounds``): after each re-audit, the latents it still flags that track the corrected
+    concept (:func:`~workers.engine.correct_audit.next_round_latents`) join it and the original probe is
+    corrected again, until none is left or the rounds run out.
 
-    Returns plain figures (the hurt slices' and the overall rows of the correction's table, the clean images'
-    change, the re-audit's flags of the artifact, flags new and gone by (head, class, latent), ``seconds`` per
-    step) plus ``after``, the re-audit itself. The re-audit writes into ``workdir`` too (its relevance tables
-    replace the audit's).
+    Returns plain figures of the last round (the hurt slices' and the overall rows of the correction's table,
+    the clean images' change, the re-audit's flags of the artifact, flags new and gone by (head, class, latent),
+    ``seconds`` per step) plus ``after``, its re-audit, and ``rounds``, each round's figures in short. The
+    re-audits write into ``workdir`` too (their relevance tables replace the audit's).
     """
     from workers.engine import AuditConfig, LinearProbe, load_clip, run_audit
     from workers.engine.config import CorrectionOptions
-    from workers.engine.correct_audit import AuditedInputs, run_correction
     from workers.engine.sae import TopKSAE
 
     cfg = case["config"]
     config = AuditConfig.from_dict(audit_options() if options is None else options)
+    correction_options = CorrectionOptions(**({"anchor": anchor} if anchor is not None else {}))
+    rounds = correction_options.rounds if rounds is None else rounds
     bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
     probe = LinearProbe.load(case["probe"])
     # the artifact's column as metadata: the table's slices, and the re-audit's with/without accuracy
@@ -137,30 +142,59 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
                "anchor": anchor, "flags": [list(p) for p in chosen], "corrected": bool(chosen), "seconds": seconds}
     if not chosen:  # nothing flagged as the artifact: nothing to correct, and the bar is not met
         return figures
-    sae = TopKSAE.load(workdir / "sae", "cpu")
-    started = time.perf_counter()
-    audited = AuditedInputs(bundle, probe, images, sae, chosen,
-                            concepts=[list(dict.fromkeys(latent for _, latent in chosen))])  # the artifact: one concept
-    outcome = run_correction(
-        audited, config, CorrectionOptions(**({"anchor": anchor} if anchor is not None else {})), method=method,
-        training=split_images(case["probe_train_dir"]) if method in TRAINED else None,
-        reference=LinearProbe.load(case["reference_probe"]),
-        workdir=workdir)  # the audit's activations are reused: they depend on images and model only
-    seconds["correction"] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    # the same SAE, so a latent means the same thing before and after; the same activations (the probe is not in them)
-    after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
-    seconds["reaudit"] = round(time.perf_counter() - started, 1)
-    figures.update(_recovery_figures(case, chosen, outcome, audit, after))
+    training = split_images(case["probe_train_dir"]) if method in TRAINED else None
+    inputs = (bundle, probe, images, TopKSAE.load(workdir / "sae", "cpu"))
+    figures.update(_correct_in_rounds(case, inputs, chosen, audit, config, correction_options, method, training,
+                                      rounds, workdir, seconds))
     return figures
 
 
-def _recovery_figures(case: dict, chosen: list[tuple[str, int]], outcome, audit, after) -> dict:
-    """What :func:`correct_case` reports of a correction (``outcome``) and its re-audit (``after``)."""
+def _correct_in_rounds(case: dict, inputs: tuple, chosen: list[tuple[str, int]], audit, config, options, method,
+                       training, rounds: int, workdir: Path, seconds: dict) -> dict:
+    """:func:`correct_case`'s rounds on (bundle, probe, images, SAE): the last round's figures and ``rounds``."""
+    from workers.engine import LinearProbe, run_audit
+    from workers.engine.correct_audit import AuditedInputs, run_correction
+    from workers.engine.rounds import grown_concepts, next_round_latents
+
+    bundle, probe, images, sae = inputs
+    concepts = [list(dict.fromkeys(latent for _, latent in chosen))]  # the artifact: one concept
+    done = []
+    for round_ in range(1, rounds + 1):
+        started = time.perf_counter()
+        outcome = run_correction(
+            AuditedInputs(bundle, probe, images, sae, chosen, concepts=concepts), config, options,
+            method=method, training=training, reference=LinearProbe.load(case["reference_probe"]),
+            workdir=workdir)  # the audit's activations are reused: they depend on images and model only
+        seconds["correction"] = round(seconds.get("correction", 0.0) + time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        # the same SAE, so a latent means the same thing before and after; the same activations
+        after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
+        seconds["reaudit"] = round(seconds.get("reaudit", 0.0) + time.perf_counter() - started, 1)
+        figures = _recovery_figures(case, chosen, outcome, audit, after, concepts[0])
+        added = next_round_latents(outcome.shortcut["tracking"], _probe_flagged(after))
+        done.append({"round": round_, "latents": figures["latents"], "added": added[0],
+                     **{k: figures[k] for k in ("slices", "overall", "clean_change")},
+                     "artifact_flags_after": len(figures["artifact_flags_after"])})
+        if not any(added):
+            break
+        concepts = grown_concepts(concepts, added)
+    return {**figures, "rounds": done}
+
+
+def _probe_flagged(result) -> list[int]:
+    """The latents an audit flags for the probe: each flag's latent and the latents of its concept."""
+    return list(dict.fromkeys(int(latent) for f in _flags(result) if f["head"] == "probe"
+                              for latent in [f["latent"], *(f.get("concept_latents") or [])]))
+
+
+def _recovery_figures(case: dict, chosen: list[tuple[str, int]], outcome, audit, after,
+                      corrected: list[int]) -> dict:
+    """What :func:`correct_case` reports of a correction (``outcome``, of the ``corrected`` latents) and its
+    re-audit (``after``)."""
     from workers.engine.correct_audit import clean_accuracy_change
 
     table = outcome.table
-    corrected = {latent for _, latent in chosen}
+    corrected = set(corrected)
     label = f"with {case['config']['artifact']}"
     still = [f for f in after.flags if f["head"] == "probe"
              and (f["label"] == label or corrected & set(f.get("concept_latents") or [f["latent"]]))]

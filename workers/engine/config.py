@@ -50,6 +50,9 @@ DICTIONARIES_MAX = 16  # SAEs one audit trains to vote on its flags
 _RULES = ConfigDict(extra="forbid")
 
 
+ROUNDS_MAX = 5  # a correction's rounds at most (each one is a re-audit)
+
+
 def _count(ge: int = 1, le: int = COUNT_MAX):
     return Annotated[int, Strict(), Field(ge=ge, le=le)]
 
@@ -247,6 +250,9 @@ class CorrectionOptions(_DictMixin):
     C: _real(gt=0.0, le=1e6) | None = None
     # the accuracy the correction may cost on images without any chosen latent before its verdict fails
     max_clean_drop: _Fraction = 0.02
+    # correct, re-audit, add the flagged latents that track the chosen concepts, correct again: at most this many
+    # rounds (1: one correction and its re-audit)
+    rounds: _count(le=ROUNDS_MAX) = 3
 
 
 # --------------------------------------------------------------------------- server bounds

@@ -123,9 +123,11 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
         slices[CLEAN_SLICE] = ~shortcut.active.numpy().any(1)
         table = compare_probes(run.probe, new, store.embeddings(), labels, slices, reference)
         table["clean_slice"] = CLEAN_SLICE
+        tracking = tracking_latents(run, store, concepts)
         run.report("compare", 1, 1)
     data = None if split is None else {"latents": latents, **training_data(split, run.probe.class_names)}
-    return CorrectionOutcome(new, info, table, _facts(shortcut, audited.flags, len(labels)), run.timings, data)
+    facts = {**_facts(shortcut, audited.flags, len(labels)), "concepts": concepts, "tracking": tracking}
+    return CorrectionOutcome(new, info, table, facts, run.timings, data)
 
 
 @dataclass
@@ -236,18 +238,79 @@ def presence_threshold(activation: np.ndarray) -> float:
 def _concept_activation(run: _Run, store: ActivationStore, latents: list[int]) -> np.ndarray:
     """[images] the summed activation of ``latents`` on each image of ``store``, read at the audit's token (a
     spatial SAE's latent counts with its largest activation over the patches), float64."""
-    chosen = torch.tensor(latents, dtype=torch.long, device=run.device)
-    sums = []
+    return _group_activations(run, store, [latents])[0]
+
+
+@torch.no_grad()
+def _image_codes(run: _Run, acts: torch.Tensor) -> torch.Tensor:
+    """[batch, n_latents] each latent's activation on each image of the batch, read at the audit's token (a
+    spatial SAE's latent counts with its largest activation over the patches). Built from the k active latents
+    only: a dense [batch, patches, latents] code of a wide spatial SAE is gigabytes."""
+    values, indices = run.sae.encode_sparse(select_tokens(acts.to(run.device), run.config.token))
+    b = values.shape[0]
+    codes = torch.zeros(b, run.sae.n_latents, dtype=values.dtype, device=values.device)
+    return codes.scatter_reduce(1, indices.reshape(b, -1), values.clamp_min(0).reshape(b, -1), reduce="amax")
+
+
+@torch.no_grad()
+def _group_activations(run: _Run, store: ActivationStore, groups: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Per group of latents: [images] their summed activation on each image of ``store`` (float64)."""
+    chosen = [torch.tensor(list(g), dtype=torch.long, device=run.device) for g in groups]
+    sums: list[list[torch.Tensor]] = [[] for _ in chosen]
     for _, acts, _ in store.iter_batches(run.config.batch_size):
         checkpoint()
-        # the k active latents only: a dense [batch, patches, latents] code of a wide spatial SAE is gigabytes
-        values, indices = run.sae.encode_sparse(select_tokens(acts.to(run.device), run.config.token))
-        hit = (indices.unsqueeze(-1) == chosen) & (values > 0).unsqueeze(-1)  # [b, (P,) k, latents]
-        per_latent = (hit * values.unsqueeze(-1)).sum(-2)  # [b, (P,) latents]
-        if per_latent.ndim == 3:
-            per_latent = per_latent.amax(1)
-        sums.append(per_latent.sum(-1).double().cpu())
-    return torch.cat(sums).numpy() if sums else np.zeros(0)
+        codes = _image_codes(run, acts)
+        for out, latents in zip(sums, chosen):
+            out.append(codes[:, latents].sum(1).double().cpu())
+    return [torch.cat(s).numpy() if s else np.zeros(0) for s in sums]
+
+
+TRACK_SHARE = 0.8  # a latent tracks a concept when at least this share of its activation falls on the concept's images
+TRACK_MIN_IMAGES = 3  # ... and it is active on at least this many of them
+
+
+@torch.no_grad()
+def tracking_latents(run: _Run, store: ActivationStore, concepts: Sequence[Sequence[int]]) -> list[dict]:
+    """Per concept (a group of latents), the other latents of the SAE that track it on the images of ``store``.
+
+    The concept's images are those where its latents' summed activation passes :func:`presence_threshold`. A
+    latent tracks the concept when at least :data:`TRACK_SHARE` of its summed activation over all images falls on
+    those images (and more than halfway from their share of the images to all of it, so a concept on most images
+    does not make every latent track it), on :data:`TRACK_MIN_IMAGES` of them or more. This is the test a
+    correction's next round applies to what its re-audit still flags (:func:`next_round_latents`): a latent that
+    tracks the concept reads the same thing under another index (the SAE spread the concept over several).
+
+    Each entry: ``concept`` (its latents), ``images_with`` (how many images show it), ``share_needed`` and
+    ``latents`` (latent as text -> the share of its activation on the concept's images, highest first)."""
+    concepts = [[int(i) for i in c] for c in concepts]
+    activations = _group_activations(run, store, concepts)
+    present = [a > presence_threshold(a) for a in activations]
+    n_latents = run.sae.n_latents
+    mass, mass_on = np.zeros(n_latents), np.zeros((len(concepts), n_latents))
+    count_on = np.zeros((len(concepts), n_latents))
+    start = 0
+    for _, acts, _ in store.iter_batches(run.config.batch_size):
+        checkpoint()
+        codes = _image_codes(run, acts).double().cpu().numpy()
+        rows = slice(start, start + len(codes))
+        start += len(codes)
+        mass += codes.sum(0)
+        for g, on in enumerate(present):
+            mass_on[g] += codes[on[rows]].sum(0)
+            count_on[g] += (codes[on[rows]] > 0).sum(0)
+    out = []
+    for g, concept in enumerate(concepts):
+        base = float(present[g].mean()) if len(present[g]) else 0.0
+        needed = max(TRACK_SHARE, base + (1.0 - base) / 2)
+        share = mass_on[g] / np.maximum(mass, 1e-30)
+        keep = (share >= needed) & (count_on[g] >= TRACK_MIN_IMAGES) & (mass > 0)
+        keep[concept] = False
+        if base in (0.0, 1.0):  # the concept on no image or on all: nothing to tell its images from the others
+            keep[:] = False
+        order = sorted(np.flatnonzero(keep), key=lambda i: (-share[i], i))
+        out.append({"concept": concept, "images_with": int(present[g].sum()), "share_needed": round(needed, 4),
+                    "latents": {str(int(i)): round(float(share[i]), 4) for i in order}})
+    return out
 
 
 def training_data(split: TrainingSplit, class_names: Sequence[str]) -> dict:
