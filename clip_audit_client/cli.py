@@ -365,10 +365,13 @@ def _log_rounds(rounds: list, log) -> None:
         gaps = "; ".join(f"{s['slice']} gap {_num(s['gap_before'])} -> {_num(s['gap_after'])}"
                          for s in r.get("slices") or [])
         added = [latent for group in r.get("added") or [] for latent in group]
-        log(f"round {r['round']}: latents {', '.join(str(i) for c in r['concepts'] for i in c)}; overall "
+        latents = dict.fromkeys(i for c in r["concepts"] for i in c)
+        log(f"round {r['round']}: latents {', '.join(map(str, latents))}; overall "
             f"{overall['old']:.3f} -> {overall['new']:.3f}; {gaps}; re-audit #{r['audit']} "
             f"{'passed' if r['passed'] else 'not passed'}"
-            + (f"; still tracking the concept: latents {', '.join(map(str, added))}" if added else ""))
+            + (f"; still tracking the concept: latents {', '.join(map(str, added))}" if added else "")
+            + "".join(f"; still flagged, corrected on their own: latents {', '.join(map(str, g))}"
+                      for g in r.get("split") or []))
 
 
 def _num(value) -> str:

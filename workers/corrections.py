@@ -57,8 +57,8 @@ def _correct(correction: Correction, workdir: Path, progress) -> None:
     chosen = list(correction.flags.order_by("class_name", "rank"))
     flags = [(f.class_name, f.latent) for f in chosen]
     rounds = (correction.result or {}).get("rounds") or []
-    if rounds:  # a later round: the last round's concepts with the latents its re-audit found tracking them
-        concepts = grown_concepts(rounds[-1]["concepts"], rounds[-1]["added"])
+    if rounds:  # a later round: the last round's concepts grown as its re-audit asked (workers.engine.rounds)
+        concepts = grown_concepts(rounds[-1]["concepts"], rounds[-1]["added"], rounds[-1].get("split") or [])
     else:  # a flag stands for its concept: every latent the concept is spread over, flags sharing one merged
         concepts = concept_groups([f.concept_latents or [f.latent] for f in chosen])
     # every round corrects the audited probe afresh (not the last round's), so each proof table is against it

@@ -8,7 +8,7 @@ from audit_service.registry.models import DatasetPurpose
 from audit_service.registry.services import RegistrationError, add_probe_version
 from workers.engine.config import CORRECTION_METHODS as METHODS
 from workers.engine.config import CorrectionOptions
-from workers.engine.rounds import next_round_latents
+from workers.engine.rounds import next_round
 from workers.engine.errors import EngineError
 
 from .diff import audit_diff
@@ -291,17 +291,19 @@ def finish_after_reaudit(correction_id: int) -> None:
 
 def _answer_round(correction: Correction, reaudit: Audit) -> None:
     """The round's re-audit succeeded: its diff and verdict, and the round's record. When the re-audit still
-    flags latents that track a corrected concept (``next_round_latents``) and rounds are left, they join the
-    concept and the correction goes back in the queue for the next round; otherwise it succeeds."""
+    flags latents that track a corrected concept, or latents of one, and rounds are left, the correction goes
+    back in the queue for the next round (``workers.engine.rounds.next_round`` says what it corrects);
+    otherwise it succeeds."""
     diff = audit_diff(correction.audit, reaudit)
     result = dict(correction.result or {})
-    tracking = (result["correction"].get("shortcut") or {}).get("tracking") or []
+    shortcut = result["correction"].get("shortcut") or {}
+    tracking = shortcut.get("tracking") or []
     result["reaudit"] = {"audit": reaudit.pk, "diff": diff}
     result["verdict"] = verdict(correction, result["correction"]["table"], diff, tracking)
-    added = next_round_latents(tracking, flagged_latents(reaudit))
-    result["rounds"] = [*(result.get("rounds") or []), _round_record(correction, result, added)]
+    step = next_round(shortcut.get("concepts") or [], tracking, flagged_latents(reaudit))
+    result["rounds"] = [*(result.get("rounds") or []), _round_record(correction, result, step)]
     timings = {**correction.timings, "reaudit": correction.timings.get("reaudit", 0.0) + _seconds(reaudit)}
-    if any(added) and len(result["rounds"]) < correction.options.get("rounds", 1):
+    if step["changed"] and len(result["rounds"]) < correction.options.get("rounds", 1):
         correction.next_round(result, timings)
         CORRECTION.enqueue_on_commit(correction.pk)
     else:
@@ -314,16 +316,17 @@ def flagged_latents(audit: Audit) -> list[int]:
                               for latent in [f.latent, *(f.concept_latents or [])]))
 
 
-def _round_record(correction: Correction, result: dict, added: list[list[int]]) -> dict:
+def _round_record(correction: Correction, result: dict, step: dict) -> dict:
     """One round as the proof shows it: the concepts it corrected, its probe and re-audit, the proof table, the
-    verdict in short and the latents its re-audit found still tracking each concept (the next round's)."""
+    verdict in short, and what its re-audit left for a next round (``added``: per concept the flagged latents
+    that track it; ``split``: a concept's still flagged latents, corrected as a concept of their own)."""
     shortcut = result["correction"].get("shortcut") or {}
     v = result["verdict"]
     return {"round": len(result.get("rounds") or []) + 1, "concepts": shortcut.get("concepts") or [],
             "probe": correction.new_probe_id, "audit": result["reaudit"]["audit"],
             "table": result["correction"]["table"], "passed": v["passed"], "checks": v["checks"],
             "meets": v["meets"], "remains": v["remains"], "reasons": v["reasons"], "slices": v["slices"],
-            "counts": result["reaudit"]["diff"]["counts"], "added": added}
+            "counts": result["reaudit"]["diff"]["counts"], "added": step["added"], "split": step["split"]}
 
 
 def reaudit_corrected_probe(correction: Correction, path, result: dict, timings: dict) -> Audit:

@@ -428,9 +428,10 @@ def correction_view(correction) -> dict:
 def rounds_view(rounds: list | None) -> list[dict]:
     """A correction's rounds as its card lists them (only when there was more than one, or one that asked for
     another): per round the latents it corrected, overall accuracy old and new, each hurt slice's gap before and
-    after, its re-audit, whether it passed, and the latents its re-audit found still tracking the concept."""
+    after, its re-audit, whether it passed, the latents its re-audit found still tracking the concept (they join
+    it) and the concept's latents it still flagged (corrected as a concept of their own)."""
     rounds = rounds or []
-    if len(rounds) < 2 and not any(any(r.get("added") or []) for r in rounds):
+    if len(rounds) < 2 and not any(any(r.get("added") or []) or r.get("split") for r in rounds):
         return []
     out = []
     for r in rounds:
@@ -438,7 +439,8 @@ def rounds_view(rounds: list | None) -> list[dict]:
         out.append({"round": r["round"], "latents": [i for c in r.get("concepts") or [] for i in c],
                     "old": overall.get("old"), "new": overall.get("new"), "audit": r.get("audit"),
                     "passed": r.get("passed"), "slices": r.get("slices") or [],
-                    "added": [i for a in r.get("added") or [] for i in a], "remains": r.get("remains") or []})
+                    "added": [i for a in r.get("added") or [] for i in a], "split": r.get("split") or [],
+                    "remains": r.get("remains") or []})
     return out
 
 

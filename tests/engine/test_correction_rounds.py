@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.engine.correct_audit import TRACK_SHARE, _Run, tracking_latents
-from workers.engine.rounds import grown_concepts, next_round_latents
+from workers.engine.rounds import grown_concepts, next_round, next_round_latents, still_flagged_groups
 from workers.engine.sae import TopKSAE
 
 
@@ -97,3 +97,22 @@ def test_a_next_round_adds_the_flagged_latents_that_track_a_concept_to_the_one_t
     assert next_round_latents(tracking, [3, 0, 4]) == [[], []]
     assert grown_concepts([[0], [4]], [[2], [7, 8]]) == [[0, 2], [4, 7, 8]]
     assert grown_concepts([[0, 2]], [[2, 5]]) == [[0, 2, 5]]
+
+
+def test_a_concepts_latents_still_flagged_are_corrected_as_a_concept_of_their_own_once():
+    concepts = [[61, 22, 52, 48, 59], [7]]
+    assert still_flagged_groups(concepts, [48, 38, 52, 7]) == [[52, 48]]  # [7] is all of its concept: nothing new
+    assert still_flagged_groups([*concepts, [52, 48]], [48, 52]) == []  # already a concept: a round never repeats
+    assert still_flagged_groups(concepts, [61, 22, 52, 48, 59]) == []  # all of it flagged: the same concept again
+    assert grown_concepts(concepts, [[38], []], [[52, 48]]) == [[61, 22, 52, 48, 59, 38], [7], [52, 48]]
+
+
+def test_a_next_round_grows_splits_or_says_nothing_changed():
+    tracking = [{"concept": [1, 2, 3], "latents": {"9": 0.9}}]
+    step = next_round([[1, 2, 3]], tracking, [9, 2, 5])
+    assert step == {"added": [[9]], "split": [[2]], "concepts": [[1, 2, 3, 9], [2]], "changed": True}
+    step = next_round(step["concepts"], [*tracking, {"concept": [2], "latents": {}}], [2, 5])
+    assert step["changed"] is False and step["concepts"] == [[1, 2, 3, 9], [2]]
+    # an old result without tracking: only the split
+    assert next_round([[1, 2]], [], [1]) == {"added": [[]], "split": [[1]], "concepts": [[1, 2], [1]],
+                                             "changed": True}

@@ -13,6 +13,7 @@ from workers import tasks
 from workers.celery import app as celery_app
 from workers.engine.errors import EngineError
 from workers.engine.heads import LinearProbe
+from workers.engine.rounds import still_flagged_groups
 
 from .conftest import FAST_AUDIT, upload
 
@@ -392,8 +393,10 @@ def test_a_correction_goes_on_in_rounds_while_its_reaudit_flags_latents_that_tra
     flagged = corrections.flagged_latents(Audit.objects.get(pk=first_reaudit))
     concept = flag.concept_latents or [flag.latent]
     expected = [latent for latent in flagged if latent not in concept]
+    split = still_flagged_groups([concept], flagged)  # the concept's latents still flagged, if not all of it
     assert expected, "the re-audit flags nothing else, so this test shows no second round"
     assert first["round"] == 1 and first["concepts"] == [concept] and first["added"] == [expected]
+    assert first["split"] == split
     assert first["audit"] == first_reaudit and first["probe"] == first_probe and "overall" in first["table"]
     # back in the queue for round 2, its task sent again
     assert correction.status == Status.QUEUED and correction.stage == "round 2" and correction.attempts == 0
@@ -403,8 +406,9 @@ def test_a_correction_goes_on_in_rounds_while_its_reaudit_flags_latents_that_tra
     assert correction.status == Status.SUCCEEDED, correction.error
     assert [r["round"] for r in correction.result["rounds"]] == [1, 2] and correction.round == 2
     second = correction.result["rounds"][1]
-    assert second["concepts"] == [concept + expected] and second["audit"] == correction.reaudit_id != first_reaudit
-    assert correction.result["correction"]["shortcut"]["concepts"] == [concept + expected]
+    assert second["concepts"] == [concept + expected, *split]
+    assert second["audit"] == correction.reaudit_id != first_reaudit
+    assert correction.result["correction"]["shortcut"]["concepts"] == [concept + expected, *split]
     assert correction.result["verdict"]["passed"] == second["passed"]
     # each round's probe is a version of the audited one; the correction's is the last round's
     assert correction.new_probe_id == second["probe"] != first_probe
@@ -415,7 +419,8 @@ def test_a_correction_goes_on_in_rounds_while_its_reaudit_flags_latents_that_tra
     # the page shows each round; the API gives them in the result
     page = web("viewer").get(f"/corrections/{correction.pk}/").content.decode()
     assert page.count('<tr class="round">') == 2 and f'href="/audits/{first_reaudit}/"' in page
-    assert f"latent{'s' if len(expected) > 1 else ''} {', '.join(map(str, expected))}: corrected in round 2" in page
+    assert f"latent{'s' if len(expected) > 1 else ''} {', '.join(map(str, expected))} tracking the concept" in page
+    assert page.count("corrected in round 2") == 1
     body = client_for("viewer").get(f"/api/v1/corrections/{correction.pk}/").json()
     assert [r["round"] for r in body["result"]["rounds"]] == [1, 2]
 

@@ -567,7 +567,7 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
             "clean_change": figures["clean_change"],
             "still_flagged": bool(still),
             # each round: the latents corrected, those its re-audit found still tracking them, the gaps closed
-            "rounds": [{"round": r["round"], "latents": r["latents"], "added": r["added"],
+            "rounds": [{"round": r["round"], "latents": r["latents"], "added": r["added"], "split": r.get("split"),
                         "gap_closed": {name: (r["slices"][name] or {}).get("gap_closed") for name in hurt_slices(case)},
                         "overall_new": r["overall"]["new"]} for r in figures.get("rounds") or []],
             # issue 18's bar, with "not flagged after" read from the ground truth rather than from labels
@@ -880,8 +880,9 @@ def _report_corrections(s: dict) -> list[str]:
              "ground truth: no probe flag whose latents track it)."]
     lines[-1] += (" Each correction runs in rounds (at most the default 3): after each re-audit the flagged "
                   "latents that track the corrected concept (most of their activation on the images that show it, "
-                  "read from the SAE, not the ground truth) join it and the audited probe is corrected again; the "
-                  "figures are the last round's, and a case that took more than one round also gives round 1's.")
+                  "read from the SAE, not the ground truth) join it, the concept's latents still flagged become a "
+                  "concept of their own too, and the audited probe is corrected again; the figures are the last "
+                  "round's, and a case that took more than one round also gives round 1's.")
     lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected ({r.get('more_than_one_round', 0)} in "
               f"more than one round); meeting the bar: {r['meets_bar']}; "
               f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."

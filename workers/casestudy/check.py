@@ -154,7 +154,7 @@ def _correct_in_rounds(case: dict, inputs: tuple, chosen: list[tuple[str, int]],
     """:func:`correct_case`'s rounds on (bundle, probe, images, SAE): the last round's figures and ``rounds``."""
     from workers.engine import LinearProbe, run_audit
     from workers.engine.correct_audit import AuditedInputs, run_correction
-    from workers.engine.rounds import grown_concepts, next_round_latents
+    from workers.engine.rounds import next_round
 
     bundle, probe, images, sae = inputs
     concepts = [list(dict.fromkeys(latent for _, latent in chosen))]  # the artifact: one concept
@@ -170,14 +170,15 @@ def _correct_in_rounds(case: dict, inputs: tuple, chosen: list[tuple[str, int]],
         # the same SAE, so a latent means the same thing before and after; the same activations
         after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
         seconds["reaudit"] = round(seconds.get("reaudit", 0.0) + time.perf_counter() - started, 1)
-        figures = _recovery_figures(case, chosen, outcome, audit, after, concepts[0])
-        added = next_round_latents(outcome.shortcut["tracking"], _probe_flagged(after))
-        done.append({"round": round_, "latents": figures["latents"], "added": added[0],
+        figures = _recovery_figures(case, chosen, outcome, audit, after, [i for c in concepts for i in c])
+        step = next_round(concepts, outcome.shortcut["tracking"], _probe_flagged(after))
+        done.append({"round": round_, "concepts": concepts, "latents": figures["latents"],
+                     "added": [i for a in step["added"] for i in a], "split": step["split"],
                      **{k: figures[k] for k in ("slices", "overall", "clean_change")},
                      "artifact_flags_after": len(figures["artifact_flags_after"])})
-        if not any(added):
+        if not step["changed"]:
             break
-        concepts = grown_concepts(concepts, added)
+        concepts = step["concepts"]
     return {**figures, "rounds": done}
 
 

@@ -1,11 +1,20 @@
-"""A correction in rounds: after each re-audit, which of the latents it still flags join the corrected concept.
+"""A correction in rounds: after each re-audit, what the next round corrects.
 
 Pure Python (no torch, no Django), so the service decides on a next round without loading the engine; the
 engine measures which latents track a concept (:func:`workers.engine.correct_audit.tracking_latents`)::
 
-    added = next_round_latents(outcome.shortcut["tracking"], flagged_latents_of_the_reaudit)
-    if any(added):
-        concepts = grown_concepts(concepts, added)  # and correct the original probe again
+    step = next_round(concepts, outcome.shortcut["tracking"], flagged_latents_of_the_reaudit)
+    if step["changed"]:
+        concepts = step["concepts"]  # and correct the audited probe again
+
+Two things a re-audit can still flag, each answered in the next round:
+
+- a latent that **tracks** a corrected concept (most of its activation on the images that show it) but is not
+  part of it: the SAE spread the concept over more latents than the flag held. It joins the concept.
+- latents **of** a corrected concept: one direction per concept (the regression of the features on the concept's
+  summed activation) did not take all of them out of what the probe reads. They become a concept of their own as
+  well, so the next round removes their direction too (on the benchmark's ruler, ``project`` then closed 76 % and
+  80 % of the two hurt slices' gaps instead of 43 % and 54 %).
 """
 from __future__ import annotations
 
@@ -13,9 +22,9 @@ from typing import Iterable, Sequence
 
 
 def next_round_latents(tracking: Sequence[dict], flagged: Iterable[int]) -> list[list[int]]:
-    """Per concept of ``tracking`` (:func:`~workers.engine.correct_audit.tracking_latents`), the latents among ``flagged`` (the latents a
-    re-audit still flags for the probe) that track it and are not yet part of it, in ``flagged``'s order: what
-    a correction's next round adds to the concept. Each latent joins the concept it tracks best."""
+    """Per concept of ``tracking`` (:func:`~workers.engine.correct_audit.tracking_latents`), the latents among
+    ``flagged`` (the latents a re-audit still flags for the probe) that track it and are not yet part of it, in
+    ``flagged``'s order. Each latent joins the concept it tracks best."""
     flagged = list(dict.fromkeys(int(i) for i in flagged))
     added: list[list[int]] = [[] for _ in tracking]
     for latent in flagged:
@@ -27,6 +36,34 @@ def next_round_latents(tracking: Sequence[dict], flagged: Iterable[int]) -> list
     return added
 
 
-def grown_concepts(concepts: Sequence[Sequence[int]], added: Sequence[Sequence[int]]) -> list[list[int]]:
-    """``concepts`` with each one's ``added`` latents appended (no latent twice)."""
-    return [list(dict.fromkeys([*map(int, c), *map(int, a)])) for c, a in zip(concepts, added)]
+def still_flagged_groups(concepts: Sequence[Sequence[int]], flagged: Iterable[int]) -> list[list[int]]:
+    """Per concept, its latents among ``flagged``, as a new concept when they are not all of it and not already
+    one of ``concepts`` (so a round never repeats one)."""
+    flagged = {int(i) for i in flagged}
+    known = {tuple(sorted(map(int, c))) for c in concepts}
+    out: list[list[int]] = []
+    for concept in concepts:
+        part = [int(i) for i in concept if int(i) in flagged]
+        key = tuple(sorted(part))
+        if part and len(part) < len(concept) and key not in known:
+            known.add(key)
+            out.append(part)
+    return out
+
+
+def grown_concepts(concepts: Sequence[Sequence[int]], added: Sequence[Sequence[int]],
+                   split: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+    """``concepts`` with each one's ``added`` latents appended (no latent twice), then the ``split`` groups."""
+    grown = [list(dict.fromkeys([*map(int, c), *map(int, a)])) for c, a in zip(concepts, added)]
+    return grown + [list(map(int, s)) for s in split]
+
+
+def next_round(concepts: Sequence[Sequence[int]], tracking: Sequence[dict], flagged: Iterable[int]) -> dict:
+    """What the round after a re-audit that flags ``flagged`` corrects: ``added`` (per concept, the flagged
+    latents that track it), ``split`` (the concepts' flagged latents as concepts of their own), ``concepts``
+    (the next round's) and ``changed`` (False: a next round would repeat this one, so stop)."""
+    flagged = list(flagged)
+    added = next_round_latents(tracking, flagged) if tracking else [[] for _ in concepts]
+    split = still_flagged_groups(concepts, flagged)
+    return {"added": added, "split": split, "concepts": grown_concepts(concepts, added, split),
+            "changed": any(added) or bool(split)}
