@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from .bench_checklist import checklist_summary, report_checklist, score_checklist
 from .build import CaseConfig, build_case, default_cache
 from .check import TRAINED, correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
@@ -71,6 +72,7 @@ class Grid:
     stability_cases: int | None = None  # how many planted cases get that (None: every one; 0: none)
     # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures)
     corrections: tuple = ("project", "refit", "reweight")
+    checklist: bool = True  # every artifact asked about as a suspect on every case (issue 32)
     heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issues 19 and 30)
     heatmap_methods: tuple = HEATMAP_METHODS  # each measured on the same maps' latents and images (issue 30)
     patch_size: int = 8  # the case models' patch in pixels: 4 makes thin artifacts fill whole patches
@@ -258,6 +260,7 @@ def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> di
                                      for f in novel),
         **_recovery_summary(planted),
         **_heatmap_summary(planted),
+        **checklist_summary(cases),
         "seed_stability": _ratio(sum(s["every"] for s in stability or []), sum(s["any"] for s in stability or []))
         if stability else None,
         # issue 27: the mean purity (AUROC for the one artifact each tracks) of the planted cases' probe flags
@@ -443,12 +446,13 @@ def audit_with_truth(case: dict, options: dict, workdir: Path) -> tuple[dict, Ca
     return result, lambda latent: z[:, latent]
 
 
-def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps: tuple = ()) -> dict:
+def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps: tuple = (),
+                    checklist: bool = False) -> dict:
     """Audit a case in a scratch folder (removed afterwards) and score it; ``seconds`` is the audit's time.
     For a planted case, ``heatmaps`` ((method, cells, blocks) triples): the planted flags' heatmap mass with each
     (``heatmap``, :func:`planted_heatmap_mass`); ``corrections``: the probe
     corrected with each of these methods and re-audited (``corrections``: method -> figures). Each has its own
-    ``seconds``."""
+    ``seconds``. ``checklist``: every artifact asked about as a suspect (:func:`score_checklist`)."""
     import shutil
     import tempfile
 
@@ -458,6 +462,10 @@ def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps
         result, activity = audit_with_truth(case, options, work)
         scored = score_case(case, result, activity)
         scored["seconds"] = round(time.time() - started, 1)
+        if checklist:  # first: a re-audit below replaces the audit's relevance tables
+            started = time.time()
+            scored["checklist"] = score_checklist(case, result, work, options)
+            scored["checklist_seconds"] = round(time.time() - started, 1)
         if not scored["control"]:
             if heatmaps:  # before the corrections: their re-audits write into the same folder
                 scored["heatmap"] = planted_heatmap_mass(case, result, activity, work, heatmaps)
@@ -585,12 +593,13 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         case = build_case(root, cfg, log=lambda line: None)
         # a scored case is kept beside its case, keyed by the audit options and the code that scored it, so an
         # interrupted or extended grid does not audit a case twice
-        key = _code_key(grid.audit_options, grid.corrections, _heatmap_specs(grid))
+        key = _code_key(grid.audit_options, grid.corrections, _heatmap_specs(grid), grid.checklist)
         cached = Path(case["audit_dir"]).parent / f"benchmark-{key}.json"
         if cached.is_file():
             scored = json.loads(cached.read_text())
         else:
-            scored = audit_and_score(case, dict(grid.audit_options), grid.corrections, _heatmap_specs(grid))
+            scored = audit_and_score(case, dict(grid.audit_options), grid.corrections, _heatmap_specs(grid),
+                                     grid.checklist)
             cached.write_text(json.dumps(scored, default=float))
         cases.append(scored)
         log(format_row(scored))
@@ -643,15 +652,18 @@ def _heatmap_specs(grid: Grid) -> tuple:
     return tuple((m, int(c), int(b)) for m, c, b in grid.heatmap_methods) if grid.heatmaps else ()
 
 
-def _code_key(options: dict, corrections: tuple = (), heatmaps: tuple = ()) -> str:
-    """Digest of the audit options, the corrections and heatmaps asked for, and of the engine and benchmark code."""
+def _code_key(options: dict, corrections: tuple = (), heatmaps: tuple = (), checklist: bool = False) -> str:
+    """Digest of the audit options, the corrections, heatmaps and checklist asked for, and of the engine and
+    benchmark code."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({"options": options, "corrections": list(corrections),
-                                        "heatmaps": [list(h) for h in heatmaps]}, sort_keys=True).encode())
+    asked = {"options": options, "corrections": list(corrections), "heatmaps": [list(h) for h in heatmaps]}
+    if checklist:  # the keys of grids without a checklist stay what they were
+        asked["checklist"] = True
+    digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode())
     here = Path(__file__).parent
     for path in sorted((here.parent / "engine").glob("*.py")) + [Path(__file__), here / "check.py",
-                                                                 here / "masks.py"]:
+                                                                 here / "masks.py", here / "bench_checklist.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -729,7 +741,8 @@ def write_report(report: dict, folder: Path, command: str) -> tuple[Path, Path]:
     methods = list(s.get("corrections", {}))
     lines = [*_report_header(report, command), *_report_grid(report), *_report_targets(s, report["met"]),
              *_report_stability(report), *_report_models(report), *_report_flag_counts(s),
-             *_report_heatmaps(s), *_report_corrections(s), *_report_cases(report["cases"], methods)]
+             *_report_heatmaps(s), *_report_corrections(s), *report_checklist(s),
+             *_report_cases(report["cases"], methods)]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path
 

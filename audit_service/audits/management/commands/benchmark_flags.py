@@ -28,9 +28,11 @@ class Command(BaseCommand):
                                  "tiny CLIP per seed, trained on the first run)")
         parser.add_argument("--no-corrections", action="store_true", help="skip the corrections and re-audits")
         parser.add_argument("--no-stability", action="store_true", help="skip the audits with other SAE seeds")
+        parser.add_argument("--no-checklist", action="store_true",
+                            help="skip asking about every artifact as a suspect")
 
     def handle(self, *args, seeds, artifacts, classes, no_controls, n_audit, options, out, patch_size,
-               no_corrections, no_stability, **kwargs):
+               no_corrections, no_stability, no_checklist, **kwargs):
         try:
             overrides = json.loads(options)
         except json.JSONDecodeError as exc:
@@ -38,7 +40,7 @@ class Command(BaseCommand):
         grid = Grid(seeds=tuple(seeds), artifacts=tuple(artifacts), classes=tuple(classes),
                     controls=not no_controls, n_audit=n_audit, audit_options=overrides, patch_size=patch_size,
                     corrections=() if no_corrections else Grid.corrections,
-                    stability_cases=0 if no_stability else None)
+                    stability_cases=0 if no_stability else None, checklist=not no_checklist)
         self.stdout.write(f"{len(grid.cases())} cases; the first run on a machine trains one tiny CLIP per seed")
         report = run_grid(grid, log=self.stdout.write)
         command = "python manage.py benchmark_flags " + " ".join(sys.argv[2:])

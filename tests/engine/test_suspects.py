@@ -1,0 +1,137 @@
+"""Asking about a suspect: matching it by text, examples or a labels.csv column, its shares, harm and verdict."""
+import numpy as np
+import pytest
+import torch
+
+from workers.engine.config import AuditConfig
+from workers.engine.errors import EngineError
+from workers.engine.sae import TopKSAE
+from workers.engine.suspects import VERDICTS, Suspect, SuspectInputs, check_suspect, check_suspects
+
+N, L = 400, 6
+CONFIG = AuditConfig.from_dict({})
+
+
+class _Store:
+    def __init__(self, acts):
+        self.acts, self.n = acts, len(acts)
+
+    def iter_batches(self, batch_size, start=0, stop=None):
+        for lo in range(0, self.n, batch_size):
+            yield lo, self.acts[lo:lo + batch_size], torch.zeros(len(self.acts[lo:lo + batch_size]), 2)
+
+    def gather(self, indices):
+        return self.acts[torch.as_tensor(indices)], torch.zeros(len(indices), 2)
+
+
+def _identity_sae():
+    sae = TopKSAE(L, L, L)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(L))
+        sae.W_dec.copy_(torch.eye(L))
+    return sae
+
+
+def _inputs(probe_share_ruler=0.3, harmful=True, seed=0):
+    """Two classes; a ruler on half the images (latent 0 reads it), ink on a third (latent 1), a class latent (2).
+    The probe calls every image with a ruler melanoma when ``harmful``; zero-shot goes by the class. Latent 0
+    holds ``probe_share_ruler`` of melanoma's probe relevance and little of zero-shot's."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(N) % 2  # 0 nevus, 1 melanoma
+    ruler = rng.random(N) < 0.5
+    ink = rng.random(N) < 0.33
+    acts = np.zeros((N, L), np.float32)
+    acts[ruler, 0] = rng.uniform(1, 2, ruler.sum())
+    acts[ink, 1] = rng.uniform(1, 2, ink.sum())
+    acts[:, 2] = labels * rng.uniform(1, 2, N)
+    acts[:, 3] = rng.uniform(0.1, 0.5, N)
+    predicted = np.where(ruler, 1, labels) if harmful else labels.copy()
+    shares = {"probe": np.full((2, L), 0.01), "zero_shot": np.full((2, L), 0.01)}
+    shares["probe"][1, 0] = probe_share_ruler
+    shares["zero_shot"][1, 0] = 0.02
+    shares["probe"][1, 1] = shares["zero_shot"][1, 1] = 0.02  # ink: represented, hardly read
+    semantic = torch.eye(L, 4)  # latent i's meaning: axis i (latents 4, 5 mean nothing)
+    texts = {"a ruler": torch.tensor([1.0, 0, 0, 0]), "ink": torch.tensor([0, 1.0, 0, 0]),
+             "a sticker": torch.tensor([0.05, 0.05, 0, 0.0])}
+
+    def encode_text(words):
+        return torch.stack([texts[w] for w in words]), torch.zeros(4)
+
+    metadata = {"ruler": [str(int(v)) for v in ruler], "ink": [str(int(v)) for v in ink],
+                "site": ["back"] * N}
+    return SuspectInputs(_identity_sae(), _Store(torch.from_numpy(acts)), [f"img{i}.png" for i in range(N)],
+                         labels, metadata, ["nevus", "melanoma"], {"probe": predicted, "zero_shot": labels.copy()},
+                         shares, semantic, encode_text), ruler, ink
+
+
+def _examples(ids, shows, n=10):
+    ids = np.array(ids)
+    return tuple(ids[shows][:n]), tuple(ids[~shows][:n])
+
+
+def test_a_harmful_suspect_is_relied_on_harmful_for_its_class_by_text_column_and_examples():
+    inputs, ruler, _ = _inputs()
+    with_, without = _examples(inputs.ids, ruler)
+    for suspect in (Suspect("ruler", text="a ruler"), Suspect("ruler", column="ruler"),
+                    Suspect("ruler", with_images=with_, without_images=without)):
+        answer = check_suspect(inputs, suspect, CONFIG)
+        assert answer["match"]["latents"][0] == 0 and answer["match"]["found"], (suspect.kind, answer["match"])
+        assert answer["verdict"] == "relied on, harmful" and answer["verdict_class"] == "melanoma", suspect.kind
+        row = answer["classes"]["melanoma"]
+        assert row["probe_share"] >= 0.3 and row["harm"]["measured"]
+        assert row["harm"]["probe"]["called_gap"] > 0.9 and row["harm"]["split"] == "called_gap" and "melanoma images with it" in row["harm"]["summary"]
+        assert "latents 0" in answer["evidence"]
+    column = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
+    assert column["present"] == {"images": int(ruler.sum()), "of": N, "how": "labels.csv column 'ruler'"}
+
+
+def test_a_read_suspect_without_harm_and_a_represented_one_get_their_own_verdicts():
+    inputs, ruler, ink = _inputs(harmful=False)
+    assert check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)["verdict"] == "relied on, no measured harm"
+    answer = check_suspect(inputs, Suspect("ink", column="ink"), CONFIG)
+    assert answer["match"]["latents"] == [1] and answer["verdict"] == "represented, not relied on"
+    # a share zero-shot gives alike is not reliance on the suspect (a mixed latent carries class signal)
+    inputs.shares["zero_shot"][1, 0] = 0.3
+    assert check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)["verdict"] == VERDICTS[2]
+
+
+def test_a_suspect_the_dictionary_does_not_have_is_not_found_with_the_closest_match_as_evidence():
+    inputs, ruler, _ = _inputs()
+    answer = check_suspect(inputs, Suspect("sticker", text="a sticker"), CONFIG)
+    assert answer["verdict"] == "not found by the dictionary" and not answer["match"]["found"]
+    assert answer["match"]["score"] == pytest.approx(0.05) and "below the 0.1 a match needs" in answer["evidence"]
+    # examples that nothing tells apart: random halves of the images
+    ids = np.array(inputs.ids)
+    noise = np.random.default_rng(1).random(N) < 0.5
+    with_, without = _examples(ids, noise & ~ruler), _examples(ids, ~noise & ~ruler)
+    answer = check_suspect(inputs, Suspect("noise", with_images=with_[0], without_images=without[0]), CONFIG)
+    assert answer["verdict"] == "not found by the dictionary" and answer["match"]["score"] < 0.8
+
+
+def test_bad_suspects_are_refused_saying_what_is_wrong():
+    inputs, _, _ = _inputs()
+    cases = [({"text": "x", "column": "ruler"}, "exactly one of"), ({"name": "x"}, "exactly one of"),
+             ({"name": "x", "with": ["a", "b"], "without": ["c", "d", "e"]}, "at least 3 images with"),
+             ({"name": "x", "with": ["a", "b", "c"], "without": ["a", "d", "e"]}, "both with and without"),
+             ({"name": "x", "text": "x", "colour": "red"}, "unknown suspect field"), ("ruler", "must be an object"),
+             ({"name": "", "text": ""}, "needs a name")]
+    for given, words in cases:
+        with pytest.raises(EngineError, match=words):
+            Suspect.from_dict(given)
+    with pytest.raises(EngineError, match="no column 'rulers' .*ink, ruler, site"):
+        check_suspect(inputs, Suspect("r", column="rulers"), CONFIG)
+    with pytest.raises(EngineError, match="must hold 0/1"):
+        check_suspect(inputs, Suspect("r", column="site"), CONFIG)
+    with pytest.raises(EngineError, match="'nope.png' is not in the audited dataset"):
+        check_suspect(inputs, Suspect("r", with_images=("nope.png", "img1.png", "img2.png"),
+                                      without_images=("img3.png", "img4.png", "img5.png")), CONFIG)
+    with pytest.raises(EngineError, match="repeated: ruler"):
+        check_suspects(inputs, [Suspect("ruler", text="a ruler"), Suspect("ruler", column="ruler")], CONFIG)
+
+
+def test_a_suspect_round_trips_through_its_dict():
+    for given in ({"name": "ruler", "text": "a ruler"}, {"name": "ink", "column": "ink"},
+                  {"name": "tape", "with": ["a", "b", "c"], "without": ["d", "e", "f"]}):
+        suspect = Suspect.from_dict(given)
+        again = {k: v for k, v in suspect.to_dict().items() if k != "kind"}
+        assert Suspect.from_dict(again) == suspect and suspect.to_dict()["kind"] in ("text", "column", "examples")

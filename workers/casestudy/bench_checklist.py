@@ -1,0 +1,104 @@
+"""The confounder checklist on the planted cases: every artifact the generator draws asked about as a suspect.
+
+For each planted case, right after its audit (before any re-audit replaces its relevance tables), every artifact
+of :data:`~workers.casestudy.images.ARTIFACTS` is asked about once per input kind: as ``text`` (its name), as
+``examples`` (10 audited images that show it and 10 that do not, drawn from the ground truth with the case's
+seed) and as its ``column`` of labels.csv. The planted artifact should come out "relied on, harmful" for the class
+it was tied to; every independent one (drawn in both classes alike) should not be relied on ("represented, not
+relied on" or "not found by the dictionary"). :func:`checklist_summary` counts the (case, artifact) pairs that
+do, per kind.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .images import ARTIFACTS
+
+KINDS = ("text", "examples", "column")
+N_EXAMPLES = 10  # images with and without each artifact, for the examples kind
+NOT_RELIED = ("represented, not relied on", "not found by the dictionary")
+
+
+def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> dict:
+    """Ask about every artifact in every kind on the case's audit (run in ``workdir``): per kind, one row per
+    artifact with the verdict, its class, the matched latents and whether the verdict is the expected one."""
+    from workers.engine import AuditConfig, LinearProbe, load_clip
+    from workers.engine.suspects import Suspect, SuspectInputs, check_suspects
+
+    from .check import split_images
+
+    cfg = case["config"]
+    config = AuditConfig.from_dict(options)
+    images = split_images(case["audit_dir"], tuple(ARTIFACTS))
+    inputs = SuspectInputs.from_audit(load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"]),
+                                      LinearProbe.load(case["probe"]), images, result, workdir, config)
+    rng = np.random.default_rng(cfg["seed"])
+    ids = np.array(images.ids)
+    suspects = []
+    for artifact in ARTIFACTS:
+        shows = np.array([v == "1" for v in images.metadata[artifact]])
+        suspects += [Suspect(f"text: {artifact}", text=artifact), Suspect(f"column: {artifact}", column=artifact),
+                     Suspect(f"examples: {artifact}",
+                             with_images=tuple(rng.choice(ids[shows], N_EXAMPLES, replace=False)),
+                             without_images=tuple(rng.choice(ids[~shows], N_EXAMPLES, replace=False)))]
+    answers = {a["name"]: a for a in check_suspects(inputs, suspects, config)}
+    planted = cfg["artifact"] if cfg["strength"] > 0 else None
+    out = {kind: [] for kind in KINDS}
+    for artifact in ARTIFACTS:
+        for kind in KINDS:
+            a = answers[f"{kind}: {artifact}"]
+            if artifact == planted:
+                right = a["verdict"] == "relied on, harmful" and a["verdict_class"] == cfg["toward"]
+            else:
+                right = a["verdict"] in NOT_RELIED
+            row = (a["classes"] or {}).get(a["verdict_class"]) or {}
+            out[kind].append({"artifact": artifact, "planted": artifact == planted, "verdict": a["verdict"],
+                              "class": a["verdict_class"], "latents": a["match"]["latents"],
+                              "score": a["match"]["score"], "probe_share": row.get("probe_share"),
+                              "zero_shot_share": row.get("zero_shot_share"), "right": right})
+    return out
+
+
+def checklist_summary(cases: list[dict]) -> dict:
+    """Per kind: the (case, artifact) pairs whose verdict is the expected one, overall, for the planted artifacts
+    and for the independent ones (planted cases only; controls apart)."""
+    out = {}
+    for kind in KINDS:
+        rows = [r for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])]
+        controls = [r for c in cases if c["control"] for r in (c.get("checklist") or {}).get(kind, [])]
+        if not rows and not controls:
+            continue
+        out[kind] = {"pairs": len(rows), "right": _ratio(sum(r["right"] for r in rows), len(rows)),
+                     "planted_right": _ratio(sum(r["right"] for r in rows if r["planted"]),
+                                             sum(r["planted"] for r in rows)),
+                     "independent_right": _ratio(sum(r["right"] for r in rows if not r["planted"]),
+                                                 sum(not r["planted"] for r in rows)),
+                     "controls_right": _ratio(sum(r["right"] for r in controls), len(controls)),
+                     "wrong": [f"{r['artifact']}: {r['verdict']}" + (f" ({r['class']})" if r["class"] else "")
+                               for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])
+                               if not r["right"]]}
+    return {"checklist": out} if out else {}
+
+
+def _ratio(k, n) -> float | None:
+    return round(k / n, 4) if n else None
+
+
+def report_checklist(summary: dict) -> list[str]:
+    """The report's lines on the checklist."""
+    rows = summary.get("checklist") or {}
+    if not rows:
+        return []
+    lines = ["", "Confounder checklist (issue 32): on each planted case, every artifact the generator draws asked "
+             "about as a suspect, by its name (`text`), by 10 images with it and 10 without (`examples`) and by its "
+             "labels.csv column (`column`). Right: the planted artifact \"relied on, harmful\" for its class, an "
+             "independent one not relied on (\"represented, not relied on\" or \"not found by the dictionary\"). "
+             "Target: >= 95 % of the (case, artifact) pairs for each kind.", "",
+             "| kind | pairs | right | planted right | independent right | controls right | wrong |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, r in rows.items():
+        lines.append(f"| {kind} | {r['pairs']} | {r['right']} | {r['planted_right']} | {r['independent_right']} | "
+                     f"{r['controls_right']} | {'; '.join(r['wrong']) or '-'} |")
+    return lines

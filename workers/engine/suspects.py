@@ -1,0 +1,364 @@
+"""Ask about a suspect: does the probe rely on a confounder the user names, whether or not the audit flagged it?
+
+A suspect is named one of three ways (:class:`Suspect`):
+
+- ``text`` ("a ruler"): the latents whose meaning (the mean embedding of their reference images) is closest to
+  the text, beyond the empty prompt (the alignment the labels use);
+- ``examples``: a few audited images that show it and a few that do not: the latents whose summed activation
+  best tells them apart;
+- ``column``: a 0/1 column of ``labels.csv``: the latents whose summed activation correlates best with it, and
+  the column itself says which images show the suspect.
+
+For each suspect :func:`check_suspects` reports the latents that match it and how well, their share of each
+class's relevance for the probe and for zero-shot, the harm table on the images that show it (the accuracy of
+each head with and without it, as for a flag) and a verdict:
+
+- ``relied on, harmful``: the probe gives it at least ``flag_min_share`` of a class's relevance and the harm is
+  measured (as for a flag: significant, and the probe's own, beyond zero-shot's);
+- ``relied on, no measured harm``: the share, without measured harm;
+- ``represented, not relied on``: the dictionary has it, the probe leaves it below the share;
+- ``not found by the dictionary``: no latent matches it well enough; the evidence (the best match and how well
+  it separates) says how close it came.
+
+Usage, after an engine audit that kept its ``workdir``::
+
+    inputs = SuspectInputs.from_audit(bundle, probe, images, result, workdir, config)
+    answers = check_suspects(inputs, [Suspect("ruler", text="a ruler"), Suspect("ink", column="ink")], config)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .activations import ActivationStore
+from .config import AuditConfig
+from .correct_audit import presence_threshold
+from .errors import EngineError
+from .harm import auroc, measured_harm, subset_table, summary
+from .stability import best_latents, best_match, concept_activity
+
+KINDS = ("text", "examples", "column")
+VERDICTS = ("relied on, harmful", "relied on, no measured harm", "represented, not relied on",
+            "not found by the dictionary")
+TEXT_MIN_ALIGNMENT = 0.1  # a latent matches a text when its alignment (cos to the text - cos to "") is at least this
+TEXT_WITHIN = 0.8  # ... and at least this fraction of the best latent's alignment ...
+TEXT_MAX_LATENTS = 3  # ... at most this many (the closest)
+EXAMPLES_MIN_AUROC = 0.8  # the matched latents must tell the examples with the suspect from those without this well
+EXAMPLES_MIN_LATENT_AUROC = 0.65  # ... each of them at least this well on its own
+MIN_EXAMPLES = 3  # examples on each side at least
+CANDIDATES = 8  # latents tried when building a match
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """A confounder to ask about, named by ``text``, by example images (ids of audited images ``with_images``
+    that show it and ``without_images`` that do not) or by a 0/1 ``labels.csv`` ``column``: one of the three."""
+
+    name: str
+    text: str | None = None
+    column: str | None = None
+    with_images: tuple[str, ...] = ()
+    without_images: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.text else "column" if self.column else "examples"
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Suspect":
+        """A suspect as the API and the options give it: ``{"name": ..., "text": ...}``, ``{"name", "column"}`` or
+        ``{"name", "with": [ids], "without": [ids]}``; raises EngineError saying what is wrong."""
+        if not isinstance(d, Mapping):
+            raise EngineError(f"a suspect must be an object with a name and one of text, column or with/without; "
+                              f"got {d!r}")
+        unknown = sorted(set(d) - {"name", "text", "column", "with", "without"})
+        if unknown:
+            raise EngineError(f"unknown suspect field(s) {', '.join(unknown)}; known: name, text, column, with, "
+                              "without")
+        name = d.get("name") or d.get("text") or d.get("column")
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise EngineError("a suspect needs a name (text, at most 100 characters)")
+        given = [k for k in ("text", "column") if d.get(k)] + (["examples"] if d.get("with") or d.get("without")
+                                                                 else [])
+        if len(given) != 1:
+            raise EngineError(f"suspect {name!r}: give exactly one of text, column, or with + without example images"
+                              f" (got {', '.join(given) or 'none'})")
+        for key in ("text", "column"):
+            if d.get(key) is not None and (not isinstance(d[key], str) or len(d[key]) > 200):
+                raise EngineError(f"suspect {name!r}: {key} must be text of at most 200 characters")
+        with_, without = d.get("with") or [], d.get("without") or []
+        if given == ["examples"]:
+            for side, ids in (("with", with_), ("without", without)):
+                if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+                    raise EngineError(f"suspect {name!r}: {side} must be a list of image names of the dataset")
+                if len(ids) < MIN_EXAMPLES:
+                    raise EngineError(f"suspect {name!r}: give at least {MIN_EXAMPLES} images {side} it "
+                                      f"(got {len(ids)}); 10 and 10 tell them apart reliably")
+            if set(with_) & set(without):
+                raise EngineError(f"suspect {name!r}: images both with and without it: "
+                                  f"{', '.join(sorted(set(with_) & set(without))[:5])}")
+        return cls(name.strip(), text=d.get("text") or None, column=d.get("column") or None,
+                   with_images=tuple(with_), without_images=tuple(without))
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "kind": self.kind}
+        if self.text:
+            out["text"] = self.text
+        if self.column:
+            out["column"] = self.column
+        if self.with_images or self.without_images:
+            out.update({"with": list(self.with_images), "without": list(self.without_images)})
+        return out
+
+
+@dataclass
+class SuspectInputs:
+    """What checking suspects reads from a finished audit: the SAE and the audited images' cached activations,
+    their ids, labels and ``labels.csv`` metadata, each head's predicted class per image and relevance share
+    table ([classes, latents]), each latent's semantic embedding ([latents, embed]) and a text encoder (texts ->
+    normalized [n, embed]; with the empty prompt's embedding) for text suspects."""
+
+    sae: object
+    store: ActivationStore
+    ids: list[str]
+    labels: np.ndarray
+    metadata: Mapping[str, list[str]]
+    class_names: list[str]
+    predictions: dict[str, np.ndarray]
+    shares: dict[str, np.ndarray]
+    semantic: torch.Tensor | None = None
+    encode_text: object = None
+    device: str | torch.device = "cpu"
+    _index: dict = field(default_factory=dict)
+
+    def index(self, image_id: str) -> int:
+        if not self._index:
+            self._index.update({str(i): k for k, i in enumerate(self.ids)})
+        if image_id not in self._index:
+            raise EngineError(f"image {image_id!r} is not in the audited dataset; name example images as labels.csv "
+                              "names them")
+        return self._index[image_id]
+
+    @classmethod
+    def from_audit(cls, bundle, probe, images, result, workdir: str | Path, config: AuditConfig,
+                   device="cpu") -> "SuspectInputs":
+        """From an engine audit (``run_audit``'s result or its dict) that kept ``workdir`` (activations, SAE,
+        relevance tables)."""
+        from .sae import TopKSAE
+
+        workdir = Path(workdir)
+        latents = result.latents if hasattr(result, "latents") else result["latents"]
+        return cls.from_parts(bundle, probe, images.remap(probe.class_names), ActivationStore(workdir / "activations"),
+                              TopKSAE.load(workdir / "sae", device), dict(np.load(workdir / "relevance.npz")),
+                              [latent.get("references") or [] for latent in latents], config, device)
+
+    @classmethod
+    def from_parts(cls, bundle, probe, images, store: ActivationStore, sae, tables: Mapping[str, np.ndarray],
+                   references: Sequence[Sequence[str]], config: AuditConfig, device="cpu") -> "SuspectInputs":
+        """From the audited images' activations (``store``, in ``images``' order), the audit's SAE, its relevance
+        tables (``probe_share`` and ``zero_shot_share``, [classes, latents], as ``relevance.npz`` keeps them) and
+        each latent's reference images (their ids)."""
+        from .heads import ZeroShotHead, encode_concepts
+        from .semantics import semantic_embeddings
+
+        embeddings = store.embeddings()
+        zero_shot = ZeroShotHead.build(bundle, probe.class_names, config.prompt_templates, config.class_prompts)
+        with torch.no_grad():
+            predictions = {"probe": probe.cpu()(embeddings).argmax(1).numpy(),
+                           "zero_shot": zero_shot(embeddings).argmax(1).numpy()}
+        index = {str(i): k for k, i in enumerate(images.ids)}
+        m = max((len(r) for r in references), default=0)
+        refs = torch.full((len(references), max(m, 1)), -1, dtype=torch.long)
+        for i, ids in enumerate(references):
+            found = [index[str(r)] for r in ids if str(r) in index]
+            refs[i, :len(found)] = torch.tensor(found, dtype=torch.long)
+        semantic, _, _ = semantic_embeddings(refs, (refs >= 0).float(), embeddings)
+
+        def encode_text(texts):
+            return (encode_concepts(bundle, list(texts), config.prompt_templates),
+                    encode_concepts(bundle, [""], config.prompt_templates)[0])
+
+        return cls(sae, store, [str(i) for i in images.ids], np.asarray(images.labels), images.metadata or {},
+                   list(probe.class_names), predictions,
+                   {"probe": np.asarray(tables["probe_share"]), "zero_shot": np.asarray(tables["zero_shot_share"])},
+                   semantic, encode_text, device)
+
+
+def run_checklist(bundle, probe, images, sae, tables: Mapping[str, np.ndarray], references: Sequence[Sequence[str]],
+                  suspects: Sequence[Suspect], config: AuditConfig, *, workdir: str | Path,
+                  progress=None) -> list[dict]:
+    """A checklist on a finished audit, as the service's short job runs it: the audited ``images``' activations
+    extracted again (cached in ``workdir``), then :func:`check_suspects`. ``tables`` and ``references``: see
+    :meth:`SuspectInputs.from_parts`; ``progress(stage, done, total)`` reports "extract" and "check"."""
+    from .activations import extract_activations
+    from .loading import resolve_device
+    from .pipeline import prepare_images
+
+    report = progress or (lambda stage, done, total: None)
+    device = resolve_device(config.device)
+    bundle.model.to(device)
+    sae = sae.to(device).eval().requires_grad_(False)
+    prepared = prepare_images(bundle, probe, images)
+    store = extract_activations(bundle, prepared, Path(workdir) / "activations",
+                                progress=lambda done, total: report("extract", done, total), layer=config.layer,
+                                token=config.token, batch_size=config.batch_size, device=device, dtype=config.dtype,
+                                cache_dtype=config.cache_dtype)
+    report("check", 0, len(suspects))
+    inputs = SuspectInputs.from_parts(bundle, probe, prepared, store, sae, tables, references, config, device)
+    answers = check_suspects(inputs, suspects, config)
+    report("check", len(suspects), len(suspects))
+    return answers
+
+
+def check_suspects(inputs: SuspectInputs, suspects: Sequence[Suspect], config: AuditConfig) -> list[dict]:
+    """One answer per suspect (:func:`check_suspect`), in the order given."""
+    names = [s.name for s in suspects]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EngineError(f"suspect names must differ; repeated: {', '.join(repeated)}")
+    return [check_suspect(inputs, s, config) for s in suspects]
+
+
+def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
+    """The checklist's row for one suspect: ``match`` (latents, how well, ``found``), ``present`` (images that
+    show it and how that was decided), per class ``classes`` (probe and zero-shot share, harm tables, measured,
+    relied on), and ``verdict`` with ``verdict_class`` (the class it is worst for) and ``evidence`` in words."""
+    match = _match(inputs, suspect, config)
+    out = {**suspect.to_dict(), "match": match}
+    if not match["latents"]:
+        return {**out, "present": None, "classes": {}, "verdict": VERDICTS[3], "verdict_class": None,
+                "evidence": _evidence(suspect, match, None)}
+    activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
+    if suspect.column:
+        present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
+    else:
+        present = activity > presence_threshold(activity, include_zeros=True)
+        how = "the matched latents' activation (Otsu split)"
+    out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
+    classes = {name: _class_row(inputs, match["latents"], present, c, name, config)
+               for c, name in enumerate(inputs.class_names)}
+    out["classes"] = classes
+    verdict, worst = _verdict(match, classes)
+    return {**out, "verdict": verdict, "verdict_class": worst, "evidence": _evidence(suspect, match, worst and
+                                                                                      classes[worst])}
+
+
+def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c: int, name: str,
+               config: AuditConfig) -> dict:
+    keep = np.ones(len(present), bool)
+    tables = {head: subset_table(present, keep, inputs.labels, inputs.predictions[head], c)
+              for head in ("probe", "zero_shot")}
+    measured, split = measured_harm(tables["probe"], tables["zero_shot"], config.harm_min_gap, config.harm_min_z)
+    shares = {head: round(float(inputs.shares[head][c, latents].sum()), 6) for head in ("probe", "zero_shot")}
+    # relied on: a share a flag would need, and either harm the probe's own or a share amplified over zero-shot's
+    # (a mixed latent carries class signal both heads read alike: that is not reliance on the suspect)
+    relied = shares["probe"] >= config.flag_min_share and (
+        measured or shares["probe"] >= config.amplification_ratio * shares["zero_shot"])
+    return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"],
+            "relied_on": relied, "harm": {**tables, "measured": measured,
+                                                                             "split": split,
+                                                                             "summary": summary(name, *tables.values())}}
+
+
+def _verdict(match: dict, classes: dict) -> tuple[str, str | None]:
+    """The verdict and the class it is about: harmful reliance first, then the largest probe share."""
+    if not match["found"]:
+        return VERDICTS[3], None
+    relied = {name: row for name, row in classes.items() if row["relied_on"]}
+    harmful = {name: row for name, row in relied.items() if row["harm"]["measured"]}
+    if harmful:
+        return VERDICTS[0], max(harmful, key=lambda n: harmful[n]["probe_share"])
+    if relied:
+        return VERDICTS[1], max(relied, key=lambda n: relied[n]["probe_share"])
+    return VERDICTS[2], max(classes, key=lambda n: classes[n]["probe_share"]) if classes else None
+
+
+def _evidence(suspect: Suspect, match: dict, row: dict | None) -> str:
+    how = {"text": f"alignment with {suspect.text!r} {match['score']:.3f}",
+           "examples": f"tells the examples apart with AUROC {match['score']:.2f}",
+           "column": f"correlates with the column at {match['score']:.2f}"}[suspect.kind]
+    if not match["latents"]:
+        return f"no latent matches it ({match.get('reason', 'nothing close enough')})"
+    found = "" if match["found"] else f", below the {match['needed']} a match needs"
+    text = f"latents {', '.join(map(str, match['latents']))}: {how}{found}"
+    if row is not None:
+        text += f"; probe share {row['probe_share']:.3f} (zero-shot {row['zero_shot_share']:.3f}); {row['harm']['summary']}"
+    return text
+
+
+# --------------------------------------------------------------------------- matching
+
+def _match(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
+    if suspect.text:
+        return _match_text(inputs, suspect.text)
+    if suspect.column:
+        target = _column(inputs, suspect.column)
+        if target.min() == target.max():
+            return {"latents": [], "score": 0.0, "found": False, "needed": config.match_min_correlation,
+                    "reason": f"column {suspect.column!r} has one value on every image"}
+        rho, latents = best_latents(inputs.sae, inputs.store, config, target, inputs.device, CANDIDATES)
+        return {"latents": latents, "score": round(float(rho), 4), "needed": config.match_min_correlation,
+                "found": bool(latents) and rho >= config.match_min_correlation}
+    return _match_examples(inputs, suspect, config)
+
+
+def _column(inputs: SuspectInputs, column: str) -> np.ndarray:
+    if column not in inputs.metadata:
+        known = ", ".join(sorted(inputs.metadata)) or "none"
+        raise EngineError(f"labels.csv has no column {column!r} (its extra columns: {known})")
+    values = [str(v).strip().lower() for v in inputs.metadata[column]]
+    bad = sorted({v for v in values if v not in ("0", "1", "true", "false", "yes", "no", "")})
+    if bad:
+        raise EngineError(f"column {column!r} must hold 0/1 (or true/false) to name a suspect; it holds "
+                          f"{', '.join(bad[:5])}")
+    return np.array([v in ("1", "true", "yes") for v in values], dtype=np.float64)
+
+
+def _match_text(inputs: SuspectInputs, text: str) -> dict:
+    if inputs.semantic is None or inputs.encode_text is None:
+        raise EngineError("text suspects need the latents' semantic embeddings and a text encoder")
+    embedded, empty = inputs.encode_text([text])
+    e = torch.nn.functional.normalize(inputs.semantic.float(), dim=-1)
+    align = (e @ embedded[0].float() - e @ empty.float()).numpy()
+    best = float(align.max()) if len(align) else 0.0
+    chosen = [int(i) for i in np.argsort(-align)[:TEXT_MAX_LATENTS]
+              if align[i] >= TEXT_MIN_ALIGNMENT and align[i] >= TEXT_WITHIN * best]
+    return {"latents": chosen or [int(np.argmax(align))] if len(align) else [], "score": round(best, 4),
+            "needed": TEXT_MIN_ALIGNMENT, "found": bool(chosen),
+            "alignment": {str(i): round(float(align[i]), 4) for i in np.argsort(-align)[:CANDIDATES]}}
+
+
+def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
+    rows = [inputs.index(i) for i in suspect.with_images] + [inputs.index(i) for i in suspect.without_images]
+    target = np.array([1.0] * len(suspect.with_images) + [0.0] * len(suspect.without_images))
+    codes = concept_activity(inputs.sae, _Subset(inputs.store, rows), config,
+                             [[i] for i in range(inputs.sae.n_latents)], inputs.device)  # [examples, latents]
+    scores = np.array([auroc(codes[:, j], target > 0) or 0.5 for j in range(codes.shape[1])])
+    # on a score or so of examples any latent can raise a correlation by chance: only latents clearly more active on
+    # the images with it join a match (a concept spread over latents that each cover part of its images still joins)
+    order = [int(j) for j in np.argsort(-scores)[:CANDIDATES] if scores[j] > 0.5]
+    top = [j for j in order if scores[j] >= EXAMPLES_MIN_LATENT_AUROC] or order[:1]
+    if not top:
+        return {"latents": [], "score": 0.5, "found": False, "needed": EXAMPLES_MIN_AUROC,
+                "reason": "no latent is more active on the images with it"}
+    _, chosen = best_match(target, codes[:, top])
+    latents = [top[j] for j in chosen]
+    score = auroc(codes[:, latents].sum(1), target > 0) or 0.5
+    return {"latents": latents, "score": round(float(score), 4), "needed": EXAMPLES_MIN_AUROC,
+            "found": score >= EXAMPLES_MIN_AUROC}
+
+
+class _Subset:
+    """The rows ``rows`` of an activation store, read as a store (``iter_batches``, ``n``)."""
+
+    def __init__(self, store: ActivationStore, rows: list[int]):
+        self.store, self.rows = store, rows
+        self.n = len(rows)
+
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None):
+        acts, embeddings = self.store.gather(np.asarray(self.rows))
+        yield 0, acts, embeddings
