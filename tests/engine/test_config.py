@@ -61,7 +61,7 @@ def test_to_dict_is_json_serialisable_and_survives_a_json_round_trip():
                                                                        "patch_tokens": 0},
                                                                "match_min_correlation": 0.6,
                                                                "flag_min_stability": 0.5, "heatmap_method": "attnlrp",
-                                                               "heatmap_blocks": 3, "heatmap_cells": 2}
+                                                               "heatmap_blocks": 3, "heatmap_cells": 2, "suspects": []}
 
 
 def test_from_dict_of_nothing_gives_the_defaults():

@@ -223,6 +223,24 @@ class AuditConfig(_DictMixin):
     report_top_n: _count(le=SHOWN_MAX) = 50  # latents per class kept in the result's relevance tables
     causal: _Bool = True
     seed: _count(ge=0, le=SEED_MAX) = 0
+    # confounders to ask about once the audit is done (workers.engine.checklist.Suspect's dicts): a checklist
+    suspects: list[dict] = field(default_factory=list)
+
+    @field_validator("suspects")
+    @classmethod
+    def _suspects_are_named_one_way_each(cls, suspects):
+        from .checklist import SUSPECTS_MAX, Suspect
+
+        if len(suspects) > SUSPECTS_MAX:
+            raise ValueError(f"at most {SUSPECTS_MAX} suspects, got {len(suspects)}")
+        try:
+            checked = [Suspect.from_dict(s).to_dict() for s in suspects]
+        except EngineError as exc:
+            raise ValueError(exc.message) from exc
+        names = [s["name"] for s in checked]
+        if len(set(names)) < len(names):
+            raise ValueError(f"suspect names must differ: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        return [{k: v for k, v in s.items() if k != "kind"} for s in checked]
 
     @field_validator("prompt_templates")
     @classmethod
