@@ -300,7 +300,7 @@ def _answer_round(correction: Correction, reaudit: Audit) -> None:
     tracking = shortcut.get("tracking") or []
     result["reaudit"] = {"audit": reaudit.pk, "diff": diff}
     result["verdict"] = verdict(correction, result["correction"]["table"], diff, tracking)
-    step = next_round(shortcut.get("concepts") or [], tracking, flagged_latents(reaudit))
+    step = next_round(shortcut.get("concepts") or [], tracking, flagged_latents(reaudit), result.get("method") or "")
     result["rounds"] = [*(result.get("rounds") or []), _round_record(correction, result, step)]
     timings = {**correction.timings, "reaudit": correction.timings.get("reaudit", 0.0) + _seconds(reaudit)}
     if step["changed"] and len(result["rounds"]) < correction.options.get("rounds", 1):

@@ -113,6 +113,9 @@ def test_a_next_round_grows_splits_or_says_nothing_changed():
     assert step == {"added": [[9]], "split": [[2]], "concepts": [[1, 2, 3, 9], [2]], "changed": True}
     step = next_round(step["concepts"], [*tracking, {"concept": [2], "latents": {}}], [2, 5])
     assert step["changed"] is False and step["concepts"] == [[1, 2, 3, 9], [2]]
+    # reweight balances the union of the latents: a split changes nothing for it
+    assert next_round([[1, 2, 3]], tracking, [2, 5], "reweight")["changed"] is False
+    assert next_round([[1, 2, 3]], tracking, [9], "reweight")["concepts"] == [[1, 2, 3, 9]]
     # an old result without tracking: only the split
     assert next_round([[1, 2]], [], [1]) == {"added": [[]], "split": [[1]], "concepts": [[1, 2], [1]],
                                              "changed": True}

@@ -171,7 +171,7 @@ def _correct_in_rounds(case: dict, inputs: tuple, chosen: list[tuple[str, int]],
         after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
         seconds["reaudit"] = round(seconds.get("reaudit", 0.0) + time.perf_counter() - started, 1)
         figures = _recovery_figures(case, chosen, outcome, audit, after, [i for c in concepts for i in c])
-        step = next_round(concepts, outcome.shortcut["tracking"], _probe_flagged(after))
+        step = next_round(concepts, outcome.shortcut["tracking"], _probe_flagged(after), method)
         done.append({"round": round_, "concepts": concepts, "latents": figures["latents"],
                      "added": [i for a in step["added"] for i in a], "split": step["split"],
                      **{k: figures[k] for k in ("slices", "overall", "clean_change")},

@@ -58,12 +58,14 @@ def grown_concepts(concepts: Sequence[Sequence[int]], added: Sequence[Sequence[i
     return grown + [list(map(int, s)) for s in split]
 
 
-def next_round(concepts: Sequence[Sequence[int]], tracking: Sequence[dict], flagged: Iterable[int]) -> dict:
+def next_round(concepts: Sequence[Sequence[int]], tracking: Sequence[dict], flagged: Iterable[int],
+               method: str = "project") -> dict:
     """What the round after a re-audit that flags ``flagged`` corrects: ``added`` (per concept, the flagged
     latents that track it), ``split`` (the concepts' flagged latents as concepts of their own), ``concepts``
-    (the next round's) and ``changed`` (False: a next round would repeat this one, so stop)."""
+    (the next round's) and ``changed`` (False: a next round would repeat this one, so stop). ``method``
+    "reweight" splits nothing: it balances the union of the concepts' latents, which a split leaves as it was."""
     flagged = list(flagged)
     added = next_round_latents(tracking, flagged) if tracking else [[] for _ in concepts]
-    split = still_flagged_groups(concepts, flagged)
+    split = still_flagged_groups(concepts, flagged) if method != "reweight" else []
     return {"added": added, "split": split, "concepts": grown_concepts(concepts, added, split),
             "changed": any(added) or bool(split)}
