@@ -76,7 +76,8 @@ def checklist_summary(cases: list[dict]) -> dict:
                      "independent_right": _ratio(sum(r["right"] for r in rows if not r["planted"]),
                                                  sum(not r["planted"] for r in rows)),
                      "controls_right": _ratio(sum(r["right"] for r in controls), len(controls)),
-                     "wrong": [f"{r['artifact']}: {r['verdict']}" + (f" ({r['class']})" if r["class"] else "")
+                     "wrong": [f"{r['artifact']} ({c['artifact']} case): {r['verdict']}"
+                               + (f" ({r['class']})" if r["class"] else "")
                                for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])
                                if not r["right"]]}
     return {"checklist": out} if out else {}
