@@ -34,6 +34,16 @@ flagged; 1 when not; 2, 3, 4 as above (3: the correction failed or was cancelled
 The ``explain`` command explains one image with a finished audit (``--image photo.png`` or ``--item
 melanoma/0001.png``) and prints both heads' predictions and the latents for and against each class.
 
+The ``checklist`` command asks a finished audit whether its probe relies on the confounders you suspect::
+
+    clip-audit ... checklist --audit 12 --suspect "ruler=text:a ruler" --suspect "ink=column:ink" \\
+        --fail-on ruler --out checklist/
+
+(or ``--checklist dermoscopy``, a shipped list). It prints one line per suspect (verdict, class, probe and
+zero-shot share, evidence), saves the answer as JSON and exits 1 when a ``--fail-on`` suspect is relied on
+("relied on, harmful" or "relied on, no measured harm"), 2 when a ``--fail-on`` name is not one of the suspects,
+3 when the checklist failed, 0 otherwise.
+
 Only ``requests`` is needed: the client does not import Django or torch. Install it with ``pip install .`` in a
 clone (or ``pip install "clip-audit @ git+URL"``): that gives the ``clip-audit`` command and the Python
 :class:`clip_audit_client.Client`, which makes the same calls.
@@ -324,6 +334,85 @@ def print_explanation(result: dict, log) -> None:
             log(f"  without its flagged latents {without['removed_latents']}: predicts {without['prediction']}")
 
 
+RELIED_ON = ("relied on, harmful", "relied on, no measured harm")  # the verdicts --fail-on fails the build on
+SUSPECT_KINDS = ("text", "column")  # how --suspect names a suspect
+
+
+def parse_suspect(value: str) -> dict:
+    """One --suspect: ``NAME=text:TEXT`` or ``NAME=column:COLUMN``, as the API takes it."""
+    name, equals, rest = value.partition("=")
+    kind, colon, what = rest.partition(":")
+    name, kind, what = name.strip(), kind.strip().lower(), what.strip()
+    if not equals or not colon or not name or not what or kind not in SUSPECT_KINDS:
+        raise Stop(EXIT_USAGE, f"--suspect {value!r}: write NAME=text:TEXT (e.g. \"ruler=text:a ruler\") or "
+                               "NAME=column:COLUMN (a 0/1 column of the audited dataset's labels.csv)")
+    return {"name": name, kind: what}
+
+
+def checklist_request(args) -> dict:
+    """The body of POST /audits/{id}/checklists/ from --suspect or --checklist; --fail-on names are checked
+    against the suspects given (a shipped list's names are checked once its answer is back)."""
+    if bool(args.suspect) == bool(args.checklist):
+        raise Stop(EXIT_USAGE, "give your suspects with --suspect NAME=text:TEXT (repeatable) or a shipped list with "
+                               "--checklist NAME (e.g. dermoscopy), not both")
+    if args.checklist:
+        return {"checklist": args.checklist}
+    suspects = [parse_suspect(value) for value in args.suspect]
+    names = [s["name"] for s in suspects]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise Stop(EXIT_USAGE, f"--suspect: each suspect needs its own name; repeated: {', '.join(repeated)}")
+    _check_fail_on(args.fail_on or [], names)
+    return {"suspects": suspects}
+
+
+def _check_fail_on(fail_on: list[str], names: list[str]) -> None:
+    unknown = [n for n in fail_on if n not in names]
+    if unknown:
+        raise Stop(EXIT_USAGE, f"--fail-on {', '.join(unknown)}: not among the checklist's suspects "
+                               f"({', '.join(names) or 'none'}); name a suspect as --suspect or the shipped list names it")
+
+
+def checklist(args, log=print) -> int:
+    """Ask a finished audit about suspects, wait for the answer, save it, print it and gate on --fail-on."""
+    body = checklist_request(args)
+    api = Api(args.url, args.token)
+    submitted = api.call("POST", f"/api/v1/audits/{args.audit}/checklists/", json=body).json()
+    checklist_id = submitted["id"]
+    log(f"checklist #{checklist_id} of audit #{args.audit} submitted ({len(submitted['suspects'])} suspects): "
+        f"{args.url.rstrip('/')}/checklists/{checklist_id}/")
+    state = wait(api, "checklists", submitted, args, log)
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"checklist #{checklist_id} {state['status']}: "
+                                      f"{state['error'] or 'no reason given'}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"checklist-{checklist_id}.json").write_text(json.dumps(state, indent=1))
+    args.outcome = {"id": checklist_id, "state": state, "out": out}
+    return checklist_gate(state, args, log)
+
+
+def checklist_gate(state: dict, args, log) -> int:
+    """One line per suspect; exit 1 when a --fail-on suspect is relied on (saying which), 2 when a --fail-on name
+    is not one of the suspects."""
+    answers = state["result"]["suspects"]
+    for a in answers:
+        row = (a.get("classes") or {}).get(a.get("verdict_class")) or {}
+        shares = (f"probe {row['probe_share']:.3f} zero-shot {row['zero_shot_share']:.3f}" if row
+                  else "probe - zero-shot -")
+        log(f"  {a['name']:<18} {a['verdict']:<28} {a.get('verdict_class') or '-':<12} {shares}  {a['evidence']}")
+    fail_on = args.fail_on or []
+    _check_fail_on(fail_on, [a["name"] for a in answers])
+    relied = [a for a in answers if a["name"] in fail_on and a["verdict"] in RELIED_ON]
+    for a in relied:
+        log(f"FAIL: the probe relies on {a['name']!r}: {a['verdict']} (class {a.get('verdict_class') or '?'})")
+    if relied:
+        log(f"checklist #{state['id']}: GATE FAILED ({', '.join(a['name'] for a in relied)})")
+        return EXIT_GATE
+    log(f"checklist #{state['id']}: passed" + (f" (not relied on: {', '.join(fail_on)})" if fail_on else ""))
+    return EXIT_PASS
+
+
 def correction_gate(state: dict, probe: dict, path: Path, args, log) -> int:
     """Print the old-vs-new table and the re-audit's verdict; exit 1 when the chosen flags remain, clean accuracy
     fell by more than --max-clean-drop, or (without --allow-new-flags) the re-audit flags something new."""
@@ -562,6 +651,23 @@ def _add_explain_parser(sub) -> None:
     e.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
 
 
+def _add_checklist_parser(sub) -> None:
+    c = sub.add_parser("checklist", help="ask a finished audit whether its probe relies on suspected confounders",
+                       description="Ask a finished audit, for each suspect, whether its probe relies on it (whether "
+                                   "or not the audit flagged it). Exit 1 when a --fail-on suspect is relied on "
+                                   "('relied on, harmful' or 'relied on, no measured harm').")
+    c.add_argument("--audit", type=int, required=True, help="a succeeded audit")
+    c.add_argument("--suspect", action="append", default=[], metavar="NAME=KIND:WHAT",
+                   help="a suspect: NAME=text:TEXT (e.g. 'ruler=text:a ruler') or NAME=column:COLUMN (a 0/1 column of "
+                        "the audited dataset's labels.csv); repeatable")
+    c.add_argument("--checklist", metavar="NAME", help="or: a shipped checklist, e.g. dermoscopy")
+    c.add_argument("--fail-on", action="append", default=[], metavar="NAME",
+                   help="fail (exit 1) when the probe relies on this suspect; repeatable")
+    c.add_argument("--out", default="clip-audit-checklist", help="folder for the answer (checklist-ID.json)")
+    c.add_argument("--timeout", type=float, default=1800, help="seconds to wait (default 1800)")
+    c.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-audit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -573,6 +679,7 @@ def parser() -> argparse.ArgumentParser:
     _add_audit_parser(sub)
     _add_correct_parser(sub)
     _add_explain_parser(sub)
+    _add_checklist_parser(sub)
     return p
 
 
@@ -582,7 +689,7 @@ def main(argv=None) -> int:
         print("error: give --url and --token (or CLIP_AUDIT_URL and CLIP_AUDIT_TOKEN)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return {"correct": correct, "explain": explain}.get(args.command, audit)(args)
+        return {"correct": correct, "explain": explain, "checklist": checklist}.get(args.command, audit)(args)
     except Stop as stop:
         print(f"error: {stop.message}", file=sys.stderr)
         return stop.code

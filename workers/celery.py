@@ -15,6 +15,7 @@ app.autodiscover_tasks(["workers"])
 app.autodiscover_tasks(["workers"], related_name="sharded")
 app.autodiscover_tasks(["workers"], related_name="corrections")
 app.autodiscover_tasks(["workers"], related_name="explanations")
+app.autodiscover_tasks(["workers"], related_name="checklists")
 
 
 @app.on_configure.connect

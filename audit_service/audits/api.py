@@ -1,4 +1,5 @@
 from django.db.models import F
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from django.shortcuts import get_object_or_404
 from rest_framework import mixins, serializers, status, viewsets
@@ -15,13 +16,14 @@ from audit_service.registry.models import ClipModel, Dataset, Probe, SparseAutoe
 from audit_service.registry.services import RegistrationError
 
 from . import report
+from .checklists import CHECKLIST, create_checklist, shipped_checklists
 from .fields import LATENT_FIELDS
 from .corrections import CORRECTION, create_correction
 from .explanations import EXPLANATION, create_explanation
 from .jobs import JOB_FIELDS, JobKind
 from .models import Audit, Flag, IllegalTransition, Latent, Status
-from .serializers import (AuditSerializer, CorrectionRequestSerializer, CorrectionSerializer,
-                          ExplanationRequestSerializer, ExplanationSerializer, FlagSerializer, LatentSerializer,
+from .serializers import (AuditSerializer, ChecklistRequestSerializer, ChecklistSerializer,
+                          CorrectionRequestSerializer, CorrectionSerializer, ExplanationRequestSerializer, ExplanationSerializer, FlagSerializer, LatentSerializer,
                           ReviewSerializer)
 from .services import AUDIT, create_audit
 
@@ -185,6 +187,42 @@ class AuditViewSet(mixins.CreateModelMixin, JobViewSet):
             raise as_validation_error(exc) from exc
         return Response(ExplanationSerializer(explanation).data, status=status.HTTP_201_CREATED)
 
+    @extend_schema(request=ChecklistRequestSerializer, responses=ChecklistSerializer, methods=["POST"], description=(
+        "Ask this audit whether its probe relies on each suspect (members): `suspects` (your own list) or "
+        "`checklist` (a shipped one by name). A short job on a worker; follow it at /api/v1/checklists/{id}/."))
+    @extend_schema(responses=ChecklistSerializer(many=True), methods=["GET"])
+    @action(detail=True, methods=["get", "post"])
+    def checklists(self, request, pk=None):
+        """GET: this audit's checklists, newest first. POST: ask it about suspects (members)."""
+        audit = self.get_object()
+        if request.method == "GET":
+            return Response(ChecklistSerializer(audit.checklists.all(), many=True).data)
+        project_for(request.user, audit.project_id, Role.MEMBER)
+        serializer = ChecklistRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            checklist = create_checklist(audit=audit, user=request.user, suspects=data.get("suspects"),
+                                         checklist=data.get("checklist", ""))
+        except RegistrationError as exc:
+            raise as_validation_error(exc) from exc
+        return Response(ChecklistSerializer(checklist).data, status=status.HTTP_201_CREATED)
+
+
+class ChecklistViewSet(JobViewSet):
+    """Confounder checklists of the caller's projects: follow one, cancel it, read its answers."""
+
+    kind = CHECKLIST
+    serializer_class = ChecklistSerializer
+    filterset_fields = ["project", "audit", "status"]
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    @action(detail=False, methods=["get"])
+    def shipped(self, request):
+        """The shipped checklists (per domain, the confounders auditors in that field bring): name and suspects;
+        ask one of an audit with {"checklist": name}."""
+        return Response(shipped_checklists())
+
 
 class ExplanationViewSet(JobViewSet):
     """Explanations of single images in the caller's projects: follow one, cancel it, read its answer."""
@@ -212,7 +250,8 @@ class CorrectionViewSet(JobViewSet):
 
 
 # the kinds whose API declares more than list, read and cancel (job_viewset serves the others)
-JOB_VIEWSETS = {"audit": AuditViewSet, "correction": CorrectionViewSet, "explanation": ExplanationViewSet}
+JOB_VIEWSETS = {"audit": AuditViewSet, "correction": CorrectionViewSet, "explanation": ExplanationViewSet,
+                "checklist": ChecklistViewSet}
 
 
 class _AuditChildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

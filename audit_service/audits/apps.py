@@ -3,8 +3,9 @@ from importlib import import_module
 from django.apps import AppConfig
 
 # the modules that declare the job kinds (audits.jobs), in the order the kinds are listed: importing one registers
-# its kind (corrections' also connects the receiver that finishes a correction when its re-audit finishes)
-JOB_MODULES = ("services", "corrections", "explanations")
+# its kind (corrections' also connects the receiver that finishes a correction when its re-audit finishes;
+# checklists' the one that asks an audit's option suspects once it succeeded)
+JOB_MODULES = ("services", "corrections", "explanations", "checklists")
 
 
 class AuditsConfig(AppConfig):

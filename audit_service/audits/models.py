@@ -596,6 +596,22 @@ class Explanation(Job):
         return f"dataset image {self.item}" if self.item else f"uploaded image {self.image.name.rsplit('/', 1)[-1]}"
 
 
+class Checklist(Job):
+    """A confounder checklist asked of a finished audit: for each suspect the user names (by text, example images
+    or a labels.csv column; ``workers.engine.checklist.Suspect``'s dicts, as asked) whether the probe relies on it.
+    A short job on a worker; ``result`` is ``{"suspects": [one answer per suspect]}`` (``workers.engine.suspects``)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="checklists")
+    audit = models.ForeignKey(Audit, on_delete=models.CASCADE, related_name="checklists")
+    suspects = models.JSONField(default=list)  # the suspects asked about, checked (Suspect.from_dict), in order
+    shipped = models.CharField(max_length=100, blank=True)  # the shipped checklist asked for by name, if any
+
+    noun = "checklist"
+
+    class Meta(Job.Meta):
+        pass
+
+
 def store_result(audit: Audit, result: dict, timings: dict) -> None:
     """Write the result's rows and mark the audit succeeded, all in one transaction."""
     with transaction.atomic():

@@ -400,7 +400,48 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
         "corrections": [correction_view(c) for c in audit.corrections.select_related("new_probe", "reaudit")
                         .prefetch_related("flags")],
         "reaudit_of": getattr(audit, "reaudit_of", None),
+        "checklist": checklist_view(audit),
     }
+
+
+# the badge each checklist verdict wears (workers.engine.checklist.VERDICTS, in order): the report's colours for a
+# confirmed shortcut, work left, benign and nothing, plus a class of its own
+VERDICT_BADGES = {"relied on, harmful": "confirmed_shortcut verdict-harmful",
+                  "relied on, no measured harm": "needs_work verdict-relied",
+                  "represented, not relied on": "benign verdict-represented",
+                  "not found by the dictionary": "cancelled verdict-not-found"}
+
+
+def checklist_view(audit: Audit) -> dict | None:
+    """The report's "Confounder checklist": the audit's latest succeeded checklist, one row per suspect (how it
+    was given, the verdict and its class, that class's probe and zero-shot share, the harm sentence and the
+    evidence: matched latents and score); None when no checklist of the audit has succeeded."""
+    latest = audit.checklists.filter(status=Status.SUCCEEDED).order_by("-finished_at", "-pk").first()
+    if latest is None:
+        return None
+    rows = []
+    for answer in (latest.result or {}).get("suspects") or []:
+        worst = answer.get("verdict_class")
+        row = (answer.get("classes") or {}).get(worst) or {}
+        match = answer.get("match") or {}
+        rows.append({"name": answer.get("name"), "given": suspect_given(answer), "verdict": answer.get("verdict"),
+                     "badge": VERDICT_BADGES.get(answer.get("verdict"), ""), "class_name": worst,
+                     "probe_share": row.get("probe_share"), "zero_shot_share": row.get("zero_shot_share"),
+                     "harm": (row.get("harm") or {}).get("summary") or "", "latents": match.get("latents") or [],
+                     "score": match.get("score"), "found": match.get("found"), "evidence": answer.get("evidence") or "",
+                     # the evidence's match part: its shares and harm have their own columns
+                     "match": (answer.get("evidence") or "").split("; probe share")[0]})
+    return {"checklist": latest, "rows": rows, "shipped": latest.shipped,
+            "others": audit.checklists.exclude(pk=latest.pk).count()}
+
+
+def suspect_given(suspect: dict) -> str:
+    """How a suspect was named, in words: its text, its labels.csv column, or how many example images."""
+    if suspect.get("text"):
+        return f"text “{suspect['text']}”"
+    if suspect.get("column"):
+        return f"column {suspect['column']}"
+    return f"examples ({len(suspect.get('with') or [])} with, {len(suspect.get('without') or [])} without)"
 
 
 def correction_view(correction) -> dict:

@@ -4,7 +4,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .fields import FLAG_FIELDS, LATENT_FIELDS, api_names
-from .models import STAGE_NAMES, Audit, Correction, Explanation, Flag, Latent, Review
+from .models import STAGE_NAMES, Audit, Checklist, Correction, Explanation, Flag, Latent, Review
 from .services import options_schema
 
 
@@ -181,3 +181,31 @@ class ExplanationSerializer(serializers.ModelSerializer):
 
     def get_image(self, explanation) -> str | None:
         return explanation.image.name.rsplit("/", 1)[-1] if explanation.image else None
+
+
+class ChecklistRequestSerializer(serializers.Serializer):
+    """``POST /audits/{id}/checklists/``: the suspects to ask about, or the name of a shipped checklist."""
+
+    suspects = serializers.JSONField(required=False, allow_null=True, help_text=(
+        "a list of suspects, each {\"name\", \"text\"} (\"a ruler\"), {\"name\", \"column\"} (a 0/1 column of "
+        "the audited dataset's labels.csv) or {\"name\", \"with\": [images], \"without\": [images]} (at least 3 "
+        "images of the audited dataset each, named as its labels.csv names them); names must differ"))
+    checklist = serializers.CharField(required=False, allow_blank=True, default="", help_text=(
+        "or: the name of a shipped checklist (/api/v1/checklists/shipped/), e.g. 'dermoscopy'"))
+
+
+class ChecklistSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="project_id", read_only=True)
+    audit = serializers.IntegerField(source="audit_id", read_only=True)
+    result = serializers.JSONField(read_only=True, help_text=(
+        "suspects: one answer per suspect, in the order asked: name, kind, text/column/with/without; match "
+        "(latents, score, found, needed); present (images, of, how); classes (per class probe_share, "
+        "zero_shot_share, relied_on, harm); verdict ('relied on, harmful', 'relied on, no measured harm', "
+        "'represented, not relied on' or 'not found by the dictionary'), verdict_class and evidence"))
+
+    class Meta:
+        model = Checklist
+        fields = ["id", "project", "audit", "suspects", "shipped", "status", "stage", "percent", "cancel_requested",
+                  "error", "attempts", "worker_host", "device", "result", "timings", "created_at", "started_at",
+                  "finished_at"]
+        read_only_fields = fields

@@ -26,6 +26,7 @@ urlpatterns = [
     path("probes/<int:pk>/download/", views.probe_download, name="probe_download"),
     path("audits/<int:pk>/explain/", views.explanation_new, name="explanation_new"),
     path("explanations/<int:pk>/", views.explanation_detail, name="explanation"),
+    path("audits/<int:pk>/checklists/new/", views.checklist_new, name="checklist_new"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_pk>/revoke/", views.token_revoke, name="token_revoke"),
 ]

@@ -22,6 +22,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from audit_service.audits import report
+from audit_service.audits.checklists import create_checklist, shipped_checklists, suspects_from_lines
 from audit_service.audits.corrections import create_correction
 from audit_service.audits.explanations import create_explanation
 from audit_service.audits.jobs import job_kind, kind_of
@@ -246,8 +247,10 @@ def audit_report(request, pk):
     if can_review:
         context.update(correctable=_correctable(audit), training_datasets=audit.project.datasets.filter(
             purpose=DatasetPurpose.AUDIT),
-            dataset_items=[key for key, _ in audit.dataset.labels()][:EXPLAIN_ITEMS_LISTED])
+            dataset_items=[key for key, _ in audit.dataset.labels()][:EXPLAIN_ITEMS_LISTED],
+            shipped_checklists=shipped_checklists())
     context["explanations"] = audit.explanations.all()[:20]
+    context["checklists"] = audit.checklists.all()[:20]
     return render(request, "web/report.html", context)
 
 
@@ -321,6 +324,26 @@ def correction_detail(request, pk):
 def correction_training_data(request, pk):
     """The training images on which the corrected concept is active, as CSV (viewers too)."""
     return report.training_response(_correction(request.user, pk))
+
+
+# --------------------------------------------------------------------------- confounder checklists
+
+@login_required
+@require_POST
+def checklist_new(request, pk):
+    """The report's "Ask about suspects" form: a shipped checklist, or text suspects one per line ("name: text")."""
+    audit = _audit(request.user, pk, Role.MEMBER)
+    back = reverse("web:report", args=[audit.pk]) + "#checklist"
+    suspects = suspects_from_lines(request.POST.get("suspects", ""))
+    try:
+        checklist = create_checklist(audit=audit, user=request.user, suspects=suspects or None,
+                                     checklist=request.POST.get("checklist", "").strip())
+    except RegistrationError as exc:
+        messages.error(request, f"The checklist was not asked: {exc.message}")
+        return redirect(back)
+    messages.success(request, f"Checklist #{checklist.pk} asked about {len(checklist.suspects)} suspects; its "
+                              "answers show here once a worker has run it.")
+    return redirect(back)
 
 
 # --------------------------------------------------------------------------- explaining one image

@@ -1,12 +1,14 @@
-"""Issue 18 on the case study: the probe corrected for its ruler flags recovers the slices the ruler hurt.
+"""Issues 18 and 31 on the case study: the probe corrected for its ruler flags recovers the slices the ruler hurt.
 
 The bar: melanomas without a ruler and nevi with one rise at least 80 % of the way to a probe trained without
 the correlation (same tiny CLIP, same number of training images and recipe, the ruler independent of the
 class), overall accuracy does not drop, and a re-audit with the same SAE flags no ruler latent. The ruler's
-latents are one concept, whose direction is measured within each class (``concept_directions``). Seed 1 is
-held out: the estimate was chosen on seed 0 only. A refit on the probe's training split meets the whole bar on
-seed 0 and the accuracy parts on seed 1, where a ruler flag after depends on the machine; a projection meets the
-accuracy parts and leaves a ruler flag (both marked below).
+latents are one concept, whose direction is measured within each class (``concept_directions``), corrected in
+rounds as a user runs it (default 3: after each re-audit the flagged latents that track the concept join it and
+the concept's latents still flagged become a concept of their own). Every method on seeds 0 and 1; seed 1 is held
+out (the estimate and the reweighting were chosen on seed 0). Measured on a case rebuilt on this machine
+(2026-12-07): the whole bar is met by ``refit`` on both seeds, ``project`` on seed 1 and ``reweight`` on seed 0;
+the three misses are marked below with their figures.
 """
 import pytest
 
@@ -36,6 +38,23 @@ def audited(tmp_path_factory):
 
 METHODS = ("project", "refit", "reweight")
 
+# Strict: the day the engine meets them, these report it and the marker goes.
+RESIDUE = {
+    # after three rounds (latents 12, 22, 38, 48, 52, 54, 61) the gaps close 89 % / 96 %, and a ruler latent the
+    # SAE's concept does not track is still flagged
+    ("flagged", 0, "project"): "issue 31: after 'project' on seed 0 the re-audit still flags a ruler latent",
+    # reweighting on seed 1 closes 87 % of the melanoma gap but 58 % of the nevus one, and a ruler flag remains
+    ("slices", 1, "reweight"): "issue 31: 'reweight' on seed 1 closes 58 % of the gap on nevi with a ruler",
+    ("flagged", 1, "reweight"): "issue 31: after 'reweight' on seed 1 the re-audit still flags a ruler latent",
+}
+
+
+def _cases(part: str):
+    return [pytest.param(seed, method, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                               reason=RESIDUE[part, seed, method]))
+            if (part, seed, method) in RESIDUE else pytest.param(seed, method)
+            for seed in (0, 1) for method in METHODS]
+
 
 @pytest.fixture(scope="module")
 def corrected(audited):
@@ -51,8 +70,7 @@ def corrected(audited):
     return get
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed, method", _cases("slices"))
 def test_the_corrected_probe_recovers_the_slices_the_ruler_hurt(corrected, seed, method):
     figures = corrected(seed, method)
     assert figures["flags"], "the audit flagged no ruler latent to correct"
@@ -62,8 +80,7 @@ def test_the_corrected_probe_recovers_the_slices_the_ruler_hurt(corrected, seed,
         {k: v for k, v in MET.items() if k != "not flagged after"}, format_recovery(figures)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed, method", _cases("flagged"))
 def test_the_corrected_probe_is_no_longer_flagged_for_the_ruler(corrected, seed, method):
     figures = corrected(seed, method)
     assert recovery_checks(figures)["not flagged after"], format_recovery(figures)

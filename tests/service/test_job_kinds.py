@@ -120,7 +120,7 @@ def test_the_reaper_requeues_and_resends_the_new_kind_and_its_scratch_folder_is_
 
 
 def test_every_kind_of_the_service_is_declared_once_and_can_be_cancelled():
-    assert [k.name for k in jobs.kinds()] == ["audit", "correction", "explanation"]
+    assert [k.name for k in jobs.kinds()] == ["audit", "correction", "explanation", "checklist"]
     for k in jobs.kinds():
         assert jobs.job_kind(k.name) is k and jobs.route(k.task, [], {}, {}) == {"queue": "gpu"}
     with pytest.raises(ValueError, match="declared twice"):

@@ -105,5 +105,6 @@ def test_the_reaper_gives_up_an_abandoned_audit_out_of_attempts(running, sent, s
 def test_the_reaper_leaves_a_beating_audit_alone(running, sent):
     assert tasks.reap_stale_audits() == {"requeued": [], "failed": [], "resent": [], "cleaned": [],
                                          "corrections": {"requeued": [], "failed": [], "resent": []},
-                                         "explanations": {"requeued": [], "failed": [], "resent": []}}
+                                         "explanations": {"requeued": [], "failed": [], "resent": []},
+                                         "checklists": {"requeued": [], "failed": [], "resent": []}}
     assert Audit.objects.get(pk=running.pk).status == Status.RUNNING

@@ -1,0 +1,309 @@
+"""Confounder checklists through the service: the job and its answers, the shipped lists, the API's refusals, the
+audit option ``suspects``, the report's table (page and download) and its form, cancel and failure."""
+import zipfile
+
+import pytest
+from django.conf import settings
+
+from audit_service.audits import report
+from audit_service.audits.checklists import CHECKLIST, checklist_for_audit, create_checklist, suspects_from_lines
+from audit_service.audits.models import Audit, Checklist, Status, audit_finished
+from audit_service.audits.services import create_audit
+from audit_service.registry.services import RegistrationError, register_dataset
+from workers import checklists as checklist_tasks
+from workers import tasks
+from workers.celery import app as celery_app
+from workers.engine.checklist import SHIPPED, SUSPECTS_MAX, VERDICTS
+from workers.engine.errors import EngineError
+
+from .conftest import FAST_AUDIT
+
+pytestmark = pytest.mark.django_db
+
+COLUMNS = ("corner", "site")  # corner: 0/1, the white square every melanoma image of the synthetic data has
+
+
+def marked_zip(source, target):
+    """The test dataset with two extra labels.csv columns: ``corner`` (0/1) and ``site`` (head/back)."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            if item.filename != "labels.csv":
+                zout.writestr(item, zin.read(item))
+        rows = zin.read("labels.csv").decode().strip().splitlines()
+        lines = [rows[0] + ",corner,site"]
+        for i, row in enumerate(rows[1:]):
+            lines.append(f"{row},{int(row.endswith(',melanoma'))},{'head' if i % 2 else 'back'}")
+        zout.writestr("labels.csv", "\n".join(lines) + "\n")
+    return target
+
+
+@pytest.fixture
+def queue(monkeypatch) -> list[tuple[str, int]]:
+    """(task name, id) of every job message sent; none reaches a broker."""
+    calls = []
+    monkeypatch.setattr(celery_app, "send_task", lambda name, args=None, **kw: calls.append((name, args[0])))
+    return calls
+
+
+@pytest.fixture
+def marked(project, users, assets, tmp_path):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    path = marked_zip(assets["dataset"], tmp_path / "marked.zip")
+    dataset = register_dataset(project=project, user=users["member"], name="marked lesions",
+                               archive=SimpleUploadedFile("marked.zip", path.read_bytes()))
+    assert list(dataset.metadata_columns) == list(COLUMNS)
+    return dataset
+
+
+def run_audit(project, users, registered, dataset, options=None, capture=None):
+    audit = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                         probe=registered["probe"], dataset=dataset, options={**FAST_AUDIT, **(options or {})})
+    if capture is None:
+        tasks.run_audit.apply(args=[audit.pk])
+    else:
+        with capture(execute=True):
+            tasks.run_audit.apply(args=[audit.pk])
+    audit.refresh_from_db()
+    assert audit.status == Status.SUCCEEDED, audit.error
+    return audit
+
+
+@pytest.fixture
+def audited(project, users, registered, marked):
+    return run_audit(project, users, registered, marked)
+
+
+def images(audit, label):
+    return [key for key, lab in audit.dataset.labels() if lab == label]
+
+
+def suspects_of_every_kind(audit):
+    return [{"name": "ruler", "text": "a ruler"}, {"name": "corner", "column": "corner"},
+            {"name": "white square", "with": images(audit, "melanoma")[:6], "without": images(audit, "nevus")[:6]}]
+
+
+def run(checklist):
+    checklist_tasks.run_checklist.apply(args=[checklist.pk])
+    checklist.refresh_from_db()
+    return checklist
+
+
+def check_answers(checklist, names):
+    assert checklist.status == Status.SUCCEEDED, checklist.error
+    answers = checklist.result["suspects"]
+    assert [a["name"] for a in answers] == names
+    classes = set(checklist.audit.probe.class_names)
+    for a in answers:
+        assert a["verdict"] in VERDICTS and a["evidence"]
+        assert a["verdict_class"] is None or a["verdict_class"] in classes
+        if a["classes"]:
+            assert set(a["classes"]) == classes
+            for row in a["classes"].values():
+                assert 0.0 <= row["probe_share"] <= 1.0 + 1e-6 and 0.0 <= row["zero_shot_share"] <= 1.0 + 1e-6
+    return {a["name"]: a for a in answers}
+
+
+def test_a_checklist_is_answered_by_a_worker_one_answer_per_suspect(audited, users, queue,
+                                                                    django_capture_on_commit_callbacks):
+    asked = suspects_of_every_kind(audited)
+    with django_capture_on_commit_callbacks(execute=True):
+        checklist = create_checklist(audit=audited, user=users["member"], suspects=asked)
+    assert queue == [(CHECKLIST.task, checklist.pk)] and checklist.status == Status.QUEUED
+    assert checklist.suspects == asked  # stored as asked, in order
+    checklist = run(checklist)
+    answers = check_answers(checklist, ["ruler", "corner", "white square"])
+    assert [answers[n]["kind"] for n in answers] == ["text", "column", "examples"]
+    # the column names the images that show it: the melanoma images here
+    assert answers["corner"]["present"]["images"] == len(images(audited, "melanoma"))
+    assert answers["corner"]["present"]["of"] == audited.dataset.n_images
+    assert checklist.stage == "done" and checklist.percent == 100.0
+    assert {"extract", "check"} <= set(checklist.timings)
+    assert not (settings.AUDIT_WORK_DIR / f"checklist-{checklist.pk}").exists()
+
+
+def test_a_shipped_checklist_is_asked_by_name_and_served_by_the_api(audited, client_for, queue):
+    shipped = client_for("viewer").get("/api/v1/checklists/shipped/").json()
+    assert [c["name"] for c in shipped] == list(SHIPPED) and shipped[0]["suspects"] == SHIPPED["dermoscopy"]
+    response = client_for("member").post(f"/api/v1/audits/{audited.pk}/checklists/", {"checklist": "dermoscopy"},
+                                         format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["status"] == "queued" and body["shipped"] == "dermoscopy" and body["suspects"] == SHIPPED["dermoscopy"]
+    checklist = run(Checklist.objects.get(pk=body["id"]))
+    check_answers(checklist, [s["name"] for s in SHIPPED["dermoscopy"]])
+    answer = client_for("viewer").get(f"/api/v1/checklists/{checklist.pk}/").json()
+    assert answer["status"] == "succeeded" and answer["result"] == checklist.result and answer["audit"] == audited.pk
+    listed = client_for("viewer").get(f"/api/v1/audits/{audited.pk}/checklists/").json()
+    assert [c["id"] for c in listed] == [checklist.pk]
+    assert client_for("outsider").get(f"/api/v1/checklists/{checklist.pk}/").status_code == 404
+    assert client_for("outsider").get(f"/api/v1/audits/{audited.pk}/checklists/").status_code == 404
+    schema = client_for("viewer").get("/api/v1/schema/?format=json").json()
+    assert {"/api/v1/checklists/shipped/", "/api/v1/audits/{id}/checklists/"} <= set(schema["paths"])
+
+
+def bad_requests(audit):
+    melanoma, nevus = images(audit, "melanoma"), images(audit, "nevus")
+    ruler = {"name": "ruler", "text": "a ruler"}
+    return [
+        ({"checklist": "radiology"}, "checklist", "no shipped checklist 'radiology'; the shipped ones are "
+                                                  "'dermoscopy', 'chest x-ray'"),
+        ({"checklist": "dermoscopy", "suspects": [ruler]}, "checklist", "not both"),
+        ({}, "suspects", "give at least one suspect"),
+        ({"suspects": []}, "suspects", "give at least one suspect"),
+        ({"suspects": {"name": "ruler"}}, "suspects", "give at least one suspect"),
+        ({"suspects": [{"name": f"s{i}", "text": "x"} for i in range(SUSPECTS_MAX + 1)]}, "suspects",
+         f"at most {SUSPECTS_MAX} suspects"),
+        ({"suspects": [{"name": "ink", "column": "ink"}]}, "suspects",
+         "dataset 'marked lesions' has no labels.csv column 'ink'; its extra columns are 'corner', 'site'"),
+        ({"suspects": [{"name": "site", "column": "site"}]}, "suspects", "column 'site' must hold 0/1"),
+        ({"suspects": [{"name": "ruler", "with": melanoma[:3] + ["nope.png"], "without": nevus[:3]}]}, "suspects",
+         "suspect 'ruler': 1 example image(s) are not images of dataset 'marked lesions': 'nope.png'; name them as "
+         f"its labels.csv does, e.g. {audit.dataset.labels()[0][0]!r}"),
+        ({"suspects": [{"name": "ruler", "with": melanoma[:2], "without": nevus[:3]}]}, "suspects",
+         "suspect 1: suspect 'ruler': give at least 3 images with it (got 2)"),
+        ({"suspects": [ruler, {"name": "ruler", "column": "corner"}]}, "suspects", "repeated: ruler"),
+        ({"suspects": [ruler, {"text": "ink"}, {"name": "x"}]}, "suspects", "suspect 3: suspect 'x': give exactly one"),
+        # a suspect is named by text, column or examples; a field about zero-shot (or anything else) is refused
+        ({"suspects": [{**ruler, "zero_shot": True}]}, "suspects", "unknown suspect field(s) zero_shot"),
+    ]
+
+
+def test_bad_requests_are_refused_naming_the_field_and_leave_no_row(audited, users, project, registered, marked,
+                                                                    client_for, queue):
+    url = f"/api/v1/audits/{audited.pk}/checklists/"
+    member = client_for("member")
+    for body, field, words in bad_requests(audited):
+        response = member.post(url, body, format="json")
+        assert response.status_code == 400, (body, response.content)
+        assert words in " ".join(response.json()[field]), (words, response.json())
+    queued = create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                          probe=registered["probe"], dataset=marked)
+    response = member.post(f"/api/v1/audits/{queued.pk}/checklists/", {"checklist": "dermoscopy"}, format="json")
+    assert response.status_code == 400
+    assert f"audit {queued.pk} is queued; a checklist is asked of a succeeded audit" in response.json()["audit"][0]
+    assert client_for("viewer").post(url, {"checklist": "dermoscopy"}, format="json").status_code == 403
+    assert client_for("outsider").post(url, {"checklist": "dermoscopy"}, format="json").status_code == 404
+    assert Checklist.objects.count() == 0 and queue == []
+
+
+def test_an_audit_with_the_suspects_option_gets_its_checklist_when_it_succeeds(
+        project, users, registered, marked, queue, django_capture_on_commit_callbacks):
+    asked = [{"name": "corner", "column": "corner"}, {"name": "ruler", "text": "a ruler"}]
+    audit = run_audit(project, users, registered, marked, {"suspects": asked}, django_capture_on_commit_callbacks)
+    checklist = Checklist.objects.get()
+    assert checklist.audit == audit and checklist.suspects == asked and checklist.created_by == users["member"]
+    assert (CHECKLIST.task, checklist.pk) in queue
+    check_answers(run(checklist), ["corner", "ruler"])
+
+    # a correction's re-audit carries the corrected audit's options: it does not ask again
+    audit.context = {"correction": 1}
+    with django_capture_on_commit_callbacks(execute=True):
+        audit_finished.send(sender=Audit, audit=audit)
+    assert Checklist.objects.count() == 1
+    # suspects the dataset cannot answer are kept as a failed checklist saying why, not lost
+    Audit.objects.filter(pk=audit.pk).update(config={**audit.config, "suspects": [{"name": "ink", "column": "ink"}]})
+    refused = checklist_for_audit(audit.pk)
+    assert refused.status == Status.FAILED and "has no labels.csv column 'ink'" in refused.error
+    assert Checklist.objects.filter(status=Status.QUEUED).count() == 0
+
+
+def test_the_report_shows_the_latest_checklist_near_the_top_also_offline(audited, users, web, queue,
+                                                                        django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):  # an audit without the option suspects asks nothing
+        audit_finished.send(sender=Audit, audit=audited)
+    assert Checklist.objects.count() == 0 and queue == []
+    page = web("member").get(f"/audits/{audited.pk}/report/").content.decode()
+    assert "No checklist has been answered for this audit yet" in page and 'id="checklist-table"' not in page
+    checklist = run(create_checklist(audit=audited, user=users["member"], suspects=suspects_of_every_kind(audited)))
+    answers = check_answers(checklist, ["ruler", "corner", "white square"])
+    view = report.checklist_view(audited)
+    assert view["checklist"] == checklist and [r["name"] for r in view["rows"]] == list(answers)
+    assert [r["given"] for r in view["rows"]] == ["text “a ruler”", "column corner", "examples (6 with, 6 without)"]
+    for page in (web("viewer").get(f"/audits/{audited.pk}/report/").content.decode(),
+                 report.download_response(audited, "html").content.decode()):
+        assert 'id="checklist-table"' in page and page.count('class="checklist-row"') == 3
+        assert page.index('id="checklist-table"') < page.index('id="corrections"') < page.index('id="flags"')
+        for a in answers.values():
+            assert f'{report.VERDICT_BADGES[a["verdict"]]}">{a["verdict"]}</span>' in page
+            if a["match"]["latents"]:
+                assert f'latents {", ".join(map(str, a["match"]["latents"]))}' in page
+        assert "column corner" in page and "examples (6 with, 6 without)" in page
+        assert 'id="ask-checklist"' not in page  # no form for viewers nor offline
+
+
+def test_the_reports_form_asks_text_suspects_or_a_shipped_list(audited, web, queue,
+                                                                django_capture_on_commit_callbacks):
+    page = web("member").get(f"/audits/{audited.pk}/report/").content.decode()
+    assert 'id="ask-checklist"' in page and '<option value="dermoscopy">' in page
+    url = f"/audits/{audited.pk}/checklists/new/"
+    with django_capture_on_commit_callbacks(execute=True):
+        response = web("member").post(url, {"suspects": "ruler: a ruler\n\nink marking\n", "checklist": ""})
+    assert response.status_code == 302 and response["Location"] == f"/audits/{audited.pk}/report/#checklist"
+    checklist = Checklist.objects.get()
+    assert checklist.suspects == [{"name": "ruler", "text": "a ruler"}, {"name": "ink marking", "text": "ink marking"}]
+    assert queue == [(CHECKLIST.task, checklist.pk)]
+    job_page = web("viewer").get(f"/checklists/{checklist.pk}/")  # its progress page, as every job kind has
+    assert job_page.status_code == 200 and f"Checklist #{checklist.pk}" in job_page.content.decode()
+    assert web("viewer").get(f"/checklists/{checklist.pk}/status.json").json()["status"] == "queued"
+    assert f'href="/checklists/{checklist.pk}/"' in web("viewer").get(f"/audits/{audited.pk}/report/").content.decode()
+    followed = web("member").post(url, {"checklist": "chest x-ray"}, follow=True).content.decode()
+    assert "asked about 4 suspects" in followed and Checklist.objects.latest("pk").shipped == "chest x-ray"
+    for data, words in (({"checklist": "radiology"}, "no shipped checklist"),
+                        ({"suspects": "  \n"}, "give at least one suspect"),
+                        ({"suspects": "ruler: a ruler\nruler: a ruler"}, "repeated: ruler"),
+                        ({"suspects": "ruler:"}, "give exactly one of text")):
+        text = web("member").post(url, data, follow=True).content.decode()
+        assert "The checklist was not asked" in text and words in text, (data, words)
+    assert web("viewer").post(url, {"checklist": "dermoscopy"}).status_code == 403
+    assert web("outsider").post(url, {"checklist": "dermoscopy"}).status_code == 404
+    assert Checklist.objects.count() == 2
+
+
+def test_form_lines_become_text_suspects():
+    assert suspects_from_lines("ruler: a ruler\n  \nhair\n: gel bubbles\nink:") == [
+        {"name": "ruler", "text": "a ruler"}, {"name": "hair", "text": "hair"},
+        {"name": "gel bubbles", "text": "gel bubbles"}, {"name": "ink"}]
+
+
+def test_checklists_are_cancelled_and_an_engine_failure_fails_one_with_its_message(audited, users, client_for,
+                                                                                   queue, monkeypatch):
+    queued = create_checklist(audit=audited, user=users["member"], checklist="dermoscopy")
+    assert client_for("viewer").post(f"/api/v1/checklists/{queued.pk}/cancel/").status_code == 403
+    assert client_for("member").post(f"/api/v1/checklists/{queued.pk}/cancel/").json()["status"] == "cancelled"
+    assert client_for("member").post(f"/api/v1/checklists/{queued.pk}/cancel/").status_code == 409
+
+    failing = create_checklist(audit=audited, user=users["member"], suspects=[{"name": "ruler", "text": "a ruler"}])
+    engine = checklist_tasks.check_suspects
+    monkeypatch.setattr(checklist_tasks, "check_suspects",
+                        lambda *a, **k: (_ for _ in ()).throw(EngineError("the layer has no patch tokens")))
+    failing = run(failing)
+    assert failing.status == Status.FAILED and "no patch tokens" in failing.error and failing.result is None
+    assert report.checklist_view(audited) is None  # the report shows succeeded checklists only
+
+    # an audit stored without its relevance tables: the checklist fails saying what to do
+    result = dict(audited.result)
+    result["artifacts"] = {k: v for k, v in result["artifacts"].items() if k != "relevance.npz"}
+    Audit.objects.filter(pk=audited.pk).update(result=result)
+    monkeypatch.setattr(checklist_tasks, "check_suspects", engine)
+    tableless = run(create_checklist(audit=audited, user=users["member"], suspects=[{"name": "hair", "text": "hair"}]))
+    assert tableless.status == Status.FAILED and "kept no relevance tables" in tableless.error
+    assert "run the audit again" in tableless.error
+
+    # a project whose jobs fill its limit refuses another, and keeps no row
+    project = audited.project
+    project.max_concurrent_audits = 1
+    project.save()
+    create_checklist(audit=audited, user=users["member"], checklist="dermoscopy")
+    with pytest.raises(RegistrationError, match="jobs queued or running"):
+        create_checklist(audit=audited, user=users["member"], checklist="dermoscopy")
+    assert Checklist.objects.count() == 4
+
+
+def test_the_progress_runs_from_extraction_to_the_check():
+    assert checklist_tasks._percent("loading", 0, 0) == 0.0
+    assert checklist_tasks._percent("extract", 16, 32) == pytest.approx(checklist_tasks.EXTRACT_WEIGHT / 2)
+    assert checklist_tasks._percent("check", 0, 3) == checklist_tasks.EXTRACT_WEIGHT
+    assert checklist_tasks._percent("check", 3, 3) == 100.0
+
+
