@@ -219,7 +219,8 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None) -> str:
     if not match["latents"]:
         return f"no latent matches it ({match.get('reason', 'nothing close enough')})"
     found = "" if match["found"] else f", below the {match['needed']} a match needs"
-    text = f"latents {', '.join(map(str, match['latents']))}: {how}{found}"
+    latents = match["latents"]
+    text = f"latent{'s' if len(latents) > 1 else ''} {', '.join(map(str, latents))}: {how}{found}"
     if row is not None:
         text += f"; probe share {row['probe_share']:.3f} (zero-shot {row['zero_shot_share']:.3f}); {row['harm']['summary']}"
     return text
