@@ -660,7 +660,8 @@ def _add_checklist_parser(sub) -> None:
     c.add_argument("--suspect", action="append", default=[], metavar="NAME=KIND:WHAT",
                    help="a suspect: NAME=text:TEXT (e.g. 'ruler=text:a ruler') or NAME=column:COLUMN (a 0/1 column of "
                         "the audited dataset's labels.csv); repeatable")
-    c.add_argument("--checklist", metavar="NAME", help="or: a shipped checklist, e.g. dermoscopy")
+    c.add_argument("--checklist", metavar="NAME", help="or: a shipped checklist, e.g. dermoscopy, or 'project' for "
+                                                       "the project's saved list")
     c.add_argument("--fail-on", action="append", default=[], metavar="NAME",
                    help="fail (exit 1) when the probe relies on this suspect; repeatable")
     c.add_argument("--out", default="clip-audit-checklist", help="folder for the answer (checklist-ID.json)")

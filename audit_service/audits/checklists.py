@@ -10,7 +10,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from audit_service.registry.services import RegistrationError
-from workers.engine.checklist import SHIPPED, SUSPECTS_MAX, Suspect
+from workers.engine.checklist import SHIPPED, Suspect, parse_suspects, stored
 from workers.engine.errors import EngineError
 
 from .corrections import require_sae
@@ -47,43 +47,41 @@ def shipped_checklists() -> list[dict]:
     return [{"name": name, "suspects": [dict(s) for s in suspects]} for name, suspects in SHIPPED.items()]
 
 
+PROJECT_LIST = "project"  # the checklist name that asks the project's own saved list (Project.checklist)
+
+
 def checked_suspects(audit: Audit, suspects, checklist: str = "") -> list[dict]:
-    """The suspects asked for, each checked (``Suspect.from_dict``) and against the audited dataset, as stored:
+    """The suspects asked for, each checked (``parse_suspects``) and against the audited dataset, as stored:
     the dicts a Suspect reads back (without its derived ``kind``)."""
-    asked = _asked(suspects, checklist)
-    parsed = []
-    for number, given in enumerate(asked, 1):
-        try:
-            parsed.append(Suspect.from_dict(given))
-        except EngineError as exc:
-            raise RegistrationError(f"suspect {number}: {exc.message}", field="suspects") from exc
-    names = [s.name for s in parsed]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise RegistrationError(f"suspect names must differ; repeated: {', '.join(repeated)}. Give each suspect "
-                                "its own name", field="suspects")
+    try:
+        parsed = parse_suspects(_asked(audit, suspects, checklist))
+    except EngineError as exc:
+        raise RegistrationError(exc.message, field="suspects") from exc
     _check_against_dataset(audit, parsed)
-    return [{k: v for k, v in s.to_dict().items() if k != "kind"} for s in parsed]
+    return stored(parsed)
 
 
-def _asked(suspects, checklist) -> list:
-    """The list of suspect dicts the request names: its own, or a shipped checklist's."""
+def _asked(audit: Audit, suspects, checklist) -> list:
+    """The list of suspect dicts the request names: its own, a shipped checklist's, or the project's saved one."""
     known = ", ".join(repr(name) for name in SHIPPED)
     if checklist:
         if suspects:
-            raise RegistrationError("give either suspects (your own list) or checklist (the name of a shipped one), "
-                                    "not both", field="checklist")
+            raise RegistrationError("give either suspects (your own list) or checklist (the name of a shipped one, "
+                                    f"or {PROJECT_LIST!r} for the project's saved list), not both", field="checklist")
+        if checklist == PROJECT_LIST:
+            if not audit.project.checklist:
+                raise RegistrationError(f"project '{audit.project.name}' has no saved checklist; save one with PATCH "
+                                        f"/api/v1/projects/{audit.project_id}/ {{\"checklist\": [suspects]}}",
+                                        field="checklist")
+            return audit.project.checklist
         if not isinstance(checklist, str) or checklist not in SHIPPED:
-            raise RegistrationError(f"no shipped checklist {checklist!r}; the shipped ones are {known}",
-                                    field="checklist")
+            raise RegistrationError(f"no shipped checklist {checklist!r}; the shipped ones are {known}, and "
+                                    f"{PROJECT_LIST!r} asks the project's saved list", field="checklist")
         return SHIPPED[checklist]
     if not isinstance(suspects, list) or not suspects:
         raise RegistrationError("give at least one suspect: suspects, a list such as [{\"name\": \"ruler\", \"text\": "
                                 "\"a ruler\"}] (or column, or with + without example images), or checklist, the "
-                                f"name of a shipped one ({known})", field="suspects")
-    if len(suspects) > SUSPECTS_MAX:
-        raise RegistrationError(f"at most {SUSPECTS_MAX} suspects in one checklist, got {len(suspects)}; split them "
-                                "over several checklists", field="suspects")
+                                f"name of a shipped one ({known}) or {PROJECT_LIST!r}", field="suspects")
     return suspects
 
 

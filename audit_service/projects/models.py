@@ -32,6 +32,8 @@ class Project(models.Model):
     # stricter than the service-wide MAX_DATASET_IMAGES / MAX_DATASET_BYTES where set (admins set them)
     max_dataset_images = models.PositiveIntegerField(null=True, blank=True)
     max_dataset_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    # the team's own confounder checklist (suspect dicts, workers.engine.checklist), asked as checklist "project"
+    checklist = models.JSONField(default=list, blank=True)
 
     objects = ProjectQuerySet.as_manager()
 

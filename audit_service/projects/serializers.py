@@ -1,6 +1,9 @@
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
+from workers.engine.checklist import parse_suspects, stored
+from workers.engine.errors import EngineError
+
 from .models import Membership, Project, Role
 
 
@@ -10,13 +13,22 @@ class ProjectSerializer(serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = ["id", "name", "description", "created_at", "max_concurrent_audits", "max_dataset_images",
-                  "max_dataset_bytes", "role"]
+                  "max_dataset_bytes", "role", "checklist"]
         # limits are the service's to set (Django admin), not the project owner's
         read_only_fields = ["id", "created_at", "role", "max_concurrent_audits", "max_dataset_images",
                             "max_dataset_bytes"]
 
     def get_role(self, project) -> str | None:
         return project.role_of(self.context["request"].user)
+
+    def validate_checklist(self, value):
+        """The project's own checklist: suspects as a checklist takes them (``[]`` clears it)."""
+        if value == []:
+            return value
+        try:
+            return stored(parse_suspects(value))
+        except EngineError as exc:
+            raise serializers.ValidationError(exc.message) from exc
 
 
 class UsernameField(serializers.SlugRelatedField):

@@ -258,6 +258,17 @@ def test_the_reports_form_asks_text_suspects_or_a_shipped_list(audited, web, que
     assert web("viewer").post(url, {"checklist": "dermoscopy"}).status_code == 403
     assert web("outsider").post(url, {"checklist": "dermoscopy"}).status_code == 404
     assert Checklist.objects.count() == 2
+    # a project's saved list is offered once there is one (the two queued above make room for it)
+    for queued in Checklist.objects.filter(status=Status.QUEUED):
+        queued.cancel()
+    assert "this project's list" not in page
+    audited.project.checklist = [{"name": "ruler", "text": "a ruler"}]
+    audited.project.save()
+    page = web("member").get(f"/audits/{audited.pk}/report/").content.decode()
+    assert '<option value="project">this project\'s list (1 suspects)</option>' in page
+    followed = web("member").post(url, {"checklist": "project"}, follow=True).content.decode()
+    assert "asked about 1 suspects" in followed and Checklist.objects.latest("pk").suspects == \
+        audited.project.checklist
 
 
 def test_form_lines_become_text_suspects():
@@ -307,3 +318,30 @@ def test_the_progress_runs_from_extraction_to_the_check():
     assert checklist_tasks._percent("check", 3, 3) == 100.0
 
 
+
+
+def test_a_project_saves_its_own_checklist_and_asks_it_by_the_name_project(audited, client_for, queue):
+    project = audited.project
+    url = f"/api/v1/audits/{audited.pk}/checklists/"
+    response = client_for("member").post(url, {"checklist": "project"}, format="json")
+    assert response.status_code == 400 and "has no saved checklist" in response.json()["checklist"][0]
+    mine = [{"name": "ruler", "text": "a ruler"}, {"name": "ruler column", "column": "ruler"}]
+    # owners save it with the project; a bad list is refused naming the suspect, and nothing is saved
+    bad = client_for("owner").patch(f"/api/v1/projects/{project.pk}/", {"checklist": [mine[0], {"name": "x"}]},
+                                    format="json")
+    assert bad.status_code == 400 and "suspect 2: suspect 'x': give exactly one of" in bad.json()["checklist"][0]
+    assert client_for("member").patch(f"/api/v1/projects/{project.pk}/", {"checklist": mine},
+                                      format="json").status_code == 403
+    saved = client_for("owner").patch(f"/api/v1/projects/{project.pk}/", {"checklist": mine}, format="json")
+    assert saved.status_code == 200 and saved.json()["checklist"] == mine
+    project.refresh_from_db()
+    assert project.checklist == mine
+    # asked by name: the column is checked against this audit's dataset (which has no 'ruler' column)
+    response = client_for("member").post(url, {"checklist": "project"}, format="json")
+    assert response.status_code == 400 and "no labels.csv column 'ruler'" in response.json()["suspects"][0]
+    project.checklist = mine[:1]
+    project.save()
+    response = client_for("member").post(url, {"checklist": "project"}, format="json")
+    assert response.status_code == 201 and response.json()["suspects"] == mine[:1]
+    checklist = run(Checklist.objects.get(pk=response.json()["id"]))
+    check_answers(checklist, ["ruler"])

@@ -87,3 +87,29 @@ class Suspect:
         if self.with_images or self.without_images:
             out.update({"with": list(self.with_images), "without": list(self.without_images)})
         return out
+
+
+def parse_suspects(suspects) -> list[Suspect]:
+    """A list of suspect dicts as a request gives it, each read with :meth:`Suspect.from_dict`: at least one, at
+    most :data:`SUSPECTS_MAX`, names distinct; raises EngineError naming the suspect that is wrong."""
+    if not isinstance(suspects, list) or not suspects:
+        raise EngineError('give at least one suspect: a list such as [{"name": "ruler", "text": "a ruler"}] (or '
+                          "column, or with + without example images)")
+    if len(suspects) > SUSPECTS_MAX:
+        raise EngineError(f"at most {SUSPECTS_MAX} suspects in one checklist, got {len(suspects)}; split them")
+    parsed = []
+    for number, given in enumerate(suspects, 1):
+        try:
+            parsed.append(Suspect.from_dict(given))
+        except EngineError as exc:
+            raise EngineError(f"suspect {number}: {exc.message}") from exc
+    names = [s.name for s in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EngineError(f"suspect names must differ; repeated: {', '.join(repeated)}. Give each its own name")
+    return parsed
+
+
+def stored(suspects: list[Suspect]) -> list[dict]:
+    """Suspects as a row keeps them: the dicts :meth:`Suspect.from_dict` reads back."""
+    return [{k: v for k, v in s.to_dict().items() if k != "kind"} for s in suspects]
