@@ -5,7 +5,8 @@ the one error policy). Its last step hands the corrected probe to the domain
 (``audit_service.audits.corrections.reaudit_corrected_probe``), which writes in one transaction the new probe (a
 version of the audited one), the correction's result so far and the re-audit (an ordinary audit of the new probe
 that reuses the original audit's SAE); the correction then waits, at stage "reaudit", for that audit
-(``finish_after_reaudit``).
+(``finish_after_reaudit``). When that re-audit asks for another round (``workers.engine.rounds``), the correction
+is queued again and this task runs the next round on the audited probe with the grown concepts.
 """
 from __future__ import annotations
 
