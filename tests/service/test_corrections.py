@@ -55,6 +55,14 @@ def run_correction_and_reaudit(correction, capture):
     return correction
 
 
+def run_every_round(correction, capture):
+    """:func:`run_correction_and_reaudit` for each round the correction asks for, until it finishes."""
+    correction = run_correction_and_reaudit(correction, capture)
+    while correction.status == Status.QUEUED and correction.stage.startswith("round "):
+        correction = run_correction_and_reaudit(correction, capture)
+    return correction
+
+
 def test_a_correction_writes_a_new_probe_version_proves_it_and_reaudits_it_on_the_same_sae(
         audited, users, queue, django_capture_on_commit_callbacks):
     flag = probe_flag(audited)
@@ -65,8 +73,9 @@ def test_a_correction_writes_a_new_probe_version_proves_it_and_reaudits_it_on_th
         correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk],
                                        options={"directions": "removal"})
     assert queue == [(CORRECTION.task, correction.pk)] and correction.status == Status.QUEUED
-    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    correction = run_every_round(correction, django_capture_on_commit_callbacks)
     assert correction.status == Status.SUCCEEDED, correction.error
+    assert 1 <= len(correction.result["rounds"]) <= correction.options["rounds"] == 3
     assert (AUDIT.task, correction.reaudit_id) in queue
 
     # lineage: a version of the audited probe, of its format, registered in the project
@@ -110,11 +119,13 @@ def test_the_default_estimate_is_one_regression_direction_per_concept_and_its_ve
     flag = probe_flag(audited)
     correction = create_correction(audit=audited, user=users["member"], flag_ids=[flag.pk])
     assert correction.options["directions"] == "regression" and correction.options["anchor"] == "mean"
-    correction = run_correction_and_reaudit(correction, django_capture_on_commit_callbacks)
+    correction = run_every_round(correction, django_capture_on_commit_callbacks)
     assert correction.status == Status.SUCCEEDED, correction.error
     shortcut = correction.result["correction"]["shortcut"]
     assert shortcut["estimate"] == "regression"
-    assert shortcut["concepts"] == [flag.concept_latents or [flag.latent]]
+    first = flag.concept_latents or [flag.latent]  # the first round's concept; a later round's grows from it
+    assert correction.result["rounds"][0]["concepts"] == [first]
+    assert shortcut["concepts"][0][:len(first)] == first
     verdict = correction.result["verdict"]
     assert verdict["passed"] == all(verdict["checks"].values()) and len(verdict["reasons"]) == \
         sum(not ok for ok in verdict["checks"].values())
