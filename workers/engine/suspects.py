@@ -167,10 +167,10 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
     if not match["latents"]:
         return {**out, "present": None, "classes": {}, "verdict": VERDICTS[3], "verdict_class": None,
                 "evidence": _evidence(suspect, match, None)}
-    activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
     if suspect.column:
         present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
     else:
+        activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
         present = activity > presence_threshold(activity, include_zeros=True)
         how = "the matched latents' activation (Otsu split)"
     out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
@@ -178,8 +178,8 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
                for c, name in enumerate(inputs.class_names)}
     out["classes"] = classes
     verdict, worst = _verdict(match, classes)
-    return {**out, "verdict": verdict, "verdict_class": worst, "evidence": _evidence(suspect, match, worst and
-                                                                                      classes[worst])}
+    evidence = _evidence(suspect, match, classes[worst] if worst else None)
+    return {**out, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
 
 
 def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c: int, name: str,
@@ -193,10 +193,9 @@ def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c
     # (a mixed latent carries class signal both heads read alike: that is not reliance on the suspect)
     relied = shares["probe"] >= config.flag_min_share and (
         measured or shares["probe"] >= config.amplification_ratio * shares["zero_shot"])
-    return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"],
-            "relied_on": relied, "harm": {**tables, "measured": measured,
-                                                                             "split": split,
-                                                                             "summary": summary(name, *tables.values())}}
+    harm = {**tables, "measured": measured, "split": split, "summary": summary(name, *tables.values())}
+    return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"], "relied_on": relied,
+            "harm": harm}
 
 
 def _verdict(match: dict, classes: dict) -> tuple[str, str | None]:
