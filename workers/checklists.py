@@ -7,13 +7,11 @@ cancel is seen once the model is loaded, during the extraction and before the an
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 from celery import shared_task
 from django.db import OperationalError
 
-from audit_service.audits.jobs import job_kind
 from audit_service.audits.models import Audit, Checklist
 from audit_service.audits.report import relevance_arrays
 from workers.engine.checklist import Suspect
@@ -24,7 +22,7 @@ from workers.engine.sae import TopKSAE
 from workers.engine.stages import LOADING
 from workers.engine.suspects import run_checklist as check_suspects
 from workers.inputs import load_inputs
-from workers.steps import claim_delivery, run_step
+from workers.steps import claim_delivery, run_in_scratch
 from workers.storage import fetch_sae
 
 EXTRACT_STAGE, CHECK_STAGE = "extract", "check"
@@ -48,10 +46,7 @@ def run_checklist(self, checklist_id: int) -> None:
         "audit__clip_model", "audit__probe", "audit__dataset").first()
     if not claim_delivery(checklist, "checklist", checklist_id):
         return
-    workdir = job_kind("checklist").workdir(checklist.pk)
-    run_step(self, checklist, lambda progress: _check(checklist, workdir, progress),
-             clean=lambda: shutil.rmtree(workdir, ignore_errors=True), percent=_percent)
-    shutil.rmtree(workdir, ignore_errors=True)
+    run_in_scratch(self, checklist, lambda workdir, progress: _check(checklist, workdir, progress), percent=_percent)
 
 
 def audit_tables(audit: Audit) -> dict:

@@ -11,13 +11,12 @@ is queued again and this task runs the next round on the audited probe with the 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from celery import shared_task
 from django.db import OperationalError
 
-from audit_service.audits.corrections import CORRECTION, reaudit_corrected_probe
+from audit_service.audits.corrections import reaudit_corrected_probe
 from audit_service.audits.models import Correction
 from workers.engine.config import AuditConfig, CorrectionOptions
 from workers.engine.correct_audit import AuditedInputs
@@ -27,7 +26,7 @@ from workers.engine.rounds import grown_concepts
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import LOADING, correction_percent
 from workers.inputs import dataset_images, load_inputs
-from workers.steps import claim_delivery, run_step
+from workers.steps import claim_delivery, run_in_scratch
 from workers.storage import fetch_sae
 
 log = logging.getLogger(__name__)
@@ -41,10 +40,8 @@ def run_correction(self, correction_id: int) -> None:
         "audit__clip_model", "audit__probe", "audit__dataset", "training_dataset").first()
     if not claim_delivery(correction, "correction", correction_id):
         return
-    workdir = CORRECTION.workdir(correction.pk)
-    run_step(self, correction, lambda progress: _correct(correction, workdir, progress),
-             clean=lambda: shutil.rmtree(workdir, ignore_errors=True), percent=correction_percent)
-    shutil.rmtree(workdir, ignore_errors=True)
+    run_in_scratch(self, correction, lambda workdir, progress: _correct(correction, workdir, progress),
+                   percent=correction_percent)
 
 
 def _correct(correction: Correction, workdir: Path, progress) -> None:

@@ -6,13 +6,11 @@ the answer is stored.
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 from celery import shared_task
 from django.db import OperationalError
 
-from audit_service.audits.jobs import job_kind
 from audit_service.audits.models import Explanation
 from workers.engine.config import AuditConfig
 from workers.engine.stages import LOADING
@@ -23,7 +21,7 @@ from workers.engine.loading import resolve_device
 from workers.engine.sae import TopKSAE
 from workers.engine.semantics import UNLABELLED
 from workers.inputs import dataset_folder, load_model, load_probe, local_path
-from workers.steps import claim_delivery, run_step
+from workers.steps import claim_delivery, run_in_scratch
 from workers.storage import fetch_sae
 
 EXPLAIN_STAGE = "explain"
@@ -40,10 +38,8 @@ def run_explanation(self, explanation_id: int) -> None:
         "audit__clip_model", "audit__probe", "audit__dataset").first()
     if not claim_delivery(explanation, "explanation", explanation_id):
         return
-    workdir = job_kind("explanation").workdir(explanation.pk)
-    run_step(self, explanation, lambda progress: _explain(explanation, workdir, progress),
-             clean=lambda: shutil.rmtree(workdir, ignore_errors=True), percent=_percent)
-    shutil.rmtree(workdir, ignore_errors=True)
+    run_in_scratch(self, explanation, lambda workdir, progress: _explain(explanation, workdir, progress),
+                   percent=_percent)
 
 
 def _explain(explanation: Explanation, workdir, progress) -> None:

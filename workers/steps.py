@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -206,6 +207,18 @@ def stop(job: Job, clean, *, cancelled: bool = False, reason: str = "") -> None:
         job.refresh_from_db()
     if job.status in (Status.FAILED, Status.CANCELLED):
         clean()
+
+
+def run_in_scratch(task, job: Job, body, percent=overall_percent) -> str:
+    """:func:`run_step` for a short job (a correction, an explanation, a checklist): ``body(workdir, progress)``
+    in the job's scratch folder (its kind's ``workdir``), which is removed afterwards whatever the outcome."""
+    from audit_service.audits.jobs import job_kind
+
+    workdir = job_kind(job.noun).workdir(job.pk)
+    outcome = run_step(task, job, lambda progress: body(workdir, progress),
+                       clean=lambda: shutil.rmtree(workdir, ignore_errors=True), percent=percent)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return outcome
 
 
 def run_step(task, job: Job, body, clean=lambda: None, row: AuditShard | None = None,
