@@ -196,9 +196,7 @@ def audit(args, log=print) -> int:
     audit_id = submitted["id"]
     log(f"audit #{audit_id} submitted: {args.url.rstrip('/')}/audits/{audit_id}/")
 
-    state = wait(api, "audits", submitted, args, log)
-    if state["status"] != "succeeded":
-        raise Stop(EXIT_AUDIT_FAILED, f"audit #{audit_id} {state['status']}: {state['error'] or 'no reason given'}")
+    wait(api, "audits", submitted, args, log)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +213,8 @@ def audit(args, log=print) -> int:
 
 
 def wait(api: Api, kind: str, state: dict, args, log) -> dict:
-    """Poll /api/v1/{kind}/{id}/ until the job (an audit or a correction) is finished; its last state."""
+    """Poll /api/v1/{kind}/{id}/ until the job (an audit, a correction, ...) has succeeded; its last state. A job
+    that failed or was cancelled stops the command (EXIT_AUDIT_FAILED, with its reason)."""
     noun, job_id = kind[:-1], state["id"]
     deadline = time.monotonic() + args.timeout
     while state["status"] not in ("succeeded", "failed", "cancelled"):
@@ -226,6 +225,8 @@ def wait(api: Api, kind: str, state: dict, args, log) -> dict:
         time.sleep(args.poll)
         state = api.call("GET", f"/api/v1/{kind}/{job_id}/").json()
         log(f"  {state['status']:<9} {state['stage'] or '':<12} {state['percent']:5.1f} %")
+    if state["status"] != "succeeded":
+        raise Stop(EXIT_AUDIT_FAILED, f"{noun} #{job_id} {state['status']}: {state['error'] or 'no reason given'}")
     return state
 
 
@@ -270,9 +271,6 @@ def correct(args, log=print) -> int:
     log(f"correction #{correction_id} of audit #{args.audit} submitted (flags {submitted['flags']}): "
         f"{args.url.rstrip('/')}/corrections/{correction_id}/")
     state = wait(api, "corrections", submitted, args, log)
-    if state["status"] != "succeeded":
-        raise Stop(EXIT_AUDIT_FAILED, f"correction #{correction_id} {state['status']}: "
-                                      f"{state['error'] or 'no reason given'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"correction-{correction_id}.json").write_text(json.dumps(state, indent=1))
@@ -305,9 +303,6 @@ def explain(args, log=print) -> int:
         submitted = api.call("POST", path, json={"item": args.item}).json()
     log(f"explanation #{submitted['id']} of {args.image or args.item} with audit #{args.audit} submitted")
     state = wait(api, "explanations", submitted, args, log)
-    if state["status"] != "succeeded":
-        raise Stop(EXIT_AUDIT_FAILED, f"explanation #{state['id']} {state['status']}: "
-                                      f"{state['error'] or 'no reason given'}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"explanation-{state['id']}.json").write_text(json.dumps(state, indent=1))
@@ -382,9 +377,6 @@ def checklist(args, log=print) -> int:
     log(f"checklist #{checklist_id} of audit #{args.audit} submitted ({len(submitted['suspects'])} suspects): "
         f"{args.url.rstrip('/')}/checklists/{checklist_id}/")
     state = wait(api, "checklists", submitted, args, log)
-    if state["status"] != "succeeded":
-        raise Stop(EXIT_AUDIT_FAILED, f"checklist #{checklist_id} {state['status']}: "
-                                      f"{state['error'] or 'no reason given'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"checklist-{checklist_id}.json").write_text(json.dumps(state, indent=1))
