@@ -39,7 +39,7 @@ def concept_activity(sae: TopKSAE, store: ActivationStore, config: AuditConfig, 
     members = torch.zeros(sae.n_latents, len(concepts), device=device)  # [L, F] 1 where a latent is in a concept
     for f, latents in enumerate(concepts):
         members[list(latents), f] = 1.0
-    for lo, z in _pooled(sae, store, config, device):
+    for lo, z in pooled_activations(sae, store, config, device):
         out[lo:lo + z.shape[0]] = (z @ members).cpu().numpy()
     return out
 
@@ -54,7 +54,7 @@ def best_latents(sae: TopKSAE, store: ActivationStore, config: AuditConfig, targ
     sums = torch.zeros(sae.n_latents, dtype=torch.float64)
     squares = torch.zeros_like(sums)
     products = torch.zeros_like(sums)
-    for lo, z in _pooled(sae, store, config, device):
+    for lo, z in pooled_activations(sae, store, config, device):
         z = z.double().cpu()
         sums += z.sum(0)
         squares += z.pow(2).sum(0)
@@ -65,13 +65,14 @@ def best_latents(sae: TopKSAE, store: ActivationStore, config: AuditConfig, targ
     rho = torch.where(spread > 0, covariance / spread.clamp_min(1e-12), torch.zeros_like(spread))
     top = rho.topk(min(candidates, sae.n_latents)).indices.tolist()
     columns = np.zeros((n, len(top)), np.float32)
-    for lo, z in _pooled(sae, store, config, device):
+    for lo, z in pooled_activations(sae, store, config, device):
         columns[lo:lo + z.shape[0]] = z[:, top].cpu().numpy()
     best, chosen = best_match(target, columns)
     return best, [top[c] for c in chosen]
 
 
-def _pooled(sae: TopKSAE, store: ActivationStore, config: AuditConfig, device):
+@torch.no_grad()
+def pooled_activations(sae: TopKSAE, store: ActivationStore, config: AuditConfig, device):
     """(first row, [b, n_latents] activations per image) over the store, pooled as the audit pools them."""
     for lo, acts, _ in store.iter_batches(config.batch_size):
         checkpoint()

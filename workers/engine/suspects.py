@@ -40,7 +40,7 @@ from .correct_audit import presence_threshold
 from .checklist import KINDS, MIN_EXAMPLES, VERDICTS, Suspect  # noqa: F401 (the checklist's names, here too)
 from .errors import EngineError
 from .harm import auroc, measured_harm, subset_table, summary
-from .stability import best_latents, best_match, concept_activity
+from .stability import best_latents, best_match, concept_activity, pooled_activations
 
 TEXT_MIN_ALIGNMENT = 0.1  # a latent matches a text when its alignment (cos to the text - cos to "") is at least this
 TEXT_WITHIN = 0.8  # ... and at least this fraction of the best latent's alignment ...
@@ -270,8 +270,8 @@ def _match_text(inputs: SuspectInputs, text: str) -> dict:
 def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
     rows = [inputs.index(i) for i in suspect.with_images] + [inputs.index(i) for i in suspect.without_images]
     target = np.array([1.0] * len(suspect.with_images) + [0.0] * len(suspect.without_images))
-    codes = concept_activity(inputs.sae, _Subset(inputs.store, rows), config,
-                             [[i] for i in range(inputs.sae.n_latents)], inputs.device)  # [examples, latents]
+    codes = np.concatenate([z.cpu().numpy() for _, z in pooled_activations(
+        inputs.sae, _Subset(inputs.store, rows), config, inputs.device)])  # [examples, latents]
     scores = np.array([auroc(codes[:, j], target > 0) or 0.5 for j in range(codes.shape[1])])
     # on a score or so of examples any latent can raise a correlation by chance: only latents clearly more active on
     # the images with it join a match (a concept spread over latents that each cover part of its images still joins)
