@@ -70,12 +70,12 @@ def checklist_summary(cases: list[dict]) -> dict:
         controls = [r for c in cases if c["control"] for r in (c.get("checklist") or {}).get(kind, [])]
         if not rows and not controls:
             continue
-        out[kind] = {"pairs": len(rows), "right": _ratio(sum(r["right"] for r in rows), len(rows)),
-                     "planted_right": _ratio(sum(r["right"] for r in rows if r["planted"]),
+        out[kind] = {"pairs": len(rows), "right": ratio(sum(r["right"] for r in rows), len(rows)),
+                     "planted_right": ratio(sum(r["right"] for r in rows if r["planted"]),
                                              sum(r["planted"] for r in rows)),
-                     "independent_right": _ratio(sum(r["right"] for r in rows if not r["planted"]),
+                     "independent_right": ratio(sum(r["right"] for r in rows if not r["planted"]),
                                                  sum(not r["planted"] for r in rows)),
-                     "controls_right": _ratio(sum(r["right"] for r in controls), len(controls)),
+                     "controls_right": ratio(sum(r["right"] for r in controls), len(controls)),
                      "wrong": [f"{r['artifact']} ({c['artifact']} case): {r['verdict']}"
                                + (f" ({r['class']})" if r["class"] else "")
                                for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])
@@ -83,7 +83,8 @@ def checklist_summary(cases: list[dict]) -> dict:
     return {"checklist": out} if out else {}
 
 
-def _ratio(k, n) -> float | None:
+def ratio(k, n) -> float | None:
+    """k / n to four places (None when n is 0): how the benchmark reports every share."""
     return round(k / n, 4) if n else None
 
 

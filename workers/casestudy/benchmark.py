@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bench_checklist import checklist_summary, report_checklist, score_checklist
+from .bench_checklist import checklist_summary, ratio as _ratio, report_checklist, score_checklist
 from .build import CaseConfig, build_case, default_cache
 from .check import TRAINED, correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
@@ -388,10 +388,6 @@ def _method_summary(planted: list[dict], label: str | None) -> dict:
                                    len(per_artifact)),
             "pointing": _mean([a["peak_on_artifact"] for a in per_artifact.values()]),
             "seconds_per_map": _mean([a["seconds_per_map"] for a in per_artifact.values()])}
-
-
-def _ratio(k, n) -> float | None:
-    return round(k / n, 4) if n else None
 
 
 def meets_targets(summary: dict) -> dict:
