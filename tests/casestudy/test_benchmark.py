@@ -284,3 +284,40 @@ def test_case_model_digests_are_recorded_once_and_a_rebuild_that_differs_is_repo
     [line] = benchmark.digest_mismatches(again)
     assert line.startswith("seed 1: the case model's SHA-256") and "measure other cases" in line
     assert again[1]["recorded"] == first[1]["sha256"]  # the record is not overwritten by the mismatch
+
+
+def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reported_beside_chance(tmp_path):
+    from workers.casestudy.bench_checklist import checklist_summary, heatmap_mass, report_checklist
+    from workers.casestudy.images import write_masks
+    from workers.engine.heatmaps import encode_map
+
+    ruler = np.zeros((64, 64), bool)
+    ruler[:, :16] = True  # the ruler covers a quarter of the image: chance 0.25
+    write_masks(tmp_path, "images/a.png", {"a ruler": ruler})
+    write_masks(tmp_path, "images/b.png", {})
+    on = np.zeros((4, 4))
+    on[:, 0] = 1.0  # all of the map on the ruler's column of patches
+    spread = np.ones((4, 4))
+    answer = {"heatmaps": {"images/a.png": encode_map(on), "images/b.png": encode_map(spread)}}
+    row = heatmap_mass(answer, "a ruler", tmp_path)
+    assert row == {"heat_mass": pytest.approx(1.0), "heat_chance": pytest.approx(0.25), "heat_maps": 1}
+    assert heatmap_mass(answer, "hair", tmp_path) == {"heat_mass": None, "heat_chance": None, "heat_maps": 0}
+    assert heatmap_mass({"heatmaps": {"images/a.png": encode_map(spread)}}, "a ruler", tmp_path)["heat_mass"] == \
+        pytest.approx(0.25)
+
+    def answer_row(artifact, planted, right, mass=None, chance=None, maps=0):
+        return {"artifact": artifact, "planted": planted, "verdict": "relied on, harmful" if planted else
+                "represented, not relied on", "class": "melanoma", "right": right, "heat_mass": mass,
+                "heat_chance": chance, "heat_maps": maps}
+
+    cases = [{"control": False, "artifact": "a ruler", "checklist": {"text": [
+        answer_row("a ruler", True, True, 0.6, 0.2, 4), answer_row("hair", False, True, 0.1, 0.1, 2),
+        answer_row("a stain", False, False)]}},
+             {"control": False, "artifact": "hair", "checklist": {"text": [
+                 answer_row("hair", True, True, 0.4, 0.2, 3), answer_row("a ruler", False, True, 0.3, 0.1, 4)]}}]
+    summary = checklist_summary(cases)["checklist"]["text"]
+    assert summary["heat_planted"] == {"answers": 2, "mass": 0.5, "chance": 0.2}
+    assert summary["heat_independent"] == {"answers": 2, "mass": 0.2, "chance": 0.1}
+    table = "\n".join(report_checklist({"checklist": {"text": summary}}))
+    assert "| text | 5 | 0.8 | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
+    assert "0.20 vs 0.10 (2.0x, 2)" in table

@@ -110,19 +110,29 @@ def test_the_masks_of_a_split_cached_without_them_are_rendered_again_from_its_se
 
 
 @pytest.fixture(scope="module")
-def measured(case, tmp_path_factory):
-    """The case's audit (CLS SAE after the last block, its SAE kept), the mass table of every artifact with the
-    audit's default heatmap method and with the one used before it ("block"), and the ruler's figures for a
-    detector that means only the ruler (``masks.direction_heatmap_mass``) with the default method."""
+def audited(case, tmp_path_factory):
+    """The case's audit (CLS SAE after the last block) and its workdir (SAE, activations and tables kept), with the
+    seconds it took."""
+    import time
+
+    workdir = tmp_path_factory.mktemp("audit")
+    started = time.perf_counter()
+    result = audit_case(case, workdir=workdir)
+    return result, workdir, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def measured(case, audited):
+    """The case's audit, the mass table of every artifact with the audit's default heatmap method and with the one
+    used before it ("block"), and the ruler's figures for a detector that means only the ruler
+    (``masks.direction_heatmap_mass``) with the default method."""
     import time
 
     from workers.casestudy.masks import artifact_heatmap_mass, direction_heatmap_mass, format_mass_table
     from workers.engine.heatmaps import DEFAULT_BLOCKS, DEFAULT_CELLS, DEFAULT_METHOD
 
-    workdir = tmp_path_factory.mktemp("audit")
-    started = time.perf_counter()
-    result = audit_case(case, workdir=workdir)
-    audited = time.perf_counter() - started
+    result, workdir, audited = audited
+    started = time.perf_counter() - audited
     table = artifact_heatmap_mass(case, result, workdir)
     old = artifact_heatmap_mass(case, result, workdir, method="block")
     ceiling = direction_heatmap_mass(case, result, workdir, "a ruler", method=DEFAULT_METHOD, cells=DEFAULT_CELLS,
@@ -175,3 +185,30 @@ def test_a_detector_that_means_only_the_ruler_meets_the_issues_targets_with_the_
     assert ceiling["n_images"] >= 40
     assert ceiling["mass"] >= 0.8 * ceiling["ideal"] and ceiling["peak_on_artifact"] >= 0.9, ceiling
     assert ceiling["mass"] >= 2 * ceiling["chance"], ceiling
+
+
+@pytest.mark.slow
+def test_a_checklists_ruler_heatmaps_lie_on_the_ruler_whether_asked_by_text_or_by_column(case, audited):
+    """Issue 32: each suspect's answer maps its latents on the images that show it most; asked about the planted
+    ruler, those maps put their mass on the ruler's pixels well above what an even map scores."""
+    from workers.casestudy.bench_checklist import heatmap_mass
+    from workers.casestudy.check import split_images
+    from workers.casestudy.masks import ensure_masks
+    from workers.engine import AuditConfig, LinearProbe, load_clip
+    from workers.engine.suspects import Suspect, SuspectInputs, attach_suspect_heatmaps, check_suspects
+
+    result, workdir, _ = audited
+    config = AuditConfig.from_dict(result.config)
+    images = split_images(case["audit_dir"], tuple(ARTIFACTS))
+    bundle, probe = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"]), \
+        LinearProbe.load(case["probe"])
+    inputs = SuspectInputs.from_audit(bundle, probe, images, result, workdir, config)
+    answers = check_suspects(inputs, [Suspect("ruler", text="a ruler"), Suspect("ruler column", column="a ruler")],
+                             config)
+    attach_suspect_heatmaps(bundle, inputs.sae, images.remap(probe.class_names).with_preprocess(bundle.preprocess),
+                            answers, config)
+    folder = ensure_masks(case, "audit")
+    for answer in answers:
+        assert answer["verdict"] == "relied on, harmful" and len(answer["top_images"]) == 4, answer["name"]
+        row = heatmap_mass(answer, "a ruler", folder)
+        assert row["heat_maps"] == 4 and row["heat_mass"] >= 2 * row["heat_chance"], (answer["name"], row)

@@ -135,3 +135,76 @@ def test_a_suspect_round_trips_through_its_dict():
         suspect = Suspect.from_dict(given)
         again = {k: v for k, v in suspect.to_dict().items() if k != "kind"}
         assert Suspect.from_dict(again) == suspect and suspect.to_dict()["kind"] in ("text", "column", "examples")
+
+
+def test_an_answer_names_the_images_that_show_the_suspect_most():
+    inputs, ruler, _ = _inputs()
+    answer = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
+    top = [inputs.ids.index(i) for i in answer["top_images"]]
+    strength = inputs.store.acts[:, 0].numpy()
+    assert len(top) == 4 and all(ruler[i] for i in top)
+    assert [strength[i] for i in top] == sorted(strength[ruler], reverse=True)[:4]
+
+
+def test_uploaded_example_images_name_a_suspect_alone_or_beside_audited_ones():
+    inputs, ruler, _ = _inputs()
+    rng = np.random.default_rng(5)
+    acts = np.zeros((10, L), np.float32)
+    acts[:5, 0] = rng.uniform(1, 2, 5)  # five uploads show a ruler, five do not
+    acts[:, 3] = rng.uniform(0.1, 0.5, 10)
+    inputs.uploads, inputs.upload_ids = _Store(torch.from_numpy(acts)), [f"upload:u{i}.png" for i in range(10)]
+    codes = inputs.example_codes(["upload:u7.png", "img3.png", "upload:u0.png"], CONFIG)
+    assert np.allclose(codes[[0, 2]], acts[[7, 0]]) and np.allclose(codes[1], inputs.store.acts[3].numpy())
+    alone = Suspect("ruler", with_images=tuple(inputs.upload_ids[:5]), without_images=tuple(inputs.upload_ids[5:]))
+    ids = np.array(inputs.ids)
+    mixed = Suspect("ruler", with_images=(*inputs.upload_ids[:3], *ids[ruler][:3]),
+                    without_images=(*inputs.upload_ids[5:8], *ids[~ruler][:3]))
+    for suspect in (alone, mixed):
+        answer = check_suspect(inputs, suspect, CONFIG)
+        assert answer["match"]["latents"] == [0] and answer["match"]["found"]
+        assert answer["verdict"] == "relied on, harmful" and answer["verdict_class"] == "melanoma"
+    with pytest.raises(EngineError, match="'upload:u99.png' names no uploaded image"):
+        check_suspect(inputs, Suspect("r", with_images=("upload:u99.png", "img1.png", "img2.png"),
+                                      without_images=("img3.png", "img4.png", "img5.png")), CONFIG)
+
+
+def test_a_checklist_on_a_finished_audit_reads_uploaded_examples_and_maps_its_top_images(tiny, probe, dataset,
+                                                                                        tmp_path):
+    from PIL import Image
+
+    from .conftest import build_audit_config
+    from workers.engine.pipeline import run_audit
+    from workers.engine.suspects import run_checklist
+
+    config = build_audit_config()
+    result = run_audit(config, tiny, probe, dataset, workdir=tmp_path / "audit")
+    uploads = {}
+    for i in range(8):  # melanomas have a bright corner: four uploads with it, four without
+        pixels = dataset[i][0].clone()
+        pixels[:, :8, :8] = 2.5 if i < 4 else pixels[:, :8, :8] * 0
+        uploads[f"u{i}.png"] = tmp_path / f"u{i}.png"
+        Image.fromarray((pixels.clamp(-2.5, 2.5) / 5 + 0.5).mul(255).byte().permute(1, 2, 0).numpy()).save(
+            uploads[f"u{i}.png"])
+    tables = dict(np.load(tmp_path / "audit" / "relevance.npz"))
+    references = [latent.get("references") or [] for latent in result.latents]
+    from workers.engine.sae import TopKSAE
+
+    sae = TopKSAE.load(tmp_path / "audit" / "sae")
+    suspects = [Suspect("corner", with_images=tuple(f"upload:u{i}.png" for i in range(4)),
+                        without_images=tuple(f"upload:u{i}.png" for i in range(4, 8))),
+                Suspect("anything", text="a bright corner")]
+    stages = []
+    answers = run_checklist(tiny, probe, dataset, sae, tables, references, suspects, config,
+                            workdir=tmp_path / "check", uploads=uploads,
+                            progress=lambda stage, done, total: stages.append(stage))
+    assert [a["name"] for a in answers] == ["corner", "anything"] and {"extract", "check"} <= set(stages)
+    grid = tuple(int(g) for g in tiny.model.visual.grid_size)
+    for answer in answers:
+        assert answer["match"]["latents"] and answer["top_images"]
+        assert set(answer["heatmaps"]) == set(answer["top_images"])
+        for encoded in answer["heatmaps"].values():
+            heat = np.asarray(encoded)
+            assert heat.shape == grid and heat.max() == 255 and heat.min() >= 0
+    with pytest.raises(EngineError, match="uploaded example images u0.png, u1.png, u2.png, u3.png, u4.png"):
+        run_checklist(tiny, probe, dataset, sae, tables, references, suspects[:1], config,
+                      workdir=tmp_path / "again", uploads={})

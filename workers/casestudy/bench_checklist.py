@@ -7,6 +7,10 @@ seed) and as its ``column`` of labels.csv. The planted artifact should come out 
 it was tied to; every independent one (drawn in both classes alike) should not be relied on ("represented, not
 relied on" or "not found by the dictionary"). :func:`checklist_summary` counts the (case, artifact) pairs that
 do, per kind.
+
+Each answer's heatmaps (its latents' maps on the images that show it most) are measured against the generator's
+pixel masks: the share of each map's mass on the artifact's pixels, beside the artifact's share of the image (what a
+map spread evenly scores), over the maps of images that show the artifact.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import ARTIFACTS
+from .masks import ensure_masks
 
 KINDS = ("text", "examples", "column")
 N_EXAMPLES = 10  # images with and without each artifact, for the examples kind
@@ -25,15 +30,16 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
     """Ask about every artifact in every kind on the case's audit (run in ``workdir``): per kind, one row per
     artifact with the verdict, its class, the matched latents and whether the verdict is the expected one."""
     from workers.engine import AuditConfig, LinearProbe, load_clip
-    from workers.engine.suspects import Suspect, SuspectInputs, check_suspects
+    from workers.engine.suspects import Suspect, SuspectInputs, attach_suspect_heatmaps, check_suspects
 
     from .check import split_images
 
     cfg = case["config"]
     config = AuditConfig.from_dict(options)
     images = split_images(case["audit_dir"], tuple(ARTIFACTS))
-    inputs = SuspectInputs.from_audit(load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"]),
-                                      LinearProbe.load(case["probe"]), images, result, workdir, config)
+    bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
+    probe = LinearProbe.load(case["probe"])
+    inputs = SuspectInputs.from_audit(bundle, probe, images, result, workdir, config)
     rng = np.random.default_rng(cfg["seed"])
     ids = np.array(images.ids)
     suspects = []
@@ -43,7 +49,11 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
                      Suspect(f"examples: {artifact}",
                              with_images=tuple(rng.choice(ids[shows], N_EXAMPLES, replace=False)),
                              without_images=tuple(rng.choice(ids[~shows], N_EXAMPLES, replace=False)))]
-    answers = {a["name"]: a for a in check_suspects(inputs, suspects, config)}
+    answered = check_suspects(inputs, suspects, config)
+    attach_suspect_heatmaps(bundle, inputs.sae, images.remap(probe.class_names).with_preprocess(bundle.preprocess),
+                            answered, config)
+    answers = {a["name"]: a for a in answered}
+    folder = ensure_masks(case, "audit")
     planted = cfg["artifact"] if cfg["strength"] > 0 else None
     out = {kind: [] for kind in KINDS}
     for artifact in ARTIFACTS:
@@ -57,8 +67,30 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
             out[kind].append({"artifact": artifact, "planted": artifact == planted, "verdict": a["verdict"],
                               "class": a["verdict_class"], "latents": a["match"]["latents"],
                               "score": a["match"]["score"], "probe_share": row.get("probe_share"),
-                              "zero_shot_share": row.get("zero_shot_share"), "right": right})
+                              "zero_shot_share": row.get("zero_shot_share"), "right": right,
+                              **heatmap_mass(a, artifact, folder)})
     return out
+
+
+def heatmap_mass(answer: dict, artifact: str, folder: Path) -> dict:
+    """The answer's maps measured on ``artifact``'s pixel masks: mean ``heat_mass`` (share of a map's mass on the
+    artifact) and ``heat_chance`` (the artifact's share of the image) over ``heat_maps`` maps of images that show
+    it (none: both None)."""
+    from workers.engine.heatmaps import decode_map, mass_on_mask
+
+    from .images import read_masks
+
+    rows = []
+    for key, encoded in (answer.get("heatmaps") or {}).items():
+        masks = read_masks(folder, key)
+        if artifact in masks:
+            mass, chance = mass_on_mask(decode_map(encoded), masks[artifact])
+            if np.isfinite(mass):
+                rows.append((mass, chance))
+    if not rows:
+        return {"heat_mass": None, "heat_chance": None, "heat_maps": 0}
+    mass, chance = np.mean(rows, axis=0)
+    return {"heat_mass": round(float(mass), 4), "heat_chance": round(float(chance), 4), "heat_maps": len(rows)}
 
 
 def checklist_summary(cases: list[dict]) -> dict:
@@ -76,11 +108,31 @@ def checklist_summary(cases: list[dict]) -> dict:
                      "independent_right": ratio(sum(r["right"] for r in rows if not r["planted"]),
                                                  sum(not r["planted"] for r in rows)),
                      "controls_right": ratio(sum(r["right"] for r in controls), len(controls)),
+                     **_heat(rows),
                      "wrong": [f"{r['artifact']} ({c['artifact']} case): {r['verdict']}"
                                + (f" ({r['class']})" if r["class"] else "")
                                for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])
                                if not r["right"]]}
     return {"checklist": out} if out else {}
+
+
+def _heat(rows: list[dict]) -> dict:
+    """The heatmaps of the planted artifacts' answers and of the independent ones that were found: mean mass on
+    the artifact and mean chance, over the answers with maps of images that show it."""
+    out = {}
+    for part, keep in (("planted", lambda r: r["planted"]), ("independent", lambda r: not r["planted"])):
+        measured = [r for r in rows if keep(r) and r.get("heat_maps")]
+        out[f"heat_{part}"] = ({"answers": len(measured),
+                                "mass": round(float(np.mean([r["heat_mass"] for r in measured])), 4),
+                                "chance": round(float(np.mean([r["heat_chance"] for r in measured])), 4)}
+                               if measured else None)
+    return out
+
+
+def _heat_cell(heat: dict | None) -> str:
+    if not heat:
+        return "-"
+    return f"{heat['mass']:.2f} vs {heat['chance']:.2f} ({heat['mass'] / heat['chance']:.1f}x, {heat['answers']})"
 
 
 def ratio(k, n) -> float | None:
@@ -97,10 +149,14 @@ def report_checklist(summary: dict) -> list[str]:
              "about as a suspect, by its name (`text`), by 10 images with it and 10 without (`examples`) and by its "
              "labels.csv column (`column`). Right: the planted artifact \"relied on, harmful\" for its class, an "
              "independent one not relied on (\"represented, not relied on\" or \"not found by the dictionary\"). "
-             "Target: >= 95 % of the (case, artifact) pairs for each kind.", "",
-             "| kind | pairs | right | planted right | independent right | controls right | wrong |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "Target: >= 95 % of the (case, artifact) pairs for each kind. Heatmaps: the share of each answer's "
+             "maps (its latents, on the images that show it most) on the artifact's pixels vs the artifact's share of "
+             "the image (chance), mean over answers (how many).", "",
+             "| kind | pairs | right | planted right | independent right | controls right | planted maps: mass vs "
+             "chance | independent maps | wrong |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in rows.items():
         lines.append(f"| {kind} | {r['pairs']} | {r['right']} | {r['planted_right']} | {r['independent_right']} | "
-                     f"{r['controls_right']} | {'; '.join(r['wrong']) or '-'} |")
+                     f"{r['controls_right']} | {_heat_cell(r.get('heat_planted'))} | "
+                     f"{_heat_cell(r.get('heat_independent'))} | {'; '.join(r['wrong']) or '-'} |")
     return lines

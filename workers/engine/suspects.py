@@ -4,8 +4,9 @@ A suspect is named one of three ways (:class:`Suspect`):
 
 - ``text`` ("a ruler"): the latents whose meaning (the mean embedding of their reference images) is closest to
   the text, beyond the empty prompt (the alignment the labels use);
-- ``examples``: a few audited images that show it and a few that do not: the latents whose summed activation
-  best tells them apart;
+- ``examples``: a few images that show it and a few that do not (audited images by their ids, or uploaded ones
+  named ``upload:NAME``, whose activations :func:`run_checklist` extracts apart): the latents whose summed
+  activation best tells them apart;
 - ``column``: a 0/1 column of ``labels.csv``: the latents whose summed activation correlates best with it, and
   the column itself says which images show the suspect.
 
@@ -19,6 +20,10 @@ each head with and without it, as for a flag) and a verdict:
 - ``represented, not relied on``: the dictionary has it, the probe leaves it below the share;
 - ``not found by the dictionary``: no latent matches it well enough; the evidence (the best match and how well
   it separates) says how close it came.
+
+Each answer also names the audited images that show the suspect most (``top_images``: the largest summed
+activation of its latents among the images that show it) and :func:`attach_suspect_heatmaps` gives each a map of
+where those latents are (their heatmaps summed, as the report's flags have them).
 
 Usage, after an engine audit that kept its ``workdir``::
 
@@ -48,6 +53,7 @@ TEXT_MAX_LATENTS = 3  # ... at most this many (the closest)
 EXAMPLES_MIN_AUROC = 0.8  # the matched latents must tell the examples with the suspect from those without this well
 EXAMPLES_MIN_LATENT_AUROC = 0.65  # ... each of them at least this well on its own
 CANDIDATES = 8  # latents tried when building a match
+TOP_IMAGES = 4  # images shown (with heatmaps) per suspect: those that show it most
 
 
 @dataclass
@@ -68,6 +74,8 @@ class SuspectInputs:
     semantic: torch.Tensor | None = None
     encode_text: object = None
     device: str | torch.device = "cpu"
+    uploads: ActivationStore | None = None  # the uploaded example images' activations, in ``upload_ids``' order
+    upload_ids: list[str] = field(default_factory=list)  # "upload:NAME" per row of ``uploads``
     _index: dict = field(default_factory=dict)
 
     def index(self, image_id: str) -> int:
@@ -77,6 +85,22 @@ class SuspectInputs:
             raise EngineError(f"image {image_id!r} is not in the audited dataset; name example images as labels.csv "
                               "names them")
         return self._index[image_id]
+
+    def example_codes(self, image_ids: Sequence[str], config: AuditConfig) -> np.ndarray:
+        """[len(image_ids), n_latents]: each example's SAE activation, pooled as the audit pools it; an id
+        ``upload:NAME`` is an uploaded image (a row of ``uploads``), any other an audited image."""
+        uploaded = {name: k for k, name in enumerate(self.upload_ids)}
+        out = np.zeros((len(image_ids), self.sae.n_latents), np.float32)
+        for store, pick in ((self.store, [(r, self.index(str(i))) for r, i in enumerate(image_ids)
+                                          if not str(i).startswith(UPLOAD)]),
+                            (self.uploads, [(r, _upload_row(uploaded, str(i))) for r, i in enumerate(image_ids)
+                                            if str(i).startswith(UPLOAD)])):
+            if pick:
+                rows = [row for _, row in pick]
+                codes = np.concatenate([z.cpu().numpy() for _, z in pooled_activations(
+                    self.sae, _Subset(store, rows), config, self.device)])
+                out[[r for r, _ in pick]] = codes
+        return out
 
     @classmethod
     def from_audit(cls, bundle, probe, images, result, workdir: str | Path, config: AuditConfig,
@@ -123,13 +147,26 @@ class SuspectInputs:
                    semantic, encode_text, device)
 
 
+UPLOAD = "upload:"  # an example named this way is an uploaded image, not one of the audited dataset
+
+
+def _upload_row(uploaded: dict, image_id: str) -> int:
+    if image_id not in uploaded:
+        raise EngineError(f"{image_id!r} names no uploaded image (uploaded: {', '.join(sorted(uploaded)) or 'none'}); "
+                          "upload it with the checklist")
+    return uploaded[image_id]
+
+
 def run_checklist(bundle, probe, images, sae, tables: Mapping[str, np.ndarray], references: Sequence[Sequence[str]],
                   suspects: Sequence[Suspect], config: AuditConfig, *, workdir: str | Path,
-                  progress=None) -> list[dict]:
+                  progress=None, uploads: Mapping[str, str | Path] | None = None) -> list[dict]:
     """A checklist on a finished audit, as the service's short job runs it: the audited ``images``' activations
-    extracted again (cached in ``workdir``), then :func:`check_suspects`. ``tables`` and ``references``: see
-    :meth:`SuspectInputs.from_parts`; ``progress(stage, done, total)`` reports "extract" and "check"."""
+    extracted again (cached in ``workdir``), then :func:`check_suspects` and :func:`attach_suspect_heatmaps`.
+    ``tables`` and ``references``: see :meth:`SuspectInputs.from_parts`; ``uploads``: NAME -> file of each
+    uploaded example image (named ``upload:NAME`` in a suspect's examples); ``progress(stage, done, total)``
+    reports "extract" and "check"."""
     from .activations import extract_activations
+    from .data import ImageFiles
     from .loading import resolve_device
     from .pipeline import prepare_images
 
@@ -142,11 +179,49 @@ def run_checklist(bundle, probe, images, sae, tables: Mapping[str, np.ndarray], 
                                 progress=lambda done, total: report("extract", done, total), layer=config.layer,
                                 token=config.token, batch_size=config.batch_size, device=device, dtype=config.dtype,
                                 cache_dtype=config.cache_dtype)
-    report("check", 0, len(suspects))
     inputs = SuspectInputs.from_parts(bundle, probe, prepared, store, sae, tables, references, config, device)
+    wanted = sorted({str(i)[len(UPLOAD):] for s in suspects for i in (*s.with_images, *s.without_images)
+                     if str(i).startswith(UPLOAD)})
+    if wanted:
+        missing = [name for name in wanted if name not in (uploads or {})]
+        if missing:
+            raise EngineError(f"the uploaded example images {', '.join(missing)} are missing; ask the checklist again "
+                              "with them")
+        files = ImageFiles([Path(uploads[name]) for name in wanted], [0] * len(wanted), probe.class_names[:1],
+                           bundle.preprocess, ids=[UPLOAD + name for name in wanted])
+        inputs.uploads = extract_activations(bundle, files, Path(workdir) / "uploads", layer=config.layer,
+                                             token=config.token, batch_size=config.batch_size, device=device,
+                                             dtype=config.dtype, cache_dtype=config.cache_dtype)
+        inputs.upload_ids = list(files.ids)
+    report("check", 0, len(suspects))
     answers = check_suspects(inputs, suspects, config)
+    attach_suspect_heatmaps(bundle, sae, prepared, answers, config, device)
     report("check", len(suspects), len(suspects))
     return answers
+
+
+def attach_suspect_heatmaps(bundle, sae, images, answers: list[dict], config: AuditConfig, device="cpu",
+                            batch_size: int = 16) -> None:
+    """Set ``answer["heatmaps"] = {image id: encoded map}`` on each answer's ``top_images``: where on the image
+    its matched latents are (their maps, made as the audit's options say, summed and scaled to 0..255).
+    ``images``: the audited images with the model's preprocessing, as the answers' ids name them."""
+    from .heatmaps import encode_map, heatmaps_for
+
+    index = {str(key): i for i, key in enumerate(images.ids)}
+    wanted: dict[int, set[int]] = {}
+    for answer in answers:
+        for latent in answer["match"]["latents"]:
+            wanted.setdefault(int(latent), set()).update(index[k] for k in answer.get("top_images") or [])
+    wanted = {latent: sorted(rows) for latent, rows in wanted.items() if rows}
+    maps = heatmaps_for(bundle, sae, config.layer, config.token, images, wanted, device=device,
+                        batch_size=batch_size, method=config.heatmap_method, cells=config.heatmap_cells,
+                        blocks=config.heatmap_blocks) if wanted else {}
+    for answer in answers:
+        summed = {}
+        for key in answer.get("top_images") or []:
+            grids = [maps[int(latent)][index[key]] for latent in answer["match"]["latents"]]
+            summed[key] = encode_map(np.sum(grids, axis=0))
+        answer["heatmaps"] = summed
 
 
 def check_suspects(inputs: SuspectInputs, suspects: Sequence[Suspect], config: AuditConfig) -> list[dict]:
@@ -165,15 +240,17 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
     match = _match(inputs, suspect, config)
     out = {**suspect.to_dict(), "match": match}
     if not match["latents"]:
-        return {**out, "present": None, "classes": {}, "verdict": VERDICTS[3], "verdict_class": None,
-                "evidence": _evidence(suspect, match, None)}
+        return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
+                "verdict_class": None, "evidence": _evidence(suspect, match, None)}
+    activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
     if suspect.column:
         present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
     else:
-        activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
         present = activity > presence_threshold(activity, include_zeros=True)
         how = "the matched latents' activation (Otsu split)"
     out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
+    shown = [int(i) for i in np.argsort(-activity, kind="stable") if present[i] and activity[i] > 0][:TOP_IMAGES]
+    out["top_images"] = [inputs.ids[i] for i in shown]
     classes = {name: _class_row(inputs, match["latents"], present, c, name, config)
                for c, name in enumerate(inputs.class_names)}
     out["classes"] = classes
@@ -268,10 +345,8 @@ def _match_text(inputs: SuspectInputs, text: str) -> dict:
 
 
 def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
-    rows = [inputs.index(i) for i in suspect.with_images] + [inputs.index(i) for i in suspect.without_images]
     target = np.array([1.0] * len(suspect.with_images) + [0.0] * len(suspect.without_images))
-    codes = np.concatenate([z.cpu().numpy() for _, z in pooled_activations(
-        inputs.sae, _Subset(inputs.store, rows), config, inputs.device)])  # [examples, latents]
+    codes = inputs.example_codes([*suspect.with_images, *suspect.without_images], config)  # [examples, latents]
     scores = np.array([auroc(codes[:, j], target > 0) or 0.5 for j in range(codes.shape[1])])
     # on a score or so of examples any latent can raise a correlation by chance: only latents clearly more active on
     # the images with it join a match (a concept spread over latents that each cover part of its images still joins)
