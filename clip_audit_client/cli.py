@@ -39,7 +39,13 @@ The ``checklist`` command asks a finished audit whether its probe relies on the 
     clip-audit ... checklist --audit 12 --suspect "ruler=text:a ruler" --suspect "ink=column:ink" \\
         --fail-on ruler --out checklist/
 
-(or ``--checklist dermoscopy``, a shipped list). It prints one line per suspect (verdict, class, probe and
+(or ``--checklist dermoscopy``, a shipped list). A suspect may also be named by example images in two local
+folders, those that show it and those that do not (at least 3 each; every image file in them is uploaded with the
+request, so file names must differ across both)::
+
+    clip-audit ... checklist --audit 12 --suspect "ruler=examples:with-ruler/,without-ruler/"
+
+It prints one line per suspect (verdict, class, probe and
 zero-shot share, evidence), saves the answer as JSON and exits 1 when a ``--fail-on`` suspect is relied on
 ("relied on, harmful" or "relied on, no measured harm"), 2 when a ``--fail-on`` name is not one of the suspects,
 3 when the checklist failed, 0 otherwise.
@@ -51,6 +57,7 @@ clone (or ``pip install "clip-audit @ git+URL"``): that gives the ``clip-audit``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -330,33 +337,82 @@ def print_explanation(result: dict, log) -> None:
 
 
 RELIED_ON = ("relied on, harmful", "relied on, no measured harm")  # the verdicts --fail-on fails the build on
-SUSPECT_KINDS = ("text", "column")  # how --suspect names a suspect
+SUSPECT_KINDS = ("text", "column", "examples")  # how --suspect names a suspect
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the example images a folder's files may be
+MIN_EXAMPLES = 3  # example images in each folder at least (the server's minimum on each side)
+MAX_UPLOADED_IMAGES = 100  # example images one checklist uploads at most (the server's limit)
+UPLOAD_PREFIX = "upload:"  # how a suspect names an uploaded image: upload:FILENAME
+SUSPECT_USAGE = ("write NAME=text:TEXT (e.g. \"ruler=text:a ruler\"), NAME=column:COLUMN (a 0/1 column of the "
+                 "audited dataset's labels.csv) or NAME=examples:WITH_FOLDER,WITHOUT_FOLDER (two local folders of "
+                 f"example images, at least {MIN_EXAMPLES} showing it and {MIN_EXAMPLES} not, uploaded with the "
+                 "request)")
 
 
-def parse_suspect(value: str) -> dict:
-    """One --suspect: ``NAME=text:TEXT`` or ``NAME=column:COLUMN``, as the API takes it."""
+def parse_suspect(value: str, images: dict | None = None) -> dict:
+    """One --suspect: ``NAME=text:TEXT``, ``NAME=column:COLUMN`` or ``NAME=examples:WITH_FOLDER,WITHOUT_FOLDER``,
+    as the API takes it. An examples suspect names each image file of the two folders ``upload:FILENAME``; its
+    files are added to ``images`` (file name -> local path), which the request uploads."""
     name, equals, rest = value.partition("=")
     kind, colon, what = rest.partition(":")
     name, kind, what = name.strip(), kind.strip().lower(), what.strip()
     if not equals or not colon or not name or not what or kind not in SUSPECT_KINDS:
-        raise Stop(EXIT_USAGE, f"--suspect {value!r}: write NAME=text:TEXT (e.g. \"ruler=text:a ruler\") or "
-                               "NAME=column:COLUMN (a 0/1 column of the audited dataset's labels.csv)")
-    return {"name": name, kind: what}
+        raise Stop(EXIT_USAGE, f"--suspect {value!r}: {SUSPECT_USAGE}")
+    if kind != "examples":
+        return {"name": name, kind: what}
+    with_folder, comma, without_folder = what.partition(",")
+    if not comma or not with_folder.strip() or not without_folder.strip():
+        raise Stop(EXIT_USAGE, f"--suspect {value!r}: give two folders after examples:, the images with it and those "
+                               f"without it, separated by a comma; {SUSPECT_USAGE}")
+    with_files = _example_images(value, Path(with_folder.strip()), "with it")
+    without_files = _example_images(value, Path(without_folder.strip()), "without it")
+    both = sorted({p.name for p in with_files} & {p.name for p in without_files})
+    if both:
+        raise Stop(EXIT_USAGE, f"--suspect {value!r}: the two folders hold files of the same name ({', '.join(both[:5])}"
+                               f"{' ...' if len(both) > 5 else ''}); each uploaded image is named by its file name, so "
+                               "rename them")
+    if images is not None:
+        for path in (*with_files, *without_files):
+            known = images.get(path.name)
+            if known is not None and known.resolve() != path.resolve():
+                raise Stop(EXIT_USAGE, f"--suspect {value!r}: {path} has the name of {known}, another suspect's "
+                                       "example image; each uploaded image is named by its file name, so rename one")
+            images[path.name] = path
+    return {"name": name, "with": [UPLOAD_PREFIX + p.name for p in with_files],
+            "without": [UPLOAD_PREFIX + p.name for p in without_files]}
 
 
-def checklist_request(args) -> dict:
+def _example_images(value: str, folder: Path, side: str) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name; at least MIN_EXAMPLES of them."""
+    if not folder.is_dir():
+        raise Stop(EXIT_USAGE, f"--suspect {value!r}: {folder} (the images {side}): no such folder")
+    found = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(found) < MIN_EXAMPLES:
+        raise Stop(EXIT_USAGE, f"--suspect {value!r}: {folder} (the images {side}) holds {len(found)} image "
+                               f"file(s) ({', '.join(IMAGE_SUFFIXES)}); give at least {MIN_EXAMPLES} (10 and 10 "
+                               "tell them apart reliably)")
+    return found
+
+
+def checklist_request(args, images: dict | None = None) -> dict:
     """The body of POST /audits/{id}/checklists/ from --suspect or --checklist; --fail-on names are checked
-    against the suspects given (a shipped list's names are checked once its answer is back)."""
+    against the suspects given (a shipped list's names are checked once its answer is back). The example images
+    of ``examples`` suspects are added to ``images`` (file name -> local path)."""
     if bool(args.suspect) == bool(args.checklist):
         raise Stop(EXIT_USAGE, "give your suspects with --suspect NAME=text:TEXT (repeatable) or a shipped list with "
                                "--checklist NAME (e.g. dermoscopy), not both")
     if args.checklist:
         return {"checklist": args.checklist}
-    suspects = [parse_suspect(value) for value in args.suspect]
+    images = {} if images is None else images
+    suspects = [parse_suspect(value, images) for value in args.suspect]
     names = [s["name"] for s in suspects]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise Stop(EXIT_USAGE, f"--suspect: each suspect needs its own name; repeated: {', '.join(repeated)}")
+    if len(images) > MAX_UPLOADED_IMAGES:
+        raise Stop(EXIT_USAGE, f"--suspect: {len(images)} example images in all; the server takes at most "
+                               f"{MAX_UPLOADED_IMAGES} in one checklist (10 and 10 per suspect tell them apart "
+                               "reliably)")
     _check_fail_on(args.fail_on or [], names)
     return {"suspects": suspects}
 
@@ -370,9 +426,17 @@ def _check_fail_on(fail_on: list[str], names: list[str]) -> None:
 
 def checklist(args, log=print) -> int:
     """Ask a finished audit about suspects, wait for the answer, save it, print it and gate on --fail-on."""
-    body = checklist_request(args)
+    images: dict[str, Path] = {}
+    body = checklist_request(args, images)
     api = Api(args.url, args.token)
-    submitted = api.call("POST", f"/api/v1/audits/{args.audit}/checklists/", json=body).json()
+    path = f"/api/v1/audits/{args.audit}/checklists/"
+    if images:  # a multipart form: the suspects as JSON text, the example images as repeated files
+        with contextlib.ExitStack() as stack:
+            files = [("images", (name, stack.enter_context(open(local, "rb")))) for name, local in images.items()]
+            log(f"uploading {len(files)} example images")
+            submitted = api.call("POST", path, data={"suspects": json.dumps(body["suspects"])}, files=files).json()
+    else:
+        submitted = api.call("POST", path, json=body).json()
     checklist_id = submitted["id"]
     log(f"checklist #{checklist_id} of audit #{args.audit} submitted ({len(submitted['suspects'])} suspects): "
         f"{args.url.rstrip('/')}/checklists/{checklist_id}/")
@@ -650,8 +714,10 @@ def _add_checklist_parser(sub) -> None:
                                    "('relied on, harmful' or 'relied on, no measured harm').")
     c.add_argument("--audit", type=int, required=True, help="a succeeded audit")
     c.add_argument("--suspect", action="append", default=[], metavar="NAME=KIND:WHAT",
-                   help="a suspect: NAME=text:TEXT (e.g. 'ruler=text:a ruler') or NAME=column:COLUMN (a 0/1 column of "
-                        "the audited dataset's labels.csv); repeatable")
+                   help="a suspect: NAME=text:TEXT (e.g. 'ruler=text:a ruler'), NAME=column:COLUMN (a 0/1 column of "
+                        "the audited dataset's labels.csv) or NAME=examples:WITH_FOLDER,WITHOUT_FOLDER (two local "
+                        f"folders of example images, at least {MIN_EXAMPLES} that show it and {MIN_EXAMPLES} that do "
+                        "not; every image file in them is uploaded, file names distinct); repeatable")
     c.add_argument("--checklist", metavar="NAME", help="or: a shipped checklist, e.g. dermoscopy, or 'project' for "
                                                        "the project's saved list")
     c.add_argument("--fail-on", action="append", default=[], metavar="NAME",

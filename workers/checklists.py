@@ -2,8 +2,10 @@
 
 It runs like an audit (``workers.steps``: heartbeat, cancellation, time limit, memory ceiling, the one error
 policy): the audited images' activations are extracted again with the audit's model (stage "extract"), then each
-suspect is matched to the audit's SAE latents and answered from its stored relevance tables (stage "check"). A
-cancel is seen once the model is loaded, during the extraction and before the answer is stored.
+suspect is matched to the audit's SAE latents and answered from its stored relevance tables, and the images that
+show it most get heatmaps of its latents (stage "check"). Example images uploaded with the checklist
+(``checklist.images``) are read from storage and named ``upload:NAME`` in the suspects. A cancel is seen once the
+model is loaded, during the extraction and before the answer is stored.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from workers.engine.loading import resolve_device
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import LOADING
 from workers.engine.suspects import run_checklist as check_suspects
-from workers.inputs import load_inputs
+from workers.inputs import load_inputs, local_path
 from workers.steps import claim_delivery, run_in_scratch
 from workers.storage import fetch_sae
 
@@ -85,8 +87,9 @@ def _check(checklist: Checklist, workdir, progress) -> None:
         marks.setdefault(stage, time.perf_counter())
         progress(stage, done, total)
 
+    uploads = {image.name: local_path(image.file) for image in checklist.images.all()}
     answers = check_suspects(bundle, probe, images, sae, tables, references, suspects, config, workdir=workdir,
-                             progress=report)
+                             progress=report, uploads=uploads)
     progress.check(force_poll=True)  # nor is a checklist cancelled meanwhile shown as succeeded
     ended = time.perf_counter()
     check_at = marks.get(CHECK_STAGE, ended)

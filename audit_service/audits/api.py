@@ -1,3 +1,5 @@
+from django.conf import settings
+from django.core.exceptions import TooManyFilesSent
 from django.db.models import F
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -16,7 +18,7 @@ from audit_service.registry.models import ClipModel, Dataset, Probe, SparseAutoe
 from audit_service.registry.services import RegistrationError
 
 from . import report
-from .checklists import CHECKLIST, create_checklist, shipped_checklists
+from .checklists import CHECKLIST, IMAGES_MAX, create_checklist, shipped_checklists
 from .fields import LATENT_FIELDS
 from .corrections import CORRECTION, create_correction
 from .explanations import EXPLANATION, create_explanation
@@ -187,23 +189,34 @@ class AuditViewSet(mixins.CreateModelMixin, JobViewSet):
             raise as_validation_error(exc) from exc
         return Response(ExplanationSerializer(explanation).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=ChecklistRequestSerializer, responses=ChecklistSerializer, methods=["POST"], description=(
+    @extend_schema(request={"application/json": ChecklistRequestSerializer,
+                            "multipart/form-data": ChecklistRequestSerializer},
+                   responses=ChecklistSerializer, methods=["POST"], description=(
         "Ask this audit whether its probe relies on each suspect (members): `suspects` (your own list) or "
-        "`checklist` (a shipped one by name). A short job on a worker; follow it at /api/v1/checklists/{id}/."))
+        "`checklist` (a shipped one by name). To name suspects by example images you upload, send a multipart "
+        "form: `suspects`, the JSON text of the list, whose with/without entries name uploaded files as "
+        "`upload:FILENAME`, and the files as repeated `images` fields (each must be named by a suspect). A short "
+        "job on a worker; follow it at /api/v1/checklists/{id}/."))
     @extend_schema(responses=ChecklistSerializer(many=True), methods=["GET"])
-    @action(detail=True, methods=["get", "post"])
+    @action(detail=True, methods=["get", "post"], parser_classes=[JSONParser, MultiPartParser, FormParser])
     def checklists(self, request, pk=None):
-        """GET: this audit's checklists, newest first. POST: ask it about suspects (members)."""
+        """GET: this audit's checklists, newest first. POST: ask it about suspects (members), as JSON or as a
+        multipart form with uploaded example images."""
         audit = self.get_object()
         if request.method == "GET":
-            return Response(ChecklistSerializer(audit.checklists.all(), many=True).data)
+            return Response(ChecklistSerializer(audit.checklists.prefetch_related("images"), many=True).data)
         project_for(request.user, audit.project_id, Role.MEMBER)
-        serializer = ChecklistRequestSerializer(data=request.data)
+        try:
+            serializer = ChecklistRequestSerializer(data=request.data)
+        except TooManyFilesSent:
+            raise ValidationError({"images": [
+                f"too many files in one request: at most {settings.DATA_UPLOAD_MAX_NUMBER_FILES} (and at most "
+                f"{IMAGES_MAX} example images in one checklist); give fewer per suspect"]}) from None
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         try:
             checklist = create_checklist(audit=audit, user=request.user, suspects=data.get("suspects"),
-                                         checklist=data.get("checklist", ""))
+                                         checklist=data.get("checklist", ""), images=data.get("images") or ())
         except RegistrationError as exc:
             raise as_validation_error(exc) from exc
         return Response(ChecklistSerializer(checklist).data, status=status.HTTP_201_CREATED)
@@ -215,6 +228,9 @@ class ChecklistViewSet(JobViewSet):
     kind = CHECKLIST
     serializer_class = ChecklistSerializer
     filterset_fields = ["project", "audit", "status"]
+
+    def get_queryset(self):
+        return super().get_queryset().prefetch_related("images")
 
     @extend_schema(responses={200: OpenApiTypes.OBJECT})
     @action(detail=False, methods=["get"])

@@ -5,7 +5,8 @@ import uuid
 
 from django.conf import settings
 from django.db import models, transaction
-from django.dispatch import Signal
+from django.db.models.signals import post_delete
+from django.dispatch import Signal, receiver
 from django.utils import timezone
 
 from audit_service.projects.models import Project
@@ -610,6 +611,37 @@ class Checklist(Job):
 
     class Meta(Job.Meta):
         pass
+
+
+def upload_checklist_image(instance, filename: str) -> str:
+    return f"projects/{instance.checklist.project_id}/checklists/{instance.checklist_id}/{filename}"
+
+
+class ChecklistImage(models.Model):
+    """An example image uploaded with a checklist: a suspect's ``with`` or ``without`` list names it
+    ``"upload:" + name``. ``name`` is the uploaded file's base name as sent (unique per checklist); ``file`` is where
+    it is stored (its storage name may differ: the storage makes file names safe and unique). The file is removed
+    with the row (``_remove_checklist_image_file``)."""
+
+    checklist = models.ForeignKey(Checklist, on_delete=models.CASCADE, related_name="images")
+    name = models.CharField(max_length=200)
+    file = models.FileField(upload_to=upload_checklist_image, max_length=500)
+
+    class Meta:
+        ordering = ["pk"]
+        constraints = [models.UniqueConstraint(fields=["checklist", "name"], name="checklist_image_name_unique")]
+
+    def __str__(self) -> str:
+        return f"upload:{self.name} (checklist {self.checklist_id})"
+
+
+@receiver(post_delete, sender=ChecklistImage)
+def _remove_checklist_image_file(sender, instance: ChecklistImage, **kwargs) -> None:
+    """A deleted example image (its checklist, audit or project deleted) takes its file along, once the deletion is
+    committed: a rolled-back deletion keeps the file its row still names."""
+    if instance.file.name:
+        storage, name = instance.file.storage, instance.file.name
+        transaction.on_commit(lambda: storage.delete(name))
 
 
 def store_result(audit: Audit, result: dict, timings: dict) -> None:

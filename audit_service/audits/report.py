@@ -400,7 +400,7 @@ def report_context(audit: Audit, *, filters: dict | None = None, images: bool = 
         "corrections": [correction_view(c) for c in audit.corrections.select_related("new_probe", "reaudit")
                         .prefetch_related("flags")],
         "reaudit_of": getattr(audit, "reaudit_of", None),
-        "checklist": checklist_view(audit),
+        "checklist": checklist_view(audit, images),
     }
 
 
@@ -412,10 +412,11 @@ VERDICT_BADGES = {"relied on, harmful": "confirmed_shortcut verdict-harmful",
                   "not found by the dictionary": "cancelled verdict-not-found"}
 
 
-def checklist_view(audit: Audit) -> dict | None:
+def checklist_view(audit: Audit, images: bool = True) -> dict | None:
     """The report's "Confounder checklist": the audit's latest succeeded checklist, one row per suspect (how it
-    was given, the verdict and its class, that class's probe and zero-shot share, the harm sentence and the
-    evidence: matched latents and score); None when no checklist of the audit has succeeded."""
+    was given, the verdict and its class, that class's probe and zero-shot share, the harm sentence, the
+    evidence: matched latents and score, and ``pictures``: the images that show it most, each with the heatmap
+    of its latents when ``images``); None when no checklist of the audit has succeeded."""
     latest = audit.checklists.filter(status=Status.SUCCEEDED).order_by("-finished_at", "-pk").first()
     if latest is None:
         return None
@@ -430,9 +431,17 @@ def checklist_view(audit: Audit) -> dict | None:
                      "harm": (row.get("harm") or {}).get("summary") or "", "latents": match.get("latents") or [],
                      "score": match.get("score"), "found": match.get("found"), "evidence": answer.get("evidence") or "",
                      # the evidence's match part: its shares and harm have their own columns
-                     "match": (answer.get("evidence") or "").split("; probe share")[0]})
+                     "match": (answer.get("evidence") or "").split("; probe share")[0],
+                     "pictures": _suspect_pictures(audit, answer) if images else []})
     return {"checklist": latest, "rows": rows, "shipped": latest.shipped,
             "others": audit.checklists.exclude(pk=latest.pk).count()}
+
+
+def _suspect_pictures(audit: Audit, answer: dict) -> list[dict]:
+    """The images that show a suspect most (its answer's ``top_images``), each over its latents' heatmap."""
+    heatmaps = answer.get("heatmaps") or {}
+    return [{"key": key, "heat": heat_overlay(image_where(audit.dataset, key), heatmaps.get(key)),
+             "src": thumbnail(audit, key)} for key in answer.get("top_images") or []]
 
 
 def suspect_given(suspect: dict) -> str:

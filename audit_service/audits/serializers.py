@@ -3,6 +3,8 @@ import copy
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from workers.engine import jsonsafe
+
 from .fields import FLAG_FIELDS, LATENT_FIELDS, api_names
 from .models import STAGE_NAMES, Audit, Checklist, Correction, Explanation, Flag, Latent, Review
 from .services import options_schema
@@ -183,15 +185,36 @@ class ExplanationSerializer(serializers.ModelSerializer):
         return explanation.image.name.rsplit("/", 1)[-1] if explanation.image else None
 
 
-class ChecklistRequestSerializer(serializers.Serializer):
-    """``POST /audits/{id}/checklists/``: the suspects to ask about, or the name of a shipped checklist."""
+class SuspectsField(serializers.JSONField):
+    """The suspects: a JSON list in a JSON body; in a multipart form (with uploaded example images) the JSON text
+    of that list, read with the service's bounded JSON reader as a JSON body is."""
 
-    suspects = serializers.JSONField(required=False, allow_null=True, help_text=(
+    def to_internal_value(self, data):
+        if getattr(data, "is_json_string", False):  # a form field: JSONField marks its text so
+            try:
+                return jsonsafe.loads(str(data), what="suspects")
+            except jsonsafe.JSONLimitError as exc:
+                raise serializers.ValidationError(
+                    f"{exc}; in a multipart form, suspects is the JSON text of the list, e.g. "
+                    '[{"name": "ruler", "with": ["upload:r1.png", ...], "without": ["upload:n1.png", ...]}]'
+                ) from None
+        return super().to_internal_value(data)
+
+
+class ChecklistRequestSerializer(serializers.Serializer):
+    """``POST /audits/{id}/checklists/``: the suspects to ask about, or the name of a shipped checklist; as JSON,
+    or as a multipart form with uploaded example images."""
+
+    suspects = SuspectsField(required=False, allow_null=True, help_text=(
         "a list of suspects, each {\"name\", \"text\"} (\"a ruler\"), {\"name\", \"column\"} (a 0/1 column of "
         "the audited dataset's labels.csv) or {\"name\", \"with\": [images], \"without\": [images]} (at least 3 "
-        "images of the audited dataset each, named as its labels.csv names them); names must differ"))
+        "images each: images of the audited dataset, named as its labels.csv names them, or uploaded ones, named "
+        "\"upload:FILENAME\"); names must differ. In a multipart form: the JSON text of the list"))
     checklist = serializers.CharField(required=False, allow_blank=True, default="", help_text=(
         "or: the name of a shipped checklist (/api/v1/checklists/shipped/), e.g. 'dermoscopy'"))
+    images = serializers.ListField(child=serializers.FileField(), required=False, default=list, help_text=(
+        "multipart only, repeatable: example image files (png, jpg, webp, bmp; at most 100, names distinct), each "
+        "named by a suspect's with or without as \"upload:\" + its file name; with your own suspects only"))
 
 
 class ChecklistSerializer(serializers.ModelSerializer):
@@ -203,9 +226,15 @@ class ChecklistSerializer(serializers.ModelSerializer):
         "zero_shot_share, relied_on, harm); verdict ('relied on, harmful', 'relied on, no measured harm', "
         "'represented, not relied on' or 'not found by the dictionary'), verdict_class and evidence"))
 
+    images = serializers.SerializerMethodField(help_text=(
+        "the file names of the example images uploaded with it, as its suspects name them (upload:NAME)"))
+
     class Meta:
         model = Checklist
-        fields = ["id", "project", "audit", "suspects", "shipped", "status", "stage", "percent", "cancel_requested",
-                  "error", "attempts", "worker_host", "device", "result", "timings", "created_at", "started_at",
-                  "finished_at"]
+        fields = ["id", "project", "audit", "suspects", "shipped", "images", "status", "stage", "percent",
+                  "cancel_requested", "error", "attempts", "worker_host", "device", "result", "timings", "created_at",
+                  "started_at", "finished_at"]
         read_only_fields = fields
+
+    def get_images(self, checklist) -> list[str]:
+        return [image.name for image in checklist.images.all()]

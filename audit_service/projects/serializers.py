@@ -1,7 +1,7 @@
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
-from workers.engine.checklist import parse_suspects, stored
+from workers.engine.checklist import parse_suspects, refuse_uploads, stored
 from workers.engine.errors import EngineError
 
 from .models import Membership, Project, Role
@@ -26,7 +26,9 @@ class ProjectSerializer(serializers.ModelSerializer):
         if value == []:
             return value
         try:
-            return stored(parse_suspects(value))
+            parsed = parse_suspects(value)
+            refuse_uploads(parsed, "a project's saved checklist")
+            return stored(parsed)
         except EngineError as exc:
             raise serializers.ValidationError(exc.message) from exc
 

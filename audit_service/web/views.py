@@ -22,7 +22,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from audit_service.audits import report
-from audit_service.audits.checklists import create_checklist, shipped_checklists, suspects_from_lines
+from audit_service.audits.checklists import (UPLOAD, create_checklist, shipped_checklists, suspects_from_lines,
+                                             upload_name)
 from audit_service.audits.corrections import create_correction
 from audit_service.audits.explanations import create_explanation
 from audit_service.audits.jobs import job_kind, kind_of
@@ -331,19 +332,41 @@ def correction_training_data(request, pk):
 @login_required
 @require_POST
 def checklist_new(request, pk):
-    """The report's "Ask about suspects" form: a shipped checklist, or text suspects one per line ("name: text")."""
+    """The report's "Ask about suspects" form: a shipped checklist, or text suspects one per line ("name: text"),
+    plus, optionally, one suspect by example images uploaded with it (its name, images with it, images without)."""
     audit = _audit(request.user, pk, Role.MEMBER)
     back = reverse("web:report", args=[audit.pk]) + "#checklist"
     suspects = suspects_from_lines(request.POST.get("suspects", ""))
     try:
+        examples, images = _suspect_by_examples(request)
+        if examples:
+            suspects.append(examples)
         checklist = create_checklist(audit=audit, user=request.user, suspects=suspects or None,
-                                     checklist=request.POST.get("checklist", "").strip())
+                                     checklist=request.POST.get("checklist", "").strip(), images=images)
     except RegistrationError as exc:
         messages.error(request, f"The checklist was not asked: {exc.message}")
         return redirect(back)
     messages.success(request, f"Checklist #{checklist.pk} asked about {len(checklist.suspects)} suspects; its "
                               "answers show here once a worker has run it.")
     return redirect(back)
+
+
+def _suspect_by_examples(request) -> tuple[dict | None, list]:
+    """The form's "By example images" part: ``examples_name`` and the files ``with_images`` (showing it) and
+    ``without_images`` (not showing it) as one suspect naming each file ``upload:NAME``, and the files; (None, [])
+    when that part is left empty."""
+    name = request.POST.get("examples_name", "").strip()
+    with_files, without_files = request.FILES.getlist("with_images"), request.FILES.getlist("without_images")
+    if not (name or with_files or without_files):
+        return None, []
+    if not name:
+        raise RegistrationError("name the suspect your example images show (By example images: its name)",
+                                field="suspects")
+    if not with_files or not without_files:
+        raise RegistrationError(f"suspect {name!r}: choose image files both with it and without it (at least 3 "
+                                "of each; 10 and 10 tell them apart reliably)", field="images")
+    return ({"name": name, "with": [UPLOAD + upload_name(f) for f in with_files],
+             "without": [UPLOAD + upload_name(f) for f in without_files]}, [*with_files, *without_files])
 
 
 # --------------------------------------------------------------------------- explaining one image

@@ -208,3 +208,15 @@ def test_a_checklist_on_a_finished_audit_reads_uploaded_examples_and_maps_its_to
     with pytest.raises(EngineError, match="uploaded example images u0.png, u1.png, u2.png, u3.png, u4.png"):
         run_checklist(tiny, probe, dataset, sae, tables, references, suspects[:1], config,
                       workdir=tmp_path / "again", uploads={})
+
+
+def test_a_list_kept_for_later_cannot_name_uploaded_images():
+    from workers.engine.checklist import refuse_uploads
+
+    uploaded = Suspect.from_dict({"name": "tape", "with": ["upload:a.png", "b", "c"], "without": ["d", "e", "f"]})
+    assert uploaded.uploads == ["a.png"] and Suspect("ruler", text="a ruler").uploads == []
+    with pytest.raises(EngineError, match="suspect 'tape': a project's saved checklist cannot name uploaded images"):
+        refuse_uploads([Suspect("ruler", text="a ruler"), uploaded], "a project's saved checklist")
+    with pytest.raises(EngineError, match="the audit option suspects cannot name uploaded images"):
+        AuditConfig.from_dict({"suspects": [{"name": "tape", "with": ["upload:a.png", "b", "c"],
+                                             "without": ["d", "e", "f"]}]})

@@ -1,12 +1,16 @@
 """A confounder checklist in real headless Chromium, against a live server, a real Celery worker, Redis and
 PostgreSQL: an audit submitted with the option ``suspects`` asks its checklist by itself once it succeeds; a member
-reads the checklist at the top of the report, asks the shipped dermoscopy list from the report's form, and a build
-gates on one suspect with ``clip-audit checklist --fail-on``. Screenshots go to ``TEST_ARTIFACTS_DIR``
-(checklist*.png).
+reads the checklist at the top of the report (each suspect with the images that show it most, under its latents'
+heatmap), asks the shipped dermoscopy list from the report's form, then a suspect by example images uploaded from
+the same form, and a build gates on one suspect with ``clip-audit checklist --fail-on``. Screenshots go to
+``TEST_ARTIFACTS_DIR`` (checklist*.png).
 """
+import csv
+import io
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -37,6 +41,23 @@ def finished_checklist(audit, count: int, seconds: float = 600) -> Checklist:
             return rows[count - 1]
         time.sleep(0.5)
     raise AssertionError(f"checklist {count} of audit {audit.pk} did not finish within {seconds} s")
+
+
+def example_files(archive, folder) -> tuple[list[str], list[str]]:
+    """Three melanoma and three nevus images of the dataset archive, written to ``folder`` under new names: the
+    files a user uploads as examples with and without the white corner."""
+    folder.mkdir()
+    with zipfile.ZipFile(archive) as z:
+        rows = list(csv.DictReader(io.StringIO(z.read("labels.csv").decode())))
+        picked = {label: [r["image"] for r in rows if r["label"] == label][:3] for label in ("melanoma", "nevus")}
+        out = {}
+        for label, names in picked.items():
+            out[label] = []
+            for i, name in enumerate(names):
+                target = folder / f"{label}-example-{i}{name[name.rindex('.'):]}"
+                target.write_bytes(z.read(name))
+                out[label].append(str(target))
+    return out["melanoma"], out["nevus"]
 
 
 def row_text(page, name: str) -> str:
@@ -71,6 +92,9 @@ def test_a_checklist_is_asked_read_in_the_report_and_gates_a_build(browser, live
             text = row_text(page, name)
             assert answer["verdict"] in text and (answer["verdict_class"] or "–") in text
         assert "column corner" in row_text(page, "white corner") and "text “a ruler”" in row_text(page, "ruler")
+        # under each suspect, the images that show it most with its latents' heatmap
+        shown = sum(len(a["top_images"]) for a in answers.values())
+        assert shown and page.locator("#checklist-table tr.checklist-pictures img").count() == shown
         page.locator("#checklist-table").screenshot(path=str(ARTIFACTS / "checklist.png"))
 
         # the shipped dermoscopy list, asked from the report's form
@@ -86,6 +110,28 @@ def test_a_checklist_is_asked_read_in_the_report_and_gates_a_build(browser, live
         assert page.locator("#checklist-table tr.checklist-row").count() == len(SHIPPED["dermoscopy"])
         assert "the shipped “dermoscopy” list" in page.inner_text("#checklist + p")
         page.screenshot(path=str(ARTIFACTS / "checklist-report.png"), full_page=True)
+
+        # a suspect named by example images uploaded from the same form
+        with_files, without_files = example_files(path, tmp_path / "examples")
+        form = page.locator("#ask-checklist")
+        if form.get_attribute("open") is None:
+            form.locator("summary").click()
+        form.locator("input[name=examples_name]").fill("uploaded corner")
+        form.locator("input[name=with_images]").set_input_files(with_files)
+        form.locator("input[name=without_images]").set_input_files(without_files)
+        page.click("#ask-checklist-button")
+        page.wait_for_selector("text=asked about")
+        uploaded = finished_checklist(audit, 3)
+        assert uploaded.status == Status.SUCCEEDED, (uploaded.error, log())
+        assert sorted(i.name for i in uploaded.images.all()) == sorted(p.rsplit("/", 1)[-1]
+                                                                     for p in with_files + without_files)
+        [answer] = uploaded.result["suspects"]
+        assert answer["kind"] == "examples" and answer["match"]["latents"]
+        page.goto(f"{base}/audits/{audit.pk}/report/")
+        text = row_text(page, "uploaded corner")
+        assert "examples (3 with, 3 without)" in text and answer["verdict"] in text
+        page.locator("#checklist").scroll_into_view_if_needed()
+        page.locator("#checklist-table").screenshot(path=str(ARTIFACTS / "checklist-uploaded.png"))
         context.close()
 
         # a build gates on one suspect: exit 1 exactly when the probe relies on it
@@ -94,7 +140,7 @@ def test_a_checklist_is_asked_read_in_the_report_and_gates_a_build(browser, live
                    "--poll", "0.5", "--audit", str(audit.pk), "--suspect", "white corner=column:corner",
                    "--fail-on", "white corner", "--out", str(tmp_path / "gate")]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-        third = finished_checklist(audit, 3)
+        third = finished_checklist(audit, 4)
         [answer] = third.result["suspects"]
         relied = answer["verdict"].startswith("relied on")
         assert done.returncode == (1 if relied else 0), done.stdout + done.stderr

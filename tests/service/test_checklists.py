@@ -1,13 +1,20 @@
 """Confounder checklists through the service: the job and its answers, the shipped lists, the API's refusals, the
 audit option ``suspects``, the report's table (page and download) and its form, cancel and failure."""
+import html
+import io
+import json
 import zipfile
 
 import pytest
 from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import transaction
+from PIL import Image
 
 from audit_service.audits import report
-from audit_service.audits.checklists import CHECKLIST, checklist_for_audit, create_checklist, suspects_from_lines
-from audit_service.audits.models import Audit, Checklist, Status, audit_finished
+from audit_service.audits.checklists import (CHECKLIST, IMAGES_MAX, checklist_for_audit, create_checklist,
+                                            suspects_from_lines)
+from audit_service.audits.models import Audit, Checklist, ChecklistImage, Status, audit_finished
 from audit_service.audits.services import create_audit
 from audit_service.registry.services import RegistrationError, register_dataset
 from workers import checklists as checklist_tasks
@@ -345,3 +352,236 @@ def test_a_project_saves_its_own_checklist_and_asks_it_by_the_name_project(audit
     assert response.status_code == 201 and response.json()["suspects"] == mine[:1]
     checklist = run(Checklist.objects.get(pk=response.json()["id"]))
     check_answers(checklist, ["ruler"])
+
+
+# --------------------------------------------------------------------------- suspects named by uploaded images
+
+def png(colour=(180, 120, 90), size=(40, 32)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def uploads(*names, colour=(180, 120, 90)):
+    return [SimpleUploadedFile(name, png(colour)) for name in names]
+
+
+WITH_NAMES, WITHOUT_NAMES = ("r1.png", "r2.png", "r3.png"), ("n1.png", "n2.png", "n3.png", "n4.png")
+
+
+def examples_suspect(audit, name="ruler", with_=WITH_NAMES, without=WITHOUT_NAMES, dataset_images=1):
+    """A suspect whose examples are the uploaded files (upload:NAME) and ``dataset_images`` of the dataset's."""
+    return {"name": name, "with": [f"upload:{n}" for n in with_] + images(audit, "melanoma")[:dataset_images],
+            "without": [f"upload:{n}" for n in without] + images(audit, "nevus")[:dataset_images]}
+
+
+def stored_files(media) -> set:
+    return {p for p in media.rglob("*") if p.is_file()}
+
+
+def test_example_images_are_uploaded_with_the_suspects_stored_and_removed_with_the_checklist(
+        audited, users, client_for, queue, media, django_capture_on_commit_callbacks):
+    asked = [{"name": "hair", "text": "hair"}, examples_suspect(audited)]
+    files = [*uploads(*WITH_NAMES, colour=(250, 250, 250)), *uploads(*WITHOUT_NAMES)]
+    before = stored_files(media)
+    url = f"/api/v1/audits/{audited.pk}/checklists/"
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for("member").post(url, {"suspects": json.dumps(asked), "images": files},
+                                             format="multipart")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["suspects"] == asked  # the upload: entries kept verbatim, beside the dataset's images
+    assert body["images"] == [*WITH_NAMES, *WITHOUT_NAMES]
+    checklist = Checklist.objects.get(pk=body["id"])
+    assert queue == [(CHECKLIST.task, checklist.pk)] and checklist.suspects == asked
+    rows = list(checklist.images.all())
+    assert [r.name for r in rows] == [*WITH_NAMES, *WITHOUT_NAMES]
+    for row in rows:  # how the worker finds a suspect's upload:NAME: checklist.images, name -> file
+        assert row.file.name.startswith(f"projects/{audited.project_id}/checklists/{checklist.pk}/")
+        with row.file.open("rb") as fh:
+            assert Image.open(fh).size == (40, 32)
+    assert (media / rows[0].file.name).read_bytes() == png((250, 250, 250))
+    assert stored_files(media) - before == {media / r.file.name for r in rows}
+    # the API shows the names where it shows the checklist
+    assert client_for("viewer").get(f"/api/v1/checklists/{checklist.pk}/").json()["images"] == body["images"]
+    assert client_for("viewer").get(url).json()[0]["images"] == body["images"]
+    # JSON requests go on as before: no images
+    plain = client_for("member").post(url, {"suspects": [{"name": "ruler", "text": "a ruler"}]}, format="json")
+    assert plain.status_code == 201 and plain.json()["images"] == []
+
+    # a deletion rolled back keeps the files; a committed one removes them, also through the audit's cascade
+    with pytest.raises(RuntimeError), transaction.atomic():
+        checklist.delete()
+        raise RuntimeError("rolled back")
+    assert stored_files(media) - before == {media / r.file.name for r in rows}
+    assert Checklist.objects.get(pk=body["id"]).images.count() == 7
+    with django_capture_on_commit_callbacks(execute=True):
+        Checklist.objects.get(pk=body["id"]).delete()
+    assert stored_files(media) == before and ChecklistImage.objects.count() == 0
+    with django_capture_on_commit_callbacks(execute=True):
+        second = create_checklist(audit=audited, user=users["member"], suspects=[examples_suspect(audited)],
+                                  images=[*uploads(*WITH_NAMES), *uploads(*WITHOUT_NAMES)])
+    assert second.images.count() == 7 and len(stored_files(media) - before) == 7
+    with django_capture_on_commit_callbacks(execute=True):
+        Audit.objects.filter(pk=audited.pk).delete()
+    assert stored_files(media) == before and ChecklistImage.objects.count() == 0
+
+
+def bad_uploads(audit):
+    """(multipart body, field, words) of requests with example images that are refused (each its own files)."""
+    def good():
+        return [*uploads(*WITH_NAMES), *uploads(*WITHOUT_NAMES)]
+
+    asked = json.dumps([examples_suspect(audit)])
+    return [
+        ({"suspects": json.dumps([examples_suspect(audit, with_=("r1.png", "r2.png", "r9.png"))]), "images": good()},
+         "suspects", "suspect 'ruler': upload:r9.png names no uploaded file; uploaded: 'n1.png', 'n2.png', "
+                     "'n3.png', 'n4.png', 'r1.png' and 2 more"),
+        ({"suspects": asked}, "suspects", "upload:r1.png, upload:r2.png, upload:r3.png, upload:n1.png, upload:n2.png "
+                                          "and 2 more name no uploaded file; no image was uploaded"),
+        ({"suspects": asked, "images": [*good(), *uploads("extra.png")]}, "images",
+         "uploaded image(s) no suspect names: 'extra.png'; name each in a suspect's with or without list as "
+         "upload:NAME (e.g. upload:extra.png)"),
+        ({"suspects": asked, "images": [*good(), *uploads("r1.png")]}, "images",
+         "distinct file names; repeated: 'r1.png'"),
+        ({"suspects": json.dumps([examples_suspect(audit, with_=("r1.png", "r2.png", "notes.txt"))]),
+          "images": [*good()[:2], SimpleUploadedFile("notes.txt", b"hello"), *good()[3:]]}, "images",
+         "'notes.txt' is not an image file; upload example images as one of .png"),
+        ({"suspects": asked, "images": [*good()[:2], SimpleUploadedFile("r3.png", b"\x89PNG\r\n\x1a\n garbage"),
+                                        *good()[3:]]}, "images", "example image r3.png is not a readable image"),
+        ({"checklist": "dermoscopy", "images": good()}, "images", "not with a shipped checklist or the project's list"),
+        ({"suspects": "[{\"name\": \"ruler\""}, "suspects", "suspects is not valid JSON"),
+        ({"suspects": json.dumps([{**examples_suspect(audit), "with": ["upload:r1.png", "upload:r2.png"]}]),
+          "images": good()}, "suspects", "give at least 3 images with it (got 2)"),
+        ({"suspects": json.dumps([examples_suspect(audit, with_=("r1.png", "r2.png", "n1.png"))]),
+          "images": [*good()[:2], *good()[3:]]}, "suspects", "images both with and without it: upload:n1.png"),
+    ]
+
+
+def test_refused_uploads_say_what_is_wrong_and_leave_no_row_and_no_file(audited, users, client_for, queue, media,
+                                                                        settings, monkeypatch):
+    url = f"/api/v1/audits/{audited.pk}/checklists/"
+    member = client_for("member")
+    before = stored_files(media)
+    for body, field, words in bad_uploads(audited):
+        response = member.post(url, body, format="multipart")
+        assert response.status_code == 400, (body, response.content)
+        assert words in " ".join(response.json()[field]), (words, response.json())
+    asked = json.dumps([examples_suspect(audit=audited)])
+    settings.MAX_IMAGE_PIXELS = 30 * 30
+    big = member.post(url, {"suspects": asked, "images": [*uploads(*WITH_NAMES), *uploads(*WITHOUT_NAMES)]},
+                      format="multipart")
+    assert big.status_code == 400 and "example image r1.png has 40x32 pixels, over the limit of 900" in \
+        big.json()["images"][0]
+    settings.MAX_IMAGE_PIXELS = 40_000_000
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 5  # more files than a request may carry: a 400 naming images
+    many = member.post(url, {"suspects": asked, "images": [*uploads(*WITH_NAMES), *uploads(*WITHOUT_NAMES)]},
+                       format="multipart")
+    assert many.status_code == 400 and "too many files in one request: at most 5" in many.json()["images"][0]
+    with pytest.raises(RegistrationError, match=f"at most {IMAGES_MAX} example images in one checklist, got 101"):
+        create_checklist(audit=audited, user=users["member"], suspects=[examples_suspect(audited)],
+                         images=uploads(*[f"x{i}.png" for i in range(IMAGES_MAX + 1)]))
+    # a project without room refuses before storing anything
+    project = audited.project
+    project.max_concurrent_audits = 0
+    project.save()
+    with pytest.raises(RegistrationError, match="jobs queued or running"):
+        create_checklist(audit=audited, user=users["member"], suspects=[examples_suspect(audited)],
+                         images=[*uploads(*WITH_NAMES), *uploads(*WITHOUT_NAMES)])
+    project.max_concurrent_audits = 4
+    project.save()
+    # storing fails midway (the disk fills up): the files already stored go, and the row with them
+    real_save, saved = ChecklistImage.save, []
+
+    def save_then_fail(self, *args, **kwargs):
+        if len(saved) == 3:
+            raise OSError("No space left on device")
+        saved.append(self.file.name)
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChecklistImage, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        create_checklist(audit=audited, user=users["member"], suspects=[examples_suspect(audited)],
+                         images=[*uploads(*WITH_NAMES), *uploads(*WITHOUT_NAMES)])
+    assert len(saved) == 3
+    assert Checklist.objects.count() == 0 and ChecklistImage.objects.count() == 0 and queue == []
+    assert stored_files(media) == before
+
+
+def test_the_reports_form_asks_a_suspect_by_uploaded_example_images(audited, web, queue, media,
+                                                                    django_capture_on_commit_callbacks):
+    page = web("member").get(f"/audits/{audited.pk}/report/").content.decode()
+    form = page[page.index('id="ask-checklist"'):]
+    form = form[:form.index("</form>")]
+    assert 'enctype="multipart/form-data"' in form and "By example images" in form
+    for field in ('name="examples_name"', 'name="with_images" multiple', 'name="without_images" multiple'):
+        assert field in form
+    url = f"/audits/{audited.pk}/checklists/new/"
+    before = stored_files(media)
+    for data, words in (
+            ({"examples_name": "ruler", "with_images": uploads(*WITH_NAMES)}, "choose image files both with it "
+                                                                               "and without it"),
+            ({"with_images": uploads(*WITH_NAMES), "without_images": uploads(*WITHOUT_NAMES)},
+             "name the suspect your example images show"),
+            ({"examples_name": "ruler", "with_images": uploads("r1.png", "r2.png"),
+              "without_images": uploads(*WITHOUT_NAMES)}, "give at least 3 images with it (got 2)"),
+            ({"examples_name": "ruler", "with_images": uploads(*WITH_NAMES), "without_images": uploads("r1.png", *WITHOUT_NAMES)},
+             "images both with and without it: upload:r1.png"),
+            ({"checklist": "dermoscopy", "examples_name": "ruler", "with_images": uploads(*WITH_NAMES),
+              "without_images": uploads(*WITHOUT_NAMES)}, "not with a shipped checklist"),
+            ({"examples_name": "ruler", "with_images": [*uploads("r1.png", "r2.png"),
+                                                         SimpleUploadedFile("r3.png", b"not a png")],
+              "without_images": uploads(*WITHOUT_NAMES)}, "example image r3.png is not a readable image")):
+        text = web("member").post(url, data, follow=True).content.decode()
+        assert "The checklist was not asked" in text and html.escape(words) in text, (data, words)
+    assert Checklist.objects.count() == 0 and stored_files(media) == before
+    with django_capture_on_commit_callbacks(execute=True):
+        response = web("member").post(url, {"suspects": "hair: hair", "checklist": "", "examples_name": " ruler ",
+                                            "with_images": uploads(*WITH_NAMES, colour=(250, 250, 250)),
+                                            "without_images": uploads(*WITHOUT_NAMES)})
+    assert response.status_code == 302 and response["Location"] == f"/audits/{audited.pk}/report/#checklist"
+    checklist = Checklist.objects.get()
+    assert checklist.suspects == [{"name": "hair", "text": "hair"},
+                                  {"name": "ruler", "with": [f"upload:{n}" for n in WITH_NAMES],
+                                   "without": [f"upload:{n}" for n in WITHOUT_NAMES]}]
+    assert [i.name for i in checklist.images.all()] == [*WITH_NAMES, *WITHOUT_NAMES]
+    assert (media / checklist.images.get(name="r1.png").file.name).read_bytes() == png((250, 250, 250))
+    assert queue == [(CHECKLIST.task, checklist.pk)]
+
+
+def test_uploaded_examples_are_answered_by_the_worker_and_the_report_maps_where_each_suspect_is(
+        audited, users, web, queue, media, django_capture_on_commit_callbacks):
+    """The worker reads the uploaded files (upload:NAME) beside the dataset's images; each answer names the audited
+    images that show the suspect most, and the report lays its latents' heatmap over each."""
+    suspects = [{"name": "ruler", "text": "a ruler"}, examples_suspect(audited, name="white corner")]
+    with django_capture_on_commit_callbacks(execute=True):
+        checklist = create_checklist(audit=audited, user=users["member"], suspects=suspects,
+                                     images=[*uploads(*WITH_NAMES, colour=(250, 250, 250)), *uploads(*WITHOUT_NAMES)])
+    answers = check_answers(run(checklist), ["ruler", "white corner"])
+    uploaded = answers["white corner"]
+    assert uploaded["kind"] == "examples" and uploaded["match"]["latents"]
+    keys = {key for key, _ in audited.dataset.labels()}
+    for a in answers.values():
+        assert a["top_images"] and set(a["top_images"]) <= keys and set(a["heatmaps"]) == set(a["top_images"])
+    rows = {r["name"]: r for r in report.checklist_view(audited)["rows"]}
+    for name, a in answers.items():
+        pictures = rows[name]["pictures"]
+        assert [p["key"] for p in pictures] == a["top_images"]
+        assert all(p["heat"].startswith("data:image/jpeg;base64,") for p in pictures)
+    for page in (web("viewer").get(f"/audits/{audited.pk}/report/").content.decode(),
+                 report.download_response(audited, "html").content.decode()):
+        assert page.count('class="checklist-pictures"') == 2
+        assert f'alt="heatmap of white corner on {uploaded["top_images"][0]}"' in page
+    # the uploads stay the checklist's: a worker re-run (a redelivered task) reads them again
+    assert run(Checklist.objects.get(pk=checklist.pk)).status == Status.SUCCEEDED
+
+
+def test_a_list_kept_for_later_cannot_name_uploaded_images(audited, client_for, project, registered, marked, users):
+    with_upload = {"name": "tape", "with": ["upload:a.png", "b", "c"], "without": ["d", "e", "f"]}
+    saved = client_for("owner").patch(f"/api/v1/projects/{audited.project.pk}/", {"checklist": [with_upload]},
+                                      format="json")
+    assert saved.status_code == 400 and "a project's saved checklist cannot name uploaded images" in \
+        saved.json()["checklist"][0]
+    with pytest.raises(RegistrationError, match="the audit option suspects cannot name uploaded images"):
+        create_audit(project=project, user=users["member"], clip_model=registered["model"], probe=registered["probe"],
+                     dataset=marked, options={**FAST_AUDIT, "suspects": [with_upload]})

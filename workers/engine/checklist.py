@@ -15,6 +15,7 @@ VERDICTS = ("relied on, harmful", "relied on, no measured harm", "represented, n
             "not found by the dictionary")
 MIN_EXAMPLES = 3  # examples on each side at least
 SUSPECTS_MAX = 50  # suspects in one checklist at most
+UPLOAD = "upload:"  # an example named "upload:NAME" is an image uploaded with the checklist, not one of the dataset
 
 # checklists shipped per domain: the confounders auditors in that field bring (each asked about by its text)
 SHIPPED: dict[str, list[dict]] = {
@@ -41,6 +42,11 @@ class Suspect:
     @property
     def kind(self) -> str:
         return "text" if self.text else "column" if self.column else "examples"
+
+    @property
+    def uploads(self) -> list[str]:
+        """The NAMEs of the example images it names as ``upload:NAME`` (uploaded with the checklist)."""
+        return [i[len(UPLOAD):] for i in (*self.with_images, *self.without_images) if i.startswith(UPLOAD)]
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Suspect":
@@ -108,6 +114,16 @@ def parse_suspects(suspects) -> list[Suspect]:
     if repeated:
         raise EngineError(f"suspect names must differ; repeated: {', '.join(repeated)}. Give each its own name")
     return parsed
+
+
+def refuse_uploads(suspects: list[Suspect], where: str) -> None:
+    """A list kept for later (a project's saved list, the audit option ``suspects``) has no uploaded images to
+    name: raise EngineError naming the first suspect that names one."""
+    for s in suspects:
+        if s.uploads:
+            raise EngineError(f"suspect {s.name!r}: {where} cannot name uploaded images ({UPLOAD}{s.uploads[0]}); "
+                              "name images of the audited dataset as its labels.csv does, or upload the images with "
+                              "a checklist of a finished audit (POST /api/v1/audits/{id}/checklists/ as multipart)")
 
 
 def stored(suspects: list[Suspect]) -> list[dict]:

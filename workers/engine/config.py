@@ -229,12 +229,14 @@ class AuditConfig(_DictMixin):
     @field_validator("suspects")
     @classmethod
     def _suspects_are_named_one_way_each(cls, suspects):
-        from .checklist import SUSPECTS_MAX, Suspect
+        from .checklist import SUSPECTS_MAX, Suspect, refuse_uploads
 
         if len(suspects) > SUSPECTS_MAX:
             raise ValueError(f"at most {SUSPECTS_MAX} suspects, got {len(suspects)}")
         try:
-            checked = [Suspect.from_dict(s).to_dict() for s in suspects]
+            parsed = [Suspect.from_dict(s) for s in suspects]
+            refuse_uploads(parsed, "the audit option suspects")
+            checked = [s.to_dict() for s in parsed]
         except EngineError as exc:
             raise ValueError(exc.message) from exc
         names = [s["name"] for s in checked]

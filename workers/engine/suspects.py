@@ -42,7 +42,7 @@ import torch
 from .activations import ActivationStore
 from .config import AuditConfig
 from .correct_audit import presence_threshold
-from .checklist import KINDS, MIN_EXAMPLES, VERDICTS, Suspect  # noqa: F401 (the checklist's names, here too)
+from .checklist import KINDS, MIN_EXAMPLES, UPLOAD, VERDICTS, Suspect  # noqa: F401 (the checklist's names, here too)
 from .errors import EngineError
 from .harm import auroc, measured_harm, subset_table, summary
 from .stability import best_latents, best_match, concept_activity, pooled_activations
@@ -147,9 +147,6 @@ class SuspectInputs:
                    semantic, encode_text, device)
 
 
-UPLOAD = "upload:"  # an example named this way is an uploaded image, not one of the audited dataset
-
-
 def _upload_row(uploaded: dict, image_id: str) -> int:
     if image_id not in uploaded:
         raise EngineError(f"{image_id!r} names no uploaded image (uploaded: {', '.join(sorted(uploaded)) or 'none'}); "
@@ -180,8 +177,7 @@ def run_checklist(bundle, probe, images, sae, tables: Mapping[str, np.ndarray], 
                                 token=config.token, batch_size=config.batch_size, device=device, dtype=config.dtype,
                                 cache_dtype=config.cache_dtype)
     inputs = SuspectInputs.from_parts(bundle, probe, prepared, store, sae, tables, references, config, device)
-    wanted = sorted({str(i)[len(UPLOAD):] for s in suspects for i in (*s.with_images, *s.without_images)
-                     if str(i).startswith(UPLOAD)})
+    wanted = sorted({name for s in suspects for name in s.uploads})
     if wanted:
         missing = [name for name in wanted if name not in (uploads or {})]
         if missing:
