@@ -222,9 +222,11 @@ class ChecklistSerializer(serializers.ModelSerializer):
     audit = serializers.IntegerField(source="audit_id", read_only=True)
     result = serializers.JSONField(read_only=True, help_text=(
         "suspects: one answer per suspect, in the order asked: name, kind, text/column/with/without; match "
-        "(latents, score, found, needed); present (images, of, how); classes (per class probe_share, "
-        "zero_shot_share, relied_on, harm); verdict ('relied on, harmful', 'relied on, no measured harm', "
-        "'represented, not relied on' or 'not found by the dictionary'), verdict_class and evidence"))
+        "(latents, score, found, needed); present (images, of, how); top_images (the audited images that show it "
+        "most) and heatmaps (image -> rows of 0..255 over the patches: where its latents are); classes (per class "
+        "probe_share, zero_shot_share, relied_on, shift (probability, z, moves: the class's probability with it "
+        "vs without), harm); verdict ('relied on, harmful', 'relied on, no measured harm', 'represented, not "
+        "relied on' or 'not found by the dictionary'), verdict_class and evidence"))
 
     images = serializers.SerializerMethodField(help_text=(
         "the file names of the example images uploaded with it, as its suspects name them (upload:NAME)"))

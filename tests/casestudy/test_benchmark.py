@@ -319,5 +319,23 @@ def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reporte
     assert summary["heat_planted"] == {"answers": 2, "mass": 0.5, "chance": 0.2}
     assert summary["heat_independent"] == {"answers": 2, "mass": 0.2, "chance": 0.1}
     table = "\n".join(report_checklist({"checklist": {"text": summary}}))
-    assert "| text | 5 | 0.8 | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
+    assert "| text | 5 | 0.8 | 0.8 | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
     assert "0.20 vs 0.10 (2.0x, 2)" in table
+
+
+def test_the_verdict_on_shares_alone_is_recomputed_from_an_answer_for_the_side_by_side_column():
+    from workers.casestudy.bench_checklist import is_right, verdict_on_shares
+    from workers.engine.config import AuditConfig
+
+    def row(share, zero_shot, measured, moves):
+        return {"probe_share": share, "zero_shot_share": zero_shot, "relied_on": measured or moves,
+                "harm": {"measured": measured}, "shift": {"moves": moves}}
+
+    answer = {"match": {"found": True}, "verdict": "represented, not relied on", "verdict_class": "melanoma",
+              "classes": {"melanoma": row(0.08, 0.02, False, False), "nevus": row(0.01, 0.01, False, False)}}
+    config = AuditConfig.from_dict({})
+    assert verdict_on_shares(answer, config) == ("relied on, no measured harm", "melanoma")
+    assert not is_right(*verdict_on_shares(answer, config), planted=False, toward="melanoma")
+    assert is_right(answer["verdict"], answer["verdict_class"], planted=False, toward="melanoma")
+    answer["classes"]["melanoma"] = row(0.08, 0.07, False, False)  # zero-shot reads it alike: not relied on either way
+    assert verdict_on_shares(answer, config) == ("represented, not relied on", "melanoma")

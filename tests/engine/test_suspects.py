@@ -32,10 +32,17 @@ def _identity_sae():
     return sae
 
 
-def _inputs(probe_share_ruler=0.3, harmful=True, seed=0):
+def _probabilities(labels, ruler, shift, rng):
+    """[n, 2]: melanoma's probability by the class (0.75 or 0.25, some noise), ``shift`` more with a ruler."""
+    melanoma = np.clip(np.where(labels == 1, 0.75, 0.25) + rng.normal(0, 0.05, len(labels)) + shift * ruler, 0, 1)
+    return np.stack([1 - melanoma, melanoma], 1)
+
+
+def _inputs(probe_share_ruler=0.3, harmful=True, seed=0, ruler_shift=0.15):
     """Two classes; a ruler on half the images (latent 0 reads it), ink on a third (latent 1), a class latent (2).
     The probe calls every image with a ruler melanoma when ``harmful``; zero-shot goes by the class. Latent 0
-    holds ``probe_share_ruler`` of melanoma's probe relevance and little of zero-shot's."""
+    holds ``probe_share_ruler`` of melanoma's probe relevance and little of zero-shot's; a ruler gives an image
+    ``ruler_shift`` more of melanoma's probability (its decision unchanged unless ``harmful``)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(N) % 2  # 0 nevus, 1 melanoma
     ruler = rng.random(N) < 0.5
@@ -61,7 +68,8 @@ def _inputs(probe_share_ruler=0.3, harmful=True, seed=0):
                 "site": ["back"] * N}
     return SuspectInputs(_identity_sae(), _Store(torch.from_numpy(acts)), [f"img{i}.png" for i in range(N)],
                          labels, metadata, ["nevus", "melanoma"], {"probe": predicted, "zero_shot": labels.copy()},
-                         shares, semantic, encode_text), ruler, ink
+                         shares, semantic, encode_text,
+                         probabilities=_probabilities(labels, ruler, ruler_shift, rng)), ruler, ink
 
 
 def _examples(ids, shows, n=10):
@@ -87,12 +95,31 @@ def test_a_harmful_suspect_is_relied_on_harmful_for_its_class_by_text_column_and
 
 def test_a_read_suspect_without_harm_and_a_represented_one_get_their_own_verdicts():
     inputs, ruler, ink = _inputs(harmful=False)
-    assert check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)["verdict"] == "relied on, no measured harm"
+    read = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
+    assert read["verdict"] == "relied on, no measured harm"
+    assert read["classes"]["melanoma"]["shift"]["moves"] and read["classes"]["melanoma"]["shift"]["probability"] > 0.1
     answer = check_suspect(inputs, Suspect("ink", column="ink"), CONFIG)
     assert answer["match"]["latents"] == [1] and answer["verdict"] == "represented, not relied on"
     # a share zero-shot gives alike is not reliance on the suspect (a mixed latent carries class signal)
     inputs.shares["zero_shot"][1, 0] = 0.3
     assert check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)["verdict"] == VERDICTS[2]
+    # nor is a share, however amplified, when the probe's output does not move with the suspect: a latent that
+    # mixes it with what the probe reads
+    still, _, _ = _inputs(harmful=False, ruler_shift=0.0)
+    answer = check_suspect(still, Suspect("ruler", column="ruler"), CONFIG)
+    assert answer["verdict"] == "represented, not relied on" and not answer["classes"]["melanoma"]["shift"]["moves"]
+    assert answer["classes"]["melanoma"]["probe_share"] >= 0.3
+
+
+def test_the_shift_weighs_the_class_and_the_others_and_needs_two_images_on_each_side():
+    from workers.engine.suspects import presence_shift
+
+    in_class = np.array([True] * 4 + [False] * 4)
+    present = np.array([True, True, False, False] * 2)
+    probability = np.array([0.9, 0.8, 0.6, 0.5, 0.45, 0.35, 0.15, 0.05])  # 0.3 more with it in both groups
+    shift, z = presence_shift(probability, in_class, present)
+    assert shift == pytest.approx(0.3) and z == pytest.approx(0.3 / (np.sqrt(2 * (0.005 / 2 + 0.005 / 2)) / 2))
+    assert presence_shift(probability, in_class, np.array([True] + [False] * 7)) == (0.0, 0.0)
 
 
 def test_a_suspect_the_dictionary_does_not_have_is_not_found_with_the_closest_match_as_evidence():

@@ -59,17 +59,36 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
     for artifact in ARTIFACTS:
         for kind in KINDS:
             a = answers[f"{kind}: {artifact}"]
-            if artifact == planted:
-                right = a["verdict"] == "relied on, harmful" and a["verdict_class"] == cfg["toward"]
-            else:
-                right = a["verdict"] in NOT_RELIED
+            right = is_right(a["verdict"], a["verdict_class"], artifact == planted, cfg["toward"])
+            before = verdict_on_shares(a, config)  # the rule without the output's shift, side by side
             row = (a["classes"] or {}).get(a["verdict_class"]) or {}
             out[kind].append({"artifact": artifact, "planted": artifact == planted, "verdict": a["verdict"],
                               "class": a["verdict_class"], "latents": a["match"]["latents"],
                               "score": a["match"]["score"], "probe_share": row.get("probe_share"),
                               "zero_shot_share": row.get("zero_shot_share"), "right": right,
+                              "right_on_shares": is_right(*before, artifact == planted, cfg["toward"]),
                               **heatmap_mass(a, artifact, folder)})
     return out
+
+
+def is_right(verdict: str, verdict_class: str | None, planted: bool, toward: str) -> bool:
+    """The planted artifact "relied on, harmful" for the class it was tied to; an independent one not relied on."""
+    if planted:
+        return verdict == "relied on, harmful" and verdict_class == toward
+    return verdict in NOT_RELIED
+
+
+def verdict_on_shares(answer: dict, config) -> tuple[str, str | None]:
+    """The verdict the checklist gave before "relied on" also needed the probe's output to move with the suspect
+    (a share amplified over zero-shot's was enough), from the answer's own figures."""
+    from workers.engine.suspects import _verdict
+
+    classes = {}
+    for name, row in (answer.get("classes") or {}).items():
+        relied = row["probe_share"] >= config.flag_min_share and (
+            row["harm"]["measured"] or row["probe_share"] >= config.amplification_ratio * row["zero_shot_share"])
+        classes[name] = {**row, "relied_on": relied}
+    return _verdict(answer["match"], classes)
 
 
 def heatmap_mass(answer: dict, artifact: str, folder: Path) -> dict:
@@ -103,6 +122,7 @@ def checklist_summary(cases: list[dict]) -> dict:
         if not rows and not controls:
             continue
         out[kind] = {"pairs": len(rows), "right": ratio(sum(r["right"] for r in rows), len(rows)),
+                     "right_on_shares": ratio(sum(r.get("right_on_shares", r["right"]) for r in rows), len(rows)),
                      "planted_right": ratio(sum(r["right"] for r in rows if r["planted"]),
                                              sum(r["planted"] for r in rows)),
                      "independent_right": ratio(sum(r["right"] for r in rows if not r["planted"]),
@@ -152,11 +172,15 @@ def report_checklist(summary: dict) -> list[str]:
              "Target: >= 95 % of the (case, artifact) pairs for each kind. Heatmaps: the share of each answer's "
              "maps (its latents, on the images that show it most) on the artifact's pixels vs the artifact's share of "
              "the image (chance), mean over answers (how many).", "",
-             "| kind | pairs | right | planted right | independent right | controls right | planted maps: mass vs "
-             "chance | independent maps | wrong |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "*On shares*: the pairs right under the rule before \"relied on\" also needed the probe's output to "
+             "move with the suspect (the class's probability higher on the images that show it, by half the harm "
+             "gap, at the harm's z), from the same answers.", "",
+             "| kind | pairs | right | on shares | planted right | independent right | controls right | planted maps: "
+             "mass vs chance | independent maps | wrong |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in rows.items():
-        lines.append(f"| {kind} | {r['pairs']} | {r['right']} | {r['planted_right']} | {r['independent_right']} | "
+        lines.append(f"| {kind} | {r['pairs']} | {r['right']} | {r.get('right_on_shares', '-')} | "
+                     f"{r['planted_right']} | {r['independent_right']} | "
                      f"{r['controls_right']} | {_heat_cell(r.get('heat_planted'))} | "
                      f"{_heat_cell(r.get('heat_independent'))} | {'; '.join(r['wrong']) or '-'} |")
     return lines

@@ -76,6 +76,8 @@ class SuspectInputs:
     device: str | torch.device = "cpu"
     uploads: ActivationStore | None = None  # the uploaded example images' activations, in ``upload_ids``' order
     upload_ids: list[str] = field(default_factory=list)  # "upload:NAME" per row of ``uploads``
+    # the probe's class probabilities per image ([n, classes]); None: its predictions stand for them (0 or 1)
+    probabilities: np.ndarray | None = None
     _index: dict = field(default_factory=dict)
 
     def index(self, image_id: str) -> int:
@@ -127,8 +129,9 @@ class SuspectInputs:
         embeddings = store.embeddings()
         zero_shot = ZeroShotHead.build(bundle, probe.class_names, config.prompt_templates, config.class_prompts)
         with torch.no_grad():
-            predictions = {"probe": probe.cpu()(embeddings).argmax(1).numpy(),
-                           "zero_shot": zero_shot(embeddings).argmax(1).numpy()}
+            logits = probe.cpu()(embeddings)
+            predictions = {"probe": logits.argmax(1).numpy(), "zero_shot": zero_shot(embeddings).argmax(1).numpy()}
+            probabilities = logits.float().softmax(1).numpy()
         index = {str(i): k for k, i in enumerate(images.ids)}
         m = max((len(r) for r in references), default=0)
         refs = torch.full((len(references), max(m, 1)), -1, dtype=torch.long)
@@ -144,7 +147,7 @@ class SuspectInputs:
         return cls(sae, store, [str(i) for i in images.ids], np.asarray(images.labels), images.metadata or {},
                    list(probe.class_names), predictions,
                    {"probe": np.asarray(tables["probe_share"]), "zero_shot": np.asarray(tables["zero_shot_share"])},
-                   semantic, encode_text, device)
+                   semantic, encode_text, device, probabilities=probabilities)
 
 
 def _upload_row(uploaded: dict, image_id: str) -> int:
@@ -262,13 +265,38 @@ def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c
               for head in ("probe", "zero_shot")}
     measured, split = measured_harm(tables["probe"], tables["zero_shot"], config.harm_min_gap, config.harm_min_z)
     shares = {head: round(float(inputs.shares[head][c, latents].sum()), 6) for head in ("probe", "zero_shot")}
-    # relied on: a share a flag would need, and either harm the probe's own or a share amplified over zero-shot's
-    # (a mixed latent carries class signal both heads read alike: that is not reliance on the suspect)
+    probability = (inputs.probabilities[:, c] if inputs.probabilities is not None
+                   else (inputs.predictions["probe"] == c).astype(np.float64))
+    shift, z = presence_shift(probability, inputs.labels == c, present)
+    moves = shift >= config.harm_min_gap / 2 and z >= config.harm_min_z
+    # relied on: a share a flag would need, and either harm the probe's own, or a share amplified over zero-shot's
+    # (a mixed latent carries class signal both heads read alike: that is not reliance on the suspect) with the
+    # probe's output moving with the suspect (a latent that mixes it with what the probe does read has the share,
+    # but the images that show the suspect are then called the class no more often)
     relied = shares["probe"] >= config.flag_min_share and (
-        measured or shares["probe"] >= config.amplification_ratio * shares["zero_shot"])
+        measured or (shares["probe"] >= config.amplification_ratio * shares["zero_shot"] and moves))
     harm = {**tables, "measured": measured, "split": split, "summary": summary(name, *tables.values())}
     return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"], "relied_on": relied,
-            "harm": harm}
+            "shift": {"probability": round(shift, 4), "z": round(z, 2), "moves": bool(moves)}, "harm": harm}
+
+
+def presence_shift(probability: np.ndarray, in_class: np.ndarray, present: np.ndarray) -> tuple[float, float]:
+    """How much the images that show a suspect get more of a class's probability than those that do not, within
+    the class's images and within the others' alike (each group weighted by its size), and its z (the difference
+    over its standard error). (0, 0) when neither group has two images on each side."""
+    shift = variance = weight = 0.0
+    for group in (in_class, ~in_class):
+        with_, without = probability[group & present], probability[group & ~present]
+        if len(with_) < 2 or len(without) < 2:
+            continue
+        w = float(group.sum())
+        shift += w * (with_.mean() - without.mean())
+        variance += w * w * (with_.var(ddof=1) / len(with_) + without.var(ddof=1) / len(without))
+        weight += w
+    if weight == 0:
+        return 0.0, 0.0
+    shift, se = shift / weight, np.sqrt(variance) / weight
+    return float(shift), float(shift / se) if se > 0 else (float("inf") if shift > 0 else 0.0)
 
 
 def _verdict(match: dict, classes: dict) -> tuple[str, str | None]:
@@ -294,7 +322,11 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None) -> str:
     latents = match["latents"]
     text = f"latent{'s' if len(latents) > 1 else ''} {', '.join(map(str, latents))}: {how}{found}"
     if row is not None:
-        text += f"; probe share {row['probe_share']:.3f} (zero-shot {row['zero_shot_share']:.3f}); {row['harm']['summary']}"
+        shift = row.get("shift") or {}
+        moved = (f", the probe's probability of the class {shift['probability']:+.2f} with it (z {shift['z']:.1f})"
+                 if shift else "")
+        text += (f"; probe share {row['probe_share']:.3f} (zero-shot {row['zero_shot_share']:.3f}){moved}; "
+                 f"{row['harm']['summary']}")
     return text
 
 
