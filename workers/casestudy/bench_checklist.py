@@ -81,14 +81,14 @@ def is_right(verdict: str, verdict_class: str | None, planted: bool, toward: str
 def verdict_on_shares(answer: dict, config) -> tuple[str, str | None]:
     """The verdict the checklist gave before "relied on" also needed the probe's output to move with the suspect
     (a share amplified over zero-shot's was enough), from the answer's own figures."""
-    from workers.engine.suspects import _verdict
+    from workers.engine.suspects import suspect_verdict
 
     classes = {}
     for name, row in (answer.get("classes") or {}).items():
         relied = row["probe_share"] >= config.flag_min_share and (
             row["harm"]["measured"] or row["probe_share"] >= config.amplification_ratio * row["zero_shot_share"])
         classes[name] = {**row, "relied_on": relied}
-    return _verdict(answer["match"], classes)
+    return suspect_verdict(answer["match"], classes)
 
 
 def heatmap_mass(answer: dict, artifact: str, folder: Path) -> dict:

@@ -253,7 +253,7 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
     classes = {name: _class_row(inputs, match["latents"], present, c, name, config)
                for c, name in enumerate(inputs.class_names)}
     out["classes"] = classes
-    verdict, worst = _verdict(match, classes)
+    verdict, worst = suspect_verdict(match, classes)
     evidence = _evidence(suspect, match, classes[worst] if worst else None)
     return {**out, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
 
@@ -299,7 +299,7 @@ def presence_shift(probability: np.ndarray, in_class: np.ndarray, present: np.nd
     return float(shift), float(shift / se) if se > 0 else (float("inf") if shift > 0 else 0.0)
 
 
-def _verdict(match: dict, classes: dict) -> tuple[str, str | None]:
+def suspect_verdict(match: dict, classes: dict) -> tuple[str, str | None]:
     """The verdict and the class it is about: harmful reliance first, then the largest probe share."""
     if not match["found"]:
         return VERDICTS[3], None
