@@ -219,6 +219,14 @@ def audit(args, log=print) -> int:
     return gate(summary, flags, args, audit_id, out, log, diff)
 
 
+def save_state(folder, noun: str, state: dict) -> Path:
+    """Write a finished job's state as ``<noun>-<id>.json`` into ``folder`` (made if missing); returns the folder."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{noun}-{state['id']}.json").write_text(json.dumps(state, indent=1))
+    return out
+
+
 def wait(api: Api, kind: str, state: dict, args, log) -> dict:
     """Poll /api/v1/{kind}/{id}/ until the job (an audit, a correction, ...) has succeeded; its last state. A job
     that failed or was cancelled stops the command (EXIT_AUDIT_FAILED, with its reason)."""
@@ -278,9 +286,7 @@ def correct(args, log=print) -> int:
     log(f"correction #{correction_id} of audit #{args.audit} submitted (flags {submitted['flags']}): "
         f"{args.url.rstrip('/')}/corrections/{correction_id}/")
     state = wait(api, "corrections", submitted, args, log)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"correction-{correction_id}.json").write_text(json.dumps(state, indent=1))
+    out = save_state(args.out, "correction", state)
     probe = api.call("GET", f"/api/v1/probes/{state['new_probe']}/").json()
     download = api.call("GET", f"/api/v1/probes/{state['new_probe']}/download/")
     name = download.headers.get("Content-Disposition", "").rpartition("filename=")[2].strip('"') or "probe.npz"
@@ -311,8 +317,7 @@ def explain(args, log=print) -> int:
     log(f"explanation #{submitted['id']} of {args.image or args.item} with audit #{args.audit} submitted")
     state = wait(api, "explanations", submitted, args, log)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"explanation-{state['id']}.json").write_text(json.dumps(state, indent=1))
+        save_state(args.out, "explanation", state)
     print_explanation(state["result"], log)
     args.outcome = {"id": state["id"], "state": state, "result": state["result"]}
     return EXIT_PASS
@@ -441,9 +446,7 @@ def checklist(args, log=print) -> int:
     log(f"checklist #{checklist_id} of audit #{args.audit} submitted ({len(submitted['suspects'])} suspects): "
         f"{args.url.rstrip('/')}/checklists/{checklist_id}/")
     state = wait(api, "checklists", submitted, args, log)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"checklist-{checklist_id}.json").write_text(json.dumps(state, indent=1))
+    out = save_state(args.out, "checklist", state)
     args.outcome = {"id": checklist_id, "state": state, "out": out}
     return checklist_gate(state, args, log)
 
