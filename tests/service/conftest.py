@@ -30,6 +30,14 @@ def fresh_cache():
 
 
 @pytest.fixture
+def queue(monkeypatch) -> list[tuple[str, int]]:
+    """(task name, id) of every job message sent; none reaches a broker."""
+    calls = []
+    monkeypatch.setattr(celery_app, "send_task", lambda name, args=None, **kw: calls.append((name, args[0])))
+    return calls
+
+
+@pytest.fixture
 def sent(monkeypatch) -> list[int]:
     """The ids of the audits sent to the workers (by task name, as the web process sends them); none of these
     messages reaches a broker."""

@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from audit_service.wsgi import application
 
-from .test_corrections import audited, queue  # noqa: F401 (fixtures)
+from .test_corrections import audited  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 

@@ -19,7 +19,6 @@ from audit_service.audits.services import create_audit
 from audit_service.registry.services import RegistrationError, register_dataset
 from workers import checklists as checklist_tasks
 from workers import tasks
-from workers.celery import app as celery_app
 from workers.engine.checklist import SHIPPED, SUSPECTS_MAX, VERDICTS
 from workers.engine.errors import EngineError
 
@@ -42,14 +41,6 @@ def marked_zip(source, target):
             lines.append(f"{row},{int(row.endswith(',melanoma'))},{'head' if i % 2 else 'back'}")
         zout.writestr("labels.csv", "\n".join(lines) + "\n")
     return target
-
-
-@pytest.fixture
-def queue(monkeypatch) -> list[tuple[str, int]]:
-    """(task name, id) of every job message sent; none reaches a broker."""
-    calls = []
-    monkeypatch.setattr(celery_app, "send_task", lambda name, args=None, **kw: calls.append((name, args[0])))
-    return calls
 
 
 @pytest.fixture

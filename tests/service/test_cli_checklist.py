@@ -8,7 +8,7 @@ import pytest
 from audit_service import cli as client
 from audit_service.audits.models import Checklist
 
-from .test_checklists import audited, marked, queue  # noqa: F401 (fixtures)
+from .test_checklists import audited, marked  # noqa: F401 (fixtures)
 
 
 def parse(*extra):

@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 
 from audit_service.audits.models import Audit, Correction, Explanation, Status
 
-from .test_corrections import audited, probe_flag, queue  # noqa: F401 (fixtures)
+from .test_corrections import audited, probe_flag  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -10,7 +10,6 @@ from audit_service.registry.models import Probe
 from audit_service.registry.services import RegistrationError, register_dataset
 from workers import corrections as correction_tasks
 from workers import tasks
-from workers.celery import app as celery_app
 from workers.engine.errors import EngineError
 from workers.engine.heads import LinearProbe
 from workers.engine.rounds import still_flagged_groups
@@ -18,14 +17,6 @@ from workers.engine.rounds import still_flagged_groups
 from .conftest import FAST_AUDIT, upload
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def queue(monkeypatch) -> list[tuple[str, int]]:
-    """(task name, id) of every audit and correction message sent; none reaches a broker."""
-    calls = []
-    monkeypatch.setattr(celery_app, "send_task", lambda name, args=None, **kw: calls.append((name, args[0])))
-    return calls
 
 
 @pytest.fixture

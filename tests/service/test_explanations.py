@@ -10,7 +10,7 @@ from audit_service.audits.explanations import EXPLANATION, create_explanation
 from audit_service.audits.models import Explanation, Status
 from workers import explanations as explanation_tasks
 
-from .test_corrections import audited, queue  # noqa: F401 (fixtures)
+from .test_corrections import audited  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db
 

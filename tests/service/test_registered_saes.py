@@ -15,7 +15,7 @@ from workers.engine.sae import TopKSAE
 from workers.engine.sae_formats import export_sae_lens, resid_post_hook
 
 from .conftest import FAST_AUDIT
-from .test_corrections import audited, queue  # noqa: F401 (fixtures)
+from .test_corrections import audited  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db
 

@@ -6,7 +6,7 @@ from audit_service.audits.models import Correction, Review, Status, Verdict
 from workers import corrections as correction_tasks
 from workers import tasks
 
-from .test_corrections import audited, probe_flag, queue  # noqa: F401 (fixtures)
+from .test_corrections import audited, probe_flag  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.django_db
 
