@@ -66,10 +66,13 @@ def _inputs(probe_share_ruler=0.3, harmful=True, seed=0, ruler_shift=0.15):
 
     metadata = {"ruler": [str(int(v)) for v in ruler], "ink": [str(int(v)) for v in ink],
                 "site": ["back"] * N}
+    # what CLIP sees in each image, in the texts' space: a ruler on axis 0, ink on axis 1, the lesion on axis 3
+    embeddings = np.stack([ruler, ink, np.zeros(N), np.ones(N)], 1) + rng.normal(0, 0.05, (N, 4))
     return SuspectInputs(_identity_sae(), _Store(torch.from_numpy(acts)), [f"img{i}.png" for i in range(N)],
                          labels, metadata, ["nevus", "melanoma"], {"probe": predicted, "zero_shot": labels.copy()},
                          shares, semantic, encode_text,
-                         probabilities=_probabilities(labels, ruler, ruler_shift, rng)), ruler, ink
+                         probabilities=_probabilities(labels, ruler, ruler_shift, rng),
+                         embeddings=torch.tensor(embeddings, dtype=torch.float32)), ruler, ink
 
 
 def _examples(ids, shows, n=10):
@@ -162,6 +165,30 @@ def test_a_suspect_round_trips_through_its_dict():
         suspect = Suspect.from_dict(given)
         again = {k: v for k, v in suspect.to_dict().items() if k != "kind"}
         assert Suspect.from_dict(again) == suspect and suspect.to_dict()["kind"] in ("text", "column", "examples")
+
+
+def test_the_images_that_show_a_text_suspect_are_those_clip_aligns_with_it_not_those_its_latents_fire_on():
+    # latent 0 mixes the ruler with ink, and ink is what the probe calls melanoma: on the images latent 0 fires on,
+    # the ruler would look harmful; on those that show a ruler, it is not
+    inputs, ruler, ink = _inputs(harmful=False, ruler_shift=0.0)
+    acts = inputs.store.acts.clone()
+    acts[torch.from_numpy(ink & ~ruler), 0] = 1.5
+    inputs.store.acts = acts
+    inputs.predictions["probe"] = np.where(ink, 1, inputs.labels)
+    inputs.probabilities = _probabilities(inputs.labels, ink, 0.4, np.random.default_rng(3))
+    answer = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
+    assert answer["match"]["latents"] == [0] and answer["classes"]["melanoma"]["probe_share"] >= 0.3
+    assert answer["present"] == {"images": int(ruler.sum()), "of": N,
+                                 "how": "the audited CLIP's alignment of each image with 'a ruler' (Otsu split)"}
+    assert answer["verdict"] == "represented, not relied on", answer["evidence"]
+    assert answer["evidence"].endswith(f"; {int(ruler.sum())} of {N} images show it, by the audited CLIP's "
+                                       "alignment of each image with 'a ruler' (Otsu split)")
+    assert not answer["classes"]["melanoma"]["harm"]["measured"]
+    # without image embeddings the latents decide, and the ink's harm lands on the ruler
+    inputs.embeddings = None
+    mixed = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
+    assert mixed["present"]["images"] == int((ruler | ink).sum()) and "latents" in mixed["present"]["how"]
+    assert mixed["verdict"] == "relied on, harmful"
 
 
 def test_an_answer_names_the_images_that_show_the_suspect_most():

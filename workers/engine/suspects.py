@@ -3,10 +3,12 @@
 A suspect is named one of three ways (:class:`Suspect`):
 
 - ``text`` ("a ruler"): the latents whose meaning (the mean embedding of their reference images) is closest to
-  the text, beyond the empty prompt (the alignment the labels use);
+  the text, beyond the empty prompt (the alignment the labels use); the images that show it are those the audited
+  CLIP itself aligns with the text (each image's embedding, split as below), not those the latents fire on: a
+  latent that mixes the suspect with a concept the probe does read would put that concept's harm on the suspect;
 - ``examples``: a few images that show it and a few that do not (audited images by their ids, or uploaded ones
   named ``upload:NAME``, whose activations :func:`run_checklist` extracts apart): the latents whose summed
-  activation best tells them apart;
+  activation best tells them apart, and the images where that activation is above the Otsu split show it;
 - ``column``: a 0/1 column of ``labels.csv``: the latents whose summed activation correlates best with it, and
   the column itself says which images show the suspect.
 
@@ -78,6 +80,9 @@ class SuspectInputs:
     upload_ids: list[str] = field(default_factory=list)  # "upload:NAME" per row of ``uploads``
     # the probe's class probabilities per image ([n, classes]); None: its predictions stand for them (0 or 1)
     probabilities: np.ndarray | None = None
+    # the audited images' CLIP image embeddings ([n, E], the space ``encode_text`` embeds in): which images show a
+    # text suspect; None: its matched latents decide, as for examples
+    embeddings: torch.Tensor | None = None
     _index: dict = field(default_factory=dict)
 
     def index(self, image_id: str) -> int:
@@ -147,7 +152,7 @@ class SuspectInputs:
         return cls(sae, store, [str(i) for i in images.ids], np.asarray(images.labels), images.metadata or {},
                    list(probe.class_names), predictions,
                    {"probe": np.asarray(tables["probe_share"]), "zero_shot": np.asarray(tables["zero_shot_share"])},
-                   semantic, encode_text, device, probabilities=probabilities)
+                   semantic, encode_text, device, probabilities=probabilities, embeddings=embeddings)
 
 
 def _upload_row(uploaded: dict, image_id: str) -> int:
@@ -242,8 +247,11 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
         return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
                 "verdict_class": None, "evidence": _evidence(suspect, match, None)}
     activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
+    seen = _text_presence(inputs, suspect.text) if suspect.text else None
     if suspect.column:
         present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
+    elif seen is not None:
+        present, how = seen, f"the audited CLIP's alignment of each image with {suspect.text!r} (Otsu split)"
     else:
         present = activity > presence_threshold(activity, include_zeros=True)
         how = "the matched latents' activation (Otsu split)"
@@ -254,7 +262,7 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
                for c, name in enumerate(inputs.class_names)}
     out["classes"] = classes
     verdict, worst = suspect_verdict(match, classes)
-    evidence = _evidence(suspect, match, classes[worst] if worst else None)
+    evidence = _evidence(suspect, match, classes[worst] if worst else None, out["present"])
     return {**out, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
 
 
@@ -312,7 +320,7 @@ def suspect_verdict(match: dict, classes: dict) -> tuple[str, str | None]:
     return VERDICTS[2], max(classes, key=lambda n: classes[n]["probe_share"]) if classes else None
 
 
-def _evidence(suspect: Suspect, match: dict, row: dict | None) -> str:
+def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | None = None) -> str:
     how = {"text": f"alignment with {suspect.text!r} {match['score']:.3f}",
            "examples": f"tells the examples apart with AUROC {match['score']:.2f}",
            "column": f"correlates with the column at {match['score']:.2f}"}[suspect.kind]
@@ -327,6 +335,8 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None) -> str:
                  if shift else "")
         text += (f"; probe share {row['probe_share']:.3f} (zero-shot {row['zero_shot_share']:.3f}){moved}; "
                  f"{row['harm']['summary']}")
+    if present is not None:
+        text += f"; {present['images']} of {present['of']} images show it, by {present['how']}"
     return text
 
 
@@ -370,6 +380,21 @@ def _match_text(inputs: SuspectInputs, text: str) -> dict:
     return {"latents": chosen or [int(np.argmax(align))] if len(align) else [], "score": round(best, 4),
             "needed": TEXT_MIN_ALIGNMENT, "found": bool(chosen),
             "alignment": {str(i): round(float(align[i]), 4) for i in np.argsort(-align)[:CANDIDATES]}}
+
+
+def _text_presence(inputs: SuspectInputs, text: str) -> np.ndarray | None:
+    """[images] which images show a text suspect: those whose CLIP embedding aligns with the text (cosine to it
+    minus cosine to the empty prompt) above the Otsu split. The matched latents do not decide this: a latent that
+    mixes the suspect with another concept fires on that concept's images too, and the harm measured there would be
+    the other concept's. None without image embeddings or when every image aligns alike."""
+    if inputs.embeddings is None or inputs.encode_text is None:
+        return None
+    embedded, empty = inputs.encode_text([text])
+    images = torch.nn.functional.normalize(inputs.embeddings.float(), dim=-1)
+    align = (images @ embedded[0].float() - images @ empty.float()).numpy().astype(np.float64)
+    if len(np.unique(align)) < 2:
+        return None
+    return align > presence_threshold(align, include_zeros=True)
 
 
 def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
