@@ -13,8 +13,12 @@ CONFIG = AuditConfig.from_dict({})
 
 
 class _Store:
-    def __init__(self, acts):
+    def __init__(self, acts, embeddings=None):
         self.acts, self.n = acts, len(acts)
+        self._embeddings = embeddings
+
+    def embeddings(self):
+        return self._embeddings
 
     def iter_batches(self, batch_size, start=0, stop=None):
         for lo in range(0, self.n, batch_size):
@@ -167,7 +171,7 @@ def test_a_suspect_round_trips_through_its_dict():
         assert Suspect.from_dict(again) == suspect and suspect.to_dict()["kind"] in ("text", "column", "examples")
 
 
-def test_the_images_that_show_a_text_suspect_are_those_clip_aligns_with_it_not_those_its_latents_fire_on():
+def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_its_latents_fire_on():
     # latent 0 mixes the ruler with ink, and ink is what the probe calls melanoma: on the images latent 0 fires on,
     # the ruler would look harmful; on those that show a ruler, it is not
     inputs, ruler, ink = _inputs(harmful=False, ruler_shift=0.0)
@@ -184,11 +188,18 @@ def test_the_images_that_show_a_text_suspect_are_those_clip_aligns_with_it_not_t
     assert answer["evidence"].endswith(f"; {int(ruler.sum())} of {N} images show it, by the audited CLIP's "
                                        "alignment of each image with 'a ruler' (Otsu split)")
     assert not answer["classes"]["melanoma"]["harm"]["measured"]
+    # asked by examples, the latents' split is kept to the images CLIP puts on the examples' side
+    with_, without = _examples(inputs.ids, ruler & ~ink)[0], _examples(inputs.ids, ~ruler & ~ink)[0]
+    by_examples = check_suspect(inputs, Suspect("ruler", with_images=with_, without_images=without), CONFIG)
+    assert by_examples["match"]["latents"] == [0] and "nearer the examples with it" in by_examples["present"]["how"]
+    assert by_examples["present"]["images"] == int(ruler.sum())
+    assert by_examples["verdict"] == "represented, not relied on", by_examples["evidence"]
     # without image embeddings the latents decide, and the ink's harm lands on the ruler
     inputs.embeddings = None
-    mixed = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
-    assert mixed["present"]["images"] == int((ruler | ink).sum()) and "latents" in mixed["present"]["how"]
-    assert mixed["verdict"] == "relied on, harmful"
+    for suspect in (Suspect("ruler", text="a ruler"), Suspect("ruler", with_images=with_, without_images=without)):
+        mixed = check_suspect(inputs, suspect, CONFIG)
+        assert mixed["present"]["images"] == int((ruler | ink).sum()) and "latents" in mixed["present"]["how"]
+        assert mixed["verdict"] == "relied on, harmful"
 
 
 def test_an_answer_names_the_images_that_show_the_suspect_most():
@@ -206,7 +217,9 @@ def test_uploaded_example_images_name_a_suspect_alone_or_beside_audited_ones():
     acts = np.zeros((10, L), np.float32)
     acts[:5, 0] = rng.uniform(1, 2, 5)  # five uploads show a ruler, five do not
     acts[:, 3] = rng.uniform(0.1, 0.5, 10)
-    inputs.uploads, inputs.upload_ids = _Store(torch.from_numpy(acts)), [f"upload:u{i}.png" for i in range(10)]
+    seen = np.stack([np.arange(10) < 5, np.zeros(10), np.zeros(10), np.ones(10)], 1) + rng.normal(0, 0.05, (10, 4))
+    inputs.uploads = _Store(torch.from_numpy(acts), torch.tensor(seen, dtype=torch.float32))
+    inputs.upload_ids = [f"upload:u{i}.png" for i in range(10)]
     codes = inputs.example_codes(["upload:u7.png", "img3.png", "upload:u0.png"], CONFIG)
     assert np.allclose(codes[[0, 2]], acts[[7, 0]]) and np.allclose(codes[1], inputs.store.acts[3].numpy())
     alone = Suspect("ruler", with_images=tuple(inputs.upload_ids[:5]), without_images=tuple(inputs.upload_ids[5:]))

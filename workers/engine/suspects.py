@@ -8,7 +8,9 @@ A suspect is named one of three ways (:class:`Suspect`):
   latent that mixes the suspect with a concept the probe does read would put that concept's harm on the suspect;
 - ``examples``: a few images that show it and a few that do not (audited images by their ids, or uploaded ones
   named ``upload:NAME``, whose activations :func:`run_checklist` extracts apart): the latents whose summed
-  activation best tells them apart, and the images where that activation is above the Otsu split show it;
+  activation best tells them apart; the images that show it are those where that activation is above the Otsu
+  split and that CLIP puts on the examples' side (each image embedding nearer the mean of the examples with it
+  than of those without);
 - ``column``: a 0/1 column of ``labels.csv``: the latents whose summed activation correlates best with it, and
   the column itself says which images show the suspect.
 
@@ -92,6 +94,17 @@ class SuspectInputs:
             raise EngineError(f"image {image_id!r} is not in the audited dataset; name example images as labels.csv "
                               "names them")
         return self._index[image_id]
+
+    def example_embeddings(self, image_ids: Sequence[str]) -> torch.Tensor | None:
+        """[len(image_ids), E]: each example's CLIP image embedding (an ``upload:NAME`` from ``uploads``); None
+        without the audited images' embeddings."""
+        if self.embeddings is None:
+            return None
+        uploaded = {name: k for k, name in enumerate(self.upload_ids)}
+        mine = [str(i).startswith(UPLOAD) for i in image_ids]
+        theirs = self.uploads.embeddings() if any(mine) else None
+        return torch.stack([theirs[_upload_row(uploaded, str(i))] if up else self.embeddings[self.index(str(i))]
+                            for i, up in zip(image_ids, mine)]).float()
 
     def example_codes(self, image_ids: Sequence[str], config: AuditConfig) -> np.ndarray:
         """[len(image_ids), n_latents]: each example's SAE activation, pooled as the audit pools it; an id
@@ -255,6 +268,11 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
     else:
         present = activity > presence_threshold(activity, include_zeros=True)
         how = "the matched latents' activation (Otsu split)"
+        alike = _examples_presence(inputs, suspect) if suspect.kind == "examples" else None
+        if alike is not None:
+            present &= alike
+            how += (", among the images whose CLIP embedding is nearer the examples with it than those without "
+                    "(past the midpoint of the two groups' means)")
     out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
     shown = [int(i) for i in np.argsort(-activity, kind="stable") if present[i] and activity[i] > 0][:TOP_IMAGES]
     out["top_images"] = [inputs.ids[i] for i in shown]
@@ -395,6 +413,21 @@ def _text_presence(inputs: SuspectInputs, text: str) -> np.ndarray | None:
     if len(np.unique(align)) < 2:
         return None
     return align > presence_threshold(align, include_zeros=True)
+
+
+def _examples_presence(inputs: SuspectInputs, suspect: Suspect) -> np.ndarray | None:
+    """[images] the images CLIP itself puts on the examples' side: each image embedding projected on the mean of
+    the examples with the suspect minus the mean of those without, past the midpoint of the two groups' means.
+    Only a check on the matched latents' split: a latent that mixes the suspect with another concept fires on that
+    concept's images, which the examples without the suspect pull back. None without image embeddings."""
+    given = inputs.example_embeddings([*suspect.with_images, *suspect.without_images])
+    if given is None:
+        return None
+    given = torch.nn.functional.normalize(given, dim=-1)
+    k = len(suspect.with_images)
+    direction = given[:k].mean(0) - given[k:].mean(0)
+    cut = float((given[:k] @ direction).mean() + (given[k:] @ direction).mean()) / 2
+    return (torch.nn.functional.normalize(inputs.embeddings.float(), dim=-1) @ direction).numpy() > cut
 
 
 def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
