@@ -202,6 +202,38 @@ def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_
         assert mixed["verdict"] == "relied on, harmful"
 
 
+def test_a_suspect_relied_on_only_through_a_confirmed_shortcut_it_goes_with_is_not_relied_on():
+    # the probe calls every image with ink melanoma, a confirmed shortcut (latent 1); rulers come mostly on images
+    # with ink, so the images with a ruler are called melanoma more often, but not those without ink
+    inputs, _, ink = _inputs(harmful=False, ruler_shift=0.0)
+    rng = np.random.default_rng(7)
+    ruler = np.where(ink, rng.random(N) < 0.6, rng.random(N) < 0.1)
+    inputs.metadata["ruler"] = [str(int(v)) for v in ruler]
+    acts = inputs.store.acts.clone()
+    acts[:, 0] = torch.from_numpy(np.where(ruler, rng.uniform(1, 2, N), 0.0).astype(np.float32))
+    inputs.store.acts = acts
+    inputs.predictions["probe"] = np.where(ink, 1, inputs.labels)
+    inputs.probabilities = _probabilities(inputs.labels, ink, 0.4, rng)
+    assert abs(np.corrcoef(ruler, ink)[0, 1]) < CONFIG.match_min_correlation
+    alone = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
+    assert alone["verdict"] == "relied on, harmful"  # no shortcut confirmed: nothing to tell them apart
+    inputs.shortcuts = [[1]]
+    answer = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
+    row = answer["classes"]["melanoma"]
+    assert answer["verdict"] == "represented, not relied on" and row["harm"]["measured"], answer["evidence"]
+    assert row["explained_by"] == [1] and row["shortcuts"] == [{"latents": [1], "images": int((~ink).sum()),
+                                                                 "relied_on": False}]
+    assert "not its own: on the" in answer["evidence"] and "(latents 1) the probe does not rely on it" in \
+        answer["evidence"]
+    # a suspect harmful on its own stays so beside an unrelated shortcut, and is not checked against itself
+    inputs, ruler, ink = _inputs()
+    inputs.shortcuts = [[1], [0]]
+    answer = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
+    row = answer["classes"]["melanoma"]
+    assert answer["verdict"] == "relied on, harmful" and row["explained_by"] is None
+    assert row["shortcuts"] == [{"latents": [1], "images": int((~ink).sum()), "relied_on": True}]
+
+
 def test_an_answer_names_the_images_that_show_the_suspect_most():
     inputs, ruler, _ = _inputs()
     answer = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)

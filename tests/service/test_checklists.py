@@ -275,6 +275,25 @@ def test_form_lines_become_text_suspects():
         {"name": "gel bubbles", "text": "gel bubbles"}, {"name": "ink"}]
 
 
+def test_the_worker_weighs_each_suspect_against_the_audits_confirmed_shortcuts(audited, users, queue, monkeypatch):
+    flags = list(audited.flags.filter(head="probe").order_by("pk"))
+    assert flags, "the tiny audit flags something for the probe"
+    audited.flags.filter(head="probe").update(confirmed=False)
+    audited.flags.filter(pk=flags[0].pk).update(confirmed=True, concept_latents=[flags[0].latent, 999])
+    engine, seen = checklist_tasks.check_suspects, {}
+
+    def spy(*args, **kwargs):
+        seen["shortcuts"] = kwargs["shortcuts"]
+        return engine(*args, **{**kwargs, "shortcuts": [[flags[0].latent]]})
+
+    monkeypatch.setattr(checklist_tasks, "check_suspects", spy)
+    checklist = run(create_checklist(audit=audited, user=users["member"], suspects=[{"name": "c", "column": "corner"}]))
+    assert seen["shortcuts"] == [[flags[0].latent, 999]]  # confirmed probe flags only, each its concept's latents
+    answer = check_answers(checklist, ["c"])["c"]
+    for row in answer["classes"].values():
+        assert "explained_by" in row and isinstance(row["shortcuts"], list)
+
+
 def test_checklists_are_cancelled_and_an_engine_failure_fails_one_with_its_message(audited, users, client_for,
                                                                                    queue, monkeypatch):
     queued = create_checklist(audit=audited, user=users["member"], checklist="dermoscopy")

@@ -21,6 +21,8 @@ each head with and without it, as for a flag) and a verdict:
 - ``relied on, harmful``: the probe gives it at least ``flag_min_share`` of a class's relevance and the harm is
   measured (as for a flag: significant, and the probe's own, beyond zero-shot's);
 - ``relied on, no measured harm``: the share, without measured harm;
+- either holds only when it still holds on the images without each of the audit's confirmed shortcuts that is
+  not the suspect itself (:func:`_beyond_shortcuts`): otherwise the reliance is that shortcut's;
 - ``represented, not relied on``: the dictionary has it, the probe leaves it below the share;
 - ``not found by the dictionary``: no latent matches it well enough; the evidence (the best match and how well
   it separates) says how close it came.
@@ -49,7 +51,8 @@ from .correct_audit import presence_threshold
 from .checklist import KINDS, MIN_EXAMPLES, UPLOAD, VERDICTS, Suspect  # noqa: F401 (the checklist's names, here too)
 from .errors import EngineError
 from .harm import auroc, measured_harm, subset_table, summary
-from .stability import best_latents, best_match, concept_activity, pooled_activations
+from .directions import concept_groups
+from .stability import best_latents, best_match, concept_activity, pooled_activations, correlations
 
 TEXT_MIN_ALIGNMENT = 0.1  # a latent matches a text when its alignment (cos to the text - cos to "") is at least this
 TEXT_WITHIN = 0.8  # ... and at least this fraction of the best latent's alignment ...
@@ -85,6 +88,10 @@ class SuspectInputs:
     # the audited images' CLIP image embeddings ([n, E], the space ``encode_text`` embeds in): which images show a
     # text suspect; None: its matched latents decide, as for examples
     embeddings: torch.Tensor | None = None
+    # the audit's confirmed shortcuts (each the latents of one confirmed probe flag's concept): a suspect is relied
+    # on only when it still is on the images without each of them it is not (:func:`_beyond_shortcuts`)
+    shortcuts: list[list[int]] = field(default_factory=list)
+    _shortcut_presence: dict = field(default_factory=dict)
     _index: dict = field(default_factory=dict)
 
     def index(self, image_id: str) -> int:
@@ -94,6 +101,17 @@ class SuspectInputs:
             raise EngineError(f"image {image_id!r} is not in the audited dataset; name example images as labels.csv "
                               "names them")
         return self._index[image_id]
+
+    def shortcut_presence(self, config: AuditConfig) -> np.ndarray:
+        """[images, shortcuts]: which images show each confirmed shortcut (its latents' summed activation above the
+        Otsu split, as for a suspect)."""
+        key = tuple(map(tuple, self.shortcuts))
+        if key not in self._shortcut_presence:
+            activity = concept_activity(self.sae, self.store, config, self.shortcuts, self.device)
+            self._shortcut_presence[key] = np.stack(
+                [activity[:, f] > presence_threshold(activity[:, f], include_zeros=True)
+                 for f in range(len(self.shortcuts))], 1) if self.shortcuts else np.zeros((self.store.n, 0), bool)
+        return self._shortcut_presence[key]
 
     def example_embeddings(self, image_ids: Sequence[str]) -> torch.Tensor | None:
         """[len(image_ids), E]: each example's CLIP image embedding (an ``upload:NAME`` from ``uploads``); None
@@ -131,16 +149,19 @@ class SuspectInputs:
 
         workdir = Path(workdir)
         latents = result.latents if hasattr(result, "latents") else result["latents"]
+        flags = result.flags if hasattr(result, "flags") else result["flags"]
         return cls.from_parts(bundle, probe, images.remap(probe.class_names), ActivationStore(workdir / "activations"),
                               TopKSAE.load(workdir / "sae", device), dict(np.load(workdir / "relevance.npz")),
-                              [latent.get("references") or [] for latent in latents], config, device)
+                              [latent.get("references") or [] for latent in latents], config, device,
+                              shortcuts=confirmed_shortcuts(flags))
 
     @classmethod
     def from_parts(cls, bundle, probe, images, store: ActivationStore, sae, tables: Mapping[str, np.ndarray],
-                   references: Sequence[Sequence[str]], config: AuditConfig, device="cpu") -> "SuspectInputs":
+                   references: Sequence[Sequence[str]], config: AuditConfig, device="cpu",
+                   shortcuts: Sequence[Sequence[int]] = ()) -> "SuspectInputs":
         """From the audited images' activations (``store``, in ``images``' order), the audit's SAE, its relevance
-        tables (``probe_share`` and ``zero_shot_share``, [classes, latents], as ``relevance.npz`` keeps them) and
-        each latent's reference images (their ids)."""
+        tables (``probe_share`` and ``zero_shot_share``, [classes, latents], as ``relevance.npz`` keeps them),
+        each latent's reference images (their ids) and the audit's confirmed shortcuts (:func:`confirmed_shortcuts`)."""
         from .heads import ZeroShotHead, encode_concepts
         from .semantics import semantic_embeddings
 
@@ -165,7 +186,15 @@ class SuspectInputs:
         return cls(sae, store, [str(i) for i in images.ids], np.asarray(images.labels), images.metadata or {},
                    list(probe.class_names), predictions,
                    {"probe": np.asarray(tables["probe_share"]), "zero_shot": np.asarray(tables["zero_shot_share"])},
-                   semantic, encode_text, device, probabilities=probabilities, embeddings=embeddings)
+                   semantic, encode_text, device, probabilities=probabilities, embeddings=embeddings,
+                   shortcuts=concept_groups(shortcuts))
+
+
+def confirmed_shortcuts(flags: Sequence[Mapping]) -> list[list[int]]:
+    """The latents of each confirmed probe flag's concept (``concept_latents``, else its latent), from an audit's
+    flags as the engine gives them."""
+    return [list(f.get("concept_latents") or [f["latent"]]) for f in flags
+            if f.get("head") == "probe" and (f.get("confirmation") or {}).get("status") == "confirmed"]
 
 
 def _upload_row(uploaded: dict, image_id: str) -> int:
@@ -177,12 +206,13 @@ def _upload_row(uploaded: dict, image_id: str) -> int:
 
 def run_checklist(bundle, probe, images, sae, tables: Mapping[str, np.ndarray], references: Sequence[Sequence[str]],
                   suspects: Sequence[Suspect], config: AuditConfig, *, workdir: str | Path,
-                  progress=None, uploads: Mapping[str, str | Path] | None = None) -> list[dict]:
+                  progress=None, uploads: Mapping[str, str | Path] | None = None,
+                  shortcuts: Sequence[Sequence[int]] = ()) -> list[dict]:
     """A checklist on a finished audit, as the service's short job runs it: the audited ``images``' activations
     extracted again (cached in ``workdir``), then :func:`check_suspects` and :func:`attach_suspect_heatmaps`.
-    ``tables`` and ``references``: see :meth:`SuspectInputs.from_parts`; ``uploads``: NAME -> file of each
-    uploaded example image (named ``upload:NAME`` in a suspect's examples); ``progress(stage, done, total)``
-    reports "extract" and "check"."""
+    ``tables``, ``references`` and ``shortcuts``: see :meth:`SuspectInputs.from_parts`; ``uploads``: NAME -> file
+    of each uploaded example image (named ``upload:NAME`` in a suspect's examples); ``progress(stage, done,
+    total)`` reports "extract" and "check"."""
     from .activations import extract_activations
     from .data import ImageFiles
     from .loading import resolve_device
@@ -197,7 +227,8 @@ def run_checklist(bundle, probe, images, sae, tables: Mapping[str, np.ndarray], 
                                 progress=lambda done, total: report("extract", done, total), layer=config.layer,
                                 token=config.token, batch_size=config.batch_size, device=device, dtype=config.dtype,
                                 cache_dtype=config.cache_dtype)
-    inputs = SuspectInputs.from_parts(bundle, probe, prepared, store, sae, tables, references, config, device)
+    inputs = SuspectInputs.from_parts(bundle, probe, prepared, store, sae, tables, references, config, device,
+                                      shortcuts)
     wanted = sorted({name for s in suspects for name in s.uploads})
     if wanted:
         missing = [name for name in wanted if name not in (uploads or {})]
@@ -286,14 +317,26 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
 
 def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c: int, name: str,
                config: AuditConfig) -> dict:
-    keep = np.ones(len(present), bool)
+    shares = {head: round(float(inputs.shares[head][c, latents].sum()), 6) for head in ("probe", "zero_shot")}
+    everywhere = _reliance(inputs, present, np.ones(len(present), bool), c, shares, config)
+    tables, measured, split, shift, z, moves, relied = everywhere
+    checked, explained_by = _beyond_shortcuts(inputs, present, c, shares, config) if relied else ([], None)
+    harm = {**tables, "measured": measured, "split": split, "summary": summary(name, *tables.values())}
+    return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"],
+            "relied_on": relied and explained_by is None, "shortcuts": checked, "explained_by": explained_by,
+            "shift": {"probability": round(shift, 4), "z": round(z, 2), "moves": bool(moves)}, "harm": harm}
+
+
+def _reliance(inputs: SuspectInputs, present: np.ndarray, keep: np.ndarray, c: int, shares: dict,
+              config: AuditConfig) -> tuple:
+    """On the images ``keep``: the harm tables, whether the harm is measured (and by which split), the shift of
+    the class's probability with the suspect (its z, whether it moves) and whether the probe relies on it."""
     tables = {head: subset_table(present, keep, inputs.labels, inputs.predictions[head], c)
               for head in ("probe", "zero_shot")}
     measured, split = measured_harm(tables["probe"], tables["zero_shot"], config.harm_min_gap, config.harm_min_z)
-    shares = {head: round(float(inputs.shares[head][c, latents].sum()), 6) for head in ("probe", "zero_shot")}
     probability = (inputs.probabilities[:, c] if inputs.probabilities is not None
                    else (inputs.predictions["probe"] == c).astype(np.float64))
-    shift, z = presence_shift(probability, inputs.labels == c, present)
+    shift, z = presence_shift(probability[keep], inputs.labels[keep] == c, present[keep])
     moves = shift >= config.harm_min_gap / 2 and z >= config.harm_min_z
     # relied on: a share a flag would need, and either harm the probe's own, or a share amplified over zero-shot's
     # (a mixed latent carries class signal both heads read alike: that is not reliance on the suspect) with the
@@ -301,9 +344,31 @@ def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c
     # but the images that show the suspect are then called the class no more often)
     relied = shares["probe"] >= config.flag_min_share and (
         measured or (shares["probe"] >= config.amplification_ratio * shares["zero_shot"] and moves))
-    harm = {**tables, "measured": measured, "split": split, "summary": summary(name, *tables.values())}
-    return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"], "relied_on": relied,
-            "shift": {"probability": round(shift, 4), "z": round(z, 2), "moves": bool(moves)}, "harm": harm}
+    return tables, measured, split, shift, z, moves, relied
+
+
+def _beyond_shortcuts(inputs: SuspectInputs, present: np.ndarray, c: int, shares: dict,
+                      config: AuditConfig) -> tuple[list[dict], list[int] | None]:
+    """Is the reliance the suspect's own, or a confirmed shortcut's it goes with? The images that show a suspect
+    can show more (or less) of a shortcut the audit confirmed than the others do: a latent that mixes the two
+    picks them out so, and the probe's harm on them is then the shortcut's. So the reliance is asked again on the
+    images without each confirmed shortcut that is not the suspect itself (their presences correlate below
+    ``match_min_correlation``, the correlation a column match needs). Each check's shortcut latents, images and
+    outcome; and the latents of the first shortcut without which the reliance is gone (None: it holds)."""
+    shown = inputs.shortcut_presence(config)
+    if shown.shape[1] == 0:
+        return [], None
+    alike = correlations(present.astype(np.float64), shown.astype(np.float64))
+    checked, explained_by = [], None
+    for f, latents in enumerate(inputs.shortcuts):
+        if abs(alike[f]) >= config.match_min_correlation:
+            continue  # the suspect itself (or its absence): nothing to tell apart
+        keep = ~shown[:, f]
+        holds = _reliance(inputs, present, keep, c, shares, config)[-1]
+        checked.append({"latents": latents, "images": int(keep.sum()), "relied_on": bool(holds)})
+        if not holds and explained_by is None:
+            explained_by = latents
+    return checked, explained_by
 
 
 def presence_shift(probability: np.ndarray, in_class: np.ndarray, present: np.ndarray) -> tuple[float, float]:
@@ -353,6 +418,10 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | N
                  if shift else "")
         text += (f"; probe share {row['probe_share']:.3f} (zero-shot {row['zero_shot_share']:.3f}){moved}; "
                  f"{row['harm']['summary']}")
+        if row.get("explained_by"):
+            without = next(x for x in row["shortcuts"] if x["latents"] == row["explained_by"])
+            text += (f"; not its own: on the {without['images']} images without the audit's confirmed shortcut "
+                     f"(latents {', '.join(map(str, row['explained_by']))}) the probe does not rely on it")
     if present is not None:
         text += f"; {present['images']} of {present['of']} images show it, by {present['how']}"
     return text
