@@ -319,7 +319,9 @@ def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reporte
     assert summary["heat_planted"] == {"answers": 2, "mass": 0.5, "chance": 0.2}
     assert summary["heat_independent"] == {"answers": 2, "mass": 0.2, "chance": 0.1}
     table = "\n".join(report_checklist({"checklist": {"text": summary}}))
-    assert "| text | 5 | 0.8 | 0.8 | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
+    # the interval resamples whole cases: both of the first (4 of 6 right) to both of the second (all right)
+    assert summary["right_interval"] == [0.6667, 1.0]
+    assert "| text | 5 | 0.8 [0.6667, 1.0] | 0.8 | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
     assert "0.20 vs 0.10 (2.0x, 2)" in table
 
 

@@ -79,8 +79,9 @@ def is_right(verdict: str, verdict_class: str | None, planted: bool, toward: str
 
 
 def verdict_on_shares(answer: dict, config) -> tuple[str, str | None]:
-    """The verdict the checklist gave before "relied on" also needed the probe's output to move with the suspect
-    (a share amplified over zero-shot's was enough), from the answer's own figures."""
+    """The verdict on shares alone, from the answer's own figures: as before "relied on" also needed the probe's
+    output to move with the suspect (a share amplified over zero-shot's was enough) and to hold beyond the audit's
+    confirmed shortcuts."""
     from workers.engine.suspects import suspect_verdict
 
     classes = {}
@@ -122,6 +123,7 @@ def checklist_summary(cases: list[dict]) -> dict:
         if not rows and not controls:
             continue
         out[kind] = {"pairs": len(rows), "right": ratio(sum(r["right"] for r in rows), len(rows)),
+                     "right_interval": right_interval([c for c in cases if not c["control"]], kind),
                      "right_on_shares": ratio(sum(r.get("right_on_shares", r["right"]) for r in rows), len(rows)),
                      "planted_right": ratio(sum(r["right"] for r in rows if r["planted"]),
                                              sum(r["planted"] for r in rows)),
@@ -134,6 +136,20 @@ def checklist_summary(cases: list[dict]) -> dict:
                                for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])
                                if not r["right"]]}
     return {"checklist": out} if out else {}
+
+
+def right_interval(planted: list[dict], kind: str, resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """A 95 % interval for the share of pairs right: its 2.5th and 97.5th percentiles over the planted cases
+    resampled with replacement (a case's pairs share its audit, so they are drawn together)."""
+    per_case = [(sum(r["right"] for r in rows), len(rows))
+                for rows in ((c.get("checklist") or {}).get(kind, []) for c in planted) if rows]
+    if not per_case:
+        return None
+    rng = np.random.default_rng(seed)
+    counts = np.array(per_case, dtype=np.float64)
+    draws = [counts[picked, 0].sum() / counts[picked, 1].sum()
+             for picked in (rng.integers(0, len(counts), len(counts)) for _ in range(resamples))]
+    return [round(float(np.percentile(draws, 2.5)), 4), round(float(np.percentile(draws, 97.5)), 4)]
 
 
 def _heat(rows: list[dict]) -> dict:
@@ -174,12 +190,15 @@ def report_checklist(summary: dict) -> list[str]:
              "the image (chance), mean over answers (how many).", "",
              "*On shares*: the pairs right under the rule before \"relied on\" also needed the probe's output to "
              "move with the suspect (the class's probability higher on the images that show it, by half the harm "
-             "gap, at the harm's z), from the same answers.", "",
-             "| kind | pairs | right | on shares | planted right | independent right | controls right | planted maps: "
+             "gap, at the harm's z) and to hold on the images without each of the audit's confirmed shortcuts, "
+             "from the same answers.", "",
+             "| kind | pairs | right [95 % interval] | on shares | planted right | independent right | controls right | planted maps: "
              "mass vs chance | independent maps | wrong |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in rows.items():
-        lines.append(f"| {kind} | {r['pairs']} | {r['right']} | {r.get('right_on_shares', '-')} | "
+        bounds = r.get("right_interval")
+        interval = f" [{bounds[0]}, {bounds[1]}]" if bounds else ""
+        lines.append(f"| {kind} | {r['pairs']} | {r['right']}{interval} | {r.get('right_on_shares', '-')} | "
                      f"{r['planted_right']} | {r['independent_right']} | "
                      f"{r['controls_right']} | {_heat_cell(r.get('heat_planted'))} | "
                      f"{_heat_cell(r.get('heat_independent'))} | {'; '.join(r['wrong']) or '-'} |")
