@@ -194,6 +194,10 @@ def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_
     assert by_examples["match"]["latents"] == [0] and "nearer the examples with it" in by_examples["present"]["how"]
     assert by_examples["present"]["images"] == int(ruler.sum())
     assert by_examples["verdict"] == "represented, not relied on", by_examples["evidence"]
+    # where CLIP sees every image alike, the latents' split stands
+    inputs.embeddings = torch.ones(N, 4)
+    for suspect in (Suspect("ruler", text="a ruler"), Suspect("ruler", with_images=with_, without_images=without)):
+        assert check_suspect(inputs, suspect, CONFIG)["present"]["how"] == "the matched latents' activation (Otsu split)"
     # without image embeddings the latents decide, and the ink's harm lands on the ruler
     inputs.embeddings = None
     for suspect in (Suspect("ruler", text="a ruler"), Suspect("ruler", with_images=with_, without_images=without)):

@@ -488,13 +488,16 @@ def _examples_presence(inputs: SuspectInputs, suspect: Suspect) -> np.ndarray | 
     """[images] the images CLIP itself puts on the examples' side: each image embedding projected on the mean of
     the examples with the suspect minus the mean of those without, past the midpoint of the two groups' means.
     Only a check on the matched latents' split: a latent that mixes the suspect with another concept fires on that
-    concept's images, which the examples without the suspect pull back. None without image embeddings."""
+    concept's images, which the examples without the suspect pull back. None without image embeddings, or when
+    the two groups' embeddings are alike on average."""
     given = inputs.example_embeddings([*suspect.with_images, *suspect.without_images])
     if given is None:
         return None
     given = torch.nn.functional.normalize(given, dim=-1)
     k = len(suspect.with_images)
     direction = given[:k].mean(0) - given[k:].mean(0)
+    if not bool(direction.any()):
+        return None
     cut = float((given[:k] @ direction).mean() + (given[k:] @ direction).mean()) / 2
     return (torch.nn.functional.normalize(inputs.embeddings.float(), dim=-1) @ direction).numpy() > cut
 
