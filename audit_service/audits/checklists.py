@@ -187,8 +187,7 @@ def checked_uploads(suspects: list[dict], images: list) -> dict:
     uploaded = set(names)
     named: set[str] = set()
     for s in suspects:
-        entries = [*(s.get("with") or []), *(s.get("without") or [])]
-        wanted = [e[len(UPLOAD):] for e in entries if e.startswith(UPLOAD)]
+        wanted = Suspect.from_dict(s).uploads
         missing = [w for w in wanted if w not in uploaded]
         if missing:
             have = f"uploaded: {_some(sorted(uploaded))}" if uploaded else "no image was uploaded"

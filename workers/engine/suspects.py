@@ -318,8 +318,8 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
 def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c: int, name: str,
                config: AuditConfig) -> dict:
     shares = {head: round(float(inputs.shares[head][c, latents].sum()), 6) for head in ("probe", "zero_shot")}
-    everywhere = _reliance(inputs, present, np.ones(len(present), bool), c, shares, config)
-    tables, measured, split, shift, z, moves, relied = everywhere
+    tables, measured, split, shift, z, moves, relied = _reliance(inputs, present, np.ones(len(present), bool), c,
+                                                                shares, config)
     checked, explained_by = _beyond_shortcuts(inputs, present, c, shares, config) if relied else ([], None)
     harm = {**tables, "measured": measured, "split": split, "summary": summary(name, *tables.values())}
     return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"],
