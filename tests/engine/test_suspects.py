@@ -182,6 +182,7 @@ def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_
     inputs.probabilities = _probabilities(inputs.labels, ink, 0.4, np.random.default_rng(3))
     answer = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
     assert answer["match"]["latents"] == [0] and answer["classes"]["melanoma"]["probe_share"] >= 0.3
+    assert answer["match"]["by"] == "meaning"  # latent 0 fires on ink too: it does not follow CLIP's reading
     assert answer["present"] == {"images": int(ruler.sum()), "of": N,
                                  "how": "the audited CLIP's alignment of each image with 'a ruler' (Otsu split)"}
     assert answer["verdict"] == "represented, not relied on", answer["evidence"]
@@ -204,6 +205,35 @@ def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_
         mixed = check_suspect(inputs, suspect, CONFIG)
         assert mixed["present"]["images"] == int((ruler | ink).sum()) and "latents" in mixed["present"]["how"]
         assert mixed["verdict"] == "relied on, harmful"
+
+
+def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_it_not_only_by_their_meaning():
+    # latent 0 fires on exactly the images with a ruler and the probe reads it, but its reference images look like
+    # the lesion; latent 4 looks like a ruler and fires nowhere
+    inputs, ruler, _ = _inputs()
+    inputs.semantic = torch.eye(L, 4)[[3, 1, 2, 3, 0, 3]]
+    answer = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
+    assert answer["match"]["by"] == "reading" and answer["match"]["latents"] == [0], answer["match"]
+    assert answer["match"]["score"] > 0.9 and answer["match"]["meaning"] == pytest.approx(1.0)
+    assert answer["verdict"] == "relied on, harmful" and answer["verdict_class"] == "melanoma"
+    assert answer["evidence"].startswith("latent 0: active mostly on the images the audited CLIP sees 'a ruler' in")
+    # by meaning alone (no image embeddings to read the text with) latent 4 is all there is, and it is not read
+    inputs.embeddings = None
+    alone = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
+    assert alone["match"]["by"] == "meaning" and alone["match"]["latents"] == [4]
+    assert alone["verdict"] != "relied on, harmful"
+    # a latent as active off the images CLIP sees the text in does not follow the reading: the meaning decides
+    inputs, ruler, ink = _inputs()
+    inputs.semantic = torch.eye(L, 4)[[3, 1, 2, 3, 0, 3]]
+    acts = inputs.store.acts.clone()
+    acts[torch.from_numpy(ink & ~ruler), 0] = 1.5
+    inputs.store.acts = acts
+    mixed = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
+    assert mixed["match"]["by"] == "meaning" and mixed["match"]["latents"] == [4], mixed["match"]
+    # a text whose meaning no latent has is not found, whatever follows CLIP's reading of it
+    inputs, ruler, _ = _inputs()
+    inputs.semantic = torch.eye(L, 4)[[3, 1, 2, 3, 2, 3]]
+    assert check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)["verdict"] == VERDICTS[3]
 
 
 def test_a_suspect_relied_on_only_through_a_confirmed_shortcut_it_goes_with_is_not_relied_on():

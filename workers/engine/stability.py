@@ -48,8 +48,17 @@ def concept_activity(sae: TopKSAE, store: ActivationStore, config: AuditConfig, 
 def best_latents(sae: TopKSAE, store: ActivationStore, config: AuditConfig, target: np.ndarray, device,
                  candidates: int = 8) -> tuple[float, list[int]]:
     """The set of ``sae``'s latents whose summed activation correlates best with ``target`` [n images]: the
-    ``candidates`` latents correlating best on their own (one pass over the store), then :func:`best_match`
-    among them (a second pass gathers their activations)."""
+    ``candidates`` latents correlating best on their own (:func:`correlated_latents`), then :func:`best_match`
+    among them."""
+    top, columns = correlated_latents(sae, store, config, target, device, candidates)
+    best, chosen = best_match(target, columns)
+    return best, [top[c] for c in chosen]
+
+
+def correlated_latents(sae: TopKSAE, store: ActivationStore, config: AuditConfig, target: np.ndarray, device,
+                       candidates: int = 8) -> tuple[list[int], np.ndarray]:
+    """The ``candidates`` latents whose activation correlates best with ``target`` [n images] on its own, best
+    first (one pass over the store), and their activations [n, candidates] (a second pass)."""
     n, t = store.n, torch.as_tensor(target, dtype=torch.float64)
     sums = torch.zeros(sae.n_latents, dtype=torch.float64)
     squares = torch.zeros_like(sums)
@@ -67,8 +76,7 @@ def best_latents(sae: TopKSAE, store: ActivationStore, config: AuditConfig, targ
     columns = np.zeros((n, len(top)), np.float32)
     for lo, z in pooled_activations(sae, store, config, device):
         columns[lo:lo + z.shape[0]] = z[:, top].cpu().numpy()
-    best, chosen = best_match(target, columns)
-    return best, [top[c] for c in chosen]
+    return top, columns
 
 
 @torch.no_grad()

@@ -2,10 +2,14 @@
 
 A suspect is named one of three ways (:class:`Suspect`):
 
-- ``text`` ("a ruler"): the latents whose meaning (the mean embedding of their reference images) is closest to
-  the text, beyond the empty prompt (the alignment the labels use); the images that show it are those the audited
-  CLIP itself aligns with the text (each image's embedding, split as below), not those the latents fire on: a
-  latent that mixes the suspect with a concept the probe does read would put that concept's harm on the suspect;
+- ``text`` ("a ruler"): the images that show it are those the audited CLIP itself aligns with the text (each
+  image's embedding, split as below), not those the latents fire on: a latent that mixes the suspect with a
+  concept the probe does read would put that concept's harm on the suspect. The latents are those that follow
+  CLIP's reading (each active mostly on those images, their summed activation correlating with them at
+  ``match_min_correlation``, as a column's), found only when some latent's meaning (the mean embedding of its
+  reference images) aligns with the text beyond the empty prompt (the alignment the labels use); where none
+  follows the reading, those whose meaning is closest to the text. The latents whose references look most like
+  the text need not be those the probe reads where the text is: the others are found by where they fire;
 - ``examples``: a few images that show it and a few that do not (audited images by their ids, or uploaded ones
   named ``upload:NAME``, whose activations :func:`run_checklist` extracts apart): the latents whose summed
   activation best tells them apart; the images that show it are those where that activation is above the Otsu
@@ -52,11 +56,16 @@ from .checklist import KINDS, MIN_EXAMPLES, UPLOAD, VERDICTS, Suspect  # noqa: F
 from .errors import EngineError
 from .harm import auroc, measured_harm, subset_table, summary
 from .directions import concept_groups
-from .stability import best_latents, best_match, concept_activity, pooled_activations, correlations
+from .stability import (best_latents, best_match, concept_activity, correlated_latents, correlations,
+                        pooled_activations)
 
 TEXT_MIN_ALIGNMENT = 0.1  # a latent matches a text when its alignment (cos to the text - cos to "") is at least this
 TEXT_WITHIN = 0.8  # ... and at least this fraction of the best latent's alignment ...
 TEXT_MAX_LATENTS = 3  # ... at most this many (the closest)
+# a latent follows CLIP's reading of a text when at least this share of the images it is active on (above its Otsu
+# split) are images CLIP sees the text in: a latent that fires as much elsewhere mixes the text with another concept
+TEXT_MIN_WITHIN = 0.8
+TEXT_POOL = 32  # latents correlating best with CLIP's reading checked for that
 EXAMPLES_MIN_AUROC = 0.8  # the matched latents must tell the examples with the suspect from those without this well
 EXAMPLES_MIN_LATENT_AUROC = 0.65  # ... each of them at least this well on its own
 CANDIDATES = 8  # latents tried when building a match
@@ -285,13 +294,13 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) 
     """The checklist's row for one suspect: ``match`` (latents, how well, ``found``), ``present`` (images that
     show it and how that was decided), per class ``classes`` (probe and zero-shot share, harm tables, measured,
     relied on), and ``verdict`` with ``verdict_class`` (the class it is worst for) and ``evidence`` in words."""
-    match = _match(inputs, suspect, config)
+    seen = _text_presence(inputs, suspect.text) if suspect.text else None
+    match = _match(inputs, suspect, config, seen)
     out = {**suspect.to_dict(), "match": match}
     if not match["latents"]:
         return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
                 "verdict_class": None, "evidence": _evidence(suspect, match, None)}
     activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
-    seen = _text_presence(inputs, suspect.text) if suspect.text else None
     if suspect.column:
         present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
     elif seen is not None:
@@ -404,7 +413,9 @@ def suspect_verdict(match: dict, classes: dict) -> tuple[str, str | None]:
 
 
 def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | None = None) -> str:
-    how = {"text": f"alignment with {suspect.text!r} {match['score']:.3f}",
+    how = {"text": (f"active mostly on the images the audited CLIP sees {suspect.text!r} in, following them at "
+                     f"correlation {match['score']:.2f} (meaning's alignment {match.get('meaning', 0):.3f})"
+                     if match.get("by") == "reading" else f"alignment with {suspect.text!r} {match['score']:.3f}"),
            "examples": f"tells the examples apart with AUROC {match['score']:.2f}",
            "column": f"correlates with the column at {match['score']:.2f}"}[suspect.kind]
     if not match["latents"]:
@@ -429,9 +440,9 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | N
 
 # --------------------------------------------------------------------------- matching
 
-def _match(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
+def _match(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, seen: np.ndarray | None = None) -> dict:
     if suspect.text:
-        return _match_text(inputs, suspect.text)
+        return _match_text(inputs, suspect.text, config, seen)
     if suspect.column:
         target = _column(inputs, suspect.column)
         if target.min() == target.max():
@@ -455,7 +466,37 @@ def _column(inputs: SuspectInputs, column: str) -> np.ndarray:
     return np.array([v in ("1", "true", "yes") for v in values], dtype=np.float64)
 
 
-def _match_text(inputs: SuspectInputs, text: str) -> dict:
+def _match_text(inputs: SuspectInputs, text: str, config: AuditConfig, seen: np.ndarray | None) -> dict:
+    """A text suspect's latents: those that follow CLIP's reading of it (``seen``, :func:`_match_reading`) when
+    the dictionary has its meaning at all and some do, else those whose meaning is closest (``by``: "reading" or
+    "meaning")."""
+    meaning = _match_meaning(inputs, text)
+    reading = _match_reading(inputs, seen, config) if seen is not None and meaning["found"] else None
+    if reading is None:
+        return {**meaning, "by": "meaning"}
+    return {**meaning, **reading, "meaning": meaning["score"], "by": "reading"}
+
+
+def _match_reading(inputs: SuspectInputs, seen: np.ndarray, config: AuditConfig) -> dict | None:
+    """The latents that follow CLIP's reading of a text (``seen``: the images it sees the text in): among the
+    ``TEXT_POOL`` latents correlating best with it, those active (above their Otsu split) mostly on those images
+    (``TEXT_MIN_WITHIN``), the set whose summed activation correlates best with it; None when that correlation is
+    below ``match_min_correlation`` (or no latent is so placed)."""
+    target = seen.astype(np.float64)
+    top, columns = correlated_latents(inputs.sae, inputs.store, config, target, inputs.device, TEXT_POOL)
+    within = []
+    for k in range(len(top)):
+        on = columns[:, k] > presence_threshold(columns[:, k], include_zeros=True)
+        if on.any() and (seen & on).sum() / on.sum() >= TEXT_MIN_WITHIN:
+            within.append(k)
+    rho, chosen = best_match(target, columns[:, within[:CANDIDATES]])
+    if not chosen or rho < config.match_min_correlation:
+        return None
+    return {"latents": [top[within[c]] for c in chosen], "score": round(float(rho), 4),
+            "needed": config.match_min_correlation, "found": True}
+
+
+def _match_meaning(inputs: SuspectInputs, text: str) -> dict:
     if inputs.semantic is None or inputs.encode_text is None:
         raise EngineError("text suspects need the latents' semantic embeddings and a text encoder")
     embedded, empty = inputs.encode_text([text])
