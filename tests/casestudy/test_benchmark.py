@@ -321,8 +321,17 @@ def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reporte
     table = "\n".join(report_checklist({"checklist": {"text": summary}}))
     # the interval resamples whole cases: both of the first (4 of 6 right) to both of the second (all right)
     assert summary["right_interval"] == [0.6667, 1.0]
-    assert "| text | 5 | 0.8 [0.6667, 1.0] | 0.8 | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
+    assert "| text | 5 | 0.8 [0.6667, 1.0] | 0.8 | - | - | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
     assert "0.20 vs 0.10 (2.0x, 2)" in table
+    # text scored by meaning alone beside it, from the same answers: here the planted ruler was found by reading
+    by_meaning = [False, True, False, True, True]
+    for row, meaning, by in zip([r for c in cases for r in c["checklist"]["text"]], by_meaning,
+                                ["reading", "meaning", "meaning", "meaning", "reading"]):
+        row.update(right_by_meaning=meaning, by=by)
+    summary = checklist_summary(cases)["checklist"]["text"]
+    assert (summary["right_by_meaning"], summary["planted_right_by_meaning"], summary["by_reading"]) == (0.6, 0.5, 2)
+    assert "| text | 5 | 0.8 [0.6667, 1.0] | 0.8 | 0.6 (0.5) | 2 | 1.0 | 0.6667 |" in \
+        "\n".join(report_checklist({"checklist": {"text": summary}}))
 
 
 def test_the_verdict_on_shares_alone_is_recomputed_from_an_answer_for_the_side_by_side_column():

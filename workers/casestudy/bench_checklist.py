@@ -30,7 +30,7 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
     """Ask about every artifact in every kind on the case's audit (run in ``workdir``): per kind, one row per
     artifact with the verdict, its class, the matched latents and whether the verdict is the expected one."""
     from workers.engine import AuditConfig, LinearProbe, load_clip
-    from workers.engine.suspects import Suspect, SuspectInputs, attach_suspect_heatmaps, check_suspects
+    from workers.engine.suspects import Suspect, SuspectInputs, attach_suspect_heatmaps, check_suspect, check_suspects
 
     from .check import split_images
 
@@ -53,6 +53,8 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
     attach_suspect_heatmaps(bundle, inputs.sae, images.remap(probe.class_names).with_preprocess(bundle.preprocess),
                             answered, config)
     answers = {a["name"]: a for a in answered}
+    # text by meaning alone, the rule before a text's latents could follow CLIP's reading of it, side by side
+    by_meaning = {s.name: check_suspect(inputs, s, config, reading=False) for s in suspects if s.text}
     folder = ensure_masks(case, "audit")
     planted = cfg["artifact"] if cfg["strength"] > 0 else None
     out = {kind: [] for kind in KINDS}
@@ -62,12 +64,17 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
             right = is_right(a["verdict"], a["verdict_class"], artifact == planted, cfg["toward"])
             before = verdict_on_shares(a, config)  # the rule without the output's shift, side by side
             row = (a["classes"] or {}).get(a["verdict_class"]) or {}
+            meaning = by_meaning.get(a["name"])
+            extra = {} if meaning is None else {
+                "by": a["match"].get("by"),
+                "right_by_meaning": is_right(meaning["verdict"], meaning["verdict_class"], artifact == planted,
+                                             cfg["toward"])}
             out[kind].append({"artifact": artifact, "planted": artifact == planted, "verdict": a["verdict"],
                               "class": a["verdict_class"], "latents": a["match"]["latents"],
                               "score": a["match"]["score"], "probe_share": row.get("probe_share"),
                               "zero_shot_share": row.get("zero_shot_share"), "right": right,
                               "right_on_shares": is_right(*before, artifact == planted, cfg["toward"]),
-                              **heatmap_mass(a, artifact, folder)})
+                              **extra, **heatmap_mass(a, artifact, folder)})
     return out
 
 
@@ -125,6 +132,11 @@ def checklist_summary(cases: list[dict]) -> dict:
         out[kind] = {"pairs": len(rows), "right": ratio(sum(r["right"] for r in rows), len(rows)),
                      "right_interval": right_interval([c for c in cases if not c["control"]], kind),
                      "right_on_shares": ratio(sum(r.get("right_on_shares", r["right"]) for r in rows), len(rows)),
+                     **({"right_by_meaning": ratio(sum(r["right_by_meaning"] for r in rows), len(rows)),
+                         "planted_right_by_meaning": ratio(sum(r["right_by_meaning"] for r in rows if r["planted"]),
+                                                           sum(r["planted"] for r in rows)),
+                         "by_reading": sum(r.get("by") == "reading" for r in rows)}
+                        if rows and all("right_by_meaning" in r for r in rows) else {}),
                      "planted_right": ratio(sum(r["right"] for r in rows if r["planted"]),
                                              sum(r["planted"] for r in rows)),
                      "independent_right": ratio(sum(r["right"] for r in rows if not r["planted"]),
@@ -192,14 +204,18 @@ def report_checklist(summary: dict) -> list[str]:
              "move with the suspect (the class's probability higher on the images that show it, by half the harm "
              "gap, at the harm's z) and to hold on the images without each of the audit's confirmed shortcuts, "
              "from the same answers.", "",
-             "| kind | pairs | right [95 % interval] | on shares | planted right | independent right | controls right | planted maps: "
-             "mass vs chance | independent maps | wrong |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "*By meaning* (text only): the pairs right, and the planted artifacts found, when a text suspect's "
+             "latents are those closest to it in meaning alone, as before they could follow the audited CLIP's "
+             "reading of it; *by reading*: the pairs whose latents do follow that reading. Same audits.", "",
+             "| kind | pairs | right [95 % interval] | on shares | by meaning (planted) | by reading | planted right | "
+             "independent right | controls right | planted maps: mass vs chance | independent maps | wrong |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in rows.items():
         bounds = r.get("right_interval")
         interval = f" [{bounds[0]}, {bounds[1]}]" if bounds else ""
+        meaning = (f"{r['right_by_meaning']} ({r['planted_right_by_meaning']})" if "right_by_meaning" in r else "-")
         lines.append(f"| {kind} | {r['pairs']} | {r['right']}{interval} | {r.get('right_on_shares', '-')} | "
-                     f"{r['planted_right']} | {r['independent_right']} | "
+                     f"{meaning} | {r.get('by_reading', '-')} | {r['planted_right']} | {r['independent_right']} | "
                      f"{r['controls_right']} | {_heat_cell(r.get('heat_planted'))} | "
                      f"{_heat_cell(r.get('heat_independent'))} | {'; '.join(r['wrong']) or '-'} |")
     return lines

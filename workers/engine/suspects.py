@@ -290,12 +290,14 @@ def check_suspects(inputs: SuspectInputs, suspects: Sequence[Suspect], config: A
     return [check_suspect(inputs, s, config) for s in suspects]
 
 
-def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
+def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, reading: bool = True) -> dict:
     """The checklist's row for one suspect: ``match`` (latents, how well, ``found``), ``present`` (images that
     show it and how that was decided), per class ``classes`` (probe and zero-shot share, harm tables, measured,
-    relied on), and ``verdict`` with ``verdict_class`` (the class it is worst for) and ``evidence`` in words."""
+    relied on), and ``verdict`` with ``verdict_class`` (the class it is worst for) and ``evidence`` in words.
+    ``reading`` False: a text suspect's latents are those closest in meaning only, as before they could follow
+    CLIP's reading (the benchmark scores both side by side)."""
     seen = _text_presence(inputs, suspect.text) if suspect.text else None
-    match = _match(inputs, suspect, config, seen)
+    match = _match(inputs, suspect, config, seen if reading else None)
     out = {**suspect.to_dict(), "match": match}
     if not match["latents"]:
         return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
