@@ -222,7 +222,9 @@ class ChecklistSerializer(serializers.ModelSerializer):
     audit = serializers.IntegerField(source="audit_id", read_only=True)
     result = serializers.JSONField(read_only=True, help_text=(
         "suspects: one answer per suspect, in the order asked: name, kind, text/column/with/without; match "
-        "(latents, score, found, needed); present (images, of, how); top_images (the audited images that show it "
+        "(latents, score, found, needed; for text, by: 'reading' when the latents follow the audited CLIP's reading "
+        "of the text, score then their correlation with it and meaning the best latent's alignment, or 'meaning' "
+        "when they are those closest to it in meaning, score that alignment); present (images, of, how); top_images (the audited images that show it "
         "most) and heatmaps (image -> rows of 0..255 over the patches: where its latents are); classes (per class "
         "probe_share, zero_shot_share, relied_on, shift (probability, z, moves: the class's probability with it "
         "vs without), harm, shortcuts (the reliance asked again on the images without each of the audit's "

@@ -6,7 +6,7 @@ A suspect is named one of three ways (:class:`Suspect`):
   image's embedding, split as below), not those the latents fire on: a latent that mixes the suspect with a
   concept the probe does read would put that concept's harm on the suspect. The latents are those that follow
   CLIP's reading (each active mostly on those images, their summed activation correlating with them at
-  ``match_min_correlation``, as a column's), found only when some latent's meaning (the mean embedding of its
+  ``TEXT_MIN_READING``), found only when some latent's meaning (the mean embedding of its
   reference images) aligns with the text beyond the empty prompt (the alignment the labels use); where none
   follows the reading, those whose meaning is closest to the text. The latents whose references look most like
   the text need not be those the probe reads where the text is: the others are found by where they fire;
@@ -66,6 +66,10 @@ TEXT_MAX_LATENTS = 3  # ... at most this many (the closest)
 # split) are images CLIP sees the text in: a latent that fires as much elsewhere mixes the text with another concept
 TEXT_MIN_WITHIN = 0.8
 TEXT_POOL = 32  # latents correlating best with CLIP's reading checked for that
+# ... and their summed activation must correlate with the reading at least this well: a reading is CLIP's estimate,
+# not the truth a column is, and where CLIP reads a text poorly the latents that best reproduce its errors are
+# those of whatever it confuses the text with (a column's match needs ``match_min_correlation``, 0.6)
+TEXT_MIN_READING = 0.7
 EXAMPLES_MIN_AUROC = 0.8  # the matched latents must tell the examples with the suspect from those without this well
 EXAMPLES_MIN_LATENT_AUROC = 0.65  # ... each of them at least this well on its own
 CANDIDATES = 8  # latents tried when building a match
@@ -483,7 +487,7 @@ def _match_reading(inputs: SuspectInputs, seen: np.ndarray, config: AuditConfig)
     """The latents that follow CLIP's reading of a text (``seen``: the images it sees the text in): among the
     ``TEXT_POOL`` latents correlating best with it, those active (above their Otsu split) mostly on those images
     (``TEXT_MIN_WITHIN``), the set whose summed activation correlates best with it; None when that correlation is
-    below ``match_min_correlation`` (or no latent is so placed)."""
+    below ``TEXT_MIN_READING`` (or no latent is so placed)."""
     target = seen.astype(np.float64)
     top, columns = correlated_latents(inputs.sae, inputs.store, config, target, inputs.device, TEXT_POOL)
     within = []
@@ -492,10 +496,10 @@ def _match_reading(inputs: SuspectInputs, seen: np.ndarray, config: AuditConfig)
         if on.any() and (seen & on).sum() / on.sum() >= TEXT_MIN_WITHIN:
             within.append(k)
     rho, chosen = best_match(target, columns[:, within[:CANDIDATES]])
-    if not chosen or rho < config.match_min_correlation:
+    if not chosen or rho < TEXT_MIN_READING:
         return None
-    return {"latents": [top[within[c]] for c in chosen], "score": round(float(rho), 4),
-            "needed": config.match_min_correlation, "found": True}
+    return {"latents": [top[within[c]] for c in chosen], "score": round(float(rho), 4), "needed": TEXT_MIN_READING,
+            "found": True}
 
 
 def _match_meaning(inputs: SuspectInputs, text: str) -> dict:
