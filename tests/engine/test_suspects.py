@@ -6,7 +6,7 @@ import torch
 from workers.engine.config import AuditConfig
 from workers.engine.errors import EngineError
 from workers.engine.sae import TopKSAE
-from workers.engine.suspects import VERDICTS, Suspect, SuspectInputs, check_suspect, check_suspects
+from workers.engine.suspects import TEXT_MIN_READING, VERDICTS, Suspect, SuspectInputs, check_suspect, check_suspects
 
 N, L = 400, 6
 CONFIG = AuditConfig.from_dict({})
@@ -212,8 +212,11 @@ def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_i
     # the lesion; latent 4 looks like a ruler and fires nowhere
     inputs, ruler, _ = _inputs()
     inputs.semantic = torch.eye(L, 4)[[3, 1, 2, 3, 0, 3]]
+    encoded, encode = [], inputs.encode_text
+    inputs.encode_text = lambda texts: encoded.append(list(texts)) or encode(texts)
     answer = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
     assert answer["match"]["by"] == "reading" and answer["match"]["latents"] == [0], answer["match"]
+    assert encoded == [["a ruler"]]  # one encoding for the images that show it and the latents' meaning alike
     assert answer["match"]["score"] > 0.9 and answer["match"]["meaning"] == pytest.approx(1.0)
     assert answer["verdict"] == "relied on, harmful" and answer["verdict_class"] == "melanoma"
     assert answer["evidence"].startswith("latent 0: active mostly on the images the audited CLIP sees 'a ruler' in")
@@ -236,7 +239,6 @@ def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_i
     acts = inputs.store.acts.clone()
     acts[torch.from_numpy(ruler & (np.arange(N) % 5 < 2)), 0] = 0.0
     inputs.store.acts = acts
-    from workers.engine.suspects import TEXT_MIN_READING
     assert CONFIG.match_min_correlation < np.corrcoef(acts[:, 0].numpy() > 0, ruler)[0, 1] < TEXT_MIN_READING
     weak = check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)
     assert weak["match"]["by"] == "meaning" and weak["match"]["latents"] == [4], weak["match"]

@@ -105,6 +105,7 @@ class SuspectInputs:
     # on only when it still is on the images without each of them it is not (:func:`_beyond_shortcuts`)
     shortcuts: list[list[int]] = field(default_factory=list)
     _shortcut_presence: dict = field(default_factory=dict)
+    _texts: dict = field(default_factory=dict)
     _index: dict = field(default_factory=dict)
 
     def index(self, image_id: str) -> int:
@@ -125,6 +126,17 @@ class SuspectInputs:
                 [activity[:, f] > presence_threshold(activity[:, f], include_zeros=True)
                  for f in range(len(self.shortcuts))], 1) if self.shortcuts else np.zeros((self.store.n, 0), bool)
         return self._shortcut_presence[key]
+
+    def text_alignment(self, rows: torch.Tensor, text: str) -> np.ndarray:
+        """[len(rows)] each row's alignment with ``text``: its cosine to the text minus its cosine to the empty
+        prompt (the alignment the labels use), for latents' meanings and image embeddings alike; each text is
+        encoded once."""
+        if text not in self._texts:
+            embedded, empty = self.encode_text([text])
+            self._texts[text] = embedded[0].float(), empty.float()
+        embedded, empty = self._texts[text]
+        rows = torch.nn.functional.normalize(rows.float(), dim=-1)
+        return (rows @ embedded - rows @ empty).numpy()
 
     def example_embeddings(self, image_ids: Sequence[str]) -> torch.Tensor | None:
         """[len(image_ids), E]: each example's CLIP image embedding (an ``upload:NAME`` from ``uploads``); None
@@ -505,9 +517,7 @@ def _match_reading(inputs: SuspectInputs, seen: np.ndarray, config: AuditConfig)
 def _match_meaning(inputs: SuspectInputs, text: str) -> dict:
     if inputs.semantic is None or inputs.encode_text is None:
         raise EngineError("text suspects need the latents' semantic embeddings and a text encoder")
-    embedded, empty = inputs.encode_text([text])
-    e = torch.nn.functional.normalize(inputs.semantic.float(), dim=-1)
-    align = (e @ embedded[0].float() - e @ empty.float()).numpy()
+    align = inputs.text_alignment(inputs.semantic, text)
     best = float(align.max()) if len(align) else 0.0
     chosen = [int(i) for i in np.argsort(-align)[:TEXT_MAX_LATENTS]
               if align[i] >= TEXT_MIN_ALIGNMENT and align[i] >= TEXT_WITHIN * best]
@@ -523,9 +533,7 @@ def _text_presence(inputs: SuspectInputs, text: str) -> np.ndarray | None:
     the other concept's. None without image embeddings or when every image aligns alike."""
     if inputs.embeddings is None or inputs.encode_text is None:
         return None
-    embedded, empty = inputs.encode_text([text])
-    images = torch.nn.functional.normalize(inputs.embeddings.float(), dim=-1)
-    align = (images @ embedded[0].float() - images @ empty.float()).numpy().astype(np.float64)
+    align = inputs.text_alignment(inputs.embeddings, text).astype(np.float64)
     if len(np.unique(align)) < 2:
         return None
     return align > presence_threshold(align, include_zeros=True)
