@@ -53,8 +53,10 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
     attach_suspect_heatmaps(bundle, inputs.sae, images.remap(probe.class_names).with_preprocess(bundle.preprocess),
                             answered, config)
     answers = {a["name"]: a for a in answered}
-    # text by meaning alone, the rule before a text's latents could follow CLIP's reading of it, side by side
-    by_meaning = {s.name: check_suspect(inputs, s, config, reading=False) for s in suspects if s.text}
+    # text by meaning alone, the rule before a text's latents could follow CLIP's reading of it, side by side (an
+    # answer matched by meaning already is that answer)
+    by_meaning = {a["name"]: check_suspect(inputs, s, config, reading=False) if a["match"].get("by") == "reading"
+                  else a for s, a in zip(suspects, answered) if s.text}
     folder = ensure_masks(case, "audit")
     planted = cfg["artifact"] if cfg["strength"] > 0 else None
     out = {kind: [] for kind in KINDS}
