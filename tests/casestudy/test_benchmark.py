@@ -44,6 +44,11 @@ def test_every_planted_case_reports_its_corrections_recovery(planted):
                                                     f"nevus, {case['artifact']}=1"]
             assert all(g is not None for g in recovery["gap_closed"].values())
             assert recovery["overall"]["new"] is not None and isinstance(recovery["still_flagged"], bool)
+        # and how far they could go along the artifact's true direction, with the concept's share of its images
+        for method in ("project", "refit"):
+            assert list(case["ceiling"][method]["gap_closed"]) == list(case["corrections"][method]["gap_closed"])
+            assert all(g is not None for g in case["ceiling"][method]["gap_closed"].values())
+        assert 0 < case["ceiling"]["coverage"]["recall"] <= 1 and case["ceiling"]["coverage"]["precision"] > 0.5
         # two methods, two different probes
         assert case["corrections"]["project"]["overall"]["new"] != case["corrections"]["refit"]["overall"]["new"] \
             or case["corrections"]["project"]["gap_closed"] != case["corrections"]["refit"]["gap_closed"]

@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from .bench_ceiling import ceiling_summary, correction_ceiling, format_ceiling
 from .bench_checklist import checklist_summary, ratio as _ratio, report_checklist, score_checklist
 from .build import CaseConfig, build_case, default_cache
 from .check import TRAINED, correct_case, hurt_slices, recovery_checks
@@ -259,6 +260,7 @@ def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> di
         "novel_wrong_confident": sum(f["label_correct"] == "wrong" and (f["label_confidence"] or 0) >= 0.5
                                      for f in novel),
         **_recovery_summary(planted),
+        **ceiling_summary(planted),
         **_heatmap_summary(planted),
         **checklist_summary(cases),
         "seed_stability": _ratio(sum(s["every"] for s in stability or []), sum(s["any"] for s in stability or []))
@@ -466,6 +468,9 @@ def audit_and_score(case: dict, options: dict, corrections: tuple = (), heatmaps
             if heatmaps:  # before the corrections: their re-audits write into the same folder
                 scored["heatmap"] = planted_heatmap_mass(case, result, activity, work, heatmaps)
             if corrections:
+                latents = [latent for _, latent in planted_flags(case, result, activity)]
+                if latents:  # what the corrections below could close along the artifact's true direction
+                    scored["ceiling"] = correction_ceiling(case, _rows(case), work, latents, activity)
                 scored["corrections"] = {method: correct_and_score(case, result, activity, options, work, method)
                                          for method in corrections}
     finally:
@@ -659,7 +664,8 @@ def _code_key(options: dict, corrections: tuple = (), heatmaps: tuple = (), chec
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode())
     here = Path(__file__).parent
     for path in sorted((here.parent / "engine").glob("*.py")) + [Path(__file__), here / "check.py",
-                                                                 here / "masks.py", here / "bench_checklist.py"]:
+                                                                 here / "masks.py", here / "bench_checklist.py",
+                                                                 here / "bench_ceiling.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -896,6 +902,20 @@ def _report_corrections(s: dict) -> list[str]:
               f"more than one round); meeting the bar: {r['meets_bar']}; "
               f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
               for m, r in s["corrections"].items()]
+    ceiling = s.get("ceiling")
+    if ceiling:
+        cover = ceiling["coverage"]
+        lines += ["", "How far a correction could go: each corrected case's probe also corrected along the artifact's "
+                  "true direction (the difference of the probe's mean features between the audited images with and "
+                  "without it, within each class, from the ground truth), without re-audit, so only the gap part "
+                  "of the bar (both hurt slices >= 80 %) is counted. Where the true direction meets it and the "
+                  "SAE's does not, the audit's concept is what falls short, not the method."]
+        lines += [f"- `{m}`: gap part met in {ceiling[m]['sae_direction_meets_gap']} of {ceiling[m]['cases']} cases "
+                  f"along the SAE concept's direction, {ceiling[m]['true_direction_meets_gap']} along the true one."
+                  for m in ("project", "refit") if m in ceiling]
+        lines.append(f"- The corrected concepts (their summed activation above its Otsu split) take "
+                     f"{cover['recall_mean']} of the artifact's images on average (smallest {cover['recall_min']}), "
+                     f"at precision {cover['precision_mean']}.")
     return lines
 
 
@@ -904,8 +924,9 @@ def _report_cases(cases: list[dict], methods: list[str]) -> list[str]:
     lines = ["", "## Cases", "",
              "| seed | case | planted gap | recall | probe / zero-shot share of the planted flag | flags "
              "(class#rank label [what the latent tracks], ok = precise, C = confirmed) | heatmap of the planted "
-             "flags | " + "".join(f"correction: {m} | " for m in methods) + "s |",
-             "| --- " * (8 + len(methods)) + "|"]
+             "flags | " + "".join(f"correction: {m} | " for m in methods)
+             + ("correction along the artifact's true direction | " if methods else "") + "s |",
+             "| --- " * (8 + len(methods) + bool(methods)) + "|"]
     return lines + [_report_case_row(c, methods) for c in cases]
 
 
@@ -919,6 +940,8 @@ def _report_case_row(c: dict, methods: list[str]) -> str:
     heatmap = c.get("heatmap")
     corrections = c.get("corrections") or {}
     fixes = "".join(f"{format_recovery(corrections[m]) if m in corrections else ''} | " for m in methods)
+    if methods:
+        fixes += f"{format_ceiling(c['ceiling']) if c.get('ceiling') else ''} | "
     seconds = " + ".join(str(x) for x in [c["seconds"], heatmap and heatmap["seconds"],
                                           *(r["seconds"] for r in corrections.values())] if x is not None)
     return (f"| {c['seed']} | {what} | {'' if c['control'] else round(c['planted_gap'], 2)} | "
