@@ -279,6 +279,8 @@ def correct(args, log=print) -> int:
         options["rounds"] = args.rounds
     if args.C is not None:
         options["C"] = args.C
+    if getattr(args, "column", None):
+        options["column"] = args.column
     body = {"flags": _flag_ids(api, args.audit, args.flags), "method": args.method or "", "options": options,
             "training_dataset": args.training_dataset}
     submitted = api.call("POST", f"/api/v1/audits/{args.audit}/corrections/", json=body).json()
@@ -683,6 +685,10 @@ def _add_correct_parser(sub) -> None:
     c.add_argument("--directions", choices=["regression", "removal"], default="regression",
                    help="one direction per concept from how features move with it within a class (default), or one "
                         "per latent by removing it")
+    c.add_argument("--column", metavar="NAME",
+                   help="a 0/1 column of the audited dataset's labels.csv marking the images that show the flags' "
+                        "concept: remove its direction (images marked vs not, within each class) instead of the "
+                        "SAE's; a training split with the column also says which of its images show it")
     c.add_argument("--C", type=float, help="the regularization of refit and reweight (default: chosen by "
                                            "cross-validation)")
     c.add_argument("--rounds", type=int, metavar="N",

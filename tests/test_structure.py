@@ -23,7 +23,7 @@ ROOMS = (
     # the engine's modules the web process may use: light (no torch at import) and stable
     ("engine doors", ("workers.engine.config", "workers.engine.errors", "workers.engine.stages",
                       "workers.engine.jsonsafe", "workers.engine.imagefiles", "workers.engine.registration",
-                      "workers.engine.rounds", "workers.engine.checklist")),
+                      "workers.engine.rounds", "workers.engine.checklist", "workers.engine.columns")),
     ("engine", ("workers.engine",)),
     ("case study", ("workers.casestudy",)),
     ("workers", ("workers",)),

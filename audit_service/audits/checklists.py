@@ -16,6 +16,7 @@ from django.utils import timezone
 from audit_service.registry.archives import IMAGE_SUFFIXES, image_problem
 from audit_service.registry.services import RegistrationError, check_upload_size, spool_upload
 from workers.engine.checklist import SHIPPED, UPLOAD, Suspect, parse_suspects, stored
+from workers.engine.columns import FALSE_VALUES, TRUE_VALUES
 from workers.engine.errors import EngineError
 
 from .corrections import require_sae
@@ -29,7 +30,7 @@ CHECKLIST = register(JobKind("checklist", Checklist, "workers.checklists.run_che
 
 LISTED = 5  # names a refusal lists of what exists (columns, images)
 # the values a 0/1 labels.csv column may hold to name a suspect (as the engine reads it: workers.engine.suspects)
-COLUMN_VALUES = ("0", "1", "true", "false", "yes", "no", "")
+COLUMN_VALUES = TRUE_VALUES + FALSE_VALUES
 
 
 def create_checklist(*, audit: Audit, user, suspects=None, checklist: str = "", images=()) -> Checklist:

@@ -8,6 +8,7 @@ from audit_service.registry.models import DatasetPurpose
 from audit_service.registry.services import RegistrationError, add_probe_version
 from workers.engine.config import CORRECTION_METHODS as METHODS
 from workers.engine.config import CorrectionOptions
+from workers.engine.columns import binary_column
 from workers.engine.rounds import next_round
 from workers.engine.errors import EngineError
 
@@ -49,6 +50,7 @@ def create_correction(*, audit: Audit, user, flag_ids: list | None = None, metho
         raise RegistrationError(f"method must be one of {', '.join(METHODS)} (or empty: refit when a training "
                                 f"dataset is given, else project), got {method!r}", field="method")
     options = correction_options(options)
+    _check_column(audit, options)
     _check_training(audit, method, training_dataset, options)
     with transaction.atomic():
         check_room(audit.project)
@@ -90,6 +92,24 @@ def _chosen_flags(audit: Audit, flag_ids) -> list[Flag]:
         raise RegistrationError(f"flag(s) {', '.join(map(str, zero_shot))} are zero-shot flags; a correction "
                                 "changes the probe, so choose probe flags", field="flags")
     return [found[i] for i in dict.fromkeys(flag_ids)]
+
+
+def _check_column(audit: Audit, options: dict) -> None:
+    """The ``column`` option names a 0/1 column of the audited dataset's labels.csv that marks some of its images
+    and not all; checked here, so a wrong one is refused at once rather than failing the job."""
+    column = options.get("column")
+    if column is None:
+        return
+    dataset = audit.dataset
+    _, metadata = dataset.table()
+    try:
+        marked = binary_column(metadata, column, "to mark the concept's images")
+    except EngineError as exc:
+        raise RegistrationError(f"dataset '{dataset.name}': {exc.message}", field="options") from exc
+    if marked.all() or not marked.any():
+        raise RegistrationError(f"column {column!r} marks {'every' if marked.any() else 'no'} image of dataset "
+                                f"'{dataset.name}', so it tells no images with the concept from those without; "
+                                "give a column that marks some of them, or none", field="options")
 
 
 def _check_training(audit: Audit, method: str, dataset, options: dict) -> None:
@@ -300,7 +320,8 @@ def _answer_round(correction: Correction, reaudit: Audit) -> None:
     tracking = shortcut.get("tracking") or []
     result["reaudit"] = {"audit": reaudit.pk, "diff": diff}
     result["verdict"] = verdict(correction, result["correction"]["table"], diff, tracking)
-    step = next_round(shortcut.get("concepts") or [], tracking, flagged_latents(reaudit), result.get("method") or "")
+    step = next_round(shortcut.get("concepts") or [], tracking, flagged_latents(reaudit), result.get("method") or "",
+                      column=shortcut.get("estimate") == "column")
     result["rounds"] = [*(result.get("rounds") or []), _round_record(correction, result, step)]
     timings = {**correction.timings, "reaudit": correction.timings.get("reaudit", 0.0) + _seconds(reaudit)}
     if step["changed"] and len(result["rounds"]) < correction.options.get("rounds", 1):

@@ -523,7 +523,7 @@ def training_view(data: dict | None) -> dict | None:
     classes = [{"name": name, **row, **{f"imbalance_{k}": v for k, v in (imbalance.get(name) or {}).items()}}
                for name, row in (data.get("classes") or {}).items()]
     return {"classes": classes, "points_to": data.get("points_to"), "images": data.get("images"),
-            "with_concept": data.get("with_concept"), "latents": data.get("latents"),
+            "with_concept": data.get("with_concept"), "latents": data.get("latents"), "column": data.get("column"),
             "top": (data.get("rows") or [])[:TRAINING_ROWS_SHOWN], "rows_kept": data.get("rows_kept"),
             "rows_total": len(data.get("rows") or [])}
 

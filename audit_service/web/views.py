@@ -301,11 +301,13 @@ def correction_new(request, pk):
         if training is None:
             messages.error(request, "The correction was not made: no such training dataset in this project.")
             return redirect(back)
+    options = {"anchor": request.POST.get("anchor", "mean"), "max_clean_drop": drop, "rounds": rounds}
+    if request.POST.get("column"):
+        options["column"] = request.POST["column"]
     try:
         correction = create_correction(audit=audit, user=request.user, flag_ids=flags,
                                        method=request.POST.get("method", ""), training_dataset=training,
-                                       options={"anchor": request.POST.get("anchor", "mean"),
-                                                "max_clean_drop": drop, "rounds": rounds})
+                                       options=options)
     except RegistrationError as exc:
         messages.error(request, f"The correction was not made: {exc.message}")
         return redirect(back)

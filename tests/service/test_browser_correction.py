@@ -175,3 +175,58 @@ def test_a_correction_in_rounds_shows_each_round_on_its_page(browser, live_serve
     from django.db import connections
 
     connections.close_all()
+
+
+def test_a_member_corrects_along_the_datasets_column_from_the_report(browser, live_server, project, users,  # noqa: F811
+                                                                     registered, assets, tmp_path):
+    """The form offers the audited dataset's labels.csv columns; along "ruler" the correction removes the column's
+    direction in one round and its page says so."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from audit_service.registry.services import register_dataset
+
+    from .test_correction_column import ruled_zip
+
+    base = live_server.url
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    purge_queues()
+    worker = start_worker(tmp_path, "correction-column")
+    try:
+        path = ruled_zip(assets["dataset"], tmp_path / "ruled.zip")
+        dataset = register_dataset(project=project, user=users["member"], name="ruled lesions",
+                                   archive=SimpleUploadedFile("ruled.zip", path.read_bytes()))
+        audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
+                                      probe=registered["probe"], dataset=dataset,
+                                      options={**OPTIONS, "general_vocabulary": False}))
+        assert audit.status == Status.SUCCEEDED, audit.error
+        flag = audit.flags.filter(head="probe").order_by("class_name", "rank").first()
+        context, page = member_page(browser, base)
+        page.goto(f"{base}/audits/{audit.pk}/report/")
+        form = page.locator("#make-correction")
+        if form.get_attribute("open") is None:
+            form.locator("summary").click()
+        form.locator(f"input[name=flags][value='{flag.pk}']").check()
+        options = form.locator("#correction-column option")
+        assert [options.nth(i).get_attribute("value") for i in range(options.count())] == [
+            "", "ruler", "everywhere", "site"]
+        form.locator("#correction-column").select_option("ruler")
+        form.screenshot(path=str(ARTIFACTS / "correction-column-form.png"))
+        page.click("#make-correction-button")
+        page.wait_for_url(re.compile(r".*/corrections/\d+/$"))
+        correction_id = int(re.search(r"/corrections/(\d+)/$", page.url).group(1))
+        page.wait_for_selector("#result .correction-table", timeout=600_000)
+        correction = Correction.objects.get(pk=correction_id)
+        assert correction.status == Status.SUCCEEDED, (correction.error,
+                                                       (tmp_path / "correction-column.log").read_text()[-3000:])
+        assert correction.options["column"] == "ruler" and len(correction.result["rounds"]) == 1
+        assert correction.result["correction"]["shortcut"]["estimate"] == "column"
+        assert "the direction of the images labels.csv column “ruler” marks" in page.inner_text("#result")
+        assert "no rounds left" not in page.inner_text("#result .rounds-table")
+        page.screenshot(path=str(ARTIFACTS / "correction-column.png"), full_page=True)
+        context.close()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        from django.db import connections
+
+        connections.close_all()

@@ -50,7 +50,7 @@ def test_a_correction_made_on_the_page_shows_its_result_in_the_page_the_report_a
     correction = Correction.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/corrections/{correction.pk}/"
     assert correction.options == {"anchor": "midpoint", "directions": "regression", "C": None, "max_clean_drop": 0.05,
-                                  "rounds": 1}
+                                  "rounds": 1, "column": None}
     status = web("viewer").get(f"/corrections/{correction.pk}/status.json").json()
     assert status["status"] == "queued" and not status["finished"]
 

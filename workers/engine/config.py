@@ -273,6 +273,10 @@ class CorrectionOptions(_DictMixin):
     # correct, re-audit, add the flagged latents that track the chosen concepts, correct again: at most this many
     # rounds (1: one correction and its re-audit)
     rounds: _count(le=ROUNDS_MAX) = 3
+    # a labels.csv column (0/1) of the audited dataset marking the images that show the chosen flags' concept: the
+    # direction removed is the column's (the within-class difference of the probe's mean features with and without
+    # it) instead of the SAE's, in one round; a training split with the column says which of its images show it
+    column: _Text | None = None
 
 
 # --------------------------------------------------------------------------- server bounds

@@ -32,8 +32,9 @@ import torch
 from .activations import ActivationStore, extract_activations
 from .config import ANCHORS, ESTIMATES, AuditConfig, CorrectionOptions
 from .correction import TrainingSplit, correct_probe
+from .columns import binary_column
 from .data import ImageSet
-from .directions import ShortcutDirections, concept_directions, shortcut_directions
+from .directions import ShortcutDirections, column_directions, concept_directions, shortcut_directions
 from .errors import EngineError, checkpoint
 from .heads import LinearProbe
 from .hooks import VisionTail, select_tokens
@@ -90,7 +91,10 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     how the features move with its activation within a class: :func:`~workers.engine.directions.concept_directions`)
     or "removal" (one per latent, what removing it takes away:
     :func:`~workers.engine.directions.shortcut_directions`); ``anchor``: "mean" (the mean features of the audited
-    images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``).
+    images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``);
+    ``column``: a 0/1 column of the images' metadata (labels.csv) marking those that show the chosen flags'
+    concept, whose direction (:func:`~workers.engine.directions.column_directions`) is removed instead of the
+    SAE's; on a training split that has the column too, it says which images show the concept.
     ``method``: "project", "refit" or "reweight" (the last two need ``training``, the probe's training split:
     labelled images); None: ``refit`` when ``training`` is given, ``project`` otherwise. With ``training`` the
     outcome also carries the data behind the shortcut (:func:`training_data`, on the flags' latents).
@@ -100,6 +104,8 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     """
     options = CorrectionOptions() if options is None else options
     _check_options(audited.flags, options)
+    if options.column is not None:  # before any work: a column that is not there, or not 0/1, is refused now
+        binary_column(audited.images.metadata, options.column, "to mark the concept's images")
     run = _Run(audited.bundle, audited.probe, audited.sae, config, resolve_device(config.device), Path(workdir),
                progress or (lambda stage, done, total: None))
     latents, concepts = _chosen(audited.flags, audited.concepts)
@@ -110,8 +116,10 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     with run.timed("directions"):
         run.report("directions", 0, 1)
         shortcut = _measure(run, store, options.directions, concepts, latents, images.labels)
+        if options.column is not None:
+            shortcut = _along_column(run, store, images, shortcut, options.column)
         run.report("directions", 1, 1)
-    split = _training_split(run, training, options.C, latents)
+    split = _training_split(run, training, options.C, latents, options.column)
     with run.timed("correct"):
         run.report("correct", 0, 1)
         new, info = correct_probe(run.probe.cpu(), shortcut, method, split, anchor=options.anchor, seed=config.seed)
@@ -125,7 +133,9 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
         table["clean_slice"] = CLEAN_SLICE
         tracking = tracking_latents(run, store, concepts)
         run.report("compare", 1, 1)
-    data = None if split is None else {"latents": latents, **training_data(split, run.probe.class_names)}
+    marked_by = options.column if split is not None and split.activation is None and options.column else None
+    data = None if split is None else {"latents": latents, "column": marked_by,
+                                       **training_data(split, run.probe.class_names)}
     facts = {**_facts(shortcut, audited.flags, len(labels)), "concepts": concepts, "tracking": tracking}
     return CorrectionOutcome(new, info, table, facts, run.timings, data)
 
@@ -196,10 +206,20 @@ def _measure(run: _Run, store: ActivationStore, directions: str, concepts: list[
     return shortcut_directions(tail, run.sae, run.probe, store, latents, token=token, batch_size=batch_size)
 
 
-def _training_split(run: _Run, training: ImageSet | None, C: float | None, latents: list[int]
-                    ) -> TrainingSplit | None:
+@torch.no_grad()
+def _along_column(run: _Run, store: ActivationStore, images: ImageSet, shortcut: ShortcutDirections,
+                  column: str) -> ShortcutDirections:
+    """The shortcut with its direction read from the images' labels.csv ``column`` (the correction's option)."""
+    present = binary_column(images.metadata, column, "to mark the concept's images")
+    features = run.probe.features(store.embeddings().float().to(run.device)).cpu()
+    return column_directions(shortcut, features, images.labels.numpy(), present, column)
+
+
+def _training_split(run: _Run, training: ImageSet | None, C: float | None, latents: list[int],
+                    column: str | None = None) -> TrainingSplit | None:
     """The probe's training split as a refit reads it (its embeddings and labels) and as the SAE sees it (where
-    the chosen ``latents`` are active, how strongly, on which image), or None when not given."""
+    the chosen ``latents`` are active, how strongly, on which image), or None when not given. When its labels.csv
+    has ``column`` (the correction's), the column says which images show the concept instead of the SAE."""
     if training is None:
         if C is not None:
             raise EngineError("C sets the refit's regularization; it needs the probe's training split")
@@ -207,6 +227,10 @@ def _training_split(run: _Run, training: ImageSet | None, C: float | None, laten
     with run.timed("training"):
         images = prepare_images(run.bundle, run.probe, training)
         store = run.extract(images, "training", "training")
+        if column is not None and column in images.metadata:
+            present = binary_column(images.metadata, column, "to mark the concept's images")
+            return TrainingSplit(store.embeddings(), images.labels.numpy(), C, concept_active=present,
+                                 ids=list(images.ids))
         activation = _concept_activation(run, store, latents)
         return TrainingSplit(store.embeddings(), images.labels.numpy(), C,
                              concept_active=activation > presence_threshold(activation), activation=activation,

@@ -364,3 +364,48 @@ def _concept_shortcut(sums: _ConceptSums, concepts: list[list[int]], all_latents
     shortcut.active_latents, shortcut.concepts = all_latents, [list(c) for c in concepts]
     shortcut.mean_center, shortcut.estimate = (sums.feature_sum / sums.seen).float(), "regression"
     return shortcut
+
+
+def within_class_difference(features: Tensor, labels, present) -> Tensor:
+    """[embed_dim] the mean over classes of (the mean ``features`` of the class's images where ``present``) -
+    (the mean of its other images), float64; classes without images on both sides are left out. What a linear
+    read-out of "the concept is there" points along, with the class signal held apart."""
+    features = torch.as_tensor(features).double()
+    labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels).reshape(-1)
+    present = np.asarray(present, dtype=bool).reshape(-1)
+    if len(labels) != features.shape[0] or len(present) != features.shape[0]:
+        raise EngineError(f"{features.shape[0]} images but {len(labels)} labels and {len(present)} presence values")
+    diffs = [features[torch.from_numpy((labels == k) & present)].mean(0)
+             - features[torch.from_numpy((labels == k) & ~present)].mean(0)
+             for k in np.unique(labels) if ((labels == k) & present).any() and ((labels == k) & ~present).any()]
+    if not diffs:
+        raise EngineError("no class has images both with and without the concept, so its direction cannot be told "
+                          "from the class's")
+    return torch.stack(diffs).mean(0)
+
+
+def column_directions(shortcut: ShortcutDirections, features: Tensor, labels, present, column: str
+                      ) -> ShortcutDirections:
+    """The shortcut's direction from a labels.csv column that marks the images showing it, instead of from the
+    SAE's latents: :func:`within_class_difference` of the probe's ``features`` [images, embed_dim] (the audited
+    images', as the probe reads them) between the images the column marks (``present``) and the others.
+
+    The latents of ``shortcut`` (measured on the same images) are taken to be the column's one concept: they
+    keep their activity (the flags' slices) and name it. An SAE's concept can cover part of what the probe reads
+    as the artifact (on the benchmark's planted cases its images are about half the artifact's); a column a
+    person filled in covers all of it."""
+    features = torch.as_tensor(features).double()
+    present = np.asarray(present, dtype=bool).reshape(-1)
+    if present.all() or not present.any():
+        raise EngineError(f"column {column!r} marks {'every' if present.any() else 'no'} audited image, so no image "
+                          f"tells what the features look like {'without' if present.any() else 'with'} it")
+    vector = within_class_difference(features, labels, present)
+    if not bool(torch.isfinite(vector).all()) or float(vector.norm()) == 0.0:
+        raise EngineError(f"the images column {column!r} marks look on average like the others of their class, so "
+                          "it gives no direction to remove")
+    latents = list(shortcut.active_latents if shortcut.active_latents is not None else shortcut.latents)
+    out = ShortcutDirections.from_vectors(vector[None], features[torch.from_numpy(~present)].mean(0), latents[:1])
+    out.n_active, out.n_clean = [int(present.sum())], int((~present).sum())
+    out.active, out.active_latents, out.concepts = shortcut.active, latents, [latents]
+    out.mean_center, out.estimate = features.mean(0).float(), "column"
+    return out

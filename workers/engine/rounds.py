@@ -59,13 +59,17 @@ def grown_concepts(concepts: Sequence[Sequence[int]], added: Sequence[Sequence[i
 
 
 def next_round(concepts: Sequence[Sequence[int]], tracking: Sequence[dict], flagged: Iterable[int],
-               method: str = "project") -> dict:
+               method: str = "project", column: bool = False) -> dict:
     """What the round after a re-audit that flags ``flagged`` corrects: ``added`` (per concept, the flagged
     latents that track it), ``split`` (the concepts' flagged latents as concepts of their own), ``concepts``
     (the next round's) and ``changed`` (False: a next round would repeat this one, so stop). ``method``
-    "reweight" splits nothing: it balances the union of the concepts' latents, which a split leaves as it was."""
+    "reweight" splits nothing: it balances the union of the concepts' latents, which a split leaves as it was.
+    ``column``: the direction was read from a labels.csv column (option ``column``), which the concepts do not
+    change, so a next round would repeat this one: ``added`` still says what tracks the concept."""
     flagged = list(flagged)
     added = next_round_latents(tracking, flagged) if tracking else [[] for _ in concepts]
-    split = still_flagged_groups(concepts, flagged) if method != "reweight" else []
+    split = still_flagged_groups(concepts, flagged) if method != "reweight" and not column else []
+    if column:
+        return {"added": added, "split": [], "concepts": [list(c) for c in concepts], "changed": False}
     return {"added": added, "split": split, "concepts": grown_concepts(concepts, added, split),
             "changed": any(added) or bool(split)}

@@ -55,6 +55,7 @@ from .correct_audit import presence_threshold
 from .checklist import KINDS, MIN_EXAMPLES, UPLOAD, VERDICTS, Suspect  # noqa: F401 (the checklist's names, here too)
 from .errors import EngineError
 from .harm import auroc, measured_harm, subset_table, summary
+from .columns import binary_column
 from .directions import concept_groups
 from .stability import (best_latents, best_match, concept_activity, correlated_latents, correlations,
                         pooled_activations)
@@ -473,15 +474,7 @@ def _match(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, seen: n
 
 
 def _column(inputs: SuspectInputs, column: str) -> np.ndarray:
-    if column not in inputs.metadata:
-        known = ", ".join(sorted(inputs.metadata)) or "none"
-        raise EngineError(f"labels.csv has no column {column!r} (its extra columns: {known})")
-    values = [str(v).strip().lower() for v in inputs.metadata[column]]
-    bad = sorted({v for v in values if v not in ("0", "1", "true", "false", "yes", "no", "")})
-    if bad:
-        raise EngineError(f"column {column!r} must hold 0/1 (or true/false) to name a suspect; it holds "
-                          f"{', '.join(bad[:5])}")
-    return np.array([v in ("1", "true", "yes") for v in values], dtype=np.float64)
+    return binary_column(inputs.metadata, column, "to name a suspect").astype(np.float64)
 
 
 def _match_text(inputs: SuspectInputs, text: str, config: AuditConfig, seen: np.ndarray | None) -> dict:
