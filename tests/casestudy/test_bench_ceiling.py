@@ -3,33 +3,11 @@ artifact, and how the benchmark's summary and report put them beside the correct
 from dataclasses import asdict
 
 import numpy as np
-import pytest
-import torch
 
-from workers.casestudy.bench_ceiling import ceiling_summary, concept_coverage, format_ceiling, true_direction
+from workers.casestudy.bench_ceiling import ceiling_summary, concept_coverage, format_ceiling
 from workers.casestudy.benchmark import Grid, meets_targets, summarize_grid, write_report
 
 RULER = ("melanoma, a ruler=0", "nevus, a ruler=1")
-
-
-def test_the_true_direction_is_the_mean_over_classes_of_the_within_class_difference_with_and_without():
-    rng = np.random.default_rng(0)
-    labels = np.array([0] * 6 + [1] * 6)
-    shows = np.array([1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0], bool)
-    features = torch.tensor(rng.normal(size=(12, 4)))
-    expected = ((features[[0, 1]].mean(0) - features[[2, 3, 4, 5]].mean(0))
-                + (features[[6, 7, 8, 9]].mean(0) - features[[10, 11]].mean(0))) / 2
-    assert torch.allclose(true_direction(features, labels, shows), expected.double())
-    # a class seen on one side only gives no difference: the other class's alone counts
-    one_sided = shows.copy()
-    one_sided[:6] = False
-    assert torch.allclose(true_direction(features, labels, one_sided),
-                          (features[[6, 7, 8, 9]].mean(0) - features[[10, 11]].mean(0)).double())
-    # the class signal is not the artifact's: features that differ by class alone give no direction
-    by_class = torch.tensor(np.where(labels[:, None] == 1, 3.0, -3.0) * np.ones((12, 4)))
-    assert torch.allclose(true_direction(by_class, labels, shows), torch.zeros(4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="both with and without"):
-        true_direction(features, labels, labels == 1)
 
 
 def test_the_coverage_compares_the_concepts_otsu_split_with_the_images_that_show_the_artifact():

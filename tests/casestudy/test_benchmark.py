@@ -37,7 +37,8 @@ def test_the_planted_artifacts_are_found_and_the_flags_are_precise(planted):
 def test_every_planted_case_reports_its_corrections_recovery(planted):
     cases = [c for c in planted["cases"] if not c["control"]]
     for case in cases:
-        assert list(case["corrections"]) == ["project", "refit", "reweight"]
+        assert list(case["corrections"]) == ["project", "refit", "reweight", "project (column)", "refit (column)",
+                                             "reweight (column)"]
         for recovery in case["corrections"].values():
             assert recovery["latents"], case["flags"]  # the planted artifact was flagged, so it was corrected
             assert list(recovery["gap_closed"]) == [f"melanoma, {case['artifact']}=0",
@@ -52,8 +53,11 @@ def test_every_planted_case_reports_its_corrections_recovery(planted):
         # two methods, two different probes
         assert case["corrections"]["project"]["overall"]["new"] != case["corrections"]["refit"]["overall"]["new"] \
             or case["corrections"]["project"]["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
-    for method in ("project", "refit", "reweight"):
+    for method in ("project", "refit", "reweight", "reweight (column)"):
         assert planted["summary"]["corrections"][method]["corrected"] == len(cases)
+    for case in cases:  # along the column: one round, and the direction is the column's
+        column = case["corrections"]["project (column)"]
+        assert len(column["rounds"]) == 1 and column["gap_closed"] != case["corrections"]["project"]["gap_closed"]
     assert all("project" not in format_row(c) and "heatmap" not in format_row(c)
                for c in planted["cases"] if c["control"])
 

@@ -4,8 +4,9 @@ A correction removes the direction of the concept the audit flagged, measured fr
 (:mod:`workers.engine.directions`). When it closes too little of a hurt slice's gap, either the method cannot do
 better on this probe, or the direction is not the artifact's. The ground truth tells the two apart: the artifact's
 own direction is the difference of the probe's mean features between the audited images that show it and those
-that do not, within each class, averaged over the classes (what a linear read-out of "the artifact is there"
-points along). ``project`` and ``refit`` along that one direction give the gaps the method could close. The
+that do not, within each class, averaged over the classes
+(:func:`~workers.engine.directions.within_class_difference`, what a correction with the artifact's labels.csv
+column removes). ``project`` and ``refit`` along that one direction give the gaps the method could close. The
 concept's Otsu split (the images a correction takes as showing it,
 :func:`~workers.engine.correct_audit.presence_threshold`) against the ground truth says how much of the artifact
 the SAE's concept covers.
@@ -24,18 +25,6 @@ import torch
 from .check import MIN_GAP_CLOSED, hurt_slices
 
 CEILING_METHODS = ("project", "refit")
-
-
-def true_direction(features: torch.Tensor, labels: np.ndarray, shows: np.ndarray) -> torch.Tensor:
-    """[embed_dim] the mean over classes of (mean features of the class's images that show the artifact) - (mean
-    of those that do not); classes without images on both sides are skipped."""
-    features = features.double()
-    diffs = [features[torch.from_numpy((labels == k) & shows)].mean(0)
-             - features[torch.from_numpy((labels == k) & ~shows)].mean(0)
-             for k in np.unique(labels) if ((labels == k) & shows).any() and ((labels == k) & ~shows).any()]
-    if not diffs:
-        raise ValueError("no class has audited images both with and without the artifact")
-    return torch.stack(diffs).mean(0)
 
 
 def concept_coverage(activation: np.ndarray, shows: np.ndarray) -> dict:
@@ -58,6 +47,7 @@ def correction_ceiling(case: dict, rows: Sequence[dict], workdir: Path, latents:
     from workers.engine import LinearProbe, load_clip
     from workers.engine.activations import ActivationStore
     from workers.engine.correction import ShortcutDirections, TrainingSplit, compare_probes, correct_probe
+    from workers.engine.directions import within_class_difference
 
     from .build import _embed, _images
 
@@ -68,7 +58,7 @@ def correction_ceiling(case: dict, rows: Sequence[dict], workdir: Path, latents:
     probe, reference = LinearProbe.load(case["probe"]), LinearProbe.load(case["reference_probe"])
     with torch.no_grad():
         features = probe.features(embeddings).double()
-    shortcut = ShortcutDirections.from_vectors(true_direction(features, labels, shows)[None],
+    shortcut = ShortcutDirections.from_vectors(within_class_difference(features, labels, shows)[None],
                                                features[torch.from_numpy(~shows)].mean(0), [0])
     shortcut.mean_center = features.mean(0).float()
     names = hurt_slices(case)

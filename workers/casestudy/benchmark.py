@@ -35,6 +35,7 @@ from .check import TRAINED, correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
 from .masks import artifact_heatmap_mass, direction_heatmap_mass
 
+BY_COLUMN = " (column)"  # a correction method so named corrects along the artifact's labels.csv column
 TRUE_GAP = 0.10  # a concept "moves the probe's accuracy" when a with/without gap is at least this
 PURITY = 0.75  # a latent tracks an artifact when this share of its activation mass falls on images with it ...
 LIFT = 1.3  # ... and that is this many times the artifact's base rate
@@ -71,8 +72,9 @@ class Grid:
     # stability: every planted case audited again with these SAE seeds (the first is the audit above)
     sae_seeds: tuple = (0, 1, 2)
     stability_cases: int | None = None  # how many planted cases get that (None: every one; 0: none)
-    # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures)
-    corrections: tuple = ("project", "refit", "reweight")
+    # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures); a
+    # method named with BY_COLUMN corrects along the artifact's labels.csv column instead of the SAE's concept
+    corrections: tuple = ("project", "refit", "reweight", *(m + BY_COLUMN for m in ("project", "refit", "reweight")))
     checklist: bool = True  # every artifact asked about as a suspect on every case (issue 32)
     heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issues 19 and 30)
     heatmap_methods: tuple = HEATMAP_METHODS  # each measured on the same maps' latents and images (issue 30)
@@ -547,17 +549,19 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
     """Correct the audited probe with ``method`` for :func:`planted_flags` (one concept, the default anchor) and
     re-audit it with the same SAE (``workdir`` is the audit's): issue 18's recovery figures for one case. A
     ``refit`` and ``reweight`` need the probe's training split; a case without one is ``skipped`` with the
-    reason."""
+    reason. A method named with :data:`BY_COLUMN` ("refit (column)") corrects along the artifact's labels.csv
+    column (the correction's ``column`` option) instead of the SAE concept's direction."""
     started = time.time()
     out = {"method": method, "latents": [], "gap_closed": None, "overall": None, "still_flagged": None,
            "meets_bar": False}
+    method, column = method.removesuffix(BY_COLUMN), method.endswith(BY_COLUMN)
     if method in TRAINED and not Path(case.get("probe_train_dir", "")).is_dir():
         return {**out, "skipped": "the case has no probe training split", "seconds": 0.0}
     from workers.engine.errors import EngineError
 
     try:
         figures = correct_case(case, workdir, method=method, audit=result,
-                               flags=planted_flags(case, result, activity), options=options)
+                               flags=planted_flags(case, result, activity), options=options, column=column)
     except EngineError as exc:  # e.g. a concept on every training image: nothing for reweight to balance
         return {**out, "skipped": exc.message, "seconds": round(time.time() - started, 1)}
     out["latents"] = [latent for _, latent in figures["flags"]]
@@ -898,6 +902,11 @@ def _report_corrections(s: dict) -> list[str]:
                   "read from the SAE, not the ground truth) join it, the concept's latents still flagged become a "
                   "concept of their own too, and the audited probe is corrected again; the figures are the last "
                   "round's, and a case that took more than one round also gives round 1's.")
+    if any(m.endswith(BY_COLUMN) for m in s["corrections"]):
+        lines[-1] += (f" A method named `...{BY_COLUMN}` corrects the same flags along the artifact's labels.csv "
+                      "column instead (the correction's `column` option: the direction between the images the "
+                      "column marks and the others, within each class; one round; the training split's column says "
+                      "which of its images show it): what a user whose images are annotated gets.")
     lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected ({r.get('more_than_one_round', 0)} in "
               f"more than one round); meeting the bar: {r['meets_bar']}; "
               f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."

@@ -101,7 +101,7 @@ def _flag_keys(result) -> set[tuple[str, str, int]]:
 
 def correct_case(case: dict, workdir: str | Path, *, method: str = "project", anchor: str | None = None,
                  audit=None, flags: list[tuple[str, int]] | None = None, options: dict | None = None,
-                 rounds: int | None = None) -> dict:
+                 rounds: int | None = None, column: bool = False) -> dict:
     """Correct the case's probe for the planted artifact's flags and re-audit it with the same SAE: the figures
     issue 18 asks for (:func:`recovery_checks` says whether they meet its bar).
 
@@ -112,7 +112,9 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     the artifact independent of the class) is what "the way to go" is measured against. ``rounds`` (default: the
     correction options' ``rounds``): after each re-audit, the latents it still flags that track the corrected
     concept (:func:`~workers.engine.correct_audit.next_round_latents`) join it and the original probe is
-    corrected again, until none is left or the rounds run out.
+    corrected again, until none is left or the rounds run out. ``column``: the artifact's labels.csv column marks
+    the concept's images (the correction's ``column`` option: its direction instead of the SAE's, one round), in
+    the audited split and in the training split alike.
 
     Returns plain figures of the last round (the hurt slices' and the overall rows of the correction's table,
     the clean images' change, the re-audit's flags of the artifact, flags new and gone by (head, class, latent),
@@ -125,7 +127,8 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
 
     cfg = case["config"]
     config = AuditConfig.from_dict(audit_options() if options is None else options)
-    correction_options = CorrectionOptions(**({"anchor": anchor} if anchor is not None else {}))
+    correction_options = CorrectionOptions(**({"anchor": anchor} if anchor is not None else {}),
+                                           **({"column": cfg["artifact"]} if column else {}))
     rounds = correction_options.rounds if rounds is None else rounds
     bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
     probe = LinearProbe.load(case["probe"])
@@ -142,7 +145,8 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
                "anchor": anchor, "flags": [list(p) for p in chosen], "corrected": bool(chosen), "seconds": seconds}
     if not chosen:  # nothing flagged as the artifact: nothing to correct, and the bar is not met
         return figures
-    training = split_images(case["probe_train_dir"]) if method in TRAINED else None
+    training = (split_images(case["probe_train_dir"], (cfg["artifact"],) if column else ())
+                if method in TRAINED else None)
     inputs = (bundle, probe, images, TopKSAE.load(workdir / "sae", "cpu"))
     figures.update(_correct_in_rounds(case, inputs, chosen, audit, config, correction_options, method, training,
                                       rounds, workdir, seconds))
@@ -171,7 +175,8 @@ def _correct_in_rounds(case: dict, inputs: tuple, chosen: list[tuple[str, int]],
         after = run_audit(config, bundle, outcome.probe.cpu(), images, workdir=workdir, sae=sae)
         seconds["reaudit"] = round(seconds.get("reaudit", 0.0) + time.perf_counter() - started, 1)
         figures = _recovery_figures(case, chosen, outcome, audit, after, [i for c in concepts for i in c])
-        step = next_round(concepts, outcome.shortcut["tracking"], _probe_flagged(after), method)
+        step = next_round(concepts, outcome.shortcut["tracking"], _probe_flagged(after), method,
+                          column=options.column is not None)
         done.append({"round": round_, "concepts": concepts, "latents": figures["latents"],
                      "added": [i for a in step["added"] for i in a], "split": step["split"],
                      **{k: figures[k] for k in ("slices", "overall", "clean_change")},
