@@ -154,7 +154,27 @@ def test_the_summary_counts_the_corrections_that_meet_the_bar_per_method():
     assert project["corrected"] == 2 and project["meets_bar"] == 0.5
     assert project["still_flagged"] == 1 and project["min_gap_closed"] == 0.2
     assert refit["meets_bar"] == 1.0 and refit["still_flagged"] == 0 and refit["min_gap_closed"] == 0.875
+    assert summary["corrections_some_method"] == {"cases": 2, "sae": 2}
     assert "corrections" not in summarize_grid([_case()])
+
+
+def test_the_summary_counts_the_cases_some_method_of_each_kind_corrects_to_the_bar(tmp_path):
+    good = _recovery({"melanoma, a ruler=0": 0.93, "nevus, a ruler=1": 0.875}, 0.78, False, True)
+    bad = _recovery({"melanoma, a ruler=0": 0.2, "nevus, a ruler=1": 0.9}, 0.5, True, False)
+    cases = [_case(bad, good), _case(bad, bad), _case(bad, bad)]
+    cases[0]["corrections"]["refit (column)"] = bad
+    cases[1]["corrections"]["project (column)"] = good
+    cases[2]["corrections"]["project (column)"] = good
+    summary = summarize_grid(cases)
+    assert summary["corrections_some_method"] == {"cases": 3, "sae": 1, "column": 2}
+    report = {"summary": summary, "met": meets_targets(summary), "cases": cases, "stability": [], "seconds": 60.0,
+              "grid": {**asdict(Grid(seeds=(0,), artifacts=("a ruler",), classes=("melanoma",), controls=False)),
+                       "cases": len(cases)},
+              "machine": {"host": "h", "processor": "x86_64", "python": "3.11"}}
+    text = write_report(report, tmp_path, "python manage.py benchmark_flags")[0].read_text()
+    assert "- Some method (the best for each case) meets the bar in 1 of 3 cases along the SAE's concept, 2 along " \
+           "the column." in text
+    assert "A method named `... (column)` corrects the same flags along the artifact's labels.csv column" in text
 
 
 def test_the_summary_and_the_report_carry_the_heatmap_methods_side_by_side_per_artifact(tmp_path):

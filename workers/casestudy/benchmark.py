@@ -348,7 +348,14 @@ def _recovery_summary(planted: list[dict]) -> dict:
                        "meets_bar": _ratio(sum(r["meets_bar"] for r in rows), len(rows)),
                        "still_flagged": sum(bool(r["still_flagged"]) for r in rows),
                        "min_gap_closed": round(min(closed), 4) if closed else None}
-    return {"corrections": out} if out else {}
+    if not out:
+        return {}
+    # the best method per case: some method of each kind (the SAE's concept, the artifact's column) meets the bar
+    kinds = {"sae": [m for m in methods if not m.endswith(BY_COLUMN)],
+             "column": [m for m in methods if m.endswith(BY_COLUMN)]}
+    some = {kind: sum(any((c.get("corrections") or {}).get(m, {}).get("meets_bar") for m in names) for c in planted)
+            for kind, names in kinds.items() if names}
+    return {"corrections": out, "corrections_some_method": {"cases": len(planted), **some}}
 
 
 def _heatmap_summary(planted: list[dict]) -> dict:
@@ -911,6 +918,11 @@ def _report_corrections(s: dict) -> list[str]:
               f"more than one round); meeting the bar: {r['meets_bar']}; "
               f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
               for m, r in s["corrections"].items()]
+    some = s.get("corrections_some_method")
+    if some:
+        lines.append(f"- Some method (the best for each case) meets the bar in {some.get('sae', 0)} of {some['cases']} "
+                     "cases along the SAE's concept" + (f", {some['column']} along the column" if "column" in some
+                                                       else "") + ".")
     ceiling = s.get("ceiling")
     if ceiling:
         cover = ceiling["coverage"]
