@@ -175,6 +175,8 @@ def test_the_summary_counts_the_cases_some_method_of_each_kind_corrects_to_the_b
     assert "- Some method (the best for each case) meets the bar in 1 of 3 cases along the SAE's concept, 2 along " \
            "the column." in text
     assert "A method named `... (column)` corrects the same flags along the artifact's labels.csv column" in text
+    # a run without the stability audits says so rather than listing no seeds
+    assert "Stability: not measured in this run (`--no-stability`)." in text and "SAE seeds ." not in text
 
 
 def test_the_summary_and_the_report_carry_the_heatmap_methods_side_by_side_per_artifact(tmp_path):

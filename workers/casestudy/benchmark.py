@@ -830,7 +830,9 @@ def _report_targets(s: dict, met: dict) -> list[str]:
 
 
 def _report_stability(report: dict) -> list[str]:
-    """The concept overlap of each planted case audited with several SAE seeds."""
+    """The concept overlap of each planted case audited with several SAE seeds (nothing when none was)."""
+    if not report.get("stability"):
+        return ["", "Stability: not measured in this run (`--no-stability`)."]
     return ["", "Stability: each planted case audited with SAE seeds " + "; ".join(
         f"{st['sae_seeds']} on seed {st['seed']} {st['case']}: concept overlap {st['overlap']:.2f} (flagged "
         f"{' | '.join(', '.join(f) or 'nothing' for f in st['flagged'])})" for st in report.get("stability", []))
