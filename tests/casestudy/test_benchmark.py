@@ -14,7 +14,9 @@ from workers.casestudy.benchmark import (Grid, format_row, intervals, meets_targ
                                         write_report)
 
 FAST = {"faithfulness_max_images": 32, "faithfulness_steps": 5}
-SMALL = dict(seeds=(0,), n_audit=1200, stability_cases=0)
+# every method along the SAE's concept, and one along the artifact's column (the benchmark runs all three)
+SMALL = dict(seeds=(0,), n_audit=1200, stability_cases=0, corrections=("project", "refit", "reweight",
+                                                                      "refit (column)"))
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,7 @@ def test_the_planted_artifacts_are_found_and_the_flags_are_precise(planted):
 def test_every_planted_case_reports_its_corrections_recovery(planted):
     cases = [c for c in planted["cases"] if not c["control"]]
     for case in cases:
-        assert list(case["corrections"]) == ["project", "refit", "reweight", "project (column)", "refit (column)",
-                                             "reweight (column)"]
+        assert list(case["corrections"]) == ["project", "refit", "reweight", "refit (column)"]
         for recovery in case["corrections"].values():
             assert recovery["latents"], case["flags"]  # the planted artifact was flagged, so it was corrected
             assert list(recovery["gap_closed"]) == [f"melanoma, {case['artifact']}=0",
@@ -53,11 +54,11 @@ def test_every_planted_case_reports_its_corrections_recovery(planted):
         # two methods, two different probes
         assert case["corrections"]["project"]["overall"]["new"] != case["corrections"]["refit"]["overall"]["new"] \
             or case["corrections"]["project"]["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
-    for method in ("project", "refit", "reweight", "reweight (column)"):
+    for method in ("project", "refit", "reweight", "refit (column)"):
         assert planted["summary"]["corrections"][method]["corrected"] == len(cases)
     for case in cases:  # along the column: one round, and the direction is the column's
-        column = case["corrections"]["project (column)"]
-        assert len(column["rounds"]) == 1 and column["gap_closed"] != case["corrections"]["project"]["gap_closed"]
+        column = case["corrections"]["refit (column)"]
+        assert len(column["rounds"]) == 1 and column["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
     assert all("project" not in format_row(c) and "heatmap" not in format_row(c)
                for c in planted["cases"] if c["control"])
 
@@ -89,7 +90,7 @@ def test_the_planted_flags_heatmaps_lie_on_their_artifact_above_chance(planted):
 def test_a_rule_that_flags_on_share_alone_fails_the_same_checks():
     wrong = {**FAST, "flag_without_harm": True, "harm_min_gap": 0.01, "harm_min_z": 0.0}
     report = run_grid(Grid(artifacts=("a ruler",), classes=("melanoma",), controls=True, audit_options=wrong,
-                           corrections=(), heatmaps=False, **SMALL), log=lambda line: None)
+                           heatmaps=False, **{**SMALL, "corrections": ()}), log=lambda line: None)
     control = next(c for c in report["cases"] if c["control"])
     assert report["summary"]["precision"] < 0.8 or [f for f in control["flags"] if not f["precise"]]
 
