@@ -104,8 +104,9 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     """
     options = CorrectionOptions() if options is None else options
     _check_options(audited.flags, options)
-    if options.column is not None:  # before any work: a column that is not there, or not 0/1, is refused now
-        binary_column(audited.images.metadata, options.column, "to mark the concept's images")
+    # before any work: a column that is not there, or not 0/1, is refused now
+    marked = (None if options.column is None
+              else binary_column(audited.images.metadata, options.column, "to mark the concept's images"))
     run = _Run(audited.bundle, audited.probe, audited.sae, config, resolve_device(config.device), Path(workdir),
                progress or (lambda stage, done, total: None))
     latents, concepts = _chosen(audited.flags, audited.concepts)
@@ -116,8 +117,8 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     with run.timed("directions"):
         run.report("directions", 0, 1)
         shortcut = _measure(run, store, options.directions, concepts, latents, images.labels)
-        if options.column is not None:
-            shortcut = _along_column(run, store, images, shortcut, options.column)
+        if marked is not None:
+            shortcut = _along_column(run, store, images, shortcut, marked, options.column)
         run.report("directions", 1, 1)
     split = _training_split(run, training, options.C, latents, options.column)
     with run.timed("correct"):
@@ -208,11 +209,11 @@ def _measure(run: _Run, store: ActivationStore, directions: str, concepts: list[
 
 @torch.no_grad()
 def _along_column(run: _Run, store: ActivationStore, images: ImageSet, shortcut: ShortcutDirections,
-                  column: str) -> ShortcutDirections:
-    """The shortcut with its direction read from the images' labels.csv ``column`` (the correction's option)."""
-    present = binary_column(images.metadata, column, "to mark the concept's images")
+                  marked: np.ndarray, column: str) -> ShortcutDirections:
+    """The shortcut with its direction read from the images ``marked`` by their labels.csv ``column`` (the
+    correction's option; the prepared images keep the audited ones' order)."""
     features = run.probe.features(store.embeddings().float().to(run.device)).cpu()
-    return column_directions(shortcut, features, images.labels.numpy(), present, column)
+    return column_directions(shortcut, features, images.labels.numpy(), marked, column)
 
 
 def _training_split(run: _Run, training: ImageSet | None, C: float | None, latents: list[int],

@@ -68,8 +68,8 @@ def next_round(concepts: Sequence[Sequence[int]], tracking: Sequence[dict], flag
     change, so a next round would repeat this one: ``added`` still says what tracks the concept."""
     flagged = list(flagged)
     added = next_round_latents(tracking, flagged) if tracking else [[] for _ in concepts]
-    split = still_flagged_groups(concepts, flagged) if method != "reweight" and not column else []
     if column:
         return {"added": added, "split": [], "concepts": [list(c) for c in concepts], "changed": False}
+    split = still_flagged_groups(concepts, flagged) if method != "reweight" else []
     return {"added": added, "split": split, "concepts": grown_concepts(concepts, added, split),
             "changed": any(added) or bool(split)}
