@@ -27,6 +27,11 @@ from .check import MIN_GAP_CLOSED, hurt_slices
 CEILING_METHODS = ("project", "refit")
 
 
+def meets_gap(gaps: dict | None) -> bool:
+    """The gap part of the bar: every hurt slice's gap (name -> share closed) closed at least MIN_GAP_CLOSED."""
+    return bool(gaps) and all(g is not None and g >= MIN_GAP_CLOSED for g in gaps.values())
+
+
 def concept_coverage(activation: np.ndarray, shows: np.ndarray) -> dict:
     """How the images a correction takes as showing the concept (its summed activation above the Otsu split)
     compare with those that show the artifact: ``precision`` (of the concept's images, the share that show it)
@@ -74,7 +79,7 @@ def correction_ceiling(case: dict, rows: Sequence[dict], workdir: Path, latents:
         table = compare_probes(probe, new, embeddings, labels, slices, reference)
         gaps = {name: table["slices"][name]["gap_closed"] for name in names}
         out[method] = {"gap_closed": gaps, "overall_new": table["overall"]["new"],
-                       "meets_gap": all(g is not None and g >= MIN_GAP_CLOSED for g in gaps.values())}
+                       "meets_gap": meets_gap(gaps)}
     activation = np.sum([activity(int(latent)) for latent in latents], axis=0)
     out["coverage"] = concept_coverage(activation, shows)
     return out
@@ -92,9 +97,7 @@ def ceiling_summary(planted: Sequence[dict]) -> dict:
         out[method] = {
             "cases": len(rows),
             "true_direction_meets_gap": sum(c["ceiling"][method]["meets_gap"] for c in rows),
-            "sae_direction_meets_gap": sum(
-                bool(r.get("gap_closed")) and all(g is not None and g >= MIN_GAP_CLOSED
-                                                  for g in r["gap_closed"].values()) for r in ran)}
+            "sae_direction_meets_gap": sum(meets_gap(r.get("gap_closed")) for r in ran)}
     cover = [c["ceiling"]["coverage"] for c in rows]
     recall = [c["recall"] for c in cover if c["recall"] is not None]
     precision = [c["precision"] for c in cover if c["precision"] is not None]
