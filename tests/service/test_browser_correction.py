@@ -28,10 +28,11 @@ def wait_for(audit: Audit, seconds: float = 600) -> Audit:
     raise AssertionError(f"audit {audit.pk} did not finish within {seconds} s ({audit.stage} {audit.percent} %)")
 
 
-def audited_by_worker(project, users, registered) -> Audit:
-    """A fast audit of the registered inputs, run by the test's worker to the end."""
+def audited_by_worker(project, users, registered, dataset=None) -> Audit:
+    """A fast audit of the registered inputs (another ``dataset`` of the project if given), run by the test's
+    worker to the end."""
     audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
-                                  probe=registered["probe"], dataset=registered["dataset"],
+                                  probe=registered["probe"], dataset=dataset or registered["dataset"],
                                   options={**OPTIONS, "general_vocabulary": False}))
     assert audit.status == Status.SUCCEEDED, audit.error
     return audit
@@ -181,24 +182,15 @@ def test_a_member_corrects_along_the_datasets_column_from_the_report(browser, li
                                                                      registered, assets, tmp_path):
     """The form offers the audited dataset's labels.csv columns; along "ruler" the correction removes the column's
     direction in one round and its page says so."""
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
-    from audit_service.registry.services import register_dataset
-
-    from .test_correction_column import ruled_zip
+    from .test_correction_column import register_ruled
 
     base = live_server.url
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     purge_queues()
     worker = start_worker(tmp_path, "correction-column")
     try:
-        path = ruled_zip(assets["dataset"], tmp_path / "ruled.zip")
-        dataset = register_dataset(project=project, user=users["member"], name="ruled lesions",
-                                   archive=SimpleUploadedFile("ruled.zip", path.read_bytes()))
-        audit = wait_for(create_audit(project=project, user=users["member"], clip_model=registered["model"],
-                                      probe=registered["probe"], dataset=dataset,
-                                      options={**OPTIONS, "general_vocabulary": False}))
-        assert audit.status == Status.SUCCEEDED, audit.error
+        audit = audited_by_worker(project, users, registered,
+                                  register_ruled(project, users["member"], assets, tmp_path))
         flag = audit.flags.filter(head="probe").order_by("class_name", "rank").first()
         context, page = member_page(browser, base)
         page.goto(f"{base}/audits/{audit.pk}/report/")

@@ -3,7 +3,6 @@ audit option ``suspects``, the report's table (page and download) and its form, 
 import html
 import io
 import json
-import zipfile
 
 import pytest
 from django.conf import settings
@@ -20,6 +19,7 @@ from audit_service.registry.services import RegistrationError, register_dataset
 from workers import checklists as checklist_tasks
 from workers import tasks
 from workers.engine.checklist import SHIPPED, SUSPECTS_MAX, VERDICTS
+from tests.support.synthetic import with_columns
 from workers.engine.errors import EngineError
 
 from .conftest import FAST_AUDIT
@@ -31,16 +31,8 @@ COLUMNS = ("corner", "site")  # corner: 0/1, the white square every melanoma ima
 
 def marked_zip(source, target):
     """The test dataset with two extra labels.csv columns: ``corner`` (0/1) and ``site`` (head/back)."""
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
-        for item in zin.infolist():
-            if item.filename != "labels.csv":
-                zout.writestr(item, zin.read(item))
-        rows = zin.read("labels.csv").decode().strip().splitlines()
-        lines = [rows[0] + ",corner,site"]
-        for i, row in enumerate(rows[1:]):
-            lines.append(f"{row},{int(row.endswith(',melanoma'))},{'head' if i % 2 else 'back'}")
-        zout.writestr("labels.csv", "\n".join(lines) + "\n")
-    return target
+    return with_columns(source, target, {"corner": lambda i, row: int(row.endswith(",melanoma")),
+                                         "site": lambda i, row: "head" if i % 2 else "back"})
 
 
 @pytest.fixture

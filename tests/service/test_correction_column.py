@@ -1,8 +1,6 @@
 """A correction along a labels.csv column through the service: refused at once when the column is not the audited
 dataset's, not 0/1 or marks every image; run in one round with the column's direction; offered on the report's
 form with the dataset's columns; shown on the correction's page; sent by the client's ``--column``."""
-import zipfile
-
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
@@ -10,6 +8,7 @@ from audit_service.audits.corrections import create_correction
 from audit_service.audits.models import Correction, Review, Status, Verdict
 from audit_service.registry.services import RegistrationError, register_dataset
 from clip_audit_client import cli as client_cli
+from tests.support.synthetic import with_columns
 
 from .test_checklists import run_audit
 from .test_corrections import audited, probe_flag, run_every_round  # noqa: F401 (a fixture)
@@ -17,27 +16,21 @@ from .test_corrections import audited, probe_flag, run_every_round  # noqa: F401
 pytestmark = pytest.mark.django_db
 
 
-def ruled_zip(source, target):
-    """The test dataset with extra labels.csv columns: ``ruler`` (0/1, every third image of either class),
-    ``everywhere`` (1 on every image) and ``site`` (head/back)."""
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
-        for item in zin.infolist():
-            if item.filename != "labels.csv":
-                zout.writestr(item, zin.read(item))
-        rows = zin.read("labels.csv").decode().strip().splitlines()
-        lines = [rows[0] + ",ruler,everywhere,site"]
-        lines += [f"{row},{int(i % 3 == 0)},1,{'head' if i % 2 else 'back'}" for i, row in enumerate(rows[1:])]
-        zout.writestr("labels.csv", "\n".join(lines) + "\n")
-    return target
+def register_ruled(project, user, assets, tmp_path):
+    """The test dataset registered with extra labels.csv columns: ``ruler`` (0/1, every third image of either
+    class), ``everywhere`` (1 on every image) and ``site`` (head/back)."""
+    path = with_columns(assets["dataset"], tmp_path / "ruled.zip", {
+        "ruler": lambda i, row: int(i % 3 == 0), "everywhere": lambda i, row: 1,
+        "site": lambda i, row: "head" if i % 2 else "back"})
+    dataset = register_dataset(project=project, user=user, name="ruled lesions",
+                               archive=SimpleUploadedFile("ruled.zip", path.read_bytes()))
+    assert list(dataset.metadata_columns) == ["ruler", "everywhere", "site"]
+    return dataset
 
 
 @pytest.fixture
 def ruled(project, users, registered, assets, tmp_path):
-    path = ruled_zip(assets["dataset"], tmp_path / "ruled.zip")
-    dataset = register_dataset(project=project, user=users["member"], name="ruled lesions",
-                               archive=SimpleUploadedFile("ruled.zip", path.read_bytes()))
-    assert list(dataset.metadata_columns) == ["ruler", "everywhere", "site"]
-    return run_audit(project, users, registered, dataset)
+    return run_audit(project, users, registered, register_ruled(project, users["member"], assets, tmp_path))
 
 
 def test_a_column_that_cannot_mark_the_concept_is_refused_at_once_and_makes_nothing(ruled, users, client_for,

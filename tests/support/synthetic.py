@@ -10,6 +10,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -61,6 +62,21 @@ def write_dataset_zip(path: Path, class_names=("nevus", "melanoma"), per_class: 
         if with_csv:
             zf.writestr("labels.csv", "\n".join(rows) + "\n")
     return path
+
+
+def with_columns(source: Path, target: Path, columns: Mapping[str, Callable[[int, str], object]]) -> Path:
+    """A copy of the dataset zip ``source`` whose labels.csv has extra ``columns``: name -> value of the i-th row
+    (given ``i`` and the row's ``image,label`` text)."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            if item.filename != "labels.csv":
+                zout.writestr(item, zin.read(item))
+        rows = zin.read("labels.csv").decode().strip().splitlines()
+        lines = [",".join([rows[0], *columns])]
+        lines += [",".join([row, *(str(value(i, row)) for value in columns.values())])
+                  for i, row in enumerate(rows[1:])]
+        zout.writestr("labels.csv", "\n".join(lines) + "\n")
+    return target
 
 
 def fit_probe(config_path: Path, ckpt: Path, dataset_zip: Path, out: Path) -> Path:
