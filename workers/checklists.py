@@ -88,8 +88,8 @@ def _check(checklist: Checklist, workdir, progress) -> None:
         progress(stage, done, total)
 
     uploads = {image.name: local_path(image.file) for image in checklist.images.all()}
-    shortcuts = [f.concept_latents or [f.latent]
-                 for f in audit.flags.filter(head="probe", confirmed=True).order_by("pk")]
+    # every probe flag's concept, confirmed or not: a suspect is relied on only beyond each of them
+    shortcuts = [f.concept_latents or [f.latent] for f in audit.flags.filter(head="probe").order_by("pk")]
     answers = check_suspects(bundle, probe, images, sae, tables, references, suspects, config, workdir=workdir,
                              progress=report, uploads=uploads, shortcuts=shortcuts)
     progress.check(force_poll=True)  # nor is a checklist cancelled meanwhile shown as succeeded

@@ -231,7 +231,7 @@ class ChecklistSerializer(serializers.ModelSerializer):
         "most) and heatmaps (image -> rows of 0..255 over the patches: where its latents are); classes (per class "
         "probe_share, zero_shot_share, relied_on, shift (probability, z, moves: the class's probability with it "
         "vs without), harm, shortcuts (the reliance asked again on the images without each of the audit's "
-        "confirmed shortcuts: latents, images, relied_on) and explained_by (the latents of the shortcut whose "
+        "probe flags, confirmed or not: latents, images, relied_on) and explained_by (the latents of the flag whose "
         "reliance it was, or null)); verdict ('relied on, harmful', 'relied on, no measured harm', 'represented, not "
         "relied on' or 'not found by the dictionary'), verdict_class and evidence"))
 

@@ -6,7 +6,8 @@ import torch
 from workers.engine.config import AuditConfig
 from workers.engine.errors import EngineError
 from workers.engine.sae import TopKSAE
-from workers.engine.suspects import TEXT_MIN_READING, VERDICTS, Suspect, SuspectInputs, check_suspect, check_suspects
+from workers.engine.suspects import (TEXT_MIN_READING, VERDICTS, Suspect, SuspectInputs, check_suspect, check_suspects,
+                                     probe_shortcuts)
 
 N, L = 400, 6
 CONFIG = AuditConfig.from_dict({})
@@ -189,7 +190,7 @@ def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_
     assert answer["evidence"].endswith(f"; {int(ruler.sum())} of {N} images show it, by the audited CLIP's "
                                        "alignment of each image with 'a ruler' (Otsu split)")
     assert not answer["classes"]["melanoma"]["harm"]["measured"]
-    # asked by examples, the latents' split is kept to the images CLIP puts on the examples' side
+    # asked by examples, the images are those CLIP puts on the examples' side, not all those latent 0 fires on
     with_, without = _examples(inputs.ids, ruler & ~ink)[0], _examples(inputs.ids, ~ruler & ~ink)[0]
     by_examples = check_suspect(inputs, Suspect("ruler", with_images=with_, without_images=without), CONFIG)
     assert by_examples["match"]["latents"] == [0] and "nearer the examples with it" in by_examples["present"]["how"]
@@ -205,6 +206,32 @@ def test_the_images_that_show_a_suspect_are_those_clip_sees_it_in_not_all_those_
         mixed = check_suspect(inputs, suspect, CONFIG)
         assert mixed["present"]["images"] == int((ruler | ink).sum()) and "latents" in mixed["present"]["how"]
         assert mixed["verdict"] == "relied on, harmful"
+
+
+def test_an_examples_suspects_images_are_those_clip_puts_on_their_side_not_those_its_latents_split_off():
+    # latent 0 reads the ruler but gives way where ink is (a TopK SAE keeps k latents per image), and ink is what the
+    # probe calls melanoma: the latent's own split would hold the ruler images without ink, which the probe calls
+    # nevus more often than the rest, so the ruler would look relied on for nevus
+    inputs, ruler, ink = _inputs(harmful=False, ruler_shift=0.0)
+    acts = inputs.store.acts.clone()
+    acts[torch.from_numpy(ruler & ink), 0] = 0.0
+    inputs.store.acts = acts
+    inputs.predictions["probe"] = np.where(ink, 1, inputs.labels)
+    inputs.probabilities = _probabilities(inputs.labels, ink, 0.4, np.random.default_rng(5))
+    inputs.shares["probe"][0, 0] = 0.3  # latent 0 holds a large share of nevus's relevance too
+    with_, without = _examples(inputs.ids, ruler & ~ink)[0], _examples(inputs.ids, ~ruler & ~ink)[0]
+    suspect = Suspect("ruler", with_images=with_, without_images=without)
+    answer = check_suspect(inputs, suspect, CONFIG)
+    assert answer["match"]["latents"] == [0] and answer["match"]["found"]
+    assert answer["present"]["images"] == int(ruler.sum()), answer["present"]  # ink or not
+    assert answer["present"]["how"].startswith("the audited CLIP: each image's embedding nearer the examples")
+    assert answer["verdict"] == "represented, not relied on", answer["evidence"]
+    # the latent's split (what decides without image embeddings) leaves the ink out, and the ink's harm lands on
+    # the ruler's absence
+    inputs.embeddings = None
+    split = check_suspect(inputs, suspect, CONFIG)
+    assert split["present"]["images"] == int((ruler & ~ink).sum()) and "latents" in split["present"]["how"]
+    assert split["verdict"] == "relied on, harmful" and split["verdict_class"] == "nevus", split["evidence"]
 
 
 def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_it_not_only_by_their_meaning():
@@ -248,8 +275,8 @@ def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_i
     assert check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)["verdict"] == VERDICTS[3]
 
 
-def test_a_suspect_relied_on_only_through_a_confirmed_shortcut_it_goes_with_is_not_relied_on():
-    # the probe calls every image with ink melanoma, a confirmed shortcut (latent 1); rulers come mostly on images
+def test_a_suspect_relied_on_only_through_a_flagged_concept_it_goes_with_is_not_relied_on():
+    # the probe calls every image with ink melanoma, a flagged concept (latent 1); rulers come mostly on images
     # with ink, so the images with a ruler are called melanoma more often, but not those without ink
     inputs, _, ink = _inputs(harmful=False, ruler_shift=0.0)
     rng = np.random.default_rng(7)
@@ -262,7 +289,7 @@ def test_a_suspect_relied_on_only_through_a_confirmed_shortcut_it_goes_with_is_n
     inputs.probabilities = _probabilities(inputs.labels, ink, 0.4, rng)
     assert abs(np.corrcoef(ruler, ink)[0, 1]) < CONFIG.match_min_correlation
     alone = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
-    assert alone["verdict"] == "relied on, harmful"  # no shortcut confirmed: nothing to tell them apart
+    assert alone["verdict"] == "relied on, harmful"  # nothing flagged: nothing to tell them apart
     inputs.shortcuts = [[1]]
     answer = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
     row = answer["classes"]["melanoma"]
@@ -278,6 +305,15 @@ def test_a_suspect_relied_on_only_through_a_confirmed_shortcut_it_goes_with_is_n
     row = answer["classes"]["melanoma"]
     assert answer["verdict"] == "relied on, harmful" and row["explained_by"] is None
     assert row["shortcuts"] == [{"latents": [1], "images": int((~ink).sum()), "relied_on": True}]
+
+
+def test_a_suspect_is_weighed_against_every_probe_flag_confirmed_or_not():
+    # a flag without measured harm is still a concept the probe leans on; zero-shot's flags are not the probe's
+    flags = [{"head": "probe", "latent": 1, "confirmation": {"status": "not_confirmed"}},
+             {"head": "probe", "latent": 2, "concept_latents": [2, 5], "confirmation": {"status": "confirmed"}},
+             {"head": "probe", "latent": 4},
+             {"head": "zero_shot", "latent": 3, "confirmation": {"status": "confirmed"}}]
+    assert probe_shortcuts(flags) == [[1], [2, 5], [4]]
 
 
 def test_an_answer_names_the_images_that_show_the_suspect_most():

@@ -267,7 +267,7 @@ def test_form_lines_become_text_suspects():
         {"name": "gel bubbles", "text": "gel bubbles"}, {"name": "ink"}]
 
 
-def test_the_worker_weighs_each_suspect_against_the_audits_confirmed_shortcuts(audited, users, queue, monkeypatch):
+def test_the_worker_weighs_each_suspect_against_every_probe_flag_of_the_audit(audited, users, queue, monkeypatch):
     flags = list(audited.flags.filter(head="probe").order_by("pk"))
     assert flags, "the tiny audit flags something for the probe"
     audited.flags.filter(head="probe").update(confirmed=False)
@@ -280,7 +280,8 @@ def test_the_worker_weighs_each_suspect_against_the_audits_confirmed_shortcuts(a
 
     monkeypatch.setattr(checklist_tasks, "check_suspects", spy)
     checklist = run(create_checklist(audit=audited, user=users["member"], suspects=[{"name": "c", "column": "corner"}]))
-    assert seen["shortcuts"] == [[flags[0].latent, 999]]  # confirmed probe flags only, each its concept's latents
+    # every probe flag, confirmed or not, each its concept's latents
+    assert seen["shortcuts"] == [[flags[0].latent, 999], *[f.concept_latents or [f.latent] for f in flags[1:]]]
     answer = check_answers(checklist, ["c"])["c"]
     for row in answer["classes"].values():
         assert "explained_by" in row and isinstance(row["shortcuts"], list)

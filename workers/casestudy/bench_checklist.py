@@ -90,7 +90,7 @@ def is_right(verdict: str, verdict_class: str | None, planted: bool, toward: str
 def verdict_on_shares(answer: dict, config) -> tuple[str, str | None]:
     """The verdict on shares alone, from the answer's own figures: as before "relied on" also needed the probe's
     output to move with the suspect (a share amplified over zero-shot's was enough) and to hold beyond the audit's
-    confirmed shortcuts."""
+    probe flags."""
     from workers.engine.suspects import suspect_verdict
 
     classes = {}
@@ -204,7 +204,7 @@ def report_checklist(summary: dict) -> list[str]:
              "the image (chance), mean over answers (how many).", "",
              "*On shares*: the pairs right under the rule before \"relied on\" also needed the probe's output to "
              "move with the suspect (the class's probability higher on the images that show it, by half the harm "
-             "gap, at the harm's z) and to hold on the images without each of the audit's confirmed shortcuts, "
+             "gap, at the harm's z) and to hold on the images without each of the audit's probe flags, "
              "from the same answers.", "",
              "*By meaning* (text only): the pairs right, and the planted artifacts found, when a text suspect's "
              "latents are those closest to it in meaning alone, as before they could follow the audited CLIP's "

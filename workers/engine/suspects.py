@@ -12,9 +12,10 @@ A suspect is named one of three ways (:class:`Suspect`):
   the text need not be those the probe reads where the text is: the others are found by where they fire;
 - ``examples``: a few images that show it and a few that do not (audited images by their ids, or uploaded ones
   named ``upload:NAME``, whose activations :func:`run_checklist` extracts apart): the latents whose summed
-  activation best tells them apart; the images that show it are those where that activation is above the Otsu
-  split and that CLIP puts on the examples' side (each image embedding nearer the mean of the examples with it
-  than of those without);
+  activation best tells them apart; the images that show it are those CLIP puts on the examples' side (each image
+  embedding nearer the mean of the examples with it than of those without), not those the latents fire on: a
+  latent that mixes the suspect with another concept, or gives way to it, picks images with more (or less) of
+  that concept than the others have; without image embeddings, the latents' Otsu split;
 - ``column``: a 0/1 column of ``labels.csv``: the latents whose summed activation correlates best with it, and
   the column itself says which images show the suspect.
 
@@ -25,8 +26,9 @@ each head with and without it, as for a flag) and a verdict:
 - ``relied on, harmful``: the probe gives it at least ``flag_min_share`` of a class's relevance and the harm is
   measured (as for a flag: significant, and the probe's own, beyond zero-shot's);
 - ``relied on, no measured harm``: the share, without measured harm;
-- either holds only when it still holds on the images without each of the audit's confirmed shortcuts that is
-  not the suspect itself (:func:`_beyond_shortcuts`): otherwise the reliance is that shortcut's;
+- either holds only when it still holds on the images without each of the audit's probe flags (each a concept
+  the probe leans on, confirmed or not) that is not the suspect itself (:func:`_beyond_shortcuts`): otherwise the
+  reliance is that flag's;
 - ``represented, not relied on``: the dictionary has it, the probe leaves it below the share;
 - ``not found by the dictionary``: no latent matches it well enough; the evidence (the best match and how well
   it separates) says how close it came.
@@ -102,8 +104,8 @@ class SuspectInputs:
     # the audited images' CLIP image embeddings ([n, E], the space ``encode_text`` embeds in): which images show a
     # text suspect; None: its matched latents decide, as for examples
     embeddings: torch.Tensor | None = None
-    # the audit's confirmed shortcuts (each the latents of one confirmed probe flag's concept): a suspect is relied
-    # on only when it still is on the images without each of them it is not (:func:`_beyond_shortcuts`)
+    # the audit's probe flags (each the latents of one flag's concept, confirmed or not): a suspect is relied on
+    # only when it still is on the images without each of them it is not (:func:`_beyond_shortcuts`)
     shortcuts: list[list[int]] = field(default_factory=list)
     _shortcut_presence: dict = field(default_factory=dict)
     _texts: dict = field(default_factory=dict)
@@ -118,8 +120,8 @@ class SuspectInputs:
         return self._index[image_id]
 
     def shortcut_presence(self, config: AuditConfig) -> np.ndarray:
-        """[images, shortcuts]: which images show each confirmed shortcut (its latents' summed activation above the
-        Otsu split, as for a suspect)."""
+        """[images, shortcuts]: which images show each of the audit's probe flags (its latents' summed activation
+        above the Otsu split, as for a suspect)."""
         key = tuple(map(tuple, self.shortcuts))
         if key not in self._shortcut_presence:
             activity = concept_activity(self.sae, self.store, config, self.shortcuts, self.device)
@@ -179,7 +181,7 @@ class SuspectInputs:
         return cls.from_parts(bundle, probe, images.remap(probe.class_names), ActivationStore(workdir / "activations"),
                               TopKSAE.load(workdir / "sae", device), dict(np.load(workdir / "relevance.npz")),
                               [latent.get("references") or [] for latent in latents], config, device,
-                              shortcuts=confirmed_shortcuts(flags))
+                              shortcuts=probe_shortcuts(flags))
 
     @classmethod
     def from_parts(cls, bundle, probe, images, store: ActivationStore, sae, tables: Mapping[str, np.ndarray],
@@ -187,7 +189,7 @@ class SuspectInputs:
                    shortcuts: Sequence[Sequence[int]] = ()) -> "SuspectInputs":
         """From the audited images' activations (``store``, in ``images``' order), the audit's SAE, its relevance
         tables (``probe_share`` and ``zero_shot_share``, [classes, latents], as ``relevance.npz`` keeps them),
-        each latent's reference images (their ids) and the audit's confirmed shortcuts (:func:`confirmed_shortcuts`)."""
+        each latent's reference images (their ids) and the audit's probe flags' concepts (:func:`probe_shortcuts`)."""
         from .heads import ZeroShotHead, encode_concepts
         from .semantics import semantic_embeddings
 
@@ -216,11 +218,12 @@ class SuspectInputs:
                    shortcuts=concept_groups(shortcuts))
 
 
-def confirmed_shortcuts(flags: Sequence[Mapping]) -> list[list[int]]:
-    """The latents of each confirmed probe flag's concept (``concept_latents``, else its latent), from an audit's
-    flags as the engine gives them."""
-    return [list(f.get("concept_latents") or [f["latent"]]) for f in flags
-            if f.get("head") == "probe" and (f.get("confirmation") or {}).get("status") == "confirmed"]
+def probe_shortcuts(flags: Sequence[Mapping]) -> list[list[int]]:
+    """The latents of each probe flag's concept (``concept_latents``, else its latent), confirmed or not, from an
+    audit's flags as the engine gives them: each is a concept the probe leans on, and a suspect whose images show
+    more (or less) of it than the others would borrow its reliance. Confirmation asks for measured harm, which a
+    concept can lack and still move the probe's output."""
+    return [list(f.get("concept_latents") or [f["latent"]]) for f in flags if f.get("head") == "probe"]
 
 
 def _upload_row(uploaded: dict, image_id: str) -> int:
@@ -324,14 +327,13 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, 
         present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
     elif seen is not None:
         present, how = seen, f"the audited CLIP's alignment of each image with {suspect.text!r} (Otsu split)"
+    elif (alike := _examples_presence(inputs, suspect) if suspect.kind == "examples" else None) is not None:
+        present = alike
+        how = ("the audited CLIP: each image's embedding nearer the examples with it than those without (past the "
+               "midpoint of the two groups' means)")
     else:
-        present = activity > presence_threshold(activity, include_zeros=True)
-        how = "the matched latents' activation (Otsu split)"
-        alike = _examples_presence(inputs, suspect) if suspect.kind == "examples" else None
-        if alike is not None:
-            present &= alike
-            how += (", among the images whose CLIP embedding is nearer the examples with it than those without "
-                    "(past the midpoint of the two groups' means)")
+        present, how = activity > presence_threshold(activity, include_zeros=True), \
+            "the matched latents' activation (Otsu split)"
     out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
     shown = [int(i) for i in np.argsort(-activity, kind="stable") if present[i] and activity[i] > 0][:TOP_IMAGES]
     out["top_images"] = [inputs.ids[i] for i in shown]
@@ -377,12 +379,14 @@ def _reliance(inputs: SuspectInputs, present: np.ndarray, keep: np.ndarray, c: i
 
 def _beyond_shortcuts(inputs: SuspectInputs, present: np.ndarray, c: int, shares: dict,
                       config: AuditConfig) -> tuple[list[dict], list[int] | None]:
-    """Is the reliance the suspect's own, or a confirmed shortcut's it goes with? The images that show a suspect
-    can show more (or less) of a shortcut the audit confirmed than the others do: a latent that mixes the two
-    picks them out so, and the probe's harm on them is then the shortcut's. So the reliance is asked again on the
-    images without each confirmed shortcut that is not the suspect itself (their presences correlate below
-    ``match_min_correlation``, the correlation a column match needs). Each check's shortcut latents, images and
-    outcome; and the latents of the first shortcut without which the reliance is gone (None: it holds)."""
+    """Is the reliance the suspect's own, or that of a concept the audit flagged it goes with? The images that show
+    a suspect can show more (or less) of a probe flag's concept than the others do: a latent that mixes the two
+    picks them out so, CLIP can confuse the two, or the two go together in the data, and the probe's output moves
+    on them for that concept. So the reliance is asked again on the images without each probe flag's concept
+    (confirmed or not: one the probe leans on without measured harm still moves its output) that is not the
+    suspect itself (their presences correlate below ``match_min_correlation``, the correlation a column match
+    needs). Each check's flag latents, images and outcome; and the latents of the first flag without which the
+    reliance is gone (None: it holds)."""
     shown = inputs.shortcut_presence(config)
     if shown.shape[1] == 0:
         return [], None
@@ -450,7 +454,7 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | N
                  f"{row['harm']['summary']}")
         if row.get("explained_by"):
             without = next(x for x in row["shortcuts"] if x["latents"] == row["explained_by"])
-            text += (f"; not its own: on the {without['images']} images without the audit's confirmed shortcut "
+            text += (f"; not its own: on the {without['images']} images without the audit's probe flag "
                      f"(latents {', '.join(map(str, row['explained_by']))}) the probe does not rely on it")
     if present is not None:
         text += f"; {present['images']} of {present['of']} images show it, by {present['how']}"
@@ -535,9 +539,11 @@ def _text_presence(inputs: SuspectInputs, text: str) -> np.ndarray | None:
 def _examples_presence(inputs: SuspectInputs, suspect: Suspect) -> np.ndarray | None:
     """[images] the images CLIP itself puts on the examples' side: each image embedding projected on the mean of
     the examples with the suspect minus the mean of those without, past the midpoint of the two groups' means.
-    Only a check on the matched latents' split: a latent that mixes the suspect with another concept fires on that
-    concept's images, which the examples without the suspect pull back. None without image embeddings, or when
-    the two groups' embeddings are alike on average."""
+    These are the images that show an examples suspect, not those its matched latents fire on: a latent that mixes
+    the suspect with another concept fires on that concept's images, and one that gives way to another concept
+    (a TopK SAE keeps k latents per image) is silent on many of the suspect's images that show it; either way the
+    other concept's share among the images differs from the rest, and the probe's output moves with it. None
+    without image embeddings, or when the two groups' embeddings are alike on average."""
     given = inputs.example_embeddings([*suspect.with_images, *suspect.without_images])
     if given is None:
         return None
