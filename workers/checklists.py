@@ -22,7 +22,7 @@ from workers.engine.errors import EngineError
 from workers.engine.loading import resolve_device
 from workers.engine.sae import TopKSAE
 from workers.engine.stages import LOADING
-from workers.engine.suspects import run_checklist as check_suspects
+from workers.engine.suspects import probe_shortcuts, run_checklist as check_suspects
 from workers.inputs import load_inputs, local_path
 from workers.steps import claim_delivery, run_in_scratch
 from workers.storage import fetch_sae
@@ -88,8 +88,7 @@ def _check(checklist: Checklist, workdir, progress) -> None:
         progress(stage, done, total)
 
     uploads = {image.name: local_path(image.file) for image in checklist.images.all()}
-    # every probe flag's concept, confirmed or not: a suspect is relied on only beyond each of them
-    shortcuts = [f.concept_latents or [f.latent] for f in audit.flags.filter(head="probe").order_by("pk")]
+    shortcuts = probe_shortcuts(audit.flags.order_by("pk").values("head", "latent", "concept_latents"))
     answers = check_suspects(bundle, probe, images, sae, tables, references, suspects, config, workdir=workdir,
                              progress=report, uploads=uploads, shortcuts=shortcuts)
     progress.check(force_poll=True)  # nor is a checklist cancelled meanwhile shown as succeeded

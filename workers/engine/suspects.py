@@ -323,17 +323,7 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, 
         return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
                 "verdict_class": None, "evidence": _evidence(suspect, match, None)}
     activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
-    if suspect.column:
-        present, how = _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
-    elif seen is not None:
-        present, how = seen, f"the audited CLIP's alignment of each image with {suspect.text!r} (Otsu split)"
-    elif (alike := _examples_presence(inputs, suspect) if suspect.kind == "examples" else None) is not None:
-        present = alike
-        how = ("the audited CLIP: each image's embedding nearer the examples with it than those without (past the "
-               "midpoint of the two groups' means)")
-    else:
-        present, how = activity > presence_threshold(activity, include_zeros=True), \
-            "the matched latents' activation (Otsu split)"
+    present, how = _shown(inputs, suspect, seen, activity)
     out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
     shown = [int(i) for i in np.argsort(-activity, kind="stable") if present[i] and activity[i] > 0][:TOP_IMAGES]
     out["top_images"] = [inputs.ids[i] for i in shown]
@@ -343,6 +333,22 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, 
     verdict, worst = suspect_verdict(match, classes)
     evidence = _evidence(suspect, match, classes[worst] if worst else None, out["present"])
     return {**out, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
+
+
+def _shown(inputs: SuspectInputs, suspect: Suspect, seen: np.ndarray | None,
+           activity: np.ndarray) -> tuple[np.ndarray, str]:
+    """[images] which audited images show the suspect, and how that was decided: its column; for text, CLIP's
+    reading of it (``seen``); for examples, the side of CLIP's embedding they are on; else (no image embeddings,
+    or CLIP sees the examples alike) its matched latents' summed ``activity`` above the Otsu split."""
+    if suspect.column:
+        return _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
+    if seen is not None:
+        return seen, f"the audited CLIP's alignment of each image with {suspect.text!r} (Otsu split)"
+    alike = _examples_presence(inputs, suspect) if suspect.kind == "examples" else None
+    if alike is not None:
+        return alike, ("the audited CLIP: each image's embedding nearer the examples with it than those without "
+                       "(past the midpoint of the two groups' means)")
+    return activity > presence_threshold(activity, include_zeros=True), "the matched latents' activation (Otsu split)"
 
 
 def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c: int, name: str,
