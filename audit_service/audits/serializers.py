@@ -231,9 +231,12 @@ class ChecklistSerializer(serializers.ModelSerializer):
         "most) and heatmaps (image -> rows of 0..255 over the patches: where its latents are); classes (per class "
         "probe_share, zero_shot_share, relied_on, shift (probability, z, moves: the class's probability with it "
         "vs without), harm, shortcuts (the reliance asked again on the images without each of the audit's "
-        "probe flags, confirmed or not: latents, images, relied_on) and explained_by (the latents of the flag whose "
+        "probe flags, confirmed or not: latents, images, relied_on), explained_by (the latents of the flag whose "
+        "reliance it was, or null), suspects (the reliance asked again on the images without each other suspect of "
+        "the list relied on: suspect, images, relied_on) and explained_by_suspect (the name of the suspect whose "
         "reliance it was, or null)); verdict ('relied on, harmful', 'relied on, no measured harm', 'represented, not "
-        "relied on' or 'not found by the dictionary'), verdict_class and evidence"))
+        "relied on' or 'not found by the dictionary': a column suspect relied on is so even where its best latents "
+        "match it below what a match needs), verdict_class and evidence"))
 
     images = serializers.SerializerMethodField(help_text=(
         "the file names of the example images uploaded with it, as its suspects name them (upload:NAME)"))

@@ -307,6 +307,68 @@ def test_a_suspect_relied_on_only_through_a_flagged_concept_it_goes_with_is_not_
     assert row["shortcuts"] == [{"latents": [1], "images": int((~ink).sum()), "relied_on": True}]
 
 
+def _ruler_with_ink_on_its_images():
+    """The probe calls every image with a ruler melanoma (harmful, latent 0); ink (latent 1, a share of its own)
+    comes mostly on the images with a ruler, so the images with ink are called melanoma more often, but not those
+    without a ruler. Nothing is flagged."""
+    inputs, ruler, _ = _inputs(ruler_shift=0.4)
+    rng = np.random.default_rng(11)
+    ink = np.where(ruler, rng.random(N) < 0.6, rng.random(N) < 0.1)
+    inputs.metadata["ink"] = [str(int(v)) for v in ink]
+    acts = inputs.store.acts.clone()
+    acts[:, 1] = torch.from_numpy(np.where(ink, rng.uniform(1, 2, N), 0.0).astype(np.float32))
+    inputs.store.acts = acts
+    inputs.shares["probe"][1, 1] = 0.1
+    assert abs(np.corrcoef(ruler, ink)[0, 1]) < CONFIG.match_min_correlation
+    return inputs, ruler, ink
+
+
+def test_a_suspect_relied_on_only_through_another_suspect_of_the_list_is_not_relied_on():
+    inputs, ruler, ink = _ruler_with_ink_on_its_images()
+    alone = check_suspect(inputs, Suspect("ink", column="ink"), CONFIG)
+    assert alone["verdict"] == "relied on, harmful", alone["evidence"]  # asked alone, nothing tells them apart
+    listed = [Suspect("ink", column="ink"), Suspect("ruler", column="ruler")]
+    ink_answer, ruler_answer = check_suspects(inputs, listed, CONFIG)
+    row = ink_answer["classes"]["melanoma"]
+    assert ink_answer["verdict"] == "represented, not relied on" and row["harm"]["measured"], ink_answer["evidence"]
+    assert row["explained_by_suspect"] == "ruler" and not row["relied_on"]
+    assert row["suspects"] == [{"suspect": "ruler", "images": int((~ruler).sum()), "relied_on": False}]
+    assert "not its own: on the" in ink_answer["evidence"] and "without the suspect 'ruler'" in ink_answer["evidence"]
+    # the ruler keeps its own reliance on the images without ink, and the order of the list does not matter
+    assert ruler_answer["verdict"] == "relied on, harmful" and ruler_answer["classes"]["melanoma"]["relied_on"]
+    assert ruler_answer["classes"]["melanoma"]["suspects"] == [{"suspect": "ink", "images": int((~ink).sum()),
+                                                                "relied_on": True}]
+    assert [a["verdict"] for a in check_suspects(inputs, listed[::-1], CONFIG)] == \
+        [ruler_answer["verdict"], ink_answer["verdict"]]
+
+
+def test_suspects_naming_the_same_concept_or_unrelated_ones_are_not_weighed_against_each_other():
+    inputs, ruler, ink = _inputs()
+    same = check_suspects(inputs, [Suspect("ruler", column="ruler"), Suspect("a ruler", text="a ruler"),
+                                   Suspect("ink", column="ink")], CONFIG)
+    assert [a["verdict"] for a in same] == ["relied on, harmful", "relied on, harmful", "represented, not relied on"]
+    # the two rulers are one concept (their images alike), and ink is not relied on: nothing to weigh either against
+    assert same[0]["classes"]["melanoma"]["suspects"] == [] and same[1]["classes"]["melanoma"]["suspects"] == []
+
+
+def test_a_column_relied_on_is_so_even_where_no_latent_follows_it_well_enough_to_match():
+    # latent 0 fires on only about half the images with a ruler: it holds the probe's share, but correlates with
+    # the column below what a match needs. The column says which images show it, not the match
+    inputs, ruler, _ = _inputs()
+    rng = np.random.default_rng(3)
+    half = ruler & (rng.random(N) < 0.45)
+    acts = inputs.store.acts.clone()
+    acts[:, 0] = torch.from_numpy(np.where(half, rng.uniform(1, 2, N), 0.0).astype(np.float32))
+    inputs.store.acts = acts
+    answer = check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)
+    assert not answer["match"]["found"] and answer["match"]["score"] < CONFIG.match_min_correlation
+    assert answer["verdict"] == "relied on, harmful" and answer["verdict_class"] == "melanoma", answer["evidence"]
+    assert f"below the {CONFIG.match_min_correlation} a match needs" in answer["evidence"]
+    # not relied on, the same weak match is "not found"
+    inputs.shares["probe"][1, 0] = 0.01
+    assert check_suspect(inputs, Suspect("ruler", column="ruler"), CONFIG)["verdict"] == "not found by the dictionary"
+
+
 def test_a_suspect_is_weighed_against_every_probe_flag_confirmed_or_not():
     # a flag without measured harm is still a concept the probe leans on; zero-shot's flags are not the probe's
     flags = [{"head": "probe", "latent": 1, "confirmation": {"status": "not_confirmed"}},

@@ -28,10 +28,11 @@ each head with and without it, as for a flag) and a verdict:
 - ``relied on, no measured harm``: the share, without measured harm;
 - either holds only when it still holds on the images without each of the audit's probe flags (each a concept
   the probe leans on, confirmed or not) that is not the suspect itself (:func:`_beyond_shortcuts`): otherwise the
-  reliance is that flag's;
+  reliance is that flag's; and, asked in a list (:func:`check_suspects`), on the images without each other suspect
+  relied on whose own reliance holds without this one's images (:func:`_beyond_suspects`);
 - ``represented, not relied on``: the dictionary has it, the probe leaves it below the share;
 - ``not found by the dictionary``: no latent matches it well enough; the evidence (the best match and how well
-  it separates) says how close it came.
+  it separates) says how close it came. A column relied on is so all the same (:data:`ALONE`).
 
 Each answer also names the audited images that show the suspect most (``top_images``: the largest summed
 activation of its latents among the images that show it) and :func:`attach_suspect_heatmaps` gives each a map of
@@ -77,6 +78,12 @@ EXAMPLES_MIN_AUROC = 0.8  # the matched latents must tell the examples with the 
 EXAMPLES_MIN_LATENT_AUROC = 0.65  # ... each of them at least this well on its own
 CANDIDATES = 8  # latents tried when building a match
 TOP_IMAGES = 4  # images shown (with heatmaps) per suspect: those that show it most
+# the kinds whose images are the user's own truth, not a reading: a column. Relied on there (its matched latents
+# holding the share, with measured harm or the output moving), a suspect is relied on even when those latents
+# correlate with the column below what a match needs: the dictionary spreads the concept over more latents than a
+# match holds, and the images that show it do not depend on the match. Text and examples are read by CLIP, and
+# a reading the dictionary does not follow is one the audit cannot vouch for
+ALONE = ("column",)
 
 
 @dataclass
@@ -307,21 +314,29 @@ def check_suspects(inputs: SuspectInputs, suspects: Sequence[Suspect], config: A
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise EngineError(f"suspect names must differ; repeated: {', '.join(repeated)}")
-    return [check_suspect(inputs, s, config) for s in suspects]
+    answered = [_answer(inputs, s, config) for s in suspects]
+    _beyond_suspects(inputs, suspects, answered, config)
+    return [answer for answer, _ in answered]
 
 
 def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, reading: bool = True) -> dict:
-    """The checklist's row for one suspect: ``match`` (latents, how well, ``found``), ``present`` (images that
-    show it and how that was decided), per class ``classes`` (probe and zero-shot share, harm tables, measured,
-    relied on), and ``verdict`` with ``verdict_class`` (the class it is worst for) and ``evidence`` in words.
-    ``reading`` False: a text suspect's latents are those closest in meaning only, as before they could follow
-    CLIP's reading (the benchmark scores both side by side)."""
+    """The checklist's row for one suspect, asked alone: ``match`` (latents, how well, ``found``), ``present``
+    (images that show it and how that was decided), per class ``classes`` (probe and zero-shot share, harm tables,
+    measured, relied on), and ``verdict`` with ``verdict_class`` (the class it is worst for) and ``evidence`` in
+    words. ``reading`` False: a text suspect's latents are those closest in meaning only, as before they could
+    follow CLIP's reading (the benchmark scores both side by side)."""
+    return _answer(inputs, suspect, config, reading)[0]
+
+
+def _answer(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig,
+            reading: bool = True) -> tuple[dict, np.ndarray | None]:
+    """:func:`check_suspect`'s answer and the images that show the suspect (None: no latent to place it)."""
     seen = _text_presence(inputs, suspect.text) if suspect.text else None
     match = _match(inputs, suspect, config, seen if reading else None)
     out = {**suspect.to_dict(), "match": match}
     if not match["latents"]:
         return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
-                "verdict_class": None, "evidence": _evidence(suspect, match, None)}
+                "verdict_class": None, "evidence": _evidence(suspect, match, None)}, None
     activity = concept_activity(inputs.sae, inputs.store, config, [match["latents"]], inputs.device)[:, 0]
     present, how = _shown(inputs, suspect, seen, activity)
     out["present"] = {"images": int(present.sum()), "of": int(len(present)), "how": how}
@@ -330,9 +345,14 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, 
     classes = {name: _class_row(inputs, match["latents"], present, c, name, config)
                for c, name in enumerate(inputs.class_names)}
     out["classes"] = classes
-    verdict, worst = suspect_verdict(match, classes)
-    evidence = _evidence(suspect, match, classes[worst] if worst else None, out["present"])
-    return {**out, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
+    return _judged(suspect, out), present
+
+
+def _judged(suspect: Suspect, answer: dict) -> dict:
+    """The answer with its verdict, the class it is about and the evidence, from its match and class rows."""
+    verdict, worst = suspect_verdict(answer["match"], answer["classes"], alone=suspect.kind in ALONE)
+    evidence = _evidence(suspect, answer["match"], answer["classes"][worst] if worst else None, answer["present"])
+    return {**answer, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
 
 
 def _shown(inputs: SuspectInputs, suspect: Suspect, seen: np.ndarray | None,
@@ -360,6 +380,7 @@ def _class_row(inputs: SuspectInputs, latents: list[int], present: np.ndarray, c
     harm = {**tables, "measured": measured, "split": split, "summary": summary(name, *tables.values())}
     return {"probe_share": shares["probe"], "zero_shot_share": shares["zero_shot"],
             "relied_on": relied and explained_by is None, "shortcuts": checked, "explained_by": explained_by,
+            "suspects": [], "explained_by_suspect": None,
             "shift": {"probability": round(shift, 4), "z": round(z, 2), "moves": bool(moves)}, "harm": harm}
 
 
@@ -409,6 +430,43 @@ def _beyond_shortcuts(inputs: SuspectInputs, present: np.ndarray, c: int, shares
     return checked, explained_by
 
 
+def _beyond_suspects(inputs: SuspectInputs, suspects: Sequence[Suspect],
+                     answered: list[tuple[dict, np.ndarray | None]], config: AuditConfig) -> None:
+    """Weigh each suspect relied on against the other suspects of the list relied on, as against the audit's probe
+    flags (:func:`_beyond_shortcuts`): where its reliance is gone on the images without another's, while the
+    other's still holds on the images without its own, the reliance was the other's (CLIP reads the two alike,
+    or they go together in the data), and the answer says so (``explained_by_suspect``). Two suspects that are
+    the same concept (presences correlating at ``match_min_correlation``) are not weighed; two that each need the
+    other both stay relied on. Every comparison is made on the answers as asked alone, so the order of the list
+    does not matter. Changes the answers in place."""
+    relied = [sorted(name for name, row in answer["classes"].items() if row["relied_on"])
+              if answer["verdict"] in VERDICTS[:2] else [] for answer, _ in answered]
+
+    def holds(k: int, keep: np.ndarray, name: str) -> bool:
+        answer, present = answered[k]
+        row = answer["classes"][name]
+        shares = {"probe": row["probe_share"], "zero_shot": row["zero_shot_share"]}
+        return bool(_reliance(inputs, present, keep, inputs.class_names.index(name), shares, config)[-1])
+
+    for i, (answer, present) in enumerate(answered):
+        others = [j for j in range(len(answered)) if j != i and relied[j] and abs(correlations(
+            present.astype(np.float64), answered[j][1].astype(np.float64)[:, None])[0])
+            < config.match_min_correlation] if relied[i] else []
+        for name in relied[i]:
+            row, checks = answer["classes"][name], []
+            for j in others:
+                other = answered[j][1]
+                mine = holds(i, ~other, name)
+                checks.append({"suspect": suspects[j].name, "images": int((~other).sum()), "relied_on": mine})
+                if not mine and row.get("explained_by_suspect") is None and any(
+                        holds(j, ~present, theirs) for theirs in relied[j]):
+                    row["explained_by_suspect"] = suspects[j].name
+            row["suspects"] = checks
+            row["relied_on"] = row["relied_on"] and row.get("explained_by_suspect") is None
+        if any(answer["classes"][name].get("explained_by_suspect") for name in relied[i]):
+            answered[i] = (_judged(suspects[i], answer), present)
+
+
 def presence_shift(probability: np.ndarray, in_class: np.ndarray, present: np.ndarray) -> tuple[float, float]:
     """How much the images that show a suspect get more of a class's probability than those that do not, within
     the class's images and within the others' alike (each group weighted by its size), and its z (the difference
@@ -428,9 +486,11 @@ def presence_shift(probability: np.ndarray, in_class: np.ndarray, present: np.nd
     return float(shift), float(shift / se) if se > 0 else (float("inf") if shift > 0 else 0.0)
 
 
-def suspect_verdict(match: dict, classes: dict) -> tuple[str, str | None]:
-    """The verdict and the class it is about: harmful reliance first, then the largest probe share."""
-    if not match["found"]:
+def suspect_verdict(match: dict, classes: dict, alone: bool = False) -> tuple[str, str | None]:
+    """The verdict and the class it is about: harmful reliance first, then the largest probe share. A suspect the
+    dictionary does not find is "not found", unless ``alone`` (the images that show it are known without the
+    dictionary: a column) and the probe relies on it there all the same."""
+    if not match["found"] and not (alone and any(row["relied_on"] for row in classes.values())):
         return VERDICTS[3], None
     relied = {name: row for name, row in classes.items() if row["relied_on"]}
     harmful = {name: row for name, row in relied.items() if row["harm"]["measured"]}
@@ -462,6 +522,11 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | N
             without = next(x for x in row["shortcuts"] if x["latents"] == row["explained_by"])
             text += (f"; not its own: on the {without['images']} images without the audit's probe flag "
                      f"(latents {', '.join(map(str, row['explained_by']))}) the probe does not rely on it")
+        elif row.get("explained_by_suspect"):
+            without = next(x for x in row["suspects"] if x["suspect"] == row["explained_by_suspect"])
+            text += (f"; not its own: on the {without['images']} images without the suspect "
+                     f"{row['explained_by_suspect']!r} the probe does not rely on it, and on those without it the "
+                     "probe still relies on that one")
     if present is not None:
         text += f"; {present['images']} of {present['of']} images show it, by {present['how']}"
     return text
