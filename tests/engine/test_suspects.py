@@ -234,6 +234,33 @@ def test_an_examples_suspects_images_are_those_clip_puts_on_their_side_not_those
     assert split["verdict"] == "relied on, harmful" and split["verdict_class"] == "nevus", split["evidence"]
 
 
+def test_an_examples_match_is_joined_by_the_latents_that_follow_clips_side_of_them_over_every_image():
+    # latent 0 tells the twenty examples apart perfectly (1 on each ruler, also on a tenth of the other images, none
+    # of them examples) but holds little of melanoma's probe relevance; latent 4 fires on every ruler, more or less,
+    # and holds the share: on the examples alone the greedy match stops at latent 0
+    inputs, ruler, _ = _inputs()
+    rng = np.random.default_rng(2)
+    stray = ~ruler & (rng.random(N) < 0.1)
+    acts = inputs.store.acts.clone()
+    acts[:, 0] = torch.from_numpy((ruler | stray).astype(np.float32))
+    acts[:, 4] = torch.from_numpy(np.where(ruler, rng.uniform(0.5, 2, N), 0.0).astype(np.float32))
+    inputs.store.acts = acts
+    inputs.shares["probe"][1, 0], inputs.shares["probe"][1, 4] = 0.02, 0.3
+    with_, without = _examples(inputs.ids, ruler)
+    without = _examples(inputs.ids, ~ruler & ~stray)[0]
+    answer = check_suspect(inputs, Suspect("ruler", with_images=with_, without_images=without), CONFIG)
+    match = answer["match"]
+    assert match["latents"] == [0, 4] and match["side"]["latents"] == [4] and match["found"], match
+    assert match["side"]["correlation"] > 0.9 and match["score"] == 1.0
+    assert answer["verdict"] == "relied on, harmful" and answer["classes"]["melanoma"]["probe_share"] >= 0.3
+    assert "(latents 4 joined: they follow the side the audited CLIP puts the examples on" in answer["evidence"]
+    # without CLIP's side (no image embeddings) the match is the examples' alone, and its share too small
+    inputs.embeddings = None
+    alone = check_suspect(inputs, Suspect("ruler", with_images=with_, without_images=without), CONFIG)
+    assert alone["match"]["latents"] == [0] and "side" not in alone["match"]
+    assert alone["verdict"] == "represented, not relied on"
+
+
 def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_it_not_only_by_their_meaning():
     # latent 0 fires on exactly the images with a ruler and the probe reads it, but its reference images look like
     # the lesion; latent 4 looks like a ruler and fires nowhere

@@ -12,7 +12,10 @@ A suspect is named one of three ways (:class:`Suspect`):
   the text need not be those the probe reads where the text is: the others are found by where they fire;
 - ``examples``: a few images that show it and a few that do not (audited images by their ids, or uploaded ones
   named ``upload:NAME``, whose activations :func:`run_checklist` extracts apart): the latents whose summed
-  activation best tells them apart; the images that show it are those CLIP puts on the examples' side (each image
+  activation best tells them apart, joined by those that best follow, over every audited image, the side CLIP
+  puts them on (as a column's are found) and still tell the examples apart each on its own: a score or so of
+  examples is told apart by one latent, while the concept is spread over more; the images that show it are those
+  CLIP puts on the examples' side (each image
   embedding nearer the mean of the examples with it than of those without), not those the latents fire on: a
   latent that mixes the suspect with another concept, or gives way to it, picks images with more (or less) of
   that concept than the others have; without image embeddings, the latents' Otsu split;
@@ -505,7 +508,10 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | N
     how = {"text": (f"active mostly on the images the audited CLIP sees {suspect.text!r} in, following them at "
                      f"correlation {match['score']:.2f} (meaning's alignment {match.get('meaning', 0):.3f})"
                      if match.get("by") == "reading" else f"alignment with {suspect.text!r} {match['score']:.3f}"),
-           "examples": f"tells the examples apart with AUROC {match['score']:.2f}",
+           "examples": f"tells the examples apart with AUROC {match['score']:.2f}" + (
+               f" (latents {', '.join(map(str, match['side']['latents']))} joined: they follow the side the audited "
+               f"CLIP puts the examples on over every image, at correlation {match['side']['correlation']:.2f})"
+               if match.get("side") else ""),
            "column": f"correlates with the column at {match['score']:.2f}"}[suspect.kind]
     if not match["latents"]:
         return f"no latent matches it ({match.get('reason', 'nothing close enough')})"
@@ -641,8 +647,28 @@ def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig
     _, chosen = best_match(target, codes[:, top])
     latents = [top[j] for j in chosen]
     score = auroc(codes[:, latents].sum(1), target > 0) or 0.5
-    return {"latents": latents, "score": round(float(score), 4), "needed": EXAMPLES_MIN_AUROC,
-            "found": score >= EXAMPLES_MIN_AUROC}
+    match = {"latents": latents, "score": round(float(score), 4), "needed": EXAMPLES_MIN_AUROC,
+             "found": score >= EXAMPLES_MIN_AUROC}
+    return _follow_side(inputs, suspect, config, match, codes, target > 0) if match["found"] else match
+
+
+def _follow_side(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, match: dict, codes: np.ndarray,
+                 shows: np.ndarray) -> dict:
+    """An examples match joined by the latents whose summed activation best follows the side CLIP puts the
+    examples on, over every audited image (:func:`_examples_presence`, matched as a column is), each of which
+    still tells the examples apart on its own (``EXAMPLES_MIN_LATENT_AUROC``): ``side`` gives them and that
+    correlation. Twenty examples are told apart by one latent, and the greedy match stops there, while the
+    concept is spread over more latents, whose share of the relevance is the concept's. The match's score and
+    ``found`` stay those of the examples."""
+    side = _examples_presence(inputs, suspect)
+    if side is None or side.all() or not side.any():
+        return match
+    rho, latents = best_latents(inputs.sae, inputs.store, config, side.astype(np.float64), inputs.device, CANDIDATES)
+    joined = [j for j in latents if j not in match["latents"]
+              and (auroc(codes[:, j], shows) or 0.5) >= EXAMPLES_MIN_LATENT_AUROC]
+    if not joined:
+        return match
+    return {**match, "latents": match["latents"] + joined, "side": {"latents": joined, "correlation": round(rho, 4)}}
 
 
 class _Subset:
