@@ -302,16 +302,23 @@ def test_a_text_suspect_is_matched_by_the_latents_that_follow_clips_reading_of_i
     assert check_suspect(inputs, Suspect("ruler", text="a ruler"), CONFIG)["verdict"] == VERDICTS[3]
 
 
+def _mostly_with(inputs, other, column, latent, rng):
+    """A concept on 60 % of the images that show ``other`` and 10 % of the rest: its labels.csv ``column`` and its
+    ``latent``'s activation (1 to 2 where it is, else 0) set on ``inputs``; returns where it is."""
+    shows = np.where(other, rng.random(N) < 0.6, rng.random(N) < 0.1)
+    inputs.metadata[column] = [str(int(v)) for v in shows]
+    acts = inputs.store.acts.clone()
+    acts[:, latent] = torch.from_numpy(np.where(shows, rng.uniform(1, 2, N), 0.0).astype(np.float32))
+    inputs.store.acts = acts
+    return shows
+
+
 def test_a_suspect_relied_on_only_through_a_flagged_concept_it_goes_with_is_not_relied_on():
     # the probe calls every image with ink melanoma, a flagged concept (latent 1); rulers come mostly on images
     # with ink, so the images with a ruler are called melanoma more often, but not those without ink
     inputs, _, ink = _inputs(harmful=False, ruler_shift=0.0)
     rng = np.random.default_rng(7)
-    ruler = np.where(ink, rng.random(N) < 0.6, rng.random(N) < 0.1)
-    inputs.metadata["ruler"] = [str(int(v)) for v in ruler]
-    acts = inputs.store.acts.clone()
-    acts[:, 0] = torch.from_numpy(np.where(ruler, rng.uniform(1, 2, N), 0.0).astype(np.float32))
-    inputs.store.acts = acts
+    ruler = _mostly_with(inputs, ink, "ruler", 0, rng)
     inputs.predictions["probe"] = np.where(ink, 1, inputs.labels)
     inputs.probabilities = _probabilities(inputs.labels, ink, 0.4, rng)
     assert abs(np.corrcoef(ruler, ink)[0, 1]) < CONFIG.match_min_correlation
@@ -339,12 +346,7 @@ def _ruler_with_ink_on_its_images():
     comes mostly on the images with a ruler, so the images with ink are called melanoma more often, but not those
     without a ruler. Nothing is flagged."""
     inputs, ruler, _ = _inputs(ruler_shift=0.4)
-    rng = np.random.default_rng(11)
-    ink = np.where(ruler, rng.random(N) < 0.6, rng.random(N) < 0.1)
-    inputs.metadata["ink"] = [str(int(v)) for v in ink]
-    acts = inputs.store.acts.clone()
-    acts[:, 1] = torch.from_numpy(np.where(ink, rng.uniform(1, 2, N), 0.0).astype(np.float32))
-    inputs.store.acts = acts
+    ink = _mostly_with(inputs, ruler, "ink", 1, np.random.default_rng(11))
     inputs.shares["probe"][1, 1] = 0.1
     assert abs(np.corrcoef(ruler, ink)[0, 1]) < CONFIG.match_min_correlation
     return inputs, ruler, ink

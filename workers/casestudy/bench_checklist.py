@@ -51,8 +51,9 @@ def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> d
                              without_images=tuple(rng.choice(ids[~shows], N_EXAMPLES, replace=False)))]
     # each kind asked as its own list: a suspect is weighed against the others of its list, and a text suspect
     # weighed against a column would borrow the column's truth
-    answered = [a for kind in KINDS for a in check_suspects(inputs, [s for s in suspects if s.kind == kind], config)]
-    suspects = [s for kind in KINDS for s in suspects if s.kind == kind]
+    by_kind = {kind: [s for s in suspects if s.kind == kind] for kind in KINDS}
+    answered = [a for kind in KINDS for a in check_suspects(inputs, by_kind[kind], config)]
+    suspects = [s for kind in KINDS for s in by_kind[kind]]
     attach_suspect_heatmaps(bundle, inputs.sae, images.remap(probe.class_names).with_preprocess(bundle.preprocess),
                             answered, config)
     answers = {a["name"]: a for a in answered}

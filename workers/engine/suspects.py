@@ -334,8 +334,8 @@ def check_suspect(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, 
 def _answer(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig,
             reading: bool = True) -> tuple[dict, np.ndarray | None]:
     """:func:`check_suspect`'s answer and the images that show the suspect (None: no latent to place it)."""
-    seen = _text_presence(inputs, suspect.text) if suspect.text else None
-    match = _match(inputs, suspect, config, seen if reading else None)
+    seen = _seen(inputs, suspect)
+    match = _match(inputs, suspect, config, seen if reading or not suspect.text else None)
     out = {**suspect.to_dict(), "match": match}
     if not match["latents"]:
         return {**out, "present": None, "top_images": [], "classes": {}, "verdict": VERDICTS[3],
@@ -358,19 +358,27 @@ def _judged(suspect: Suspect, answer: dict) -> dict:
     return {**answer, "verdict": verdict, "verdict_class": worst, "evidence": evidence}
 
 
+def _seen(inputs: SuspectInputs, suspect: Suspect) -> np.ndarray | None:
+    """[images] the images the audited CLIP sees a text or examples suspect in (:func:`_text_presence`,
+    :func:`_examples_presence`), read once for its match and for :func:`_shown`; None for a column, or where CLIP
+    cannot say."""
+    if suspect.text:
+        return _text_presence(inputs, suspect.text)
+    return _examples_presence(inputs, suspect) if suspect.kind == "examples" else None
+
+
 def _shown(inputs: SuspectInputs, suspect: Suspect, seen: np.ndarray | None,
            activity: np.ndarray) -> tuple[np.ndarray, str]:
     """[images] which audited images show the suspect, and how that was decided: its column; for text, CLIP's
-    reading of it (``seen``); for examples, the side of CLIP's embedding they are on; else (no image embeddings,
-    or CLIP sees the examples alike) its matched latents' summed ``activity`` above the Otsu split."""
+    reading of it (``seen``); for examples, the side of CLIP's embedding they are on (``seen``); else (no image
+    embeddings, or CLIP sees the examples alike) its matched latents' summed ``activity`` above the Otsu split."""
     if suspect.column:
         return _column(inputs, suspect.column) > 0.5, f"labels.csv column {suspect.column!r}"
-    if seen is not None:
+    if seen is not None and suspect.text:
         return seen, f"the audited CLIP's alignment of each image with {suspect.text!r} (Otsu split)"
-    alike = _examples_presence(inputs, suspect) if suspect.kind == "examples" else None
-    if alike is not None:
-        return alike, ("the audited CLIP: each image's embedding nearer the examples with it than those without "
-                       "(past the midpoint of the two groups' means)")
+    if seen is not None:
+        return seen, ("the audited CLIP: each image's embedding nearer the examples with it than those without "
+                      "(past the midpoint of the two groups' means)")
     return activity > presence_threshold(activity, include_zeros=True), "the matched latents' activation (Otsu split)"
 
 
@@ -461,12 +469,12 @@ def _beyond_suspects(inputs: SuspectInputs, suspects: Sequence[Suspect],
                 other = answered[j][1]
                 mine = holds(i, ~other, name)
                 checks.append({"suspect": suspects[j].name, "images": int((~other).sum()), "relied_on": mine})
-                if not mine and row.get("explained_by_suspect") is None and any(
+                if not mine and row["explained_by_suspect"] is None and any(
                         holds(j, ~present, theirs) for theirs in relied[j]):
                     row["explained_by_suspect"] = suspects[j].name
             row["suspects"] = checks
-            row["relied_on"] = row["relied_on"] and row.get("explained_by_suspect") is None
-        if any(answer["classes"][name].get("explained_by_suspect") for name in relied[i]):
+            row["relied_on"] = row["relied_on"] and row["explained_by_suspect"] is None
+        if any(answer["classes"][name]["explained_by_suspect"] for name in relied[i]):
             answered[i] = (_judged(suspects[i], answer), present)
 
 
@@ -541,6 +549,8 @@ def _evidence(suspect: Suspect, match: dict, row: dict | None, present: dict | N
 # --------------------------------------------------------------------------- matching
 
 def _match(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, seen: np.ndarray | None = None) -> dict:
+    """The suspect's latents and how well they match; ``seen``: the images CLIP sees it in (:func:`_seen`), which a
+    text's reading and an examples match's side follow."""
     if suspect.text:
         return _match_text(inputs, suspect.text, config, seen)
     if suspect.column:
@@ -551,7 +561,7 @@ def _match(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, seen: n
         rho, latents = best_latents(inputs.sae, inputs.store, config, target, inputs.device, CANDIDATES)
         return {"latents": latents, "score": round(float(rho), 4), "needed": config.match_min_correlation,
                 "found": bool(latents) and rho >= config.match_min_correlation}
-    return _match_examples(inputs, suspect, config)
+    return _match_examples(inputs, suspect, config, seen)
 
 
 def _column(inputs: SuspectInputs, column: str) -> np.ndarray:
@@ -633,7 +643,7 @@ def _examples_presence(inputs: SuspectInputs, suspect: Suspect) -> np.ndarray | 
     return (torch.nn.functional.normalize(inputs.embeddings.float(), dim=-1) @ direction).numpy() > cut
 
 
-def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig) -> dict:
+def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, side: np.ndarray | None) -> dict:
     target = np.array([1.0] * len(suspect.with_images) + [0.0] * len(suspect.without_images))
     codes = inputs.example_codes([*suspect.with_images, *suspect.without_images], config)  # [examples, latents]
     scores = np.array([auroc(codes[:, j], target > 0) or 0.5 for j in range(codes.shape[1])])
@@ -649,18 +659,17 @@ def _match_examples(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig
     score = auroc(codes[:, latents].sum(1), target > 0) or 0.5
     match = {"latents": latents, "score": round(float(score), 4), "needed": EXAMPLES_MIN_AUROC,
              "found": score >= EXAMPLES_MIN_AUROC}
-    return _follow_side(inputs, suspect, config, match, codes, target > 0) if match["found"] else match
+    return _follow_side(inputs, config, match, side, codes, target > 0) if match["found"] else match
 
 
-def _follow_side(inputs: SuspectInputs, suspect: Suspect, config: AuditConfig, match: dict, codes: np.ndarray,
-                 shows: np.ndarray) -> dict:
-    """An examples match joined by the latents whose summed activation best follows the side CLIP puts the
-    examples on, over every audited image (:func:`_examples_presence`, matched as a column is), each of which
+def _follow_side(inputs: SuspectInputs, config: AuditConfig, match: dict, side: np.ndarray | None,
+                 codes: np.ndarray, shows: np.ndarray) -> dict:
+    """An examples match joined by the latents whose summed activation best follows ``side``, the side CLIP puts
+    the examples on over every audited image (:func:`_examples_presence`, matched as a column is), each of which
     still tells the examples apart on its own (``EXAMPLES_MIN_LATENT_AUROC``): ``side`` gives them and that
     correlation. Twenty examples are told apart by one latent, and the greedy match stops there, while the
     concept is spread over more latents, whose share of the relevance is the concept's. The match's score and
     ``found`` stay those of the examples."""
-    side = _examples_presence(inputs, suspect)
     if side is None or side.all() or not side.any():
         return match
     rho, latents = best_latents(inputs.sae, inputs.store, config, side.astype(np.float64), inputs.device, CANDIDATES)
