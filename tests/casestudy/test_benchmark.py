@@ -319,7 +319,7 @@ def test_case_model_digests_are_recorded_once_and_a_rebuild_that_differs_is_repo
 
 
 def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reported_beside_chance(tmp_path):
-    from workers.casestudy.bench_checklist import checklist_summary, heatmap_mass, report_checklist
+    from workers.casestudy.bench_checklist import checklist_summary, heatmap_mass, meets_checklist, report_checklist
     from workers.casestudy.images import write_masks
     from workers.engine.heatmaps import encode_map
 
@@ -342,10 +342,10 @@ def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reporte
                 "represented, not relied on", "class": "melanoma", "right": right, "heat_mass": mass,
                 "heat_chance": chance, "heat_maps": maps}
 
-    cases = [{"control": False, "artifact": "a ruler", "checklist": {"text": [
+    cases = [{"control": False, "seed": 0, "artifact": "a ruler", "checklist": {"text": [
         answer_row("a ruler", True, True, 0.6, 0.2, 4), answer_row("hair", False, True, 0.1, 0.1, 2),
         answer_row("a stain", False, False)]}},
-             {"control": False, "artifact": "hair", "checklist": {"text": [
+             {"control": False, "seed": 1, "artifact": "hair", "checklist": {"text": [
                  answer_row("hair", True, True, 0.4, 0.2, 3), answer_row("a ruler", False, True, 0.3, 0.1, 4)]}}]
     summary = checklist_summary(cases)["checklist"]["text"]
     assert summary["heat_planted"] == {"answers": 2, "mass": 0.5, "chance": 0.2}
@@ -355,6 +355,14 @@ def test_the_checklists_heatmaps_are_measured_on_the_artifacts_masks_and_reporte
     assert summary["right_interval"] == [0.6667, 1.0]
     assert "| text | 5 | 0.8 [0.6667, 1.0] | 0.8 | - | - | 1.0 | 0.6667 |" in table and "0.50 vs 0.20 (2.5x, 2)" in table
     assert "0.20 vs 0.10 (2.0x, 2)" in table
+    # per seed, and against the 95 % target over every pair: 4 of 5 misses it though seed 1 alone is all right
+    assert summary["per_seed"] == {"0": {"pairs": 3, "right": 0.6667, "planted": [1, 1]},
+                                   "1": {"pairs": 2, "right": 1.0, "planted": [1, 1]}}
+    assert "| seed | text |" in table and "| 0 | 0.6667 (1 of 1) |" in table and "| 1 | 1.0 (1 of 1) |" in table
+    assert meets_checklist({"checklist": {"text": summary}}) == {"checklist_text": False}
+    cases[0]["checklist"]["text"][2]["right"] = True
+    assert meets_checklist(checklist_summary(cases)) == {"checklist_text": True}
+    cases[0]["checklist"]["text"][2]["right"] = False
     # text scored by meaning alone beside it, from the same answers: here the planted ruler was found by reading
     by_meaning = [False, True, False, True, True]
     for row, meaning, by in zip([r for c in cases for r in c["checklist"]["text"]], by_meaning,

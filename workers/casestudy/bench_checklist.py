@@ -24,6 +24,7 @@ from .masks import ensure_masks
 KINDS = ("text", "examples", "column")
 N_EXAMPLES = 10  # images with and without each artifact, for the examples kind
 NOT_RELIED = ("represented, not relied on", "not found by the dictionary")
+TARGET = 0.95  # issue 32: the share of (case, artifact) pairs right, for each kind
 
 
 def score_checklist(case: dict, result: dict, workdir: Path, options: dict) -> dict:
@@ -148,12 +149,32 @@ def checklist_summary(cases: list[dict]) -> dict:
                      "independent_right": ratio(sum(r["right"] for r in rows if not r["planted"]),
                                                  sum(not r["planted"] for r in rows)),
                      "controls_right": ratio(sum(r["right"] for r in controls), len(controls)),
+                     "per_seed": per_seed(cases, kind),
                      **_heat(rows),
                      "wrong": [f"{r['artifact']} ({c['artifact']} case): {r['verdict']}"
                                + (f" ({r['class']})" if r["class"] else "")
                                for c in cases if not c["control"] for r in (c.get("checklist") or {}).get(kind, [])
                                if not r["right"]]}
     return {"checklist": out} if out else {}
+
+
+def per_seed(cases: list[dict], kind: str) -> dict:
+    """Per seed of the planted cases: the pairs, the share right and the planted artifacts right (k, n): the target
+    is over every pair, and a seed whose case models read the artifacts worse shows here."""
+    out = {}
+    for seed in sorted({c["seed"] for c in cases if not c["control"]}):
+        rows = [r for c in cases if not c["control"] and c["seed"] == seed
+                for r in (c.get("checklist") or {}).get(kind, [])]
+        if rows:
+            out[str(seed)] = {"pairs": len(rows), "right": ratio(sum(r["right"] for r in rows), len(rows)),
+                              "planted": [sum(r["right"] for r in rows if r["planted"]),
+                                          sum(r["planted"] for r in rows)]}
+    return out
+
+
+def meets_checklist(summary: dict) -> dict:
+    """``checklist_KIND``: the kind's pairs right at :data:`TARGET` or more, for each kind scored."""
+    return {f"checklist_{kind}": (r["right"] or 0) >= TARGET for kind, r in (summary.get("checklist") or {}).items()}
 
 
 def right_interval(planted: list[dict], kind: str, resamples: int = 2000, seed: int = 0) -> list[float] | None:
@@ -224,4 +245,21 @@ def report_checklist(summary: dict) -> list[str]:
                      f"{meaning} | {r.get('by_reading', '-')} | {r['planted_right']} | {r['independent_right']} | "
                      f"{r['controls_right']} | {_heat_cell(r.get('heat_planted'))} | "
                      f"{_heat_cell(r.get('heat_independent'))} | {'; '.join(r['wrong']) or '-'} |")
+    return lines + _report_per_seed(rows)
+
+
+def _report_per_seed(rows: dict) -> list[str]:
+    """The pairs right per seed and kind, with the planted artifacts right (k of n)."""
+    seeds = sorted({seed for r in rows.values() for seed in r.get("per_seed") or {}}, key=int)
+    if not seeds:
+        return []
+    lines = ["", "Per seed (pairs right; planted artifacts right): the target is over every pair, a seed apart "
+             "shows how far the case models differ.", "",
+             "| seed | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
+    for seed in seeds:
+        cells = []
+        for r in rows.values():
+            one = (r.get("per_seed") or {}).get(seed)
+            cells.append(f"{one['right']} ({one['planted'][0]} of {one['planted'][1]})" if one else "-")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return lines

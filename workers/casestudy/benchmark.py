@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from .bench_ceiling import ceiling_summary, correction_ceiling, format_ceiling
-from .bench_checklist import checklist_summary, ratio as _ratio, report_checklist, score_checklist
+from .bench_checklist import (TARGET as CHECKLIST_TARGET, checklist_summary, meets_checklist, ratio as _ratio,
+                              report_checklist, score_checklist)
 from .build import CaseConfig, build_case, default_cache
 from .check import TRAINED, correct_case, hurt_slices, recovery_checks
 from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
@@ -409,7 +410,7 @@ def meets_targets(summary: dict) -> dict:
         "heatmap_pointing": (h["pointing"] or 0) >= TARGETS["heatmap_pointing"]}
     stability = {key: summary[key] >= TARGETS[key] for key in ("seed_stability", "purity", "closest_right")
                  if summary.get(key) is not None}
-    return {**heatmap, **stability,
+    return {**heatmap, **stability, **meets_checklist(summary),
         "named_wrong": summary.get("named_wrong", 0) <= TARGETS["named_wrong"],
         "recall": (summary["recall"] or 0) >= TARGETS["recall"],
         "precision": (summary["precision"] or 0) >= TARGETS["precision"],
@@ -826,6 +827,11 @@ def _report_targets(s: dict, met: dict) -> list[str]:
                 ("heatmap_pointing", "pointing game: maps whose largest cell touches the artifact, mean over "
                  "artifacts", h["pointing"], ">= 0.9")):
             lines.append(f"| {label} ({h['method']}) | {value} | {target} | {'yes' if met[key] else 'NO'} |")
+    for kind, r in (s.get("checklist") or {}).items():
+        bounds = r.get("right_interval")
+        interval = f" [{bounds[0]}, {bounds[1]}]" if bounds else ""
+        lines.append(f"| checklist, {kind}: (case, artifact) pairs right, planted and independent | {r['right']}"
+                     f"{interval} | >= {CHECKLIST_TARGET} | {'yes' if met[f'checklist_{kind}'] else 'NO'} |")
     return lines
 
 
