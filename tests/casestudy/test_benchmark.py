@@ -5,7 +5,9 @@ the planted artifact must be the target class's top flag, the flags must be prec
 no false flag. The same grid audited with a rule that flags on share alone must fail those checks. Each planted
 case also carries its corrections' recovery figures (issue 18) and where its flags' heatmaps lie (issue 19).
 """
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,3 +392,64 @@ def test_the_verdict_on_shares_alone_is_recomputed_from_an_answer_for_the_side_b
     assert is_right(answer["verdict"], answer["verdict_class"], planted=False, toward="melanoma")
     answer["classes"]["melanoma"] = row(0.08, 0.07, False, False)  # zero-shot reads it alike: not relied on either way
     assert verdict_on_shares(answer, config) == ("represented, not relied on", "melanoma")
+
+
+def _checklist_rows(right: list[bool]) -> dict:
+    """A case's text checklist: the planted ruler first, then independent artifacts, each right or not."""
+    return {"text": [{"artifact": a, "planted": i == 0, "verdict": "relied on, harmful" if i == 0 else
+                      "represented, not relied on", "class": "melanoma", "right": r, "heat_maps": 0}
+                     for i, (a, r) in enumerate(zip(("a ruler", "hair", "a stain", "a sticker"), right))]}
+
+
+def _run_report(tmp_path, seeds: tuple, rights: list[list[bool]], name: str) -> Path:
+    """One run's benchmark.json, written as the command writes it, for ``seeds`` with one planted case each."""
+    cases = [{**_case(), "seed": seed, "checklist": _checklist_rows(right)} for seed, right in zip(seeds, rights)]
+    summary = summarize_grid(cases)
+    summary["intervals"] = intervals(cases, [])
+    report = {"summary": summary, "met": meets_targets(summary), "cases": cases, "stability": [], "seconds": 120.0,
+              "grid": {**asdict(Grid(seeds=seeds, artifacts=("a ruler",), classes=("melanoma",), controls=False,
+                                     stability_cases=0)), "cases": len(cases)},
+              "models": {str(s): {"model_key": f"k{s}", "sha256": "ab" * 32, "recorded": "ab" * 32, "match": True}
+                         for s in seeds},
+              "digest_mismatches": [], "machine": {"host": "h", "processor": "x86_64", "python": "3.11"}}
+    return write_report(report, tmp_path / name, f"python manage.py benchmark_flags --seeds {seeds[0]}")[1]
+
+
+def test_runs_on_other_seeds_are_pooled_into_one_report_with_every_figure_computed_again_over_all_cases(tmp_path):
+    from django.core.management import CommandError, call_command
+
+    first = _run_report(tmp_path, (7, 8), [[True, True, True, True], [False, True, True, True]], "a")
+    second = _run_report(tmp_path, (9,), [[True, True, True, False]], "b")
+    out = tmp_path / "pooled"
+    with pytest.raises(CommandError, match="a target was missed"):  # 10 of 12 pairs: below 95 %
+        call_command("benchmark_flags", "--pool", str(first), str(second), "--out", str(out))
+    pooled = json.loads((out / "benchmark.json").read_text())
+    text = pooled["summary"]["checklist"]["text"]
+    assert text["pairs"] == 12 and text["right"] == 0.8333 and pooled["met"]["checklist_text"] is False
+    assert text["per_seed"] == {"7": {"pairs": 4, "right": 1.0, "planted": [1, 1]},
+                                "8": {"pairs": 4, "right": 0.75, "planted": [0, 1]},
+                                "9": {"pairs": 4, "right": 0.75, "planted": [1, 1]}}
+    assert pooled["grid"]["seeds"] == [7, 8, 9] and pooled["grid"]["cases"] == 3 and pooled["seconds"] == 240.0
+    assert sorted(pooled["models"]) == ["7", "8", "9"]
+    md = (out / "benchmark.md").read_text()
+    assert "Pooled from these runs' scored cases" in md and "- seeds 9: `python manage.py benchmark_flags --seeds 9`" \
+        in md
+    assert "| checklist, text: (case, artifact) pairs right, planted and independent | 0.8333 [" in md
+    assert "| 8 | 0.75 (0 of 1) |" in md
+    # runs that are not one grid on other seeds are refused, and nothing is written
+    again = _run_report(tmp_path, (9,), [[True, True, True, True]], "c")
+    for files, words in (([first, again, second], "seed 9 is in more than one run"),
+                         ([first], "pool at least two runs")):
+        with pytest.raises(CommandError, match=words):
+            call_command("benchmark_flags", "--pool", *map(str, files), "--out", str(tmp_path / "no"))
+    other = json.loads(second.read_text())
+    other["grid"]["strength"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(CommandError, match="the runs differ in strength"):
+        call_command("benchmark_flags", "--pool", str(first), str(tmp_path / "other.json"), "--out",
+                     str(tmp_path / "no"))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(CommandError, match="not a benchmark.json written by this command"):
+        call_command("benchmark_flags", "--pool", str(first), str(tmp_path / "bad.json"), "--out",
+                     str(tmp_path / "no"))
+    assert not (tmp_path / "no").exists()

@@ -631,6 +631,38 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
                         "processor": platform.processor() or platform.machine()}}
 
 
+def pool_reports(reports: list[dict]) -> dict:
+    """One report from the scored cases of several runs (each :func:`run_grid`'s report, as its JSON keeps it) of
+    the same grid on different seeds: every figure and interval computed again over all their cases, as one run
+    of those seeds would give, without auditing anything again; ``pooled`` names each run's command and date. Runs
+    that differ in anything but their seeds, or share a seed, are refused: their cases are not one grid's."""
+    if len(reports) < 2:
+        raise ValueError("pool at least two runs' reports")
+    first = reports[0]["grid"]
+    fixed = [k for k in first if k not in ("seeds", "cases", "stability_cases")]
+    for r in reports[1:]:
+        differ = [k for k in fixed if r["grid"].get(k) != first[k]]
+        if differ:
+            raise ValueError(f"the runs differ in {', '.join(differ)}: pool runs of one grid on other seeds")
+    seeds = [s for r in reports for s in r["grid"]["seeds"]]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"seed {', '.join(map(str, repeated))} is in more than one run: pool each seed once")
+    cases = [c for r in reports for c in r["cases"]]
+    stability = [x for r in reports for x in r.get("stability") or []]
+    summary = summarize_grid(cases, stability)
+    summary["intervals"] = intervals(cases, stability)
+    return {"grid": {**first, "seeds": seeds, "cases": len(cases),
+                     "stability_cases": len(stability)},
+            "summary": summary, "stability": stability, "targets": TARGETS,
+            "models": {seed: m for r in reports for seed, m in (r.get("models") or {}).items()},
+            "digest_mismatches": [m for r in reports for m in r.get("digest_mismatches") or []],
+            "met": meets_targets(summary), "cases": cases, "seconds": sum(r["seconds"] for r in reports),
+            "machine": reports[0]["machine"],
+            "pooled": [{"command": r.get("command"), "date": r.get("date"), "seeds": r["grid"]["seeds"]}
+                       for r in reports]}
+
+
 def flagged_concepts(scored: dict) -> set[str]:
     """What a scored audit's probe flags track, one "<class>: <first concept>" each ("none": nothing the ground
     truth names): what seed stability compares across audits."""
@@ -772,7 +804,17 @@ def _report_header(report: dict, command: str) -> list[str]:
             f"{report['grid']['strength']}, audited on a held-out split where every artifact is independent of "
             "the class). Controls tie nothing. The audits use only the defaults a user who knows the class names "
             f"gets (overrides: `{json.dumps(report['grid']['audit_options'])}`). "
-            f"Artifacts the built-in vocabulary has no word for: {', '.join(NOVEL_ARTIFACTS)}."]
+            f"Artifacts the built-in vocabulary has no word for: {', '.join(NOVEL_ARTIFACTS)}.",
+            *_report_pooled(report)]
+
+
+def _report_pooled(report: dict) -> list[str]:
+    """Where a pooled report's cases come from (:func:`pool_reports`): each run's command, date and seeds."""
+    if not report.get("pooled"):
+        return []
+    return ["", "Pooled from these runs' scored cases, every figure computed again over all of them (nothing "
+            "audited again); the minutes are the runs' own, summed:", "",
+            *[f"- seeds {', '.join(map(str, r['seeds']))}: `{r['command']}` ({r['date']})" for r in report["pooled"]]]
 
 
 def _report_grid(report: dict) -> list[str]:

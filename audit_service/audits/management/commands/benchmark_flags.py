@@ -5,7 +5,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.casestudy.benchmark import Grid, run_grid, write_report
+from workers.casestudy.benchmark import Grid, pool_reports, run_grid, write_report
 from workers.casestudy.images import ARTIFACTS, CLASSES
 
 
@@ -30,9 +30,16 @@ class Command(BaseCommand):
         parser.add_argument("--no-stability", action="store_true", help="skip the audits with other SAE seeds")
         parser.add_argument("--no-checklist", action="store_true",
                             help="skip asking about every artifact as a suspect")
+        parser.add_argument("--pool", type=Path, nargs="+", metavar="JSON",
+                            help="audit nothing: write one report from the scored cases of these runs' "
+                                 "benchmark.json (the same grid on different seeds), every figure computed again "
+                                 "over all of them")
 
     def handle(self, *args, seeds, artifacts, classes, no_controls, n_audit, options, out, patch_size,
-               no_corrections, no_stability, no_checklist, **kwargs):
+               no_corrections, no_stability, no_checklist, pool=None, **kwargs):
+        command = "python manage.py benchmark_flags " + " ".join(sys.argv[2:])
+        if pool:
+            return self._finish(self._pooled(pool), out, command.strip())
         try:
             overrides = json.loads(options)
         except json.JSONDecodeError as exc:
@@ -42,9 +49,25 @@ class Command(BaseCommand):
                     corrections=() if no_corrections else Grid.corrections,
                     stability_cases=0 if no_stability else None, checklist=not no_checklist)
         self.stdout.write(f"{len(grid.cases())} cases; the first run on a machine trains one tiny CLIP per seed")
-        report = run_grid(grid, log=self.stdout.write)
-        command = "python manage.py benchmark_flags " + " ".join(sys.argv[2:])
-        md, js = write_report(report, out, command.strip())
+        self._finish(run_grid(grid, log=self.stdout.write), out, command.strip())
+
+    def _pooled(self, files: list[Path]) -> dict:
+        reports = []
+        for path in files:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CommandError(f"--pool {path}: cannot read a benchmark.json there ({exc})") from exc
+            if not isinstance(reports[-1], dict) or not {"grid", "cases", "seconds"} <= set(reports[-1]):
+                raise CommandError(f"--pool {path}: not a benchmark.json written by this command (no grid, cases "
+                                   "or seconds)")
+        try:
+            return pool_reports(reports)
+        except ValueError as exc:
+            raise CommandError(f"--pool: {exc}") from exc
+
+    def _finish(self, report: dict, out: Path, command: str):
+        md, js = write_report(report, out, command)
         self.stdout.write(json.dumps(report["summary"], indent=1))
         self.stdout.write(f"targets met: {report['met']}\nwrote {md} and {js}")
         if report["digest_mismatches"]:
