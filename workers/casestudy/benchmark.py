@@ -232,9 +232,11 @@ def _label_correct(label: str | None, tracked: list[str]) -> str:
     return "wrong"
 
 
-def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> dict:
+def summarize_grid(cases: list[dict], stability: list[dict] | None = None, checklist: bool = True) -> dict:
     """The headline figures of scored cases; ``stability``: the planted cases' SAE-seed runs
-    (:func:`sae_seed_stability`), pooled as concepts every seed flags over concepts any seed flags."""
+    (:func:`sae_seed_stability`), pooled as concepts every seed flags over concepts any seed flags. ``checklist``
+    False leaves out the checklist's figures (their own intervals resample the cases again, which
+    :func:`intervals` need not do for every draw of its own)."""
     planted = [c for c in cases if not c["control"]]
     controls = [c for c in cases if c["control"]]
     flags = [f for c in planted for f in c["flags"]]
@@ -265,7 +267,7 @@ def summarize_grid(cases: list[dict], stability: list[dict] | None = None) -> di
         **_recovery_summary(planted),
         **ceiling_summary(planted),
         **_heatmap_summary(planted),
-        **checklist_summary(cases),
+        **(checklist_summary(cases) if checklist else {}),
         "seed_stability": _ratio(sum(s["every"] for s in stability or []), sum(s["any"] for s in stability or []))
         if stability else None,
         # issue 27: the mean purity (AUROC for the one artifact each tracks) of the planted cases' probe flags
@@ -296,7 +298,7 @@ def intervals(cases: list[dict], stability: list[dict], resamples: int = 2000, s
         return [items[i] for i in rng.integers(0, len(items), len(items))] if items else []
 
     for _ in range(resamples):
-        summary = summarize_grid(pick(planted) + pick(controls), pick(stability))
+        summary = summarize_grid(pick(planted) + pick(controls), pick(stability), checklist=False)
         for key in INTERVAL_KEYS:
             if summary[key] is not None:
                 draws[key].append(summary[key])
