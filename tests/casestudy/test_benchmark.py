@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.casestudy.benchmark import (Grid, format_row, intervals, meets_targets, run_grid, summarize_grid,
-                                        write_report)
+from workers.casestudy.benchmark import (Grid, format_row, intervals, meets_targets, run_grid, scored_report,
+                                        summarize_grid, write_report)
 
 FAST = {"faithfulness_max_images": 32, "faithfulness_steps": 5}
 # every method along the SAE's concept, and one along the artifact's column (the benchmark runs all three)
@@ -404,14 +404,11 @@ def _checklist_rows(right: list[bool]) -> dict:
 def _run_report(tmp_path, seeds: tuple, rights: list[list[bool]], name: str) -> Path:
     """One run's benchmark.json, written as the command writes it, for ``seeds`` with one planted case each."""
     cases = [{**_case(), "seed": seed, "checklist": _checklist_rows(right)} for seed, right in zip(seeds, rights)]
-    summary = summarize_grid(cases)
-    summary["intervals"] = intervals(cases, [])
-    report = {"summary": summary, "met": meets_targets(summary), "cases": cases, "stability": [], "seconds": 120.0,
-              "grid": {**asdict(Grid(seeds=seeds, artifacts=("a ruler",), classes=("melanoma",), controls=False,
-                                     stability_cases=0)), "cases": len(cases)},
-              "models": {str(s): {"model_key": f"k{s}", "sha256": "ab" * 32, "recorded": "ab" * 32, "match": True}
-                         for s in seeds},
-              "digest_mismatches": [], "machine": {"host": "h", "processor": "x86_64", "python": "3.11"}}
+    report = scored_report({**asdict(Grid(seeds=seeds, artifacts=("a ruler",), classes=("melanoma",),
+                                          controls=False, stability_cases=0)), "cases": len(cases)},
+                           cases, [], {str(s): {"model_key": f"k{s}", "sha256": "ab" * 32, "recorded": "ab" * 32,
+                                                "match": True} for s in seeds},
+                           [], 120.0, {"host": "h", "processor": "x86_64", "python": "3.11"})
     return write_report(report, tmp_path / name, f"python manage.py benchmark_flags --seeds {seeds[0]}")[1]
 
 

@@ -620,17 +620,25 @@ def run_grid(grid: Grid, root: Path | None = None, log: Callable[[str], None] = 
         log(format_row(scored))
     planted = [c for c in grid.cases() if c.strength > 0][:grid.stability_cases]
     stability = [sae_seed_stability(build_case(root, cfg, log=lambda line: None), grid, log) for cfg in planted]
-    summary = summarize_grid(cases, stability)
-    summary["intervals"] = intervals(cases, stability)
     models = model_digests(root, grid)
     mismatches = digest_mismatches(models)
     for line in mismatches:
         log(f"WARNING: {line}")
-    return {"grid": {**asdict(grid), "cases": len(cases)}, "summary": summary, "stability": stability,
-            "targets": TARGETS, "models": models, "digest_mismatches": mismatches,
-            "met": meets_targets(summary), "cases": cases, "seconds": round(time.time() - started, 1),
-            "machine": {"host": platform.node(), "python": platform.python_version(),
-                        "processor": platform.processor() or platform.machine()}}
+    return scored_report({**asdict(grid), "cases": len(cases)}, cases, stability, models, mismatches,
+                         round(time.time() - started, 1),
+                         {"host": platform.node(), "python": platform.python_version(),
+                          "processor": platform.processor() or platform.machine()})
+
+
+def scored_report(grid: dict, cases: list[dict], stability: list[dict], models: dict, mismatches: list[str],
+                  seconds: float, machine: dict) -> dict:
+    """A report of scored cases, as :func:`write_report` takes it: their summary with its intervals and the
+    targets met, beside the grid, the case models' digests, the minutes and the machine."""
+    summary = summarize_grid(cases, stability)
+    summary["intervals"] = intervals(cases, stability)
+    return {"grid": grid, "summary": summary, "stability": stability, "targets": TARGETS, "models": models,
+            "digest_mismatches": mismatches, "met": meets_targets(summary), "cases": cases, "seconds": seconds,
+            "machine": machine}
 
 
 def pool_reports(reports: list[dict]) -> dict:
@@ -652,17 +660,13 @@ def pool_reports(reports: list[dict]) -> dict:
         raise ValueError(f"seed {', '.join(map(str, repeated))} is in more than one run: pool each seed once")
     cases = [c for r in reports for c in r["cases"]]
     stability = [x for r in reports for x in r.get("stability") or []]
-    summary = summarize_grid(cases, stability)
-    summary["intervals"] = intervals(cases, stability)
-    return {"grid": {**first, "seeds": seeds, "cases": len(cases),
-                     "stability_cases": len(stability)},
-            "summary": summary, "stability": stability, "targets": TARGETS,
-            "models": {seed: m for r in reports for seed, m in (r.get("models") or {}).items()},
-            "digest_mismatches": [m for r in reports for m in r.get("digest_mismatches") or []],
-            "met": meets_targets(summary), "cases": cases, "seconds": sum(r["seconds"] for r in reports),
-            "machine": reports[0]["machine"],
-            "pooled": [{"command": r.get("command"), "date": r.get("date"), "seeds": r["grid"]["seeds"]}
-                       for r in reports]}
+    report = scored_report({**first, "seeds": seeds, "cases": len(cases), "stability_cases": len(stability)},
+                           cases, stability,
+                           {seed: m for r in reports for seed, m in (r.get("models") or {}).items()},
+                           [m for r in reports for m in r.get("digest_mismatches") or []],
+                           sum(r["seconds"] for r in reports), reports[0]["machine"])
+    return {**report, "pooled": [{"command": r.get("command"), "date": r.get("date"), "seeds": r["grid"]["seeds"]}
+                                 for r in reports]}
 
 
 def flagged_concepts(scored: dict) -> set[str]:
