@@ -16,9 +16,10 @@ from workers.casestudy.benchmark import (Grid, format_row, intervals, meets_targ
                                         summarize_grid, write_report)
 
 FAST = {"faithfulness_max_images": 32, "faithfulness_steps": 5}
-# every method along the SAE's concept, and one along the artifact's column (the benchmark runs all three)
-SMALL = dict(seeds=(0,), n_audit=1200, stability_cases=0, corrections=("project", "refit", "reweight",
-                                                                      "refit (column)"))
+# every method along the SAE's concept, one along its widened images and one along the artifact's column (the
+# benchmark runs more of both)
+METHODS = ("project", "refit", "reweight", "project (widened)", "refit (column)")
+SMALL = dict(seeds=(0,), n_audit=1200, stability_cases=0, corrections=METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_the_planted_artifacts_are_found_and_the_flags_are_precise(planted):
 def test_every_planted_case_reports_its_corrections_recovery(planted):
     cases = [c for c in planted["cases"] if not c["control"]]
     for case in cases:
-        assert list(case["corrections"]) == ["project", "refit", "reweight", "refit (column)"]
+        assert list(case["corrections"]) == list(METHODS)
         for recovery in case["corrections"].values():
             assert recovery["latents"], case["flags"]  # the planted artifact was flagged, so it was corrected
             assert list(recovery["gap_closed"]) == [f"melanoma, {case['artifact']}=0",
@@ -56,11 +57,13 @@ def test_every_planted_case_reports_its_corrections_recovery(planted):
         # two methods, two different probes
         assert case["corrections"]["project"]["overall"]["new"] != case["corrections"]["refit"]["overall"]["new"] \
             or case["corrections"]["project"]["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
-    for method in ("project", "refit", "reweight", "refit (column)"):
+    for method in METHODS:
         assert planted["summary"]["corrections"][method]["corrected"] == len(cases)
     for case in cases:  # along the column: one round, and the direction is the column's
         column = case["corrections"]["refit (column)"]
         assert len(column["rounds"]) == 1 and column["gap_closed"] != case["corrections"]["refit"]["gap_closed"]
+        # along the widened images: the same flags, another direction, so other gaps closed
+        assert case["corrections"]["project (widened)"]["gap_closed"] != case["corrections"]["project"]["gap_closed"]
     assert all("project" not in format_row(c) and "heatmap" not in format_row(c)
                for c in planted["cases"] if c["control"])
 
@@ -168,15 +171,18 @@ def test_the_summary_counts_the_cases_some_method_of_each_kind_corrects_to_the_b
     cases[0]["corrections"]["refit (column)"] = bad
     cases[1]["corrections"]["project (column)"] = good
     cases[2]["corrections"]["project (column)"] = good
+    cases[1]["corrections"]["project (widened)"] = good
+    cases[2]["corrections"]["refit (widened)"] = bad
     summary = summarize_grid(cases)
-    assert summary["corrections_some_method"] == {"cases": 3, "sae": 1, "column": 2}
+    assert summary["corrections_some_method"] == {"cases": 3, "sae": 1, "widened": 1, "column": 2}
     report = {"summary": summary, "met": meets_targets(summary), "cases": cases, "stability": [], "seconds": 60.0,
               "grid": {**asdict(Grid(seeds=(0,), artifacts=("a ruler",), classes=("melanoma",), controls=False)),
                        "cases": len(cases)},
               "machine": {"host": "h", "processor": "x86_64", "python": "3.11"}}
     text = write_report(report, tmp_path, "python manage.py benchmark_flags")[0].read_text()
-    assert "- Some method (the best for each case) meets the bar in 1 of 3 cases along the SAE's concept, 2 along " \
-           "the column." in text
+    assert "- Some method (the best for each case) meets the bar in 1 of 3 cases along the SAE's concept, 1 along " \
+           "its widened images, 2 along the column." in text
+    assert "A method named `... (widened)` corrects them along the concept's images widened" in text
     assert "A method named `... (column)` corrects the same flags along the artifact's labels.csv column" in text
     # a run without the stability audits says so rather than listing no seeds
     assert "Stability: not measured in this run (`--no-stability`)." in text and "SAE seeds ." not in text
@@ -450,3 +456,23 @@ def test_runs_on_other_seeds_are_pooled_into_one_report_with_every_figure_comput
         call_command("benchmark_flags", "--pool", str(first), str(tmp_path / "bad.json"), "--out",
                      str(tmp_path / "no"))
     assert not (tmp_path / "no").exists()
+
+
+def test_the_benchmark_runs_only_the_correction_methods_asked_for_and_refuses_a_contradiction(tmp_path, monkeypatch):
+    from django.core.management import CommandError, call_command
+
+    import audit_service.audits.management.commands.benchmark_flags as command
+
+    grids = []
+    monkeypatch.setattr(command, "run_grid", lambda grid, log: grids.append(grid) or {})
+    monkeypatch.setattr(command.Command, "_finish", lambda self, report, out, line: None)
+    call_command("benchmark_flags", "--seeds", "3", "--corrections", "project", "project (widened)",
+                 "--out", str(tmp_path))
+    call_command("benchmark_flags", "--seeds", "3", "--out", str(tmp_path))
+    assert grids[0].corrections == ("project", "project (widened)") and grids[1].corrections == Grid.corrections
+    assert "project (widened)" in Grid.corrections and "refit (widened)" in Grid.corrections
+    with pytest.raises(CommandError, match="--no-corrections and --corrections ask for opposite things"):
+        call_command("benchmark_flags", "--no-corrections", "--corrections", "project", "--out", str(tmp_path))
+    with pytest.raises(CommandError, match="invalid choice: 'projekt'"):
+        call_command("benchmark_flags", "--corrections", "projekt", "--out", str(tmp_path))
+    assert len(grids) == 2 and not list(tmp_path.iterdir())

@@ -37,6 +37,7 @@ from .images import ARTIFACTS, CLASSES, NOVEL_ARTIFACTS
 from .masks import artifact_heatmap_mass, direction_heatmap_mass
 
 BY_COLUMN = " (column)"  # a correction method so named corrects along the artifact's labels.csv column
+WIDENED = " (widened)"  # ... along the SAE concept's images widened in the probe's features (directions: widened)
 TRUE_GAP = 0.10  # a concept "moves the probe's accuracy" when a with/without gap is at least this
 PURITY = 0.75  # a latent tracks an artifact when this share of its activation mass falls on images with it ...
 LIFT = 1.3  # ... and that is this many times the artifact's base rate
@@ -74,8 +75,10 @@ class Grid:
     sae_seeds: tuple = (0, 1, 2)
     stability_cases: int | None = None  # how many planted cases get that (None: every one; 0: none)
     # each planted case's probe corrected with these methods and re-audited (issue 18's recovery figures); a
-    # method named with BY_COLUMN corrects along the artifact's labels.csv column instead of the SAE's concept
-    corrections: tuple = ("project", "refit", "reweight", *(m + BY_COLUMN for m in ("project", "refit", "reweight")))
+    # method named with BY_COLUMN corrects along the artifact's labels.csv column instead of the SAE's concept, one
+    # named with WIDENED along the concept's images widened in the probe's features
+    corrections: tuple = ("project", "refit", "reweight", *(m + BY_COLUMN for m in ("project", "refit", "reweight")),
+                          *(m + WIDENED for m in ("project", "refit")))
     checklist: bool = True  # every artifact asked about as a suspect on every case (issue 32)
     heatmaps: bool = True  # the planted flags' heatmap mass on the artifact's pixels (issues 19 and 30)
     heatmap_methods: tuple = HEATMAP_METHODS  # each measured on the same maps' latents and images (issue 30)
@@ -354,7 +357,8 @@ def _recovery_summary(planted: list[dict]) -> dict:
     if not out:
         return {}
     # the best method per case: some method of each kind (the SAE's concept, the artifact's column) meets the bar
-    kinds = {"sae": [m for m in methods if not m.endswith(BY_COLUMN)],
+    kinds = {"sae": [m for m in methods if not m.endswith((BY_COLUMN, WIDENED))],
+             "widened": [m for m in methods if m.endswith(WIDENED)],
              "column": [m for m in methods if m.endswith(BY_COLUMN)]}
     some = {kind: sum(any((c.get("corrections") or {}).get(m, {}).get("meets_bar") for m in names) for c in planted)
             for kind, names in kinds.items() if names}
@@ -560,18 +564,21 @@ def correct_and_score(case: dict, result: dict, activity: Callable[[int], np.nda
     re-audit it with the same SAE (``workdir`` is the audit's): issue 18's recovery figures for one case. A
     ``refit`` and ``reweight`` need the probe's training split; a case without one is ``skipped`` with the
     reason. A method named with :data:`BY_COLUMN` ("refit (column)") corrects along the artifact's labels.csv
-    column (the correction's ``column`` option) instead of the SAE concept's direction."""
+    column (the correction's ``column`` option) instead of the SAE concept's direction, one named with
+    :data:`WIDENED` ("project (widened)") along the concept's images widened (``directions: widened``)."""
     started = time.time()
     out = {"method": method, "latents": [], "gap_closed": None, "overall": None, "still_flagged": None,
            "meets_bar": False}
-    method, column = method.removesuffix(BY_COLUMN), method.endswith(BY_COLUMN)
+    column, widened = method.endswith(BY_COLUMN), method.endswith(WIDENED)
+    method = method.removesuffix(BY_COLUMN).removesuffix(WIDENED)
     if method in TRAINED and not Path(case.get("probe_train_dir", "")).is_dir():
         return {**out, "skipped": "the case has no probe training split", "seconds": 0.0}
     from workers.engine.errors import EngineError
 
     try:
         figures = correct_case(case, workdir, method=method, audit=result,
-                               flags=planted_flags(case, result, activity), options=options, column=column)
+                               flags=planted_flags(case, result, activity), options=options, column=column,
+                               directions="widened" if widened else None)
     except EngineError as exc:  # e.g. a concept on every training image: nothing for reweight to balance
         return {**out, "skipped": exc.message, "seconds": round(time.time() - started, 1)}
     out["latents"] = [latent for _, latent in figures["flags"]]
@@ -970,6 +977,11 @@ def _report_corrections(s: dict) -> list[str]:
                       "column instead (the correction's `column` option: the direction between the images the "
                       "column marks and the others, within each class; one round; the training split's column says "
                       "which of its images show it): what a user whose images are annotated gets.")
+    if any(m.endswith(WIDENED) for m in s["corrections"]):
+        lines[-1] += (f" A method named `...{WIDENED}` corrects them along the concept's images widened in the "
+                      "probe's features (the correction's `directions: widened`: the images its latents are active "
+                      "on, read again three times along the direction they share, within each class), in rounds: "
+                      "what a user without annotations gets where the concept covers part of the artifact.")
     lines += [f"- `{m}`: {r['corrected']} of {r['cases']} cases corrected ({r.get('more_than_one_round', 0)} in "
               f"more than one round); meeting the bar: {r['meets_bar']}; "
               f"still flagged after: {r['still_flagged']}; smallest gap closed: {r['min_gap_closed']}."
@@ -977,8 +989,9 @@ def _report_corrections(s: dict) -> list[str]:
     some = s.get("corrections_some_method")
     if some:
         lines.append(f"- Some method (the best for each case) meets the bar in {some.get('sae', 0)} of {some['cases']} "
-                     "cases along the SAE's concept" + (f", {some['column']} along the column" if "column" in some
-                                                       else "") + ".")
+                     "cases along the SAE's concept" + (f", {some['widened']} along its widened images"
+                                                       if "widened" in some else "")
+                     + (f", {some['column']} along the column" if "column" in some else "") + ".")
     ceiling = s.get("ceiling")
     if ceiling:
         cover = ceiling["coverage"]

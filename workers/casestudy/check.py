@@ -101,7 +101,7 @@ def _flag_keys(result) -> set[tuple[str, str, int]]:
 
 def correct_case(case: dict, workdir: str | Path, *, method: str = "project", anchor: str | None = None,
                  audit=None, flags: list[tuple[str, int]] | None = None, options: dict | None = None,
-                 rounds: int | None = None, column: bool = False) -> dict:
+                 rounds: int | None = None, column: bool = False, directions: str | None = None) -> dict:
     """Correct the case's probe for the planted artifact's flags and re-audit it with the same SAE: the figures
     issue 18 asks for (:func:`recovery_checks` says whether they meet its bar).
 
@@ -114,7 +114,8 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     concept (:func:`~workers.engine.correct_audit.next_round_latents`) join it and the original probe is
     corrected again, until none is left or the rounds run out. ``column``: the artifact's labels.csv column marks
     the concept's images (the correction's ``column`` option: its direction instead of the SAE's, one round), in
-    the audited split and in the training split alike.
+    the audited split and in the training split alike. ``directions``: the correction's option of that name
+    (None: its default).
 
     Returns plain figures of the last round (the hurt slices' and the overall rows of the correction's table,
     the clean images' change, the re-audit's flags of the artifact, flags new and gone by (head, class, latent),
@@ -128,7 +129,8 @@ def correct_case(case: dict, workdir: str | Path, *, method: str = "project", an
     cfg = case["config"]
     config = AuditConfig.from_dict(audit_options() if options is None else options)
     correction_options = CorrectionOptions(**({"anchor": anchor} if anchor is not None else {}),
-                                           **({"column": cfg["artifact"]} if column else {}))
+                                           **({"column": cfg["artifact"]} if column else {}),
+                                           **({"directions": directions} if directions is not None else {}))
     rounds = correction_options.rounds if rounds is None else rounds
     bundle = load_clip(model_config=case["model_config"], checkpoint=case["checkpoint"])
     probe = LinearProbe.load(case["probe"])

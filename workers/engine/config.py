@@ -255,7 +255,7 @@ class AuditConfig(_DictMixin):
 
 CORRECTION_METHODS = ("project", "refit", "reweight")  # workers.engine.correction.REGISTRY's names
 ANCHORS = ("mean", "midpoint", "clean")  # where "project" holds the shortcut's coordinate (workers.engine.correction)
-ESTIMATES = ("regression", "removal")  # how a shortcut's direction is measured (workers.engine.correction)
+ESTIMATES = ("regression", "removal", "widened")  # how a shortcut's direction is measured (workers.engine.directions)
 
 
 @_engine_errors
@@ -264,7 +264,8 @@ class CorrectionOptions(_DictMixin):
     """A correction's options (``workers.engine.correction``)."""
 
     anchor: Literal[ANCHORS] = "mean"  # "project": the point every image's shortcut coordinate is moved to
-    # one direction per concept from how features move with it within a class, or one per latent by removing it
+    # one direction per concept from how features move with it within a class, one per latent by removing it, or
+    # one for the concepts together from their images widened to the side of the features those images lie on
     directions: Literal[ESTIMATES] = "regression"
     # "refit", "reweight": the new fit's inverse regularization; None: chosen by cross-validation
     C: _real(gt=0.0, le=1e6) | None = None

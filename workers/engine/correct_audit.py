@@ -34,7 +34,8 @@ from .config import ANCHORS, ESTIMATES, AuditConfig, CorrectionOptions
 from .correction import TrainingSplit, correct_probe
 from .columns import binary_column
 from .data import ImageSet
-from .directions import ShortcutDirections, column_directions, concept_directions, shortcut_directions
+from .directions import (ShortcutDirections, column_directions, concept_directions, shortcut_directions,
+                         widened_directions)
 from .errors import EngineError, checkpoint
 from .heads import LinearProbe
 from .hooks import VisionTail, select_tokens
@@ -88,9 +89,11 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
 
     ``config``: the audit's options (layer, token, batch size, device, dtypes and seed are read from it).
     ``options`` (default :class:`CorrectionOptions`): ``directions`` "regression" (one direction per concept, from
-    how the features move with its activation within a class: :func:`~workers.engine.directions.concept_directions`)
-    or "removal" (one per latent, what removing it takes away:
-    :func:`~workers.engine.directions.shortcut_directions`); ``anchor``: "mean" (the mean features of the audited
+    how the features move with its activation within a class: :func:`~workers.engine.directions.concept_directions`),
+    "removal" (one per latent, what removing it takes away:
+    :func:`~workers.engine.directions.shortcut_directions`) or "widened" (one for the concepts together, between
+    the images they are active on, widened to the side of the features those images lie on, and the others:
+    :func:`~workers.engine.directions.widened_directions`); ``anchor``: "mean" (the mean features of the audited
     images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``);
     ``column``: a 0/1 column of the images' metadata (labels.csv) marking those that show the chosen flags'
     concept, whose direction (:func:`~workers.engine.directions.column_directions`) is removed instead of the
@@ -201,9 +204,14 @@ def _measure(run: _Run, store: ActivationStore, directions: str, concepts: list[
     """The shortcut's directions, measured as ``directions`` says on the audited images' activations."""
     token, batch_size = run.config.token, run.config.batch_size
     tail = VisionTail(run.bundle.model.visual, run.config.layer, token)
-    if directions == "regression":
-        return concept_directions(tail, run.sae, run.probe, store, concepts, labels, token=token,
-                                  batch_size=batch_size)
+    if directions in ("regression", "widened"):
+        shortcut = concept_directions(tail, run.sae, run.probe, store, concepts, labels, token=token,
+                                      batch_size=batch_size)
+        if directions == "widened":
+            with torch.no_grad():
+                features = run.probe.features(store.embeddings().float().to(run.device)).cpu()
+            shortcut = widened_directions(shortcut, features, labels)
+        return shortcut
     return shortcut_directions(tail, run.sae, run.probe, store, latents, token=token, batch_size=batch_size)
 
 

@@ -27,6 +27,9 @@ class Command(BaseCommand):
                             help="the case models' patch in pixels (4: thin artifacts fill whole patches; its own "
                                  "tiny CLIP per seed, trained on the first run)")
         parser.add_argument("--no-corrections", action="store_true", help="skip the corrections and re-audits")
+        parser.add_argument("--corrections", nargs="+", metavar="METHOD", choices=Grid.corrections,
+                            help="run only these correction methods (default: every one: "
+                                 f"{', '.join(repr(m) for m in Grid.corrections)})")
         parser.add_argument("--no-stability", action="store_true", help="skip the audits with other SAE seeds")
         parser.add_argument("--no-checklist", action="store_true",
                             help="skip asking about every artifact as a suspect")
@@ -36,7 +39,7 @@ class Command(BaseCommand):
                                  "over all of them")
 
     def handle(self, *args, seeds, artifacts, classes, no_controls, n_audit, options, out, patch_size,
-               no_corrections, no_stability, no_checklist, pool=None, **kwargs):
+               no_corrections, no_stability, no_checklist, pool=None, corrections=None, **kwargs):
         command = "python manage.py benchmark_flags " + " ".join(sys.argv[2:])
         if pool:
             return self._finish(self._pooled(pool), out, command.strip())
@@ -44,9 +47,11 @@ class Command(BaseCommand):
             overrides = json.loads(options)
         except json.JSONDecodeError as exc:
             raise CommandError(f"--options is not JSON: {exc}") from exc
+        if no_corrections and corrections:
+            raise CommandError("--no-corrections and --corrections ask for opposite things: give one")
         grid = Grid(seeds=tuple(seeds), artifacts=tuple(artifacts), classes=tuple(classes),
                     controls=not no_controls, n_audit=n_audit, audit_options=overrides, patch_size=patch_size,
-                    corrections=() if no_corrections else Grid.corrections,
+                    corrections=() if no_corrections else tuple(corrections or Grid.corrections),
                     stability_cases=0 if no_stability else None, checklist=not no_checklist)
         self.stdout.write(f"{len(grid.cases())} cases; the first run on a machine trains one tiny CLIP per seed")
         self._finish(run_grid(grid, log=self.stdout.write), out, command.strip())
