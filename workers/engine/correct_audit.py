@@ -88,13 +88,10 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
     that probe on ``audited.images`` with ``audited.sae``), and measure old against new on those images.
 
     ``config``: the audit's options (layer, token, batch size, device, dtypes and seed are read from it).
-    ``options`` (default :class:`CorrectionOptions`): ``directions`` "regression" (one direction per concept, from
-    how the features move with its activation within a class: :func:`~workers.engine.directions.concept_directions`),
-    "removal" (one per latent, what removing it takes away:
-    :func:`~workers.engine.directions.shortcut_directions`) or "widened" (one for the concepts together, between
-    the images they are active on, widened to the side of the features those images lie on, and the others:
-    :func:`~workers.engine.directions.widened_directions`); ``anchor``: "mean" (the mean features of the audited
-    images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``);
+    ``options`` (default :class:`CorrectionOptions`): ``directions`` "regression", "removal" or "widened" (how
+    the direction is measured: :func:`~workers.engine.directions.concept_directions`,
+    :func:`~workers.engine.directions.shortcut_directions`, :func:`~workers.engine.directions.widened_directions`);
+    ``anchor``: "mean" (the mean features of the audited images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``);
     ``column``: a 0/1 column of the images' metadata (labels.csv) marking those that show the chosen flags'
     concept, whose direction (:func:`~workers.engine.directions.column_directions`) is removed instead of the
     SAE's; on a training split that has the column too, it says which images show the concept.
