@@ -1,5 +1,6 @@
 """The known-answer benchmark of the flags: planted shortcuts and controls audited with the defaults."""
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, seeds, artifacts, classes, no_controls, n_audit, options, out, patch_size,
                no_corrections, no_stability, no_checklist, pool=None, corrections=None, **kwargs):
-        command = "python manage.py benchmark_flags " + " ".join(sys.argv[2:])
+        command = "python manage.py benchmark_flags " + shlex.join(sys.argv[2:])  # quoted as a shell reads it
         if pool:
             return self._finish(self._pooled(pool), out, command.strip())
         try:
