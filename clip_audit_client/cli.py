@@ -682,9 +682,10 @@ def _add_correct_parser(sub) -> None:
                         "CSV (needs --training-dataset)")
     c.add_argument("--anchor", choices=["mean", "midpoint", "clean"], default="mean",
                    help="for project: where every image's shortcut coordinate is held (default: the audited images' mean)")
-    c.add_argument("--directions", choices=["regression", "removal"], default="regression",
-                   help="one direction per concept from how features move with it within a class (default), or one "
-                        "per latent by removing it")
+    c.add_argument("--directions", choices=["regression", "removal", "widened"], default="regression",
+                   help="one direction per concept from how features move with it within a class (default), one "
+                        "per latent by removing it, or one for the concepts together from the images they are "
+                        "active on widened along the direction those images share in the probe's features")
     c.add_argument("--column", metavar="NAME",
                    help="a 0/1 column of the audited dataset's labels.csv marking the images that show the flags' "
                         "concept: remove its direction (images marked vs not, within each class) instead of the "
