@@ -132,8 +132,8 @@ class CorrectionRequestSerializer(serializers.Serializer):
     options = serializers.JSONField(required=False, allow_null=True, help_text=(
         "anchor ('mean' (default), 'midpoint' or 'clean', for 'project'), directions ('regression' (default), "
         "'removal' or 'widened': the direction between the images the flags' concept is active on, widened to the "
-        "side of the probe's features they lie on, and the others), column (a 0/1 column of the audited dataset's labels.csv marking the images that show the "
-        "flags' concept: its direction, images marked vs not within each class, is removed instead of the SAE's, "
+        "side of the probe's features they lie on, and the others), column (a 0/1 column of the audited "
+        "dataset's labels.csv marking the images that show the flags' concept: its direction, images marked vs not within each class, is removed instead of the SAE's, "
         "in one round; a training dataset with the column also says which of its images show it), C (the "
         "refit's regularization), rounds (1 to 5; 3), max_clean_drop (the "
         "accuracy the correction may cost on images without any chosen latent before its verdict fails; 0.02)"))

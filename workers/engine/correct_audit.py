@@ -89,9 +89,8 @@ def run_correction(audited: AuditedInputs, config: AuditConfig, options: Correct
 
     ``config``: the audit's options (layer, token, batch size, device, dtypes and seed are read from it).
     ``options`` (default :class:`CorrectionOptions`): ``directions`` "regression", "removal" or "widened" (how
-    the direction is measured: :func:`~workers.engine.directions.concept_directions`,
-    :func:`~workers.engine.directions.shortcut_directions`, :func:`~workers.engine.directions.widened_directions`);
-    ``anchor``: "mean" (the mean features of the audited images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``);
+    the direction is measured: :mod:`~workers.engine.directions`); ``anchor``: "mean" (the mean features of the
+    audited images), "midpoint" or "clean"; ``C``: the new fit's inverse regularization (needs ``training``);
     ``column``: a 0/1 column of the images' metadata (labels.csv) marking those that show the chosen flags'
     concept, whose direction (:func:`~workers.engine.directions.column_directions`) is removed instead of the
     SAE's; on a training split that has the column too, it says which images show the concept.

@@ -1,6 +1,6 @@
 """The shortcut's directions: where the flagged latents move the features a linear probe reads.
 
-Two ways to measure them, both on the audited images through the real tail (remaining blocks, LayerNorm,
+Three ways to measure them, all on the audited images through the real tail (remaining blocks, LayerNorm,
 projection) and in the probe's feature space (``g(f)``, normalized and standardized: where its weight acts):
 
 - :func:`shortcut_directions` ("removal"): one direction per latent, what removing it takes away;
@@ -9,7 +9,7 @@ projection) and in the probe's feature space (``g(f)``, normalized and standardi
 - :func:`widened_directions` ("widened"): one direction for the concepts together, from the images they are
   active on widened to the side of the features those images lie on (:func:`widened_presence`).
 
-Either gives a :class:`ShortcutDirections` (an orthonormal basis of the directions, the anchors' centers and which
+Each gives a :class:`ShortcutDirections` (an orthonormal basis of the directions, the anchors' centers and which
 latent is active on which image), what :mod:`workers.engine.correction` corrects a probe along and
 :mod:`workers.engine.proof` slices the images by.
 """
@@ -407,9 +407,9 @@ def widened_presence(features: Tensor, labels, present, steps: int = WIDEN_STEPS
     others, and within each class the images past the midpoint of the two groups' mean projections on it. A step
     that would mark every image of a class, or none, keeps the class as it was.
 
-    An SAE's concept takes part of an artifact's images (on the benchmark's planted cases about half, at a
-    precision of 0.95): those are the images where the artifact is plainest, and the direction they share in the
-    features reaches the rest."""
+    An SAE's concept takes part of an artifact's images (on the benchmark's planted cases a third to a half, at a
+    precision of about 0.95): those are the images where the artifact is plainest, and the direction they share
+    in the features reaches the rest."""
     features = torch.as_tensor(features).double()
     labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels).reshape(-1)
     marked = np.asarray(present, dtype=bool).reshape(-1).copy()
