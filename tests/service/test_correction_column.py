@@ -83,7 +83,8 @@ def test_a_dataset_without_extra_columns_offers_no_column(audited, users, web): 
     assert 'name="column"' not in web("member").get(f"/audits/{audited.pk}/report/").content.decode()
 
 
-def test_the_client_sends_its_column_option(monkeypatch):
+def sent_by_client_correct(monkeypatch, *options: str) -> dict:
+    """What ``clip-audit correct --audit 3 OPTIONS`` posts (its flags resolved to [7]), read off a fake API."""
     sent = {}
 
     class FakeApi:
@@ -96,12 +97,13 @@ def test_the_client_sends_its_column_option(monkeypatch):
 
     monkeypatch.setattr(client_cli, "Api", FakeApi)
     monkeypatch.setattr(client_cli, "_flag_ids", lambda api, audit, flags: [7])
-    args = client_cli.parser().parse_args(["--url", "http://x", "--token", "t", "correct", "--audit", "3",
-                                                "--column", "a ruler"])
+    args = client_cli.parser().parse_args(["--url", "http://x", "--token", "t", "correct", "--audit", "3", *options])
     with pytest.raises(client_cli.Stop):
         client_cli.correct(args, log=lambda line: None)
+    return sent
+
+
+def test_the_client_sends_its_column_option(monkeypatch):
+    sent = sent_by_client_correct(monkeypatch, "--column", "a ruler")
     assert sent["options"]["column"] == "a ruler" and sent["flags"] == [7]
-    args = client_cli.parser().parse_args(["--url", "http://x", "--token", "t", "correct", "--audit", "3"])
-    with pytest.raises(client_cli.Stop):
-        client_cli.correct(args, log=lambda line: None)
-    assert "column" not in sent["options"]
+    assert "column" not in sent_by_client_correct(monkeypatch)["options"]

@@ -7,6 +7,7 @@ from audit_service.audits.corrections import create_correction
 from audit_service.audits.models import Correction, Status
 from clip_audit_client import cli as client_cli
 
+from .test_correction_column import sent_by_client_correct
 from .test_corrections import audited, probe_flag, run_every_round  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db
@@ -36,23 +37,7 @@ def test_a_wrong_way_to_measure_the_direction_is_refused_at_once(audited, users,
 
 
 def test_the_client_sends_its_directions_option(monkeypatch):
-    sent = {}
-
-    class FakeApi:
-        def __init__(self, *args):
-            pass
-
-        def call(self, method, path, json=None):
-            sent.update(json or {})
-            raise client_cli.Stop(0, "sent")
-
-    monkeypatch.setattr(client_cli, "Api", FakeApi)
-    monkeypatch.setattr(client_cli, "_flag_ids", lambda api, audit, flags: [7])
-    args = client_cli.parser().parse_args(["--url", "http://x", "--token", "t", "correct", "--audit", "3",
-                                           "--directions", "widened"])
-    with pytest.raises(client_cli.Stop):
-        client_cli.correct(args, log=lambda line: None)
-    assert sent["options"]["directions"] == "widened"
+    assert sent_by_client_correct(monkeypatch, "--directions", "widened")["options"]["directions"] == "widened"
     with pytest.raises(SystemExit):
         client_cli.parser().parse_args(["--url", "http://x", "--token", "t", "correct", "--audit", "3",
                                         "--directions", "wide"])

@@ -204,20 +204,23 @@ def _measure(run: _Run, store: ActivationStore, directions: str, concepts: list[
         shortcut = concept_directions(tail, run.sae, run.probe, store, concepts, labels, token=token,
                                       batch_size=batch_size)
         if directions == "widened":
-            with torch.no_grad():
-                features = run.probe.features(store.embeddings().float().to(run.device)).cpu()
-            shortcut = widened_directions(shortcut, features, labels)
+            shortcut = widened_directions(shortcut, _probe_features(run, store), labels)
         return shortcut
     return shortcut_directions(tail, run.sae, run.probe, store, latents, token=token, batch_size=batch_size)
 
 
-@torch.no_grad()
 def _along_column(run: _Run, store: ActivationStore, images: ImageSet, shortcut: ShortcutDirections,
                   marked: np.ndarray, column: str) -> ShortcutDirections:
     """The shortcut with its direction read from the images ``marked`` by their labels.csv ``column`` (the
     correction's option; the prepared images keep the audited ones' order)."""
-    features = run.probe.features(store.embeddings().float().to(run.device)).cpu()
-    return column_directions(shortcut, features, images.labels.numpy(), marked, column)
+    return column_directions(shortcut, _probe_features(run, store), images.labels.numpy(), marked, column)
+
+
+@torch.no_grad()
+def _probe_features(run: _Run, store: ActivationStore) -> torch.Tensor:
+    """[images, embed_dim] the audited images' embeddings as the probe reads them (its normalized, standardized
+    features), on the CPU: where a direction read from marked images is measured."""
+    return run.probe.features(store.embeddings().float().to(run.device)).cpu()
 
 
 def _training_split(run: _Run, training: ImageSet | None, C: float | None, latents: list[int],
